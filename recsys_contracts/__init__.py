@@ -1,0 +1,12 @@
+"""The contracts both sides of a boundary must agree on, and nothing else.
+
+Admission rule: code belongs here only when the trainer and a service (or the two services)
+would otherwise each need their own copy of it and must never disagree:
+
+- ``v1``: the generated gRPC stubs of ``protos/recsys/v1`` (build output; see ``codegen``).
+- ``artifacts``: the artifact volume's layout, manifest, publish, resolve, verify, retention, watch.
+- ``feature_store``: the Redis key format, the row/vector codec and the batch read/write helpers.
+
+Business logic, models, feature engineering and service code do not belong here. This package
+imports nothing from ``trainer``, ``retrieval_service`` or ``ranking_service`` (a test enforces it).
+"""
