@@ -1,0 +1,280 @@
+"""The ranking service's configuration: one frozen dataclass, read once from the environment.
+
+``from_env()`` parses and validates every variable in ``ENV_VARS`` and fails fast with a
+``ValueError`` naming the variable, its value and what was expected. An unknown ``RANKING_*``
+name (a typo such as ``RANKING_PROT``) or an unknown ``RECSYS_*`` name fails too, so a misspelt
+setting never falls back to its default silently. ``RETRIEVAL_*`` names are the retrieval
+service's and are ignored here, so both services can share one env file.
+
+The shared ``RECSYS_*`` names mean the same in ``retrieval_service/config.py`` (the services may
+not import each other, so the small parsers are repeated there); an empty value counts as unset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PREFIX = "RANKING_"
+SHARED_PREFIX = "RECSYS_"
+# RECSYS_* names read by other programs of the project (trainer, test suite): not typos here.
+FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+FALLBACKS = ("popular", "unavailable")
+SCORE_MODES = ("ctr", "ctr_x_rating")
+# Keys are "<namespace>:..." with Redis Cluster hash tags in braces, so braces and spaces are out.
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server-side TLS: PEM files. ``client_ca_file`` set = clients must present a cert it signed (mTLS)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RetrievalClientTls:
+    """TLS towards the retrieval service: its CA, plus our client cert and key when it requires mTLS."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    artifact_root: Path                      # the artifact volume (CURRENT, versions/)
+    # None = no Redis: features come from the artifact in process. Kept out of repr: may hold a password.
+    redis_url: str | None = field(default=None, repr=False)
+    redis_namespace: str = "recsys"
+    log_level: str = "INFO"
+    pinned_version: int | None = None        # serve this version instead of CURRENT
+    port: int = 50052                        # gRPC; 0 = pick a free port (tests)
+    metrics_port: int = 9102                 # Prometheus HTTP; 0 = disabled
+    retrieval_target: str = "localhost:50051"  # gRPC target of the retrieval service
+    max_k: int = 100                         # largest k a Recommend may ask for
+    default_candidates: int = 500            # candidates retrieved when the request says 0
+    max_rank_items: int = 1000               # most item ids in one Rank; most candidates in one Recommend
+    fallback: str = "popular"                # retrieval down: popular items, or UNAVAILABLE
+    max_in_flight: int = 64                  # concurrent RPCs before RESOURCE_EXHAUSTED
+    min_deadline_ms: int = 5                 # a request with less time left fails DEADLINE_EXCEEDED at once
+    default_deadline_ms: int = 200           # applied when the caller set no deadline
+    diversity: float = 0.0                   # default MMR strength in [0, 1]
+    score_mode: str = "ctr"                  # ctr, or ctr times the predicted rating
+    poll_interval_s: float = 2.0             # how often CURRENT is checked for a new version
+    redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
+    grace_s: float = 10.0                    # drain time for in-flight RPCs after SIGTERM
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit
+    microbatch_max_size: int = 16            # DCN scoring requests batched into one forward pass
+    microbatch_max_wait_ms: float = 1.0      # longest a request waits for its batch to fill
+    tls: TlsConfig | None = None             # None = plaintext
+    retrieval_tls: RetrievalClientTls | None = None  # None = plaintext channel to retrieval
+
+
+Parser = Callable[[str, str], object]
+
+
+def _int(lo: int, hi: int | None = None) -> Parser:
+    expected = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be {expected}, got {raw!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"{name} must be {expected}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Parser:
+    low = f"({lo}" if lo_open else f"[{lo}"
+    expected = f"a number in {low}, {hi}]" if hi is not None else f"a number in {low}, inf)"
+
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be {expected}, got {raw!r}") from None
+        if (not math.isfinite(value) or value < lo or (lo_open and value == lo)
+                or (hi is not None and value > hi)):
+            raise ValueError(f"{name} must be {expected}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _choice(options: tuple[str, ...], *, upper: bool = False) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        value = raw.upper() if upper else raw
+        if value not in options:
+            raise ValueError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _path(name: str, raw: str) -> Path:
+    path = Path(raw)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} must be a directory (the artifact volume), got {raw!r}: not a directory")
+    return path
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def _redis_url(name: str, raw: str) -> str:
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError on a non-numeric or out-of-range port
+    except ValueError:
+        raise ValueError(f"{name} must be a redis://, rediss:// or unix:// URL, got {_redact(raw)!r}") from None
+    if parts.scheme not in _REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname) or (
+            parts.scheme == "unix" and not parts.path):
+        raise ValueError(f"{name} must be a redis://, rediss:// or unix:// URL, got {_redact(raw)!r}")
+    return raw
+
+
+def _namespace(name: str, raw: str) -> str:
+    if not _NAMESPACE.fullmatch(raw):
+        raise ValueError(f"{name} must be 1..64 characters of letters, digits, '_', '.', ':', '-' "
+                         f"starting with a letter or digit, got {raw!r}")
+    return raw
+
+
+def _target(name: str, raw: str) -> str:
+    # gRPC targets: "host:port", "dns:///host:port", "unix:/path", "ipv4:1.2.3.4:5"; all lack whitespace.
+    if any(ch.isspace() for ch in raw):
+        raise ValueError(f"{name} must be a gRPC target such as 'host:port' or 'dns:///host:port', got {raw!r}")
+    return raw
+
+
+# Environment name -> (RankingConfig field, parser). A missing or empty variable keeps the default.
+_SPECS: dict[str, tuple[str, Parser]] = {
+    "RECSYS_ARTIFACT_ROOT": ("artifact_root", _path),
+    "RECSYS_REDIS_URL": ("redis_url", _redis_url),
+    "RECSYS_REDIS_NAMESPACE": ("redis_namespace", _namespace),
+    "RECSYS_LOG_LEVEL": ("log_level", _choice(LOG_LEVELS, upper=True)),
+    "RECSYS_PINNED_VERSION": ("pinned_version", _int(1)),
+    "RANKING_PORT": ("port", _int(0, 65535)),
+    "RANKING_METRICS_PORT": ("metrics_port", _int(0, 65535)),
+    "RANKING_RETRIEVAL_TARGET": ("retrieval_target", _target),
+    "RANKING_MAX_K": ("max_k", _int(1, 10_000)),
+    "RANKING_DEFAULT_CANDIDATES": ("default_candidates", _int(1, 100_000)),
+    "RANKING_MAX_RANK_ITEMS": ("max_rank_items", _int(1, 100_000)),
+    "RANKING_FALLBACK": ("fallback", _choice(FALLBACKS)),
+    "RANKING_MAX_IN_FLIGHT": ("max_in_flight", _int(1, 100_000)),
+    "RANKING_MIN_DEADLINE_MS": ("min_deadline_ms", _int(0, 60_000)),
+    "RANKING_DEFAULT_DEADLINE_MS": ("default_deadline_ms", _int(1, 600_000)),
+    "RANKING_DIVERSITY": ("diversity", _float(0.0, 1.0)),
+    "RANKING_SCORE_MODE": ("score_mode", _choice(SCORE_MODES)),
+    "RANKING_POLL_INTERVAL_S": ("poll_interval_s", _float(0.0, 3600.0, lo_open=True)),
+    "RANKING_REDIS_TIMEOUT_MS": ("redis_timeout_ms", _int(1, 60_000)),
+    "RANKING_GRACE_S": ("grace_s", _float(0.0, 300.0)),
+    "RANKING_MAX_MESSAGE_BYTES": ("max_message_bytes", _int(1024, 2**31 - 1)),
+    "RANKING_MICROBATCH_MAX_SIZE": ("microbatch_max_size", _int(1, 4096)),
+    "RANKING_MICROBATCH_MAX_WAIT_MS": ("microbatch_max_wait_ms", _float(0.0, 1000.0)),
+}
+_TLS_VARS = ("RANKING_TLS_CERT_FILE", "RANKING_TLS_KEY_FILE", "RANKING_TLS_CLIENT_CA_FILE")
+_RETRIEVAL_TLS_VARS = ("RANKING_RETRIEVAL_TLS_CA_FILE", "RANKING_RETRIEVAL_TLS_CERT_FILE",
+                       "RANKING_RETRIEVAL_TLS_KEY_FILE")
+
+ENV_VARS: tuple[str, ...] = (*_SPECS, *_TLS_VARS, *_RETRIEVAL_TLS_VARS)
+
+
+def _file(environ: Mapping[str, str], name: str) -> Path | None:
+    raw = environ.get(name, "")
+    if not raw:
+        return None
+    if not Path(raw).is_file():
+        raise ValueError(f"{name} must name an existing PEM file, got {raw!r}")
+    return Path(raw)
+
+
+def _cert_and_key(environ: Mapping[str, str], cert_name: str, key_name: str) -> tuple[Path | None, Path | None]:
+    cert, key = _file(environ, cert_name), _file(environ, key_name)
+    if (cert is None) != (key is None):
+        raise ValueError(f"{cert_name} and {key_name} must be set together, "
+                         f"got cert={environ.get(cert_name, '')!r}, key={environ.get(key_name, '')!r}")
+    return cert, key
+
+
+def _tls(environ: Mapping[str, str]) -> TlsConfig | None:
+    cert, key = _cert_and_key(environ, _TLS_VARS[0], _TLS_VARS[1])
+    client_ca = _file(environ, _TLS_VARS[2])
+    if cert is None or key is None:
+        if client_ca is not None:
+            raise ValueError(f"RANKING_TLS_CLIENT_CA_FILE requires RANKING_TLS_CERT_FILE and "
+                             f"RANKING_TLS_KEY_FILE (mTLS needs server TLS), got {str(client_ca)!r}")
+        return None
+    return TlsConfig(cert_file=cert, key_file=key, client_ca_file=client_ca)
+
+
+def _retrieval_tls(environ: Mapping[str, str]) -> RetrievalClientTls | None:
+    ca = _file(environ, _RETRIEVAL_TLS_VARS[0])
+    cert, key = _cert_and_key(environ, _RETRIEVAL_TLS_VARS[1], _RETRIEVAL_TLS_VARS[2])
+    if ca is None:
+        if cert is not None:
+            raise ValueError(f"RANKING_RETRIEVAL_TLS_CERT_FILE requires RANKING_RETRIEVAL_TLS_CA_FILE "
+                             f"(a client cert only makes sense over TLS), got {str(cert)!r}")
+        return None
+    return RetrievalClientTls(ca_file=ca, cert_file=cert, key_file=key)
+
+
+def _reject_unknown(environ: Mapping[str, str]) -> None:
+    known = set(ENV_VARS) | set(FOREIGN_SHARED_VARS)
+    unknown = sorted(name for name in environ
+                     if name.startswith((PREFIX, SHARED_PREFIX)) and name not in known)
+    if unknown:
+        raise ValueError(f"unknown environment variables {unknown}: expected names from "
+                         f"ranking_service.config.ENV_VARS (typo?)")
+
+
+def _check_relations(config: RankingConfig) -> None:
+    if config.metrics_port and config.metrics_port == config.port:
+        raise ValueError(f"RANKING_METRICS_PORT must differ from RANKING_PORT, got {config.metrics_port!r}")
+    if config.max_k > config.default_candidates:
+        raise ValueError(f"RANKING_MAX_K must be <= RANKING_DEFAULT_CANDIDATES ({config.default_candidates}) "
+                         f"so a default Recommend can fill k, got {config.max_k!r}")
+    if config.default_candidates > config.max_rank_items:
+        raise ValueError(f"RANKING_DEFAULT_CANDIDATES must be <= RANKING_MAX_RANK_ITEMS "
+                         f"({config.max_rank_items}), got {config.default_candidates!r}")
+    if config.default_deadline_ms <= config.min_deadline_ms:
+        raise ValueError(f"RANKING_DEFAULT_DEADLINE_MS must be > RANKING_MIN_DEADLINE_MS "
+                         f"({config.min_deadline_ms}), got {config.default_deadline_ms!r}")
+
+
+def from_env(environ: Mapping[str, str] = os.environ) -> RankingConfig:
+    """Builds the config from ``environ``; raises ValueError naming the first bad variable."""
+    _reject_unknown(environ)
+    defaults = {f.name: f.default for f in dataclasses.fields(RankingConfig)}
+    values: dict[str, object] = {}
+    for name, (attr, parse) in _SPECS.items():
+        raw = environ.get(name, "")
+        if raw:
+            values[attr] = parse(name, raw)
+        elif defaults[attr] is dataclasses.MISSING:
+            raise ValueError(f"{name} must be set (required: {attr.replace('_', ' ')}), got {raw!r}")
+    values["tls"] = _tls(environ)
+    values["retrieval_tls"] = _retrieval_tls(environ)
+    config = RankingConfig(**values)  # type: ignore[arg-type]
+    _check_relations(config)
+    return config

@@ -1,0 +1,218 @@
+"""The retrieval service's configuration: one frozen dataclass, read once from the environment.
+
+``from_env()`` parses and validates every variable in ``ENV_VARS`` and fails fast with a
+``ValueError`` naming the variable, its value and what was expected. An unknown ``RETRIEVAL_*``
+name (a typo such as ``RETRIEVAL_PROT``) or an unknown ``RECSYS_*`` name fails too, so a misspelt
+setting never falls back to its default silently. ``RANKING_*`` names are the ranking service's
+and are ignored here, so both services can share one env file.
+
+The shared ``RECSYS_*`` names mean the same in ``ranking_service/config.py``; an empty value counts
+as unset everywhere. Model hyper-parameters are not configured here: they travel in the artifact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+PREFIX = "RETRIEVAL_"
+SHARED_PREFIX = "RECSYS_"
+# RECSYS_* names read by other programs of the project (trainer, test suite): not typos here.
+FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEVICES = ("auto", "cpu", "cuda")
+# Keys are "<namespace>:..." with Redis Cluster hash tags in braces, so braces and spaces are out.
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server-side TLS: PEM files. ``client_ca_file`` set = clients must present a cert it signed (mTLS)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    artifact_root: Path                      # the artifact volume (CURRENT, versions/)
+    # None = no Redis: features come from the artifact in process. Kept out of repr: may hold a password.
+    redis_url: str | None = field(default=None, repr=False)
+    redis_namespace: str = "recsys"
+    log_level: str = "INFO"
+    pinned_version: int | None = None        # serve this version instead of CURRENT
+    port: int = 50051                        # gRPC; 0 = pick a free port (tests)
+    metrics_port: int = 9101                 # Prometheus HTTP; 0 = disabled
+    max_candidates: int = 1000               # largest num_candidates a Retrieve may ask for
+    chunk_size: int = 100                    # candidates per streamed response message
+    poll_interval_s: float = 2.0             # how often CURRENT is checked for a new version
+    device: str = "auto"                     # auto = cuda when available, else cpu
+    microbatch_max_size: int = 32            # user-tower requests batched into one forward pass
+    microbatch_max_wait_ms: float = 2.0      # longest a request waits for its batch to fill
+    redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
+    grace_s: float = 10.0                    # drain time for in-flight RPCs after SIGTERM
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit
+    tls: TlsConfig | None = None             # None = plaintext
+
+
+Parser = Callable[[str, str], object]
+
+
+def _int(lo: int, hi: int | None = None) -> Parser:
+    expected = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be {expected}, got {raw!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"{name} must be {expected}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _float(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Parser:
+    low = f"({lo}" if lo_open else f"[{lo}"
+    expected = f"a number in {low}, {hi}]" if hi is not None else f"a number in {low}, inf)"
+
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be {expected}, got {raw!r}") from None
+        if (not math.isfinite(value) or value < lo or (lo_open and value == lo)
+                or (hi is not None and value > hi)):
+            raise ValueError(f"{name} must be {expected}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _choice(options: tuple[str, ...], *, upper: bool = False) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        value = raw.upper() if upper else raw
+        if value not in options:
+            raise ValueError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _path(name: str, raw: str) -> Path:
+    path = Path(raw)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} must be a directory (the artifact volume), got {raw!r}: not a directory")
+    return path
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def _redis_url(name: str, raw: str) -> str:
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError on a non-numeric or out-of-range port
+    except ValueError:
+        raise ValueError(f"{name} must be a redis://, rediss:// or unix:// URL, got {_redact(raw)!r}") from None
+    if parts.scheme not in _REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname) or (
+            parts.scheme == "unix" and not parts.path):
+        raise ValueError(f"{name} must be a redis://, rediss:// or unix:// URL, got {_redact(raw)!r}")
+    return raw
+
+
+def _namespace(name: str, raw: str) -> str:
+    if not _NAMESPACE.fullmatch(raw):
+        raise ValueError(f"{name} must be 1..64 characters of letters, digits, '_', '.', ':', '-' "
+                         f"starting with a letter or digit, got {raw!r}")
+    return raw
+
+
+# Environment name -> (RetrievalConfig field, parser). A missing or empty variable keeps the default.
+_SPECS: dict[str, tuple[str, Parser]] = {
+    "RECSYS_ARTIFACT_ROOT": ("artifact_root", _path),
+    "RECSYS_REDIS_URL": ("redis_url", _redis_url),
+    "RECSYS_REDIS_NAMESPACE": ("redis_namespace", _namespace),
+    "RECSYS_LOG_LEVEL": ("log_level", _choice(LOG_LEVELS, upper=True)),
+    "RECSYS_PINNED_VERSION": ("pinned_version", _int(1)),
+    "RETRIEVAL_PORT": ("port", _int(0, 65535)),
+    "RETRIEVAL_METRICS_PORT": ("metrics_port", _int(0, 65535)),
+    "RETRIEVAL_MAX_CANDIDATES": ("max_candidates", _int(1, 100_000)),
+    "RETRIEVAL_CHUNK_SIZE": ("chunk_size", _int(1, 100_000)),
+    "RETRIEVAL_POLL_INTERVAL_S": ("poll_interval_s", _float(0.0, 3600.0, lo_open=True)),
+    "RETRIEVAL_DEVICE": ("device", _choice(DEVICES)),
+    "RETRIEVAL_MICROBATCH_MAX_SIZE": ("microbatch_max_size", _int(1, 4096)),
+    "RETRIEVAL_MICROBATCH_MAX_WAIT_MS": ("microbatch_max_wait_ms", _float(0.0, 1000.0)),
+    "RETRIEVAL_REDIS_TIMEOUT_MS": ("redis_timeout_ms", _int(1, 60_000)),
+    "RETRIEVAL_GRACE_S": ("grace_s", _float(0.0, 300.0)),
+    "RETRIEVAL_MAX_MESSAGE_BYTES": ("max_message_bytes", _int(1024, 2**31 - 1)),
+}
+_TLS_VARS = ("RETRIEVAL_TLS_CERT_FILE", "RETRIEVAL_TLS_KEY_FILE", "RETRIEVAL_TLS_CLIENT_CA_FILE")
+
+ENV_VARS: tuple[str, ...] = (*_SPECS, *_TLS_VARS)
+
+
+def _file(environ: Mapping[str, str], name: str) -> Path | None:
+    raw = environ.get(name, "")
+    if not raw:
+        return None
+    if not Path(raw).is_file():
+        raise ValueError(f"{name} must name an existing PEM file, got {raw!r}")
+    return Path(raw)
+
+
+def _tls(environ: Mapping[str, str]) -> TlsConfig | None:
+    cert, key, client_ca = (_file(environ, name) for name in _TLS_VARS)
+    if (cert is None) != (key is None):
+        raise ValueError(f"RETRIEVAL_TLS_CERT_FILE and RETRIEVAL_TLS_KEY_FILE must be set together, "
+                         f"got cert={environ.get(_TLS_VARS[0], '')!r}, key={environ.get(_TLS_VARS[1], '')!r}")
+    if cert is None or key is None:
+        if client_ca is not None:
+            raise ValueError(f"RETRIEVAL_TLS_CLIENT_CA_FILE requires RETRIEVAL_TLS_CERT_FILE and "
+                             f"RETRIEVAL_TLS_KEY_FILE (mTLS needs server TLS), got {str(client_ca)!r}")
+        return None
+    return TlsConfig(cert_file=cert, key_file=key, client_ca_file=client_ca)
+
+
+def _reject_unknown(environ: Mapping[str, str]) -> None:
+    known = set(ENV_VARS) | set(FOREIGN_SHARED_VARS)
+    unknown = sorted(name for name in environ
+                     if name.startswith((PREFIX, SHARED_PREFIX)) and name not in known)
+    if unknown:
+        raise ValueError(f"unknown environment variables {unknown}: expected names from "
+                         f"retrieval_service.config.ENV_VARS (typo?)")
+
+
+def from_env(environ: Mapping[str, str] = os.environ) -> RetrievalConfig:
+    """Builds the config from ``environ``; raises ValueError naming the first bad variable."""
+    _reject_unknown(environ)
+    defaults = {f.name: f.default for f in dataclasses.fields(RetrievalConfig)}
+    values: dict[str, object] = {}
+    for name, (attr, parse) in _SPECS.items():
+        raw = environ.get(name, "")
+        if raw:
+            values[attr] = parse(name, raw)
+        elif defaults[attr] is dataclasses.MISSING:
+            raise ValueError(f"{name} must be set (required: {attr.replace('_', ' ')}), got {raw!r}")
+    values["tls"] = _tls(environ)
+    config = RetrievalConfig(**values)  # type: ignore[arg-type]
+    if config.metrics_port and config.metrics_port == config.port:
+        raise ValueError(f"RETRIEVAL_METRICS_PORT must differ from RETRIEVAL_PORT, got {config.metrics_port!r}")
+    if config.chunk_size > config.max_candidates:
+        raise ValueError(f"RETRIEVAL_CHUNK_SIZE must be <= RETRIEVAL_MAX_CANDIDATES "
+                         f"({config.max_candidates}), got {config.chunk_size!r}")
+    return config

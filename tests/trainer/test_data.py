@@ -1,0 +1,417 @@
+"""Loaders, validation, the load report and the MovieLens download: trainer.data."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import socket
+import threading
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from trainer.data import (
+    DataError, data_dir_from_env, ensure_movielens, generate, load_interactions, load_movielens,
+    validate_interactions, write_movielens_like,
+)
+from trainer.data.dataset import make_dataset, read_table, to_int64
+from trainer.data.download import MOVIELENS_MD5, safe_extract, verify_md5
+
+GENRES_100K = "unknown|0\nAction|1\nComedy|2\n\n"
+ITEMS_100K = ("1|Toy Story (1995)|01-Jan-1995||http://x|0|0|1\n"
+              "2|Misérables, Les (1995)|||http://x|0|1|1\n"
+              "3|unknown||||1|0|0\n")
+USERS_100K = "1|24|M|technician|85711\n2|53|F|other|T8H1N\n"
+DATA_100K = "1\t1\t5\t881250949\n2\t2\t3\t881250950\n1\t3\t4\t881250951\n"
+
+
+def write_100k(folder: Path, *, data: str = DATA_100K, items: str = ITEMS_100K, users: str = USERS_100K) -> Path:
+    """A tiny MovieLens-100K-layout folder (u.item and u.user Latin-1 encoded, as the real files)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "u.data").write_text(data)
+    (folder / "u.genre").write_text(GENRES_100K, encoding="latin-1")
+    (folder / "u.item").write_text(items, encoding="latin-1")
+    (folder / "u.user").write_text(users, encoding="latin-1")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small() -> object:
+    return generate(60, 80, 600, seed=7)
+
+
+# --- the real MovieLens 100K ---------------------------------------------------------------------
+
+def test_ml100k_loads_with_side_tables(ml100k_dir):
+    data = load_movielens(ml100k_dir)
+    frame, report = data.interactions, data.report
+    assert (report.n_users, report.n_items, report.rows_kept, report.rows_read) == (943, 1682, 100_000, 100_000)
+    assert report.dropped == {} and report.warnings == []
+    assert list(frame.columns) == ["user_id", "item_id", "rating", "timestamp"]
+    assert [str(t) for t in frame.dtypes] == ["str", "int64", "float32", "int64"]
+    keys = list(zip(frame["timestamp"], frame["user_id"], frame["item_id"]))
+    assert keys == sorted(keys)
+    items = data.items.set_index("item_id")
+    assert items.loc[1, "title"] == "Toy Story (1995)"
+    assert items.loc[1, "genres"] == "Animation|Children's|Comedy"
+    assert items.loc[543, "title"] == "Misérables, Les (1995)"  # Latin-1 decoded
+    assert items.loc[1, "year"] == 1995.0 and np.isnan(items.loc[267, "year"])
+    assert items.loc[267, "genres"] == ""  # the "unknown" genre flag is no genre
+    users = data.users.set_index("user_id")
+    assert len(users) == 943 and users.loc["1", "age"] == 24.0
+    assert users.loc["1", ["gender", "occupation", "zip_region"]].tolist() == ["M", "technician", "8"]
+    assert set(users["zip_region"]) <= set("0123456789?") and "?" in set(users["zip_region"])
+    summary = report.summary()
+    assert "943" in summary and "1,682" in summary and "100,000" in summary and "1997-09-20" in summary
+
+
+# --- the 100K layout on tiny files ---------------------------------------------------------------
+
+def test_100k_layout_parses_genres_years_and_zip_regions(tmp_path):
+    data = load_movielens(write_100k(tmp_path / "ml-tiny"))
+    assert data.name == "ml-tiny"
+    items = data.items.set_index("item_id")
+    assert items["genres"].tolist() == ["Comedy", "Action|Comedy", ""]
+    assert items.loc[2, "title"] == "Misérables, Les (1995)"
+    assert items.loc[2, "year"] == 1995.0  # no release date: taken from the title
+    assert data.users["zip_region"].tolist() == ["8", "?"]
+    assert data.interactions["item_id"].tolist() == [1, 2, 3]
+
+
+def test_blank_duplicate_and_unknown_rows_are_counted_never_silently_dropped(tmp_path):
+    data = DATA_100K + "\n1\t1\t5\t881250949\n9\t1\t5\t881250960\n1\t99\t5\t881250961\n"
+    loaded = load_movielens(write_100k(tmp_path / "ml", data=data))
+    report = loaded.report
+    assert report.rows_read == 7 and report.rows_kept == 3
+    assert report.dropped == {"blank line": 1, "duplicate (user,item,timestamp)": 1,
+                              "unknown user id": 1, "unknown item id": 1}
+    summary = report.summary()
+    for reason in report.dropped:
+        assert reason in summary
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ("1,1,5,881250949\n", "u.data, line 1: expected 4 fields separated by '\\t', found 1"),
+    ("1\t1\t5\t881250949\n1\t1\tfive\t881250950\n",
+     "u.data, line 2, column 'rating': rating must be a number, got 'five'"),
+    ("1\t1\t5\t881250949\n2\t1\t5\n", "u.data, line 2, column 'timestamp': timestamp is missing"),
+    ("1\t1\t5\t881250949\n\n1\t1\t5\t881250949\t7\n", "u.data, line 3: expected 4 fields separated by '\\t', found 5"),
+    ("1\t1.5\t5\t881250949\n", "u.data, line 1, column 'item_id': item_id must be an integer, got"),
+    ("1\t-4\t5\t881250949\n", "u.data, line 1, column 'item_id': item_id must be in [0, inf], got"),
+    ("1\t1\tinf\t881250949\n", "u.data, line 1, column 'rating': rating must be finite"),
+    ("", "u.data: the file is empty"),
+])
+def test_bad_ratings_file_names_file_line_and_column(tmp_path, data, message):
+    folder = write_100k(tmp_path / "ml", data=data)
+    with pytest.raises(DataError) as caught:
+        load_movielens(folder)
+    assert message in str(caught.value)
+    assert str(folder / "u.data") in str(caught.value)
+
+
+def test_bad_item_and_user_tables_name_their_line(tmp_path):
+    items = ITEMS_100K.replace("3|unknown||||1|0|0", "3|unknown||||1|0|2")
+    with pytest.raises(DataError, match=r"u.item, line 3, column 'Comedy': Comedy must be in \[0, 1\], got '2'"):
+        load_movielens(write_100k(tmp_path / "a", items=items))
+    with pytest.raises(DataError, match=r"u.user, line 2, column 'age': age must be a number, got 'old'"):
+        load_movielens(write_100k(tmp_path / "b", users=USERS_100K.replace("|53|", "|old|")))
+    with pytest.raises(DataError, match=r"u.user, line 2, column 'user_id': user_id is missing"):
+        load_movielens(write_100k(tmp_path / "c", users=USERS_100K.replace("2|53", "|53")))
+    with pytest.raises(DataError, match=r"u.genre, line 1, column 'index': index must be an integer"):
+        folder = write_100k(tmp_path / "d")
+        (folder / "u.genre").write_text("unknown|zero\n")
+        load_movielens(folder)
+
+
+def test_side_table_with_repeated_ids_is_refused(tmp_path):
+    with pytest.raises(DataError, match=r"\(users\): user_id must be unique, got '1' twice"):
+        load_movielens(write_100k(tmp_path / "ml", users=USERS_100K + "1|30|F|artist|12345\n"))
+
+
+def test_missing_side_file_and_unknown_folder(tmp_path):
+    folder = write_100k(tmp_path / "ml")
+    (folder / "u.user").unlink()
+    with pytest.raises(DataError, match=r"u.user: file not found"):
+        load_movielens(folder)
+    with pytest.raises(DataError, match="not a MovieLens folder"):
+        load_movielens(tmp_path)
+
+
+# --- 1M and latest layouts, written from synthetic data ------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["1m", "latest"])
+def test_written_movielens_like_files_load_back_identically(tmp_path, small, fmt):
+    folder = write_movielens_like(small, tmp_path / f"ml-{fmt}", fmt)
+    loaded = load_movielens(folder)
+    pd.testing.assert_frame_equal(loaded.interactions, small.interactions)
+    pd.testing.assert_frame_equal(loaded.items, small.items)
+    if fmt == "1m":
+        pd.testing.assert_frame_equal(loaded.users, small.users)
+    else:
+        assert loaded.users is None
+    assert loaded.report.rows_kept == small.report.rows_kept == 600
+
+
+def test_1m_layout_decodes_latin1_and_maps_occupation_codes(tmp_path):
+    folder = tmp_path / "ml-1m"
+    folder.mkdir()
+    (folder / "ratings.dat").write_text("1::10::5::978300760\n2::20::3.5::978300761\n")
+    (folder / "movies.dat").write_bytes("10::Misérables, Les (1995)::Drama|War\n20::Ça (1990)::\n".encode("latin-1"))
+    (folder / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
+    data = load_movielens(folder)
+    assert data.items["title"].tolist() == ["Misérables, Les (1995)", "Ça (1990)"]
+    assert data.items["genres"].tolist() == ["Drama|War", ""]
+    assert data.users["occupation"].tolist() == ["K-12 student", "self-employed"]
+    assert data.interactions["rating"].tolist() == [5.0, 3.5]
+    (folder / "users.dat").write_text("1::F::1::21::48067\n2::M::56::16::70072\n")
+    with pytest.raises(DataError, match=r"users.dat, line 1, column 'occupation': occupation must be in \[0, 20\]"):
+        load_movielens(folder)
+    (folder / "ratings.dat").write_text("1::10::5::978300760\n2::20::x::978300761\n")
+    with pytest.raises(DataError, match=r"ratings.dat, line 2, column 'rating': rating must be a number, got 'x'"):
+        load_movielens(folder)
+
+
+def test_latest_layout_checks_the_header_and_reads_quoted_titles(tmp_path):
+    folder = tmp_path / "ml-latest-small"
+    folder.mkdir()
+    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,0.5,964982224\n")
+    (folder / "movies.csv").write_text('movieId,title,genres\n1,"American President, The (1995)",Comedy|Drama\n'
+                                       "2,Cosmos (2019–2020),(no genres listed)\n")
+    data = load_movielens(folder)
+    assert data.items["title"].tolist() == ["American President, The (1995)", "Cosmos (2019–2020)"]
+    assert data.items["genres"].tolist() == ["Comedy|Drama", ""]
+    assert data.items["year"].tolist() == [1995.0, 2019.0]
+    (folder / "ratings.csv").write_text("userId;movieId;rating;timestamp\n1;1;4.0;964982703\n")
+    with pytest.raises(DataError, match=r"ratings.csv, line 1: missing column 'userId'.*wrong separator"):
+        load_movielens(folder)
+    (folder / "ratings.csv").write_text('userId,movieId,rating,timestamp\n"1,1,4.0,964982703\n')
+    with pytest.raises(DataError, match=r"ratings.csv: Error tokenizing data. C error: EOF inside string"):
+        load_movielens(folder)
+    (folder / "ratings.csv").write_bytes(b"userId,movieId,rating,timestamp\n\xff,1,4.0,964982703\n")
+    with pytest.raises(DataError, match=r"ratings.csv: not valid utf-8 text"):
+        load_movielens(folder)
+
+
+def test_double_colon_reader_reports_missing_file_and_bad_encoding(tmp_path):
+    with pytest.raises(DataError, match=r"nothing.dat: file not found"):
+        read_table(tmp_path / "nothing.dat", sep="::", names=("a", "b"))
+    (tmp_path / "bad.dat").write_bytes(b"1::\xff\n")
+    with pytest.raises(DataError, match=r"bad.dat: not valid utf-8 text"):
+        read_table(tmp_path / "bad.dat", sep="::", names=("a", "b"))
+
+
+# --- validate_interactions and make_dataset ------------------------------------------------------
+
+def _frame(**overrides) -> pd.DataFrame:
+    columns = {"user_id": ["a", "b"], "item_id": [1, 2], "rating": [4.0, 5.0], "timestamp": [10, 20]}
+    columns.update(overrides)
+    return pd.DataFrame(columns)
+
+
+def test_validate_interactions_coerces_contract_dtypes_and_keeps_the_index():
+    frame = _frame(user_id=[7, 8], item_id=[1.0, 2.0], rating=["4", "4.5"], timestamp=np.array([10, 20], np.int32))
+    frame.index = pd.RangeIndex(5, 7, name="line")
+    checked = validate_interactions(frame, "log.csv")
+    assert [str(t) for t in checked.dtypes] == ["str", "int64", "float32", "int64"]
+    assert checked["user_id"].tolist() == ["7", "8"] and checked["rating"].tolist() == [4.0, 4.5]
+    assert checked.index.tolist() == [5, 6]
+
+
+@pytest.mark.parametrize(("frame", "message"), [
+    (_frame().iloc[:0], "log: no interactions (the table is empty)"),
+    (_frame().drop(columns="rating"), "log: missing column 'rating'"),
+    (_frame(rating=[True, False]), "log: column 'rating' has dtype bool, expected a number"),
+    (_frame(timestamp=pd.to_datetime(["2024-01-01", "2024-01-02"])), "log: column 'timestamp' has dtype"),
+    (_frame(user_id=[1.5, 2.5]), "log: column 'user_id' has dtype float64, expected strings or integers"),
+    (_frame(user_id=["a", None]), "log, row 2, column 'user_id': user_id is missing"),
+    (_frame(user_id=["a", ""]), "log, row 2, column 'user_id': user_id must be 1..128 UTF-8 bytes, got ''"),
+    (_frame(user_id=["a", "é" * 65]), "user_id must be 1..128 UTF-8 bytes"),
+    (_frame(item_id=["1", "x"]), "log, row 2, column 'item_id': item_id must be an integer, got 'x'"),
+    (_frame(rating=[4.0, np.nan]), "log, row 2, column 'rating': rating is missing"),
+])
+def test_validate_interactions_refuses_bad_frames(frame, message):
+    with pytest.raises(DataError) as caught:
+        validate_interactions(frame, "log")
+    assert message in str(caught.value)
+
+
+def test_data_error_is_a_value_error_and_to_int64_checks_the_upper_bound():
+    assert issubclass(DataError, ValueError)
+    with pytest.raises(DataError, match=r"f, row 2, column 'flag': flag must be in \[0, 1\], got 3"):
+        to_int64(pd.Series([1, 3]), source="f", column="flag", minimum=0, maximum=1)
+
+
+def test_make_dataset_refuses_when_nothing_is_left():
+    items = pd.DataFrame({"item_id": [99], "title": ["x"], "genres": [""]})
+    with pytest.raises(DataError, match=r"log: no interactions left after dropping \{'unknown item id': 2\}"):
+        make_dataset("log", validate_interactions(_frame(), "log"), source="log", rows_read=2, items=items)
+
+
+def test_summary_reports_bins_for_many_distinct_ratings():
+    frame = _frame(user_id=[str(i) for i in range(30)], item_id=list(range(30)),
+                   rating=np.linspace(0, 1, 30), timestamp=list(range(30)))
+    data = make_dataset("scores", validate_interactions(frame, "scores"), source="scores", rows_read=30)
+    assert len(data.report.rating_histogram) == 10 and sum(c for _, c in data.report.rating_histogram) == 30
+    assert "0..0.1" in data.report.summary()
+
+
+# --- generic CSV / Parquet -----------------------------------------------------------------------
+
+def test_generic_csv_with_mapping_iso_timestamps_and_implicit_ratings(tmp_path):
+    path = tmp_path / "clicks.csv"
+    path.write_text("uid,sku,when,channel\nu1,5,2024-01-01T00:00:00Z,web\nu2,6,2024-01-01 00:00:01,app\n"
+                    "u1,5,2024-01-01T01:00:00+01:00,web\n")
+    data = load_interactions(path, columns={"user_id": "uid", "item_id": "sku", "timestamp": "when"})
+    assert data.name == "clicks"
+    assert data.interactions["timestamp"].tolist() == [1_704_067_200, 1_704_067_201]
+    assert data.interactions["rating"].tolist() == [1.0, 1.0]
+    assert data.report.dropped == {"duplicate (user,item,timestamp)": 1}
+    assert any("implicit feedback" in w for w in data.report.warnings)
+    assert any("ignored columns ['channel']" in w for w in data.report.warnings)
+
+
+def test_generic_parquet_with_datetime_column_and_tab_csv(tmp_path):
+    path = tmp_path / "log.parquet"
+    pd.DataFrame({"user_id": [3, 4], "item_id": [1, 2], "rating": [2.0, 3.0],
+                  "timestamp": pd.to_datetime(["1970-01-01 00:00:05", "1970-01-02 00:00:00"])}).to_parquet(path)
+    data = load_interactions(path)
+    assert data.interactions["user_id"].tolist() == ["3", "4"]
+    assert data.interactions["timestamp"].tolist() == [5, 86_400]
+    tsv = tmp_path / "log.tsv"
+    tsv.write_text("user_id\titem_id\trating\ttimestamp\n1\t2\t3\t4\n")
+    assert load_interactions(tsv, sep="\t").interactions["item_id"].tolist() == [2]
+
+
+def test_generic_errors_name_file_line_and_column(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("user,item,ts\na,1,2024-01-01\nb,2,yesterday\n")
+    mapping = {"user_id": "user", "item_id": "item", "timestamp": "ts"}
+    with pytest.raises(DataError, match=r"log.csv, line 3, column 'timestamp': timestamp must be Unix seconds "
+                                        r"or an ISO 8601 date-time, got 'yesterday'"):
+        load_interactions(path, columns=mapping)
+    with pytest.raises(DataError, match=r"log.csv, line 1: missing column 'stars'"):
+        load_interactions(path, columns={**mapping, "rating": "stars"})
+    with pytest.raises(ValueError, match=r"columns keys must be among .*, got 'score'"):
+        load_interactions(path, columns={"score": "ts"})
+    with pytest.raises(DataError, match=r"missing.parquet: file not found"):
+        load_interactions(tmp_path / "missing.parquet")
+    path.write_text("user,item,ts\na,1,1704067200\nb,2,\n")
+    with pytest.raises(DataError, match=r"log.csv, line 3, column 'timestamp': timestamp is missing"):
+        load_interactions(path, columns=mapping)
+    parquet = tmp_path / "bad.parquet"
+    pd.DataFrame({"user_id": ["a", "b"], "item_id": [1, 2], "timestamp": [1, None]}).to_parquet(parquet)
+    with pytest.raises(DataError, match=r"bad.parquet, row 2, column 'timestamp': timestamp is missing"):
+        load_interactions(parquet)
+
+
+# --- download ------------------------------------------------------------------------------------
+
+def _zip(path: Path, members: dict[str, str]) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, text in members.items():
+            archive.writestr(name, text)
+    return path
+
+
+def test_data_dir_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("RECSYS_DATA_DIR", str(tmp_path))
+    assert data_dir_from_env() == tmp_path
+    monkeypatch.delenv("RECSYS_DATA_DIR")
+    assert data_dir_from_env().parts[-2:] == ("shared", "data")
+
+
+def test_present_folder_is_returned_without_network(tmp_path):
+    write_100k(tmp_path / "ml-100k")
+    assert ensure_movielens("ml-100k", tmp_path, base_url="http://127.0.0.1:9/") == tmp_path / "ml-100k"
+    (tmp_path / "ml-1m").mkdir()
+    with pytest.raises(DataError, match=r"ml-1m exists but has no ratings.dat"):
+        ensure_movielens("ml-1m", tmp_path)
+    with pytest.raises(ValueError, match=r"name must be one of \['ml-100k', 'ml-1m'\], got 'ml-25m'"):
+        ensure_movielens("ml-25m", tmp_path)
+
+
+def test_checksum_and_extraction(tmp_path):
+    archive = _zip(tmp_path / "ok.zip", {"ml-100k/u.data": DATA_100K})
+    verify_md5(archive, hashlib.md5(archive.read_bytes()).hexdigest())
+    with pytest.raises(DataError, match=r"ok.zip: md5 must be 0e33842e24a9c977be4e0107933c0723, got"):
+        verify_md5(archive, "0e33842e24a9c977be4e0107933c0723")
+    safe_extract(archive, tmp_path / "out")
+    assert (tmp_path / "out" / "ml-100k" / "u.data").read_text() == DATA_100K
+
+
+@pytest.mark.parametrize("member", ["../evil.txt", "/abs/evil.txt", "ml-100k/../../evil.txt", "C:/evil.txt"])
+def test_unsafe_zip_member_is_refused_before_anything_is_written(tmp_path, member):
+    archive = _zip(tmp_path / "bad.zip", {"ml-100k/u.data": DATA_100K, member: "x"})
+    with pytest.raises(DataError, match="refusing unsafe member"):
+        safe_extract(archive, tmp_path / "out" / "inner")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "evil.txt").exists()
+
+
+def test_symlink_member_and_non_zip_are_refused(tmp_path):
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as zipped:
+        info = zipfile.ZipInfo("ml-100k/u.data")
+        info.external_attr = (0o120777 << 16)  # a symlink's Unix mode
+        zipped.writestr(info, "/etc/passwd")
+    with pytest.raises(DataError, match="refusing unsafe member 'ml-100k/u.data'"):
+        safe_extract(archive, tmp_path / "out")
+    (tmp_path / "fake.zip").write_text("not a zip")
+    with pytest.raises(DataError, match="fake.zip: not a zip archive"):
+        safe_extract(tmp_path / "fake.zip", tmp_path / "out")
+
+
+def test_offline_download_says_where_to_put_the_folder(tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DataError) as caught:
+        ensure_movielens("ml-100k", tmp_path / "data", base_url=f"http://127.0.0.1:{port}/", timeout_s=5)
+    message = str(caught.value)
+    assert f"http://127.0.0.1:{port}/ml-100k.zip" in message
+    assert str(tmp_path / "data") in message and "RECSYS_DATA_DIR" in message
+    assert list((tmp_path / "data").iterdir()) == []  # no partial download left behind
+
+
+@pytest.fixture
+def zip_server(tmp_path):
+    """A local HTTP server over tmp_path/served; yields (folder, base URL)."""
+    served = tmp_path / "served"
+    served.mkdir()
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_downloaded_zip_with_wrong_checksum_is_refused_and_removed(tmp_path, zip_server):
+    served, url = zip_server
+    _zip(served / "ml-100k.zip", {"ml-100k/u.data": DATA_100K})
+    with pytest.raises(DataError, match=r"md5 must be 0e33842e24a9c977be4e0107933c0723"):
+        ensure_movielens("ml-100k", tmp_path / "data", base_url=url, timeout_s=5)
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_download_extracts_into_place_when_the_checksum_matches(tmp_path, zip_server, monkeypatch):
+    served, url = zip_server
+    archive = write_100k(tmp_path / "src" / "ml-100k")
+    with zipfile.ZipFile(served / "ml-100k.zip", "w") as zipped:
+        for file in sorted(archive.iterdir()):
+            zipped.write(file, f"ml-100k/{file.name}")
+    # The real archive's md5 is pinned; this local stand-in has its own.
+    monkeypatch.setitem(MOVIELENS_MD5, "ml-100k", hashlib.md5((served / "ml-100k.zip").read_bytes()).hexdigest())
+    folder = ensure_movielens("ml-100k", tmp_path / "data", base_url=url, timeout_s=5)
+    assert folder == tmp_path / "data" / "ml-100k"
+    assert load_movielens(folder).report.rows_kept == 3
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["ml-100k"]  # work folder removed
+    _zip(served / "ml-1m.zip", {"ml-1m/README": "no ratings here"})
+    monkeypatch.setitem(MOVIELENS_MD5, "ml-1m", hashlib.md5((served / "ml-1m.zip").read_bytes()).hexdigest())
+    with pytest.raises(DataError, match=r"ml-1m.zip: the archive has no ml-1m/ratings.dat"):
+        ensure_movielens("ml-1m", tmp_path / "data", base_url=url, timeout_s=5)

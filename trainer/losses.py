@@ -1,0 +1,110 @@
+"""Training losses: sampled softmax with logQ correction for retrieval, BCE + MSE for ranking.
+
+Retrieval row i scores its positive against every other row's positive (in-batch negatives) and its
+own sampler negatives. Each candidate logit is s / T - log q, q the probability that the candidate
+was drawn as a negative (Yi et al. 2019, "Sampling-bias-corrected neural modeling"): without it the
+popular items, which appear often as in-batch negatives, would be pushed down too hard. Candidates
+that are really the row's positive item (accidental hits) are removed from the softmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+SeenMaskFn = Callable[[Tensor], Tensor]
+
+
+def _check_shape(name: str, tensor: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+
+
+def _check_negatives(neg_emb: Tensor | None, neg_log_q: Tensor | None, neg_idx: Tensor | None,
+                     batch: int, dim: int) -> None:
+    given = [t is not None for t in (neg_emb, neg_log_q, neg_idx)]
+    if any(given) and not all(given):
+        raise ValueError(f"neg_emb, neg_log_q and neg_idx must be all given or all None, got given={given}")
+    if neg_emb is None or neg_log_q is None or neg_idx is None:
+        return
+    if neg_emb.dim() != 3 or neg_emb.shape[0] != batch or neg_emb.shape[2] != dim:
+        raise ValueError(f"neg_emb must have shape ({batch}, S, {dim}), got {tuple(neg_emb.shape)}")
+    _check_shape("neg_log_q", neg_log_q, tuple(neg_emb.shape[:2]))
+    _check_shape("neg_idx", neg_idx, tuple(neg_emb.shape[:2]))
+
+
+def sampled_softmax_loss(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor | None, temperature: Tensor | float,
+                         pos_log_q: Tensor, neg_log_q: Tensor | None, pos_idx: Tensor, neg_idx: Tensor | None,
+                         user_seen_mask_fn: SeenMaskFn | None = None) -> Tensor:
+    """Mean over rows of -log softmax(positive) among in-batch and sampler candidates (a 0-d tensor).
+
+    user_emb, pos_emb (B, D); neg_emb (B, S, D) or None (in-batch only); pos_log_q (B,) and
+    neg_log_q (B, S) are log sampling probabilities; pos_idx (B,), neg_idx (B, S) item indices.
+    Masked (-inf): another row's positive equal to this row's positive item, a sampler negative equal
+    to it, and, if ``user_seen_mask_fn`` is given, every negative it marks True. It is called with the
+    candidate item indices (B, B + S) (the in-batch columns first) and must return a bool mask of the
+    same shape, True where the row's user has interacted with the item; the row's own positive is
+    never masked.
+    """
+    if user_emb.dim() != 2:
+        raise ValueError(f"user_emb must have shape (B, D), got {tuple(user_emb.shape)}")
+    batch, dim = user_emb.shape
+    _check_shape("pos_emb", pos_emb, (batch, dim))
+    _check_shape("pos_log_q", pos_log_q, (batch,))
+    _check_shape("pos_idx", pos_idx, (batch,))
+    _check_negatives(neg_emb, neg_log_q, neg_idx, batch, dim)
+    temperature_value = float(temperature.detach()) if isinstance(temperature, Tensor) else float(temperature)
+    if not temperature_value > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature_value!r}")
+
+    logits = user_emb @ pos_emb.T / temperature - pos_log_q.unsqueeze(0)  # (B, D) @ (D, B) -> (B, B)
+    candidates = pos_idx.unsqueeze(0).expand(batch, batch)  # (B, B): column j holds row j's positive
+    if neg_emb is not None and neg_log_q is not None and neg_idx is not None:
+        sampled = torch.bmm(neg_emb, user_emb.unsqueeze(2)).squeeze(2)  # (B, S, D) @ (B, D, 1) -> (B, S)
+        logits = torch.cat([logits, sampled / temperature - neg_log_q], dim=1)  # (B, B + S)
+        candidates = torch.cat([candidates, neg_idx], dim=1)  # (B, B + S)
+
+    is_positive = torch.zeros_like(candidates, dtype=torch.bool)
+    is_positive[:, :batch] = torch.eye(batch, dtype=torch.bool, device=candidates.device)
+    masked = candidates == pos_idx.unsqueeze(1)  # (B, B + S) accidental hits (and the diagonal)
+    if user_seen_mask_fn is not None:
+        seen = user_seen_mask_fn(candidates)
+        _check_shape("user_seen_mask_fn(candidates)", seen, tuple(candidates.shape))
+        masked = masked | seen.to(torch.bool)
+    logits = logits.masked_fill(masked & ~is_positive, float("-inf"))
+    target = torch.arange(batch, device=logits.device)  # row i's positive is in-batch column i
+    return F.cross_entropy(logits, target)
+
+
+def ranking_losses(ctr_logit: Tensor, labels: Tensor, rating_pred: Tensor, rating: Tensor,
+                   rating_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """(l_ctr, l_rating): BCE-with-logits over all N rows, MSE over the rows where ``rating_mask`` is True.
+
+    Every argument is (N,): labels 0/1 floats, ``rating`` arbitrary where the mask is False. With no
+    rated row l_rating is 0 (still attached to the graph, so the caller can always backpropagate).
+    """
+    if ctr_logit.dim() != 1:
+        raise ValueError(f"ctr_logit must have shape (N,), got {tuple(ctr_logit.shape)}")
+    shape = tuple(ctr_logit.shape)
+    for name, tensor in (("labels", labels), ("rating_pred", rating_pred), ("rating", rating),
+                         ("rating_mask", rating_mask)):
+        _check_shape(name, tensor, shape)
+    if rating_mask.dtype != torch.bool:
+        raise ValueError(f"rating_mask must be a bool tensor, got dtype {rating_mask.dtype}")
+    l_ctr = F.binary_cross_entropy_with_logits(ctr_logit, labels.to(ctr_logit.dtype))
+    if bool(rating_mask.any()):
+        l_rating = F.mse_loss(rating_pred[rating_mask], rating[rating_mask].to(rating_pred.dtype))
+    else:
+        l_rating = rating_pred.sum() * 0.0
+    return l_ctr, l_rating
+
+
+def multitask_loss(l_retrieval: Tensor, l_rating: Tensor, l_ctr: Tensor, alpha: float, beta: float) -> Tensor:
+    """L = L_retrieval + alpha * L_rating + beta * L_ctr, alpha and beta >= 0."""
+    for name, weight in (("alpha", alpha), ("beta", beta)):
+        if not float(weight) >= 0.0:
+            raise ValueError(f"{name} must be >= 0, got {weight!r}")
+    return l_retrieval + alpha * l_rating + beta * l_ctr

@@ -1,0 +1,128 @@
+"""The ranker: DCN-V2 (a cross network and a deep MLP) over user, item and retrieval features.
+
+Rows are aligned: row n holds one candidate item and its user's inputs (the caller repeats the user
+row per candidate). Two heads share the network: a click/consumption logit and a bounded rating.
+The cross layer is x_{l+1} = x0 * (W x_l + b) + x_l with W full (d, d) or low-rank U V^T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from trainer.models.layers import (CategoricalEmbedding, check_dropout, check_feature_sizes, check_finite,
+                                   check_int, check_int_tuple, init_embedding, masked_mean, mlp)
+from trainer.models.temporal import CalendarEmbedding
+
+STRUCTURES = ("stacked", "parallel")
+
+
+@dataclass(frozen=True)
+class DCNConfig:
+    """Sizes of the ranker. ``low_rank`` None = full-rank cross weights; ratings lie in [rating_min, rating_max]."""
+
+    n_users: int
+    n_items: int
+    user_cat_cardinalities: tuple[int, ...]
+    n_user_num: int
+    item_cat_cardinalities: tuple[int, ...]
+    n_item_num: int
+    embedding_dim: int = 16
+    n_cross_layers: int = 3
+    low_rank: int | None = None
+    deep_dims: tuple[int, ...] = (256, 128)
+    dropout: float = 0.1
+    structure: str = "stacked"
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        check_feature_sizes(self.n_users, self.n_items, self.user_cat_cardinalities, self.n_user_num,
+                            self.item_cat_cardinalities, self.n_item_num)
+        check_int("embedding_dim", self.embedding_dim, 1)
+        check_int("n_cross_layers", self.n_cross_layers, 1)
+        if self.low_rank is not None:
+            check_int("low_rank", self.low_rank, 1)
+        check_int_tuple("deep_dims", self.deep_dims, 1, allow_empty=False)
+        check_dropout(self.dropout)
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+        low = check_finite("rating_min", self.rating_min)
+        high = check_finite("rating_max", self.rating_max)
+        if not low < high:
+            raise ValueError(f"rating_max must be > rating_min ({low!r}), got {high!r}")
+
+
+class CrossNetV2(nn.Module):
+    """``n_layers`` cross layers on (N, d) inputs: x_{l+1} = x0 * (W_l x_l + b_l) + x_l.
+
+    Full rank holds W_l as (d, d); ``low_rank`` r holds W_l = U_l V_l^T with U_l, V_l of shape (d, r),
+    d * d -> 2 * d * r weights per layer.
+    """
+
+    def __init__(self, input_dim: int, n_layers: int, low_rank: int | None = None) -> None:
+        super().__init__()
+        check_int("input_dim", input_dim, 1)
+        check_int("n_layers", n_layers, 1)
+        if low_rank is None:
+            self.layers = nn.ModuleList(nn.Linear(input_dim, input_dim) for _ in range(n_layers))
+        else:
+            check_int("low_rank", low_rank, 1)
+            # V^T: d -> r without bias, then U: r -> d with the layer's bias b
+            self.layers = nn.ModuleList(
+                nn.Sequential(nn.Linear(input_dim, low_rank, bias=False), nn.Linear(low_rank, input_dim))
+                for _ in range(n_layers))
+
+    def forward(self, x0: Tensor) -> Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x  # (N, d) * (N, d) + (N, d)
+        return x
+
+
+class DCNRanker(nn.Module):
+    """Aligned user + item rows and the retrieval score -> (ctr_logit (N,), rating (N,))."""
+
+    def __init__(self, config: DCNConfig) -> None:
+        super().__init__()
+        dim = config.embedding_dim
+        self.rating_min = config.rating_min
+        self.rating_range = config.rating_max - config.rating_min
+        self.structure = config.structure
+        self.user_embedding = init_embedding(nn.Embedding(config.n_users + 1, dim))
+        # One item table serves the candidate and its user's history (row 0 = padding / OOV).
+        self.item_embedding = init_embedding(nn.Embedding(config.n_items + 1, dim, padding_idx=0))
+        self.user_categorical = CategoricalEmbedding(config.user_cat_cardinalities, dim)
+        self.item_categorical = CategoricalEmbedding(config.item_cat_cardinalities, dim)
+        self.calendar = CalendarEmbedding(dim)
+        input_dim = (dim + self.user_categorical.output_dim + config.n_user_num + dim + self.calendar.output_dim
+                     + dim + self.item_categorical.output_dim + config.n_item_num + 1)
+        self.cross = CrossNetV2(input_dim, config.n_cross_layers, config.low_rank)
+        self.deep = mlp(input_dim, config.deep_dims, config.dropout)
+        head_dim = config.deep_dims[-1] + (input_dim if config.structure == "parallel" else 0)
+        self.ctr_head = nn.Linear(head_dim, 1)
+        self.rating_head = nn.Linear(head_dim, 1)
+
+    def forward(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor, timestamp: Tensor,
+                item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
+                retrieval_score: Tensor) -> tuple[Tensor, Tensor]:
+        x0 = torch.cat([
+            self.user_embedding(user_idx),  # (N, E)
+            self.user_categorical(user_cat),  # (N, Cu * E)
+            user_num,  # (N, Nu)
+            masked_mean(self.item_embedding(history), history != 0),  # (N, H, E) -> (N, E)
+            self.calendar(timestamp),  # (N, 2E + 1)
+            self.item_embedding(item_idx),  # (N, E)
+            self.item_categorical(item_cat),  # (N, Ci * E)
+            item_num,  # (N, Ni)
+            retrieval_score.unsqueeze(1),  # (N, 1)
+        ], dim=1)  # (N, d)
+        if self.structure == "stacked":
+            hidden = self.deep(self.cross(x0))  # (N, d) -> (N, deep_dims[-1])
+        else:
+            hidden = torch.cat([self.cross(x0), self.deep(x0)], dim=1)  # (N, d + deep_dims[-1])
+        ctr_logit = self.ctr_head(hidden).squeeze(1)  # (N, 1) -> (N,)
+        rating = self.rating_min + self.rating_range * torch.sigmoid(self.rating_head(hidden).squeeze(1))  # (N,)
+        return ctr_logit, rating
