@@ -456,3 +456,32 @@ def redis_client(
             url, retry=redis.asyncio.retry.Retry(backoff, retries), **options
         )
     return redis.Redis.from_url(url, retry=Retry(backoff, retries), **options)
+
+
+def write_tables(client: redis.Redis, keys: KeyFormat, version: int, tables: Any, *,
+                 user_ids: np.ndarray, item_ids: np.ndarray, batch_size: int = 1000,
+                 ttl_s: int | None = None) -> int:
+    """Materialises a version's tables into Redis and marks the version complete; returns keys set.
+
+    ``tables`` holds the index-aligned arrays ``user_cat``, ``user_num``, ``history``,
+    ``seen_indptr``, ``seen_items``, ``item_cat``, ``item_num`` (``recsys_contracts.version_files.
+    VersionTables`` or the trainer's ``FeatureTables``); ``user_ids`` (n+1,) and ``item_ids`` (m+1,)
+    map indices to external ids. The trainer calls this after publishing; the services call it
+    to refill a Redis that came back empty.
+    """
+
+    def users() -> Iterable[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        for u in range(1, len(user_ids)):
+            history = tables.history[u]
+            seen = tables.seen_items[tables.seen_indptr[u]:tables.seen_indptr[u + 1]]
+            yield (str(user_ids[u]), tables.user_cat[u], tables.user_num[u],
+                   item_ids[history[history > 0]], item_ids[seen])
+
+    def items() -> Iterable[tuple[int, np.ndarray, np.ndarray]]:
+        for i in range(1, len(item_ids)):
+            yield int(item_ids[i]), tables.item_cat[i], tables.item_num[i]
+
+    written = write_version(client, keys, version, users=users(), items=items(),
+                            batch_size=batch_size, ttl_s=ttl_s)
+    mark_complete(client, keys, version)
+    return written

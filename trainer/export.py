@@ -4,30 +4,12 @@ The programs take keyword arguments named as in docs/ARCHITECTURE.md, "Model inp
 dynamic batch dimension (1..max_batch rows) and every other dimension (Cu, Nu, H, Ci, Ni) fixed at
 export time. Modules are exported in eval mode (no dropout).
 
-What torch 2.13's ``torch.export.save`` / ``load`` do (read from its source):
-
-- ``save`` writes a zip: the graph and its signature as JSON (``models/model.json``), plain
-  tensors as raw bytes plus a JSON layout (``data/weights``, ``data/constants``), and the example
-  inputs with ``torch.save`` (a pickle). We drop the example inputs before saving, so nothing in our
-  archives is pickled.
-- ``load`` is not safe for untrusted files, as its own docstring warns: payloads the archive marks
-  as pickled (tensor subclasses, custom and opaque objects) go through ``torch.load(weights_only=False)``
-  or ``pickle.loads``; the example inputs, legacy-format weights and the older zip layout go through
-  ``torch.load`` with a fallback to ``weights_only=False``; AOTInductor shared libraries found in the
-  archive are loaded. ``load_program`` refuses all of these first (``check_archive``: only the
-  members ``_export`` writes, raw tensors only, empty example inputs), so it unpickles nothing.
-- Rebuilding the program still runs code derived from the archive's JSON: shape expressions go
-  through ``sympy.sympify`` (which evaluates) and ``.module()`` ``exec``s the recorded input guards.
-  Only load programs whose checksums match the version's manifest, from a volume only the publisher
-  can write.
+Loading (and why it is safe) lives in ``recsys_contracts.programs``; ``load_program`` is re-exported.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import ExportedProgram
 
+from recsys_contracts.programs import check_archive, load_program
 from trainer.inputs import ITEM_KEYS, USER_KEYS
 
 USER_TOWER_INPUTS = USER_KEYS
@@ -42,15 +25,6 @@ RANKER_INPUTS = USER_KEYS + ITEM_KEYS + ("retrieval_score",)
 # Largest batches the programs accept: users per retrieval call and candidates per ranking call.
 USER_TOWER_MAX_BATCH = 4096
 RANKER_MAX_BATCH = 8192
-
-# Every member of an archive written by ``_export`` (relative to the archive's single root folder).
-_ALLOWED_MEMBERS = re.compile(
-    r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id|models/model\.json"
-    r"|data/sample_inputs/model\.pt|data/weights/model_weights_config\.json|data/weights/weight_\d+"
-    r"|data/constants/model_constants_config\.json|data/constants/tensor_\d+")
-_PAYLOAD_CONFIGS = {"data/weights/model_weights_config.json": re.compile(r"weight_\d+"),
-                    "data/constants/model_constants_config.json": re.compile(r"tensor_\d+")}
-
 
 def export_user_tower(tower: nn.Module, example: dict[str, Tensor], path: str | os.PathLike[str],
                       max_batch: int = USER_TOWER_MAX_BATCH) -> ExportedProgram:
@@ -98,42 +72,5 @@ def _export(module: nn.Module, example: dict[str, Tensor], names: Sequence[str],
     return program
 
 
-def check_archive(path: str | os.PathLike[str]) -> None:
-    """Raises ValueError unless ``path`` holds only what ``_export`` writes, with no pickled payload."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = {info.filename: info for info in archive.infolist()}
-            roots = {name.split("/", 1)[0] for name in members}
-            if len(roots) != 1:
-                raise ValueError(f"path must be a .pt2 archive with one root folder, got roots {sorted(roots)}")
-            root = roots.pop() + "/"
-            for name in members:
-                if not _ALLOWED_MEMBERS.fullmatch(name.removeprefix(root)):
-                    raise ValueError(f"path must hold only a plain exported program, got member {name!r}")
-            if members.get(root + "data/sample_inputs/model.pt", zipfile.ZipInfo()).file_size != 0:
-                raise ValueError("path must not hold pickled example inputs, "
-                                 "got a non-empty data/sample_inputs/model.pt")
-            for config_name, payload_name in _PAYLOAD_CONFIGS.items():
-                if root + config_name in members:
-                    _check_payload_config(config_name, json.loads(archive.read(root + config_name)), payload_name)
-    except zipfile.BadZipFile as error:
-        raise ValueError(f"path must be a .pt2 zip archive, got {os.fspath(path)!r} ({error})") from error
-
-
-def _check_payload_config(config_name: str, config: dict, payload_name: re.Pattern[str]) -> None:
-    for fqn, meta in config.get("config", {}).items():
-        if meta.get("use_pickle") is not False or not payload_name.fullmatch(str(meta.get("path_name"))):
-            raise ValueError(f"{config_name} must list raw tensors only, got {fqn!r}: {meta!r}")
-
-
-def load_program(path: str | os.PathLike[str]) -> nn.Module:
-    """The program saved at ``path`` as a callable module (keyword arguments), parameters frozen.
-
-    Deserialises the exported graph (JSON) and its tensors (raw bytes) after ``check_archive``, so no
-    pickle is run; see the module docstring for the code the rebuild still derives from the file.
-    """
-    check_archive(path)
-    module = torch.export.load(path).module()
-    for parameter in module.parameters():
-        parameter.requires_grad_(False)
-    return module
+__all__ = ["export_user_tower", "export_ranker", "check_archive", "load_program",
+           "USER_TOWER_INPUTS", "RANKER_INPUTS"]

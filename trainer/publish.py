@@ -1,0 +1,127 @@
+"""Turns a trained run into a published version on the artifact volume, and into Redis.
+
+``write_version_files`` lays out every file the services read (docs/ARCHITECTURE.md, "Files of a
+trainer version"); ``publish_run`` hands them to ``recsys_contracts.artifacts.publish`` (staging,
+fsync, rename, pointer flip); ``materialize_features`` writes the version's user and item rows into
+Redis and marks the version complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from recsys_contracts import artifacts, feature_store
+from recsys_contracts.ann import ExactIndex, IndexParams, build_index, recall_against_exact, write_index
+from recsys_contracts.feature_spec import FeatureSpec
+from trainer.export import export_ranker, export_user_tower
+from trainer.features import FeatureTables
+from trainer.inputs import item_inputs, user_inputs
+
+# Files every trainer version holds besides the feature tables (FeatureTables.save writes those).
+MODEL_FILES = ("feature_spec.json", "serving.json", "user_tower.pt2", "ranker.pt2",
+               "item_embeddings.npy", "index.faiss")
+
+
+@dataclass(frozen=True, eq=False)
+class TrainedRun:
+    """What a training run hands to publishing: both models in the same embedding space, and their data."""
+
+    spec: FeatureSpec
+    tables: FeatureTables
+    two_tower: torch.nn.Module          # TwoTower (eval mode)
+    ranker: torch.nn.Module             # DCNRanker (eval mode)
+    score_mode: str = "ctr"             # how the served score combines the heads
+    rating_weight: float = 0.0          # ctr_x_rating: score = ctr * (rating / rating_max) ** weight
+
+
+def choose_index_params(kind: str, n_items: int, exact_below: int) -> IndexParams:
+    if kind == "auto":
+        kind = "flat" if n_items < exact_below else "hnsw"
+    return IndexParams(kind=kind)
+
+
+@torch.no_grad()
+def all_item_embeddings(two_tower, tables: FeatureTables, batch_size: int = 8192) -> np.ndarray:
+    """(m+1, D) float32 item embeddings; row 0 (padding) is zero."""
+    rows = []
+    for start in range(0, tables.vocab.n_items + 1, batch_size):
+        idx = np.arange(start, min(start + batch_size, tables.vocab.n_items + 1))
+        rows.append(two_tower.item_tower(**item_inputs(tables, idx)).cpu().numpy())
+    embeddings = np.concatenate(rows).astype(np.float32)
+    embeddings[0] = 0.0
+    return embeddings
+
+
+def _export_examples(tables: FeatureTables) -> tuple[dict, dict]:
+    users = np.array([0, min(1, tables.vocab.n_users)], dtype=np.int64)
+    items = np.array([0, min(1, tables.vocab.n_items)], dtype=np.int64)
+    user = user_inputs(tables, users, np.zeros(2, dtype=np.int64))
+    ranker = {**user, **item_inputs(tables, items), "retrieval_score": torch.zeros(2)}
+    return user, ranker
+
+
+def write_version_files(directory: Path, run: TrainedRun, index_params: IndexParams,
+                        report_dir: Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """Writes every file of a version into ``directory``; returns the manifest's ``extra`` section."""
+    directory = Path(directory)
+    run.tables.save(directory)
+    (directory / "feature_spec.json").write_text(run.spec.to_json())
+    user_example, ranker_example = _export_examples(run.tables)
+    export_user_tower(run.two_tower.user_tower.eval(), user_example, directory / "user_tower.pt2")
+    export_ranker(run.ranker.eval(), ranker_example, directory / "ranker.pt2")
+    embeddings = all_item_embeddings(run.two_tower.eval(), run.tables)
+    np.save(directory / "item_embeddings.npy", embeddings, allow_pickle=False)
+    ids = np.arange(1, run.tables.vocab.n_items + 1, dtype=np.int64)
+    index = build_index(embeddings[1:], ids, index_params, seed=seed)
+    write_index(index, directory / "index.faiss")
+    # Recall of the index against exact search on item-embedding queries (a sample of the catalog).
+    sample = np.random.default_rng(seed).choice(ids.size, size=min(1000, ids.size), replace=False)
+    recall = recall_against_exact(index, ExactIndex(embeddings[1:], ids), embeddings[1:][sample], k=100)
+    serving = {"score_mode": run.score_mode, "rating_weight": run.rating_weight,
+               "temperature": float(run.two_tower.temperature.detach()),
+               "rating_min": run.spec.rating_min, "rating_max": run.spec.rating_max}
+    (directory / "serving.json").write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
+    if report_dir is not None:
+        for path in sorted(Path(report_dir).glob("report.*")) + sorted(Path(report_dir).glob("*.png")):
+            shutil.copy2(path, directory / path.name)
+    return {"index": {**dataclasses.asdict(index_params), "recall@100": recall,
+                      "n_items": int(ids.size)},
+            "serving": serving, "embedding_dim": int(embeddings.shape[1])}
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN: non-finite metrics become null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def publish_run(root: Path, run: TrainedRun, *, index_params: IndexParams, data: dict, config: dict,
+                metrics: dict, retain: int | None, report_dir: Path | None = None, seed: int = 0,
+                make_current: bool = True) -> int:
+    """Publishes the run as a new version; returns its number. Nothing is visible until it is complete."""
+    extra: dict[str, Any] = {}
+
+    def write(staging: Path) -> None:
+        extra.update(write_version_files(staging, run, index_params, report_dir, seed))
+
+    return artifacts.publish(Path(root), write, data=_finite(data), config=_finite(config),
+                             metrics=_finite(metrics), extra=extra, make_current=make_current,
+                             retain=retain)
+
+
+def materialize_features(client, keys: feature_store.KeyFormat, version: int,
+                         tables: FeatureTables, batch_size: int = 1000) -> int:
+    """Writes the version's user rows, histories, seen items and item rows to Redis, then marks it complete."""
+    return feature_store.write_tables(client, keys, version, tables, user_ids=tables.vocab.user_ids,
+                                      item_ids=tables.vocab.item_ids, batch_size=batch_size)
