@@ -1,0 +1,117 @@
+"""Hot reload: watch the artifact pointer, load the new version beside the old, swap one reference.
+
+``VersionHolder`` keeps the serving state as ONE immutable object (the loader's return value,
+holding version, models, index and tables together). A request reads ``holder.current`` once and
+uses that object to the end, so in-flight requests finish on the version they started with while
+the next request sees the new one.
+
+A candidate version is verified (checksums against the manifest) and handed to the service's
+``load`` function, which must build and warm the state and raise if anything is wrong (shapes,
+a smoke request, NaN). A corrupt version is refused, logged and counted, and never retried; an
+incomplete one (no manifest yet) is retried on the next poll. The old version keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Generic, TypeVar
+
+from recsys_contracts import artifacts
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReloadStats:
+    loaded: int = 0
+    refused: int = 0
+    last_error: str = ""
+    refused_versions: set[int] = field(default_factory=set)
+
+
+class VersionHolder(Generic[T]):
+    """Holds the serving state of the current artifact version and replaces it when CURRENT moves.
+
+    ``load(version_dir, version) -> T`` builds the state (blocking; it runs in a worker thread).
+    ``on_swap(state)`` / ``on_refuse(version, error)`` let the service update metrics.
+    """
+
+    def __init__(self, root: Path, load: Callable[[Path, int], T], *, pinned: int | None = None,
+                 poll_interval_s: float = 2.0,
+                 on_swap: Callable[[T, int], None] | None = None,
+                 on_refuse: Callable[[int, Exception], None] | None = None) -> None:
+        self.root, self.load, self.pinned = Path(root), load, pinned
+        self.poll_interval_s = poll_interval_s
+        self.on_swap, self.on_refuse = on_swap, on_refuse
+        self.current: T | None = None
+        self.version: int | None = None
+        self.stats = ReloadStats()
+        self._task: asyncio.Task | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.current is not None
+
+    def _target(self) -> int | None:
+        """The version that should be serving now, or None while the volume has none."""
+        try:
+            return artifacts.resolve(self.root, self.pinned)
+        except (artifacts.ArtifactError, FileNotFoundError, ValueError) as error:
+            log.debug("no version to serve yet: %s", error)
+            return None
+
+    def _load_sync(self, version: int) -> T:
+        artifacts.verify(self.root, version)
+        return self.load(artifacts.version_dir(self.root, version), version)
+
+    async def refresh(self) -> bool:
+        """Loads and swaps in the target version if it changed; True when a swap happened."""
+        target = self._target()
+        if target is None or target == self.version or target in self.stats.refused_versions:
+            return False
+        started = time.perf_counter()
+        try:
+            state = await asyncio.to_thread(self._load_sync, target)
+        except artifacts.IncompleteVersionError as error:
+            log.info("version %d is not complete yet, will retry: %s", target, error)
+            return False
+        except Exception as error:  # a broken version must never take the service down
+            self.stats.refused += 1
+            self.stats.last_error = f"version {target}: {error}"
+            self.stats.refused_versions.add(target)
+            log.error("refused version %d, still serving %s: %s", target, self.version, error)
+            if self.on_refuse is not None:
+                self.on_refuse(target, error)
+            return False
+        self.current, self.version = state, target      # the one-reference swap
+        self.stats.loaded += 1
+        log.info("serving version %d (loaded in %.2f s)", target, time.perf_counter() - started)
+        if self.on_swap is not None:
+            self.on_swap(state, target)
+        return True
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # keep watching whatever happens
+                log.exception("version refresh failed")
+            await asyncio.sleep(self.poll_interval_s)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._watch(), name="version-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None

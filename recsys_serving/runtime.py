@@ -1,0 +1,100 @@
+"""The gRPC server kit both services use: logging, metrics, health, reflection, TLS, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+REQUEST_ID_KEY = "x-request-id"   # gRPC metadata key carrying the request id across services
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and request_id when set."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) +
+                 f".{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
+                 "msg": record.getMessage()}
+        for key in ("request_id", "version", "code"):
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+def start_metrics(port: int) -> None:
+    """Serves Prometheus metrics over HTTP on ``port``; 0 disables the endpoint."""
+    if port:
+        start_http_server(port)
+
+
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY:
+            return str(value)[:128]
+    return ""
+
+
+def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> health.aio.HealthServicer:
+    """Registers grpc.health.v1 (starting NOT_SERVING) and server reflection; returns the health servicer."""
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(service_names + [reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+    return servicer
+
+
+async def set_serving(servicer: health.aio.HealthServicer, service_names: list[str], serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ["", *service_names]:
+        await servicer.set(name, status)
+
+
+def server_credentials(tls) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS when a client CA is configured) credentials, or None for plaintext."""
+    if tls is None:
+        return None
+    key, cert = Path(tls.key_file).read_bytes(), Path(tls.cert_file).read_bytes()
+    client_ca = Path(tls.client_ca_file).read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def bind(server: grpc.aio.Server, address: str, tls) -> int:
+    credentials = server_credentials(tls)
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
+
+
+def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
+
+
+async def serve_until_signalled(server: grpc.aio.Server, servicer: health.aio.HealthServicer,
+                                service_names: list[str], grace_s: float) -> None:
+    """Waits for SIGTERM/SIGINT, then reports NOT_SERVING and drains in-flight RPCs for ``grace_s``."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down: NOT_SERVING, draining for up to %.1f s", grace_s)
+    await set_serving(servicer, service_names, False)
+    await server.stop(grace_s)
