@@ -30,6 +30,12 @@ def _check_negatives(neg_emb: Tensor | None, neg_log_q: Tensor | None, neg_idx: 
         raise ValueError(f"neg_emb, neg_log_q and neg_idx must be all given or all None, got given={given}")
     if neg_emb is None or neg_log_q is None or neg_idx is None:
         return
+    if neg_emb.dim() == 2:  # negatives shared by every row
+        if neg_emb.shape[1] != dim:
+            raise ValueError(f"shared neg_emb must have shape (S, {dim}), got {tuple(neg_emb.shape)}")
+        _check_shape("neg_log_q", neg_log_q, (neg_emb.shape[0],))
+        _check_shape("neg_idx", neg_idx, (neg_emb.shape[0],))
+        return
     if neg_emb.dim() != 3 or neg_emb.shape[0] != batch or neg_emb.shape[2] != dim:
         raise ValueError(f"neg_emb must have shape ({batch}, S, {dim}), got {tuple(neg_emb.shape)}")
     _check_shape("neg_log_q", neg_log_q, tuple(neg_emb.shape[:2]))
@@ -41,8 +47,9 @@ def sampled_softmax_loss(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor | No
                          user_seen_mask_fn: SeenMaskFn | None = None) -> Tensor:
     """Mean over rows of -log softmax(positive) among in-batch and sampler candidates (a 0-d tensor).
 
-    user_emb, pos_emb (B, D); neg_emb (B, S, D) or None (in-batch only); pos_log_q (B,) and
-    neg_log_q (B, S) are log sampling probabilities; pos_idx (B,), neg_idx (B, S) item indices.
+    user_emb, pos_emb (B, D); neg_emb (B, S, D) per-row negatives, or (S, D) negatives shared by
+    every row, or None (in-batch only); pos_log_q (B,) and neg_log_q (B, S) or (S,) are log sampling
+    probabilities; pos_idx (B,), neg_idx (B, S) or (S,) item indices.
     Masked (-inf): another row's positive equal to this row's positive item, a sampler negative equal
     to it, and, if ``user_seen_mask_fn`` is given, every negative it marks True. It is called with the
     candidate item indices (B, B + S) (the in-batch columns first) and must return a bool mask of the
@@ -63,7 +70,11 @@ def sampled_softmax_loss(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor | No
     logits = user_emb @ pos_emb.T / temperature - pos_log_q.unsqueeze(0)  # (B, D) @ (D, B) -> (B, B)
     candidates = pos_idx.unsqueeze(0).expand(batch, batch)  # (B, B): column j holds row j's positive
     if neg_emb is not None and neg_log_q is not None and neg_idx is not None:
-        sampled = torch.bmm(neg_emb, user_emb.unsqueeze(2)).squeeze(2)  # (B, S, D) @ (B, D, 1) -> (B, S)
+        if neg_emb.dim() == 2:  # shared: one matmul, no (B, S, D) tensor
+            sampled = user_emb @ neg_emb.T  # (B, D) @ (D, S) -> (B, S)
+            neg_log_q, neg_idx = neg_log_q.unsqueeze(0), neg_idx.unsqueeze(0).expand(batch, -1)
+        else:
+            sampled = torch.bmm(neg_emb, user_emb.unsqueeze(2)).squeeze(2)  # (B, S, D) @ (B, D, 1) -> (B, S)
         logits = torch.cat([logits, sampled / temperature - neg_log_q], dim=1)  # (B, B + S)
         candidates = torch.cat([candidates, neg_idx], dim=1)  # (B, B + S)
 

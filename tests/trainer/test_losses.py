@@ -119,7 +119,7 @@ def _valid_args():
     ("pos_idx", torch.zeros(2, 1), r"pos_idx must have shape \(2,\)"),
     ("neg_emb", None, "must be all given or all None"),
     ("neg_emb", torch.zeros(2, 4, 5), r"neg_emb must have shape \(2, S, 3\)"),
-    ("neg_emb", torch.zeros(2, 4), r"neg_emb must have shape \(2, S, 3\)"),
+    ("neg_emb", torch.zeros(2, 4), r"shared neg_emb must have shape \(S, 3\)"),
     ("neg_log_q", torch.zeros(2, 3), r"neg_log_q must have shape \(2, 4\)"),
     ("neg_idx", torch.zeros(2, 5), r"neg_idx must have shape \(2, 4\)"),
     ("temperature", 0.0, "temperature must be > 0, got 0.0"),
@@ -319,3 +319,21 @@ def test_make_sampler_rejects(kwargs, message):
     assert STRATEGIES == ("random", "hard", "mixed")
     with pytest.raises(ValueError, match=message):
         make_sampler(n_items=10, **kwargs)
+
+
+def test_shared_negatives_equal_the_same_negatives_given_per_row():
+    torch.manual_seed(3)
+    user, pos = torch.randn(4, 8), torch.randn(4, 8)
+    neg = torch.randn(5, 8)
+    pos_idx, neg_idx = torch.tensor([1, 2, 3, 4]), torch.tensor([2, 6, 7, 8, 9])
+    pos_q, neg_q = torch.full((4,), -2.0), torch.full((5,), -3.0)
+    shared = sampled_softmax_loss(user, pos, neg, 0.1, pos_q, neg_q, pos_idx, neg_idx)
+    per_row = sampled_softmax_loss(user, pos, neg.expand(4, 5, 8), 0.1, pos_q, neg_q.expand(4, 5),
+                                   pos_idx, neg_idx.expand(4, 5))
+    assert torch.allclose(shared, per_row, atol=1e-6)
+
+
+def test_shared_negatives_with_wrong_width_are_refused():
+    with pytest.raises(ValueError, match="shared neg_emb"):
+        sampled_softmax_loss(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 5), 0.1, torch.zeros(2),
+                             torch.zeros(3), torch.tensor([1, 2]), torch.tensor([3, 4, 5]))

@@ -1,0 +1,268 @@
+"""Typed trainer configuration: a TOML/YAML/JSON file plus ``section.key=value`` overrides.
+
+Read once at start-up. Unknown sections or keys, wrong types and out-of-range values fail with
+their dotted name, the value and what was expected. The whole config travels into the artifact
+manifest, so a published version says how it was trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "ml-100k"          # a folder name under data_dir, or a path to a log file/folder
+    data_dir: str = ""                 # "" = $RECSYS_DATA_DIR, else ../shared/data
+    protocol: str = "random"           # "random" (RecBole full ranking) or "temporal"
+    seed: int = 2020                   # split seed
+    column_map: dict[str, str] = field(default_factory=dict)  # generic logs: our name -> file column
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    history_length: int = 200          # items pooled into the user's history feature
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    embedding_dim: int = 64
+    user_tower_dims: tuple[int, ...] = (128, 64)
+    item_tower_dims: tuple[int, ...] = (128, 64)
+    dropout: float = 0.1
+    temperature: float = 0.05          # initial softmax temperature
+    learn_temperature: bool = True
+    negative_sampling_strategy: str = "mixed"   # random | hard | mixed
+    num_negatives: int = 256           # sampler negatives per batch (shared by its rows)
+    positives_per_user: int = 16       # held-out items predicted per user per step (denoising)
+    history_dropout: float = 0.2       # share of the remaining history hidden in training
+    hard_fraction: float = 0.5         # share of hard negatives when mixed
+    model_hard_every: int = 0          # refresh model-mined hard negatives every N epochs (0 = off)
+    logq_correction: bool = True
+    id_dropout: float = 0.1            # chance a user id is replaced by the unknown id in training
+    epochs: int = 60
+    batch_size: int = 128              # users per step (each with positives_per_user rows)
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    patience: int = 10                 # early stopping on validation NDCG@10 (epochs)
+
+
+@dataclass(frozen=True)
+class RankingConfig:
+    embedding_dim: int = 16
+    cross_layers: int = 3
+    low_rank: int = 0                  # 0 = full-rank DCN-V2 cross weights
+    deep_dims: tuple[int, ...] = (256, 128)
+    dropout: float = 0.1
+    structure: str = "stacked"         # stacked | parallel
+    candidates: int = 500              # N retrieved per user before ranking
+    negatives_per_positive: int = 4    # retrieved-but-not-taken negatives per positive
+    epochs: int = 20
+    batch_size: int = 2048
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 3
+    score_mode: str = "ctr"            # ctr | ctr_x_rating
+
+
+@dataclass(frozen=True)
+class MultitaskConfig:
+    mode: str = "separate"             # separate | joint | retrieval_only
+    rating_weight: float = 0.5         # alpha in L = L_retrieval + alpha L_rating + beta L_ctr
+    ctr_weight: float = 1.0            # beta
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ks: tuple[int, ...] = (10, 20)
+    retrieval_ks: tuple[int, ...] = (10, 20, 50, 100, 200, 500)
+    ease_grid: tuple[float, ...] = (50.0, 100.0, 200.0, 500.0, 1000.0)
+    diversity_strengths: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    artifact_root: str = ""            # "" = do not publish
+    retain: int = 5                    # versions kept (the current one always is)
+    redis_url: str = ""                # "" = do not materialise features into Redis
+    redis_namespace: str = "recsys"
+    gate_margin: float = 0.05          # refuse a run whose NDCG@10 is this fraction below the served one
+    index: str = "auto"                # auto | flat | ivf | hnsw
+    index_exact_below: int = 50_000    # auto: exact search below this many items
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    device: str = "cpu"                # cpu | cuda | auto
+    threads: int = 0                   # torch intra-op threads, 0 = torch default
+    checkpoint_dir: str = ""           # "" = no checkpoints
+    resume: bool = False
+    progress: bool = True
+    output_dir: str = "runs/latest"    # report and plots of the run
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    multitask: MultitaskConfig = field(default_factory=MultitaskConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+_CHOICES = {
+    "data.protocol": ("random", "temporal"),
+    "retrieval.negative_sampling_strategy": ("random", "hard", "mixed"),
+    "ranking.structure": ("stacked", "parallel"),
+    "ranking.score_mode": ("ctr", "ctr_x_rating"),
+    "multitask.mode": ("separate", "joint", "retrieval_only"),
+    "run.device": ("cpu", "cuda", "auto"),
+    "publish.index": ("auto", "flat", "ivf", "hnsw"),
+}
+_UNIT_INTERVAL = {"retrieval.dropout", "retrieval.hard_fraction", "retrieval.id_dropout",
+                  "retrieval.history_dropout",
+                  "ranking.dropout", "publish.gate_margin"}
+_NON_NEGATIVE = {"retrieval.weight_decay", "ranking.weight_decay", "multitask.rating_weight",
+                 "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",
+                 "run.threads", "retrieval.num_negatives"}
+
+
+def _coerce(name: str, value: Any, annotation: Any) -> Any:
+    """Converts a file or command-line value to the field's declared type, or raises naming it."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return tuple(_coerce(name, v, item_type) for v in value)
+    if origin is dict:
+        if isinstance(value, str):
+            value = dict(kv.split(":", 1) for kv in value.split(",") if kv)
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            number = annotation(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be {annotation.__name__}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        return number
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type for {name}: {annotation}")  # internal invariant
+
+
+def _check(name: str, value: Any) -> None:
+    if name in _CHOICES and value not in _CHOICES[name]:
+        raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
+    if name in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    if name in _NON_NEGATIVE and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    numeric_positive = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if numeric_positive and name not in _UNIT_INTERVAL | _NON_NEGATIVE and name != "run.seed" \
+            and name != "data.seed" and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if isinstance(value, tuple) and not value:
+        raise ValueError(f"{name} must not be empty")
+
+
+def build_config(values: Mapping[str, Any]) -> TrainConfig:
+    """Builds a TrainConfig from nested {section: {key: value}}; unknown names fail with their name."""
+    sections = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config section(s) {unknown}; expected {sorted(sections)}")
+    built = {}
+    for section_name, section_field in sections.items():
+        section_cls = section_field.default_factory  # type: ignore[misc]
+        given = values.get(section_name, {}) or {}
+        if not isinstance(given, Mapping):
+            raise ValueError(f"config section {section_name} must be a table, got {given!r}")
+        hints = typing.get_type_hints(section_cls)
+        known = {f.name for f in dataclasses.fields(section_cls)}
+        bad = sorted(set(given) - known)
+        if bad:
+            raise ValueError(f"unknown config key(s) {[f'{section_name}.{k}' for k in bad]}; "
+                             f"{section_name} has {sorted(known)}")
+        kwargs = {}
+        for key, raw in given.items():
+            name = f"{section_name}.{key}"
+            kwargs[key] = _coerce(name, raw, hints[key])
+        section = section_cls(**kwargs)
+        for f in dataclasses.fields(section):
+            _check(f"{section_name}.{f.name}", getattr(section, f.name))
+        built[section_name] = section
+    return TrainConfig(**built)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Reads a .toml, .yaml/.yml or .json config file into nested dicts."""
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_load(text) or {}
+    if path.suffix == ".json":
+        return json.loads(text)
+    raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+
+
+def apply_overrides(values: Mapping[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``section.key=value`` overrides (values are coerced to the field type later)."""
+    merged = {k: dict(v) for k, v in values.items()}
+    for override in overrides:
+        if "=" not in override or "." not in override.split("=", 1)[0]:
+            raise ValueError(f"override must look like section.key=value, got {override!r}")
+        dotted, value = override.split("=", 1)
+        section, key = dotted.split(".", 1)
+        merged.setdefault(section, {})[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    values = read_config_file(Path(path)) if path else {}
+    return build_config(apply_overrides(values, overrides or []))
+
+
+def replace(config: TrainConfig, **sections: Mapping[str, Any]) -> TrainConfig:
+    """A copy with some keys changed, validated like a file: replace(cfg, run={"seed": 1})."""
+    values = config.to_dict()
+    for section, changes in sections.items():
+        values.setdefault(section, {}).update(changes)
+    return build_config(values)
+
+
+__all__ = ["TrainConfig", "load_config", "build_config", "apply_overrides", "read_config_file",
+           "replace"]
