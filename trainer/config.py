@@ -43,11 +43,11 @@ class RetrievalConfig:
     negative_sampling_strategy: str = "mixed"   # random | hard | mixed
     num_negatives: int = 256           # sampler negatives per batch (shared by its rows)
     positives_per_user: int = 16       # held-out items predicted per user per step (denoising)
-    history_dropout: float = 0.2       # share of the remaining history hidden in training
+    history_dropout: float = 0.5       # share of the remaining history hidden in training
     hard_fraction: float = 0.5         # share of hard negatives when mixed
     model_hard_every: int = 0          # refresh model-mined hard negatives every N epochs (0 = off)
     logq_correction: bool = True
-    id_dropout: float = 0.1            # chance a user id is replaced by the unknown id in training
+    id_dropout: float = 0.5            # chance a user id is replaced by the unknown id in training
     epochs: int = 60
     batch_size: int = 128              # users per step (each with positives_per_user rows)
     learning_rate: float = 2e-3

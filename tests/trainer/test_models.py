@@ -295,7 +295,7 @@ def test_ranker_parameter_counts():
     # both heads read deep_dims[-1] = 8 features when stacked, d0 + 8 when parallel
     assert n_params(parallel) - n_params(stacked) == 2 * d0
     embeddings = (N_USERS + 1 + N_ITEMS + 1 + sum(USER_CARDS) + sum(ITEM_CARDS) + 24 + 7) * e
-    assert n_params(stacked) == embeddings + n_params(stacked.cross) + n_params(stacked.deep) + 2 * (8 + 1)
+    assert n_params(stacked) == embeddings + n_params(stacked.cross) + n_params(stacked.deep) + 2 * (8 + 1) + 2  # two heads, retrieval skip
 
 
 def test_one_training_step_reduces_the_retrieval_loss():

@@ -104,6 +104,11 @@ class DCNRanker(nn.Module):
         head_dim = config.deep_dims[-1] + (input_dim if config.structure == "parallel" else 0)
         self.ctr_head = nn.Linear(head_dim, 1)
         self.rating_head = nn.Linear(head_dim, 1)
+        # Wide skip from the retrieval score to the CTR logit, starting at weight 1: an untrained
+        # ranker reproduces retrieval's order, and training learns what to change about it.
+        self.retrieval_skip = nn.Linear(1, 1)
+        nn.init.ones_(self.retrieval_skip.weight)
+        nn.init.zeros_(self.retrieval_skip.bias)
 
     def forward(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor, timestamp: Tensor,
                 item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
@@ -123,6 +128,6 @@ class DCNRanker(nn.Module):
             hidden = self.deep(self.cross(x0))  # (N, d) -> (N, deep_dims[-1])
         else:
             hidden = torch.cat([self.cross(x0), self.deep(x0)], dim=1)  # (N, d + deep_dims[-1])
-        ctr_logit = self.ctr_head(hidden).squeeze(1)  # (N, 1) -> (N,)
+        ctr_logit = (self.ctr_head(hidden) + self.retrieval_skip(retrieval_score.unsqueeze(1))).squeeze(1)  # (N,)
         rating = self.rating_min + self.rating_range * torch.sigmoid(self.rating_head(hidden).squeeze(1))  # (N,)
         return ctr_logit, rating

@@ -1,0 +1,306 @@
+"""The trainer's main job, top to bottom: data -> features -> two-tower -> DCN -> evaluation -> publish.
+
+``prepare`` loads and splits the log and fits the features on the training split only;
+``train`` fits both models; ``evaluate`` measures retrieval alone, the full pipeline (retrieve N ->
+rank -> top K), the ranking heads and the reference baselines on the test split; ``run`` adds the
+report, the quality gate and publishing. Every stage is timed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from recsys_contracts import artifacts, feature_store
+from trainer import metrics
+from trainer.baselines import rank_topk
+from trainer.config import TrainConfig
+from trainer.data import Dataset, data_dir_from_env, ensure_movielens, load_interactions, load_movielens
+from trainer.distributed import Distributed, init_distributed, resolve_device, shutdown_distributed
+from trainer.evaluation import (EvalTarget, baseline_reports, diversity_vectors, interaction_matrix,
+                                list_report, make_target)
+from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab
+from trainer.checkpoint import Checkpointer
+from trainer.publish import TrainedRun, choose_index_params, materialize_features, publish_run
+from trainer.report import write_report
+from trainer.ranking_training import (Candidates, Rows, click_rows, fit_ranker, rerank, score_candidates)
+from trainer.retrieval_training import Interactions, fit_retrieval, item_embeddings, user_embeddings
+from trainer.splits import Split, split_by_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    dataset: Dataset
+    split: Split
+    vocab: IdVocab
+    spec: Any
+    tables: FeatureTables
+    train: Interactions
+    val: EvalTarget            # val items, train masked
+    test: EvalTarget           # test items, train + val masked
+    eval_timestamps: np.ndarray  # (n+1,) each user's last training timestamp: the context at evaluation
+
+
+def load_dataset(cfg: TrainConfig) -> Dataset:
+    """The configured log: a path (MovieLens folder or generic CSV/Parquet) or a name under the data dir."""
+    name = cfg.data.dataset
+    path = Path(name)
+    if not path.exists():
+        data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else data_dir_from_env()
+        path = data_dir / name
+        if not path.exists():
+            path = ensure_movielens(name, data_dir)
+    if path.is_dir():
+        return load_movielens(path)
+    return load_interactions(path, columns=cfg.data.column_map or None)
+
+
+def _interactions(vocab: IdVocab, frame: pd.DataFrame) -> Interactions:
+    return Interactions(vocab.users_to_idx(frame["user_id"].to_numpy()),
+                        vocab.items_to_idx(frame["item_id"].to_numpy()),
+                        frame["timestamp"].to_numpy().astype(np.int64),
+                        frame["rating"].to_numpy().astype(np.float32))
+
+
+def prepare(cfg: TrainConfig, dataset: Dataset) -> Prepared:
+    split = split_by_name(cfg.data.protocol, dataset.interactions, seed=cfg.data.seed)
+    vocab = fit_id_vocab(split.train)
+    spec = fit_feature_spec(split.train, dataset.users, dataset.items,
+                            history_length=cfg.features.history_length)
+    tables = build_tables(spec, vocab, split.train, dataset.users, dataset.items)
+    train = _interactions(vocab, split.train)
+    eval_ts = np.zeros(vocab.n_users + 1, dtype=np.int64)
+    np.maximum.at(eval_ts, train.users, train.timestamps)
+    return Prepared(dataset, split, vocab, spec, tables, train,
+                    make_target(vocab, split.val, [split.train]),
+                    make_target(vocab, split.test, [split.train, split.val]), eval_ts)
+
+
+@torch.no_grad()
+def retrieve(two_tower, tables: FeatureTables, users: np.ndarray, exclude: EvalTarget, n: int,
+             timestamps: np.ndarray, device: torch.device, batch_size: int = 512) -> Candidates:
+    """Top-n candidates per user by exact search (what the flat index serves), masked items removed."""
+    items = item_embeddings(two_tower, tables, device)                 # (m+1, D)
+    temperature = float(two_tower.temperature.detach())
+    n = min(n, tables.vocab.n_items)
+    all_items, all_scores = [], []
+    for start in range(0, users.size, batch_size):
+        batch = users[start:start + batch_size]
+        sims = (user_embeddings(two_tower, tables, batch, timestamps[batch], device) @ items.T).cpu().numpy()
+        sims[:, 0] = -np.inf
+        top = rank_topk(sims, exclude.exclude_rows(batch), n)            # (B, n), -1 padded
+        scores = np.take_along_axis(sims, np.maximum(top, 0), axis=1) / temperature
+        all_items.append(np.where(top > 0, top, 0))
+        all_scores.append(np.where(top > 0, scores, -np.inf).astype(np.float32))
+    return Candidates(users, np.concatenate(all_items), np.concatenate(all_scores))
+
+
+def _held_out(vocab: IdVocab, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rows = _interactions(vocab, frame)
+    keep = (rows.users > 0) & (rows.items > 0)
+    return rows.users[keep], rows.items[keep], rows.timestamps[keep], rows.ratings[keep]
+
+
+def _halves(vocab: IdVocab, frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Splits validation interactions per user into a fitting half and a stopping half."""
+    rng = np.random.default_rng(seed)
+    coin = rng.random(len(frame)) < 0.5
+    return frame[coin], frame[~coin]
+
+
+def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
+                 timings: Timings) -> tuple[TrainedRun, dict[str, Any]]:
+    checkpointer = Checkpointer(cfg.run.checkpoint_dir) if cfg.run.checkpoint_dir else None
+    with timings.stage("retrieval_training"):
+        two_tower, retrieval_history = fit_retrieval(cfg, prep.spec, prep.tables, prep.train, prep.val,
+                                                     prep.eval_timestamps, device, ctx, checkpointer)
+    histories = {"retrieval": retrieval_history.epochs}
+    with timings.stage("ranking_training"):
+        fit_frame, stop_frame = _halves(prep.vocab, prep.split.val, cfg.run.seed)
+        stop_target = make_target(prep.vocab, stop_frame, [prep.split.train, fit_frame])
+        fit_pos = _held_out(prep.vocab, fit_frame)
+        wanted = np.union1d(np.unique(fit_pos[0]), stop_target.users)
+        candidates = retrieve(two_tower, prep.tables, wanted, prep.val, cfg.ranking.candidates,
+                              prep.eval_timestamps, device)
+        rng = np.random.default_rng(cfg.run.seed)
+        fit_rows = click_rows(fit_pos, candidates, cfg.ranking.negatives_per_positive, rng)
+        rating_rows = _rating_rows(two_tower, prep, device)
+        stop_candidates = retrieve(two_tower, prep.tables, stop_target.users, stop_target,
+                                   cfg.ranking.candidates, prep.eval_timestamps, device)
+        ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, rating_rows,
+                                             stop_candidates, stop_target, prep.eval_timestamps, device, ctx)
+    histories["ranking"] = ranking_history.epochs
+    run = TrainedRun(spec=prep.spec, tables=prep.tables, two_tower=two_tower.cpu().eval(),
+                     ranker=ranker.cpu().eval(), score_mode=cfg.ranking.score_mode,
+                     rating_weight=cfg.multitask.rating_weight if cfg.ranking.score_mode == "ctr_x_rating" else 0.0)
+    return run, histories
+
+
+@torch.no_grad()
+def _rating_rows(two_tower, prep: Prepared, device: torch.device) -> Rows:
+    """Training interactions with their ratings and retrieval scores, for the rating head."""
+    train = prep.train
+    scores = np.zeros(train.users.size, dtype=np.float32)
+    items = item_embeddings(two_tower, prep.tables, device)
+    temperature = float(two_tower.temperature.detach())
+    for start in range(0, train.users.size, 8192):
+        sl = slice(start, start + 8192)
+        users = user_embeddings(two_tower, prep.tables, train.users[sl], train.timestamps[sl], device)
+        scores[sl] = ((users * items[torch.as_tensor(train.items[sl], device=device)]).sum(1) /
+                      temperature).cpu().numpy()
+    return Rows(train.users, train.items, train.timestamps, scores,
+                np.ones(train.users.size, np.float32), train.ratings)
+
+
+def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.device,
+             timings: Timings) -> dict[str, Any]:
+    """The evaluation report's numbers on the test split (protocol from the config)."""
+    ks, vectors = cfg.eval.ks, diversity_vectors(prep.tables, len(prep.spec.item_genres))
+    report: dict[str, Any] = {}
+    with timings.stage("evaluation"):
+        n = max(cfg.ranking.candidates, max(cfg.eval.retrieval_ks))
+        cands = retrieve(run.two_tower, prep.tables, prep.test.users, prep.test, n, prep.eval_timestamps, device)
+        truth = prep.test.truth_rows()
+        report["retrieval"] = {f"recall@{k}": metrics.recall_at_k(cands.items[:, :k], truth, k)
+                               for k in cfg.eval.retrieval_ks if k <= cands.items.shape[1]}
+        report["two_tower"] = list_report(np.where(cands.items > 0, cands.items, -1)[:, :max(ks)],
+                                          prep.test, ks, vectors)
+        top_n = Candidates(cands.users, cands.items[:, :cfg.ranking.candidates],
+                           cands.scores[:, :cfg.ranking.candidates])
+        scores, ctr, rating = score_candidates(run.ranker, prep.tables, top_n, prep.eval_timestamps[top_n.users],
+                                               run.score_mode, run.rating_weight, prep.spec.rating_max, device)
+        ranked = rerank(top_n, scores, max(ks))
+        report["pipeline"] = list_report(ranked, prep.test, ks, vectors)
+        report["ranking_heads"] = _head_metrics(cfg, prep, run, top_n, device)
+    with timings.stage("baselines"):
+        report["baselines"] = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val,
+                                               prep.test, ks, cfg.eval.ease_grid, vectors)
+    report["recommended_popularity"] = _popularity_profile(ranked, prep.tables)
+    return report
+
+
+def _head_metrics(cfg, prep: Prepared, run: TrainedRun, cands: Candidates, device) -> dict[str, float]:
+    """CTR AUC / log loss on test positives vs retrieved-not-taken negatives; rating RMSE on test ratings."""
+    rows = click_rows(_held_out(prep.vocab, prep.split.test), cands, cfg.ranking.negatives_per_positive,
+                      np.random.default_rng(cfg.run.seed + 7))
+    from trainer.ranking_training import ranker_inputs
+    with torch.no_grad():
+        ctr_logit, rating = run.ranker(**ranker_inputs(prep.tables, rows, device))
+    probs = torch.sigmoid(ctr_logit).cpu().numpy()
+    rated = rows.clicks == 1
+    return {"ctr_auc": metrics.auc(rows.clicks, probs), "ctr_logloss": metrics.log_loss(rows.clicks, probs),
+            "rating_rmse": metrics.rmse(rows.ratings[rated], rating.cpu().numpy()[rated])}
+
+
+def _popularity_profile(ranked: np.ndarray, tables: FeatureTables) -> dict[str, list[float]]:
+    """Share of recommendations and of the catalog in each popularity decile (0 = most popular)."""
+    order = tables.popular_items
+    decile = np.zeros(tables.vocab.n_items + 1, dtype=np.int64)
+    decile[order] = np.arange(order.size) * 10 // max(order.size, 1)
+    recs = ranked[ranked > 0]
+    rec_share = np.bincount(decile[recs], minlength=10) / max(recs.size, 1)
+    catalog_share = np.bincount(decile[order], minlength=10) / max(order.size, 1)
+    return {"recommended": rec_share.round(4).tolist(), "catalog": catalog_share.round(4).tolist()}
+
+
+def quality_gate(cfg: TrainConfig, report: dict[str, Any], root: Path | None) -> str | None:
+    """Why this run must not be published, or None. Worse than popularity, or than the version
+    being served (same dataset and protocol) by more than ``publish.gate_margin``, is refused."""
+    ndcg = report["pipeline"]["ndcg@10"]
+    popularity = report["baselines"]["popularity"]["ndcg@10"]
+    if not ndcg > popularity:
+        return f"pipeline NDCG@10 {ndcg:.4f} is not above popularity's {popularity:.4f}"
+    if root is None:
+        return None
+    served = artifacts.current_version(root) if (root / "CURRENT").exists() else None
+    if served is None:
+        return None
+    manifest = artifacts.read_manifest(root, served)
+    same_data = manifest.data.get("dataset") == report["data"]["dataset"] and \
+        manifest.data.get("protocol") == report["data"]["protocol"]
+    served_ndcg = (manifest.metrics.get("pipeline") or {}).get("ndcg@10")
+    if same_data and served_ndcg is not None and ndcg < served_ndcg * (1 - cfg.publish.gate_margin):
+        return (f"pipeline NDCG@10 {ndcg:.4f} is more than {cfg.publish.gate_margin:.0%} below the served "
+                f"version {served}'s {served_ndcg:.4f}")
+    return None
+
+
+@dataclass
+class RunResult:
+    report: dict[str, Any]
+    run: TrainedRun
+    prepared: Prepared
+    version: int | None
+    refused: str | None
+
+
+def run(cfg: TrainConfig, dataset: Dataset | None = None) -> RunResult:
+    """The whole job: train, evaluate, report, gate, publish (when an artifact root is configured)."""
+    timings = Timings()
+    ctx = init_distributed(torch.device("cuda") if cfg.run.device == "cuda" else torch.device("cpu"))
+    device = resolve_device(cfg.run.device, ctx.local_rank)
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    torch.manual_seed(cfg.run.seed)
+    try:
+        with timings.stage("load"):
+            dataset = dataset if dataset is not None else load_dataset(cfg)
+        with timings.stage("features"):
+            prep = prepare(cfg, dataset)
+        trained, histories = train_models(cfg, prep, device, ctx, timings)
+        report = evaluate(cfg, prep, trained, torch.device("cpu"), timings)
+        report["data"] = {"dataset": dataset.name, "protocol": cfg.data.protocol, "seed": cfg.data.seed,
+                          "n_users": prep.vocab.n_users, "n_items": prep.vocab.n_items,
+                          "train": len(prep.split.train), "val": len(prep.split.val),
+                          "test": len(prep.split.test), "test_users": int(prep.test.users.size),
+                          "time_range": [int(dataset.interactions["timestamp"].min()),
+                                         int(dataset.interactions["timestamp"].max())]}
+        version, refused = None, None
+        root = Path(cfg.publish.artifact_root) if cfg.publish.artifact_root else None
+        if ctx.is_main:
+            refused = quality_gate(cfg, report, root)
+            report["gate"] = f"refused: {refused}" if refused else "passed"
+            report["timings"] = dict(timings.seconds)
+            out = Path(cfg.run.output_dir)
+            write_report(report, histories, out)
+            if root is not None and refused is None:
+                with timings.stage("export_index_publish"):
+                    version = publish_run(root, trained, index_params=choose_index_params(
+                        cfg.publish.index, prep.vocab.n_items, cfg.publish.index_exact_below),
+                        data=report["data"], config=cfg.to_dict(),
+                        metrics={k: report[k] for k in ("pipeline", "two_tower", "retrieval",
+                                                        "ranking_heads", "baselines")},
+                        retain=cfg.publish.retain, report_dir=out, seed=cfg.run.seed)
+                if cfg.publish.redis_url:
+                    with timings.stage("redis"):
+                        client = feature_store.redis_client(cfg.publish.redis_url, socket_timeout_s=5.0,
+                                                            connect_timeout_s=2.0)
+                        materialize_features(client, feature_store.KeyFormat(cfg.publish.redis_namespace),
+                                             version, trained.tables)
+            report["timings"] = dict(timings.seconds)
+            write_report(report, histories, out)
+        ctx.barrier()
+        return RunResult(report, trained, prep, version, refused)
+    finally:
+        shutdown_distributed(ctx)

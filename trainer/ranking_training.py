@@ -1,0 +1,210 @@
+"""DCN ranker training on what retrieval actually hands it, early stopping on validation NDCG@10.
+
+The ranker reorders retrieval's candidates, so it learns from them: for each held-out interaction
+(a positive the retrieval model never trained on), negatives are candidates retrieval returns for
+the same user that the user did not take. The validation interactions are split per user in two:
+one half to fit the CTR head, the other to pick the epoch by the full pipeline's NDCG@10
+(retrieve N -> rank -> top 10). The rating head learns from the observed ratings (MSE) of the
+training interactions and the fitting half. L = beta * L_ctr + alpha * L_rating.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer import metrics
+from trainer.checkpoint import FitHistory
+from trainer.config import TrainConfig
+from trainer.distributed import Distributed
+from trainer.evaluation import EvalTarget
+from trainer.features import FeatureTables
+from trainer.inputs import item_inputs, user_inputs
+from trainer.losses import ranking_losses
+from trainer.models.dcn import DCNConfig, DCNRanker
+from trainer.progress import progress_bar
+
+
+@dataclass(frozen=True, eq=False)
+class Candidates:
+    """Retrieval's top-N per user: item indices (U, N), scores (U, N) = cosine / temperature."""
+
+    users: np.ndarray
+    items: np.ndarray
+    scores: np.ndarray
+
+    def row_of(self) -> dict[int, int]:
+        return {int(u): r for r, u in enumerate(self.users)}
+
+
+@dataclass(frozen=True, eq=False)
+class Rows:
+    """Row-aligned ranker examples (all (R,)): user, item, timestamp, retrieval score, labels."""
+
+    users: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray
+    scores: np.ndarray
+    clicks: np.ndarray          # 1 = interacted, 0 = retrieved but not taken
+    ratings: np.ndarray         # observed rating, NaN where none
+
+    def take(self, index: np.ndarray) -> "Rows":
+        return Rows(*(getattr(self, f)[index] for f in ("users", "items", "timestamps", "scores",
+                                                          "clicks", "ratings")))
+
+
+def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
+    rc = cfg.ranking
+    return DCNConfig(
+        n_users=tables.vocab.n_users, n_items=tables.vocab.n_items,
+        user_cat_cardinalities=tuple(len(c.vocabulary) + 1 for c in spec.user_categorical),
+        n_user_num=spec.user_num_dim,
+        item_cat_cardinalities=tuple(len(c.vocabulary) + 1 for c in spec.item_categorical),
+        n_item_num=spec.item_num_dim, embedding_dim=rc.embedding_dim, n_cross_layers=rc.cross_layers,
+        low_rank=rc.low_rank or None, deep_dims=rc.deep_dims, dropout=rc.dropout, structure=rc.structure,
+        rating_min=spec.rating_min, rating_max=spec.rating_max)
+
+
+def ranker_inputs(tables: FeatureTables, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
+    return {**user_inputs(tables, rows.users, rows.timestamps, device),
+            **item_inputs(tables, rows.items, device),
+            "retrieval_score": torch.as_tensor(rows.scores, dtype=torch.float32, device=device)}
+
+
+def final_score(ctr_logit: torch.Tensor, rating: torch.Tensor, score_mode: str, rating_weight: float,
+                rating_max: float) -> torch.Tensor:
+    """The served score: CTR probability, or CTR x (predicted rating / max) ** weight."""
+    ctr = torch.sigmoid(ctr_logit)
+    if score_mode == "ctr":
+        return ctr
+    return ctr * (rating / rating_max).clamp(min=0.0) ** rating_weight
+
+
+def click_rows(positives: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], candidates: Candidates,
+               per_positive: int, rng: np.random.Generator) -> Rows:
+    """Positives (user, item, timestamp, rating) plus ``per_positive`` retrieved-not-taken negatives each."""
+    users, items, timestamps, ratings = positives
+    row_of = candidates.row_of()
+    taken: dict[int, set[int]] = {}
+    for u, i in zip(users.tolist(), items.tolist()):
+        taken.setdefault(u, set()).add(i)
+    out = {k: [] for k in ("users", "items", "timestamps", "scores", "clicks", "ratings")}
+    for u, i, ts, r in zip(users.tolist(), items.tolist(), timestamps.tolist(), ratings.tolist()):
+        row = row_of.get(u)
+        if row is None:
+            continue
+        cand, cand_scores = candidates.items[row], candidates.scores[row]
+        hit = np.flatnonzero(cand == i)
+        # A positive retrieval missed still teaches the ranker; its score is the lowest retrieved one.
+        pos_score = cand_scores[hit[0]] if hit.size else cand_scores[-1]
+        free = np.flatnonzero([c not in taken[u] and c > 0 for c in cand.tolist()])
+        negs = rng.choice(free, size=min(per_positive, free.size), replace=False)
+        for item, score, click, rating in [(i, pos_score, 1.0, r)] + \
+                [(cand[n], cand_scores[n], 0.0, np.nan) for n in negs]:
+            out["users"].append(u)
+            out["items"].append(item)
+            out["timestamps"].append(ts)
+            out["scores"].append(score)
+            out["clicks"].append(click)
+            out["ratings"].append(rating)
+    return Rows(np.asarray(out["users"], np.int64), np.asarray(out["items"], np.int64),
+                np.asarray(out["timestamps"], np.int64), np.asarray(out["scores"], np.float32),
+                np.asarray(out["clicks"], np.float32), np.asarray(out["ratings"], np.float32))
+
+
+@torch.no_grad()
+def score_candidates(ranker: DCNRanker, tables: FeatureTables, candidates: Candidates,
+                     timestamps: np.ndarray, score_mode: str, rating_weight: float, rating_max: float,
+                     device: torch.device, rows_per_batch: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(final score, ctr, rating) for every candidate, each (U, N)."""
+    n_users, n = candidates.items.shape
+    out = np.zeros((3, n_users, n), dtype=np.float32)
+    users_per_batch = max(1, rows_per_batch // max(n, 1))
+    for start in range(0, n_users, users_per_batch):
+        sl = slice(start, start + users_per_batch)
+        users = np.repeat(candidates.users[sl], n)
+        rows = Rows(users, candidates.items[sl].reshape(-1), np.repeat(timestamps[sl], n),
+                    candidates.scores[sl].reshape(-1), np.zeros(users.size, np.float32),
+                    np.zeros(users.size, np.float32))
+        ctr_logit, rating = ranker(**ranker_inputs(tables, rows, device))
+        score = final_score(ctr_logit, rating, score_mode, rating_weight, rating_max)
+        for k, values in enumerate((score, torch.sigmoid(ctr_logit), rating)):
+            out[k, sl] = values.reshape(-1, n).cpu().numpy()
+    return out[0], out[1], out[2]
+
+
+def rerank(candidates: Candidates, scores: np.ndarray, k: int) -> np.ndarray:
+    """Top-k item indices (U, k) of the candidates by ranker score (padding -1 where fewer)."""
+    masked = np.where(candidates.items > 0, scores, -np.inf)
+    order = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+    ranked = np.take_along_axis(candidates.items, order, axis=1)
+    return np.where(np.take_along_axis(masked, order, axis=1) > -np.inf, ranked, -1)
+
+
+def pipeline_ndcg(ranker, tables, candidates: Candidates, target: EvalTarget, timestamps: np.ndarray,
+                  cfg: TrainConfig, rating_max: float, device: torch.device, k: int = 10) -> float:
+    ranker.eval()
+    scores, _, _ = score_candidates(ranker, tables, candidates, timestamps, cfg.ranking.score_mode,
+                                    cfg.multitask.rating_weight, rating_max, device)
+    ranker.train()
+    row_of = candidates.row_of()
+    rows = np.array([row_of[u] for u in target.users])
+    ranked = rerank(Candidates(candidates.users[rows], candidates.items[rows], candidates.scores[rows]),
+                    scores[rows], k)
+    return metrics.ndcg_at_k(ranked, target.truth_rows(), k)
+
+
+def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
+               stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
+               device: torch.device, ctx: Distributed) -> tuple[DCNRanker, FitHistory]:
+    """Trains the DCN; returns the best epoch's ranker by the pipeline's NDCG@10 on the stopping half."""
+    rc, mt = cfg.ranking, cfg.multitask
+    torch.manual_seed(cfg.run.seed + 1)
+    ranker = DCNRanker(dcn_config(cfg, spec, tables)).to(device)
+    ddp_ranker = ctx.wrap(ranker, device)
+    optimizer = torch.optim.Adam(ranker.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
+    rng = np.random.default_rng(cfg.run.seed + 1)
+    history, best_state, stale = FitHistory(), None, 0
+    stop_ts = eval_timestamps[stop_candidates.users]
+    for epoch in progress_bar(range(rc.epochs), "ranking", cfg.run.progress and ctx.is_main):
+        ranker.train()
+        order = ctx.shard(rng.permutation(fit_rows.users.size))
+        rating_order = rng.choice(rating_rows.users.size, size=order.size, replace=rating_rows.users.size < order.size)
+        losses = []
+        for start in range(0, order.size, rc.batch_size):
+            batch = fit_rows.take(order[start:start + rc.batch_size])
+            rated = rating_rows.take(rating_order[start:start + rc.batch_size])
+            both = Rows(*(np.concatenate([getattr(batch, f), getattr(rated, f)]) for f in
+                          ("users", "items", "timestamps", "scores", "clicks", "ratings")))
+            ctr_logit, rating_pred = ddp_ranker(**ranker_inputs(tables, both, device))  # one pass (DDP)
+            n = batch.users.size
+            l_ctr, _ = ranking_losses(ctr_logit[:n], torch.as_tensor(batch.clicks, device=device), rating_pred[:n],
+                                      torch.zeros_like(rating_pred[:n]), torch.zeros(n, dtype=torch.bool, device=device))
+            target = torch.as_tensor(rated.ratings, device=device)
+            _, l_rating = ranking_losses(ctr_logit[n:], torch.zeros_like(target), rating_pred[n:], target,
+                                         torch.isfinite(target))
+            loss = mt.ctr_weight * l_ctr + mt.rating_weight * l_rating
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"ranking loss became {loss.item()} at epoch {epoch}; lower "
+                                         f"ranking.learning_rate (now {rc.learning_rate})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        ndcg = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg, spec.rating_max, device)
+        history.epochs.append({"epoch": epoch, "loss": ctx.all_reduce_mean(float(np.mean(losses))),
+                               "val_ndcg@10": ndcg})
+        if ndcg > history.best_score:
+            history.best_score, history.best_epoch, stale = ndcg, epoch, 0
+            best_state = copy.deepcopy(ranker.state_dict())
+        else:
+            stale += 1
+            if stale >= rc.patience:
+                break
+    if best_state is not None:
+        ranker.load_state_dict(best_state)
+    ranker.eval()
+    return ranker, history

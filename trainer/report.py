@@ -1,0 +1,98 @@
+"""The evaluation report of a run: ``report.json``, ``report.md`` and PNG plots in one folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+
+TABLE_METRICS = ("recall@10", "precision@10", "ndcg@10", "map@10", "mrr@10", "hit@10",
+                 "recall@20", "ndcg@20", "hit@20", "coverage@20", "diversity@20")
+
+
+def comparison_rows(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Model name -> metrics, for the table: the pipeline, the two-tower alone and the baselines."""
+    rows = {"pipeline (two-tower -> DCN)": report["pipeline"], "two-tower alone": report["two_tower"]}
+    rows.update({name: values for name, values in report["baselines"].items()})
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = comparison_rows(report)
+    lines = [f"# Evaluation report: {report['data']['dataset']}, protocol {report['data']['protocol']}", "",
+             f"Test split; {report['data']['test_users']} users with test items; "
+             f"{report['data']['n_items']} items.", "",
+             "| model | " + " | ".join(TABLE_METRICS) + " |", "|---" * (len(TABLE_METRICS) + 1) + "|"]
+    for name, values in rows.items():
+        cells = [f"{values[m]:.4f}" if isinstance(values.get(m), float) else "-" for m in TABLE_METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Retrieval alone (candidate recall bounds the ranker): " +
+              ", ".join(f"{k} {v:.4f}" for k, v in report["retrieval"].items()), "",
+              "Ranking heads: " + ", ".join(f"{k} {v:.4f}" for k, v in report["ranking_heads"].items()), ""]
+    if report.get("diversity_tradeoff"):
+        lines += ["MMR diversity re-rank (strength: NDCG@10 / intra-list diversity@10): " +
+                  ", ".join(f"{s}: {v['ndcg@10']:.4f} / {v['diversity@10']:.4f}"
+                            for s, v in report["diversity_tradeoff"].items()), ""]
+    lines += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()), ""]
+    if report.get("gate"):
+        lines += [f"Quality gate: {report['gate']}", ""]
+    return "\n".join(lines)
+
+
+def plots(report: dict[str, Any], histories: dict[str, list[dict[str, float]]], out: Path) -> list[Path]:
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for stage, ax in zip(("retrieval", "ranking"), axes):
+        epochs = [r["epoch"] for r in histories.get(stage, [])]
+        ax.plot(epochs, [r["loss"] for r in histories.get(stage, [])], label="train loss")
+        ax2 = ax.twinx()
+        ax2.plot(epochs, [r["val_ndcg@10"] for r in histories.get(stage, [])], color="tab:orange",
+                 label="val NDCG@10")
+        ax.set_title(f"{stage} training")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        ax2.set_ylabel("val NDCG@10")
+    fig.tight_layout()
+    paths.append(out / "training_curves.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ks = [int(k.split("@")[1]) for k in report["retrieval"]]
+    ax.plot(ks, list(report["retrieval"].values()), marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("K (candidates)")
+    ax.set_ylabel("test recall@K")
+    ax.set_title("Two-tower retrieval recall@K")
+    fig.tight_layout()
+    paths.append(out / "recall_at_k.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    profile = report["recommended_popularity"]
+    deciles = range(len(profile["recommended"]))
+    ax.bar([d - 0.2 for d in deciles], profile["recommended"], width=0.4, label="recommended (top 20)")
+    ax.bar([d + 0.2 for d in deciles], profile["catalog"], width=0.4, label="catalog")
+    ax.set_xlabel("item popularity decile (0 = most popular)")
+    ax.set_ylabel("share")
+    ax.legend()
+    ax.set_title("Recommendation vs catalog popularity")
+    fig.tight_layout()
+    paths.append(out / "popularity.png")
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def write_report(report: dict[str, Any], histories: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps({**report, "histories": histories}, indent=2,
+                                                sort_keys=True, default=float) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    plots(report, histories, out)
