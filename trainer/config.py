@@ -48,11 +48,11 @@ class RetrievalConfig:
     model_hard_every: int = 0          # refresh model-mined hard negatives every N epochs (0 = off)
     logq_correction: bool = True
     id_dropout: float = 0.5            # chance a user id is replaced by the unknown id in training
-    epochs: int = 60
+    epochs: int = 25
     batch_size: int = 128              # users per step (each with positives_per_user rows)
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
-    patience: int = 10                 # early stopping on validation NDCG@10 (epochs)
+    patience: int = 4                 # early stopping on validation NDCG@10 (epochs)
 
 
 @dataclass(frozen=True)
@@ -94,6 +94,7 @@ class PublishConfig:
     retain: int = 5                    # versions kept (the current one always is)
     redis_url: str = ""                # "" = do not materialise features into Redis
     redis_namespace: str = "recsys"
+    gate: bool = True                  # false = publish without the quality gate (toy data, smoke tests)
     gate_margin: float = 0.05          # refuse a run whose NDCG@10 is this fraction below the served one
     index: str = "auto"                # auto | flat | ivf | hnsw
     index_exact_below: int = 50_000    # auto: exact search below this many items

@@ -195,6 +195,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     rng = np.random.default_rng(cfg.run.seed)
     user_items = UserItems.from_interactions(train, tables.vocab.n_users)
     active_users = user_items.users_with_items()
+    passes = max(1, round(train.users.size / max(active_users.size, 1) / rc.positives_per_user))
     seen = seen_matrix(tables, device)
     history, best_state, start_epoch = FitHistory(), None, 0
     if checkpointer is not None and cfg.run.resume:
@@ -204,7 +205,8 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     stale = 0
     bar = progress_bar(range(start_epoch, rc.epochs), "retrieval", cfg.run.progress and ctx.is_main)
     for epoch in bar:
-        order = ctx.shard(rng.permutation(active_users))
+        # An epoch draws about as many positives as there are training interactions.
+        order = ctx.shard(np.concatenate([rng.permutation(active_users) for _ in range(passes)]))
         losses = []
         model.train()
         for start in range(0, order.size, rc.batch_size):

@@ -1,0 +1,98 @@
+"""The trainer's whole job on small synthetic data: train, evaluate, report, gate, publish, Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+from recsys_contracts import artifacts, feature_store
+from recsys_contracts.programs import load_program
+from trainer import pipeline
+from trainer.config import load_config
+from trainer.data.synthetic import generate
+from trainer.inputs import user_inputs
+from trainer.retrieval_training import NonFiniteLossError
+
+SMALL = ["retrieval.epochs=3", "retrieval.embedding_dim=16", "retrieval.user_tower_dims=32",
+         "retrieval.item_tower_dims=32", "retrieval.num_negatives=32", "ranking.epochs=2",
+         "ranking.deep_dims=32", "ranking.candidates=50", "features.history_length=20",
+         "eval.retrieval_ks=10,20,50", "eval.ease_grid=10,100", "run.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return generate(120, 200, 5000, seed=3)
+
+
+def small_config(tmp_path, *extra):
+    return load_config(None, SMALL + [f"run.output_dir={tmp_path / 'run'}", *extra])
+
+
+def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_path, dataset, redis_url,
+                                                                           redis_namespace):
+    root = tmp_path / "artifacts"
+    cfg = small_config(tmp_path, f"publish.artifact_root={root}", f"publish.redis_url={redis_url}",
+                       f"publish.redis_namespace={redis_namespace}", "publish.gate=false")
+    result = pipeline.run(cfg, dataset)
+    assert result.refused is None and result.version == 1
+    manifest = artifacts.verify(root, 1)
+    for name in ("user_tower.pt2", "ranker.pt2", "index.faiss", "report.json", "report.md",
+                 "training_curves.png", "recall_at_k.png", "popularity.png"):
+        assert name in manifest.files
+    assert manifest.metrics["pipeline"]["ndcg@10"] == pytest.approx(result.report["pipeline"]["ndcg@10"])
+    assert manifest.extra["index"]["recall@100"] == 1.0          # flat index below the size threshold
+    assert set(result.report["retrieval"]) == {"recall@10", "recall@20", "recall@50"}
+    assert {"popularity", "ease"} <= set(result.report["baselines"])
+    client = redis.Redis.from_url(redis_url)
+    pipe = client.pipeline(transaction=False)
+    feature_store.queue_is_complete(pipe, feature_store.KeyFormat(redis_namespace), 1)
+    assert feature_store.parse_is_complete(pipe.execute()[0])
+    # The published user tower is the trained one: same embeddings as the eager module.
+    tower = load_program(artifacts.version_dir(root, 1) / "user_tower.pt2")
+    users = np.arange(1, 6)
+    inputs = user_inputs(result.run.tables, users, np.full(5, 10**9))
+    with torch.no_grad():
+        assert torch.allclose(tower(**inputs), result.run.two_tower.user_tower(**inputs), atol=1e-5)
+
+
+def test_models_learn_the_planted_preferences(tmp_path, dataset):
+    result = pipeline.run(small_config(tmp_path, "retrieval.epochs=6"), dataset)
+    report = result.report
+    # A random ranking of 200 items hits about |test| / 200 ~ 2% of slots: NDCG@10 ~ 0.02.
+    assert report["two_tower"]["ndcg@10"] > 0.1
+    assert report["pipeline"]["ndcg@10"] > 0.1
+    assert 0.5 < report["ranking_heads"]["ctr_auc"] <= 1.0
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["gate"] == "passed"
+
+
+def test_gate_refuses_a_run_far_below_the_served_version(tmp_path, dataset):
+    root = tmp_path / "artifacts"
+    served = artifacts.publish(root, lambda d: (d / "x").write_text("x"),
+                               data={"dataset": dataset.name, "protocol": "random"}, config={},
+                               metrics={"pipeline": {"ndcg@10": 0.99}})
+    result = pipeline.run(small_config(tmp_path, f"publish.artifact_root={root}"), dataset)
+    assert result.version is None
+    assert "below the served version 1" in result.refused
+    assert artifacts.list_versions(root) == [served]
+
+
+def test_diverging_training_stops_with_a_clear_error_and_publishes_nothing(tmp_path, dataset):
+    root = tmp_path / "artifacts"
+    cfg = small_config(tmp_path, f"publish.artifact_root={root}", "retrieval.learning_rate=1e30",
+                       "retrieval.temperature=0.01", "retrieval.learn_temperature=false")
+    with pytest.raises(NonFiniteLossError, match="retrieval loss became"):
+        pipeline.run(cfg, dataset)
+    assert not root.exists() or artifacts.list_versions(root) == []
+
+
+def test_cli_reports_a_config_error_by_name(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "trainer", "--set", "retrieval.epoch=3"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "retrieval.epoch" in proc.stderr
