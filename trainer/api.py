@@ -37,10 +37,12 @@ import pandas as pd
 import torch
 
 from trainer import pipeline
-from trainer.config import TrainConfig, replace
+from trainer.config import (MultitaskConfig, RankingConfig, RetrievalConfig, RunConfig, TrainConfig,
+                            replace)
 from trainer.data.dataset import INTERACTION_COLUMNS, make_dataset, validate_interactions
 from trainer.distributed import init_distributed, resolve_device, shutdown_distributed
 from trainer.evaluation import EvalTarget, make_target
+from trainer.negatives import STRATEGIES
 from trainer.publish import TrainedRun, choose_index_params, publish_run
 from trainer.ranking_training import rerank, score_candidates
 from trainer.report import write_report
@@ -48,7 +50,6 @@ from trainer.splits import Split
 
 log = logging.getLogger(__name__)
 
-NEGATIVE_SAMPLING_STRATEGIES = ("random", "hard", "mixed")
 GIVEN_PROTOCOL = "given"  # the caller chose the split
 # Report sections that travel into the manifest, as pipeline.run publishes them.
 MANIFEST_METRICS = ("pipeline", "two_tower", "retrieval", "ranking_heads", "baselines")
@@ -60,22 +61,23 @@ class ModelConfig:
 
     ``learning_rate``/``epochs``/``batch_size`` are the two-tower's (``retrieval.*``);
     ``ranking_*`` the DCN's; ``ctr_weight``/``rating_weight`` weigh the ranker's losses
-    (L = ctr_weight * L_ctr + rating_weight * L_rating). Defaults are the command line's.
+    (L = ctr_weight * L_ctr + rating_weight * L_rating). Defaults are the command line's (read from
+    ``trainer.config``, so they never drift apart).
     """
 
-    embedding_dim: int = 64
-    user_tower_dims: Sequence[int] = (128, 64)
-    item_tower_dims: Sequence[int] = (128, 64)
-    negative_sampling_strategy: str = "mixed"
-    ctr_weight: float = 1.0
-    rating_weight: float = 0.5
-    learning_rate: float = 2e-3
-    epochs: int = 60
-    batch_size: int = 128                  # users per two-tower step
-    ranking_learning_rate: float = 1e-3
-    ranking_epochs: int = 20
-    candidates: int = 500                  # items retrieved per user before ranking
-    seed: int = 0
+    embedding_dim: int = RetrievalConfig.embedding_dim
+    user_tower_dims: Sequence[int] = RetrievalConfig.user_tower_dims
+    item_tower_dims: Sequence[int] = RetrievalConfig.item_tower_dims
+    negative_sampling_strategy: str = RetrievalConfig.negative_sampling_strategy
+    ctr_weight: float = MultitaskConfig.ctr_weight
+    rating_weight: float = MultitaskConfig.rating_weight
+    learning_rate: float = RetrievalConfig.learning_rate
+    epochs: int = RetrievalConfig.epochs
+    batch_size: int = RetrievalConfig.batch_size          # users per two-tower step
+    ranking_learning_rate: float = RankingConfig.learning_rate
+    ranking_epochs: int = RankingConfig.epochs
+    candidates: int = RankingConfig.candidates            # items retrieved per user before ranking
+    seed: int = RunConfig.seed
 
     def __post_init__(self) -> None:
         # Lists as in the original design's examples; stored as tuples so the config stays hashable.
@@ -83,8 +85,8 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        if self.negative_sampling_strategy not in NEGATIVE_SAMPLING_STRATEGIES:
-            raise ValueError(f"negative_sampling_strategy must be one of {NEGATIVE_SAMPLING_STRATEGIES}, "
+        if self.negative_sampling_strategy not in STRATEGIES:
+            raise ValueError(f"negative_sampling_strategy must be one of {STRATEGIES}, "
                              f"got {self.negative_sampling_strategy!r}")
         self.to_train_config()  # fails fast, naming the TrainConfig key, e.g. "retrieval.embedding_dim"
 
@@ -150,7 +152,7 @@ class ProductionTrainer:
         log.info("%s", dataset.report.summary())
         train, val = _with_known_ids(train, users, items), _with_known_ids(val, users, items)
         split = Split(train=train, val=val, test=train.iloc[:0], protocol=GIVEN_PROTOCOL, seed=0)
-        cfg = self._cfg
+        cfg, self._timings = self._cfg, pipeline.Timings()
         ctx = init_distributed(torch.device("cuda") if cfg.run.device == "cuda" else torch.device("cpu"))
         device = resolve_device(cfg.run.device, ctx.local_rank)
         if cfg.run.threads:
@@ -230,8 +232,8 @@ class ProductionTrainer:
         """Publishes the fitted models as a new serving version; returns its number.
 
         Needs ``evaluate`` first: the manifest carries its metrics and the quality gate
-        (``pipeline.quality_gate``) refuses a model no better than popularity or clearly worse
-        than the served version, as the command line does.
+        (``pipeline.quality_gate``, unless ``publish.gate`` is off) refuses a model no better than
+        popularity or clearly worse than the served version, as the command line does.
         """
         fitted = self._require_fitted("publish")
         if self._report is None:
@@ -239,10 +241,11 @@ class ProductionTrainer:
                                "and the quality gate reads them")
         root = Path(artifact_root)
         cfg = replace(self._cfg, publish={"artifact_root": str(root)})
-        refused = pipeline.quality_gate(cfg, self._report, root)
+        refused = pipeline.quality_gate(cfg, self._report, root) if cfg.publish.gate else None
         if refused is not None:
             raise RuntimeError(f"not published: {refused}")
-        report = {**self._report, "gate": "passed", "timings": dict(self._timings.seconds)}
+        report = {**self._report, "gate": "passed" if cfg.publish.gate else "off",
+                  "timings": dict(self._timings.seconds)}
         with tempfile.TemporaryDirectory() as report_dir:
             write_report(report, fitted.histories, Path(report_dir))
             return publish_run(root, fitted.run, index_params=choose_index_params(
@@ -344,4 +347,4 @@ def _with_known_ids(frame: pd.DataFrame, users: pd.DataFrame | None, items: pd.D
     return frame if keep.all() else frame[keep].reset_index(drop=True)
 
 
-__all__ = ["ModelConfig", "ProductionTrainer", "NEGATIVE_SAMPLING_STRATEGIES"]
+__all__ = ["ModelConfig", "ProductionTrainer"]

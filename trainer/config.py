@@ -48,11 +48,11 @@ class RetrievalConfig:
     model_hard_every: int = 0          # refresh model-mined hard negatives every N epochs (0 = off)
     logq_correction: bool = True
     id_dropout: float = 0.5            # chance a user id is replaced by the unknown id in training
-    epochs: int = 25
+    epochs: int = 12
     batch_size: int = 128              # users per step (each with positives_per_user rows)
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
-    patience: int = 4                 # early stopping on validation NDCG@10 (epochs)
+    patience: int = 3                 # early stopping on validation NDCG@10 (epochs)
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class RankingConfig:
     structure: str = "stacked"         # stacked | parallel
     candidates: int = 500              # N retrieved per user before ranking
     negatives_per_positive: int = 4    # retrieved-but-not-taken negatives per positive
+    negative_pool: int = 100           # the ranker learns from retrieval's top this-many candidates
     epochs: int = 20
     batch_size: int = 2048
     learning_rate: float = 1e-3

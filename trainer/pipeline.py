@@ -146,7 +146,8 @@ def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Di
         candidates = retrieve(two_tower, prep.tables, wanted, prep.val, cfg.ranking.candidates,
                               prep.eval_timestamps, device)
         rng = np.random.default_rng(cfg.run.seed)
-        fit_rows = click_rows(fit_pos, candidates, cfg.ranking.negatives_per_positive, rng)
+        fit_rows = click_rows(fit_pos, candidates, cfg.ranking.negatives_per_positive, rng,
+                              cfg.ranking.negative_pool)
         rating_rows = _rating_rows(two_tower, prep, device)
         stop_candidates = retrieve(two_tower, prep.tables, stop_target.users, stop_target,
                                    cfg.ranking.candidates, prep.eval_timestamps, device)
@@ -205,7 +206,7 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
 def _head_metrics(cfg, prep: Prepared, run: TrainedRun, cands: Candidates, device) -> dict[str, float]:
     """CTR AUC / log loss on test positives vs retrieved-not-taken negatives; rating RMSE on test ratings."""
     rows = click_rows(_held_out(prep.vocab, prep.split.test), cands, cfg.ranking.negatives_per_positive,
-                      np.random.default_rng(cfg.run.seed + 7))
+                      np.random.default_rng(cfg.run.seed + 7), cfg.ranking.negative_pool)
     from trainer.ranking_training import ranker_inputs
     with torch.no_grad():
         ctr_logit, rating = run.ranker(**ranker_inputs(prep.tables, rows, device))
@@ -230,21 +231,18 @@ def quality_gate(cfg: TrainConfig, report: dict[str, Any], root: Path | None) ->
     """Why this run must not be published, or None. Worse than popularity, or than the version
     being served (same dataset and protocol) by more than ``publish.gate_margin``, is refused."""
     ndcg = report["pipeline"]["ndcg@10"]
+    served = artifacts.current_version(root) if root is not None and (root / "CURRENT").exists() else None
+    if served is not None:
+        manifest = artifacts.read_manifest(root, served)
+        same_data = manifest.data.get("dataset") == report["data"]["dataset"] and \
+            manifest.data.get("protocol") == report["data"]["protocol"]
+        served_ndcg = (manifest.metrics.get("pipeline") or {}).get("ndcg@10")
+        if same_data and served_ndcg is not None and ndcg < served_ndcg * (1 - cfg.publish.gate_margin):
+            return (f"pipeline NDCG@10 {ndcg:.4f} is more than {cfg.publish.gate_margin:.0%} below the served "
+                    f"version {served}'s {served_ndcg:.4f}")
     popularity = report["baselines"]["popularity"]["ndcg@10"]
     if not ndcg > popularity:
         return f"pipeline NDCG@10 {ndcg:.4f} is not above popularity's {popularity:.4f}"
-    if root is None:
-        return None
-    served = artifacts.current_version(root) if (root / "CURRENT").exists() else None
-    if served is None:
-        return None
-    manifest = artifacts.read_manifest(root, served)
-    same_data = manifest.data.get("dataset") == report["data"]["dataset"] and \
-        manifest.data.get("protocol") == report["data"]["protocol"]
-    served_ndcg = (manifest.metrics.get("pipeline") or {}).get("ndcg@10")
-    if same_data and served_ndcg is not None and ndcg < served_ndcg * (1 - cfg.publish.gate_margin):
-        return (f"pipeline NDCG@10 {ndcg:.4f} is more than {cfg.publish.gate_margin:.0%} below the served "
-                f"version {served}'s {served_ndcg:.4f}")
     return None
 
 

@@ -84,32 +84,37 @@ def final_score(ctr_logit: torch.Tensor, rating: torch.Tensor, score_mode: str, 
 
 
 def click_rows(positives: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], candidates: Candidates,
-               per_positive: int, rng: np.random.Generator) -> Rows:
-    """Positives (user, item, timestamp, rating) plus ``per_positive`` retrieved-not-taken negatives each."""
+               per_positive: int, rng: np.random.Generator, depth: int = 100) -> Rows:
+    """Examples from retrieval's top ``depth`` candidates per user: the held-out items among them are
+    positives (rating kept), and ``per_positive`` other candidates per positive are negatives.
+
+    Positives and negatives come from the same lists, so the retrieval score means the same in
+    both; items retrieval missed are left out (the ranker never sees them when serving either).
+    """
     users, items, timestamps, ratings = positives
-    row_of = candidates.row_of()
-    taken: dict[int, set[int]] = {}
-    for u, i in zip(users.tolist(), items.tolist()):
-        taken.setdefault(u, set()).add(i)
-    out = {k: [] for k in ("users", "items", "timestamps", "scores", "clicks", "ratings")}
+    taken: dict[int, dict[int, tuple[int, float]]] = {}
     for u, i, ts, r in zip(users.tolist(), items.tolist(), timestamps.tolist(), ratings.tolist()):
-        row = row_of.get(u)
-        if row is None:
+        taken.setdefault(u, {})[i] = (ts, r)
+    out: dict[str, list] = {k: [] for k in ("users", "items", "timestamps", "scores", "clicks", "ratings")}
+
+    def add(u: int, item: int, ts: int, score: float, click: float, rating: float) -> None:
+        for key, value in zip(out, (u, item, ts, score, click, rating)):
+            out[key].append(value)
+
+    for row, u in enumerate(candidates.users.tolist()):
+        held = taken.get(u)
+        if not held:
             continue
-        cand, cand_scores = candidates.items[row], candidates.scores[row]
-        hit = np.flatnonzero(cand == i)
-        # A positive retrieval missed still teaches the ranker; its score is the lowest retrieved one.
-        pos_score = cand_scores[hit[0]] if hit.size else cand_scores[-1]
-        free = np.flatnonzero([c not in taken[u] and c > 0 for c in cand.tolist()])
-        negs = rng.choice(free, size=min(per_positive, free.size), replace=False)
-        for item, score, click, rating in [(i, pos_score, 1.0, r)] + \
-                [(cand[n], cand_scores[n], 0.0, np.nan) for n in negs]:
-            out["users"].append(u)
-            out["items"].append(item)
-            out["timestamps"].append(ts)
-            out["scores"].append(score)
-            out["clicks"].append(click)
-            out["ratings"].append(rating)
+        cand, cand_scores = candidates.items[row, :depth], candidates.scores[row, :depth]
+        hits = [c for c in range(cand.size) if int(cand[c]) in held]
+        misses = np.array([c for c in range(cand.size) if int(cand[c]) not in held and cand[c] > 0])
+        if not hits or misses.size == 0:
+            continue
+        context_ts = held[int(cand[hits[0]])][0]
+        for c in hits:
+            add(u, int(cand[c]), held[int(cand[c])][0], float(cand_scores[c]), 1.0, held[int(cand[c])][1])
+        for c in rng.choice(misses, size=min(per_positive * len(hits), misses.size), replace=False):
+            add(u, int(cand[c]), context_ts, float(cand_scores[c]), 0.0, np.nan)
     return Rows(np.asarray(out["users"], np.int64), np.asarray(out["items"], np.int64),
                 np.asarray(out["timestamps"], np.int64), np.asarray(out["scores"], np.float32),
                 np.asarray(out["clicks"], np.float32), np.asarray(out["ratings"], np.float32))
@@ -157,6 +162,18 @@ def pipeline_ndcg(ranker, tables, candidates: Candidates, target: EvalTarget, ti
     return metrics.ndcg_at_k(ranked, target.truth_rows(), k)
 
 
+@torch.no_grad()
+def calibrate_start(ranker: DCNRanker, rows: Rows) -> None:
+    """Sets the CTR bias so the untrained ranker predicts the base click rate on average.
+
+    The logit starts as the retrieval score (wide skip); its offset (a cosine over a temperature,
+    around +5) is far from the base rate's logit, and learning that shift through the deep layers
+    scrambles the order the skip provides. Shifting the bias once keeps the order and calibrates.
+    """
+    rate = float(np.clip(rows.clicks.mean(), 1e-3, 1 - 1e-3))
+    ranker.ctr_head.bias.fill_(float(np.log(rate / (1 - rate)) - rows.scores.mean()))
+
+
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
                device: torch.device, ctx: Distributed) -> tuple[DCNRanker, FitHistory]:
@@ -164,11 +181,17 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     rc, mt = cfg.ranking, cfg.multitask
     torch.manual_seed(cfg.run.seed + 1)
     ranker = DCNRanker(dcn_config(cfg, spec, tables)).to(device)
+    calibrate_start(ranker, fit_rows)
     ddp_ranker = ctx.wrap(ranker, device)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
     rng = np.random.default_rng(cfg.run.seed + 1)
-    history, best_state, stale = FitHistory(), None, 0
+    history, stale = FitHistory(), 0
     stop_ts = eval_timestamps[stop_candidates.users]
+    # Epoch -1 is the untrained ranker, which keeps retrieval's order: training must beat it.
+    history.best_score = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
+                                       spec.rating_max, device)
+    history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score})
+    best_state = copy.deepcopy(ranker.state_dict())
     for epoch in progress_bar(range(rc.epochs), "ranking", cfg.run.progress and ctx.is_main):
         ranker.train()
         order = ctx.shard(rng.permutation(fit_rows.users.size))

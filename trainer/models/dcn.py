@@ -37,12 +37,14 @@ class DCNConfig:
     structure: str = "stacked"
     rating_min: float = 1.0
     rating_max: float = 5.0
+    recent_items: int = 20            # the ranker pools only the most recent history items (serving cost)
 
     def __post_init__(self) -> None:
         check_feature_sizes(self.n_users, self.n_items, self.user_cat_cardinalities, self.n_user_num,
                             self.item_cat_cardinalities, self.n_item_num)
         check_int("embedding_dim", self.embedding_dim, 1)
         check_int("n_cross_layers", self.n_cross_layers, 1)
+        check_int("recent_items", self.recent_items, 1)
         if self.low_rank is not None:
             check_int("low_rank", self.low_rank, 1)
         check_int_tuple("deep_dims", self.deep_dims, 1, allow_empty=False)
@@ -91,6 +93,7 @@ class DCNRanker(nn.Module):
         self.rating_min = config.rating_min
         self.rating_range = config.rating_max - config.rating_min
         self.structure = config.structure
+        self.recent_items = config.recent_items
         self.user_embedding = init_embedding(nn.Embedding(config.n_users + 1, dim))
         # One item table serves the candidate and its user's history (row 0 = padding / OOV).
         self.item_embedding = init_embedding(nn.Embedding(config.n_items + 1, dim, padding_idx=0))
@@ -106,9 +109,13 @@ class DCNRanker(nn.Module):
         self.rating_head = nn.Linear(head_dim, 1)
         # Wide skip from the retrieval score to the CTR logit, starting at weight 1: an untrained
         # ranker reproduces retrieval's order, and training learns what to change about it.
+        # The deep CTR head starts at zero for the same reason: its random output would reshuffle
+        # candidates whose retrieval scores differ by less than its noise.
         self.retrieval_skip = nn.Linear(1, 1)
         nn.init.ones_(self.retrieval_skip.weight)
         nn.init.zeros_(self.retrieval_skip.bias)
+        nn.init.zeros_(self.ctr_head.weight)
+        nn.init.zeros_(self.ctr_head.bias)
 
     def forward(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor, timestamp: Tensor,
                 item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
@@ -117,7 +124,10 @@ class DCNRanker(nn.Module):
             self.user_embedding(user_idx),  # (N, E)
             self.user_categorical(user_cat),  # (N, Cu * E)
             user_num,  # (N, Nu)
-            masked_mean(self.item_embedding(history), history != 0),  # (N, H, E) -> (N, E)
+            # Only the most recent items (history is oldest first): the ranker scores ~500 rows per
+            # request and pooling the full history per row dominated its cost.
+            masked_mean(self.item_embedding(history[:, -self.recent_items:]),
+                        history[:, -self.recent_items:] != 0),  # (N, R, E) -> (N, E)
             self.calendar(timestamp),  # (N, 2E + 1)
             self.item_embedding(item_idx),  # (N, E)
             self.item_categorical(item_cat),  # (N, Ci * E)

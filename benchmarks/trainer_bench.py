@@ -1,0 +1,71 @@
+"""Trainer speed: the whole job (load -> features -> both models -> evaluation -> export -> index ->
+publish) on MovieLens 100K, and optionally on synthetic data at scale; prints the time per stage
+and the peak RSS, writes bench_results/trainer_bench.json.
+
+    .venv/bin/python benchmarks/trainer_bench.py                       # ml-100k
+    .venv/bin/python benchmarks/trainer_bench.py --synthetic 1000000 10000000 --set retrieval.epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_trainer(args: list[str], env: dict[str, str]) -> tuple[float, int]:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], env=env, cwd=ROOT)
+    if proc.returncode not in (0, 3):
+        raise SystemExit(f"trainer failed with exit code {proc.returncode}")
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss   # Linux: KiB
+    return time.perf_counter() - start, peak_kib * 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--synthetic", nargs=2, type=int, metavar=("ITEMS", "INTERACTIONS"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--out", default=str(ROOT / "bench_results" / "trainer_bench.json"))
+    args = parser.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [f"publish.artifact_root={tmp}/artifacts", f"run.output_dir={tmp}/run", "run.progress=false",
+                     "publish.gate=false", *args.overrides]
+        name = "ml-100k"
+        if args.synthetic:
+            from trainer.data.synthetic import generate
+
+            n_items, n_inter = args.synthetic
+            t0 = time.perf_counter()
+            dataset = generate(max(1000, n_inter // 20), n_items, n_inter, seed=0)
+            path = Path(tmp) / "synthetic.parquet"
+            dataset.interactions.to_parquet(path)
+            name = f"synthetic {n_items} items / {n_inter} interactions"
+            print(f"generated {name} in {time.perf_counter() - t0:.1f} s")
+            overrides.append(f"data.dataset={path}")
+        seconds, peak = run_trainer(sum((["--set", o] for o in overrides), []), env)
+        report = json.loads((Path(tmp) / "run" / "report.json").read_text())
+        manifest_dirs = sorted((Path(tmp) / "artifacts" / "versions").iterdir())
+        manifest = json.loads((manifest_dirs[-1] / "manifest.json").read_text()) if manifest_dirs else {}
+    result = {"dataset": name, "wall_s": round(seconds, 2), "peak_rss_mb": round(peak / 2**20, 1),
+              "stages_s": report["timings"], "index": manifest.get("extra", {}).get("index"),
+              "ndcg@10": {"pipeline": report["pipeline"]["ndcg@10"], "two_tower": report["two_tower"]["ndcg@10"]},
+              "overrides": args.overrides, "cpus": os.cpu_count()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

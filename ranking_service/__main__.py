@@ -1,0 +1,45 @@
+"""Composition root: ``python -m ranking_service`` reads the environment, serves until SIGTERM/SIGINT.
+
+Exit status 2 when the configuration is invalid (the message names the variable), 0 after a
+graceful shutdown (NOT_SERVING, then up to ``RANKING_GRACE_S`` to drain in-flight RPCs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from ranking_service.config import RankingConfig, from_env
+from recsys_serving import runtime
+
+log = logging.getLogger("ranking_service")
+
+
+async def serve(config: RankingConfig) -> None:
+    # Imported here so a bad configuration fails before torch is imported (seconds sooner).
+    from ranking_service.server import SERVICE_NAME, create_server
+
+    server, port, app = await create_server(config)
+    log.info("ranking service listening on port %d (retrieval at %s, version %s)", port,
+             config.retrieval_target, app.holder.version)
+    try:
+        await runtime.serve_until_signalled(server, app.health, [SERVICE_NAME], config.grace_s)
+    finally:
+        await app.close()
+
+
+def main() -> int:
+    try:
+        config = from_env()
+    except ValueError as error:
+        print(f"ranking_service: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    runtime.configure_logging(config.log_level)
+    runtime.start_metrics(config.metrics_port)
+    asyncio.run(serve(config))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The ranking service's Prometheus metrics (process-wide, served by ``recsys_serving.runtime.start_metrics``).
+
+Names start with ``ranking_`` so the retrieval service's metrics can share a registry (the
+in-process benchmark runs both). Stages: ``retrieval_stream`` (Retrieve opened -> last chunk),
+``feature_fetch`` (the user's Redis round trip or artifact lookup), ``dcn`` (one forward pass).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
+
+REQUESTS = Counter("ranking_requests", "RPCs answered, by method and gRPC status code", ["method", "code"])
+REQUEST_SECONDS = Histogram("ranking_request_seconds", "RPC latency by method", ["method"],
+                            buckets=_LATENCY_BUCKETS_S)
+STAGE_SECONDS = Histogram("ranking_stage_seconds", "Latency of one pipeline stage", ["stage"],
+                          buckets=_LATENCY_BUCKETS_S)
+DEGRADED = Counter("ranking_degraded", "Answers that took a degraded path, by path", ["path"])
+IN_FLIGHT = Gauge("ranking_in_flight", "RPCs being served now")
+MODEL_VERSION = Gauge("ranking_model_version", "Artifact version being served (0 = none yet)")
+RELOADS = Counter("ranking_reloads", "Version loads, by result (loaded, refused)", ["result"])
+REDIS_ERRORS = Counter("ranking_redis_errors", "Feature-store calls that failed or timed out, by operation",
+                       ["operation"])
+REDIS_REFILLS = Counter("ranking_redis_refills", "Times the service refilled an empty Redis from the artifact")
+RETRIEVAL_FAILURES = Counter("ranking_retrieval_failures", "Retrieve calls that failed, by gRPC status code",
+                             ["code"])
+DCN_BATCH_JOBS = Histogram("ranking_dcn_batch_jobs", "Scoring jobs merged into one DCN forward pass",
+                           buckets=(1, 2, 4, 8, 16, 32, 64))

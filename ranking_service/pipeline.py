@@ -1,0 +1,215 @@
+"""The ranking pipeline: Recommend (stream, score, select), Rank and RecordInteractions, gRPC-free.
+
+Recommend, for one ``ServingState`` snapshot:
+
+1. the user's features are fetched (one Redis round trip) WHILE ``Retrieve`` is opened with the
+   remaining deadline minus a reserve kept for the fallback (``fallback_reserve_s``);
+2. each candidate chunk, as it arrives, is filtered (items already taken, and the user's seen +
+   fresh + recent items unless ``include_seen``) and handed to the DCN micro-batcher; finished
+   chunks are merged into a running top-k (the whole pool when MMR will re-rank it);
+3. if retrieval fails, times out or is unreachable, the version's popular items fill the pool
+   (flag POPULAR_FALLBACK) or, when configured, the request fails UNAVAILABLE;
+4. the best k come out in score order, or in MMR order over the item embeddings.
+
+A retrieval INVALID_ARGUMENT is the caller's error (retrieval validated a field we passed through),
+so it surfaces as INVALID_ARGUMENT, not as a fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from ranking_service import metrics
+from ranking_service.batching import MAX_ROWS, MicroBatcher
+from ranking_service.features import FeatureStore, UserView
+from ranking_service.retrieval_client import CandidateSource
+from ranking_service.selection import RunningTopK, Scored, best_first, mmr_order
+from ranking_service.state import ServingState, ranker_inputs
+from ranking_service.validation import RankQuery, RecommendQuery
+from recsys_contracts.feature_store import FreshInteraction
+from recsys_contracts.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalUnavailable(Exception):
+    """Retrieval failed and the server is configured not to fall back (RANKING_FALLBACK=unavailable)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Answer:
+    items: Scored | None            # best first; None = no candidate survived
+    ranking_version: int
+    retrieval_version: int = 0
+    degraded: frozenset[int] = frozenset()
+    unknown_item_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+
+def fallback_reserve_s(remaining_s: float) -> float:
+    """Time kept back from retrieval for the popular fallback: 20 % of what is left, in [5, 50] ms."""
+    return min(max(0.2 * remaining_s, 0.005), 0.05)
+
+
+class _Pool:
+    """The candidates of one Recommend: dedupe and exclusion, scoring tasks, the running top-k."""
+
+    def __init__(self, pipeline: Pipeline, state: ServingState, query: RecommendQuery, view: UserView) -> None:
+        self.pipeline, self.state, self.query, self.view = pipeline, state, query, view
+        self.top = RunningTopK(query.k if query.diversity == 0 else query.num_candidates)
+        self.taken = np.zeros(0, dtype=np.int64)     # ids already in the pool (sorted)
+        self.tasks: list[asyncio.Task] = []
+        self.unknown = False
+
+    def add(self, ids: np.ndarray, retrieval_scores: np.ndarray, limit: int | None = None) -> None:
+        keep = ~np.isin(ids, self.taken)
+        if not self.query.include_seen:
+            keep &= ~np.isin(ids, self.view.exclude_ids)
+        ids, retrieval_scores = ids[keep], retrieval_scores[keep]
+        _, first = np.unique(ids, return_index=True)
+        first = np.sort(first)[:limit]                # a repeated id keeps its first occurrence
+        ids, retrieval_scores = ids[first], retrieval_scores[first]
+        if ids.size == 0:
+            return
+        arrival = np.arange(self.taken.size, self.taken.size + ids.size, dtype=np.int64)
+        self.taken = np.union1d(self.taken, ids)
+        self.harvest()
+        self.tasks.append(asyncio.ensure_future(self.pipeline.score(
+            self.state, self.view, self.query.timestamp, ids, retrieval_scores, arrival)))
+
+    def harvest(self) -> None:
+        """Merges finished chunks into the running top-k (running, so the pool stays small)."""
+        for task in [t for t in self.tasks if t.done()]:
+            self.tasks.remove(task)
+            self._merge(task.result())
+
+    def _merge(self, scored: Scored) -> None:
+        self.unknown |= bool((scored.item_idx == 0).any())
+        self.top.add(scored)
+
+    async def finish(self) -> Scored | None:
+        for scored in await asyncio.gather(*self.tasks):
+            self._merge(scored)
+        self.tasks.clear()
+        return self.top.ranked()
+
+    def cancel(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+
+
+class Pipeline:
+    def __init__(self, *, features: FeatureStore, batcher: MicroBatcher, candidates: CandidateSource,
+                 fallback: str) -> None:
+        self.features, self.batcher, self.candidates, self.fallback = features, batcher, candidates, fallback
+
+    async def score(self, state: ServingState, view: UserView, timestamp: int, ids: np.ndarray,
+                    retrieval_scores: np.ndarray, arrival: np.ndarray) -> Scored:
+        """DCN scores of ``ids`` (N,) for the user, in pieces of at most MAX_ROWS rows."""
+        idx = state.items.indices(ids)
+        pieces = []
+        for start in range(0, ids.size, MAX_ROWS):
+            part = slice(start, start + MAX_ROWS)
+            inputs = ranker_inputs(state, user_idx=view.user_idx, user_cat=view.cat, user_num=view.num,
+                                   history=view.history, timestamp=timestamp, item_idx=idx[part],
+                                   retrieval_score=retrieval_scores[part])
+            pieces.append(self.batcher.score(state.ranker, inputs))
+        results = await asyncio.gather(*pieces)
+        ctr = np.concatenate([r[0] for r in results])
+        rating = np.concatenate([r[1] for r in results])
+        return Scored(item_ids=ids, item_idx=idx, arrival=arrival, score=state.score_rule.apply(ctr, rating),
+                      ctr=ctr, rating=rating, retrieval_score=retrieval_scores.astype(np.float32))
+
+    async def recommend(self, state: ServingState, query: RecommendQuery, deadline: float,
+                        request_id: str) -> Answer:
+        """``deadline`` is in ``loop.time()`` seconds; the caller bounds the whole call by it."""
+        view_task = asyncio.ensure_future(self.features.user_view(state, query.user_id, query.overrides))
+        pools: list[_Pool] = []       # at most one; a list so the finally clause sees it
+        try:
+            retrieval_version, flags, failure = await self._retrieve(state, query, deadline, request_id,
+                                                                     view_task, pools)
+            if not pools:
+                pools.append(_Pool(self, state, query, await view_task))
+            pool = pools[0]
+            if failure:
+                self._fall_back(state, pool, failure, request_id)
+                flags.add(common_pb2.DEGRADED_PATH_POPULAR_FALLBACK)
+            ranked = await pool.finish()
+        finally:
+            view_task.cancel()
+            for pool in pools:
+                pool.cancel()
+        flags |= pool.view.degraded
+        if pool.unknown:
+            flags.add(common_pb2.DEGRADED_PATH_UNKNOWN_ITEMS)
+        return Answer(items=_select(state, ranked, query), ranking_version=state.version,
+                      retrieval_version=retrieval_version, degraded=frozenset(flags))
+
+    async def _retrieve(self, state: ServingState, query: RecommendQuery, deadline: float, request_id: str,
+                        view_task: asyncio.Future, pools: list[_Pool]) -> tuple[int, set[int], str]:
+        """Streams candidates into a pool; (retrieval version, its flags, failure code name or "")."""
+        loop = asyncio.get_running_loop()
+        retrieval_deadline = deadline - fallback_reserve_s(deadline - loop.time())
+        retrieval_version, flags = 0, set()
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout_at(retrieval_deadline):
+                stream = self.candidates.stream(query.retrieve, max(retrieval_deadline - loop.time(), 0.001),
+                                                request_id)
+                async for chunk in stream:
+                    retrieval_version = chunk.model_version
+                    flags.update(chunk.degraded)
+                    if not pools:
+                        # shield: a retrieval timeout must not cancel the feature read the fallback needs
+                        pools.append(_Pool(self, state, query, await asyncio.shield(view_task)))
+                    n = len(chunk.candidates)
+                    pools[0].add(np.fromiter((c.item_id for c in chunk.candidates), np.int64, n),
+                                 np.fromiter((c.score for c in chunk.candidates), np.float32, n))
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise ValueError(f"retrieval refused the request: {error.details()}") from None
+            return retrieval_version, flags, error.code().name
+        except TimeoutError:
+            return retrieval_version, flags, grpc.StatusCode.DEADLINE_EXCEEDED.name
+        metrics.STAGE_SECONDS.labels("retrieval_stream").observe(time.perf_counter() - started)
+        return retrieval_version, flags, ""
+
+    def _fall_back(self, state: ServingState, pool: _Pool, failure: str, request_id: str) -> None:
+        """Fills the pool up to num_candidates with popular items (chunks already scored stay); their
+        retrieval score, fed to the DCN and returned, is log(1 + training count) as in retrieval's own
+        popular fallback."""
+        metrics.RETRIEVAL_FAILURES.labels(failure).inc()
+        if self.fallback == "unavailable":
+            raise RetrievalUnavailable(f"the retrieval service failed ({failure}) and fallback is disabled")
+        log.warning("retrieval failed (%s): answering from popular items", failure,
+                    extra={"request_id": request_id})
+        popular = state.tables.popular_items                       # (m,) item indices, most popular first
+        room = pool.query.num_candidates - pool.taken.size
+        pool.add(state.tables.item_ids[popular], state.popular_scores[popular], limit=max(room, 0))
+
+    async def rank(self, state: ServingState, query: RankQuery) -> Answer:
+        view = await self.features.user_view(state, query.user_id, query.overrides)
+        scored = await self.score(state, view, query.timestamp, query.item_ids,
+                                  np.zeros(query.item_ids.size, dtype=np.float32),
+                                  np.arange(query.item_ids.size, dtype=np.int64))
+        unknown = query.item_ids[scored.item_idx == 0]
+        flags = set(view.degraded) | ({common_pb2.DEGRADED_PATH_UNKNOWN_ITEMS} if unknown.size else set())
+        return Answer(items=scored.take(best_first(scored)), ranking_version=state.version,
+                      degraded=frozenset(flags), unknown_item_ids=unknown)
+
+    async def record(self, pairs: list[tuple[str, FreshInteraction]], timeout_s: float) -> int:
+        return await self.features.record(pairs, timeout_s)
+
+
+def _select(state: ServingState, ranked: Scored | None, query: RecommendQuery) -> Scored | None:
+    if ranked is None:
+        return None
+    if query.diversity == 0:
+        return ranked.take(np.arange(min(query.k, len(ranked))))
+    order = mmr_order(ranked.score, state.item_embeddings[ranked.item_idx], query.k, query.diversity)
+    return ranked.take(order)

@@ -1,0 +1,120 @@
+"""Builds the retrieval gRPC server: servicer, health, reflection, hot reload, feature store, batcher.
+
+``create_server(config)`` binds ``{host}:{config.port}`` (port 0 = a free port, for tests; host
+0.0.0.0 by default because compose and Kubernetes reach the service on the pod's address, tests
+pass 127.0.0.1),
+starts serving with health NOT_SERVING, and starts watching the artifact volume; health turns
+SERVING once the first version is loaded and warm. ``App.close`` is the graceful stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health as grpc_health
+
+from recsys_contracts import feature_store
+from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
+from recsys_serving import runtime
+from recsys_serving.reload import VersionHolder
+from retrieval_service import metrics
+from retrieval_service.backends import open_backend, resolve_device
+from retrieval_service.batching import MicroBatcher
+from retrieval_service.config import RetrievalConfig
+from retrieval_service.features import FeatureStore
+from retrieval_service.generator import CandidateGenerator
+from retrieval_service.servicer import RetrievalServicer
+from retrieval_service.state import ServingState, load_state
+
+SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    """What ``create_server`` assembled, for ``main`` and tests."""
+
+    config: RetrievalConfig
+    server: grpc.aio.Server
+    holder: VersionHolder[ServingState]
+    generator: CandidateGenerator
+    health: grpc_health.aio.HealthServicer
+    _tasks: set[asyncio.Task] = field(default_factory=set, repr=False)
+
+    async def set_serving(self, serving: bool) -> None:
+        await runtime.set_serving(self.health, [SERVICE_NAME], serving)
+
+    async def close(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, drain in-flight calls for ``grace_s`` (default: config), then release everything."""
+        await self.set_serving(False)
+        await self.holder.stop()
+        await self.server.stop(self.config.grace_s if grace_s is None else grace_s)
+        await self.generator.batcher.close()
+        await self.generator.features.close()
+
+
+def _feature_store(config: RetrievalConfig) -> FeatureStore:
+    timeout_s = config.redis_timeout_ms / 1000
+    client = None
+    if config.redis_url:
+        # No retries: one slow try already spends the budget; the artifact answers instead.
+        client = feature_store.redis_client(config.redis_url, socket_timeout_s=timeout_s,
+                                            connect_timeout_s=timeout_s, retries=0, asyncio=True)
+    return FeatureStore(client, feature_store.KeyFormat(config.redis_namespace), timeout_s)
+
+
+def default_holder(config: RetrievalConfig) -> VersionHolder[ServingState]:
+    """Watches ``config.artifact_root`` (or the pinned version) and loads states for the configured device."""
+    device = resolve_device(config.device)
+    load = functools.partial(load_state, device=device, open_backend=open_backend)
+    return VersionHolder(config.artifact_root, load, pinned=config.pinned_version,
+                         poll_interval_s=config.poll_interval_s)
+
+
+def _follow_holder(app: App) -> None:
+    """Chains metrics and the first SERVING onto the holder's swap/refuse callbacks."""
+    holder, on_swap, on_refuse = app.holder, app.holder.on_swap, app.holder.on_refuse
+
+    def swapped(state: ServingState, version: int) -> None:
+        if on_swap is not None:
+            on_swap(state, version)
+        metrics.VERSION.set(version)
+        metrics.RELOADS.inc()
+        log.info("serving version %d (backend %s, device %s, index %s, build-time recall@100 %s)", version,
+                 state.backend, state.device, state.index_params.kind, state.build_recall, extra={"version": version})
+        task = asyncio.get_running_loop().create_task(app.set_serving(True))
+        app._tasks.add(task)
+        task.add_done_callback(app._tasks.discard)
+
+    def refused(version: int, error: Exception) -> None:
+        if on_refuse is not None:
+            on_refuse(version, error)
+        metrics.REFUSALS.inc()
+
+    holder.on_swap, holder.on_refuse = swapped, refused
+
+
+async def create_server(config: RetrievalConfig, *, holder: VersionHolder[ServingState] | None = None,
+                        batching: bool = True, host: str = "0.0.0.0") -> tuple[grpc.aio.Server, int, App]:
+    """Builds and starts the server; returns (server, bound port, app). ``batching`` False = no micro-batching."""
+    holder = holder if holder is not None else default_holder(config)
+    batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000, enabled=batching)
+    generator = CandidateGenerator(_feature_store(config), batcher)
+    server = grpc.aio.server(options=runtime.message_size_options(config.max_message_bytes))
+    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(
+        RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size), server)
+    health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
+    app = App(config, server, holder, generator, health_servicer)
+    await app.set_serving(False)
+    port = runtime.bind(server, f"{host}:{config.port}", config.tls)
+    await server.start()
+    _follow_holder(app)
+    if holder.ready:
+        metrics.VERSION.set(holder.version or 0)
+        await app.set_serving(True)
+    holder.start()
+    return server, port, app

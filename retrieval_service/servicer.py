@@ -1,0 +1,90 @@
+"""The ``recsys.v1.RetrievalService`` servicer: validate, call the generator, stream the reply.
+
+Status codes: INVALID_ARGUMENT (a field out of range, named with its value), UNAVAILABLE (no
+version loaded yet), DEADLINE_EXCEEDED (no time left, or the work outran the caller's deadline),
+CANCELLED (the caller went away: the work stops at the next await), INTERNAL (a bug: logged with
+its traceback here, a plain message on the wire).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
+from recsys_serving.reload import VersionHolder
+from recsys_serving.runtime import request_id
+from retrieval_service import metrics
+from retrieval_service.generator import CandidateGenerator, Candidates, DeadlineExceeded
+from retrieval_service.state import ServingState
+from retrieval_service.validation import InvalidRequest, validate
+
+log = logging.getLogger(__name__)
+
+# Deadline used when the caller set none (seconds): no request may hold the server forever.
+DEFAULT_DEADLINE_S = 30.0
+
+
+class NotReady(Exception):
+    """No version is loaded yet."""
+
+
+def chunks(result: Candidates, chunk_size: int) -> list[retrieval_pb2.RetrieveResponse]:
+    """The stream's messages: ``chunk_size`` candidates each, every one with the version and the flags.
+
+    An empty answer (everything excluded) is one message without candidates: it still carries the version.
+    """
+    messages = []
+    for start in range(0, max(len(result.item_ids), 1), chunk_size):
+        candidates = [retrieval_pb2.Candidate(item_id=int(item), score=float(score)) for item, score in
+                      zip(result.item_ids[start:start + chunk_size], result.scores[start:start + chunk_size])]
+        messages.append(retrieval_pb2.RetrieveResponse(candidates=candidates, model_version=result.version,
+                                                       degraded=result.degraded))
+    return messages
+
+
+class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
+    def __init__(self, holder: VersionHolder[ServingState], generator: CandidateGenerator,
+                 max_candidates: int, chunk_size: int) -> None:
+        self.holder, self.generator = holder, generator
+        self.max_candidates, self.chunk_size = max_candidates, chunk_size
+
+    async def Retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext):
+        started = time.perf_counter()
+        code, message = grpc.StatusCode.OK, ""
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + (DEFAULT_DEADLINE_S if remaining is None else remaining)
+        try:
+            query = validate(request, self.max_candidates)
+            state = self.holder.current   # read once: this stream stays on this version
+            if state is None:
+                raise NotReady("no model version loaded yet")
+            async with asyncio.timeout(deadline - time.monotonic()):
+                result = await self.generator.generate(state, query, deadline)
+            for response in chunks(result, self.chunk_size):
+                await context.write(response)
+        except InvalidRequest as error:
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        except NotReady as error:
+            code, message = grpc.StatusCode.UNAVAILABLE, str(error)
+        except (DeadlineExceeded, TimeoutError):
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the candidates were ready"
+        except asyncio.CancelledError:
+            # gRPC cancels the handler itself when the deadline passes; count that as what it is.
+            expired = time.monotonic() >= deadline
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code, message = grpc.StatusCode.INTERNAL, "internal error"
+            log.exception("Retrieve failed", extra={"request_id": request_id(context)})
+        finally:
+            metrics.REQUESTS.labels(code.name).inc()
+            metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
+            if code not in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL) or log.isEnabledFor(logging.DEBUG):
+                log.log(logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO, "Retrieve %s %s",
+                        code.name, message, extra={"request_id": request_id(context), "code": code.name})
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, message)

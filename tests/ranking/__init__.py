@@ -1,0 +1,1 @@
+"""Tests of the ranking service: units, gRPC status codes, end to end with retrieval, degradation, parity."""

@@ -1,0 +1,214 @@
+"""Degradation with real processes: Redis killed / frozen / flushed during traffic, retrieval frozen / killed.
+
+Every request carries a client deadline, so "never hangs past the deadline" shows up as an answer
+instead of DEADLINE_EXCEEDED; waits for background work (the refill) poll with a generous bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc
+import pytest
+
+from recsys_contracts.feature_store import KeyFormat
+from recsys_contracts.v1 import common_pb2, ranking_pb2
+from tests.ranking.harness import RetrievalProcess, config, health_status, run, sample, serve, serve_retrieval
+
+FROM_ARTIFACT = common_pb2.DEGRADED_PATH_FEATURES_FROM_ARTIFACT
+POPULAR = common_pb2.DEGRADED_PATH_POPULAR_FALLBACK
+SERVING = 1
+NAMESPACE = "degrade"
+
+
+async def until(predicate, timeout_s: float = 20.0, what: str = "condition") -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > end:
+            raise AssertionError(f"{what} never held")
+        await asyncio.sleep(0.05)
+
+
+class Traffic:
+    """Recommend in a loop (1 s client deadline each); keeps every outcome: a set of flags or an error code."""
+
+    def __init__(self, stub) -> None:
+        self.stub, self.outcomes = stub, []
+        self.task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                reply = await self.stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=5), timeout=1.0)
+                self.outcomes.append(frozenset(reply.degraded))
+            except grpc.aio.AioRpcError as error:
+                self.outcomes.append(error.code())
+            await asyncio.sleep(0.005)
+
+    def last(self):
+        return self.outcomes[-1] if self.outcomes else None
+
+    def after(self, mark: int) -> list:
+        return self.outcomes[mark:]
+
+    async def stop(self) -> list:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+        return self.outcomes
+
+
+def marker_present(redis_server, version: int) -> bool:
+    client = redis_server.client()
+    try:
+        return client.get(KeyFormat(NAMESPACE).complete(version)) == b"1"
+    except Exception:  # noqa: BLE001 - down or frozen counts as "not present"
+        return False
+    finally:
+        client.close()
+
+
+@contextlib.asynccontextmanager
+async def ranking_with_redis(published, loaded, retrieval_loaded, redis_server):
+    root, version = published
+    async with serve_retrieval(root, retrieval_loaded) as (target, _):
+        cfg = config(root, retrieval_target=target, redis_url=redis_server.url, redis_namespace=NAMESPACE)
+        async with serve(cfg, state=loaded) as (stub, channel, app):
+            # The fresh Redis lacks the version: the service fills it from the artifact on its own.
+            await until(lambda: marker_present(redis_server, version), what="initial refill")
+            traffic = Traffic(stub)
+            await until(lambda: traffic.last() == frozenset(), what="a normal answer")
+            yield traffic, channel
+
+
+def _check(outcomes: list) -> None:
+    errors = [o for o in outcomes if not isinstance(o, frozenset)]
+    assert not errors, f"requests failed during the outage: {errors[:5]}"
+
+
+def test_redis_killed_then_restarted_empty_is_refilled(published, loaded, retrieval_loaded, private_redis):
+    version = published[1]
+
+    async def main():
+        async with ranking_with_redis(published, loaded, retrieval_loaded, private_redis) as (traffic, channel):
+            degraded = sample("ranking_degraded_total", path="DEGRADED_PATH_FEATURES_FROM_ARTIFACT")
+            refills = sample("ranking_redis_refills_total")
+            private_redis.kill()
+            mark = len(traffic.outcomes)
+            await until(lambda: FROM_ARTIFACT in (traffic.last() or ()), what="artifact answers")
+            assert await health_status(channel) == SERVING
+            assert sample("ranking_degraded_total", path="DEGRADED_PATH_FEATURES_FROM_ARTIFACT") > degraded
+            assert sample("ranking_redis_errors_total", operation="read") >= 1
+            private_redis.start()                                     # back, and empty
+            await until(lambda: marker_present(private_redis, version), what="refill")
+            await until(lambda: traffic.last() == frozenset(), what="normal answers again")
+            assert sample("ranking_redis_refills_total") >= refills + 1
+            return traffic.after(mark), await traffic.stop()
+
+    during, everything = run(main())
+    _check(everything)
+    assert any(FROM_ARTIFACT in o for o in during)
+
+
+def test_redis_frozen_answers_within_the_deadline_from_the_artifact(published, loaded, retrieval_loaded,
+                                                                    private_redis):
+    async def main():
+        async with ranking_with_redis(published, loaded, retrieval_loaded, private_redis) as (traffic, channel):
+            private_redis.freeze()
+            mark = len(traffic.outcomes)
+            await until(lambda: len(traffic.outcomes) > mark + 20, what="20 answers while frozen")
+            assert await health_status(channel) == SERVING
+            frozen = traffic.after(mark)
+            private_redis.resume()
+            await until(lambda: traffic.last() == frozenset(), what="normal answers after SIGCONT")
+            return frozen, await traffic.stop()
+
+    frozen, everything = run(main())
+    _check(everything)
+    assert all(FROM_ARTIFACT in o for o in frozen[1:])
+
+
+def test_redis_flushed_is_refilled_and_answers_meanwhile(published, loaded, retrieval_loaded, private_redis):
+    version = published[1]
+
+    async def main():
+        async with ranking_with_redis(published, loaded, retrieval_loaded, private_redis) as (traffic, _):
+            client = private_redis.client()
+            client.flushall()
+            client.close()
+            mark = len(traffic.outcomes)
+            await until(lambda: marker_present(private_redis, version), what="refill after FLUSHALL")
+            await until(lambda: traffic.last() == frozenset(), what="normal answers again")
+            return traffic.after(mark), await traffic.stop()
+
+    after_flush, everything = run(main())
+    _check(everything)
+    assert all(o <= {FROM_ARTIFACT} for o in after_flush)
+
+
+@pytest.fixture(scope="module")
+def retrieval_process(published):
+    process = RetrievalProcess(published[0])
+    try:
+        process.wait_serving()
+        yield process
+    finally:
+        process.kill()
+
+
+async def _recommend(stub, timeout: float = 1.0):
+    return await stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=5), timeout=timeout)
+
+
+@contextlib.asynccontextmanager
+async def two_rankings(root, loaded, target):
+    """One ranking server falling back to popular items, one configured to fail UNAVAILABLE."""
+    async with serve(config(root, retrieval_target=target), state=loaded) as (popular, channel, _):
+        async with serve(config(root, retrieval_target=target, fallback="unavailable"),
+                         state=loaded) as (strict, _, _):
+            yield popular, strict, channel
+
+
+async def _degraded_answers(popular, strict, channel):
+    reply = await _recommend(popular)
+    assert POPULAR in reply.degraded and len(reply.items) == 5 and reply.retrieval_version == 0
+    with pytest.raises(grpc.aio.AioRpcError) as error:
+        await _recommend(strict)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert await health_status(channel) == SERVING
+
+
+def test_retrieval_frozen_falls_back_within_the_deadline(published, loaded, retrieval_process):
+    root, version = published
+
+    async def main():
+        async with two_rankings(root, loaded, retrieval_process.target) as (popular, strict, channel):
+            assert (await _recommend(popular, timeout=10)).retrieval_version == version   # connected, warm
+            assert (await _recommend(strict, timeout=10)).retrieval_version == version
+            timeouts = sample("ranking_retrieval_failures_total", code="DEADLINE_EXCEEDED")
+            retrieval_process.freeze()
+            try:
+                await _degraded_answers(popular, strict, channel)
+            finally:
+                retrieval_process.resume()
+            assert sample("ranking_retrieval_failures_total", code="DEADLINE_EXCEEDED") == timeouts + 2
+            reply = await _recommend(popular, timeout=10)
+            assert reply.retrieval_version == version and POPULAR not in reply.degraded
+
+    run(main())
+
+
+def test_retrieval_killed_falls_back_or_is_unavailable(published, loaded, retrieval_process):
+    root, version = published
+
+    async def main():
+        async with two_rankings(root, loaded, retrieval_process.target) as (popular, strict, channel):
+            assert (await _recommend(popular, timeout=10)).retrieval_version == version
+            refused = sample("ranking_retrieval_failures_total", code="UNAVAILABLE")
+            retrieval_process.kill()
+            await _degraded_answers(popular, strict, channel)
+            assert sample("ranking_retrieval_failures_total", code="UNAVAILABLE") >= refused + 2
+
+    run(main())

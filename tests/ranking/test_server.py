@@ -1,0 +1,180 @@
+"""The gRPC surface: Rank, and every status code the servicer chooses (real servers on port 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import socket
+
+import grpc
+import numpy as np
+import pytest
+import torch
+
+from ranking_service.state import ranker_inputs, run_ranker
+from recsys_contracts.v1 import common_pb2, ranking_pb2
+from recsys_serving.runtime import REQUEST_ID_KEY
+from tests.ranking.harness import config, free_port, health_status, run, sample, serve
+
+SERVING = 1
+NOT_SERVING = 2
+
+
+def test_rank_scores_distinct_items_best_first_and_flags_unknown_ones(published, loaded):
+    root, _ = published
+    tables = loaded.tables
+    ids = [int(tables.item_ids[i]) for i in (4, 2, 9)]
+
+    async def main():
+        async with serve(config(root), state=loaded) as (stub, _, _):
+            return await stub.Rank(ranking_pb2.RankRequest(
+                user_id="1", item_ids=[ids[0], ids[1], 10**12, ids[0], ids[2]],
+                context=common_pb2.Context(timestamp_s=1_000_000)), timeout=5)
+
+    reply = run(main())
+    assert reply.ranking_version == 1
+    assert list(reply.unknown_item_ids) == [10**12]
+    assert list(reply.degraded) == [common_pb2.DEGRADED_PATH_UNKNOWN_ITEMS]
+    assert sorted(item.item_id for item in reply.items) == sorted(ids + [10**12])     # duplicates scored once
+    scores = [item.score for item in reply.items]
+    assert scores == sorted(scores, reverse=True)
+    # The served numbers are the program's on the artifact's features (no Redis configured).
+    user = loaded.user_index["1"]
+    idx = np.array([4, 2, 0, 9])
+    ctr, rating = run_ranker(loaded.ranker, ranker_inputs(
+        loaded, user_idx=user, user_cat=tables.user_cat[user], user_num=tables.user_num[user],
+        history=tables.history[user], timestamp=1_000_000, item_idx=idx, retrieval_score=np.zeros(4, np.float32)))
+    served = {item.item_id: item for item in reply.items}
+    for item_id, c, r in zip(ids[:2] + [10**12] + ids[2:], ctr, rating):
+        assert served[item_id].ctr == pytest.approx(float(c), abs=1e-6)
+        assert served[item_id].predicted_rating == pytest.approx(float(r), abs=1e-5)
+        assert served[item_id].score == served[item_id].ctr and served[item_id].retrieval_score == 0.0
+
+
+@pytest.mark.parametrize("method, request_, named", [
+    ("Rank", ranking_pb2.RankRequest(user_id="1", item_ids=list(range(1001))), "item_ids must hold 1..1000 ids, got 1001"),
+    ("Recommend", ranking_pb2.RecommendRequest(user_id="1", k=0), "k must be in [1, 100], got 0"),
+    ("RecordInteractions", ranking_pb2.RecordInteractionsRequest(), "interactions must hold 1..1000 entries, got 0"),
+])
+def test_invalid_argument_names_the_field_and_value(published, loaded, method, request_, named):
+    root, _ = published
+
+    async def main():
+        async with serve(config(root), state=loaded) as (stub, _, _):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await getattr(stub, method)(request_, timeout=5)
+            return error.value
+
+    error = run(main())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == named
+
+
+def test_unavailable_and_not_serving_until_a_version_exists(tmp_path):
+    async def main():
+        async with serve(config(tmp_path)) as (stub, channel, _):
+            assert await health_status(channel) == NOT_SERVING
+            assert await health_status(channel, "recsys.v1.RankingService") == NOT_SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.Rank(ranking_pb2.RankRequest(user_id="1", item_ids=[1]), timeout=5)
+            return error.value
+
+    error = run(main())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "no model version loaded" in error.details()
+
+
+def test_deadline_too_short_on_arrival_fails_before_any_retrieval_or_redis_call(published, loaded):
+    root, _ = published
+    cfg = config(root, min_deadline_ms=1000, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+
+    async def main():
+        async with serve(cfg, state=loaded) as (stub, channel, _):
+            fetches = sample("ranking_stage_seconds_count", stage="feature_fetch")
+            failures = sum(sample("ranking_retrieval_failures_total", code=c) for c in ("UNAVAILABLE", "DEADLINE_EXCEEDED"))
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3), timeout=0.5)
+            assert sample("ranking_stage_seconds_count", stage="feature_fetch") == fetches
+            assert sum(sample("ranking_retrieval_failures_total", code=c)
+                       for c in ("UNAVAILABLE", "DEADLINE_EXCEEDED")) == failures
+            assert await health_status(channel) == SERVING
+            return error.value
+
+    error = run(main())
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "deadline must leave at least 1000 ms" in error.details()
+
+
+def test_overload_gets_resource_exhausted_at_once(published, loaded):
+    root, _ = published
+    # A retrieval that accepts connections and never answers: the first Recommend holds its slot.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        cfg = config(root, max_in_flight=1, retrieval_target=f"127.0.0.1:{silent.getsockname()[1]}")
+
+        async def main():
+            async with serve(cfg, state=loaded) as (stub, _, app):
+                first = asyncio.ensure_future(stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3), timeout=1))
+                while app.in_flight < 1:
+                    await asyncio.sleep(0.01)
+                before = sample("ranking_requests_total", method="Rank", code="RESOURCE_EXHAUSTED")
+                with pytest.raises(grpc.aio.AioRpcError) as error:
+                    await stub.Rank(ranking_pb2.RankRequest(user_id="1", item_ids=[1]), timeout=3)
+                assert sample("ranking_requests_total", method="Rank", code="RESOURCE_EXHAUSTED") == before + 1
+                # The held request still answers within its deadline, from the popular fallback.
+                reply = await first
+                assert common_pb2.DEGRADED_PATH_POPULAR_FALLBACK in reply.degraded
+                return error.value
+
+        error = run(main())
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many requests in flight" in error.details()
+
+
+def test_retrieval_down_with_fallback_disabled_is_unavailable(published, loaded):
+    root, _ = published
+
+    async def main():
+        async with serve(config(root, fallback="unavailable"), state=loaded) as (stub, _, _):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3), timeout=5)
+            return error.value
+
+    error = run(main())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "fallback is disabled" in error.details()
+
+
+def test_redis_refusing_recorded_interactions_is_unavailable(published, loaded):
+    root, _ = published
+    cfg = config(root, redis_url=f"redis://127.0.0.1:{free_port()}/0")
+
+    async def main():
+        async with serve(cfg, state=loaded) as (stub, _, _):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.RecordInteractions(ranking_pb2.RecordInteractionsRequest(
+                    interactions=[common_pb2.Interaction(user_id="1", item_id=3)]), timeout=5)
+            return error.value
+
+    error = run(main())
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and "did not take the interactions" in error.details()
+
+
+class _BrokenRanker(torch.nn.Module):
+    def forward(self, item_idx, **_):
+        raise RuntimeError("a bug deep inside the model")
+
+
+def test_unexpected_errors_are_internal_without_a_traceback(published, loaded, caplog):
+    root, _ = published
+    broken = dataclasses.replace(loaded, ranker=_BrokenRanker())
+
+    async def main():
+        async with serve(config(root), state=broken) as (stub, _, _):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.Rank(ranking_pb2.RankRequest(user_id="1", item_ids=[1]), timeout=5,
+                                metadata=((REQUEST_ID_KEY, "req-42"),))
+            return error.value
+
+    error = run(main())
+    assert error.code() == grpc.StatusCode.INTERNAL and error.details() == "internal error"
+    logged = [r for r in caplog.records if r.levelname == "ERROR" and getattr(r, "request_id", "") == "req-42"]
+    assert logged and "a bug deep inside the model" in logged[0].exc_text

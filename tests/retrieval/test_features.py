@@ -1,0 +1,122 @@
+"""Features from real Redis: materialised rows, fresh interactions, and the degraded paths (down, frozen)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import redis
+
+from recsys_contracts import feature_store
+from recsys_contracts.feature_store import FreshInteraction, KeyFormat
+from recsys_contracts.v1 import common_pb2
+from retrieval_service.features import FeatureStore, resolve_user
+from retrieval_service.validation import Query
+from tests.retrieval.conftest import free_port
+from tests.retrieval.harness import cached_holder, config, items, retrieve, sample, serve
+from trainer.publish import materialize_features
+
+FROM_ARTIFACT = common_pb2.DEGRADED_PATH_FEATURES_FROM_ARTIFACT
+
+
+def _materialize(url: str, namespace: str, version: int, tiny) -> redis.Redis:
+    client = redis.Redis.from_url(url)
+    materialize_features(client, KeyFormat(namespace), version, tiny.tables)
+    return client
+
+
+def test_fresh_interaction_is_excluded_and_enters_the_history(published, loaded, tiny, redis_url, redis_namespace):
+    root, version = published
+    client = _materialize(redis_url, redis_namespace, version, tiny)
+    user = str(loaded.tables.user_ids[2])
+
+    async def body():
+        cfg = config(root, redis_url=redis_url, redis_namespace=redis_namespace, redis_timeout_ms=2000)
+        async with serve(cfg, holder=cached_holder(root, loaded)) as (stub, _, app):
+            first = await retrieve(stub, user_id=user, num_candidates=10)
+            top = items(first)[0]
+            pipe = client.pipeline(transaction=False)
+            feature_store.queue_record_interactions(pipe, KeyFormat(redis_namespace),
+                                                    [(user, FreshInteraction(top, int(time.time()), 5.0))])
+            pipe.execute()
+            second = await retrieve(stub, user_id=user, num_candidates=10)
+            record = await app.generator.features.read(version, user, budget_s=2.0)
+            return first, second, top, record
+
+    first, second, top, record = asyncio.run(body())
+    client.close()
+    assert all(list(c.degraded) == [] for c in first + second)
+    assert top not in items(second) and len(items(second)) == 10
+    resolved = resolve_user(loaded, Query(user, 10, {}, {}, (), 1, False), record, store_failed=False)
+    assert resolved.row.history[-1] == loaded.item_index[top]
+    assert loaded.item_index[top] in resolved.seen
+    # The stored history comes first, oldest first, left-padded.
+    stored = [loaded.item_index[i] for i in record.history]
+    assert resolved.row.history[-1 - len(stored[-9:]):-1].tolist() == stored[-9:]
+
+
+def test_redis_without_the_version_answers_from_the_artifact_flagged(published, loaded, redis_url, redis_namespace):
+    root, _ = published
+
+    async def body():
+        cfg = config(root, redis_url=redis_url, redis_namespace=redis_namespace, redis_timeout_ms=2000)
+        async with serve(cfg, holder=cached_holder(root, loaded)) as (stub, _, _):
+            return await retrieve(stub, user_id=str(loaded.tables.user_ids[1]), num_candidates=5)
+
+    chunks = asyncio.run(body())
+    assert items(chunks) and all(list(c.degraded) == [FROM_ARTIFACT] for c in chunks)
+
+
+def test_redis_down_answers_from_the_artifact_and_counts_it(published, loaded):
+    root, _ = published
+    dead = f"redis://127.0.0.1:{free_port()}/0"   # nothing listens there
+
+    async def body():
+        before = (sample("retrieval_feature_store_errors_total"),
+                  sample("retrieval_degraded_total", path="DEGRADED_PATH_FEATURES_FROM_ARTIFACT"))
+        async with serve(config(root, redis_url=dead, redis_timeout_ms=200), holder=cached_holder(root, loaded)) \
+                as (stub, _, _):
+            chunks = await retrieve(stub, user_id=str(loaded.tables.user_ids[1]), num_candidates=5)
+        after = (sample("retrieval_feature_store_errors_total"),
+                 sample("retrieval_degraded_total", path="DEGRADED_PATH_FEATURES_FROM_ARTIFACT"))
+        return chunks, np.subtract(after, before)
+
+    chunks, counted = asyncio.run(body())
+    assert len(items(chunks)) == 5 and all(list(c.degraded) == [FROM_ARTIFACT] for c in chunks)
+    assert counted.tolist() == [1, 1]
+
+
+def test_frozen_redis_still_answers_within_the_deadline(published, loaded, tiny, private_redis):
+    # Redis's own timeout (5 s) is far beyond the caller's 1 s deadline: the deadline bounds the read.
+    root, version = published
+    url, pid = private_redis
+    _materialize(url, "recsys", version, tiny).close()
+    user = str(loaded.tables.user_ids[1])
+
+    async def body():
+        cfg = config(root, redis_url=url, redis_timeout_ms=5000)
+        async with serve(cfg, holder=cached_holder(root, loaded)) as (stub, _, _):
+            when = common_pb2.Context(timestamp_s=1_700_000_000)
+            healthy = await retrieve(stub, user_id=user, num_candidates=5, context=when)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                frozen = [await retrieve(stub, timeout=1.0, user_id=user, num_candidates=5, context=when)
+                          for _ in range(3)]
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            return healthy, frozen
+
+    healthy, frozen = asyncio.run(body())
+    assert all(list(c.degraded) == [] for c in healthy)
+    for chunks in frozen:
+        assert items(chunks) == items(healthy)   # same features: Redis holds the artifact's rows
+        assert all(list(c.degraded) == [FROM_ARTIFACT] for c in chunks)
+
+
+def test_feature_store_rejects_a_non_positive_timeout():
+    with pytest.raises(ValueError, match="timeout_s must be > 0, got 0"):
+        FeatureStore(None, KeyFormat(), 0)
