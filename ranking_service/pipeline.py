@@ -30,7 +30,7 @@ from ranking_service.batching import MAX_ROWS, MicroBatcher
 from ranking_service.features import FeatureStore, UserView
 from ranking_service.retrieval_client import CandidateSource
 from ranking_service.selection import RunningTopK, Scored, best_first, mmr_order
-from ranking_service.state import ServingState, ranker_inputs
+from ranking_service.state import ServingState, ranker_inputs, retrieval_scores
 from ranking_service.validation import RankQuery, RecommendQuery
 from recsys_contracts.feature_store import FreshInteraction
 from recsys_contracts.v1 import common_pb2
@@ -194,8 +194,10 @@ class Pipeline:
 
     async def rank(self, state: ServingState, query: RankQuery) -> Answer:
         view = await self.features.user_view(state, query.user_id, query.overrides)
-        scored = await self.score(state, view, query.timestamp, query.item_ids,
-                                  np.zeros(query.item_ids.size, dtype=np.float32),
+        scores = retrieval_scores(state, user_idx=view.user_idx, user_cat=view.cat, user_num=view.num,
+                                  history=view.history, timestamp=query.timestamp,
+                                  item_idx=state.items.indices(query.item_ids))
+        scored = await self.score(state, view, query.timestamp, query.item_ids, scores,
                                   np.arange(query.item_ids.size, dtype=np.int64))
         unknown = query.item_ids[scored.item_idx == 0]
         flags = set(view.degraded) | ({common_pb2.DEGRADED_PATH_UNKNOWN_ITEMS} if unknown.size else set())

@@ -74,6 +74,7 @@ class ServingState:
 
     version: int
     ranker: torch.nn.Module                 # exported DCN: aligned rows -> (ctr_logit (N,), rating (N,))
+    user_tower: torch.nn.Module             # exported user tower: Rank computes retrieval scores itself
     tables: VersionTables
     user_index: dict[str, int]              # external user id -> user index (absent = unknown)
     items: ItemLookup
@@ -113,6 +114,23 @@ def ranker_inputs(state: ServingState, *, user_idx: int, user_cat: np.ndarray, u
     }
 
 
+def retrieval_scores(state: ServingState, *, user_idx: int, user_cat: np.ndarray, user_num: np.ndarray,
+                     history: np.ndarray, timestamp: int, item_idx: np.ndarray) -> np.ndarray:
+    """The score retrieval would give these items (N,): user embedding . item embedding / temperature.
+
+    Rank receives bare item ids, but the DCN was trained with this score as an input (and a
+    wide skip on it), so it is computed here exactly as retrieval computes it; unknown items
+    (index 0, zero embedding) get 0.
+    """
+    inputs = {"user_idx": np.array([user_idx], dtype=np.int64), "user_cat": user_cat.astype(np.int64)[None],
+              "user_num": user_num.astype(np.float32)[None], "history": history.astype(np.int64)[None],
+              "timestamp": np.array([timestamp], dtype=np.int64)}
+    with torch.inference_mode():
+        user = state.user_tower(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()[0]   # (D,)
+    temperature = float(state.tables.serving.get("temperature", 1.0))
+    return (state.item_embeddings[item_idx] @ user / temperature).astype(np.float32)             # (N, D) @ (D,)
+
+
 def score_rule_for(serving: dict, default_mode: str) -> ScoreRule:
     """The version's serving.json decides (it is what offline evaluation used); ``default_mode``
     applies only to a version that does not say."""
@@ -147,7 +165,8 @@ def load_state(directory: Path, version: int, *, default_score_mode: str = "ctr"
     if not np.isfinite(embeddings).all():
         raise ValueError("item_embeddings.npy must be finite, got NaN or infinity")
     state = ServingState(
-        version=version, ranker=load_program(directory / "ranker.pt2"), tables=tables,
+        version=version, ranker=load_program(directory / "ranker.pt2"),
+        user_tower=load_program(directory / "user_tower.pt2"), tables=tables,
         user_index=tables.user_index(), items=ItemLookup(tables.item_ids), item_embeddings=embeddings,
         popular_scores=np.log1p(tables.item_counts.astype(np.float32)),
         score_rule=score_rule_for(tables.serving, default_score_mode))

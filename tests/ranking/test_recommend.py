@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import redis
 
-from ranking_service.state import ScoreRule, ranker_inputs, run_ranker
+from ranking_service.state import ScoreRule, ranker_inputs, retrieval_scores, run_ranker
 from recsys_contracts import feature_store
 from recsys_contracts.v1 import common_pb2, ranking_pb2
 from recsys_serving.runtime import REQUEST_ID_KEY
@@ -70,9 +70,12 @@ def _rank_one(stub, user_id, item_id):
 
 def _expected_ctr(state, user_id: str, history: np.ndarray, item_idx: int) -> float:
     user = state.user_index[user_id]
-    ctr, _ = run_ranker(state.ranker, ranker_inputs(
-        state, user_idx=user, user_cat=state.tables.user_cat[user], user_num=state.tables.user_num[user],
-        history=history, timestamp=TS, item_idx=np.array([item_idx]), retrieval_score=np.zeros(1, np.float32)))
+    view = dict(user_idx=user, user_cat=state.tables.user_cat[user], user_num=state.tables.user_num[user],
+                history=history, timestamp=TS)
+    # Rank's retrieval score comes from the same (grown) history, through the user tower.
+    score = retrieval_scores(state, item_idx=np.array([item_idx]), **view)
+    ctr, _ = run_ranker(state.ranker, ranker_inputs(state, item_idx=np.array([item_idx]), retrieval_score=score,
+                                                    **view))
     return float(ctr[0])
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ranking_service.state import ranker_inputs, run_ranker
+from ranking_service.state import ranker_inputs, retrieval_scores, run_ranker
 from recsys_contracts.v1 import common_pb2, ranking_pb2
 from recsys_serving.runtime import REQUEST_ID_KEY
 from tests.ranking.harness import config, free_port, health_status, run, sample, serve
@@ -41,14 +41,18 @@ def test_rank_scores_distinct_items_best_first_and_flags_unknown_ones(published,
     # The served numbers are the program's on the artifact's features (no Redis configured).
     user = loaded.user_index["1"]
     idx = np.array([4, 2, 0, 9])
-    ctr, rating = run_ranker(loaded.ranker, ranker_inputs(
-        loaded, user_idx=user, user_cat=tables.user_cat[user], user_num=tables.user_num[user],
-        history=tables.history[user], timestamp=1_000_000, item_idx=idx, retrieval_score=np.zeros(4, np.float32)))
+    # Rank computes the retrieval score itself from the version's user tower and item embeddings.
+    user_view = dict(user_idx=user, user_cat=tables.user_cat[user], user_num=tables.user_num[user],
+                     history=tables.history[user], timestamp=1_000_000)
+    scores = retrieval_scores(loaded, item_idx=idx, **user_view)
+    assert scores[2] == 0.0 and np.count_nonzero(scores) == 3       # the unknown item has no embedding
+    ctr, rating = run_ranker(loaded.ranker, ranker_inputs(loaded, item_idx=idx, retrieval_score=scores, **user_view))
     served = {item.item_id: item for item in reply.items}
-    for item_id, c, r in zip(ids[:2] + [10**12] + ids[2:], ctr, rating):
+    for item_id, c, r, rs in zip(ids[:2] + [10**12] + ids[2:], ctr, rating, scores):
         assert served[item_id].ctr == pytest.approx(float(c), abs=1e-6)
         assert served[item_id].predicted_rating == pytest.approx(float(r), abs=1e-5)
-        assert served[item_id].score == served[item_id].ctr and served[item_id].retrieval_score == 0.0
+        assert served[item_id].score == served[item_id].ctr
+        assert served[item_id].retrieval_score == pytest.approx(float(rs), abs=1e-5)
 
 
 @pytest.mark.parametrize("method, request_, named", [

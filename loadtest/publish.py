@@ -1,0 +1,69 @@
+"""Writes versions into an artifact root: the scenarios' publish path (``python -m loadtest publish``).
+
+Two sources, both through the artifact contract's own ``recsys_contracts.artifacts.publish``:
+
+- ``republish``: copies the current version of another root (one ``python -m trainer`` published)
+  as new versions: the real trained models, and a publish that costs a file copy, so ten hot
+  reloads measure the services' reloading and not training;
+- ``publish_tiny``: the test suite's small real models (``tests.factories.tiny_run``: the real
+  two-tower and DCN, seeded, untrained, embedding size 16) fitted to MovieLens 100K's features,
+  or to the tiny synthetic dataset when no data directory is given. Untrained weights cost the
+  same to serve as trained ones of the same shape, which is what a load test measures.
+
+Runs in its own process (the ``Stack`` starts it): copying and exporting would steal the load
+generator's event loop.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from recsys_contracts import artifacts
+
+
+def _check(count: int, interval_s: float) -> None:
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count!r}")
+    if interval_s < 0:
+        raise ValueError(f"interval_s must be >= 0 (seconds between versions), got {interval_s!r}")
+
+
+def republish(root: Path, source_root: Path, count: int, interval_s: float) -> list[int]:
+    """Publishes the source root's current version ``count`` times into ``root``, ``interval_s`` apart."""
+    _check(count, interval_s)
+    source_version = artifacts.current_version(source_root)
+    if source_version is None:
+        raise ValueError(f"source_root must hold a published version (CURRENT), got {str(source_root)!r}")
+    manifest = artifacts.verify(source_root, source_version)
+    source_dir = artifacts.version_dir(source_root, source_version)
+
+    def copy_files(staging: Path) -> None:
+        for rel in manifest.files:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source_dir / rel, staging / rel)
+
+    versions = []
+    for i in range(count):
+        if i and interval_s:
+            time.sleep(interval_s)
+        versions.append(artifacts.publish(root, copy_files, data=manifest.data, config=manifest.config,
+                                          metrics=manifest.metrics, extra=manifest.extra))
+    return versions
+
+
+def publish_tiny(root: Path, data_dir: Path | None, count: int, interval_s: float, seed: int) -> list[int]:
+    """Publishes ``count`` tiny versions (new seeded weights each), ``interval_s`` apart; returns their numbers."""
+    _check(count, interval_s)
+    # Imported here: torch and the trainer load in seconds, and republish needs neither.
+    from tests.factories import publish_tiny_version, tiny_dataset, tiny_run  # noqa: PLC0415
+    from trainer.data.movielens import load_movielens  # noqa: PLC0415
+
+    dataset = load_movielens(data_dir) if data_dir is not None else tiny_dataset(seed)
+    versions = []
+    for i in range(count):
+        if i and interval_s:
+            time.sleep(interval_s)
+        versions.append(publish_tiny_version(root, seed + i, run=tiny_run(seed + i, dataset=dataset)))
+    return versions

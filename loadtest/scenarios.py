@@ -1,0 +1,170 @@
+"""The fault scenarios (``python -m loadtest scenario <name>``): one table, one runner.
+
+Each scenario starts its own ``Stack``, drives open-loop Recommend load (100 req/s, k=10, 200 ms
+deadline unless told otherwise), injects its fault ``fault_at_s`` seconds in, and undoes it (the
+fault step returns once the system is whole again). The report splits the requests by intended
+send time into before / during (fault start until ``settle_s`` after it was undone) / after, and
+gives each phase's failed requests by status code, degraded flags and latency percentiles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from loadtest.client import CHANNEL_OPTIONS, drive, wait_connected, warm_up
+from loadtest.config import LoadConfig, validate
+from loadtest.output import save_run
+from loadtest.results import Outcome, elapsed_s, summarize, window
+from loadtest.stack import Stack
+from loadtest.users import load_population
+
+# Users of the synthetic tiny dataset (tests.factories.tiny_dataset): "1".."80".
+SYNTHETIC_USERS = "80"
+
+Fault = Callable[[Stack], Awaitable[dict]]
+
+
+async def hot_reloads(stack: Stack, count: int, interval_s: float) -> dict:
+    await stack.publish(count, interval_s)
+    return {"published": count}
+
+
+async def redis_kill(stack: Stack, down_s: float) -> dict:
+    stack.redis.kill()
+    await asyncio.sleep(down_s)
+    await stack.redis.start_and_wait()   # comes back empty: the services must refill it
+    return {"down_s": down_s}
+
+
+async def redis_freeze(stack: Stack, frozen_s: float) -> dict:
+    stack.redis.freeze()                 # SIGSTOP: connections stay open, nothing answers
+    await asyncio.sleep(frozen_s)
+    stack.redis.resume()
+    return {"frozen_s": frozen_s}
+
+
+async def redis_flush(stack: Stack) -> dict:
+    await stack.redis.flush()
+    return {}
+
+
+async def retrieval_kill(stack: Stack) -> dict:
+    stack.retrieval.kill()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await stack.retrieval.start_and_wait()
+    return {"restart_s": loop.time() - started}
+
+
+async def ranking_sigterm(stack: Stack) -> dict:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    status = await stack.ranking.terminate()
+    drained = loop.time()
+    await stack.ranking.start_and_wait()
+    return {"exit_status": status, "drain_s": drained - started, "restart_s": loop.time() - drained}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    description: str
+    duration_s: float                  # seconds of load (a ramp's upper bound)
+    fault_at_s: float = 10.0           # seconds into the load
+    fault: Fault | None = None         # injects the fault and undoes it; None = load only
+    settle_s: float = 3.0              # seconds after the fault is undone that still count as "during"
+    mode: str = "open"
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("steady", "steady load, no fault", duration_s=20),
+    Scenario("ramp", "open-loop steps of +50 req/s until p99 exceeds the target", duration_s=150, mode="ramp"),
+    Scenario("hot-reloads", "10 new versions published 1 s apart", duration_s=60, fault_at_s=5,
+             fault=functools.partial(hot_reloads, count=10, interval_s=1.0)),
+    Scenario("redis-kill", "redis-server killed (-9) for 30 s, restarted empty", duration_s=55,
+             fault=functools.partial(redis_kill, down_s=30.0)),
+    Scenario("redis-freeze", "redis-server frozen (SIGSTOP) for 10 s", duration_s=35,
+             fault=functools.partial(redis_freeze, frozen_s=10.0)),
+    Scenario("redis-flush", "FLUSHALL on the feature store", duration_s=30, fault=redis_flush),
+    Scenario("retrieval-kill", "retrieval killed (-9) and restarted", duration_s=40, fault=retrieval_kill),
+    Scenario("ranking-sigterm", "ranking stopped with SIGTERM (graceful drain) and restarted", duration_s=40,
+             fault=ranking_sigterm),
+)}
+
+
+async def _inject(scenario: Scenario, stack: Stack, origin: float) -> dict:
+    loop = asyncio.get_running_loop()
+    await asyncio.sleep(max(0.0, origin + scenario.fault_at_s - loop.time()))
+    start_s = loop.time() - origin
+    notes = await scenario.fault(stack)
+    return {"start_s": start_s, "end_s": loop.time() - origin, "settle_s": scenario.settle_s, **notes}
+
+
+def phases(outcomes: list[Outcome], fault: dict, total_s: float) -> dict[str, dict | None]:
+    """Summaries of before / during / after the fault (None for a phase of no time)."""
+    bounds = {"before": (0.0, fault["start_s"]),
+              "during": (fault["start_s"], fault["end_s"] + fault["settle_s"]),
+              "after": (fault["end_s"] + fault["settle_s"], total_s)}
+    return {name: summarize(window(outcomes, lo, hi), hi - lo) if hi > lo else None
+            for name, (lo, hi) in bounds.items()}
+
+
+async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | None, workdir: Path,
+                       source_root: Path | None = None, seed: int = 0,
+                       service_env: dict[str, str] | None = None) -> tuple[dict, list[Outcome]]:
+    """Starts a stack in ``workdir``, drives ``config``'s load (its target replaced) with the fault; returns results."""
+    population = load_population(config.users_from)
+    loadavg_before = list(os.getloadavg())   # other work on the machine skews every figure
+    cpu_before = time.process_time()         # the harness's own CPU (the stack runs in child processes)
+    async with Stack(workdir, data_dir, source_root, seed, service_env) as stack:
+        config = validate(dataclasses.replace(config, target=stack.target, mode=scenario.mode,
+                                              duration_s=scenario.duration_s))
+        async with grpc.aio.insecure_channel(stack.target, options=CHANNEL_OPTIONS) as channel:
+            await wait_connected(channel, stack.target, config.connect_timeout_s)
+            await warm_up(channel, config, population)
+            loop = asyncio.get_running_loop()
+            origin = loop.time()
+            injecting = loop.create_task(_inject(scenario, stack, origin)) if scenario.fault else None
+            outcomes, extra = await drive(channel, config, population, origin)
+            fault = await injecting if injecting is not None else None
+    total_s = elapsed_s(outcomes, scenario.duration_s if scenario.mode == "open" else 1e-9)
+    document = {"scenario": scenario.name, "description": scenario.description,
+                "config": dataclasses.asdict(config), "service_env": service_env or {},
+                "loadavg_before": loadavg_before,
+                "client_cpu_s": time.process_time() - cpu_before, "summary": summarize(outcomes, total_s), **extra}
+    if fault is not None:
+        document["fault"] = fault
+        document["phases"] = phases(outcomes, fault, total_s)
+    return document, outcomes
+
+
+def run_and_save(name: str, config: LoadConfig, data_dir: Path | None, out_dir: Path,
+                 source_root: Path | None = None, seed: int = 0, service_env: dict[str, str] | None = None) -> dict:
+    """Runs the named scenario in a temporary work directory, saves results, plots and the stack's logs."""
+    if name not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {name!r}")
+    scenario = SCENARIOS[name]
+    with tempfile.TemporaryDirectory(prefix=f"loadtest-{name}-") as workdir:
+        try:
+            document, outcomes = asyncio.run(
+                run_scenario(scenario, config, data_dir, Path(workdir), source_root, seed, service_env))
+        finally:
+            logs = out_dir / "logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            for log in Path(workdir).glob("*.log"):
+                shutil.copy(log, logs / log.name)
+    fault = document.get("fault")
+    marks = [(fault["start_s"], "fault"), (fault["end_s"], "undone")] if fault else []
+    save_run(out_dir, document, outcomes, f"{name}: {scenario.description}", marks)
+    return document

@@ -1,0 +1,251 @@
+"""A whole serving stack on loopback for the scenarios: redis-server, retrieval and ranking subprocesses.
+
+``Stack`` owns a work directory (artifact root, logs), publishes the first version, starts its own
+``redis-server`` on a free port (no persistence: a restart comes back empty, like a lost cache),
+then ``python -m retrieval_service`` and ``python -m ranking_service`` configured through their
+environment variables, and waits until both report SERVING on ``grpc.health.v1`` and Redis holds
+the version (its ``complete`` marker, which the ranking service's refiller sets). Each process can
+be killed, frozen, stopped with SIGTERM and started again on the same port, which is how the
+scenarios inject faults. Everything it started is killed on ``close``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import redis
+import redis.asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsys_contracts import artifacts, feature_store
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NAMESPACE = "loadtest"
+START_TIMEOUT_S = 120.0   # a service imports torch and loads a version before it reports SERVING
+_OWN_PREFIXES = ("RECSYS_", "RETRIEVAL_", "RANKING_")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def child_env(settings: dict[str, str]) -> dict[str, str]:
+    """This process's environment without the services' own names, plus ``settings`` and the repo on the path."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(settings)
+    return env
+
+
+async def wait_serving(target: str, timeout_s: float, check: Callable[[], None] = lambda: None) -> None:
+    """Polls ``grpc.health.v1`` at ``target`` every 0.1 s until SERVING; TimeoutError after ``timeout_s``.
+
+    ``check`` runs before each poll and may raise (e.g. when the server's process has exited).
+    """
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            check()
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if loop.time() > end:
+                raise TimeoutError(f"{target} was not SERVING within {timeout_s:g} s")
+            await asyncio.sleep(0.1)
+
+
+class Process:
+    """One child process that can be started again after a kill, a freeze or a SIGTERM."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.name, self.argv, self.env, self.log_path = name, argv, env, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL (after SIGCONT, so a frozen process dies too), then reap."""
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait(timeout=30)
+
+    def freeze(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    async def terminate(self, timeout_s: float = 60.0) -> int:
+        """SIGTERM and wait for the exit (the graceful drain); SIGKILL after ``timeout_s``. Returns the status."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.to_thread(self.proc.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return self.proc.returncode
+
+    def log_tail(self, lines: int = 20) -> str:
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class RedisServer(Process):
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server must be installed (on PATH) for the scenarios, got none")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        super().__init__("redis", [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                   "--appendonly", "no"], dict(os.environ), workdir / "redis.log")
+
+    async def start_and_wait(self, timeout_s: float = 10.0) -> None:
+        self.start()
+        client = redis.asyncio.Redis.from_url(self.url, socket_timeout=1)
+        try:
+            end = asyncio.get_running_loop().time() + timeout_s
+            while True:
+                try:
+                    await client.ping()
+                    return
+                except (redis.ConnectionError, redis.TimeoutError):
+                    if asyncio.get_running_loop().time() > end or not self.alive():
+                        raise RuntimeError(f"redis-server on port {self.port} did not answer: {self.log_tail()}")
+                    await asyncio.sleep(0.05)
+        finally:
+            await client.aclose()
+
+    async def flush(self) -> None:
+        client = redis.asyncio.Redis.from_url(self.url, socket_timeout=5)
+        try:
+            await client.flushall()
+        finally:
+            await client.aclose()
+
+
+class Service(Process):
+    """``python -m <module>`` serving gRPC on ``port`` of loopback."""
+
+    def __init__(self, module: str, port: int, settings: dict[str, str], workdir: Path) -> None:
+        self.port = port
+        self.target = f"127.0.0.1:{port}"
+        super().__init__(module, [sys.executable, "-m", module], child_env(settings), workdir / f"{module}.log")
+
+    async def wait_serving(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        def check() -> None:
+            if not self.alive():
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.log_tail()}")
+
+        try:
+            await wait_serving(self.target, timeout_s, check)
+        except TimeoutError:
+            raise RuntimeError(f"{self.name} was not SERVING within {timeout_s:g} s: {self.log_tail()}") from None
+
+    async def start_and_wait(self) -> None:
+        self.start()
+        await self.wait_serving()
+
+
+class Stack:
+    """redis-server + retrieval + ranking over a fresh artifact root in ``workdir``; an async context manager."""
+
+    def __init__(self, workdir: Path, data_dir: Path | None, source_root: Path | None = None, seed: int = 0,
+                 service_env: dict[str, str] | None = None) -> None:
+        self.workdir, self.data_dir, self.source_root, self.seed = Path(workdir), data_dir, source_root, seed
+        self.root = self.workdir / "artifacts"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.redis = RedisServer(self.workdir)
+        # service_env (e.g. RANKING_DEFAULT_CANDIDATES) goes to both services: each ignores the other's prefix.
+        shared = {"RECSYS_ARTIFACT_ROOT": str(self.root), "RECSYS_REDIS_URL": self.redis.url,
+                  "RECSYS_REDIS_NAMESPACE": NAMESPACE, "RECSYS_LOG_LEVEL": "WARNING", **(service_env or {})}
+        retrieval_port, ranking_port = free_port(), free_port()
+        self.retrieval = Service("retrieval_service", retrieval_port, {
+            **shared, "RETRIEVAL_PORT": str(retrieval_port), "RETRIEVAL_METRICS_PORT": "0"}, self.workdir)
+        self.ranking = Service("ranking_service", ranking_port, {
+            **shared, "RANKING_PORT": str(ranking_port), "RANKING_METRICS_PORT": "0",
+            "RANKING_RETRIEVAL_TARGET": self.retrieval.target}, self.workdir)
+        self._published = 0
+
+    @property
+    def target(self) -> str:
+        return self.ranking.target
+
+    async def publish(self, count: int, interval_s: float = 0.0) -> None:
+        """Publishes ``count`` versions from a child process at low CPU priority (as if the trainer ran elsewhere)."""
+        argv = [sys.executable, "-m", "loadtest", "publish", "--root", str(self.root), "--count", str(count),
+                "--interval-s", str(interval_s), "--seed", str(self.seed + self._published), "--nice", "10"]
+        if self.source_root is not None:
+            argv += ["--from-root", str(self.source_root)]
+        elif self.data_dir is not None:
+            argv += ["--data-dir", str(self.data_dir)]
+        self._published += count
+        with open(self.workdir / "publish.log", "ab") as log:
+            child = await asyncio.create_subprocess_exec(*argv, cwd=REPO_ROOT, env=child_env({}), stdout=log,
+                                                         stderr=subprocess.STDOUT)
+            status = await child.wait()
+        if status != 0:
+            raise RuntimeError(f"publishing {count} versions failed with status {status}; see "
+                               f"{self.workdir / 'publish.log'}")
+
+    async def wait_features(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Waits until Redis holds the current version completely (the services fill it after they start)."""
+        version = artifacts.current_version(self.root)
+        keys = feature_store.KeyFormat(NAMESPACE)
+        client = redis.asyncio.Redis.from_url(self.redis.url, socket_timeout=1)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout_s
+        try:
+            while True:
+                pipe = client.pipeline(transaction=False)
+                feature_store.queue_is_complete(pipe, keys, version)
+                if feature_store.parse_is_complete((await pipe.execute())[0]):
+                    return
+                if loop.time() > end:
+                    raise RuntimeError(f"Redis did not hold version {version} within {timeout_s:g} s: "
+                                       f"{self.ranking.log_tail()}")
+                await asyncio.sleep(0.2)
+        finally:
+            await client.aclose()
+
+    async def __aenter__(self) -> Stack:
+        try:
+            await self.publish(1)
+            await self.redis.start_and_wait()
+            self.retrieval.start()
+            self.ranking.start()
+            await asyncio.gather(self.retrieval.wait_serving(), self.ranking.wait_serving())
+            await self.wait_features()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for process in (self.ranking, self.retrieval, self.redis):
+            process.kill()

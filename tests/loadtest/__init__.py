@@ -1,0 +1,1 @@
+"""Tests of the load-test harness (loadtest/): pure parts by hand, the drivers against real services."""

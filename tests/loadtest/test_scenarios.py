@@ -1,0 +1,53 @@
+"""A scenario end to end: its own redis-server and both services as subprocesses, a fault, the phases.
+
+The table's scenarios run for a minute or more; this one is the redis-freeze fault scaled down
+(20 req/s, 1.5 s frozen), serving copies of the session's MovieLens version. It checks what the
+harness owns: the stack comes up, the fault happens and is undone, requests are split into
+phases, and the answers during the freeze show the degraded path the freeze forces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+from pathlib import Path
+
+import pytest
+
+from loadtest.config import LoadConfig
+from loadtest.scenarios import SCENARIOS, phases, redis_freeze, run_and_save, run_scenario
+from loadtest.results import Outcome
+
+pytestmark = pytest.mark.slow
+
+
+def test_redis_freeze_scaled_down(published, ml100k_dir, tmp_path):
+    root, _ = published
+    scenario = dataclasses.replace(SCENARIOS["redis-freeze"], duration_s=5.0, fault_at_s=1.0, settle_s=0.5,
+                                   fault=functools.partial(redis_freeze, frozen_s=1.5))
+    config = LoadConfig(rate=20, deadline_ms=2000, users_from=str(ml100k_dir), warmup_s=0.5)
+    document, outcomes = asyncio.run(run_scenario(scenario, config, None, tmp_path, source_root=root))
+
+    fault, by_phase = document["fault"], document["phases"]
+    assert 1.0 <= fault["start_s"] and fault["end_s"] - fault["start_s"] >= 1.5 and fault["frozen_s"] == 1.5
+    assert len(outcomes) == 100 == sum(summary["requests"] for summary in by_phase.values() if summary)
+    # A frozen Redis answers nothing: the services fall back to the artifact's features.
+    assert by_phase["during"]["degraded"].get("DEGRADED_PATH_FEATURES_FROM_ARTIFACT", 0) >= 1
+    # Served versions are copies republished into the stack's own root (version 1 there).
+    assert set(document["summary"]["versions"]["ranking"]) == {"1"}
+
+
+def test_phases_split_by_intended_time():
+    outcomes = [Outcome(t, 0.01, "OK") for t in (0.5, 1.0, 2.9, 3.0, 4.5)]
+    # fault 1.0 .. 2.5 s, settle 0.5 s -> during is [1.0, 3.0); after is [3.0, 5.0).
+    split = phases(outcomes, {"start_s": 1.0, "end_s": 2.5, "settle_s": 0.5}, total_s=5.0)
+    assert [split[name]["requests"] for name in ("before", "during", "after")] == [1, 2, 2]
+    assert split["during"]["duration_s"] == 2.0
+    # A fault undone after the load ended leaves no "after" phase.
+    assert phases(outcomes, {"start_s": 1.0, "end_s": 6.0, "settle_s": 0.5}, total_s=5.0)["after"] is None
+
+
+def test_run_and_save_rejects_an_unknown_scenario(tmp_path):
+    with pytest.raises(ValueError, match="scenario must be one of"):
+        run_and_save("meteor-strike", LoadConfig(), None, Path(tmp_path))
