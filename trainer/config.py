@@ -87,6 +87,7 @@ class EvalConfig:
     retrieval_ks: tuple[int, ...] = (10, 20, 50, 100, 200, 500)
     ease_grid: tuple[float, ...] = (50.0, 100.0, 200.0, 500.0, 1000.0)
     diversity_strengths: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)
+    max_users: int = 0                 # evaluate (and fit the ranker) on at most this many users; 0 = all
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ _UNIT_INTERVAL = {"retrieval.dropout", "retrieval.hard_fraction", "retrieval.id_
                   "ranking.dropout", "publish.gate_margin"}
 _NON_NEGATIVE = {"retrieval.weight_decay", "ranking.weight_decay", "multitask.rating_weight",
                  "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",
-                 "run.threads", "retrieval.num_negatives"}
+                 "run.threads", "retrieval.num_negatives", "eval.max_users"}
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

@@ -57,8 +57,22 @@ def make_target(vocab: IdVocab, targets: pd.DataFrame, masked: list[pd.DataFrame
                       exclude=(exclude.indptr, exclude.indices), n_items=vocab.n_items)
 
 
-def rank_users(score_fn: ScoreFn, target: EvalTarget, k: int, batch_size: int = 512) -> np.ndarray:
+def sample_users(target: EvalTarget, max_users: int, seed: int) -> EvalTarget:
+    """The same target restricted to at most ``max_users`` users (seeded); 0 keeps everyone."""
+    if not max_users or target.users.size <= max_users:
+        return target
+    users = np.sort(np.random.default_rng(seed).choice(target.users, size=max_users, replace=False))
+    return EvalTarget(users=users, truth=target.truth, exclude=target.exclude, n_items=target.n_items)
+
+
+def users_per_batch(n_items: int, cells: int = 20_000_000) -> int:
+    """Users scored at once so that a (users, items) float32 score matrix stays near 80 MB."""
+    return max(1, min(512, cells // max(n_items, 1)))
+
+
+def rank_users(score_fn: ScoreFn, target: EvalTarget, k: int, batch_size: int | None = None) -> np.ndarray:
     """Top-k item indices (U, k) for ``target.users``, masked items and the padding item 0 removed."""
+    batch_size = batch_size or users_per_batch(target.n_items)
     ranked = []
     for start in range(0, target.users.size, batch_size):
         users = target.users[start:start + batch_size]

@@ -20,16 +20,18 @@ import pandas as pd
 import torch
 
 from recsys_contracts import artifacts, feature_store
+from recsys_contracts.rerank import mmr_order
 from trainer import metrics
 from trainer.baselines import rank_topk
 from trainer.config import TrainConfig
 from trainer.data import Dataset, data_dir_from_env, ensure_movielens, load_interactions, load_movielens
 from trainer.distributed import Distributed, init_distributed, resolve_device, shutdown_distributed
 from trainer.evaluation import (EvalTarget, baseline_reports, diversity_vectors, interaction_matrix,
-                                list_report, make_target)
+                                list_report, make_target, sample_users, users_per_batch)
 from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab
 from trainer.checkpoint import Checkpointer
-from trainer.publish import TrainedRun, choose_index_params, materialize_features, publish_run
+from trainer.publish import (TrainedRun, all_item_embeddings, choose_index_params, materialize_features,
+                             publish_run)
 from trainer.report import write_report
 from trainer.ranking_training import (Candidates, Rows, click_rows, fit_ranker, rerank, score_candidates)
 from trainer.retrieval_training import Interactions, fit_retrieval, item_embeddings, user_embeddings
@@ -95,17 +97,19 @@ def prepare(cfg: TrainConfig, dataset: Dataset, split: Split | None = None) -> P
     eval_ts = np.zeros(vocab.n_users + 1, dtype=np.int64)
     np.maximum.at(eval_ts, train.users, train.timestamps)
     return Prepared(dataset, split, vocab, spec, tables, train,
-                    make_target(vocab, split.val, [split.train]),
-                    make_target(vocab, split.test, [split.train, split.val]), eval_ts)
+                    sample_users(make_target(vocab, split.val, [split.train]), cfg.eval.max_users, cfg.run.seed),
+                    sample_users(make_target(vocab, split.test, [split.train, split.val]), cfg.eval.max_users,
+                                 cfg.run.seed + 1), eval_ts)
 
 
 @torch.no_grad()
 def retrieve(two_tower, tables: FeatureTables, users: np.ndarray, exclude: EvalTarget, n: int,
-             timestamps: np.ndarray, device: torch.device, batch_size: int = 512) -> Candidates:
+             timestamps: np.ndarray, device: torch.device, batch_size: int | None = None) -> Candidates:
     """Top-n candidates per user by exact search (what the flat index serves), masked items removed."""
     items = item_embeddings(two_tower, tables, device)                 # (m+1, D)
     temperature = float(two_tower.temperature.detach())
     n = min(n, tables.vocab.n_items)
+    batch_size = batch_size or users_per_batch(tables.vocab.n_items)
     all_items, all_scores = [], []
     for start in range(0, users.size, batch_size):
         batch = users[start:start + batch_size]
@@ -140,8 +144,11 @@ def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Di
     histories = {"retrieval": retrieval_history.epochs}
     with timings.stage("ranking_training"):
         fit_frame, stop_frame = _halves(prep.vocab, prep.split.val, cfg.run.seed)
-        stop_target = make_target(prep.vocab, stop_frame, [prep.split.train, fit_frame])
+        stop_target = sample_users(make_target(prep.vocab, stop_frame, [prep.split.train, fit_frame]),
+                                   cfg.eval.max_users, cfg.run.seed + 2)
         fit_pos = _held_out(prep.vocab, fit_frame)
+        if cfg.eval.max_users:
+            fit_pos = tuple(a[np.isin(fit_pos[0], prep.val.users)] for a in fit_pos)
         wanted = np.union1d(np.unique(fit_pos[0]), stop_target.users)
         candidates = retrieve(two_tower, prep.tables, wanted, prep.val, cfg.ranking.candidates,
                               prep.eval_timestamps, device)
@@ -196,6 +203,7 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
         ranked = rerank(top_n, scores, max(ks))
         report["pipeline"] = list_report(ranked, prep.test, ks, vectors)
         report["ranking_heads"] = _head_metrics(cfg, prep, run, top_n, device)
+        report["diversity_tradeoff"] = _diversity_tradeoff(cfg, prep, run, top_n, scores, vectors)
     with timings.stage("baselines"):
         report["baselines"] = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val,
                                                prep.test, ks, cfg.eval.ease_grid, vectors)
@@ -214,6 +222,25 @@ def _head_metrics(cfg, prep: Prepared, run: TrainedRun, cands: Candidates, devic
     rated = rows.clicks == 1
     return {"ctr_auc": metrics.auc(rows.clicks, probs), "ctr_logloss": metrics.log_loss(rows.clicks, probs),
             "rating_rmse": metrics.rmse(rows.ratings[rated], rating.cpu().numpy()[rated])}
+
+
+def _diversity_tradeoff(cfg: TrainConfig, prep: Prepared, run: TrainedRun, cands: Candidates,
+                        scores: np.ndarray, vectors: np.ndarray, pool: int = 50) -> dict[str, dict[str, float]]:
+    """NDCG@10 and intra-list diversity@10 after the service's MMR re-rank at each strength."""
+    embeddings = all_item_embeddings(run.two_tower, prep.tables)
+    top = rerank(cands, scores, pool)                                          # (U, pool) best first
+    row_scores = np.take_along_axis(scores, np.argsort(-np.where(cands.items > 0, scores, -np.inf), axis=1,
+                                                       kind="stable")[:, :pool], axis=1)
+    out = {}
+    for strength in cfg.eval.diversity_strengths:
+        lists = np.full((top.shape[0], 10), -1, dtype=np.int64)
+        for u in range(top.shape[0]):
+            valid = top[u] > 0
+            order = mmr_order(row_scores[u][valid], embeddings[top[u][valid]], 10, float(strength))
+            lists[u, :order.size] = top[u][valid][order]
+        out[f"{strength:g}"] = {"ndcg@10": metrics.ndcg_at_k(lists, prep.test.truth_rows(), 10),
+                                "diversity@10": metrics.intra_list_diversity(lists, vectors)}
+    return out
 
 
 def _popularity_profile(ranked: np.ndarray, tables: FeatureTables) -> dict[str, list[float]]:

@@ -68,6 +68,11 @@ def test_models_learn_the_planted_preferences(tmp_path, dataset):
     assert report["two_tower"]["ndcg@10"] > 0.1
     assert report["pipeline"]["ndcg@10"] > 0.1
     assert 0.5 < report["ranking_heads"]["ctr_auc"] <= 1.0
+    # MMR at strength 0 is the relevance order: the pipeline's own NDCG; stronger MMR diversifies.
+    tradeoff = report["diversity_tradeoff"]
+    assert set(tradeoff) == {"0", "0.1", "0.3", "0.5"}
+    assert tradeoff["0"]["ndcg@10"] == pytest.approx(report["pipeline"]["ndcg@10"])
+    assert tradeoff["0.5"]["diversity@10"] >= tradeoff["0"]["diversity@10"] - 0.02
     assert json.loads((tmp_path / "run" / "report.json").read_text())["gate"] in ("passed", f"refused: {result.refused}")
 
 
@@ -96,3 +101,9 @@ def test_cli_reports_a_config_error_by_name(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "retrieval.epoch" in proc.stderr
+
+
+def test_max_users_bounds_evaluation_for_large_catalogs(tmp_path, dataset):
+    result = pipeline.run(small_config(tmp_path, "eval.max_users=30"), dataset)
+    assert result.report["data"]["test_users"] == 30
+    assert result.prepared.val.users.size == 30
