@@ -13,25 +13,23 @@ not import each other, so the small parsers are repeated there); an empty value 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+
+
+from recsys_serving.env import (LOG_LEVELS, Parser, choice, directory, float_in, int_in, namespace,
+                               pem_file, redis_url_value)
 
 PREFIX = "RANKING_"
 SHARED_PREFIX = "RECSYS_"
 # RECSYS_* names read by other programs of the project (trainer, test suite): not typos here.
 FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL")
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 FALLBACKS = ("popular", "unavailable")
 SCORE_MODES = ("ctr", "ctr_x_rating")
 # Keys are "<namespace>:..." with Redis Cluster hash tags in braces, so braces and spaces are out.
-_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 @dataclass(frozen=True)
@@ -82,84 +80,6 @@ class RankingConfig:
     retrieval_tls: RetrievalClientTls | None = None  # None = plaintext channel to retrieval
 
 
-Parser = Callable[[str, str], object]
-
-
-def _int(lo: int, hi: int | None = None) -> Parser:
-    expected = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
-
-    def parse(name: str, raw: str) -> int:
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ValueError(f"{name} must be {expected}, got {raw!r}") from None
-        if value < lo or (hi is not None and value > hi):
-            raise ValueError(f"{name} must be {expected}, got {raw!r}")
-        return value
-
-    return parse
-
-
-def _float(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Parser:
-    low = f"({lo}" if lo_open else f"[{lo}"
-    expected = f"a number in {low}, {hi}]" if hi is not None else f"a number in {low}, inf)"
-
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ValueError(f"{name} must be {expected}, got {raw!r}") from None
-        if (not math.isfinite(value) or value < lo or (lo_open and value == lo)
-                or (hi is not None and value > hi)):
-            raise ValueError(f"{name} must be {expected}, got {raw!r}")
-        return value
-
-    return parse
-
-
-def _choice(options: tuple[str, ...], *, upper: bool = False) -> Parser:
-    def parse(name: str, raw: str) -> str:
-        value = raw.upper() if upper else raw
-        if value not in options:
-            raise ValueError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
-        return value
-
-    return parse
-
-
-def _path(name: str, raw: str) -> Path:
-    path = Path(raw)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{name} must be a directory (the artifact volume), got {raw!r}: not a directory")
-    return path
-
-
-def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return url.replace(f":{parts.password}@", ":***@", 1)
-
-
-def _redis_url(name: str, raw: str) -> str:
-    try:
-        parts = urlsplit(raw)
-        parts.port  # noqa: B018 - raises ValueError on a non-numeric or out-of-range port
-    except ValueError:
-        raise ValueError(f"{name} must be a redis://, rediss:// or unix:// URL, got {_redact(raw)!r}") from None
-    if parts.scheme not in _REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname) or (
-            parts.scheme == "unix" and not parts.path):
-        raise ValueError(f"{name} must be a redis://, rediss:// or unix:// URL, got {_redact(raw)!r}")
-    return raw
-
-
-def _namespace(name: str, raw: str) -> str:
-    if not _NAMESPACE.fullmatch(raw):
-        raise ValueError(f"{name} must be 1..64 characters of letters, digits, '_', '.', ':', '-' "
-                         f"starting with a letter or digit, got {raw!r}")
-    return raw
-
-
 def _target(name: str, raw: str) -> str:
     # gRPC targets: "host:port", "dns:///host:port", "unix:/path", "ipv4:1.2.3.4:5"; all lack whitespace.
     if any(ch.isspace() for ch in raw):
@@ -169,29 +89,29 @@ def _target(name: str, raw: str) -> str:
 
 # Environment name -> (RankingConfig field, parser). A missing or empty variable keeps the default.
 _SPECS: dict[str, tuple[str, Parser]] = {
-    "RECSYS_ARTIFACT_ROOT": ("artifact_root", _path),
-    "RECSYS_REDIS_URL": ("redis_url", _redis_url),
-    "RECSYS_REDIS_NAMESPACE": ("redis_namespace", _namespace),
-    "RECSYS_LOG_LEVEL": ("log_level", _choice(LOG_LEVELS, upper=True)),
-    "RECSYS_PINNED_VERSION": ("pinned_version", _int(1)),
-    "RANKING_PORT": ("port", _int(0, 65535)),
-    "RANKING_METRICS_PORT": ("metrics_port", _int(0, 65535)),
+    "RECSYS_ARTIFACT_ROOT": ("artifact_root", directory),
+    "RECSYS_REDIS_URL": ("redis_url", redis_url_value),
+    "RECSYS_REDIS_NAMESPACE": ("redis_namespace", namespace),
+    "RECSYS_LOG_LEVEL": ("log_level", choice(LOG_LEVELS, upper=True)),
+    "RECSYS_PINNED_VERSION": ("pinned_version", int_in(1)),
+    "RANKING_PORT": ("port", int_in(0, 65535)),
+    "RANKING_METRICS_PORT": ("metrics_port", int_in(0, 65535)),
     "RANKING_RETRIEVAL_TARGET": ("retrieval_target", _target),
-    "RANKING_MAX_K": ("max_k", _int(1, 10_000)),
-    "RANKING_DEFAULT_CANDIDATES": ("default_candidates", _int(1, 100_000)),
-    "RANKING_MAX_RANK_ITEMS": ("max_rank_items", _int(1, 100_000)),
-    "RANKING_FALLBACK": ("fallback", _choice(FALLBACKS)),
-    "RANKING_MAX_IN_FLIGHT": ("max_in_flight", _int(1, 100_000)),
-    "RANKING_MIN_DEADLINE_MS": ("min_deadline_ms", _int(0, 60_000)),
-    "RANKING_DEFAULT_DEADLINE_MS": ("default_deadline_ms", _int(1, 600_000)),
-    "RANKING_DIVERSITY": ("diversity", _float(0.0, 1.0)),
-    "RANKING_SCORE_MODE": ("score_mode", _choice(SCORE_MODES)),
-    "RANKING_POLL_INTERVAL_S": ("poll_interval_s", _float(0.0, 3600.0, lo_open=True)),
-    "RANKING_REDIS_TIMEOUT_MS": ("redis_timeout_ms", _int(1, 60_000)),
-    "RANKING_GRACE_S": ("grace_s", _float(0.0, 300.0)),
-    "RANKING_MAX_MESSAGE_BYTES": ("max_message_bytes", _int(1024, 2**31 - 1)),
-    "RANKING_MICROBATCH_MAX_SIZE": ("microbatch_max_size", _int(1, 4096)),
-    "RANKING_MICROBATCH_MAX_WAIT_MS": ("microbatch_max_wait_ms", _float(0.0, 1000.0)),
+    "RANKING_MAX_K": ("max_k", int_in(1, 10_000)),
+    "RANKING_DEFAULT_CANDIDATES": ("default_candidates", int_in(1, 100_000)),
+    "RANKING_MAX_RANK_ITEMS": ("max_rank_items", int_in(1, 100_000)),
+    "RANKING_FALLBACK": ("fallback", choice(FALLBACKS)),
+    "RANKING_MAX_IN_FLIGHT": ("max_in_flight", int_in(1, 100_000)),
+    "RANKING_MIN_DEADLINE_MS": ("min_deadline_ms", int_in(0, 60_000)),
+    "RANKING_DEFAULT_DEADLINE_MS": ("default_deadline_ms", int_in(1, 600_000)),
+    "RANKING_DIVERSITY": ("diversity", float_in(0.0, 1.0)),
+    "RANKING_SCORE_MODE": ("score_mode", choice(SCORE_MODES)),
+    "RANKING_POLL_INTERVAL_S": ("poll_interval_s", float_in(0.0, 3600.0, lo_open=True)),
+    "RANKING_REDIS_TIMEOUT_MS": ("redis_timeout_ms", int_in(1, 60_000)),
+    "RANKING_GRACE_S": ("grace_s", float_in(0.0, 300.0)),
+    "RANKING_MAX_MESSAGE_BYTES": ("max_message_bytes", int_in(1024, 2**31 - 1)),
+    "RANKING_MICROBATCH_MAX_SIZE": ("microbatch_max_size", int_in(1, 4096)),
+    "RANKING_MICROBATCH_MAX_WAIT_MS": ("microbatch_max_wait_ms", float_in(0.0, 1000.0)),
 }
 _TLS_VARS = ("RANKING_TLS_CERT_FILE", "RANKING_TLS_KEY_FILE", "RANKING_TLS_CLIENT_CA_FILE")
 _RETRIEVAL_TLS_VARS = ("RANKING_RETRIEVAL_TLS_CA_FILE", "RANKING_RETRIEVAL_TLS_CERT_FILE",
@@ -200,17 +120,8 @@ _RETRIEVAL_TLS_VARS = ("RANKING_RETRIEVAL_TLS_CA_FILE", "RANKING_RETRIEVAL_TLS_C
 ENV_VARS: tuple[str, ...] = (*_SPECS, *_TLS_VARS, *_RETRIEVAL_TLS_VARS)
 
 
-def _file(environ: Mapping[str, str], name: str) -> Path | None:
-    raw = environ.get(name, "")
-    if not raw:
-        return None
-    if not Path(raw).is_file():
-        raise ValueError(f"{name} must name an existing PEM file, got {raw!r}")
-    return Path(raw)
-
-
 def _cert_and_key(environ: Mapping[str, str], cert_name: str, key_name: str) -> tuple[Path | None, Path | None]:
-    cert, key = _file(environ, cert_name), _file(environ, key_name)
+    cert, key = pem_file(environ, cert_name), pem_file(environ, key_name)
     if (cert is None) != (key is None):
         raise ValueError(f"{cert_name} and {key_name} must be set together, "
                          f"got cert={environ.get(cert_name, '')!r}, key={environ.get(key_name, '')!r}")
@@ -219,7 +130,7 @@ def _cert_and_key(environ: Mapping[str, str], cert_name: str, key_name: str) -> 
 
 def _tls(environ: Mapping[str, str]) -> TlsConfig | None:
     cert, key = _cert_and_key(environ, _TLS_VARS[0], _TLS_VARS[1])
-    client_ca = _file(environ, _TLS_VARS[2])
+    client_ca = pem_file(environ, _TLS_VARS[2])
     if cert is None or key is None:
         if client_ca is not None:
             raise ValueError(f"RANKING_TLS_CLIENT_CA_FILE requires RANKING_TLS_CERT_FILE and "
@@ -229,7 +140,7 @@ def _tls(environ: Mapping[str, str]) -> TlsConfig | None:
 
 
 def _retrieval_tls(environ: Mapping[str, str]) -> RetrievalClientTls | None:
-    ca = _file(environ, _RETRIEVAL_TLS_VARS[0])
+    ca = pem_file(environ, _RETRIEVAL_TLS_VARS[0])
     cert, key = _cert_and_key(environ, _RETRIEVAL_TLS_VARS[1], _RETRIEVAL_TLS_VARS[2])
     if ca is None:
         if cert is not None:

@@ -1,0 +1,105 @@
+"""Parsers for the services' environment configuration: one copy, so both fail the same way.
+
+Each parser takes the variable's name and raw text and returns the typed value or raises
+``ValueError`` naming the variable, the value (URLs with their password masked) and what was
+expected. ``retrieval_service/config.py`` and ``ranking_service/config.py`` build on them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Keys are "<namespace>:..." with Redis Cluster hash tags in braces, so braces and spaces are out.
+_NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+Parser = Callable[[str, str], object]
+
+
+def int_in(lo: int, hi: int | None = None) -> Parser:
+    expected = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be {expected}, got {raw!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            raise ValueError(f"{name} must be {expected}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def float_in(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Parser:
+    low = f"({lo}" if lo_open else f"[{lo}"
+    expected = f"a number in {low}, {hi}]" if hi is not None else f"a number in {low}, inf)"
+
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"{name} must be {expected}, got {raw!r}") from None
+        if (not math.isfinite(value) or value < lo or (lo_open and value == lo)
+                or (hi is not None and value > hi)):
+            raise ValueError(f"{name} must be {expected}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def choice(options: tuple[str, ...], *, upper: bool = False) -> Parser:
+    def parse(name: str, raw: str) -> str:
+        value = raw.upper() if upper else raw
+        if value not in options:
+            raise ValueError(f"{name} must be one of {', '.join(options)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def directory(name: str, raw: str) -> Path:
+    path = Path(raw)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} must be a directory (the artifact volume), got {raw!r}: not a directory")
+    return path
+
+
+def redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def redis_url_value(name: str, raw: str) -> str:
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 - raises ValueError on a non-numeric or out-of-range port
+    except ValueError:
+        raise ValueError(f"{name} must be a redis://, rediss:// or unix:// URL, got {redact(raw)!r}") from None
+    if parts.scheme not in _REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname) or (
+            parts.scheme == "unix" and not parts.path):
+        raise ValueError(f"{name} must be a redis://, rediss:// or unix:// URL, got {redact(raw)!r}")
+    return raw
+
+
+def namespace(name: str, raw: str) -> str:
+    if not _NAMESPACE.fullmatch(raw):
+        raise ValueError(f"{name} must be 1..64 characters of letters, digits, '_', '.', ':', '-' "
+                         f"starting with a letter or digit, got {raw!r}")
+    return raw
+
+
+def pem_file(environ: Mapping[str, str], name: str) -> Path | None:
+    raw = environ.get(name, "")
+    if not raw:
+        return None
+    if not Path(raw).is_file():
+        raise ValueError(f"{name} must name an existing PEM file, got {raw!r}")
+    return Path(raw)
