@@ -187,12 +187,13 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     rng = np.random.default_rng(cfg.run.seed + 1)
     history, stale = FitHistory(), 0
     stop_ts = eval_timestamps[stop_candidates.users]
+    epochs = 0 if cfg.multitask.mode == "retrieval_only" else rc.epochs
     # Epoch -1 is the untrained ranker, which keeps retrieval's order: training must beat it.
     history.best_score = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
                                        spec.rating_max, device)
     history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score})
     best_state = copy.deepcopy(ranker.state_dict())
-    for epoch in progress_bar(range(rc.epochs), "ranking", cfg.run.progress and ctx.is_main):
+    for epoch in progress_bar(range(epochs), "ranking", cfg.run.progress and ctx.is_main):
         ranker.train()
         order = ctx.shard(rng.permutation(fit_rows.users.size))
         rating_order = rng.choice(rating_rows.users.size, size=order.size, replace=rating_rows.users.size < order.size)

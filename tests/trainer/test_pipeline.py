@@ -107,3 +107,16 @@ def test_max_users_bounds_evaluation_for_large_catalogs(tmp_path, dataset):
     result = pipeline.run(small_config(tmp_path, "eval.max_users=30"), dataset)
     assert result.report["data"]["test_users"] == 30
     assert result.prepared.val.users.size == 30
+
+
+def test_retrieval_only_mode_serves_the_retrieval_order(tmp_path, dataset):
+    result = pipeline.run(small_config(tmp_path, "multitask.mode=retrieval_only"), dataset)
+    report = result.report
+    assert [e["epoch"] for e in json.loads((tmp_path / "run" / "report.json").read_text())
+            ["histories"]["ranking"]] == [-1]
+    assert report["pipeline"]["ndcg@10"] == pytest.approx(report["two_tower"]["ndcg@10"], abs=1e-9)
+
+
+def test_an_unknown_multitask_mode_is_refused_by_name():
+    with pytest.raises(ValueError, match="multitask.mode must be one of"):
+        load_config(None, ["multitask.mode=joint"])
