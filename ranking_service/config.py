@@ -12,7 +12,6 @@ not import each other, so the small parsers are repeated there); an empty value 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 
 
 from recsys_serving.env import (LOG_LEVELS, Parser, choice, directory, float_in, int_in, namespace,
-                               pem_file, redis_url_value)
+                               parse_specs, pem_file, redis_url_value, reject_unknown)
 
 PREFIX = "RANKING_"
 SHARED_PREFIX = "RECSYS_"
@@ -150,15 +149,6 @@ def _retrieval_tls(environ: Mapping[str, str]) -> RetrievalClientTls | None:
     return RetrievalClientTls(ca_file=ca, cert_file=cert, key_file=key)
 
 
-def _reject_unknown(environ: Mapping[str, str]) -> None:
-    known = set(ENV_VARS) | set(FOREIGN_SHARED_VARS)
-    unknown = sorted(name for name in environ
-                     if name.startswith((PREFIX, SHARED_PREFIX)) and name not in known)
-    if unknown:
-        raise ValueError(f"unknown environment variables {unknown}: expected names from "
-                         f"ranking_service.config.ENV_VARS (typo?)")
-
-
 def _check_relations(config: RankingConfig) -> None:
     if config.metrics_port and config.metrics_port == config.port:
         raise ValueError(f"RANKING_METRICS_PORT must differ from RANKING_PORT, got {config.metrics_port!r}")
@@ -175,15 +165,9 @@ def _check_relations(config: RankingConfig) -> None:
 
 def from_env(environ: Mapping[str, str] = os.environ) -> RankingConfig:
     """Builds the config from ``environ``; raises ValueError naming the first bad variable."""
-    _reject_unknown(environ)
-    defaults = {f.name: f.default for f in dataclasses.fields(RankingConfig)}
-    values: dict[str, object] = {}
-    for name, (attr, parse) in _SPECS.items():
-        raw = environ.get(name, "")
-        if raw:
-            values[attr] = parse(name, raw)
-        elif defaults[attr] is dataclasses.MISSING:
-            raise ValueError(f"{name} must be set (required: {attr.replace('_', ' ')}), got {raw!r}")
+    reject_unknown(environ, set(ENV_VARS) | set(FOREIGN_SHARED_VARS), (PREFIX, SHARED_PREFIX),
+                   "ranking_service.config.ENV_VARS")
+    values = parse_specs(environ, _SPECS, RankingConfig)
     values["tls"] = _tls(environ)
     values["retrieval_tls"] = _retrieval_tls(environ)
     config = RankingConfig(**values)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ expected. ``retrieval_service/config.py`` and ``ranking_service/config.py`` buil
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -103,3 +104,26 @@ def pem_file(environ: Mapping[str, str], name: str) -> Path | None:
     if not Path(raw).is_file():
         raise ValueError(f"{name} must name an existing PEM file, got {raw!r}")
     return Path(raw)
+
+
+def reject_unknown(environ: Mapping[str, str], known: set[str], prefixes: tuple[str, ...], where: str) -> None:
+    """Fails on any variable with one of ``prefixes`` that is not in ``known`` (a typo never falls
+    back to a default silently); ``where`` names the ENV_VARS tuple to look in."""
+    unknown = sorted(name for name in environ if name.startswith(prefixes) and name not in known)
+    if unknown:
+        raise ValueError(f"unknown environment variables {unknown}: expected names from {where} (typo?)")
+
+
+def parse_specs(environ: Mapping[str, str], specs: Mapping[str, tuple[str, Parser]],
+                config_cls: type) -> dict[str, object]:
+    """{field: value} for every variable in ``specs`` that is set (an empty value counts as unset);
+    a required field (no default in ``config_cls``) that is unset raises naming its variable."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
+    values: dict[str, object] = {}
+    for name, (attr, parse) in specs.items():
+        raw = environ.get(name, "")
+        if raw:
+            values[attr] = parse(name, raw)
+        elif defaults[attr] is dataclasses.MISSING:
+            raise ValueError(f"{name} must be set (required: {attr.replace('_', ' ')}), got {raw!r}")
+    return values

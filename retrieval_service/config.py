@@ -12,7 +12,6 @@ as unset everywhere. Model hyper-parameters are not configured here: they travel
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from pathlib import Path
 
 
 from recsys_serving.env import (LOG_LEVELS, Parser, choice, directory, float_in, int_in, namespace,
-                               pem_file, redis_url_value)
+                               parse_specs, pem_file, redis_url_value, reject_unknown)
 
 PREFIX = "RETRIEVAL_"
 SHARED_PREFIX = "RECSYS_"
@@ -51,7 +50,7 @@ class RetrievalConfig:
     port: int = 50051                        # gRPC; 0 = pick a free port (tests)
     metrics_port: int = 9101                 # Prometheus HTTP; 0 = disabled
     max_candidates: int = 1000               # largest num_candidates a Retrieve may ask for
-    chunk_size: int = 100                    # candidates per streamed response message
+    chunk_size: int = 250                    # candidates per streamed response message (each chunk is one DCN call downstream)
     poll_interval_s: float = 2.0             # how often CURRENT is checked for a new version
     device: str = "auto"                     # auto = cuda when available, else cpu
     microbatch_max_size: int = 32            # user-tower requests batched into one forward pass
@@ -99,26 +98,11 @@ def _tls(environ: Mapping[str, str]) -> TlsConfig | None:
     return TlsConfig(cert_file=cert, key_file=key, client_ca_file=client_ca)
 
 
-def _reject_unknown(environ: Mapping[str, str]) -> None:
-    known = set(ENV_VARS) | set(FOREIGN_SHARED_VARS)
-    unknown = sorted(name for name in environ
-                     if name.startswith((PREFIX, SHARED_PREFIX)) and name not in known)
-    if unknown:
-        raise ValueError(f"unknown environment variables {unknown}: expected names from "
-                         f"retrieval_service.config.ENV_VARS (typo?)")
-
-
 def from_env(environ: Mapping[str, str] = os.environ) -> RetrievalConfig:
     """Builds the config from ``environ``; raises ValueError naming the first bad variable."""
-    _reject_unknown(environ)
-    defaults = {f.name: f.default for f in dataclasses.fields(RetrievalConfig)}
-    values: dict[str, object] = {}
-    for name, (attr, parse) in _SPECS.items():
-        raw = environ.get(name, "")
-        if raw:
-            values[attr] = parse(name, raw)
-        elif defaults[attr] is dataclasses.MISSING:
-            raise ValueError(f"{name} must be set (required: {attr.replace('_', ' ')}), got {raw!r}")
+    reject_unknown(environ, set(ENV_VARS) | set(FOREIGN_SHARED_VARS), (PREFIX, SHARED_PREFIX),
+                   "retrieval_service.config.ENV_VARS")
+    values = parse_specs(environ, _SPECS, RetrievalConfig)
     values["tls"] = _tls(environ)
     config = RetrievalConfig(**values)  # type: ignore[arg-type]
     if config.metrics_port and config.metrics_port == config.port:

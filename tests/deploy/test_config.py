@@ -37,7 +37,7 @@ def pem(tmp_path: Path):
 def test_retrieval_defaults(root):
     config = retrieval_config.from_env({"RECSYS_ARTIFACT_ROOT": str(root)})
     assert config == retrieval_config.RetrievalConfig(artifact_root=root)
-    assert (config.port, config.metrics_port, config.max_candidates, config.chunk_size) == (50051, 9101, 1000, 100)
+    assert (config.port, config.metrics_port, config.max_candidates, config.chunk_size) == (50051, 9101, 1000, 250)
     assert (config.poll_interval_s, config.device, config.microbatch_max_size) == (2.0, "auto", 32)
     assert (config.microbatch_max_wait_ms, config.redis_timeout_ms, config.grace_s) == (2.0, 50, 10.0)
     assert config.max_message_bytes == 4 * 1024 * 1024
