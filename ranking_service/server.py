@@ -179,6 +179,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             metrics.REQUESTS.labels(method, code.name).inc()
             metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - started)
         log.info("%s -> %s: %s", method, code.name, details, extra={"request_id": request_id, "code": code.name})
+        if context.done():   # the caller's deadline already ended the call: nothing left to send
+            return None
         await context.abort(code, details)
 
     async def Recommend(self, request: ranking_pb2.RecommendRequest, context) -> ranking_pb2.RecommendResponse:
