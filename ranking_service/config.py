@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from recsys_serving.env import (LOG_LEVELS, Parser, choice, directory, float_in, int_in, namespace,
-                               parse_specs, pem_file, redis_url_value, reject_unknown)
+from recsys_serving.env import (LOG_LEVELS, Parser, TlsConfig, choice, directory, float_in, int_in,
+                               namespace, parse_specs, pem_file, redis_url_value, reject_unknown)
 
 PREFIX = "RANKING_"
 SHARED_PREFIX = "RECSYS_"
@@ -28,16 +28,6 @@ FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL")
 
 FALLBACKS = ("popular", "unavailable")
 SCORE_MODES = ("ctr", "ctr_x_rating")
-# Keys are "<namespace>:..." with Redis Cluster hash tags in braces, so braces and spaces are out.
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """Server-side TLS: PEM files. ``client_ca_file`` set = clients must present a cert it signed (mTLS)."""
-
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,18 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """Server-side TLS: PEM files. ``client_ca_file`` set = clients must present a cert it signed (mTLS)."""
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Keys are "<namespace>:..." with Redis Cluster hash tags in braces, so braces and spaces are out.

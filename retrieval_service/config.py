@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from recsys_serving.env import (LOG_LEVELS, Parser, choice, directory, float_in, int_in, namespace,
-                               parse_specs, pem_file, redis_url_value, reject_unknown)
+from recsys_serving.env import (LOG_LEVELS, Parser, TlsConfig, choice, directory, float_in, int_in,
+                               namespace, parse_specs, pem_file, redis_url_value, reject_unknown)
 
 PREFIX = "RETRIEVAL_"
 SHARED_PREFIX = "RECSYS_"
@@ -27,16 +27,6 @@ SHARED_PREFIX = "RECSYS_"
 FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL")
 
 DEVICES = ("auto", "cpu", "cuda")
-# Keys are "<namespace>:..." with Redis Cluster hash tags in braces, so braces and spaces are out.
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """Server-side TLS: PEM files. ``client_ca_file`` set = clients must present a cert it signed (mTLS)."""
-
-    cert_file: Path
-    key_file: Path
-    client_ca_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -50,7 +40,7 @@ class RetrievalConfig:
     port: int = 50051                        # gRPC; 0 = pick a free port (tests)
     metrics_port: int = 9101                 # Prometheus HTTP; 0 = disabled
     max_candidates: int = 1000               # largest num_candidates a Retrieve may ask for
-    chunk_size: int = 250                    # candidates per streamed response message (each chunk is one DCN call downstream)
+    chunk_size: int = 250                    # candidates per streamed message (one DCN call each downstream)
     poll_interval_s: float = 2.0             # how often CURRENT is checked for a new version
     device: str = "auto"                     # auto = cuda when available, else cpu
     microbatch_max_size: int = 32            # user-tower requests batched into one forward pass
