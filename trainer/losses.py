@@ -90,6 +90,68 @@ def sampled_softmax_loss(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor | No
     return F.cross_entropy(logits, target)
 
 
+def grouped_sampled_softmax_loss(user_emb: Tensor, row_user: Tensor, pos_emb: Tensor, neg_emb: Tensor | None,
+                                 temperature: Tensor | float, pos_log_q: Tensor, neg_log_q: Tensor | None,
+                                 pos_idx: Tensor, neg_idx: Tensor | None, user_seen: Tensor | None = None) -> Tensor:
+    """``sampled_softmax_loss`` for rows grouped by user, negatives shared, each user's items masked.
+
+    The same loss as ``sampled_softmax_loss(user_emb[row_user], ...)`` with shared negatives and a
+    seen mask that holds every item of the row's user, computed on (U, B + S) logits instead of
+    (B, B + S): the rows of one user share their scores and their mask, and differ only in which
+    column is their positive. With ``Z_u`` the sum of ``exp(logit)`` over the columns user u may
+    see as negatives, row r (user u, in-batch column r) loses ``log(Z_u + exp(l_ur)) - l_ur``.
+
+    user_emb (U, D); row_user (B,) each row's user (index into user_emb); pos_emb (B, D); neg_emb
+    (S, D) or None; pos_log_q (B,), neg_log_q (S,); pos_idx (B,), neg_idx (S,) item indices.
+    ``user_seen`` (U, B + S) bool, True where the user interacted with the candidate column's item
+    (in-batch columns first). Masked for user u: every column holding one of u's own positives in
+    this batch (their accidental hits included) and every column ``user_seen`` marks; the row's own
+    positive column is never masked for that row.
+    """
+    if user_emb.dim() != 2:
+        raise ValueError(f"user_emb must have shape (U, D), got {tuple(user_emb.shape)}")
+    n_users, dim = user_emb.shape
+    if pos_emb.dim() != 2 or pos_emb.shape[1] != dim:
+        raise ValueError(f"pos_emb must have shape (B, {dim}), got {tuple(pos_emb.shape)}")
+    batch = pos_emb.shape[0]
+    for name, tensor in (("row_user", row_user), ("pos_log_q", pos_log_q), ("pos_idx", pos_idx)):
+        _check_shape(name, tensor, (batch,))
+    if batch and (int(row_user.min()) < 0 or int(row_user.max()) >= n_users):
+        raise ValueError(f"row_user must index user_emb's {n_users} rows, got range "
+                         f"[{int(row_user.min())}, {int(row_user.max())}]")
+    given = [t is not None for t in (neg_emb, neg_log_q, neg_idx)]
+    if any(given) and not all(given):
+        raise ValueError(f"neg_emb, neg_log_q and neg_idx must be all given or all None, got given={given}")
+    if neg_emb is not None and neg_log_q is not None and neg_idx is not None:
+        if neg_emb.dim() != 2 or neg_emb.shape[1] != dim:
+            raise ValueError(f"neg_emb must have shape (S, {dim}), got {tuple(neg_emb.shape)}")
+        _check_shape("neg_log_q", neg_log_q, (neg_emb.shape[0],))
+        _check_shape("neg_idx", neg_idx, (neg_emb.shape[0],))
+        cand_emb = torch.cat([pos_emb, neg_emb])                                  # (C, D), C = B + S
+        cand_log_q = torch.cat([pos_log_q, neg_log_q])
+        cand_idx = torch.cat([pos_idx, neg_idx])
+    else:
+        cand_emb, cand_log_q, cand_idx = pos_emb, pos_log_q, pos_idx
+    temperature_value = float(temperature.detach()) if isinstance(temperature, Tensor) else float(temperature)
+    if not temperature_value > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature_value!r}")
+    if user_seen is not None:
+        _check_shape("user_seen", user_seen, (n_users, cand_idx.shape[0]))
+
+    logits = user_emb @ cand_emb.T / temperature - cand_log_q.unsqueeze(0)        # (U, D) @ (D, C) -> (U, C)
+    # Columns holding one of the user's own positives: mark (user, distinct item), then spread to columns.
+    unique, inverse = torch.unique(cand_idx, return_inverse=True)                  # (K,), (C,)
+    own = torch.zeros(n_users, unique.shape[0], dtype=torch.bool, device=logits.device)
+    own[row_user, inverse[:batch]] = True
+    masked = own[:, inverse]                                                       # (U, C)
+    if user_seen is not None:
+        masked = masked | user_seen.to(torch.bool)
+    # A large finite fill instead of -inf keeps a user with every column masked finite (Z_u = 0).
+    log_z = torch.logsumexp(logits.masked_fill(masked, torch.finfo(logits.dtype).min), dim=1)  # (U,)
+    pos_logit = logits[row_user, torch.arange(batch, device=logits.device)]       # (B,) in-batch column r
+    return (torch.logaddexp(log_z[row_user], pos_logit) - pos_logit).mean()
+
+
 def ranking_losses(ctr_logit: Tensor, labels: Tensor, rating_pred: Tensor, rating: Tensor,
                    rating_mask: Tensor) -> tuple[Tensor, Tensor]:
     """(l_ctr, l_rating): BCE-with-logits over all N rows, MSE over the rows where ``rating_mask`` is True.

@@ -28,7 +28,8 @@ from trainer.data import Dataset, data_dir_from_env, ensure_movielens, load_inte
 from trainer.distributed import Distributed, init_distributed, resolve_device, shutdown_distributed
 from trainer.evaluation import (EvalTarget, baseline_reports, diversity_vectors, interaction_matrix,
                                 list_report, make_target, sample_users, users_per_batch)
-from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab
+from trainer.features import (FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab,
+                              temporal_features)
 from trainer.checkpoint import Checkpointer
 from trainer.publish import (TrainedRun, all_item_embeddings, choose_index_params, materialize_features,
                              publish_run)
@@ -155,11 +156,11 @@ def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Di
         rng = np.random.default_rng(cfg.run.seed)
         fit_rows = click_rows(fit_pos, candidates, cfg.ranking.negatives_per_positive, rng,
                               cfg.ranking.negative_pool)
-        rating_rows = _rating_rows(two_tower, prep, device)
         stop_candidates = retrieve(two_tower, prep.tables, stop_target.users, stop_target,
                                    cfg.ranking.candidates, prep.eval_timestamps, device)
-        ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, rating_rows,
-                                             stop_candidates, stop_target, prep.eval_timestamps, device, ctx)
+        ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
+                                             stop_candidates, stop_target, prep.eval_timestamps, device, ctx,
+                                             rating_scores=_retrieval_scorer(two_tower, prep, device))
     histories["ranking"] = ranking_history.epochs
     run = TrainedRun(spec=prep.spec, tables=prep.tables, two_tower=two_tower.cpu().eval(),
                      ranker=ranker.cpu().eval(), score_mode=cfg.ranking.score_mode,
@@ -167,20 +168,43 @@ def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Di
     return run, histories
 
 
-@torch.no_grad()
-def _rating_rows(two_tower, prep: Prepared, device: torch.device) -> Rows:
-    """Training interactions with their ratings and retrieval scores, for the rating head."""
+def _rating_rows(prep: Prepared) -> Rows:
+    """Training interactions with their ratings, for the rating head (retrieval scores filled later)."""
     train = prep.train
-    scores = np.zeros(train.users.size, dtype=np.float32)
-    items = item_embeddings(two_tower, prep.tables, device)
-    temperature = float(two_tower.temperature.detach())
-    for start in range(0, train.users.size, 8192):
-        sl = slice(start, start + 8192)
-        users = user_embeddings(two_tower, prep.tables, train.users[sl], train.timestamps[sl], device)
-        scores[sl] = ((users * items[torch.as_tensor(train.items[sl], device=device)]).sum(1) /
-                      temperature).cpu().numpy()
-    return Rows(train.users, train.items, train.timestamps, scores,
+    return Rows(train.users, train.items, train.timestamps, np.full(train.users.size, np.nan, np.float32),
                 np.ones(train.users.size, np.float32), train.ratings)
+
+
+def _retrieval_scorer(two_tower, prep: Prepared, device: torch.device, batch_size: int = 1024):
+    """index (K,) -> retrieval scores (K,) of those training interactions (cosine / temperature).
+
+    The user tower sees the user's features and history and the timestamp only through its hour
+    and weekday, so it runs once per distinct (user, hour, weekday) and once per distinct item.
+    """
+    train = prep.train
+    temperature = float(two_tower.temperature.detach())
+
+    @torch.no_grad()
+    def scores(index: np.ndarray) -> np.ndarray:
+        if index.size == 0:
+            return np.zeros(0, dtype=np.float32)
+        users, items, timestamps = train.users[index], train.items[index], train.timestamps[index]
+        hour, weekday, _ = temporal_features(timestamps)
+        key = (users * 24 + hour) * 7 + weekday
+        _, first, user_row = np.unique(key, return_index=True, return_inverse=True)
+        distinct_items, item_row = np.unique(items, return_inverse=True)
+        user_emb = torch.cat([user_embeddings(two_tower, prep.tables, users[first[s:s + batch_size]],
+                                              timestamps[first[s:s + batch_size]], device)
+                              for s in range(0, first.size, batch_size)])
+        item_emb = item_embeddings(two_tower, prep.tables, device, items=distinct_items)
+        out = np.empty(index.size, dtype=np.float32)
+        for s in range(0, index.size, 65536):
+            u = torch.as_tensor(user_row[s:s + 65536], device=device)
+            i = torch.as_tensor(item_row[s:s + 65536], device=device)
+            out[s:s + 65536] = ((user_emb[u] * item_emb[i]).sum(1) / temperature).cpu().numpy()
+        return out
+
+    return scores
 
 
 def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.device,

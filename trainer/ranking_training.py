@@ -11,6 +11,7 @@ training interactions and the fitting half. L = beta * L_ctr + alpha * L_rating.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,40 +91,54 @@ def click_rows(positives: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
 
     Positives and negatives come from the same lists, so the retrieval score means the same in
     both; items retrieval missed are left out (the ranker never sees them when serving either).
+    A user needs at least one positive and one other candidate; the negatives are drawn without
+    replacement and take the timestamp of the user's first positive in list order. Rows come out
+    user by user in candidate order, each user's positives first. Vectorised over all users.
     """
-    users, items, timestamps, ratings = positives
-    taken: dict[int, dict[int, tuple[int, float]]] = {}
-    for u, i, ts, r in zip(users.tolist(), items.tolist(), timestamps.tolist(), ratings.tolist()):
-        taken.setdefault(u, {})[i] = (ts, r)
-    out: dict[str, list] = {k: [] for k in ("users", "items", "timestamps", "scores", "clicks", "ratings")}
-
-    def add(u: int, item: int, ts: int, score: float, click: float, rating: float) -> None:
-        for key, value in zip(out, (u, item, ts, score, click, rating)):
-            out[key].append(value)
-
-    for row, u in enumerate(candidates.users.tolist()):
-        held = taken.get(u)
-        if not held:
-            continue
-        cand, cand_scores = candidates.items[row, :depth], candidates.scores[row, :depth]
-        hits = [c for c in range(cand.size) if int(cand[c]) in held]
-        misses = np.array([c for c in range(cand.size) if int(cand[c]) not in held and cand[c] > 0])
-        if not hits or misses.size == 0:
-            continue
-        context_ts = held[int(cand[hits[0]])][0]
-        for c in hits:
-            add(u, int(cand[c]), held[int(cand[c])][0], float(cand_scores[c]), 1.0, held[int(cand[c])][1])
-        for c in rng.choice(misses, size=min(per_positive * len(hits), misses.size), replace=False):
-            add(u, int(cand[c]), context_ts, float(cand_scores[c]), 0.0, np.nan)
-    return Rows(np.asarray(out["users"], np.int64), np.asarray(out["items"], np.int64),
-                np.asarray(out["timestamps"], np.int64), np.asarray(out["scores"], np.float32),
-                np.asarray(out["clicks"], np.float32), np.asarray(out["ratings"], np.float32))
+    users, items, timestamps, ratings = (np.asarray(a) for a in positives)
+    if users.size == 0 or candidates.users.size == 0:
+        return Rows(*(np.zeros(0, dtype) for dtype in (np.int64, np.int64, np.int64, np.float32, np.float32,
+                                                        np.float32)))
+    cand = candidates.items[:, :depth]                                              # (U, N)
+    cand_scores = candidates.scores[:, :depth]
+    width = int(max(cand.max(initial=0), items.max(initial=0))) + 1
+    # Held-out (user, item) pairs; a pair given twice keeps its last timestamp and rating.
+    keys = users.astype(np.int64) * width + items
+    last = keys.size - 1 - np.unique(keys[::-1], return_index=True)[1]
+    keys, held_ts, held_rating = keys[last], timestamps[last], ratings[last]       # sorted by key
+    query = candidates.users.astype(np.int64)[:, None] * width + cand               # (U, N)
+    found = np.minimum(np.searchsorted(keys, query), keys.size - 1)
+    hit = (keys[found] == query) & (cand > 0)
+    miss = ~hit & (cand > 0)
+    n_hits, n_misses = hit.sum(axis=1), miss.sum(axis=1)
+    usable = (n_hits > 0) & (n_misses > 0)                                          # (U,)
+    hit &= usable[:, None]
+    # Negatives: a uniform random key per miss, the per-row quota of smallest keys kept.
+    quota = np.minimum(per_positive * n_hits, n_misses) * usable
+    noise = np.where(miss, rng.random(cand.shape), np.inf)
+    rank = np.empty(cand.shape, dtype=np.int64)
+    np.put_along_axis(rank, np.argsort(noise, axis=1, kind="stable"), np.arange(cand.shape[1])[None, :], axis=1)
+    negative = miss & (rank < quota[:, None])
+    first_hit = np.argmax(hit, axis=1)
+    context_ts = held_ts[found[np.arange(cand.shape[0]), first_hit]]                # (U,) first positive's time
+    pos_r, pos_c = np.nonzero(hit)
+    neg_r, neg_c = np.nonzero(negative)
+    row = np.concatenate([pos_r, neg_r])
+    col = np.concatenate([pos_c, neg_c])
+    order = np.lexsort((col, np.r_[np.zeros(pos_r.size), np.ones(neg_r.size)], row))   # user, positives first
+    row, col = row[order], col[order]
+    click = np.r_[np.ones(pos_r.size, np.float32), np.zeros(neg_r.size, np.float32)][order]
+    at = found[row, col]
+    return Rows(candidates.users[row].astype(np.int64), cand[row, col].astype(np.int64),
+                np.where(click > 0, held_ts[at], context_ts[row]).astype(np.int64),
+                cand_scores[row, col].astype(np.float32), click,
+                np.where(click > 0, held_rating[at], np.nan).astype(np.float32))
 
 
 @torch.no_grad()
 def score_candidates(ranker: DCNRanker, tables: FeatureTables, candidates: Candidates,
                      timestamps: np.ndarray, score_mode: str, rating_weight: float, rating_max: float,
-                     device: torch.device, rows_per_batch: int = 16384) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                     device: torch.device, rows_per_batch: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(final score, ctr, rating) for every candidate, each (U, N)."""
     n_users, n = candidates.items.shape
     out = np.zeros((3, n_users, n), dtype=np.float32)
@@ -176,8 +191,15 @@ def calibrate_start(ranker: DCNRanker, rows: Rows) -> None:
 
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
-               device: torch.device, ctx: Distributed) -> tuple[DCNRanker, FitHistory]:
-    """Trains the DCN; returns the best epoch's ranker by the pipeline's NDCG@10 on the stopping half."""
+               device: torch.device, ctx: Distributed,
+               rating_scores: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[DCNRanker, FitHistory]:
+    """Trains the DCN; returns the best epoch's ranker by the pipeline's NDCG@10 on the stopping half.
+
+    Each epoch pairs every fitting row with one rating row drawn at random. ``rating_scores(index)``,
+    when given, returns the retrieval scores of ``rating_rows`` rows ``index``: they are then filled
+    into ``rating_rows.scores`` only for the rows an epoch draws (the training log can be far larger
+    than what the ranker ever sees).
+    """
     rc, mt = cfg.ranking, cfg.multitask
     torch.manual_seed(cfg.run.seed + 1)
     ranker = DCNRanker(dcn_config(cfg, spec, tables)).to(device)
@@ -193,10 +215,16 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                                        spec.rating_max, device)
     history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score})
     best_state = copy.deepcopy(ranker.state_dict())
+    scored = np.zeros(rating_rows.users.size, dtype=bool)
     for epoch in progress_bar(range(epochs), "ranking", cfg.run.progress and ctx.is_main):
         ranker.train()
         order = ctx.shard(rng.permutation(fit_rows.users.size))
         rating_order = rng.choice(rating_rows.users.size, size=order.size, replace=rating_rows.users.size < order.size)
+        if rating_scores is not None:
+            drawn = np.unique(rating_order)
+            todo = drawn[~scored[drawn]]
+            rating_rows.scores[todo] = rating_scores(todo)
+            scored[todo] = True
         losses = []
         for start in range(0, order.size, rc.batch_size):
             batch = fit_rows.take(order[start:start + rc.batch_size])

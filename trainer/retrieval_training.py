@@ -25,7 +25,7 @@ from trainer.distributed import Distributed
 from trainer.evaluation import EvalTarget, rank_users
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
-from trainer.losses import sampled_softmax_loss
+from trainer.losses import grouped_sampled_softmax_loss
 from trainer.models.two_tower import TowerConfig, TwoTower, build_two_tower
 from trainer.negatives import make_sampler
 from trainer.progress import progress_bar
@@ -58,13 +58,13 @@ def tower_config(cfg: TrainConfig, spec, tables: FeatureTables) -> TowerConfig:
 
 @torch.no_grad()
 def item_embeddings(model: TwoTower, tables: FeatureTables, device: torch.device,
-                    batch_size: int = 8192) -> torch.Tensor:
-    """(m+1, D) embeddings of every item index (row 0 is the padding item)."""
+                    batch_size: int = 8192, items: np.ndarray | None = None) -> torch.Tensor:
+    """(m+1, D) embeddings of every item index (row 0 is the padding item), or (K, D) of ``items``."""
+    items = np.arange(tables.vocab.n_items + 1) if items is None else np.asarray(items, dtype=np.int64)
     rows = []
-    for start in range(0, tables.vocab.n_items + 1, batch_size):
-        idx = np.arange(start, min(start + batch_size, tables.vocab.n_items + 1))
-        rows.append(model.item_tower(**item_inputs(tables, idx, device)))
-    return torch.cat(rows)
+    for start in range(0, items.size, batch_size):
+        rows.append(model.item_tower(**item_inputs(tables, items[start:start + batch_size], device)))
+    return torch.cat(rows) if rows else torch.zeros((0, model.item_tower.projection.out_features), device=device)
 
 
 @torch.no_grad()
@@ -112,30 +112,78 @@ class UserItems:
         return np.flatnonzero(np.diff(self.indptr) > 0).astype(np.int64)
 
     def sample(self, users: np.ndarray, per_user: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``per_user`` random items per user, 0-padded (U, P), and one of their timestamps (U,)."""
+        """Up to ``per_user`` random items per user, 0-padded (U, P), and one of their timestamps (U,).
+
+        Each user's items are put in a random order (a uniform key per item, sorted within the user)
+        and the first ``per_user`` taken: a uniform random subset without replacement, in random
+        order; the timestamp is the first pick's. One vectorised pass for the whole batch.
+        """
+        users = np.asarray(users, dtype=np.int64)
+        starts = self.indptr[users]
+        counts = self.indptr[users + 1] - starts                                # (U,)
+        offsets = np.cumsum(counts) - counts                                    # each user's first slot
+        local = np.repeat(np.arange(users.size), counts)                        # (T,) row of each slot
+        position = np.arange(local.size) + np.repeat(starts - offsets, counts)  # (T,) index into items
+        order = np.lexsort((rng.random(local.size), local))                     # random order within a row
+        rank = np.arange(local.size) - offsets[local]                           # slot within its row
+        keep = rank < per_user
+        picks, rows, cols = position[order][keep], local[keep], rank[keep]
         positives = np.zeros((users.size, per_user), dtype=np.int64)
+        positives[rows, cols] = self.items[picks]
         timestamps = np.zeros(users.size, dtype=np.int64)
-        for row, user in enumerate(users):
-            lo, hi = self.indptr[user], self.indptr[user + 1]
-            picks = lo + rng.choice(hi - lo, size=min(per_user, hi - lo), replace=False)
-            positives[row, :picks.size] = self.items[picks]
-            timestamps[row] = self.timestamps[picks[0]]
+        first = cols == 0
+        timestamps[rows[first]] = self.timestamps[picks[first]]
         return positives, timestamps
 
 
-def seen_matrix(tables: FeatureTables, device: torch.device, max_cells: int = 50_000_000) -> torch.Tensor | None:
-    """Dense (n+1, m+1) bool "user has this training item", or None for catalogs too large to hold it."""
-    n, m = tables.vocab.n_users, tables.vocab.n_items
-    if (n + 1) * (m + 1) > max_cells:
-        return None
-    seen = torch.zeros((n + 1, m + 1), dtype=torch.bool)
-    rows = np.repeat(np.arange(n + 1), np.diff(tables.seen_indptr))
-    seen[torch.as_tensor(rows), torch.as_tensor(tables.seen_items)] = True
-    return seen.to(device)
+@dataclass(frozen=True, eq=False)
+class SeenItems:
+    """Which training items each user has, asked for a batch of users and candidate items at a time.
+
+    A dense (n+1, m+1) bool matrix when the catalog is small enough to hold one, else a binary
+    search over the batch users' rows of the CSR (``tables.seen_indptr`` / ``seen_items``): the
+    same answers, at a cost bounded by the batch rather than by users x items.
+    """
+
+    indptr: np.ndarray
+    items: np.ndarray
+    n_items: int
+    dense: torch.Tensor | None
+    device: torch.device
+
+    @classmethod
+    def from_tables(cls, tables: FeatureTables, device: torch.device,
+                    max_cells: int = 50_000_000) -> "SeenItems":
+        n, m = tables.vocab.n_users, tables.vocab.n_items
+        dense = None
+        if (n + 1) * (m + 1) <= max_cells:
+            dense = torch.zeros((n + 1, m + 1), dtype=torch.bool)
+            rows = np.repeat(np.arange(n + 1), np.diff(tables.seen_indptr))
+            dense[torch.as_tensor(rows), torch.as_tensor(tables.seen_items)] = True
+            dense = dense.to(device)
+        return cls(tables.seen_indptr, tables.seen_items, m, dense, device)
+
+    def lookup(self, users: np.ndarray, items: torch.Tensor) -> torch.Tensor:
+        """(U, K) bool: True where user ``users[u]`` has the training item ``items[k]``."""
+        users = np.asarray(users, dtype=np.int64)
+        if self.dense is not None:
+            return self.dense[torch.as_tensor(users, device=self.device)][:, items.to(self.device)]
+        starts = self.indptr[users]
+        counts = self.indptr[users + 1] - starts
+        offsets = np.cumsum(counts) - counts
+        local = np.repeat(np.arange(users.size, dtype=np.int64), counts)
+        position = np.arange(local.size) + np.repeat(starts - offsets, counts)
+        width = self.n_items + 1
+        keys = local * width + self.items[position]        # sorted: rows in batch order, items sorted
+        query = np.arange(users.size, dtype=np.int64)[:, None] * width + items.cpu().numpy()[None, :]
+        if keys.size == 0:
+            return torch.zeros(query.shape, dtype=torch.bool, device=self.device)
+        found = keys[np.minimum(np.searchsorted(keys, query), keys.size - 1)] == query
+        return torch.as_tensor(found, device=self.device)
 
 
 def train_step(model, ddp_model, users: np.ndarray, positives: np.ndarray, timestamps: np.ndarray,
-               sampler, pos_log_q_table: torch.Tensor, seen: torch.Tensor | None,
+               sampler, pos_log_q_table: torch.Tensor, seen: SeenItems | None,
                tables: FeatureTables, cfg: TrainConfig, device: torch.device,
                generator: torch.Generator) -> torch.Tensor:
     """One loss evaluation for users (U,) with held-out positives (U, P) (0 = padding)."""
@@ -153,7 +201,7 @@ def train_step(model, ddp_model, users: np.ndarray, positives: np.ndarray, times
     neg_idx = None
     if rc.num_negatives:
         neg_idx = sampler.sample(torch.zeros(1, dtype=torch.int64), rc.num_negatives)[0].to(device)  # (S,)
-    wanted = pos_idx if neg_idx is None else torch.cat([pos_idx, neg_idx])
+    wanted = pos_idx if neg_idx is None else torch.cat([pos_idx, neg_idx])            # the C candidate columns
     unique, inverse = torch.unique(wanted, return_inverse=True)
     user_emb, unique_emb = ddp_model(**inputs, **item_inputs(tables, unique.cpu().numpy(), device))
     pos_emb = unique_emb[inverse[:pos_idx.numel()]]                                   # (R, D)
@@ -164,16 +212,10 @@ def train_step(model, ddp_model, users: np.ndarray, positives: np.ndarray, times
     else:
         pos_log_q = torch.zeros_like(pos_idx, dtype=torch.float32)
         neg_log_q = None if neg_idx is None else torch.zeros_like(neg_idx, dtype=torch.float32)
-    row_users = torch.as_tensor(users, device=device)[row_user]                       # (R,)
-
-    def other_training_items(candidates: torch.Tensor) -> torch.Tensor:
-        # A candidate the row's user also trained on is not a negative (the loss keeps the row's own positive).
-        if seen is None:
-            return torch.zeros_like(candidates, dtype=torch.bool)
-        return seen[row_users.unsqueeze(1), candidates]                               # (R, C)
-
-    return sampled_softmax_loss(user_emb[row_user], pos_emb, neg_emb, model.temperature, pos_log_q,
-                                neg_log_q, pos_idx, neg_idx, user_seen_mask_fn=other_training_items)
+    # A candidate the user also trained on is not a negative (the loss keeps each row's own positive).
+    user_seen = None if seen is None else seen.lookup(users, unique)[:, inverse]     # (U, C)
+    return grouped_sampled_softmax_loss(user_emb, row_user, pos_emb, neg_emb, model.temperature, pos_log_q,
+                                        neg_log_q, pos_idx, neg_idx, user_seen)
 
 
 def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions,
@@ -196,7 +238,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     user_items = UserItems.from_interactions(train, tables.vocab.n_users)
     active_users = user_items.users_with_items()
     passes = max(1, round(train.users.size / max(active_users.size, 1) / rc.positives_per_user))
-    seen = seen_matrix(tables, device)
+    seen = SeenItems.from_tables(tables, device)
     history, best_state, start_epoch = FitHistory(), None, 0
     if checkpointer is not None and cfg.run.resume:
         restored = checkpointer.restore("retrieval", model, optimizer)

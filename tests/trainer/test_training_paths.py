@@ -1,0 +1,198 @@
+"""The vectorised training paths against their direct definitions: the grouped retrieval loss, the
+seen-item lookup, positive sampling, the ranker's click rows and the lazily scored rating rows."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trainer import pipeline
+from trainer.config import load_config
+from trainer.data.synthetic import generate
+from trainer.losses import grouped_sampled_softmax_loss, sampled_softmax_loss
+from trainer.ranking_training import Candidates, click_rows
+from trainer.retrieval_training import SeenItems, UserItems, user_embeddings
+
+
+def _grouped_case(seed: int, n_users: int = 5, per_user: int = 3, n_neg: int = 6, n_items: int = 12):
+    torch.manual_seed(seed)
+    row_user = torch.arange(n_users).repeat_interleave(per_user)
+    pos_idx = torch.randint(1, n_items + 1, (row_user.numel(),))
+    neg_idx = torch.randint(1, n_items + 1, (n_neg,))
+    table = torch.randn(n_items + 1, 4)
+    seen = torch.rand(n_users, n_items + 1) < 0.3
+    seen[row_user, pos_idx] = True                        # a row's positive is one of its user's items
+    return dict(user_emb=torch.randn(n_users, 4, requires_grad=True), row_user=row_user,
+                pos_emb=table[pos_idx].clone().requires_grad_(True), neg_emb=table[neg_idx].clone().requires_grad_(True),
+                pos_log_q=torch.randn(row_user.numel()), neg_log_q=torch.randn(n_neg), pos_idx=pos_idx,
+                neg_idx=neg_idx, seen=seen)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grouped_loss_equals_the_per_row_loss_and_its_gradients(seed):
+    case = _grouped_case(seed)
+    candidates = torch.cat([case["pos_idx"], case["neg_idx"]])
+    row_user, seen = case["row_user"], case["seen"]
+    per_row = sampled_softmax_loss(case["user_emb"][row_user], case["pos_emb"], case["neg_emb"], 0.2,
+                                   case["pos_log_q"], case["neg_log_q"], case["pos_idx"], case["neg_idx"],
+                                   user_seen_mask_fn=lambda c: seen[row_user.unsqueeze(1), c])
+    leaves = [case["user_emb"], case["pos_emb"], case["neg_emb"]]
+    per_row_grads = torch.autograd.grad(per_row, leaves)
+    grouped = grouped_sampled_softmax_loss(case["user_emb"], row_user, case["pos_emb"], case["neg_emb"], 0.2,
+                                           case["pos_log_q"], case["neg_log_q"], case["pos_idx"], case["neg_idx"],
+                                           seen[:, candidates])
+    grouped_grads = torch.autograd.grad(grouped, leaves)
+    assert grouped.item() == pytest.approx(per_row.item(), abs=1e-5)
+    for a, b in zip(per_row_grads, grouped_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_grouped_loss_by_hand_masks_the_users_own_positives():
+    # One user, D = 1, user vector 1: each candidate scores its own embedding value. Rows hold items
+    # 5 and 6; the sampler drew 6 (the user's own item: masked) and 9 (a negative).
+    user_emb = torch.ones(1, 1)
+    pos_emb, neg_emb = torch.tensor([[0.5], [0.2]]), torch.tensor([[0.9], [0.1]])
+    loss = grouped_sampled_softmax_loss(user_emb, torch.tensor([0, 0]), pos_emb, neg_emb, 1.0, torch.zeros(2),
+                                        torch.zeros(2), torch.tensor([5, 6]), torch.tensor([6, 9]))
+    e = math.exp
+    row0 = math.log(e(0.5) + e(0.1)) - 0.5                # the other row's item 6 is the user's too
+    row1 = math.log(e(0.2) + e(0.1)) - 0.2
+    assert loss.item() == pytest.approx((row0 + row1) / 2, abs=1e-6)
+    # Everything seen: only each row's own positive is left, -log(1) = 0.
+    everything = torch.ones(1, 4, dtype=torch.bool)
+    assert grouped_sampled_softmax_loss(user_emb, torch.tensor([0, 0]), pos_emb, neg_emb, 1.0, torch.zeros(2),
+                                        torch.zeros(2), torch.tensor([5, 6]), torch.tensor([6, 9]),
+                                        everything).item() == 0.0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(row_user=torch.tensor([0, 2])), r"row_user must index user_emb's 2 rows"),
+    (dict(neg_emb=torch.zeros(2, 2, 3)), r"neg_emb must have shape \(S, 3\)"),
+    (dict(neg_emb=None), "must be all given or all None"),
+    (dict(user_seen=torch.zeros(2, 3, dtype=torch.bool)), r"user_seen must have shape \(2, 4\)"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+])
+def test_grouped_loss_rejects(change, message):
+    args = dict(user_emb=torch.zeros(2, 3), row_user=torch.tensor([0, 1]), pos_emb=torch.zeros(2, 3),
+                neg_emb=torch.zeros(2, 3), temperature=0.1, pos_log_q=torch.zeros(2), neg_log_q=torch.zeros(2),
+                pos_idx=torch.tensor([1, 2]), neg_idx=torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match=message):
+        grouped_sampled_softmax_loss(**(args | change))
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    cfg = load_config(None, ["features.history_length=20", "run.threads=1"])
+    return pipeline.prepare(cfg, generate(80, 150, 4000, seed=5))
+
+
+def test_seen_lookup_is_the_same_dense_or_by_search(prepared):
+    tables = prepared.tables
+    dense = SeenItems.from_tables(tables, torch.device("cpu"))
+    searched = SeenItems.from_tables(tables, torch.device("cpu"), max_cells=0)
+    assert dense.dense is not None and searched.dense is None
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, tables.vocab.n_users + 1, size=17)
+    items = torch.as_tensor(rng.integers(0, tables.vocab.n_items + 1, size=40))
+    expected = np.array([[item in set(tables.seen_items[tables.seen_indptr[u]:tables.seen_indptr[u + 1]].tolist())
+                          for item in items.tolist()] for u in users])
+    assert expected.any()
+    assert np.array_equal(dense.lookup(users, items).numpy(), expected)
+    assert np.array_equal(searched.lookup(users, items).numpy(), expected)
+
+
+def test_sample_draws_distinct_items_of_each_user_and_repeats_with_the_seed(prepared):
+    user_items = UserItems.from_interactions(prepared.train, prepared.vocab.n_users)
+    users = user_items.users_with_items()[:30]
+    positives, timestamps = user_items.sample(users, 4, np.random.default_rng(1))
+    for row, user in enumerate(users):
+        lo, hi = user_items.indptr[user], user_items.indptr[user + 1]
+        picked = positives[row][positives[row] > 0]
+        assert picked.size == min(4, hi - lo) == np.unique(picked).size
+        assert set(picked.tolist()) <= set(user_items.items[lo:hi].tolist())
+        own = user_items.timestamps[lo:hi][user_items.items[lo:hi] == picked[0]]
+        assert timestamps[row] in own                     # the first pick's timestamp
+    again = user_items.sample(users, 4, np.random.default_rng(1))
+    assert np.array_equal(again[0], positives) and np.array_equal(again[1], timestamps)
+    # Over many draws every item of a user comes up (a uniform subset, not a fixed one).
+    user = users[0]
+    lo, hi = user_items.indptr[user], user_items.indptr[user + 1]
+    rng = np.random.default_rng(2)
+    drawn = {int(i) for _ in range(200) for i in user_items.sample(np.array([user]), 2, rng)[0][0]}
+    assert drawn == set(user_items.items[lo:hi].tolist())
+
+
+def _click_rows_by_loop(positives, candidates, per_positive, depth):
+    """Which rows click_rows must return, by the definition: (positives by user, negative count by user)."""
+    users, items, timestamps, ratings = positives
+    taken = {}
+    for u, i, ts, r in zip(users.tolist(), items.tolist(), timestamps.tolist(), ratings.tolist()):
+        taken.setdefault(u, {})[i] = (ts, r)
+    hits, n_neg = {}, {}
+    for row, u in enumerate(candidates.users.tolist()):
+        held = taken.get(u, {})
+        cand = candidates.items[row, :depth]
+        found = [(int(c), held[int(c)]) for c in cand if int(c) in held]
+        misses = [int(c) for c in cand if int(c) not in held and c > 0]
+        if found and misses:
+            hits[u] = found
+            n_neg[u] = min(per_positive * len(found), len(misses))
+    return hits, n_neg
+
+
+def test_click_rows_match_their_definition():
+    rng = np.random.default_rng(4)
+    n_users, n_cand, n_items = 30, 25, 60
+    items = np.stack([rng.permutation(np.arange(1, n_items + 1))[:n_cand] for _ in range(n_users)])
+    items[3, 10:] = 0                                     # a short list, padded
+    candidates = Candidates(np.arange(1, n_users + 1), items, rng.random((n_users, n_cand)).astype(np.float32))
+    pos_users = rng.integers(1, n_users + 3, size=120)    # some users without candidates
+    pos_items = rng.integers(1, n_items + 1, size=120)
+    positives = (pos_users, pos_items, rng.integers(0, 10**6, size=120), rng.integers(1, 6, size=120).astype(np.float32))
+    rows = click_rows(positives, candidates, 2, np.random.default_rng(0), depth=20)
+    hits, n_neg = _click_rows_by_loop(positives, candidates, 2, 20)
+    score_of = {(int(u), int(i)): s for u, row_items, row_scores in
+                zip(candidates.users, candidates.items, candidates.scores) for i, s in zip(row_items, row_scores)}
+    assert set(rows.users.tolist()) == set(hits)
+    for u in hits:
+        mine = rows.users == u
+        clicked = mine & (rows.clicks == 1)
+        assert [(int(i), (int(t), float(r))) for i, t, r in zip(rows.items[clicked], rows.timestamps[clicked],
+                                                                 rows.ratings[clicked])] == hits[u]
+        negatives = mine & (rows.clicks == 0)
+        assert negatives.sum() == n_neg[u]
+        assert not set(rows.items[negatives].tolist()) & {i for i, _ in hits[u]}
+        assert np.unique(rows.items[negatives]).size == n_neg[u]
+        assert np.isnan(rows.ratings[negatives]).all()
+        assert (rows.timestamps[negatives] == hits[u][0][1][0]).all()   # the first positive's time
+        assert all(rows.scores[k] == score_of[(u, int(rows.items[k]))] for k in np.flatnonzero(mine))
+        first = np.flatnonzero(mine)
+        assert (rows.clicks[first[:len(hits[u])]] == 1).all()          # positives first
+    again = click_rows(positives, candidates, 2, np.random.default_rng(0), depth=20)
+    assert np.array_equal(again.items, rows.items)
+    empty = click_rows(tuple(a[:0] for a in positives), candidates, 2, np.random.default_rng(0))
+    assert empty.users.size == 0
+
+
+def test_rating_scores_equal_the_user_tower_on_every_row(prepared):
+    cfg = load_config(None, ["retrieval.epochs=1", "retrieval.embedding_dim=8", "retrieval.user_tower_dims=16",
+                             "retrieval.item_tower_dims=16", "retrieval.num_negatives=8", "run.progress=false",
+                             "run.threads=1"])
+    from trainer.distributed import init_distributed
+    from trainer.retrieval_training import fit_retrieval, item_embeddings
+
+    device = torch.device("cpu")
+    two_tower, _ = fit_retrieval(cfg, prepared.spec, prepared.tables, prepared.train, prepared.val,
+                                 prepared.eval_timestamps, device, init_distributed(device))
+    index = np.random.default_rng(3).choice(prepared.train.users.size, size=300, replace=False)
+    scores = pipeline._retrieval_scorer(two_tower, prepared, device, batch_size=7)(index)
+    train = prepared.train
+    with torch.no_grad():
+        users = user_embeddings(two_tower, prepared.tables, train.users[index], train.timestamps[index], device)
+        items = item_embeddings(two_tower, prepared.tables, device)[torch.as_tensor(train.items[index])]
+        expected = ((users * items).sum(1) / two_tower.temperature).numpy()
+    assert np.allclose(scores, expected, atol=1e-5)
+    assert pipeline._retrieval_scorer(two_tower, prepared, device)(np.zeros(0, np.int64)).size == 0
