@@ -81,6 +81,7 @@ class ServingState:
     item_embeddings: np.ndarray             # (m+1, D) float32, L2-normalised, row 0 zero (for MMR)
     popular_scores: np.ndarray              # (m+1,) float32 log(1 + training count): fallback retrieval score
     score_rule: ScoreRule
+    ranker_history: int                     # the ranker's history input holds the last this-many items
 
     @property
     def spec(self):
@@ -98,9 +99,11 @@ def run_ranker(ranker: torch.nn.Module, inputs: dict[str, np.ndarray]) -> tuple[
 def ranker_inputs(state: ServingState, *, user_idx: int, user_cat: np.ndarray, user_num: np.ndarray,
                   history: np.ndarray, timestamp: int, item_idx: np.ndarray,
                   retrieval_score: np.ndarray) -> dict[str, np.ndarray]:
-    """The program's keyword inputs for one user against N items: the user row repeated N times."""
+    """The program's keyword inputs for one user against N items: the user row repeated N times
+    (the history cut to the ranker's most recent ``state.ranker_history`` items)."""
     n = item_idx.size
     tables = state.tables
+    history = history[-state.ranker_history:]
     return {
         "user_idx": np.full(n, user_idx, dtype=np.int64),                               # (N,)
         "user_cat": np.broadcast_to(user_cat.astype(np.int64), (n, user_cat.size)).copy(),  # (N, Cu)
@@ -129,6 +132,15 @@ def retrieval_scores(state: ServingState, *, user_idx: int, user_cat: np.ndarray
         user = state.user_tower(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()[0]   # (D,)
     temperature = float(state.tables.serving.get("temperature", 1.0))
     return (state.item_embeddings[item_idx] @ user / temperature).astype(np.float32)             # (N, D) @ (D,)
+
+
+def ranker_history_for(serving: dict, history_length: int) -> int:
+    """How many of the most recent history items the version's ranker takes (older versions: all)."""
+    width = serving.get("ranker_history_length", history_length)
+    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= history_length:
+        raise ValueError(f"serving.json ranker_history_length must be an integer in [1, {history_length}], "
+                         f"got {width!r}")
+    return width
 
 
 def score_rule_for(serving: dict, default_mode: str) -> ScoreRule:
@@ -169,6 +181,7 @@ def load_state(directory: Path, version: int, *, default_score_mode: str = "ctr"
         user_tower=load_program(directory / "user_tower.pt2"), tables=tables,
         user_index=tables.user_index(), items=ItemLookup(tables.item_ids), item_embeddings=embeddings,
         popular_scores=np.log1p(tables.item_counts.astype(np.float32)),
-        score_rule=score_rule_for(tables.serving, default_score_mode))
+        score_rule=score_rule_for(tables.serving, default_score_mode),
+        ranker_history=ranker_history_for(tables.serving, tables.spec.history_length))
     _smoke(state)
     return state

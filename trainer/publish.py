@@ -60,11 +60,14 @@ def all_item_embeddings(two_tower, tables: FeatureTables, batch_size: int = 8192
     return embeddings
 
 
-def _export_examples(tables: FeatureTables) -> tuple[dict, dict]:
+def _export_examples(tables: FeatureTables, ranker_history: int) -> tuple[dict, dict]:
+    """Example inputs; the ranker's history is only its ``ranker_history`` most recent items (the
+    service sends no more per candidate row)."""
     users = np.array([0, min(1, tables.vocab.n_users)], dtype=np.int64)
     items = np.array([0, min(1, tables.vocab.n_items)], dtype=np.int64)
     user = user_inputs(tables, users, np.zeros(2, dtype=np.int64))
-    ranker = {**user, **item_inputs(tables, items), "retrieval_score": torch.zeros(2)}
+    ranker = {**user, "history": user["history"][:, -ranker_history:], **item_inputs(tables, items),
+              "retrieval_score": torch.zeros(2)}
     return user, ranker
 
 
@@ -74,7 +77,8 @@ def write_version_files(directory: Path, run: TrainedRun, index_params: IndexPar
     directory = Path(directory)
     run.tables.save(directory)
     (directory / "feature_spec.json").write_text(run.spec.to_json())
-    user_example, ranker_example = _export_examples(run.tables)
+    ranker_history = min(run.ranker.recent_items, run.spec.history_length)
+    user_example, ranker_example = _export_examples(run.tables, ranker_history)
     export_user_tower(run.two_tower.user_tower.eval(), user_example, directory / "user_tower.pt2")
     export_ranker(run.ranker.eval(), ranker_example, directory / "ranker.pt2")
     embeddings = all_item_embeddings(run.two_tower.eval(), run.tables)
@@ -87,7 +91,8 @@ def write_version_files(directory: Path, run: TrainedRun, index_params: IndexPar
     recall = recall_against_exact(index, ExactIndex(embeddings[1:], ids), embeddings[1:][sample], k=100)
     serving = {"score_mode": run.score_mode, "rating_weight": run.rating_weight,
                "temperature": float(run.two_tower.temperature.detach()),
-               "rating_min": run.spec.rating_min, "rating_max": run.spec.rating_max}
+               "rating_min": run.spec.rating_min, "rating_max": run.spec.rating_max,
+               "ranker_history_length": ranker_history}
     (directory / "serving.json").write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
     if report_dir is not None:
         for path in sorted(Path(report_dir).glob("report.*")) + sorted(Path(report_dir).glob("*.png")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import shutil
 
 import numpy as np
@@ -14,9 +15,10 @@ from ranking_service.batching import MAX_ROWS, MicroBatcher
 from ranking_service.fresh import InProcessFreshStore
 from ranking_service.pipeline import fallback_reserve_s
 from ranking_service.selection import RunningTopK, Scored, mmr_order
-from ranking_service.state import (ItemLookup, ScoreRule, _smoke, load_state, ranker_inputs, run_ranker,
-                                   score_rule_for)
+from ranking_service.state import (ItemLookup, ScoreRule, _smoke, load_state, ranker_history_for, ranker_inputs,
+                                   run_ranker, score_rule_for)
 from recsys_contracts.feature_store import FreshInteraction
+from tests.factories import publish_tiny_version, tiny_run
 from tests.ranking.harness import sample
 
 
@@ -183,3 +185,35 @@ class _Ranker(torch.nn.Module):
 def test_smoke_check_refuses_a_broken_ranker(loaded, ranker, message):
     with pytest.raises(ValueError, match=message):
         _smoke(dataclasses.replace(loaded, ranker=ranker))
+
+
+def test_ranker_takes_only_its_recent_history_and_scores_as_the_eager_model(tmp_path):
+    run = tiny_run(3, history_length=30)
+    version = publish_tiny_version(tmp_path, run=run)
+    directory = tmp_path / "versions" / str(version)
+    assert json.loads((directory / "serving.json").read_text())["ranker_history_length"] == 20
+    state = load_state(directory, version)
+    assert state.ranker_history == 20
+    tables = state.tables
+    user = int(np.argmax((tables.history > 0).sum(axis=1)))
+    assert (tables.history[user] > 0).sum() > 20                     # the cut drops real items
+    items = np.arange(1, 9, dtype=np.int64)
+    scores = np.linspace(-1, 1, items.size).astype(np.float32)
+    inputs = ranker_inputs(state, user_idx=user, user_cat=tables.user_cat[user], user_num=tables.user_num[user],
+                           history=tables.history[user], timestamp=1_700_000_000, item_idx=items,
+                           retrieval_score=scores)
+    assert inputs["history"].shape == (items.size, 20)
+    np.testing.assert_array_equal(inputs["history"][0], tables.history[user][-20:])
+    ctr, rating = run_ranker(state.ranker, inputs)
+    eager = {**inputs, "history": np.broadcast_to(tables.history[user], (items.size, 30)).copy()}
+    with torch.no_grad():
+        logit, eager_rating = run.ranker(**{name: torch.from_numpy(value) for name, value in eager.items()})
+    np.testing.assert_allclose(ctr, torch.sigmoid(logit).numpy(), atol=1e-6)
+    np.testing.assert_allclose(rating, eager_rating.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [0, 11, 2.5, True, "20"])
+def test_ranker_history_length_outside_the_history_is_refused(width):
+    with pytest.raises(ValueError, match=r"ranker_history_length must be an integer in \[1, 10\], got"):
+        ranker_history_for({"ranker_history_length": width}, 10)
+    assert ranker_history_for({}, 10) == 10
