@@ -4,7 +4,9 @@ Each job is the aligned rows of one request's chunk (``state.ranker_inputs``). T
 first queued job, adds whatever else is queued (waiting at most ``max_wait_s`` for more) up to
 ``max_jobs`` jobs or ``max_rows`` rows, concatenates them, runs ONE forward pass in a dedicated
 thread (the event loop keeps serving meanwhile) and hands each job its slice. ``max_jobs == 1``
-turns batching off: every job is its own forward pass, still off the event loop.
+turns batching off: every job is its own forward pass, still off the event loop. With the default
+``max_wait_s`` of 0 a job never waits for company: an idle worker starts at once, and the jobs that
+arrive while a pass runs form the next batch (batches grow with load, latency does not).
 
 Jobs scored by different versions (during a hot swap) are never mixed in one pass.
 """

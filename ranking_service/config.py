@@ -64,7 +64,8 @@ class RankingConfig:
     grace_s: float = 10.0                    # drain time for in-flight RPCs after SIGTERM
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit
     microbatch_max_size: int = 16            # DCN scoring requests batched into one forward pass
-    microbatch_max_wait_ms: float = 1.0      # longest a request waits for its batch to fill
+    microbatch_max_wait_ms: float = 0.0      # extra wait for a batch to fill (0: run at once; jobs
+                                             # arriving while a pass runs form the next one)
     tls: TlsConfig | None = None             # None = plaintext
     retrieval_tls: RetrievalClientTls | None = None  # None = plaintext channel to retrieval
 

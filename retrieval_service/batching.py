@@ -3,7 +3,8 @@
 ``run_batch`` embeds B users with one tower forward and searches the index once for all of them.
 ``MicroBatcher.search`` lets concurrent requests share that work: a request waits at most
 ``max_wait_s`` for up to ``max_size`` requests to gather, then one worker thread runs the batch
-(requests of different versions are run as separate groups). With ``enabled=False`` every request
+(requests of different versions are run as separate groups). The default ``max_wait_s`` is 0: no
+request waits for company, and those that arrive while a batch runs form the next one. With ``enabled=False`` every request
 runs its own batch of one (the benchmark's baseline). A request cancelled before its batch starts
 is dropped from it.
 """

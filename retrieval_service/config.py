@@ -40,11 +40,12 @@ class RetrievalConfig:
     port: int = 50051                        # gRPC; 0 = pick a free port (tests)
     metrics_port: int = 9101                 # Prometheus HTTP; 0 = disabled
     max_candidates: int = 1000               # largest num_candidates a Retrieve may ask for
-    chunk_size: int = 250                    # candidates per streamed message (one DCN call each downstream)
+    chunk_size: int = 500                    # candidates per streamed message (one DCN call each downstream)
     poll_interval_s: float = 2.0             # how often CURRENT is checked for a new version
     device: str = "auto"                     # auto = cuda when available, else cpu
     microbatch_max_size: int = 32            # user-tower requests batched into one forward pass
-    microbatch_max_wait_ms: float = 2.0      # longest a request waits for its batch to fill
+    microbatch_max_wait_ms: float = 0.0      # extra wait for a batch to fill (0: run at once; requests
+                                             # arriving while a batch runs form the next one)
     redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
     grace_s: float = 10.0                    # drain time for in-flight RPCs after SIGTERM
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit

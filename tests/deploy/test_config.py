@@ -37,9 +37,9 @@ def pem(tmp_path: Path):
 def test_retrieval_defaults(root):
     config = retrieval_config.from_env({"RECSYS_ARTIFACT_ROOT": str(root)})
     assert config == retrieval_config.RetrievalConfig(artifact_root=root)
-    assert (config.port, config.metrics_port, config.max_candidates, config.chunk_size) == (50051, 9101, 1000, 250)
+    assert (config.port, config.metrics_port, config.max_candidates, config.chunk_size) == (50051, 9101, 1000, 500)
     assert (config.poll_interval_s, config.device, config.microbatch_max_size) == (2.0, "auto", 32)
-    assert (config.microbatch_max_wait_ms, config.redis_timeout_ms, config.grace_s) == (2.0, 50, 10.0)
+    assert (config.microbatch_max_wait_ms, config.redis_timeout_ms, config.grace_s) == (0.0, 50, 10.0)
     assert config.max_message_bytes == 4 * 1024 * 1024
     assert (config.redis_url, config.redis_namespace, config.log_level, config.pinned_version) == (
         None, "recsys", "INFO", None)
@@ -55,7 +55,7 @@ def test_ranking_defaults(root):
         "popular", 64, 5, 200)
     assert (config.diversity, config.score_mode, config.poll_interval_s) == (0.0, "ctr", 2.0)
     assert (config.redis_timeout_ms, config.grace_s, config.max_message_bytes) == (50, 10.0, 4 * 1024 * 1024)
-    assert (config.microbatch_max_size, config.microbatch_max_wait_ms) == (16, 1.0)
+    assert (config.microbatch_max_size, config.microbatch_max_wait_ms) == (16, 0.0)
     assert config.tls is None and config.retrieval_tls is None and config.redis_url is None
 
 
