@@ -1,7 +1,7 @@
 """Reference recommenders (popularity, EASE) and the full-catalog top-k ranking every model shares.
 
-Numpy only (no scipy). The training matrix is a ``SparseMatrix``: CSR over users x items, one
-stored entry per interaction. A ``Recommender`` is fitted on it and then scores every item for a
+Numpy (torch only for the top-k selection), no scipy. The training matrix is a ``SparseMatrix``:
+CSR over users x items, one stored entry per interaction. A ``Recommender`` is fitted on it and then scores every item for a
 batch of users; ``rank_topk`` turns such a (B, M) score block into top-k item indices with the
 user's already-seen items masked. Dense user x item copies are allowed up to ``MAX_DENSE_CELLS``
 cells (ml-100k: 943 x 1682 = 1.6M); ``Popularity`` never needs one and works at any size.
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from trainer.metrics import check_csr, ndcg_at_k, to_csr
 
@@ -209,8 +210,10 @@ def rank_topk(scores: np.ndarray, exclude: Any, k: int) -> np.ndarray:
         if items.size and items.max() >= n_items:
             raise ValueError(f"exclude item indices must be < {n_items}, got {items.max()}")
         cost[np.repeat(np.arange(n_rows), np.diff(indptr)), items] = np.inf
-    top = np.argpartition(cost, k - 1, axis=1)[:, :k]  # (B, k) unordered
-    ranked = np.take_along_axis(top, np.argsort(np.take_along_axis(cost, top, axis=1), axis=1), axis=1)
+    # torch's partial selection is several times faster than np.argpartition on wide rows; ties are
+    # then ordered by item index, so the order never depends on the selection algorithm.
+    top = torch.topk(torch.from_numpy(cost), k, dim=1, largest=False, sorted=False).indices.numpy()  # (B, k)
+    ranked = np.take_along_axis(top, np.lexsort((top, np.take_along_axis(cost, top, axis=1)), axis=1), axis=1)
     ranked[np.isposinf(np.take_along_axis(cost, ranked, axis=1))] = -1
     return ranked.astype(np.int64)
 

@@ -53,6 +53,9 @@ class RetrievalConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     patience: int = 3                 # early stopping on validation NDCG@10 (epochs)
+    # Id tables (user + item rows) larger than this train with sparse (lazy) Adam: a step updates
+    # only the rows it used instead of every row of the catalog. 0 = always; needs weight_decay 0.
+    lazy_adam_above: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -144,7 +147,7 @@ _UNIT_INTERVAL = {"retrieval.dropout", "retrieval.hard_fraction", "retrieval.id_
                   "ranking.dropout", "publish.gate_margin"}
 _NON_NEGATIVE = {"retrieval.weight_decay", "ranking.weight_decay", "multitask.rating_weight",
                  "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",
-                 "run.threads", "retrieval.num_negatives", "eval.max_users"}
+                 "run.threads", "retrieval.num_negatives", "eval.max_users", "retrieval.lazy_adam_above"}
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

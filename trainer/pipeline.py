@@ -48,8 +48,11 @@ class Timings:
     @contextmanager
     def stage(self, name: str):
         start = time.perf_counter()
+        log.info("stage %s started", name)
         yield
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+        elapsed = time.perf_counter() - start
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + elapsed, 3)
+        log.info("stage %s done in %.1f s", name, elapsed)
 
 
 @dataclass(frozen=True, eq=False)

@@ -6,8 +6,11 @@ history feature, so the tower learns to predict unseen items from what remains (
 objective, which is exactly the serving situation: predict the next items from the history).
 A few user ids are dropped to "unknown" so cold-start users get a meaningful embedding. The loss
 is the logQ-corrected sampled softmax over the batch's positives (in-batch negatives) plus the
-sampler's negatives, with accidental hits and the user's other training items removed. After each
-epoch the model ranks all items for the validation users; the best epoch's weights are kept.
+sampler's negatives, with accidental hits and the user's other training items removed; it is
+computed per user (the rows of one user share their scores), not per row. After each epoch the
+model ranks all items for the validation users; the best epoch's weights are kept. Id tables
+beyond ``retrieval.lazy_adam_above`` rows train with sparse (lazy) Adam, so a step's cost follows
+its batch rather than the catalog.
 """
 
 from __future__ import annotations
@@ -218,6 +221,52 @@ def train_step(model, ddp_model, users: np.ndarray, positives: np.ndarray, times
                                         neg_log_q, pos_idx, neg_idx, user_seen)
 
 
+def id_tables(model: TwoTower) -> list[torch.nn.Embedding]:
+    """The user-id and item-id tables: one row per user / item, the parameters that grow with the data."""
+    return [model.user_tower.user_embedding, model.item_tower.item_embedding]
+
+
+class LazyAdam:
+    """Adam on the dense parameters plus sparse ("lazy") Adam on the id tables.
+
+    A step touches only the id rows its batch used (their gradient rows and moments), so the cost
+    of a step follows the batch, not the catalog: dense Adam rewrites every row of a 1M-item table
+    on every step. Rows a batch did not use keep their weights and moments until they are used.
+    """
+
+    def __init__(self, model: TwoTower, lr: float) -> None:
+        tables = id_tables(model)
+        sparse_ids = {id(t.weight) for t in tables}
+        for table in tables:
+            table.sparse = True
+        self.sparse = torch.optim.SparseAdam([t.weight for t in tables], lr=lr)
+        self.dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in sparse_ids], lr=lr)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.sparse.zero_grad(set_to_none=set_to_none)
+        self.dense.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.sparse.step()
+        self.dense.step()
+
+    def state_dict(self) -> dict:
+        return {"sparse": self.sparse.state_dict(), "dense": self.dense.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sparse.load_state_dict(state["sparse"])
+        self.dense.load_state_dict(state["dense"])
+
+
+def make_optimizer(model: TwoTower, rc, ctx: Distributed):
+    """Adam, with sparse (lazy) Adam for the id tables when they hold more than
+    ``rc.lazy_adam_above`` rows, there is no weight decay and one process trains."""
+    rows = sum(table.num_embeddings for table in id_tables(model))
+    if rows > rc.lazy_adam_above and rc.weight_decay == 0 and not ctx.enabled:
+        return LazyAdam(model, rc.learning_rate)
+    return torch.optim.Adam(model.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
+
+
 def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions,
                   val: EvalTarget, eval_timestamps: np.ndarray, device: torch.device,
                   ctx: Distributed, checkpointer: Checkpointer | None = None) -> tuple[TwoTower, FitHistory]:
@@ -227,7 +276,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     model = build_two_tower(tower_config(cfg, spec, tables), init_temperature=rc.temperature,
                             learn_temperature=rc.learn_temperature).to(device)
     ddp_model = ctx.wrap(model, device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
+    optimizer = make_optimizer(model, rc, ctx)
     counts = torch.as_tensor(tables.item_counts, dtype=torch.float64)
     # log q of an item appearing as an in-batch negative = its share of the training positives.
     pos_log_q_table = (counts.clamp(min=1) / counts.sum()).log().to(torch.float32).to(device)
@@ -280,6 +329,8 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    for table in id_tables(model):
+        table.sparse = False          # inference and export see the plain module
     model.eval()
     return model, history
 

@@ -47,6 +47,7 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
         assert name in manifest.files
     assert manifest.metrics["pipeline"]["ndcg@10"] == pytest.approx(result.report["pipeline"]["ndcg@10"])
     assert manifest.extra["index"]["recall@100"] == 1.0          # flat index below the size threshold
+    assert set(manifest.extra["index_seconds"]) == {"build", "recall"}
     assert set(result.report["retrieval"]) == {"recall@10", "recall@20", "recall@50"}
     assert {"popularity", "ease"} <= set(result.report["baselines"])
     client = redis.Redis.from_url(redis_url)

@@ -196,3 +196,69 @@ def test_rating_scores_equal_the_user_tower_on_every_row(prepared):
         expected = ((users * items).sum(1) / two_tower.temperature).numpy()
     assert np.allclose(scores, expected, atol=1e-5)
     assert pipeline._retrieval_scorer(two_tower, prepared, device)(np.zeros(0, np.int64)).size == 0
+
+
+def _tiny_cfg(*extra):
+    return load_config(None, ["retrieval.epochs=2", "retrieval.embedding_dim=8", "retrieval.user_tower_dims=16",
+                              "retrieval.item_tower_dims=16", "retrieval.num_negatives=8", "run.progress=false",
+                              "run.threads=1", *extra])
+
+
+def test_lazy_adam_updates_only_the_id_rows_a_step_used(prepared):
+    from trainer.distributed import Distributed
+    from trainer.models.two_tower import build_two_tower
+    from trainer.retrieval_training import LazyAdam, make_optimizer, tower_config
+
+    cfg = _tiny_cfg("retrieval.lazy_adam_above=0")
+    torch.manual_seed(0)
+    model = build_two_tower(tower_config(cfg, prepared.spec, prepared.tables))
+    optimizer = make_optimizer(model, cfg.retrieval, Distributed())
+    assert isinstance(optimizer, LazyAdam) and model.user_tower.user_embedding.sparse
+    table = model.user_tower.user_embedding.weight
+
+    def step(users):
+        optimizer.zero_grad(set_to_none=True)
+        model.user_tower.user_embedding(torch.as_tensor(users)).sum().backward()
+        optimizer.step()
+
+    step([1, 2])
+    before = table.detach().clone()
+    step([3])                                             # dense Adam would move rows 1 and 2 again (momentum)
+    changed = torch.nonzero((table.detach() != before).any(dim=1)).flatten().tolist()
+    assert changed == [3]
+    # Small tables, weight decay or several processes keep plain Adam.
+    assert isinstance(make_optimizer(model, _tiny_cfg().retrieval, Distributed()), torch.optim.Adam)
+    assert isinstance(make_optimizer(model, _tiny_cfg("retrieval.lazy_adam_above=0",
+                                                      "retrieval.weight_decay=0.01").retrieval, Distributed()),
+                      torch.optim.Adam)
+    assert isinstance(make_optimizer(model, cfg.retrieval, Distributed(world_size=2)), torch.optim.Adam)
+
+
+def test_lazy_adam_training_repeats_and_leaves_plain_tables(prepared):
+    from trainer.distributed import init_distributed
+    from trainer.retrieval_training import fit_retrieval
+
+    cfg = _tiny_cfg("retrieval.lazy_adam_above=0")
+    device = torch.device("cpu")
+    runs = [fit_retrieval(cfg, prepared.spec, prepared.tables, prepared.train, prepared.val,
+                          prepared.eval_timestamps, device, init_distributed(device)) for _ in range(2)]
+    (first, history), (second, _) = runs
+    assert all(np.isfinite(r["loss"]) for r in history.epochs)
+    assert not first.user_tower.user_embedding.sparse and not first.item_tower.item_embedding.sparse
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+
+
+def test_index_recall_in_chunks_equals_one_pass():
+    from recsys_contracts.ann import ExactIndex, IndexParams, build_index, recall_against_exact
+    from trainer.publish import index_recall
+
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((600, 8)).astype(np.float32)
+    ids = np.arange(1, 601)
+    index = build_index(embeddings, ids, IndexParams(kind="ivf", nlist=8, nprobe=2))
+    exact = ExactIndex(embeddings, ids)
+    queries = embeddings[rng.choice(600, size=50, replace=False)]
+    whole = recall_against_exact(index, exact, queries, k=20)
+    assert whole < 1.0
+    assert index_recall(index, exact, queries, k=20, cells=7 * 600) == pytest.approx(whole, abs=1e-12)
