@@ -19,7 +19,9 @@ log = logging.getLogger("ranking_service")
 async def serve(config: RankingConfig) -> None:
     # Imported here so a bad configuration fails before torch is imported (seconds sooner).
     from ranking_service.server import SERVICE_NAME, create_server
+    from recsys_contracts import programs
 
+    runtime.tame_garbage_collector(warm_up=programs.warm_up_loader)
     server, port, app = await create_server(config)
     log.info("ranking service listening on port %d (retrieval at %s, version %s)", port,
              config.retrieval_target, app.holder.version)

@@ -21,6 +21,7 @@ What torch 2.13's ``torch.export.save`` / ``load`` do (read from its source):
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -77,3 +78,24 @@ def load_program(path: str | os.PathLike[str]) -> nn.Module:
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module
+
+
+class _WarmUpProgram(nn.Module):
+    def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(item_idx, torch.ones(4, 2)).sum(dim=1)
+
+
+def warm_up_loader() -> None:
+    """Exports, saves and loads a two-op program in memory (our own module, nothing read from disk).
+
+    The first ``torch.export.load`` of a process imports ~190k objects' worth of modules lazily;
+    running it once at start-up, before any version is loaded, lets ``gc.freeze`` take them with the
+    other import-time objects (see ``recsys_serving.runtime.tame_garbage_collector``).
+    """
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(_WarmUpProgram(), (), {"item_idx": torch.tensor([0, 1])},
+                                  dynamic_shapes={"item_idx": {0: batch}})
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    torch.export.load(buffer).module()(item_idx=torch.tensor([1, 2, 3]))

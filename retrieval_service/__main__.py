@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 
+from recsys_contracts import programs
 from recsys_serving import runtime
 from retrieval_service.config import RetrievalConfig, from_env
 from retrieval_service.server import SERVICE_NAME, create_server
@@ -18,6 +19,7 @@ log = logging.getLogger("retrieval_service")
 
 
 async def serve(config: RetrievalConfig) -> None:
+    runtime.tame_garbage_collector(warm_up=programs.warm_up_loader)
     server, port, app = await create_server(config)
     log.info("retrieval service listening on port %d", port)
     try:
