@@ -116,7 +116,7 @@ async def _stages(root: Path, redis_url: str, namespace: str, users: list[str], 
             started = time.perf_counter()
             chunks = [chunk async for chunk in stub.Retrieve(request, timeout=5)]
             end_to_end.append(time.perf_counter() - started)
-            assert sum(len(c.candidates) for c in chunks) == 500
+            assert sum(len(c.item_ids) for c in chunks) == 500
     await app.close(grace_s=0)
     return {"requests": n, "num_candidates": 500, "chunk_size": 100, "backend": state.backend,
             "n_items": state.tables.n_items, "n_users": state.tables.n_users, "dim": state.dim,

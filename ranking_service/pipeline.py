@@ -167,9 +167,11 @@ class Pipeline:
                     if not pools:
                         # shield: a retrieval timeout must not cancel the feature read the fallback needs
                         pools.append(_Pool(self, state, query, await asyncio.shield(view_task)))
-                    n = len(chunk.candidates)
-                    pools[0].add(np.fromiter((c.item_id for c in chunk.candidates), np.int64, n),
-                                 np.fromiter((c.score for c in chunk.candidates), np.float32, n))
+                    if len(chunk.item_ids) != len(chunk.scores):   # a broken peer: treat as a failed retrieval
+                        log.error("retrieval sent a chunk with %d item_ids but %d scores (expected equal "
+                                  "lengths)", len(chunk.item_ids), len(chunk.scores), extra={"request_id": request_id})
+                        return retrieval_version, flags, grpc.StatusCode.DATA_LOSS.name
+                    pools[0].add(np.array(chunk.item_ids, dtype=np.int64), np.array(chunk.scores, dtype=np.float32))
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise ValueError(f"retrieval refused the request: {error.details()}") from None

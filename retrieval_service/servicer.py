@@ -39,10 +39,10 @@ def chunks(result: Candidates, chunk_size: int) -> list[retrieval_pb2.RetrieveRe
     """
     messages = []
     for start in range(0, max(len(result.item_ids), 1), chunk_size):
-        candidates = [retrieval_pb2.Candidate(item_id=int(item), score=float(score)) for item, score in
-                      zip(result.item_ids[start:start + chunk_size], result.scores[start:start + chunk_size])]
-        messages.append(retrieval_pb2.RetrieveResponse(candidates=candidates, model_version=result.version,
-                                                       degraded=result.degraded))
+        part = slice(start, start + chunk_size)
+        messages.append(retrieval_pb2.RetrieveResponse(
+            item_ids=result.item_ids[part].tolist(), scores=result.scores[part].tolist(),
+            model_version=result.version, degraded=result.degraded))
     return messages
 
 

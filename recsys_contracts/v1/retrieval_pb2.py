@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recsys_contracts.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xa5\x01\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0enum_candidates\x18\x02 \x01(\x05\x12.\n\ruser_features\x18\x03 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\x12#\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x12.recsys.v1.Context\x12\x14\n\x0cinclude_seen\x18\x05 \x01(\x08\"~\n\x10RetrieveResponse\x12(\n\ncandidates\x18\x01 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x03 \x03(\x0e\x32\x17.recsys.v1.DegradedPath\"+\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x32Y\n\x10RetrievalService\x12\x45\n\x08Retrieve\x12\x1a.recsys.v1.RetrieveRequest\x1a\x1b.recsys.v1.RetrieveResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xa5\x01\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0enum_candidates\x18\x02 \x01(\x05\x12.\n\ruser_features\x18\x03 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\x12#\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x12.recsys.v1.Context\x12\x14\n\x0cinclude_seen\x18\x05 \x01(\x08\"\x88\x01\n\x10RetrieveResponse\x12\x10\n\x08item_ids\x18\x04 \x03(\x03\x12\x0e\n\x06scores\x18\x05 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x03 \x03(\x0e\x32\x17.recsys.v1.DegradedPathJ\x04\x08\x01\x10\x02R\ncandidates2Y\n\x10RetrievalService\x12\x45\n\x08Retrieve\x12\x1a.recsys.v1.RetrieveRequest\x1a\x1b.recsys.v1.RetrieveResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RETRIEVEREQUEST']._serialized_start=65
   _globals['_RETRIEVEREQUEST']._serialized_end=230
-  _globals['_RETRIEVERESPONSE']._serialized_start=232
-  _globals['_RETRIEVERESPONSE']._serialized_end=358
-  _globals['_CANDIDATE']._serialized_start=360
-  _globals['_CANDIDATE']._serialized_end=403
-  _globals['_RETRIEVALSERVICE']._serialized_start=405
-  _globals['_RETRIEVALSERVICE']._serialized_end=494
+  _globals['_RETRIEVERESPONSE']._serialized_start=233
+  _globals['_RETRIEVERESPONSE']._serialized_end=369
+  _globals['_RETRIEVALSERVICE']._serialized_start=371
+  _globals['_RETRIEVALSERVICE']._serialized_end=460
 # @@protoc_insertion_point(module_scope)

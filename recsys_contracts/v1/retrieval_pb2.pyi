@@ -22,19 +22,13 @@ class RetrieveRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., num_candidates: _Optional[int] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., include_seen: _Optional[bool] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("candidates", "model_version", "degraded")
-    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("item_ids", "scores", "model_version", "degraded")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
-    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    item_ids: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
     model_version: int
     degraded: _containers.RepeatedScalarFieldContainer[_common_pb2.DegradedPath]
-    def __init__(self, candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., model_version: _Optional[int] = ..., degraded: _Optional[_Iterable[_Union[_common_pb2.DegradedPath, str]]] = ...) -> None: ...
-
-class Candidate(_message.Message):
-    __slots__ = ("item_id", "score")
-    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
-    SCORE_FIELD_NUMBER: _ClassVar[int]
-    item_id: int
-    score: float
-    def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
+    def __init__(self, item_ids: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., model_version: _Optional[int] = ..., degraded: _Optional[_Iterable[_Union[_common_pb2.DegradedPath, str]]] = ...) -> None: ...

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from recsys_contracts.feature_store import KeyFormat
-from recsys_contracts.v1 import common_pb2, ranking_pb2
+from recsys_contracts.v1 import common_pb2, ranking_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.ranking.harness import RetrievalProcess, config, health_status, run, sample, serve, serve_retrieval
 
 FROM_ARTIFACT = common_pb2.DEGRADED_PATH_FEATURES_FROM_ARTIFACT
@@ -212,3 +212,41 @@ def test_retrieval_killed_falls_back_or_is_unavailable(published, loaded, retrie
             assert sample("ranking_retrieval_failures_total", code="UNAVAILABLE") >= refused + 2
 
     run(main())
+
+
+class _MisalignedRetrieval(retrieval_pb2_grpc.RetrievalServiceServicer):
+    """A broken peer (a real gRPC server): one good chunk, then one with more item ids than scores."""
+
+    def __init__(self, good_ids: list[int]) -> None:
+        self.good_ids = good_ids
+
+    async def Retrieve(self, request, context):
+        yield retrieval_pb2.RetrieveResponse(item_ids=self.good_ids, scores=[1.0] * len(self.good_ids),
+                                             model_version=1)
+        yield retrieval_pb2.RetrieveResponse(item_ids=[1, 2, 3], scores=[0.5], model_version=1)
+
+
+def test_misaligned_chunk_from_retrieval_is_a_retrieval_failure_answered_from_popular_items(published, loaded):
+    root, _ = published
+    good = [int(i) for i in loaded.tables.item_ids[1:4]]
+
+    async def main():
+        server = grpc.aio.server()
+        retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(_MisalignedRetrieval(good), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            cfg = config(root, retrieval_target=f"127.0.0.1:{port}")
+            async with serve(cfg, state=loaded) as (stub, _, _):
+                failures = sample("ranking_retrieval_failures_total", code="DATA_LOSS")
+                reply = await _recommend(stub, timeout=5)
+                assert sample("ranking_retrieval_failures_total", code="DATA_LOSS") == failures + 1
+                return reply
+        finally:
+            await server.stop(0)
+
+    reply = run(main())
+    assert POPULAR in reply.degraded
+    assert reply.retrieval_version == 1                     # the version the peer's first (good) chunk named
+    ids = [item.item_id for item in reply.items]
+    assert len(ids) == len(set(ids)) == 5

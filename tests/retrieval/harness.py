@@ -63,7 +63,7 @@ async def retrieve(stub, timeout: float = 5.0, **fields) -> list[retrieval_pb2.R
 
 
 def items(chunks: list[retrieval_pb2.RetrieveResponse]) -> list[int]:
-    return [c.item_id for chunk in chunks for c in chunk.candidates]
+    return [item for chunk in chunks for item in chunk.item_ids]
 
 
 def sample(name: str, **labels) -> float:

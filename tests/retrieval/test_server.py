@@ -41,10 +41,11 @@ def test_happy_path_streams_external_ids_best_first(published, loaded):
             return await retrieve(stub, user_id=known_user(loaded), num_candidates=30)
 
     chunks = asyncio.run(body())
-    assert [len(c.candidates) for c in chunks] == [7, 7, 7, 7, 2]
+    assert [len(c.item_ids) for c in chunks] == [7, 7, 7, 7, 2]
+    assert [len(c.scores) for c in chunks] == [7, 7, 7, 7, 2]
     assert {c.model_version for c in chunks} == {version}
     assert all(list(c.degraded) == [] for c in chunks)
-    ids, scores = items(chunks), [c.score for chunk in chunks for c in chunk.candidates]
+    ids, scores = items(chunks), [s for chunk in chunks for s in chunk.scores]
     catalog = set(loaded.tables.item_ids[1:].tolist())
     assert len(set(ids)) == 30 and set(ids) <= catalog
     assert scores == sorted(scores, reverse=True)
@@ -130,7 +131,7 @@ def test_cold_start_user(published, loaded):
     bare, featured = asyncio.run(body())
     assert items(bare) == popular
     counts = loaded.tables.item_counts[loaded.tables.popular_items[:10]]
-    assert np.allclose([c.score for c in bare[0].candidates], np.log(np.maximum(counts, 1)), atol=1e-5)
+    assert np.allclose(list(bare[0].scores), np.log(np.maximum(counts, 1)), atol=1e-5)
     assert all(list(c.degraded) == [COLD] for c in bare + featured)
     assert popular[0] not in items(featured)   # a recent item counts as seen
     assert items(featured) != popular and len(items(featured)) == 10
