@@ -185,12 +185,11 @@ class SeenItems:
         return torch.as_tensor(found, device=self.device)
 
 
-def train_step(model, ddp_model, users: np.ndarray, positives: np.ndarray, timestamps: np.ndarray,
-               sampler, pos_log_q_table: torch.Tensor, seen: SeenItems | None,
-               tables: FeatureTables, cfg: TrainConfig, device: torch.device,
-               generator: torch.Generator) -> torch.Tensor:
-    """One loss evaluation for users (U,) with held-out positives (U, P) (0 = padding)."""
-    rc = cfg.retrieval
+def denoised_user_inputs(tables: FeatureTables, users: np.ndarray, positives: np.ndarray, timestamps: np.ndarray,
+                         rc, device: torch.device, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The users' tower inputs as training sees them: the held-out positives (U, P) and a random
+    ``rc.history_dropout`` share of the rest hidden from the history, and a random ``rc.id_dropout``
+    share of the user ids replaced by the unknown id (cold start)."""
     inputs = user_inputs(tables, users, timestamps, device)
     pos = torch.as_tensor(positives, device=device)                                   # (U, P)
     history = inputs["history"]                                                       # (U, H)
@@ -199,6 +198,17 @@ def train_step(model, ddp_model, users: np.ndarray, positives: np.ndarray, times
     inputs["history"] = history.masked_fill(held_out | dropped, 0)
     unknown = torch.rand(len(users), generator=generator).to(device) < rc.id_dropout
     inputs["user_idx"] = inputs["user_idx"].masked_fill(unknown, 0)
+    return inputs
+
+
+def train_step(model, ddp_model, users: np.ndarray, positives: np.ndarray, timestamps: np.ndarray,
+               sampler, pos_log_q_table: torch.Tensor, seen: SeenItems | None,
+               tables: FeatureTables, cfg: TrainConfig, device: torch.device,
+               generator: torch.Generator) -> torch.Tensor:
+    """One loss evaluation for users (U,) with held-out positives (U, P) (0 = padding)."""
+    rc = cfg.retrieval
+    inputs = denoised_user_inputs(tables, users, positives, timestamps, rc, device, generator)
+    pos = torch.as_tensor(positives, device=device)                                   # (U, P)
     row_user, row_slot = torch.nonzero(pos > 0, as_tuple=True)                        # R rows
     pos_idx = pos[row_user, row_slot]                                                 # (R,)
     neg_idx = None

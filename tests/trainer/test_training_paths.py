@@ -262,3 +262,22 @@ def test_index_recall_in_chunks_equals_one_pass():
     whole = recall_against_exact(index, exact, queries, k=20)
     assert whole < 1.0
     assert index_recall(index, exact, queries, k=20, cells=7 * 600) == pytest.approx(whole, abs=1e-12)
+
+
+def test_lazy_adam_state_survives_a_checkpoint_and_resume(prepared, tmp_path):
+    from trainer.checkpoint import Checkpointer
+    from trainer.distributed import init_distributed
+    from trainer.retrieval_training import fit_retrieval
+
+    device = torch.device("cpu")
+
+    def fit(*extra):
+        cfg = _tiny_cfg("retrieval.lazy_adam_above=0", f"run.checkpoint_dir={tmp_path}", *extra)
+        return fit_retrieval(cfg, prepared.spec, prepared.tables, prepared.train, prepared.val,
+                             prepared.eval_timestamps, device, init_distributed(device), Checkpointer(tmp_path))
+
+    fit("retrieval.epochs=1")
+    saved = torch.load(tmp_path / "retrieval.pt", weights_only=True)["optimizer"]
+    assert set(saved) == {"sparse", "dense"} and saved["sparse"]["state"]
+    _, history = fit("retrieval.epochs=2", "run.resume=true")
+    assert [r["epoch"] for r in history.epochs] == [0, 1]     # epoch 0 restored, epoch 1 trained
