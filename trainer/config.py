@@ -80,7 +80,8 @@ class RankingConfig:
 @dataclass(frozen=True)
 class MultitaskConfig:
     # separate: the two-tower, then the DCN on its candidates; retrieval_only: the DCN is not
-    # trained and serves retrieval's order (its wide skip) with a calibrated bias.
+    # trained and serves retrieval's order (its wide skip) with a calibrated bias; joint: both
+    # trained together on L = L_retrieval + alpha L_rating + beta L_ctr (trainer/joint_training.py).
     mode: str = "separate"
     rating_weight: float = 0.5         # alpha in L = L_retrieval + alpha L_rating + beta L_ctr
     ctr_weight: float = 1.0            # beta
@@ -138,7 +139,7 @@ _CHOICES = {
     "retrieval.negative_sampling_strategy": ("random", "hard", "mixed"),
     "ranking.structure": ("stacked", "parallel"),
     "ranking.score_mode": ("ctr", "ctr_x_rating"),
-    "multitask.mode": ("separate", "retrieval_only"),
+    "multitask.mode": ("separate", "retrieval_only", "joint"),
     "run.device": ("cpu", "cuda", "auto"),
     "publish.index": ("auto", "flat", "ivf", "hnsw"),
 }

@@ -35,6 +35,7 @@ from trainer.publish import (TrainedRun, all_item_embeddings, choose_index_param
                              publish_run)
 from trainer.report import write_report
 from trainer.ranking_training import (Candidates, Rows, click_rows, fit_ranker, rerank, score_candidates)
+from trainer.joint_training import fit_joint
 from trainer.retrieval_training import Interactions, fit_retrieval, item_embeddings, user_embeddings
 from trainer.splits import Split, split_by_name
 
@@ -142,6 +143,8 @@ def _halves(vocab: IdVocab, frame: pd.DataFrame, seed: int) -> tuple[pd.DataFram
 def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
                  timings: Timings) -> tuple[TrainedRun, dict[str, Any]]:
     checkpointer = Checkpointer(cfg.run.checkpoint_dir) if cfg.run.checkpoint_dir else None
+    if cfg.multitask.mode == "joint":
+        return _train_jointly(cfg, prep, device, ctx, timings)
     with timings.stage("retrieval_training"):
         two_tower, retrieval_history = fit_retrieval(cfg, prep.spec, prep.tables, prep.train, prep.val,
                                                      prep.eval_timestamps, device, ctx, checkpointer)
@@ -169,6 +172,21 @@ def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Di
                      ranker=ranker.cpu().eval(), score_mode=cfg.ranking.score_mode,
                      rating_weight=cfg.multitask.rating_weight if cfg.ranking.score_mode == "ctr_x_rating" else 0.0)
     return run, histories
+
+
+def _train_jointly(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
+                   timings: Timings) -> tuple[TrainedRun, dict[str, Any]]:
+    """Both models on one loss (trainer/joint_training.py); stopped on the pipeline's validation NDCG@10."""
+    def candidates(two_tower, users: np.ndarray, exclude: EvalTarget, n: int) -> Candidates:
+        return retrieve(two_tower, prep.tables, users, exclude, n, prep.eval_timestamps, device)
+
+    with timings.stage("joint_training"):
+        two_tower, ranker, history = fit_joint(cfg, prep.spec, prep.tables, prep.train, prep.val,
+                                               prep.eval_timestamps, device, ctx, candidates)
+    run = TrainedRun(spec=prep.spec, tables=prep.tables, two_tower=two_tower.cpu().eval(),
+                     ranker=ranker.cpu().eval(), score_mode=cfg.ranking.score_mode,
+                     rating_weight=cfg.multitask.rating_weight if cfg.ranking.score_mode == "ctr_x_rating" else 0.0)
+    return run, {"joint": history.epochs}
 
 
 def _rating_rows(prep: Prepared) -> Rows:

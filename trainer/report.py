@@ -46,8 +46,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 def plots(report: dict[str, Any], histories: dict[str, list[dict[str, float]]], out: Path) -> list[Path]:
     paths = []
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for stage, ax in zip(("retrieval", "ranking"), axes):
+    stages = [stage for stage in histories if histories[stage]] or ["retrieval"]   # joint mode: one curve
+    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.5), squeeze=False)
+    for stage, ax in zip(stages, axes[0]):
         epochs = [r["epoch"] for r in histories.get(stage, [])]
         ax.plot(epochs, [r["loss"] for r in histories.get(stage, [])], label="train loss")
         ax2 = ax.twinx()

@@ -120,4 +120,4 @@ def test_retrieval_only_mode_serves_the_retrieval_order(tmp_path, dataset):
 
 def test_an_unknown_multitask_mode_is_refused_by_name():
     with pytest.raises(ValueError, match="multitask.mode must be one of"):
-        load_config(None, ["multitask.mode=joint"])
+        load_config(None, ["multitask.mode=alternating"])
