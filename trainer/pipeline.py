@@ -140,8 +140,32 @@ def _halves(vocab: IdVocab, frame: pd.DataFrame, seed: int) -> tuple[pd.DataFram
     return frame[coin], frame[~coin]
 
 
+@contextmanager
+def deterministic_kernels(device: torch.device):
+    """Deterministic torch kernels while training on CPU (the previous setting is restored after).
+
+    With several intra-op threads some accumulating backward kernels add in a varying order, so
+    two seeded runs drifted apart in the last bits; the deterministic ones give the 1-thread result.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
                  timings: Timings) -> tuple[TrainedRun, dict[str, Any]]:
+    with deterministic_kernels(device):
+        return _train_models(cfg, prep, device, ctx, timings)
+
+
+def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
+                  timings: Timings) -> tuple[TrainedRun, dict[str, Any]]:
     checkpointer = Checkpointer(cfg.run.checkpoint_dir) if cfg.run.checkpoint_dir else None
     if cfg.multitask.mode == "joint":
         return _train_jointly(cfg, prep, device, ctx, timings)

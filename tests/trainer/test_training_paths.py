@@ -281,3 +281,20 @@ def test_lazy_adam_state_survives_a_checkpoint_and_resume(prepared, tmp_path):
     assert set(saved) == {"sparse", "dense"} and saved["sparse"]["state"]
     _, history = fit("retrieval.epochs=2", "run.resume=true")
     assert [r["epoch"] for r in history.epochs] == [0, 1]     # epoch 0 restored, epoch 1 trained
+
+
+def test_training_with_two_threads_repeats_bit_for_bit_and_restores_the_torch_setting(prepared):
+    from trainer.distributed import init_distributed
+
+    cfg = _tiny_cfg("ranking.epochs=1", "ranking.deep_dims=16", "ranking.candidates=30", "run.threads=2")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [pipeline.train_models(cfg, prepared, torch.device("cpu"), init_distributed(torch.device("cpu")),
+                                      pipeline.Timings())[0] for _ in range(2)]
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.are_deterministic_algorithms_enabled()
+    for model in ("two_tower", "ranker"):
+        first, second = (getattr(run, model).state_dict() for run in runs)
+        assert all(torch.equal(value, second[name]) for name, value in first.items()), model
