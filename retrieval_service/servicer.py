@@ -78,13 +78,20 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception:
-            code, message = grpc.StatusCode.INTERNAL, "internal error"
-            log.exception("Retrieve failed", extra={"request_id": request_id(context)})
+            if context.cancelled() or time.monotonic() >= deadline:
+                # The caller went away (cancelled, or its deadline passed) while we were writing:
+                # gRPC fails the write; that is the caller's decision, not a server error.
+                expired = time.monotonic() >= deadline
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+                message = "the caller ended the call before the candidates were sent"
+            else:
+                code, message = grpc.StatusCode.INTERNAL, "internal error"
+                log.exception("Retrieve failed", extra={"request_id": request_id(context)})
         finally:
             metrics.REQUESTS.labels(code.name).inc()
             metrics.REQUEST_SECONDS.observe(time.perf_counter() - started)
             if code not in (grpc.StatusCode.OK, grpc.StatusCode.INTERNAL) or log.isEnabledFor(logging.DEBUG):
                 log.log(logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO, "Retrieve %s %s",
                         code.name, message, extra={"request_id": request_id(context), "code": code.name})
-        if code != grpc.StatusCode.OK:
+        if code != grpc.StatusCode.OK and not context.cancelled():
             await context.abort(code, message)
