@@ -6,11 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
 
 import numpy as np
@@ -39,6 +34,7 @@ from recsys_contracts.feature_store import (
     redis_client,
     write_version,
 )
+from tests.redis_server import private_redis_server
 
 CAT = np.array([3, 0, 7], dtype=np.int64)
 NUM = np.array([0.5, -1.0], dtype=np.float32)
@@ -423,40 +419,12 @@ def test_redis_client_rejects_bad_options(kwargs, field):
 # ---------------------------------------------------------------- frozen Redis
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def frozen_redis():
     """A private redis-server, SIGSTOPped once it answers; yields its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server not installed")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        probe = redis.Redis.from_url(url, socket_timeout=1)
-        for _ in range(100):  # up to ~5 s for the server to start listening
-            try:
-                probe.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        probe.close()
-        os.kill(proc.pid, signal.SIGSTOP)
-        yield url
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait(timeout=10)
+    with private_redis_server() as server:
+        server.freeze()
+        yield server.url
 
 
 @pytest.mark.slow

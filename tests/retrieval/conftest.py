@@ -5,20 +5,14 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 
 from retrieval_service.state import ServingState, load_state
 from tests.factories import publish_tiny_version, tiny_run
+from tests.redis_server import private_redis_server
 
 
 @pytest.fixture(scope="session")
@@ -40,33 +34,8 @@ def loaded(published) -> ServingState:
     return load_state(root / "versions" / str(version), version, torch.device("cpu"))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def private_redis():
     """A private redis-server on a free port; yields (url, pid). Stopped and removed afterwards."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server not installed")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        probe = redis.Redis.from_url(url, socket_timeout=1)
-        for _ in range(100):  # up to ~5 s for the server to listen
-            try:
-                probe.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        probe.close()
-        yield url, proc.pid
-    finally:
-        os.kill(proc.pid, signal.SIGCONT)
-        proc.kill()
-        proc.wait(timeout=10)
+    with private_redis_server() as server:
+        yield server.url, server.pid
