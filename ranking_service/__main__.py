@@ -6,7 +6,6 @@ graceful shutdown (NOT_SERVING, then up to ``RANKING_GRACE_S`` to drain in-fligh
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
@@ -32,15 +31,7 @@ async def serve(config: RankingConfig) -> None:
 
 
 def main() -> int:
-    try:
-        config = from_env()
-    except ValueError as error:
-        print(f"ranking_service: invalid configuration: {error}", file=sys.stderr)
-        return 2
-    runtime.configure_logging(config.log_level)
-    runtime.start_metrics(config.metrics_port)
-    asyncio.run(serve(config))
-    return 0
+    return runtime.run_main("ranking_service", from_env, serve)
 
 
 if __name__ == "__main__":

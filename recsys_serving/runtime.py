@@ -10,7 +10,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -72,6 +72,20 @@ def _observe_gc(phase: str, info: dict) -> None:
         _gc_started[0] = time.perf_counter()
     else:
         GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started[0])
+
+
+def run_main(name: str, from_env: Callable[[], Any], serve: Callable[[Any], Awaitable[None]]) -> int:
+    """A service's ``python -m`` entry: config from the environment (exit 2 naming the variable when
+    it is invalid), JSON logs, the metrics endpoint, then ``serve(config)`` until it returns (0)."""
+    try:
+        config = from_env()
+    except ValueError as error:
+        print(f"{name}: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    start_metrics(config.metrics_port)
+    asyncio.run(serve(config))
+    return 0
 
 
 def start_metrics(port: int) -> None:

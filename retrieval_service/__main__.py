@@ -6,7 +6,6 @@ A bad variable exits with status 2 and a message naming it.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
@@ -30,15 +29,7 @@ async def serve(config: RetrievalConfig) -> None:
 
 
 def main() -> int:
-    try:
-        config = from_env()
-    except ValueError as error:
-        print(f"retrieval_service: bad configuration: {error}", file=sys.stderr)
-        return 2
-    runtime.configure_logging(config.log_level)
-    runtime.start_metrics(config.metrics_port)
-    asyncio.run(serve(config))
-    return 0
+    return runtime.run_main("retrieval_service", from_env, serve)
 
 
 if __name__ == "__main__":
