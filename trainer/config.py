@@ -38,6 +38,8 @@ class RetrievalConfig:
     user_tower_dims: tuple[int, ...] = (128, 64)
     item_tower_dims: tuple[int, ...] = (128, 64)
     dropout: float = 0.1
+    history_table: str = "shared"      # shared (the item tower's id table) | separate (its own id table)
+    history_pooling: str = "mean"      # mean | attention (learned, mask-aware, with recency)
     temperature: float = 0.05          # initial softmax temperature
     learn_temperature: bool = True
     negative_sampling_strategy: str = "mixed"   # random | hard | mixed
@@ -51,6 +53,7 @@ class RetrievalConfig:
     epochs: int = 20
     batch_size: int = 128              # users per step (each with positives_per_user rows)
     learning_rate: float = 2e-3
+    lr_decay: float = 1.0              # epoch e trains at learning_rate * lr_decay ** e
     weight_decay: float = 0.0
     # Early stopping on validation NDCG@10 (epochs without a new best). The validation curve dips for
     # up to 3 epochs before rising again (ml-100k seeds 0-2: best val 0.2287/0.2291/0.2346 with 4 and
@@ -140,6 +143,8 @@ class TrainConfig:
 _CHOICES = {
     "data.protocol": ("random", "temporal"),
     "retrieval.negative_sampling_strategy": ("random", "hard", "mixed"),
+    "retrieval.history_table": ("shared", "separate"),
+    "retrieval.history_pooling": ("mean", "attention"),
     "ranking.structure": ("stacked", "parallel"),
     "ranking.score_mode": ("ctr", "ctr_x_rating"),
     "multitask.mode": ("separate", "retrieval_only", "joint"),

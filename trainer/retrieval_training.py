@@ -56,7 +56,8 @@ def tower_config(cfg: TrainConfig, spec, tables: FeatureTables) -> TowerConfig:
         item_cat_cardinalities=tuple(len(c.vocabulary) + 1 for c in spec.item_categorical),
         n_item_num=spec.item_num_dim, embedding_dim=cfg.retrieval.embedding_dim,
         user_hidden_dims=cfg.retrieval.user_tower_dims, item_hidden_dims=cfg.retrieval.item_tower_dims,
-        dropout=cfg.retrieval.dropout)
+        dropout=cfg.retrieval.dropout, history_table=cfg.retrieval.history_table,
+        history_pooling=cfg.retrieval.history_pooling)
 
 
 @torch.no_grad()
@@ -233,7 +234,10 @@ def train_step(model, ddp_model, users: np.ndarray, positives: np.ndarray, times
 
 def id_tables(model: TwoTower) -> list[torch.nn.Embedding]:
     """The user-id and item-id tables: one row per user / item, the parameters that grow with the data."""
-    return [model.user_tower.user_embedding, model.item_tower.item_embedding]
+    tables = [model.user_tower.user_embedding, model.item_tower.item_embedding]
+    if model.user_tower.history_embedding is not model.item_tower.item_embedding:
+        tables.append(model.user_tower.history_embedding)
+    return tables
 
 
 class LazyAdam:
@@ -266,6 +270,13 @@ class LazyAdam:
     def load_state_dict(self, state: dict) -> None:
         self.sparse.load_state_dict(state["sparse"])
         self.dense.load_state_dict(state["dense"])
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    """Sets every parameter group's learning rate (both halves of a LazyAdam)."""
+    for opt in (optimizer.sparse, optimizer.dense) if isinstance(optimizer, LazyAdam) else (optimizer,):
+        for group in opt.param_groups:
+            group["lr"] = lr
 
 
 def make_optimizer(model: TwoTower, rc, ctx: Distributed):
@@ -310,6 +321,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
         order = ctx.shard(np.concatenate([rng.permutation(active_users) for _ in range(passes)]))
         losses = []
         model.train()
+        set_learning_rate(optimizer, rc.learning_rate * rc.lr_decay ** epoch)
         for start in range(0, order.size, rc.batch_size):
             users = order[start:start + rc.batch_size]
             positives, timestamps = user_items.sample(users, rc.positives_per_user, rng)

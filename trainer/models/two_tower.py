@@ -22,6 +22,9 @@ from trainer.models.temporal import CalendarEmbedding
 # Unit vectors bound the logits to [-1 / T, 1 / T]; below 0.01 (|logit| <= 100, CLIP's cap) the
 # softmax saturates and a learned temperature would only chase a few hard examples.
 MIN_TEMPERATURE = 0.01
+HISTORY_TABLES = ("shared", "separate")
+HISTORY_POOLINGS = ("mean", "attention")
+MAX_ATTENTION_HISTORY = 512            # recency biases learned for at most this many history slots
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,12 @@ class TowerConfig:
     user_hidden_dims: tuple[int, ...] = (128, 64)
     item_hidden_dims: tuple[int, ...] = (128, 64)
     dropout: float = 0.1
+    # "shared": the history pools the item tower's id table; "separate": its own (input) id table,
+    # word2vec-style in/out vectors, so a history item need not look like the items it predicts.
+    history_table: str = "shared"
+    # "mean": the masked mean of the history rows; "attention": a learned, mask-aware weighting of
+    # them (each row's score from its embedding plus a learned bias per recency position).
+    history_pooling: str = "mean"
 
     def __post_init__(self) -> None:
         check_feature_sizes(self.n_users, self.n_items, self.user_cat_cardinalities, self.n_user_num,
@@ -50,6 +59,10 @@ class TowerConfig:
         check_int_tuple("user_hidden_dims", self.user_hidden_dims, 1, allow_empty=False)
         check_int_tuple("item_hidden_dims", self.item_hidden_dims, 1, allow_empty=False)
         check_dropout(self.dropout)
+        if self.history_table not in HISTORY_TABLES:
+            raise ValueError(f"history_table must be one of {HISTORY_TABLES}, got {self.history_table!r}")
+        if self.history_pooling not in HISTORY_POOLINGS:
+            raise ValueError(f"history_pooling must be one of {HISTORY_POOLINGS}, got {self.history_pooling!r}")
 
 
 def make_item_embedding(config: TowerConfig) -> nn.Embedding:
@@ -62,6 +75,29 @@ def _check_item_embedding(config: TowerConfig, item_embedding: nn.Embedding) -> 
     if tuple(item_embedding.weight.shape) != expected or item_embedding.padding_idx != 0:
         raise ValueError(f"item_embedding must be an nn.Embedding of shape {expected} with padding_idx 0, "
                          f"got shape {tuple(item_embedding.weight.shape)} padding_idx {item_embedding.padding_idx!r}")
+
+
+class AttentionPooling(nn.Module):
+    """Mask-aware learned weighting of a 0-padded history (B, H, D) -> (B, D).
+
+    Each position's score is a small MLP of its embedding plus a learned bias for its distance from
+    the most recent slot (histories are right-aligned, the newest item last); the weights are a
+    softmax over the unmasked positions. An all-padding history pools to zeros, like the mean.
+    """
+
+    def __init__(self, dim: int, max_length: int = MAX_ATTENTION_HISTORY) -> None:
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, 1))
+        self.recency = nn.Parameter(torch.zeros(max_length))
+
+    def forward(self, embeddings: Tensor, mask: Tensor) -> Tensor:
+        length = embeddings.shape[1]
+        if length > self.recency.shape[0]:
+            raise ValueError(f"history length must be <= {self.recency.shape[0]} for attention pooling, got {length}")
+        scores = self.score(embeddings).squeeze(-1) + self.recency[:length].flip(0).unsqueeze(0)  # (B, H)
+        scores = scores.masked_fill(~mask, -1e9)
+        weights = torch.softmax(scores, dim=1) * mask.to(embeddings.dtype)                 # (B, H), 0 if all masked
+        return (weights.unsqueeze(-1) * embeddings).sum(dim=1)                              # (B, D)
 
 
 class UserTower(nn.Module):
@@ -77,6 +113,9 @@ class UserTower(nn.Module):
         dim = config.embedding_dim
         self.user_embedding = init_embedding(nn.Embedding(config.n_users + 1, dim))
         self.item_embedding = item_embedding
+        self.history_embedding = (item_embedding if config.history_table == "shared"
+                                  else make_item_embedding(config))
+        self.attention = AttentionPooling(dim) if config.history_pooling == "attention" else None
         self.categorical = CategoricalEmbedding(config.user_cat_cardinalities, dim)
         self.calendar = CalendarEmbedding(dim)
         # user id + categorical + numeric + pooled history + calendar
@@ -86,7 +125,8 @@ class UserTower(nn.Module):
 
     def forward(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor,
                 timestamp: Tensor) -> Tensor:
-        pooled = masked_mean(self.item_embedding(history), history != 0)  # (B, H, D) -> (B, D)
+        rows, mask = self.history_embedding(history), history != 0       # (B, H, D), (B, H)
+        pooled = masked_mean(rows, mask) if self.attention is None else self.attention(rows, mask)  # (B, D)
         features = torch.cat([
             self.user_embedding(user_idx),  # (B, D)
             self.categorical(user_cat),  # (B, Cu * D)
