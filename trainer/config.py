@@ -54,6 +54,7 @@ class RetrievalConfig:
     batch_size: int = 128              # users per step (each with positives_per_user rows)
     learning_rate: float = 2e-3
     lr_decay: float = 1.0              # epoch e trains at learning_rate * lr_decay ** e
+    weight_average: float = 0.0        # > 0: validate and keep an EMA of the weights with this decay per step
     weight_decay: float = 0.0
     # Early stopping on validation NDCG@10 (epochs without a new best). The validation curve dips for
     # up to 3 epochs before rising again (ml-100k seeds 0-2: best val 0.2287/0.2291/0.2346 with 4 and
@@ -152,7 +153,7 @@ _CHOICES = {
     "publish.index": ("auto", "flat", "ivf", "hnsw"),
 }
 _UNIT_INTERVAL = {"retrieval.dropout", "retrieval.hard_fraction", "retrieval.id_dropout",
-                  "retrieval.history_dropout",
+                  "retrieval.history_dropout", "retrieval.weight_average",
                   "ranking.dropout", "publish.gate_margin"}
 _NON_NEGATIVE = {"retrieval.weight_decay", "ranking.weight_decay", "multitask.rating_weight",
                  "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",

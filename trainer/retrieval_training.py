@@ -272,6 +272,15 @@ class LazyAdam:
         self.dense.load_state_dict(state["dense"])
 
 
+@torch.no_grad()
+def update_average(averaged: TwoTower, model: TwoTower, decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * model, parameter by parameter (buffers copied)."""
+    for mean, param in zip(averaged.parameters(), model.parameters()):
+        mean.lerp_(param, 1.0 - decay)
+    for mean, buffer in zip(averaged.buffers(), model.buffers()):
+        mean.copy_(buffer)
+
+
 def set_learning_rate(optimizer, lr: float) -> None:
     """Sets every parameter group's learning rate (both halves of a LazyAdam)."""
     for opt in (optimizer.sparse, optimizer.dense) if isinstance(optimizer, LazyAdam) else (optimizer,):
@@ -315,6 +324,9 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
         if restored is not None:
             start_epoch, history, best_state = restored
     stale = 0
+    # An exponential moving average of the weights, validated (and kept) instead of the raw ones;
+    # a resumed run restarts it from the restored weights.
+    averaged = copy.deepcopy(model) if rc.weight_average > 0 else None
     bar = progress_bar(range(start_epoch, rc.epochs), "retrieval", cfg.run.progress and ctx.is_main)
     for epoch in bar:
         # An epoch draws about as many positives as there are training interactions.
@@ -334,15 +346,18 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if averaged is not None:
+                update_average(averaged, model, rc.weight_average)
             losses.append(loss.item())
-        ndcg = validate(model, tables, val, eval_timestamps, device)
+        scored = model if averaged is None else averaged
+        ndcg = validate(scored, tables, val, eval_timestamps, device)
         record = {"epoch": epoch, "loss": ctx.all_reduce_mean(float(np.mean(losses))), "val_ndcg@10": ndcg,
                   "temperature": float(model.temperature.detach())}
         history.epochs.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", val_ndcg=f"{ndcg:.4f}", T=f"{record['temperature']:.3f}")
         if ndcg > history.best_score:
             history.best_score, history.best_epoch, stale = ndcg, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(scored.state_dict())
         else:
             stale += 1
         if checkpointer is not None and ctx.is_main:

@@ -79,3 +79,16 @@ def test_config_knows_the_retrieval_history_options():
         build_config({"retrieval": {"history_pooling": "sum"}})
     with pytest.raises(ValueError, match="retrieval.lr_decay must be > 0"):
         build_config({"retrieval": {"lr_decay": 0.0}})
+
+
+def test_update_average_moves_each_weight_toward_the_model():
+    from trainer.retrieval_training import update_average
+    torch.manual_seed(0)
+    model = build_two_tower(tower_config(), learn_temperature=False)
+    averaged = build_two_tower(tower_config(), learn_temperature=False)
+    with torch.no_grad():
+        averaged.log_temperature.fill_(0.0)
+    expected = [0.9 * a + 0.1 * p for a, p in zip(averaged.parameters(), model.parameters())]
+    update_average(averaged, model, 0.9)
+    assert all(torch.allclose(a, e) for a, e in zip(averaged.parameters(), expected))
+    assert torch.equal(averaged.log_temperature, model.log_temperature)   # buffers are copied
