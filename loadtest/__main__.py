@@ -21,7 +21,7 @@ from loadtest.client import run_load
 from loadtest.compare import compare, format_rows
 from loadtest.config import MODES, RPCS, LoadConfig
 from loadtest.output import save_run
-from loadtest.publish import publish_tiny, republish
+from loadtest.publish import FeatureTarget, publish_tiny, republish
 from loadtest.results import format_summary, read_results
 from loadtest.scenarios import SCENARIOS, SYNTHETIC_USERS, run_and_save
 
@@ -106,6 +106,8 @@ def parser() -> argparse.ArgumentParser:
     publish.add_argument("--interval-s", type=float, default=0.0)
     publish.add_argument("--seed", type=int, default=0)
     publish.add_argument("--nice", type=int, default=0, help="lower this process's CPU priority by this much")
+    publish.add_argument("--redis-url", default=None, help="write each version's features here before it goes live")
+    publish.add_argument("--redis-namespace", default="recsys", help="the services' Redis key namespace")
     return root
 
 
@@ -168,10 +170,11 @@ def _compare(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     if args.nice:
         os.nice(args.nice)
+    features = None if args.redis_url is None else FeatureTarget(args.redis_url, args.redis_namespace)
     if args.from_root is not None:
-        versions = republish(args.root, args.from_root, args.count, args.interval_s)
+        versions = republish(args.root, args.from_root, args.count, args.interval_s, features)
     else:
-        versions = publish_tiny(args.root, args.data_dir, args.count, args.interval_s, args.seed)
+        versions = publish_tiny(args.root, args.data_dir, args.count, args.interval_s, args.seed, features)
     print(f"published versions {versions} into {args.root}")
     return 0
 

@@ -10,6 +10,10 @@ Two sources, both through the artifact contract's own ``recsys_contracts.artifac
   or to the tiny synthetic dataset when no data directory is given. Untrained weights cost the
   same to serve as trained ones of the same shape, which is what a load test measures.
 
+With a Redis URL, each version's features are written to Redis (and marked complete) BEFORE
+``CURRENT`` moves to it, the trainer's order, so the services read the new version's features
+from Redis from their first request on it instead of degrading to the artifact's copy.
+
 Runs in its own process (the ``Stack`` starts it): copying and exporting would steal the load
 generator's event loop.
 """
@@ -18,9 +22,40 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_contracts import artifacts
+
+
+@dataclass(frozen=True)
+class FeatureTarget:
+    """Where published versions' features go: a Redis URL and the services' key namespace."""
+
+    redis_url: str
+    namespace: str
+
+    def write(self, root: Path, version: int) -> None:
+        """The version's tables into Redis, marked complete (``feature_store.write_tables``)."""
+        import redis  # noqa: PLC0415
+
+        from recsys_contracts import feature_store  # noqa: PLC0415
+        from recsys_contracts.version_files import load_tables  # noqa: PLC0415
+
+        tables = load_tables(artifacts.version_dir(root, version))
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
+        try:
+            feature_store.write_tables(client, feature_store.KeyFormat(self.namespace), version, tables,
+                                       user_ids=tables.user_ids, item_ids=tables.item_ids)
+        finally:
+            client.close()
+
+
+def _go_live(root: Path, version: int, features: FeatureTarget | None) -> int:
+    if features is not None:
+        features.write(root, version)
+    artifacts.set_current(root, version)
+    return version
 
 
 def _check(count: int, interval_s: float) -> None:
@@ -30,7 +65,8 @@ def _check(count: int, interval_s: float) -> None:
         raise ValueError(f"interval_s must be >= 0 (seconds between versions), got {interval_s!r}")
 
 
-def republish(root: Path, source_root: Path, count: int, interval_s: float) -> list[int]:
+def republish(root: Path, source_root: Path, count: int, interval_s: float,
+              features: FeatureTarget | None = None) -> list[int]:
     """Publishes the source root's current version ``count`` times into ``root``, ``interval_s`` apart."""
     _check(count, interval_s)
     source_version = artifacts.current_version(source_root)
@@ -48,12 +84,14 @@ def republish(root: Path, source_root: Path, count: int, interval_s: float) -> l
     for i in range(count):
         if i and interval_s:
             time.sleep(interval_s)
-        versions.append(artifacts.publish(root, copy_files, data=manifest.data, config=manifest.config,
-                                          metrics=manifest.metrics, extra=manifest.extra))
+        version = artifacts.publish(root, copy_files, data=manifest.data, config=manifest.config,
+                                    metrics=manifest.metrics, extra=manifest.extra, make_current=False)
+        versions.append(_go_live(root, version, features))
     return versions
 
 
-def publish_tiny(root: Path, data_dir: Path | None, count: int, interval_s: float, seed: int) -> list[int]:
+def publish_tiny(root: Path, data_dir: Path | None, count: int, interval_s: float, seed: int,
+                 features: FeatureTarget | None = None) -> list[int]:
     """Publishes ``count`` tiny versions (new seeded weights each), ``interval_s`` apart; returns their numbers."""
     _check(count, interval_s)
     # Imported here: torch and the trainer load in seconds, and republish needs neither.
@@ -65,5 +103,6 @@ def publish_tiny(root: Path, data_dir: Path | None, count: int, interval_s: floa
     for i in range(count):
         if i and interval_s:
             time.sleep(interval_s)
-        versions.append(publish_tiny_version(root, seed + i, run=tiny_run(seed + i, dataset=dataset)))
+        version = publish_tiny_version(root, seed + i, run=tiny_run(seed + i, dataset=dataset), make_current=False)
+        versions.append(_go_live(root, version, features))
     return versions

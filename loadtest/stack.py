@@ -193,10 +193,14 @@ class Stack:
     def target(self) -> str:
         return self.ranking.target
 
-    async def publish(self, count: int, interval_s: float = 0.0) -> None:
-        """Publishes ``count`` versions from a child process at low CPU priority (as if the trainer ran elsewhere)."""
+    async def publish(self, count: int, interval_s: float = 0.0, features: bool = True) -> None:
+        """Publishes ``count`` versions from a child process at low CPU priority (as if the trainer ran
+        elsewhere); with ``features`` each version's features go to Redis before it goes live, as the
+        trainer does (Redis must be up)."""
         argv = [sys.executable, "-m", "loadtest", "publish", "--root", str(self.root), "--count", str(count),
                 "--interval-s", str(interval_s), "--seed", str(self.seed + self._published), "--nice", "10"]
+        if features:
+            argv += ["--redis-url", self.redis.url, "--redis-namespace", NAMESPACE]
         if self.source_root is not None:
             argv += ["--from-root", str(self.source_root)]
         elif self.data_dir is not None:
@@ -232,8 +236,8 @@ class Stack:
 
     async def __aenter__(self) -> Stack:
         try:
-            await self.publish(1)
             await self.redis.start_and_wait()
+            await self.publish(1)
             self.retrieval.start()
             self.ranking.start()
             await asyncio.gather(self.retrieval.wait_serving(), self.ranking.wait_serving())

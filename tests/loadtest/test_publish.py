@@ -2,8 +2,11 @@
 
 import pytest
 
-from loadtest.publish import publish_tiny, republish
-from recsys_contracts import artifacts
+import redis
+
+from loadtest.publish import FeatureTarget, publish_tiny, republish
+from recsys_contracts import artifacts, feature_store
+from tests.redis_server import free_port
 
 
 def _source_root(tmp_path):
@@ -45,3 +48,28 @@ def test_publishing_rejects_bad_arguments(tmp_path, count, interval_s, field):
         republish(tmp_path / "target", source, count, interval_s)
     with pytest.raises(ValueError, match=field):
         publish_tiny(tmp_path / "target", None, count, interval_s, seed=0)
+
+
+def test_republish_writes_features_before_the_version_goes_live(tmp_path, published, redis_url, redis_namespace):
+    source, _ = published
+    target = tmp_path / "target"
+    assert republish(target, source, 2, 0.0, FeatureTarget(redis_url, redis_namespace)) == [1, 2]
+    assert artifacts.current_version(target) == 2
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for version in (1, 2):
+            pipe = client.pipeline(transaction=False)
+            feature_store.queue_is_complete(pipe, feature_store.KeyFormat(redis_namespace), version)
+            assert feature_store.parse_is_complete(pipe.execute()[0])
+    finally:
+        client.close()
+
+
+def test_a_version_whose_features_cannot_be_written_does_not_go_live(tmp_path, published):
+    source, _ = published
+    target = tmp_path / "target"
+    republish(target, source, 1, 0.0)
+    unreachable = FeatureTarget(f"redis://127.0.0.1:{free_port()}/0", "nowhere")
+    with pytest.raises(redis.ConnectionError):
+        republish(target, source, 1, 0.0, unreachable)
+    assert artifacts.current_version(target) == 1          # still the version that went live before

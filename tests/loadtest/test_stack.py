@@ -49,8 +49,8 @@ def test_stack_reports_features_that_never_arrive(tmp_path, published):
     stack = Stack(tmp_path, None, source_root=root)
 
     async def run():
-        await stack.publish(1)
         await stack.redis.start_and_wait()
+        await stack.publish(1, features=False)
         await stack.wait_features(timeout_s=0.3)
 
     try:
