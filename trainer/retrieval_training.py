@@ -281,6 +281,13 @@ def update_average(averaged: TwoTower, model: TwoTower, decay: float) -> None:
         mean.copy_(buffer)
 
 
+def corrected_decay(decay: float, step: int) -> float:
+    """The decay of step ``step`` (1, 2, ...) that makes the moving average bias-corrected, as Adam's
+    moments are: the average of the weights of steps 1..step weighted by decay ** age, with no share
+    left on the initial weights (step 1 copies the weights). ``decay`` in [0, 1)."""
+    return 1.0 - (1.0 - decay) / (1.0 - decay ** step)
+
+
 def set_learning_rate(optimizer, lr: float) -> None:
     """Sets every parameter group's learning rate (both halves of a LazyAdam)."""
     for opt in (optimizer.sparse, optimizer.dense) if isinstance(optimizer, LazyAdam) else (optimizer,):
@@ -325,8 +332,11 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
             start_epoch, history, best_state = restored
     stale = 0
     # An exponential moving average of the weights, validated (and kept) instead of the raw ones;
-    # a resumed run restarts it from the restored weights.
-    averaged = copy.deepcopy(model) if rc.weight_average > 0 else None
+    # a resumed run restarts it from the restored weights. Not with lazy Adam: averaging every row
+    # of the id tables each step would make a step's cost follow the catalog again.
+    use_average = 0.0 < rc.weight_average < 1.0 and not isinstance(optimizer, LazyAdam)
+    averaged = copy.deepcopy(model) if use_average else None
+    steps = 0
     bar = progress_bar(range(start_epoch, rc.epochs), "retrieval", cfg.run.progress and ctx.is_main)
     for epoch in bar:
         # An epoch draws about as many positives as there are training interactions.
@@ -347,7 +357,8 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
             loss.backward()
             optimizer.step()
             if averaged is not None:
-                update_average(averaged, model, rc.weight_average)
+                steps += 1
+                update_average(averaged, model, corrected_decay(rc.weight_average, steps))
             losses.append(loss.item())
         scored = model if averaged is None else averaged
         ndcg = validate(scored, tables, val, eval_timestamps, device)

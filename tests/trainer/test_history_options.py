@@ -92,3 +92,15 @@ def test_update_average_moves_each_weight_toward_the_model():
     update_average(averaged, model, 0.9)
     assert all(torch.allclose(a, e) for a, e in zip(averaged.parameters(), expected))
     assert torch.equal(averaged.log_temperature, model.log_temperature)   # buffers are copied
+
+
+def test_corrected_decay_makes_the_average_forget_the_initial_weights():
+    from trainer.retrieval_training import corrected_decay
+    assert corrected_decay(0.99, 1) == pytest.approx(0.0)           # step 1 copies the weights
+    average, weights = torch.tensor(123.0), [1.0, 2.0, 4.0]          # 123: the initial value, forgotten
+    for step, w in enumerate(weights, start=1):
+        average = torch.lerp(average, torch.tensor(w), 1.0 - corrected_decay(0.5, step))
+    expected = (0.25 * 1.0 + 0.5 * 2.0 + 1.0 * 4.0) / 1.75           # weights decay ** age, normalised
+    assert average.item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="retrieval.weight_average must be in"):
+        build_config({"retrieval": {"weight_average": 1.0}})
