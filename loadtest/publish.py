@@ -10,9 +10,10 @@ Two sources, both through the artifact contract's own ``recsys_contracts.artifac
   or to the tiny synthetic dataset when no data directory is given. Untrained weights cost the
   same to serve as trained ones of the same shape, which is what a load test measures.
 
-With a Redis URL, each version's features are written to Redis (and marked complete) BEFORE
-``CURRENT`` moves to it, the trainer's order, so the services read the new version's features
-from Redis from their first request on it instead of degrading to the artifact's copy.
+With a Redis URL (``--redis-url``; the scenarios' ``Stack`` does not pass one by default), each
+version's features are written to Redis (and marked complete) BEFORE ``CURRENT`` moves to it, the
+trainer's order, so the services read the new version's features from Redis from their first
+request on it instead of degrading to the artifact's copy.
 
 Runs in its own process (the ``Stack`` starts it): copying and exporting would steal the load
 generator's event loop.

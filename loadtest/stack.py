@@ -193,10 +193,13 @@ class Stack:
     def target(self) -> str:
         return self.ranking.target
 
-    async def publish(self, count: int, interval_s: float = 0.0, features: bool = True) -> None:
+    async def publish(self, count: int, interval_s: float = 0.0, features: bool = False) -> None:
         """Publishes ``count`` versions from a child process at low CPU priority (as if the trainer ran
-        elsewhere); with ``features`` each version's features go to Redis before it goes live, as the
-        trainer does (Redis must be up)."""
+        elsewhere). With ``features`` each version's features go to Redis before it goes live, as the
+        trainer does (Redis must be up). Off by default: on one small host those writes compete with
+        the services (10 reloads at 20 req/s: 22 deadline misses with them, 2 without), and the
+        scenarios measure the services' reloading; without them the services serve a new version
+        from its artifact features (flagged) until their refill has written Redis."""
         argv = [sys.executable, "-m", "loadtest", "publish", "--root", str(self.root), "--count", str(count),
                 "--interval-s", str(interval_s), "--seed", str(self.seed + self._published), "--nice", "10"]
         if features:

@@ -50,7 +50,7 @@ def test_stack_reports_features_that_never_arrive(tmp_path, published):
 
     async def run():
         await stack.redis.start_and_wait()
-        await stack.publish(1, features=False)
+        await stack.publish(1)
         await stack.wait_features(timeout_s=0.3)
 
     try:
