@@ -161,7 +161,7 @@ def fit_joint(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions
     two_tower = build_two_tower(tower_config(cfg, spec, tables), init_temperature=rc.temperature,
                                 learn_temperature=rc.learn_temperature).to(device)
     ranker = DCNRanker(dcn_config(cfg, spec, tables)).to(device)
-    ddp_tower, ddp_ranker = ctx.wrap(two_tower, device), ctx.wrap(ranker, device)
+    ddp_tower = ddp_ranker = None      # wrapped after the calibration below (DDP then broadcasts rank 0's)
     optimizer = torch.optim.Adam([{"params": two_tower.parameters(), "lr": rc.learning_rate,
                                    "weight_decay": rc.weight_decay},
                                   {"params": ranker.parameters(), "lr": rk.learning_rate,
@@ -187,16 +187,18 @@ def fit_joint(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions
         for start in range(0, order.size, rc.batch_size):
             users = order[start:start + rc.batch_size]
             positives, timestamps = user_items.sample(users, rc.positives_per_user, rng)
-            loss, parts, rows = joint_step(two_tower, ddp_tower, ddp_ranker, users, positives, timestamps, sampler,
-                                           pos_log_q_table, seen, ratings, tables, cfg, device, generator)
             if not calibrated:
                 # The CTR logit starts as the retrieval score (wide skip): shift it to the base click
-                # rate once, before the first update, as the separate mode does.
+                # rate once, before the first update, as the separate mode does; then wrap for DDP,
+                # which broadcasts rank 0's weights (calibrated bias included) to every rank.
+                with torch.no_grad():
+                    _, _, rows = joint_step(two_tower, two_tower, ranker, users, positives, timestamps,
+                                            sampler, pos_log_q_table, seen, ratings, tables, cfg, device, generator)
                 calibrate_start(ranker, rows)
-                loss, parts, rows = joint_step(two_tower, ddp_tower, ddp_ranker, users, positives, timestamps,
-                                               sampler, pos_log_q_table, seen, ratings, tables, cfg, device,
-                                               generator)
+                ddp_tower, ddp_ranker = ctx.wrap(two_tower, device), ctx.wrap(ranker, device)
                 calibrated = True
+            loss, parts, rows = joint_step(two_tower, ddp_tower, ddp_ranker, users, positives, timestamps, sampler,
+                                           pos_log_q_table, seen, ratings, tables, cfg, device, generator)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"joint loss became {loss.item()} at epoch {epoch} (parts {parts}); "
                                          f"lower retrieval.learning_rate (now {rc.learning_rate}) or "

@@ -23,12 +23,13 @@ def digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def main(out: Path) -> None:
+def main(out: Path, mode: str) -> None:
     torch.set_num_threads(1)
     cfg = load_config(None, ["retrieval.epochs=2", "retrieval.embedding_dim=8", "retrieval.user_tower_dims=16",
                              "retrieval.item_tower_dims=16", "retrieval.num_negatives=16", "ranking.epochs=1",
                              "ranking.deep_dims=16", "ranking.candidates=20", "features.history_length=10",
-                             "run.progress=false", "retrieval.batch_size=16", "ranking.batch_size=64"])
+                             "run.progress=false", "retrieval.batch_size=16", "ranking.batch_size=64",
+                             f"multitask.mode={mode}"])
     ctx = init_distributed(torch.device("cpu"))
     prep = pipeline.prepare(cfg, generate(60, 80, 1500, seed=5))
     run, _ = pipeline.train_models(cfg, prep, torch.device("cpu"), ctx, pipeline.Timings())
@@ -36,4 +37,4 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "separate")

@@ -1,4 +1,4 @@
-"""The trainer under torchrun: 2 CPU processes (gloo) end with identical weights."""
+"""The trainer under torchrun: 2 CPU processes (gloo) end with identical weights, separate and joint."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ CHILD = Path(__file__).with_name("_ddp_child.py")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_two_ddp_ranks_end_with_identical_weights(tmp_path):
+@pytest.mark.parametrize("mode", ["separate", "joint"])
+def test_two_ddp_ranks_end_with_identical_weights(tmp_path, mode):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(CHILD), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240)
+                           str(CHILD), str(tmp_path), mode], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
     assert ranks[0][0] == ranks[1][0] == "2"          # both saw a world of two processes
