@@ -5,7 +5,7 @@
 
 Each step takes a batch of users, holds out a few training items per user as positives and hides
 them (and a random share of the rest) from the history, exactly as retrieval training does
-(``retrieval_training.denoised_user_inputs``); L_retrieval is the same sampled softmax. The ranker
+(``retrieval_training.retrieval_step``); L_retrieval is the same sampled softmax. The ranker
 sees the same users with the same denoised history:
 
 - a proxy of retrieval's list per user: the step's candidate items (held-out positives and sampled
@@ -39,14 +39,13 @@ from trainer.distributed import Distributed
 from trainer.evaluation import EvalTarget
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs
-from trainer.losses import grouped_sampled_softmax_loss, multitask_loss, ranking_losses
+from trainer.losses import multitask_loss, ranking_losses
 from trainer.models.dcn import DCNRanker
 from trainer.models.two_tower import TwoTower, build_two_tower
-from trainer.negatives import make_sampler
 from trainer.progress import progress_bar
 from trainer.ranking_training import Candidates, Rows, calibrate_start, dcn_config, pipeline_ndcg
-from trainer.retrieval_training import (Interactions, NonFiniteLossError, SeenItems, UserItems,
-                                        denoised_user_inputs, tower_config)
+from trainer.retrieval_training import (Interactions, NonFiniteLossError, SamplingSetup, retrieval_step,
+                                        tower_config)
 
 # retrieve(two_tower, users, exclude, n) -> the top-n candidates per user (pipeline.retrieve)
 Retrieve = Callable[[TwoTower, np.ndarray, EvalTarget, int], Candidates]
@@ -76,29 +75,16 @@ class RatingLookup:
 
 
 def joint_step(two_tower: TwoTower, ddp_tower, ddp_ranker, users: np.ndarray, positives: np.ndarray,
-               timestamps: np.ndarray, sampler, pos_log_q_table: torch.Tensor, seen: SeenItems | None,
-               ratings: RatingLookup, tables: FeatureTables, cfg: TrainConfig, device: torch.device,
+               timestamps: np.ndarray, setup: SamplingSetup, ratings: RatingLookup, tables: FeatureTables,
+               cfg: TrainConfig, device: torch.device,
                generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float], Rows]:
     """(L, its parts, the ranker's rows) for users (U,) with held-out positives (U, P) (0 = padding)."""
-    rc, mt = cfg.retrieval, cfg.multitask
-    inputs = denoised_user_inputs(tables, users, positives, timestamps, rc, device, generator)
-    pos = torch.as_tensor(positives, device=device)                                   # (U, P)
-    row_user, row_slot = torch.nonzero(pos > 0, as_tuple=True)                        # R rows
-    pos_idx = pos[row_user, row_slot]                                                 # (R,)
-    neg_idx = sampler.sample(torch.zeros(1, dtype=torch.int64), max(rc.num_negatives, 1))[0].to(device)  # (S,)
-    unique, inverse = torch.unique(torch.cat([pos_idx, neg_idx]), return_inverse=True)   # (K,), (R + S,)
-    user_emb, unique_emb = ddp_tower(**inputs, **item_inputs(tables, unique.cpu().numpy(), device))
-    pos_emb, neg_emb = unique_emb[inverse[:pos_idx.numel()]], unique_emb[inverse[pos_idx.numel():]]
-    if rc.logq_correction:
-        pos_log_q = pos_log_q_table[pos_idx]
-        neg_log_q = sampler.log_q(neg_idx.cpu().unsqueeze(0))[0].to(device)
-    else:
-        pos_log_q = torch.zeros_like(pos_idx, dtype=torch.float32)
-        neg_log_q = torch.zeros_like(neg_idx, dtype=torch.float32)
-    user_seen = None if seen is None else seen.lookup(users, unique)                  # (U, K)
-    l_retrieval = grouped_sampled_softmax_loss(
-        user_emb, row_user, pos_emb, neg_emb, two_tower.temperature, pos_log_q, neg_log_q, pos_idx, neg_idx,
-        None if user_seen is None else user_seen[:, inverse])
+    mt = cfg.multitask
+    # The ranker draws its negatives from the step's candidates: at least one sampler negative.
+    step = retrieval_step(ddp_tower, two_tower.temperature, users, positives, timestamps, setup, tables, cfg,
+                          device, generator, min_negatives=1)
+    inputs, user_emb, unique_emb, unique = step.inputs, step.user_emb, step.unique_emb, step.unique
+    inverse, row_user, pos_idx, user_seen = step.inverse, step.row_user, step.pos_idx, step.user_seen
 
     # The ranker's rows, from each user's proxy of retrieval's list: the step's candidate columns the
     # user may be shown (not trained on, or held out now), scoring within the user's top share
@@ -143,11 +129,11 @@ def joint_step(two_tower: TwoTower, ddp_tower, ddp_ranker, users: np.ndarray, po
     _, l_rating = ranking_losses(ctr_logit, clicks, rating_pred, torch.nan_to_num(rating_target), rating_mask)
     l_ctr = (F.binary_cross_entropy_with_logits(ctr_logit, clicks, reduction="none") * ctr_weight).sum() \
         / ctr_weight.sum().clamp(min=1.0)
-    loss = multitask_loss(l_retrieval, l_rating, l_ctr, mt.rating_weight, mt.ctr_weight)
+    loss = multitask_loss(step.loss, l_rating, l_ctr, mt.rating_weight, mt.ctr_weight)
     ctr_rows = (ctr_weight > 0).cpu().numpy()
     rows = Rows(batch_users[rows_user.cpu().numpy()], rows_item.cpu().numpy(), timestamps[rows_user.cpu().numpy()],
                 rows_score.detach().cpu().numpy(), clicks.cpu().numpy(), rating_target.cpu().numpy()).take(ctr_rows)
-    parts = {"retrieval": float(l_retrieval.detach()), "ctr": float(l_ctr.detach()),
+    parts = {"retrieval": float(step.loss.detach()), "ctr": float(l_ctr.detach()),
              "rating": float(l_rating.detach())}
     return loss, parts, rows
 
@@ -166,39 +152,32 @@ def fit_joint(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions
                                    "weight_decay": rc.weight_decay},
                                   {"params": ranker.parameters(), "lr": rk.learning_rate,
                                    "weight_decay": rk.weight_decay}])
-    counts = torch.as_tensor(tables.item_counts, dtype=torch.float64)
-    pos_log_q_table = (counts.clamp(min=1) / counts.sum()).log().to(torch.float32).to(device)
-    sampler = make_sampler(rc.negative_sampling_strategy, tables.vocab.n_items, item_counts=counts,
-                           hard_fraction=rc.hard_fraction, seed=cfg.run.seed)
+    setup = SamplingSetup.build(cfg, tables, train, device)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     rng = np.random.default_rng(cfg.run.seed)
-    user_items = UserItems.from_interactions(train, tables.vocab.n_users)
     ratings = RatingLookup.from_interactions(train, tables.vocab.n_items)
-    active_users = user_items.users_with_items()
-    passes = max(1, round(train.users.size / max(active_users.size, 1) / rc.positives_per_user))
-    seen = SeenItems.from_tables(tables, device)
     history, best_state, stale, calibrated = FitHistory(), None, 0, False
     bar = progress_bar(range(rc.epochs), "joint", cfg.run.progress and ctx.is_main)
     for epoch in bar:
-        order = ctx.shard(np.concatenate([rng.permutation(active_users) for _ in range(passes)]))
+        order = setup.epoch_order(rng, ctx)
         losses, parts_sum = [], {"retrieval": 0.0, "ctr": 0.0, "rating": 0.0}
         two_tower.train()
         ranker.train()
         for start in range(0, order.size, rc.batch_size):
             users = order[start:start + rc.batch_size]
-            positives, timestamps = user_items.sample(users, rc.positives_per_user, rng)
+            positives, timestamps = setup.user_items.sample(users, rc.positives_per_user, rng)
             if not calibrated:
                 # The CTR logit starts as the retrieval score (wide skip): shift it to the base click
                 # rate once, before the first update, as the separate mode does; then wrap for DDP,
                 # which broadcasts rank 0's weights (calibrated bias included) to every rank.
                 with torch.no_grad():
-                    _, _, rows = joint_step(two_tower, two_tower, ranker, users, positives, timestamps,
-                                            sampler, pos_log_q_table, seen, ratings, tables, cfg, device, generator)
+                    _, _, rows = joint_step(two_tower, two_tower, ranker, users, positives, timestamps, setup,
+                                            ratings, tables, cfg, device, generator)
                 calibrate_start(ranker, rows)
                 ddp_tower, ddp_ranker = ctx.wrap(two_tower, device), ctx.wrap(ranker, device)
                 calibrated = True
-            loss, parts, rows = joint_step(two_tower, ddp_tower, ddp_ranker, users, positives, timestamps, sampler,
-                                           pos_log_q_table, seen, ratings, tables, cfg, device, generator)
+            loss, parts, rows = joint_step(two_tower, ddp_tower, ddp_ranker, users, positives, timestamps, setup,
+                                           ratings, tables, cfg, device, generator)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"joint loss became {loss.item()} at epoch {epoch} (parts {parts}); "
                                          f"lower retrieval.learning_rate (now {rc.learning_rate}) or "

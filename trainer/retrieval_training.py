@@ -202,34 +202,84 @@ def denoised_user_inputs(tables: FeatureTables, users: np.ndarray, positives: np
     return inputs
 
 
-def train_step(model, ddp_model, users: np.ndarray, positives: np.ndarray, timestamps: np.ndarray,
-               sampler, pos_log_q_table: torch.Tensor, seen: SeenItems | None,
-               tables: FeatureTables, cfg: TrainConfig, device: torch.device,
-               generator: torch.Generator) -> torch.Tensor:
-    """One loss evaluation for users (U,) with held-out positives (U, P) (0 = padding)."""
+@dataclass(frozen=True, eq=False)
+class SamplingSetup:
+    """What every training step samples from: users' items, negatives, log q, the seen-item lookup."""
+
+    pos_log_q_table: torch.Tensor      # (m+1,) log q of an item appearing as an in-batch negative
+    sampler: object                    # negative sampler (trainer.negatives)
+    user_items: UserItems
+    active_users: np.ndarray           # users with training items
+    passes: int                        # permutations of active_users per epoch
+    seen: SeenItems
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, tables: FeatureTables, train: Interactions,
+              device: torch.device) -> "SamplingSetup":
+        rc = cfg.retrieval
+        counts = torch.as_tensor(tables.item_counts, dtype=torch.float64)
+        # log q of an item appearing as an in-batch negative = its share of the training positives.
+        pos_log_q_table = (counts.clamp(min=1) / counts.sum()).log().to(torch.float32).to(device)
+        sampler = make_sampler(rc.negative_sampling_strategy, tables.vocab.n_items, item_counts=counts,
+                               hard_fraction=rc.hard_fraction, seed=cfg.run.seed)
+        user_items = UserItems.from_interactions(train, tables.vocab.n_users)
+        active_users = user_items.users_with_items()
+        # An epoch draws about as many positives as there are training interactions.
+        passes = max(1, round(train.users.size / max(active_users.size, 1) / rc.positives_per_user))
+        return cls(pos_log_q_table, sampler, user_items, active_users, passes,
+                   SeenItems.from_tables(tables, device))
+
+    def epoch_order(self, rng: np.random.Generator, ctx: Distributed) -> np.ndarray:
+        """This rank's users for one epoch, in a fresh random order."""
+        return ctx.shard(np.concatenate([rng.permutation(self.active_users) for _ in range(self.passes)]))
+
+
+@dataclass(frozen=True, eq=False)
+class RetrievalStep:
+    """One retrieval loss evaluation and what it computed on the way (joint training reuses it)."""
+
+    loss: torch.Tensor
+    inputs: dict[str, torch.Tensor]    # the denoised user inputs (U rows)
+    user_emb: torch.Tensor             # (U, D)
+    row_user: torch.Tensor             # (R,) each positive row's user
+    pos_idx: torch.Tensor              # (R,) item index of each positive row
+    unique: torch.Tensor               # (K,) distinct candidate items (positives and sampler negatives)
+    inverse: torch.Tensor              # (R + S,) column of each candidate in ``unique``
+    unique_emb: torch.Tensor           # (K, D)
+    user_seen: torch.Tensor | None     # (U, K) the user trained on the item
+
+
+def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, positives: np.ndarray,
+                   timestamps: np.ndarray, setup: SamplingSetup, tables: FeatureTables, cfg: TrainConfig,
+                   device: torch.device, generator: torch.Generator, min_negatives: int = 0) -> RetrievalStep:
+    """The retrieval loss for users (U,) with held-out positives (U, P) (0 = padding), drawing at
+    least ``min_negatives`` sampler negatives."""
     rc = cfg.retrieval
     inputs = denoised_user_inputs(tables, users, positives, timestamps, rc, device, generator)
     pos = torch.as_tensor(positives, device=device)                                   # (U, P)
     row_user, row_slot = torch.nonzero(pos > 0, as_tuple=True)                        # R rows
     pos_idx = pos[row_user, row_slot]                                                 # (R,)
     neg_idx = None
-    if rc.num_negatives:
-        neg_idx = sampler.sample(torch.zeros(1, dtype=torch.int64), rc.num_negatives)[0].to(device)  # (S,)
+    n_negatives = max(rc.num_negatives, min_negatives)
+    if n_negatives:
+        neg_idx = setup.sampler.sample(torch.zeros(1, dtype=torch.int64), n_negatives)[0].to(device)  # (S,)
     wanted = pos_idx if neg_idx is None else torch.cat([pos_idx, neg_idx])            # the C candidate columns
     unique, inverse = torch.unique(wanted, return_inverse=True)
     user_emb, unique_emb = ddp_model(**inputs, **item_inputs(tables, unique.cpu().numpy(), device))
     pos_emb = unique_emb[inverse[:pos_idx.numel()]]                                   # (R, D)
     neg_emb = None if neg_idx is None else unique_emb[inverse[pos_idx.numel():]]      # (S, D)
     if rc.logq_correction:
-        pos_log_q = pos_log_q_table[pos_idx]
-        neg_log_q = None if neg_idx is None else sampler.log_q(neg_idx.cpu().unsqueeze(0))[0].to(device)
+        pos_log_q = setup.pos_log_q_table[pos_idx]
+        neg_log_q = None if neg_idx is None else setup.sampler.log_q(neg_idx.cpu().unsqueeze(0))[0].to(device)
     else:
         pos_log_q = torch.zeros_like(pos_idx, dtype=torch.float32)
         neg_log_q = None if neg_idx is None else torch.zeros_like(neg_idx, dtype=torch.float32)
     # A candidate the user also trained on is not a negative (the loss keeps each row's own positive).
-    user_seen = None if seen is None else seen.lookup(users, unique)[:, inverse]     # (U, C)
-    return grouped_sampled_softmax_loss(user_emb, row_user, pos_emb, neg_emb, model.temperature, pos_log_q,
-                                        neg_log_q, pos_idx, neg_idx, user_seen)
+    user_seen = None if setup.seen is None else setup.seen.lookup(users, unique)      # (U, K)
+    loss = grouped_sampled_softmax_loss(user_emb, row_user, pos_emb, neg_emb, temperature, pos_log_q,
+                                        neg_log_q, pos_idx, neg_idx,
+                                        None if user_seen is None else user_seen[:, inverse])  # (U, C) mask
+    return RetrievalStep(loss, inputs, user_emb, row_user, pos_idx, unique, inverse, unique_emb, user_seen)
 
 
 def id_tables(model: TwoTower) -> list[torch.nn.Embedding]:
@@ -314,17 +364,9 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
                             learn_temperature=rc.learn_temperature).to(device)
     ddp_model = ctx.wrap(model, device)
     optimizer = make_optimizer(model, rc, ctx)
-    counts = torch.as_tensor(tables.item_counts, dtype=torch.float64)
-    # log q of an item appearing as an in-batch negative = its share of the training positives.
-    pos_log_q_table = (counts.clamp(min=1) / counts.sum()).log().to(torch.float32).to(device)
-    sampler = make_sampler(rc.negative_sampling_strategy, tables.vocab.n_items, item_counts=counts,
-                           hard_fraction=rc.hard_fraction, seed=cfg.run.seed)
+    setup = SamplingSetup.build(cfg, tables, train, device)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     rng = np.random.default_rng(cfg.run.seed)
-    user_items = UserItems.from_interactions(train, tables.vocab.n_users)
-    active_users = user_items.users_with_items()
-    passes = max(1, round(train.users.size / max(active_users.size, 1) / rc.positives_per_user))
-    seen = SeenItems.from_tables(tables, device)
     history, best_state, start_epoch = FitHistory(), None, 0
     if checkpointer is not None and cfg.run.resume:
         restored = checkpointer.restore("retrieval", model, optimizer)
@@ -339,16 +381,15 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     steps = 0
     bar = progress_bar(range(start_epoch, rc.epochs), "retrieval", cfg.run.progress and ctx.is_main)
     for epoch in bar:
-        # An epoch draws about as many positives as there are training interactions.
-        order = ctx.shard(np.concatenate([rng.permutation(active_users) for _ in range(passes)]))
+        order = setup.epoch_order(rng, ctx)
         losses = []
         model.train()
         set_learning_rate(optimizer, rc.learning_rate * rc.lr_decay ** epoch)
         for start in range(0, order.size, rc.batch_size):
             users = order[start:start + rc.batch_size]
-            positives, timestamps = user_items.sample(users, rc.positives_per_user, rng)
-            loss = train_step(model, ddp_model, users, positives, timestamps, sampler, pos_log_q_table,
-                              seen, tables, cfg, device, generator)
+            positives, timestamps = setup.user_items.sample(users, rc.positives_per_user, rng)
+            loss = retrieval_step(ddp_model, model.temperature, users, positives, timestamps, setup, tables, cfg,
+                                  device, generator).loss
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"retrieval loss became {loss.item()} at epoch {epoch}; "
                                          f"lower retrieval.learning_rate (now {rc.learning_rate}) or raise "
