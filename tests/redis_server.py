@@ -4,10 +4,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,11 +12,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.processes import ChildProcess, free_port
 
 
 def wait_for_redis(url: str, timeout_s: float = 5.0) -> None:
@@ -38,7 +31,7 @@ def wait_for_redis(url: str, timeout_s: float = 5.0) -> None:
         probe.close()
 
 
-class PrivateRedis:
+class PrivateRedis(ChildProcess):
     """redis-server on a fixed free port (no persistence); restartable, freezable (SIGSTOP), killable."""
 
     def __init__(self) -> None:
@@ -50,26 +43,10 @@ class PrivateRedis:
         self.proc: subprocess.Popen | None = None
         self.start()
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
     def start(self) -> None:
         self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_redis(self.url)
-
-    def freeze(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.resume()
-            self.proc.kill()
-        self.proc.wait(timeout=10)
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=2)

@@ -6,7 +6,7 @@ import redis
 
 from loadtest.publish import FeatureTarget, publish_tiny, republish
 from recsys_contracts import artifacts, feature_store
-from tests.redis_server import free_port
+from tests.processes import free_port
 
 
 def _source_root(tmp_path):

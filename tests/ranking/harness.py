@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +21,9 @@ from recsys_contracts.v1 import ranking_pb2_grpc
 from recsys_serving.reload import VersionHolder
 from retrieval_service.config import RetrievalConfig
 from retrieval_service.server import create_server as create_retrieval_server
+from tests.processes import ChildProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def config(root: Path, **overrides) -> RankingConfig:
@@ -79,7 +72,7 @@ async def serve_retrieval(root: Path, state, **overrides):
         await app.close(grace_s=0)
 
 
-class RetrievalProcess:
+class RetrievalProcess(ChildProcess):
     """``python -m retrieval_service`` as a subprocess on a free port, to kill or freeze for real."""
 
     def __init__(self, root: Path, redis_url: str | None = None, **env: str) -> None:
@@ -111,17 +104,6 @@ class RetrievalProcess:
                     raise AssertionError("retrieval never became SERVING")
                 time.sleep(0.1)
 
-    def freeze(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 def sample(name: str, **labels) -> float:

@@ -16,7 +16,7 @@ from recsys_contracts.feature_store import FreshInteraction, KeyFormat
 from recsys_contracts.v1 import common_pb2
 from retrieval_service.features import FeatureStore, resolve_user
 from retrieval_service.validation import Query
-from tests.redis_server import free_port
+from tests.processes import free_port
 from tests.retrieval.harness import cached_holder, config, items, retrieve, sample, serve
 from trainer.publish import materialize_features
 

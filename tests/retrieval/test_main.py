@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
 from tests.conftest import REPO_ROOT
-from tests.redis_server import free_port
+from tests.processes import free_port
 
 
 def _env(**names: str) -> dict[str, str]:
