@@ -26,6 +26,7 @@ import json
 import os
 import re
 import zipfile
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -72,12 +73,102 @@ def load_program(path: str | os.PathLike[str]) -> nn.Module:
 
     Deserialises the exported graph (JSON) and its tensors (raw bytes) after ``check_archive``, so no
     pickle is run; see the module docstring for the code the rebuild still derives from the file.
+    Inputs are checked against the program's recorded signature by ``CheckedProgram``.
     """
     check_archive(path)
-    module = torch.export.load(path).module()
+    module = CheckedProgram(torch.export.load(path))
     for parameter in module.parameters():
         parameter.requires_grad_(False)
     return module
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One keyword input of a program: dtype and dims (an int = fixed size, a str = a named dynamic dim)."""
+
+    name: str
+    dtype: torch.dtype
+    dims: tuple[int | str, ...]
+
+    def shape_text(self) -> str:
+        return "(" + ", ".join(str(d) for d in self.dims) + ("," if len(self.dims) == 1 else "") + ")"
+
+
+class CheckedProgram(nn.Module):
+    """An exported program whose inputs are checked in plain Python before the graph runs.
+
+    ``ExportedProgram.module()`` checks every call's inputs against the recorded shape guards by
+    evaluating them with sympy: ~0.3-1 ms per call, more than the whole user tower for one user and
+    a third of the ranker's time for a request's 500 rows. The same contract, read once at load time
+    from the program's signature (every input's dtype and fixed sizes; each dynamic dimension's
+    range, equal wherever the program uses the same dimension), is checked here in microseconds,
+    and a mismatch raises ``ValueError`` naming the input, what it got and what was expected. A
+    program whose dynamic sizes are expressions rather than plain dimensions keeps torch's checks.
+    """
+
+    def __init__(self, program: torch.export.ExportedProgram) -> None:
+        super().__init__()
+        self.program = program.module()
+        names = program.graph_signature.user_inputs
+        placeholders = {node.name: node for node in program.graph.find_nodes(op="placeholder")}
+        self.ranges: dict[str, tuple[int, int | None]] = {}
+        specs, plain, symbols = [], True, {}
+        for name in names:
+            value = placeholders[name].meta.get("val")
+            if not isinstance(value, torch.Tensor):
+                plain = False
+                break
+            dims: list[int | str] = []
+            for size in value.shape:
+                if isinstance(size, int):
+                    dims.append(size)
+                    continue
+                expr = size.node.expr
+                if not getattr(expr, "is_Symbol", False) or expr not in program.range_constraints:
+                    plain = False
+                    break
+                if expr not in symbols:   # readable names for messages: N, then N1, N2...
+                    symbols[expr] = "N" if not symbols else f"N{len(symbols)}"
+                    bounds = program.range_constraints[expr]
+                    low, high = bounds.lower, bounds.upper         # sympy integers, or infinities
+                    self.ranges[symbols[expr]] = (int(low) if low.is_Integer else 0,
+                                                  int(high) if high.is_Integer else None)
+                dims.append(symbols[expr])
+            specs.append(InputSpec(name, value.dtype, tuple(dims)))
+        self.specs: tuple[InputSpec, ...] | None = tuple(specs) if plain else None
+        self.program.validate_inputs = self.specs is None   # torch's own checks only when ours cannot apply
+
+    def forward(self, **inputs: torch.Tensor):
+        if self.specs is not None:
+            self.check(inputs)
+        return self.program(**inputs)
+
+    def check(self, inputs: dict[str, object]) -> None:
+        """Raises ValueError unless ``inputs`` match the program's signature exactly."""
+        specs = self.specs or ()
+        if len(inputs) != len(specs) or any(spec.name not in inputs for spec in specs):
+            raise ValueError(f"program inputs must be {sorted(s.name for s in specs)}, got {sorted(inputs)}")
+        sizes: dict[str, tuple[int, str]] = {}
+        for spec in specs:
+            value = inputs[spec.name]
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"input {spec.name!r} must be a tensor, got {type(value).__name__}")
+            if value.dtype != spec.dtype:
+                raise ValueError(f"input {spec.name!r} must have dtype {spec.dtype}, got {value.dtype}")
+            shape = tuple(value.shape)
+            if len(shape) != len(spec.dims) or any(isinstance(d, int) and d != n for d, n in zip(spec.dims, shape)):
+                raise ValueError(f"input {spec.name!r} must have shape {spec.shape_text()}, got {shape}")
+            for dim, size in zip(spec.dims, shape):
+                if isinstance(dim, int):
+                    continue
+                low, high = self.ranges[dim]
+                if size < low or (high is not None and size > high):
+                    raise ValueError(f"input {spec.name!r} dimension {dim} must be in [{low}, "
+                                     f"{'inf' if high is None else high}], got {size}")
+                seen = sizes.setdefault(dim, (size, spec.name))
+                if seen[0] != size:
+                    raise ValueError(f"input {spec.name!r} dimension {dim} must equal that of {seen[1]!r} "
+                                     f"({seen[0]}), got {size}")
 
 
 class _WarmUpProgram(nn.Module):

@@ -11,6 +11,7 @@ import torch
 
 from tests.trainer.test_models import (HISTORY, dcn_config, item_inputs, ranker_inputs, tower_config,
                                        user_inputs)
+from recsys_contracts.programs import CheckedProgram
 from trainer.export import (RANKER_INPUTS, USER_TOWER_INPUTS, check_archive, export_ranker, export_user_tower,
                             load_program)
 from trainer.models import DCNRanker, build_two_tower
@@ -71,10 +72,46 @@ def test_history_length_is_fixed_and_batch_is_bounded(user_tower_export):
     _, _, path = user_tower_export
     program = load_program(path)
     longer = user_inputs(3) | {"history": torch.ones(3, HISTORY + 1, dtype=torch.int64)}
-    with pytest.raises(RuntimeError, match=rf"history.*shape\[1\] to be equal to {HISTORY}"):
+    with pytest.raises(ValueError, match=rf"input 'history' must have shape \(N, {HISTORY}\), got \(3, {HISTORY + 1}\)"):
         program(**longer)
-    with pytest.raises(RuntimeError, match=f"to be <= {MAX_BATCH}"):
+    with pytest.raises(ValueError, match=rf"input 'user_idx' dimension N must be in \[1, {MAX_BATCH}\], got {MAX_BATCH + 1}"):
         program(**user_inputs(MAX_BATCH + 1))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda x: {k: v for k, v in x.items() if k != "history"}, r"program inputs must be \[.*'history'.*\], got"),
+    (lambda x: x | {"extra": torch.ones(3)}, r"program inputs must be .*, got .*'extra'"),
+    (lambda x: x | {"user_num": x["user_num"].double()}, r"input 'user_num' must have dtype torch.float32, got torch.float64"),
+    (lambda x: x | {"user_idx": x["user_idx"].float()}, r"input 'user_idx' must have dtype torch.int64, got torch.float32"),
+    (lambda x: x | {"user_cat": x["user_cat"][:, None]}, r"input 'user_cat' must have shape \(N, \d+\), got \(3, 1, \d+\)"),
+    (lambda x: x | {"timestamp": x["timestamp"][:2]}, r"input 'timestamp' dimension N must equal that of 'user_idx' \(3\), got 2"),
+    (lambda x: x | {"history": x["history"].tolist()}, r"input 'history' must be a tensor, got list"),
+], ids=["missing", "extra", "dtype-float", "dtype-int", "rank", "batch-mismatch", "not-a-tensor"])
+def test_loaded_program_checks_its_inputs_by_name(user_tower_export, change, message):
+    """Our checks replace torch's per-call sympy guards (too slow to serve with); each names the input."""
+    _, _, path = user_tower_export
+    with pytest.raises(ValueError, match=message):
+        load_program(path)(**change(user_inputs(3)))
+
+
+def test_checked_program_equals_torch_checked_module_and_keeps_torch_checks_it_cannot_replace(user_tower_export):
+    _, program, path = user_tower_export
+    inputs = user_inputs(6, seed=3)
+    with torch.no_grad():
+        assert torch.equal(load_program(path)(**inputs), program.module()(**inputs))
+
+    class Pair(torch.nn.Module):
+        def forward(self, a, b):
+            return a.sum() + b.sum()
+
+    n = torch.export.Dim("n", min=1, max=64)
+    derived = torch.export.export(Pair(), (), {"a": torch.ones(3), "b": torch.ones(6)},
+                                  dynamic_shapes={"a": {0: n}, "b": {0: 2 * n}})
+    checked = CheckedProgram(derived)
+    assert checked.specs is None                 # b's size is an expression: torch's guards stay on
+    assert float(checked(a=torch.ones(4), b=torch.ones(8))) == 12.0
+    with pytest.raises((RuntimeError, AssertionError), match="b"):   # torch's guard (its wording)
+        checked(a=torch.ones(4), b=torch.ones(7))
 
 
 def test_export_restores_training_mode(tmp_path):
