@@ -6,11 +6,17 @@ the same user that the user did not take. The validation interactions are split 
 one half to fit the CTR head, the other to pick the epoch by the full pipeline's NDCG@10
 (retrieve N -> rank -> top 10). The rating head learns from the observed ratings (MSE) of the
 training interactions and the fitting half. L = beta * L_ctr + alpha * L_rating.
+
+With ``ranking.affinity = "ease"`` the ranker also gets EASE's user x item score (fitted on the
+training log, stored in the ranker as rank-r factors) and its wide logit starts from a logistic
+regression of the clicks on the retrieval score and that affinity (``fit_affinity``, ``fit_wide``):
+the id embeddings the DCN learns from a few thousand held-out clicks cannot add that signal.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 
 from trainer import metrics
+from trainer.baselines import EASE, SparseMatrix
 from trainer.checkpoint import FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
@@ -27,6 +34,9 @@ from trainer.inputs import item_inputs, user_inputs
 from trainer.losses import ranking_losses
 from trainer.models.dcn import DCNConfig, DCNRanker
 from trainer.progress import progress_bar
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,7 +76,73 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
         item_cat_cardinalities=tuple(len(c.vocabulary) + 1 for c in spec.item_categorical),
         n_item_num=spec.item_num_dim, embedding_dim=rc.embedding_dim, n_cross_layers=rc.cross_layers,
         low_rank=rc.low_rank or None, deep_dims=rc.deep_dims, dropout=rc.dropout, structure=rc.structure,
-        rating_min=spec.rating_min, rating_max=spec.rating_max)
+        rating_min=spec.rating_min, rating_max=spec.rating_max,
+        # Separate mode only: joint training has no fitting half to fit the wide logit on, and
+        # retrieval_only serves retrieval's own order.
+        affinity_rank=rc.affinity_rank if rc.affinity == "ease" and cfg.multitask.mode == "separate" else 0)
+
+
+def top_factors(scores: np.ndarray, rank: int, rng: np.random.Generator,
+                iterations: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``rank`` factors (left (n, r) scaled by the singular values, right (m, r)) of ``scores``
+    (n, m) by subspace iteration from a seeded random start: scores ~ left @ right.T."""
+    rank = min(rank, *scores.shape)
+    basis = rng.standard_normal((scores.shape[1], rank + 8)).astype(scores.dtype)   # (m, k)
+    for _ in range(iterations):
+        basis, _ = np.linalg.qr(scores @ basis)                                      # (n, k)
+        basis, _ = np.linalg.qr(scores.T @ basis)                                    # (m, k)
+    u, sigma, vt = np.linalg.svd(scores @ basis, full_matrices=False)                # (n, k), (k,), (k, k)
+    return u[:, :rank] * sigma[:rank], basis @ vt[:rank].T
+
+
+def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit_rows: Rows, l2: float,
+                 rng: np.random.Generator, device: torch.device) -> bool:
+    """Fills the ranker's affinity factors with a low-rank factorisation of EASE's scores on the
+    training interactions ``train_rows``, standardised on ``fit_rows``. False (the affinity left at
+    zero) where the catalog or the user x item matrix is too large for EASE's dense algebra."""
+    n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
+    matrix = SparseMatrix.from_coo(train_rows.users, train_rows.items, (n_users, n_items))
+    try:
+        ease = EASE(l2).fit(SparseMatrix(matrix.indptr, matrix.indices, np.ones_like(matrix.values),
+                                         matrix.shape))
+    except ValueError as error:   # too many items or cells for the dense matrices
+        log.warning("ranker affinity left out: %s", error)
+        return False
+    left, right = top_factors(ease.scores(np.arange(n_users)), ranker.affinity_rank, rng)
+    user_factors = np.zeros((n_users, ranker.affinity_rank), np.float32)
+    item_factors = np.zeros((n_items, ranker.affinity_rank), np.float32)
+    user_factors[:, :left.shape[1]], item_factors[:, :right.shape[1]] = left, right
+    ranker.set_affinity(torch.as_tensor(user_factors, device=device), torch.as_tensor(item_factors, device=device),
+                        torch.as_tensor(fit_rows.users, device=device), torch.as_tensor(fit_rows.items, device=device))
+    return True
+
+
+def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: int = 100) -> None:
+    """Sets the wide CTR logit (retrieval skip weight, affinity weight, bias) to the logistic regression
+    of ``rows.clicks`` on the retrieval score and the affinity, the deep head staying at zero: the
+    untrained ranker then ranks by the best linear mix of the two instead of by retrieval alone."""
+    users, items = (torch.as_tensor(a, device=device) for a in (rows.users, rows.items))
+    scores = torch.as_tensor(rows.scores, dtype=torch.float32, device=device).unsqueeze(1)   # (R, 1)
+    center = scores.mean()
+    with torch.no_grad():
+        features = torch.cat([scores - center, ranker.affinity(users, items)], dim=1)        # (R, 2)
+    labels = torch.as_tensor(rows.clicks, device=device)
+    weight = torch.tensor([1.0, 0.0], device=device, requires_grad=True)
+    bias = torch.zeros(1, device=device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(features @ weight + bias, labels)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        ranker.retrieval_skip.weight.fill_(float(weight[0]))
+        ranker.retrieval_skip.bias.zero_()
+        ranker.affinity_wide.weight.fill_(float(weight[1]))
+        ranker.ctr_head.bias.fill_(float(bias) - float(weight[0]) * float(center))
 
 
 def ranker_inputs(tables: FeatureTables, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
@@ -204,6 +280,9 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     torch.manual_seed(cfg.run.seed + 1)
     ranker = DCNRanker(dcn_config(cfg, spec, tables)).to(device)
     calibrate_start(ranker, fit_rows)
+    if ranker.affinity_rank and fit_rows.users.size and fit_affinity(
+            ranker, tables, rating_rows, fit_rows, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device):
+        fit_wide(ranker, fit_rows, device)
     ddp_ranker = ctx.wrap(ranker, device)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
     rng = np.random.default_rng(cfg.run.seed + 1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.trainer.test_models import (HISTORY, dcn_config, item_inputs, ranker_inputs, tower_config,
+from tests.trainer.test_models import (HISTORY, _affinity_ranker, dcn_config, item_inputs, ranker_inputs, tower_config,
                                        user_inputs)
 from recsys_contracts.programs import CheckedProgram
 from trainer.export import (RANKER_INPUTS, USER_TOWER_INPUTS, check_archive, export_ranker, export_user_tower,
@@ -28,11 +28,18 @@ def user_tower_export(tmp_path_factory):
     return tower.eval(), program, path
 
 
-@pytest.fixture(scope="module", params=[("stacked", None), ("parallel", 3)], ids=["stacked", "parallel-low-rank"])
+@pytest.fixture(scope="module", params=[("stacked", None, 0), ("parallel", 3, 0), ("stacked", None, 4)],
+                ids=["stacked", "parallel-low-rank", "stacked-affinity"])
 def ranker_export(request, tmp_path_factory):
     torch.manual_seed(1)
-    structure, low_rank = request.param
-    ranker = DCNRanker(dcn_config(structure=structure, low_rank=low_rank))
+    structure, low_rank, affinity_rank = request.param
+    if affinity_rank:
+        ranker = _affinity_ranker(affinity_rank, seed=1)
+        with torch.no_grad():
+            ranker.affinity_wide.weight.fill_(0.7)
+            ranker.ctr_head.weight.normal_()   # the deep head counts too (it starts at zero)
+    else:
+        ranker = DCNRanker(dcn_config(structure=structure, low_rank=low_rank))
     path = tmp_path_factory.mktemp("export") / "ranker.pt2"
     program = export_ranker(ranker, ranker_inputs(5), path, max_batch=MAX_BATCH)
     return ranker.eval(), program, path

@@ -217,6 +217,7 @@ def test_tower_config_rejects(field, value, message):
     ("rating_min", float("nan"), "rating_min must be a finite float"),
     ("rating_max", "5", "rating_max must be a finite float"),
     ("rating_max", 1.0, "rating_max must be > rating_min"),
+    ("affinity_rank", -1, "affinity_rank must be an int >= 0"),
 ])
 def test_dcn_config_rejects(field, value, message):
     with pytest.raises(ValueError, match=message):
@@ -336,3 +337,57 @@ def test_one_training_step_reduces_the_ranking_loss():
     optimizer.step()
     with torch.no_grad():
         assert loss().item() < before.item()
+
+
+def _affinity_ranker(rank: int = 3, seed: int = 0) -> DCNRanker:
+    """A ranker with random affinity factors, standardised on 50 random rows."""
+    torch.manual_seed(seed)
+    ranker = DCNRanker(dcn_config(affinity_rank=rank))
+    g = torch.Generator().manual_seed(seed)
+    ranker.set_affinity(torch.randn(N_USERS + 1, rank, generator=g), torch.randn(N_ITEMS + 1, rank, generator=g),
+                        *_affinity_rows(seed))
+    return ranker
+
+
+def _affinity_rows(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed + 100)
+    return torch.randint(0, N_USERS + 1, (50,), generator=g), torch.randint(1, N_ITEMS + 1, (50,), generator=g)
+
+
+def test_ranker_without_affinity_has_no_affinity_state():
+    ranker = DCNRanker(dcn_config())
+    assert not any(name.startswith("affinity") for name in ranker.state_dict())
+    with pytest.raises(RuntimeError, match="affinity_rank 0"):
+        ranker.set_affinity(torch.zeros(N_USERS + 1, 1), torch.zeros(N_ITEMS + 1, 1), torch.zeros(2, dtype=torch.int64),
+                            torch.zeros(2, dtype=torch.int64))
+
+
+def test_ranker_affinity_is_the_standardised_factor_dot_product():
+    ranker = _affinity_ranker()
+    users, items = _affinity_rows(0)
+    raw = (ranker.affinity_user[users] * ranker.affinity_item[items]).sum(dim=1)
+    standardised = ranker.affinity(users, items).squeeze(1)
+    assert torch.allclose(standardised, (raw - raw.mean()) / raw.std(), atol=1e-5)   # the rows it was fitted on
+    assert abs(float(standardised.mean())) < 1e-5 and abs(float(standardised.std()) - 1.0) < 1e-5
+    assert {"affinity_user", "affinity_item", "affinity_shift", "affinity_scale"} <= set(ranker.state_dict())
+
+
+def test_ranker_affinity_enters_the_ctr_logit_through_its_wide_weight():
+    ranker = _affinity_ranker().eval()
+    inputs = ranker_inputs(13)
+    with torch.no_grad():
+        start, _ = ranker(**inputs)
+        # Untrained: the wide affinity weight and the deep CTR head are zero, the logit is the retrieval score.
+        assert torch.allclose(start, inputs["retrieval_score"] + ranker.ctr_head.bias, atol=1e-6)
+        ranker.affinity_wide.weight.fill_(0.5)
+        moved, _ = ranker(**inputs)
+    expected = 0.5 * ranker.affinity(inputs["user_idx"], inputs["item_idx"]).squeeze(1)
+    assert torch.allclose(moved - start, expected, atol=1e-5)
+
+
+def test_ranker_parameter_count_with_affinity():
+    # One more x0 column (the cross net and the first deep layer grow) and the wide affinity weight.
+    plain, with_affinity = DCNRanker(dcn_config()), DCNRanker(dcn_config(affinity_rank=5))
+    d0 = plain.cross.layers[0].in_features
+    assert with_affinity.cross.layers[0].in_features == d0 + 1
+    assert n_params(with_affinity) - n_params(plain) == 3 * (2 * d0 + 2) + 16 + 1   # W and b per cross layer

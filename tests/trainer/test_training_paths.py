@@ -298,3 +298,85 @@ def test_training_with_two_threads_repeats_bit_for_bit_and_restores_the_torch_se
     for model in ("two_tower", "ranker"):
         first, second = (getattr(run, model).state_dict() for run in runs)
         assert all(torch.equal(value, second[name]) for name, value in first.items()), model
+
+
+def test_top_factors_recover_a_low_rank_matrix_and_repeat_with_the_seed():
+    from trainer.ranking_training import top_factors
+
+    rng = np.random.default_rng(0)
+    matrix = (rng.standard_normal((40, 4)) @ rng.standard_normal((4, 70))).astype(np.float32)
+    left, right = top_factors(matrix, 4, np.random.default_rng(1))
+    assert left.shape == (40, 4) and right.shape == (70, 4)
+    assert np.allclose(left @ right.T, matrix, atol=1e-3)
+    again = top_factors(matrix, 4, np.random.default_rng(1))
+    assert np.array_equal(again[0], left) and np.array_equal(again[1], right)
+    wide, _ = top_factors(matrix, 100, np.random.default_rng(1))   # capped at min(n, m)
+    assert wide.shape == (40, 40)
+
+
+def test_ranker_config_takes_the_affinity_only_in_separate_mode(prepared):
+    from trainer.ranking_training import dcn_config
+
+    def rank(*overrides):
+        return dcn_config(load_config(None, list(overrides)), prepared.spec, prepared.tables).affinity_rank
+
+    assert rank() == 64
+    assert rank("ranking.affinity_rank=8") == 8
+    assert rank("ranking.affinity=none") == 0
+    assert rank("multitask.mode=joint") == 0 and rank("multitask.mode=retrieval_only") == 0
+
+
+def test_affinity_factors_reproduce_ease_scores_and_are_standardised(prepared):
+    from trainer.baselines import EASE, SparseMatrix
+    from trainer.models.dcn import DCNRanker
+    from trainer.ranking_training import Rows, dcn_config, fit_affinity
+
+    vocab, train = prepared.vocab, prepared.train
+    n_items = vocab.n_items
+    cfg = load_config(None, [f"ranking.affinity_rank={vocab.n_users + 1}"])   # full rank: exact
+    ranker = DCNRanker(dcn_config(cfg, prepared.spec, prepared.tables))
+    train_rows = Rows(train.users, train.items, train.timestamps, np.zeros(train.users.size, np.float32),
+                      np.ones(train.users.size, np.float32), train.ratings)
+    rng = np.random.default_rng(0)
+    fit = Rows(rng.integers(1, vocab.n_users + 1, 300), rng.integers(1, n_items + 1, 300), np.zeros(300, np.int64),
+               np.zeros(300, np.float32), np.zeros(300, np.float32), np.full(300, np.nan, np.float32))
+    assert fit_affinity(ranker, prepared.tables, train_rows, fit, 50.0, np.random.default_rng(0), torch.device("cpu"))
+    matrix = SparseMatrix.from_coo(train.users, train.items, (vocab.n_users + 1, n_items + 1))
+    ease = EASE(50.0).fit(SparseMatrix(matrix.indptr, matrix.indices, np.ones_like(matrix.values), matrix.shape))
+    expected = ease.scores(fit.users)[np.arange(300), fit.items]
+    raw = (ranker.affinity_user[fit.users] * ranker.affinity_item[fit.items]).sum(1).numpy()
+    assert np.allclose(raw, expected, atol=1e-3)
+    standardised = ranker.affinity(torch.as_tensor(fit.users), torch.as_tensor(fit.items)).squeeze(1).numpy()
+    assert abs(standardised.mean()) < 1e-4 and abs(standardised.std(ddof=1) - 1.0) < 1e-3
+
+
+def test_fit_wide_weights_an_informative_affinity_and_keeps_the_calibration():
+    from trainer.models.dcn import DCNConfig, DCNRanker
+    from trainer.ranking_training import Rows, fit_wide
+
+    rng = np.random.default_rng(0)
+    n_users, n_items, n = 50, 80, 4000
+    ranker = DCNRanker(DCNConfig(n_users=n_users, n_items=n_items, user_cat_cardinalities=(), n_user_num=0,
+                                 item_cat_cardinalities=(), n_item_num=0, embedding_dim=4, deep_dims=(8,),
+                                 affinity_rank=3))
+    users, items = rng.integers(1, n_users + 1, n), rng.integers(1, n_items + 1, n)
+    ranker.set_affinity(torch.as_tensor(rng.standard_normal((n_users + 1, 3)), dtype=torch.float32),
+                        torch.as_tensor(rng.standard_normal((n_items + 1, 3)), dtype=torch.float32),
+                        torch.as_tensor(users), torch.as_tensor(items))
+    affinity = ranker.affinity(torch.as_tensor(users), torch.as_tensor(items)).squeeze(1).numpy()
+    scores = rng.standard_normal(n).astype(np.float32) + 5.0          # retrieval: offset, uninformative
+    clicks = (rng.random(n) < 1 / (1 + np.exp(-(2.0 * affinity - 1.0)))).astype(np.float32)
+    rows = Rows(users, items, np.zeros(n, np.int64), scores, clicks, np.full(n, np.nan, np.float32))
+    fit_wide(ranker, rows, torch.device("cpu"))
+    assert 1.6 < ranker.affinity_wide.weight.item() < 2.4
+    assert abs(ranker.retrieval_skip.weight.item()) < 0.3
+    ranker.eval()
+    with torch.no_grad():
+        inputs = {"user_idx": torch.as_tensor(users), "user_cat": torch.zeros(n, 0, dtype=torch.int64),
+                  "user_num": torch.zeros(n, 0), "history": torch.zeros(n, 4, dtype=torch.int64),
+                  "timestamp": torch.zeros(n, dtype=torch.int64), "item_idx": torch.as_tensor(items),
+                  "item_cat": torch.zeros(n, 0, dtype=torch.int64), "item_num": torch.zeros(n, 0),
+                  "retrieval_score": torch.as_tensor(scores)}
+        ctr_logit, _ = ranker(**inputs)
+    # A logistic fit with an intercept matches the mean predicted click rate to the observed one.
+    assert abs(float(torch.sigmoid(ctr_logit).mean()) - clicks.mean()) < 1e-3

@@ -3,6 +3,13 @@
 Rows are aligned: row n holds one candidate item and its user's inputs (the caller repeats the user
 row per candidate). Two heads share the network: a click/consumption logit and a bounded rating.
 The cross layer is x_{l+1} = x0 * (W x_l + b) + x_l with W full (d, d) or low-rank U V^T.
+
+With ``affinity_rank`` r > 0 the ranker also holds fixed user and item factors (buffers, set by the
+trainer: a rank-r factorisation of EASE's user x item scores on the training log) and their dot
+product for the row's user and candidate, standardised, joins x0 and, through a wide weight, the
+CTR logit. The inputs are unchanged: the factors are looked up by ``user_idx`` and ``item_idx``,
+so they hold each user's training history as of the training run; an unknown user (index 0) has
+zero factors, a constant affinity, and is ranked as without it.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class DCNConfig:
     rating_min: float = 1.0
     rating_max: float = 5.0
     recent_items: int = 20            # the ranker pools only the most recent history items (serving cost)
+    affinity_rank: int = 0            # width of the stored user / item affinity factors; 0 = none
 
     def __post_init__(self) -> None:
         check_feature_sizes(self.n_users, self.n_items, self.user_cat_cardinalities, self.n_user_num,
@@ -45,6 +53,7 @@ class DCNConfig:
         check_int("embedding_dim", self.embedding_dim, 1)
         check_int("n_cross_layers", self.n_cross_layers, 1)
         check_int("recent_items", self.recent_items, 1)
+        check_int("affinity_rank", self.affinity_rank, 0)
         if self.low_rank is not None:
             check_int("low_rank", self.low_rank, 1)
         check_int_tuple("deep_dims", self.deep_dims, 1, allow_empty=False)
@@ -100,8 +109,19 @@ class DCNRanker(nn.Module):
         self.user_categorical = CategoricalEmbedding(config.user_cat_cardinalities, dim)
         self.item_categorical = CategoricalEmbedding(config.item_cat_cardinalities, dim)
         self.calendar = CalendarEmbedding(dim)
+        self.affinity_rank = config.affinity_rank
+        if self.affinity_rank:
+            # Fixed user x item affinity = <affinity_user[u], affinity_item[i]>, standardised by
+            # (shift, scale); all zeros (no affinity) until the trainer calls set_affinity.
+            self.register_buffer("affinity_user", torch.zeros(config.n_users + 1, self.affinity_rank))
+            self.register_buffer("affinity_item", torch.zeros(config.n_items + 1, self.affinity_rank))
+            self.register_buffer("affinity_shift", torch.zeros(1))
+            self.register_buffer("affinity_scale", torch.ones(1))
+            # Its wide weight starts at zero: an untrained ranker still reproduces retrieval's order.
+            self.affinity_wide = nn.Linear(1, 1, bias=False)
+            nn.init.zeros_(self.affinity_wide.weight)
         input_dim = (dim + self.user_categorical.output_dim + config.n_user_num + dim + self.calendar.output_dim
-                     + dim + self.item_categorical.output_dim + config.n_item_num + 1)
+                     + dim + self.item_categorical.output_dim + config.n_item_num + 1 + (1 if self.affinity_rank else 0))
         self.cross = CrossNetV2(input_dim, config.n_cross_layers, config.low_rank)
         self.deep = mlp(input_dim, config.deep_dims, config.dropout)
         head_dim = config.deep_dims[-1] + (input_dim if config.structure == "parallel" else 0)
@@ -116,6 +136,25 @@ class DCNRanker(nn.Module):
         nn.init.zeros_(self.retrieval_skip.bias)
         nn.init.zeros_(self.ctr_head.weight)
         nn.init.zeros_(self.ctr_head.bias)
+
+    def affinity(self, user_idx: Tensor, item_idx: Tensor) -> Tensor:
+        """(N,), (N,) -> (N, 1) standardised affinity of each row's user and candidate."""
+        raw = (self.affinity_user[user_idx] * self.affinity_item[item_idx]).sum(dim=1, keepdim=True)  # (N, 1)
+        return (raw - self.affinity_shift) / self.affinity_scale
+
+    @torch.no_grad()
+    def set_affinity(self, user_factors: Tensor, item_factors: Tensor, user_idx: Tensor, item_idx: Tensor) -> None:
+        """Loads the factors ((n_users+1, r), (n_items+1, r)) and standardises the affinity over the
+        rows (user_idx, item_idx) the CTR head learns from."""
+        if not self.affinity_rank:
+            raise RuntimeError("set_affinity on a ranker built with affinity_rank 0")
+        self.affinity_user.copy_(user_factors)
+        self.affinity_item.copy_(item_factors)
+        self.affinity_shift.zero_()
+        self.affinity_scale.fill_(1.0)
+        raw = self.affinity(user_idx, item_idx)
+        self.affinity_shift.copy_(raw.mean(dim=0))
+        self.affinity_scale.copy_(raw.std(dim=0).nan_to_num(0.0).clamp(min=1e-6))
 
     def forward(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor, timestamp: Tensor,
                 item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
@@ -134,10 +173,15 @@ class DCNRanker(nn.Module):
             item_num,  # (N, Ni)
             retrieval_score.unsqueeze(1),  # (N, 1)
         ], dim=1)  # (N, d)
+        wide = self.retrieval_skip(retrieval_score.unsqueeze(1))  # (N, 1)
+        if self.affinity_rank:
+            affinity = self.affinity(user_idx, item_idx)  # (N, 1)
+            x0 = torch.cat([x0, affinity], dim=1)  # (N, d + 1)
+            wide = wide + self.affinity_wide(affinity)
         if self.structure == "stacked":
             hidden = self.deep(self.cross(x0))  # (N, d) -> (N, deep_dims[-1])
         else:
             hidden = torch.cat([self.cross(x0), self.deep(x0)], dim=1)  # (N, d + deep_dims[-1])
-        ctr_logit = (self.ctr_head(hidden) + self.retrieval_skip(retrieval_score.unsqueeze(1))).squeeze(1)  # (N,)
+        ctr_logit = (self.ctr_head(hidden) + wide).squeeze(1)  # (N,)
         rating = self.rating_min + self.rating_range * torch.sigmoid(self.rating_head(hidden).squeeze(1))  # (N,)
         return ctr_logit, rating
