@@ -78,8 +78,12 @@ class RetrievalConfig:
 class RankingConfig:
     embedding_dim: int = 16
     cross_layers: int = 3
-    low_rank: int = 0                  # 0 = full-rank DCN-V2 cross weights
-    deep_dims: tuple[int, ...] = (256, 128)
+    # Low-rank cross weights (0 = full rank) and a 128/64 deep tower: the ranker scores ~500 rows per
+    # request, and this size halves its cost (500 rows, 1 thread: ~2.4 -> ~1.3 ms; ranker training
+    # ~5 s shorter) at the same quality: ml-100k validation pipeline NDCG@10 (stopping half), seeds
+    # 0-2, 0.1962/0.2045/0.2024 against 0.1960/0.2044/0.2021 for full rank with (256, 128).
+    low_rank: int = 32
+    deep_dims: tuple[int, ...] = (128, 64)
     dropout: float = 0.1
     structure: str = "stacked"         # stacked | parallel
     candidates: int = 500              # N retrieved per user before ranking

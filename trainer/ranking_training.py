@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from trainer import metrics
-from trainer.baselines import EASE, SparseMatrix
+from trainer.baselines import EASE, MAX_DENSE_CELLS, MAX_EASE_ITEMS, SparseMatrix
 from trainer.checkpoint import FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
@@ -78,8 +78,19 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
         low_rank=rc.low_rank or None, deep_dims=rc.deep_dims, dropout=rc.dropout, structure=rc.structure,
         rating_min=spec.rating_min, rating_max=spec.rating_max,
         # Separate mode only: joint training has no fitting half to fit the wide logit on, and
-        # retrieval_only serves retrieval's own order.
-        affinity_rank=rc.affinity_rank if rc.affinity == "ease" and cfg.multitask.mode == "separate" else 0)
+        # retrieval_only serves retrieval's own order. Decided here, before the ranker exists, so a
+        # catalog too large for EASE's dense algebra gets no (zero) factor tables in its program.
+        affinity_rank=rc.affinity_rank if (rc.affinity == "ease" and cfg.multitask.mode == "separate"
+                                           and ease_fits(tables.vocab.n_users + 1, tables.vocab.n_items + 1)) else 0)
+
+
+def ease_fits(n_rows: int, n_items: int) -> bool:
+    """Whether EASE's dense matrices fit the limits of ``trainer.baselines`` for this log."""
+    fits = n_items <= MAX_EASE_ITEMS and n_rows * n_items <= MAX_DENSE_CELLS
+    if not fits:
+        log.warning("ranker affinity left out: EASE needs at most %d items and %d user x item cells, got %d "
+                    "items and %d cells", MAX_EASE_ITEMS, MAX_DENSE_CELLS, n_items, n_rows * n_items)
+    return fits
 
 
 def top_factors(scores: np.ndarray, rank: int, rng: np.random.Generator,

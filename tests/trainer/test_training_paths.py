@@ -326,6 +326,20 @@ def test_ranker_config_takes_the_affinity_only_in_separate_mode(prepared):
     assert rank("multitask.mode=joint") == 0 and rank("multitask.mode=retrieval_only") == 0
 
 
+def test_a_catalog_too_large_for_ease_gets_no_affinity_tables(caplog):
+    """Decided before the ranker is built: zero factor tables would otherwise ship in its program
+    (1M items x 64 floats = 256 MB of zeros)."""
+    from trainer.baselines import MAX_DENSE_CELLS, MAX_EASE_ITEMS
+    from trainer.ranking_training import ease_fits
+
+    assert ease_fits(944, 1683)
+    assert ease_fits(MAX_DENSE_CELLS // MAX_EASE_ITEMS, MAX_EASE_ITEMS)
+    with caplog.at_level("WARNING", logger="trainer.ranking_training"):
+        assert not ease_fits(10, MAX_EASE_ITEMS + 1)
+        assert not ease_fits(MAX_DENSE_CELLS // 1000 + 1, 1000)
+    assert "ranker affinity left out: EASE needs at most" in caplog.text
+
+
 def test_affinity_factors_reproduce_ease_scores_and_are_standardised(prepared):
     from trainer.baselines import EASE, SparseMatrix
     from trainer.models.dcn import DCNRanker
