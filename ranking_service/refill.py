@@ -18,6 +18,7 @@ from ranking_service import metrics
 from ranking_service.features import FeatureStore
 from ranking_service.state import ServingState
 from recsys_contracts import feature_store
+from recsys_serving.reload import gil_shared_with_the_loop
 
 log = logging.getLogger(__name__)
 _BULK_TIMEOUT_S = 5.0  # per bulk round trip (1000 SETs)
@@ -44,7 +45,8 @@ async def refill_if_empty(store: FeatureStore, state: ServingState) -> bool:
     if feature_store.parse_is_complete(marker):
         return False
     log.warning("Redis lacks version %d: refilling it from the artifact", state.version)
-    written = await asyncio.to_thread(_write, store.redis_url, store, state)
+    with gil_shared_with_the_loop():   # the bulk write is Python work in a thread, like a version load
+        written = await asyncio.to_thread(_write, store.redis_url, store, state)
     metrics.REDIS_REFILLS.inc()
     store.mark_up()
     log.info("refilled Redis with %d keys of version %d", written, state.version)

@@ -14,7 +14,10 @@ incomplete one (no manifest yet) is retried on the next poll. The old version ke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +27,31 @@ from recsys_contracts import artifacts
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+
+# While a version loads in a worker thread (mostly Python: deserialising programs, building tables),
+# the interpreter hands the GIL between threads every LOADING_SWITCH_INTERVAL_S instead of the
+# default 5 ms, so the event loop, which needs the GIL for every callback, is not starved meanwhile.
+LOADING_SWITCH_INTERVAL_S = 0.0001
+_loading_lock = threading.Lock()
+_loading = {"count": 0, "saved": 0.0}
+
+
+@contextlib.contextmanager
+def gil_shared_with_the_loop():
+    """Shortens the GIL switch interval for the duration (nested and concurrent uses count)."""
+    with _loading_lock:
+        if _loading["count"] == 0:
+            _loading["saved"] = sys.getswitchinterval()
+            sys.setswitchinterval(min(LOADING_SWITCH_INTERVAL_S, _loading["saved"]))
+        _loading["count"] += 1
+    try:
+        yield
+    finally:
+        with _loading_lock:
+            _loading["count"] -= 1
+            if _loading["count"] == 0:
+                sys.setswitchinterval(_loading["saved"])
 
 
 @dataclass
@@ -76,7 +104,8 @@ class VersionHolder(Generic[T]):
             return False
         started = time.perf_counter()
         try:
-            state = await asyncio.to_thread(self._load_sync, target)
+            with gil_shared_with_the_loop():
+                state = await asyncio.to_thread(self._load_sync, target)
         except artifacts.IncompleteVersionError as error:
             log.info("version %d is not complete yet, will retry: %s", target, error)
             return False
