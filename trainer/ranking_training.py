@@ -7,9 +7,10 @@ one half to fit the CTR head, the other to pick the epoch by the full pipeline's
 (retrieve N -> rank -> top 10). The rating head learns from the observed ratings (MSE) of the
 training interactions and the fitting half. L = beta * L_ctr + alpha * L_rating.
 
-With ``ranking.affinity = "ease"`` the ranker also gets EASE's user x item score (fitted on the
-training log, stored in the ranker as rank-r factors) and its wide logit starts from a logistic
-regression of the clicks on the retrieval score and that affinity (``fit_affinity``, ``fit_wide``):
+With ``ranking.affinity = "ease"`` the ranker also gets EASE's user x item scores (fitted on the
+training log, binary and, with ``ranking.affinity_ratings``, on the rating values; stored in the
+ranker as rank-r factors) and its wide logit starts from a logistic regression of the clicks on the
+retrieval score and those affinities (``fit_affinity``, ``fit_wide``):
 the id embeddings the DCN learns from a few thousand held-out clicks cannot add that signal.
 """
 
@@ -81,7 +82,8 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
         # retrieval_only serves retrieval's own order. Decided here, before the ranker exists, so a
         # catalog too large for EASE's dense algebra gets no (zero) factor tables in its program.
         affinity_rank=rc.affinity_rank if (rc.affinity == "ease" and cfg.multitask.mode == "separate"
-                                           and ease_fits(tables.vocab.n_users + 1, tables.vocab.n_items + 1)) else 0)
+                                           and ease_fits(tables.vocab.n_users + 1, tables.vocab.n_items + 1)) else 0,
+        affinity_channels=2 if rc.affinity_ratings else 1)
 
 
 def ease_fits(n_rows: int, n_items: int) -> bool:
@@ -108,37 +110,48 @@ def top_factors(scores: np.ndarray, rank: int, rng: np.random.Generator,
 
 def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit_rows: Rows, l2: float,
                  rng: np.random.Generator, device: torch.device) -> bool:
-    """Fills the ranker's affinity factors with a low-rank factorisation of EASE's scores on the
-    training interactions ``train_rows``, standardised on ``fit_rows``. False (the affinity left at
-    zero) where the catalog or the user x item matrix is too large for EASE's dense algebra."""
+    """Fills the ranker's affinity factors with low-rank factorisations of EASE's scores on the
+    training interactions ``train_rows``, standardised on ``fit_rows``: channel 0 EASE on the binary
+    user x item matrix (``l2``); a second channel, where the ranker has one, EASE on the rating values
+    (l2 scaled by the mean squared rating, so that it weighs the same against the Gram matrix). False
+    (the affinity left at zero) where the catalog or the user x item matrix is too large for EASE's
+    dense algebra."""
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
-    matrix = SparseMatrix.from_coo(train_rows.users, train_rows.items, (n_users, n_items))
-    try:
-        ease = EASE(l2).fit(SparseMatrix(matrix.indptr, matrix.indices, np.ones_like(matrix.values),
-                                         matrix.shape))
-    except ValueError as error:   # too many items or cells for the dense matrices
-        log.warning("ranker affinity left out: %s", error)
-        return False
-    left, right = top_factors(ease.scores(np.arange(n_users)), ranker.affinity_rank, rng)
-    user_factors = np.zeros((n_users, ranker.affinity_rank), np.float32)
-    item_factors = np.zeros((n_items, ranker.affinity_rank), np.float32)
-    user_factors[:, :left.shape[1]], item_factors[:, :right.shape[1]] = left, right
+    # Each (user, item) pair once, with its last rating (non-finite ratings count as 1).
+    keys = train_rows.users.astype(np.int64) * n_items + train_rows.items
+    last = keys.size - 1 - np.unique(keys[::-1], return_index=True)[1]
+    users, items = train_rows.users[last], train_rows.items[last]
+    ratings = np.nan_to_num(np.asarray(train_rows.ratings, np.float64)[last], nan=1.0, posinf=1.0, neginf=1.0)
+    inputs = [(np.ones(last.size), l2), (ratings, l2 * max(float(np.mean(ratings ** 2)), 1e-12) if last.size else l2)]
+    rank = ranker.affinity_rank
+    user_factors = np.zeros((n_users, ranker.affinity_channels * rank), np.float32)
+    item_factors = np.zeros((n_items, ranker.affinity_channels * rank), np.float32)
+    for channel, (values, channel_l2) in enumerate(inputs[:ranker.affinity_channels]):
+        weighted = SparseMatrix.from_coo(users, items, (n_users, n_items), values.astype(np.float32))
+        try:
+            ease = EASE(channel_l2).fit(weighted)
+        except ValueError as error:   # too many items or cells for the dense matrices
+            log.warning("ranker affinity left out: %s", error)
+            return False
+        left, right = top_factors(ease.scores(np.arange(n_users)), rank, rng)
+        user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
+        item_factors[:, channel * rank:channel * rank + right.shape[1]] = right
     ranker.set_affinity(torch.as_tensor(user_factors, device=device), torch.as_tensor(item_factors, device=device),
                         torch.as_tensor(fit_rows.users, device=device), torch.as_tensor(fit_rows.items, device=device))
     return True
 
 
 def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: int = 100) -> None:
-    """Sets the wide CTR logit (retrieval skip weight, affinity weight, bias) to the logistic regression
-    of ``rows.clicks`` on the retrieval score and the affinity, the deep head staying at zero: the
-    untrained ranker then ranks by the best linear mix of the two instead of by retrieval alone."""
+    """Sets the wide CTR logit (retrieval skip weight, affinity weights, bias) to the logistic regression
+    of ``rows.clicks`` on the retrieval score and the affinities, the deep head staying at zero: the
+    untrained ranker then ranks by the best linear mix of them instead of by retrieval alone."""
     users, items = (torch.as_tensor(a, device=device) for a in (rows.users, rows.items))
     scores = torch.as_tensor(rows.scores, dtype=torch.float32, device=device).unsqueeze(1)   # (R, 1)
     center = scores.mean()
     with torch.no_grad():
-        features = torch.cat([scores - center, ranker.affinity(users, items)], dim=1)        # (R, 2)
+        features = torch.cat([scores - center, ranker.affinity(users, items)], dim=1)        # (R, 1 + C)
     labels = torch.as_tensor(rows.clicks, device=device)
-    weight = torch.tensor([1.0, 0.0], device=device, requires_grad=True)
+    weight = torch.tensor([1.0] + [0.0] * ranker.affinity_channels, device=device, requires_grad=True)
     bias = torch.zeros(1, device=device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
 
@@ -152,7 +165,7 @@ def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: in
     with torch.no_grad():
         ranker.retrieval_skip.weight.fill_(float(weight[0]))
         ranker.retrieval_skip.bias.zero_()
-        ranker.affinity_wide.weight.fill_(float(weight[1]))
+        ranker.affinity_wide.weight.copy_(weight[1:].detach().reshape(1, -1))
         ranker.ctr_head.bias.fill_(float(bias) - float(weight[0]) * float(center))
 
 

@@ -385,6 +385,28 @@ def test_ranker_affinity_enters_the_ctr_logit_through_its_wide_weight():
     assert torch.allclose(moved - start, expected, atol=1e-5)
 
 
+def test_ranker_affinity_channels_are_separate_standardised_dot_products_with_their_own_wide_weights():
+    torch.manual_seed(0)
+    ranker = DCNRanker(dcn_config(affinity_rank=3, affinity_channels=2)).eval()
+    g = torch.Generator().manual_seed(0)
+    user_factors, item_factors = torch.randn(N_USERS + 1, 6, generator=g), torch.randn(N_ITEMS + 1, 6, generator=g)
+    ranker.set_affinity(user_factors, item_factors, *_affinity_rows(0))
+    users, items = _affinity_rows(0)
+    standardised = ranker.affinity(users, items)
+    assert standardised.shape == (50, 2)
+    for channel, block in enumerate((slice(0, 3), slice(3, 6))):
+        raw = (user_factors[users, block] * item_factors[items, block]).sum(dim=1)
+        assert torch.allclose(standardised[:, channel], (raw - raw.mean()) / raw.std(), atol=1e-5)
+    assert ranker.cross.layers[0].in_features == DCNRanker(dcn_config(affinity_rank=3)).cross.layers[0].in_features + 1
+    inputs = ranker_inputs(13)
+    with torch.no_grad():
+        start, _ = ranker(**inputs)
+        ranker.affinity_wide.weight.copy_(torch.tensor([[0.5, -2.0]]))
+        moved, _ = ranker(**inputs)
+    affinity = ranker.affinity(inputs["user_idx"], inputs["item_idx"])
+    assert torch.allclose(moved - start, 0.5 * affinity[:, 0] - 2.0 * affinity[:, 1], atol=1e-5)
+
+
 def test_ranker_parameter_count_with_affinity():
     # One more x0 column (the cross net and the first deep layer grow) and the wide affinity weight.
     plain, with_affinity = DCNRanker(dcn_config()), DCNRanker(dcn_config(affinity_rank=5))

@@ -346,22 +346,59 @@ def test_affinity_factors_reproduce_ease_scores_and_are_standardised(prepared):
     from trainer.ranking_training import Rows, dcn_config, fit_affinity
 
     vocab, train = prepared.vocab, prepared.train
-    n_items = vocab.n_items
-    cfg = load_config(None, [f"ranking.affinity_rank={vocab.n_users + 1}"])   # full rank: exact
+    n_users, n_items = vocab.n_users, vocab.n_items
+    cfg = load_config(None, [f"ranking.affinity_rank={n_users + 1}"])   # full rank: exact
     ranker = DCNRanker(dcn_config(cfg, prepared.spec, prepared.tables))
+    assert ranker.affinity_channels == 2
     train_rows = Rows(train.users, train.items, train.timestamps, np.zeros(train.users.size, np.float32),
                       np.ones(train.users.size, np.float32), train.ratings)
     rng = np.random.default_rng(0)
-    fit = Rows(rng.integers(1, vocab.n_users + 1, 300), rng.integers(1, n_items + 1, 300), np.zeros(300, np.int64),
+    fit = Rows(rng.integers(1, n_users + 1, 300), rng.integers(1, n_items + 1, 300), np.zeros(300, np.int64),
                np.zeros(300, np.float32), np.zeros(300, np.float32), np.full(300, np.nan, np.float32))
     assert fit_affinity(ranker, prepared.tables, train_rows, fit, 50.0, np.random.default_rng(0), torch.device("cpu"))
-    matrix = SparseMatrix.from_coo(train.users, train.items, (vocab.n_users + 1, n_items + 1))
-    ease = EASE(50.0).fit(SparseMatrix(matrix.indptr, matrix.indices, np.ones_like(matrix.values), matrix.shape))
-    expected = ease.scores(fit.users)[np.arange(300), fit.items]
-    raw = (ranker.affinity_user[fit.users] * ranker.affinity_item[fit.items]).sum(1).numpy()
-    assert np.allclose(raw, expected, atol=1e-3)
-    standardised = ranker.affinity(torch.as_tensor(fit.users), torch.as_tensor(fit.items)).squeeze(1).numpy()
-    assert abs(standardised.mean()) < 1e-4 and abs(standardised.std(ddof=1) - 1.0) < 1e-3
+    shape = (n_users + 1, n_items + 1)
+    binary = SparseMatrix.from_coo(train.users, train.items, shape)
+    binary = SparseMatrix(binary.indptr, binary.indices, np.ones_like(binary.values), binary.shape)
+    # Channel 1: EASE on the ratings (each pair once, its last rating), l2 scaled by the mean squared rating.
+    keys = train.users.astype(np.int64) * (n_items + 1) + train.items
+    last = keys.size - 1 - np.unique(keys[::-1], return_index=True)[1]
+    ratings = train.ratings[last].astype(np.float64)
+    rated = SparseMatrix.from_coo(train.users[last], train.items[last], shape, ratings.astype(np.float32))
+    assert not np.allclose(ratings, ratings[0])          # the two channels differ on this log
+    rank = ranker.affinity_rank
+    for channel, ease in enumerate((EASE(50.0).fit(binary), EASE(50.0 * np.mean(ratings ** 2)).fit(rated))):
+        expected = ease.scores(fit.users)[np.arange(300), fit.items]
+        block = slice(channel * rank, (channel + 1) * rank)
+        raw = (ranker.affinity_user[fit.users, block] * ranker.affinity_item[fit.items, block]).sum(1).numpy()
+        assert np.allclose(raw, expected, atol=1e-3 * max(1.0, np.abs(expected).max()))
+    standardised = ranker.affinity(torch.as_tensor(fit.users), torch.as_tensor(fit.items)).numpy()
+    assert np.abs(standardised.mean(0)).max() < 1e-4 and np.abs(standardised.std(0, ddof=1) - 1.0).max() < 1e-3
+    one = DCNRanker(dcn_config(load_config(None, [f"ranking.affinity_rank={n_users + 1}",
+                                                  "ranking.affinity_ratings=false"]), prepared.spec, prepared.tables))
+    assert one.affinity_channels == 1 and one.affinity_user.shape[1] == rank
+
+
+def test_fit_wide_weights_each_affinity_channel_by_its_information():
+    from trainer.models.dcn import DCNConfig, DCNRanker
+    from trainer.ranking_training import Rows, fit_wide
+
+    rng = np.random.default_rng(1)
+    n_users, n_items, n = 50, 80, 6000
+    ranker = DCNRanker(DCNConfig(n_users=n_users, n_items=n_items, user_cat_cardinalities=(), n_user_num=0,
+                                 item_cat_cardinalities=(), n_item_num=0, embedding_dim=4, deep_dims=(8,),
+                                 affinity_rank=3, affinity_channels=2))
+    users, items = rng.integers(1, n_users + 1, n), rng.integers(1, n_items + 1, n)
+    ranker.set_affinity(torch.as_tensor(rng.standard_normal((n_users + 1, 6)), dtype=torch.float32),
+                        torch.as_tensor(rng.standard_normal((n_items + 1, 6)), dtype=torch.float32),
+                        torch.as_tensor(users), torch.as_tensor(items))
+    affinity = ranker.affinity(torch.as_tensor(users), torch.as_tensor(items)).numpy()
+    scores = rng.standard_normal(n).astype(np.float32) + 5.0          # retrieval: offset, uninformative
+    clicks = (rng.random(n) < 1 / (1 + np.exp(-(1.5 * affinity[:, 1] - 1.0)))).astype(np.float32)
+    rows = Rows(users, items, np.zeros(n, np.int64), scores, clicks, np.full(n, np.nan, np.float32))
+    fit_wide(ranker, rows, torch.device("cpu"))
+    first, second = ranker.affinity_wide.weight[0].tolist()
+    assert abs(first) < 0.25 and 1.2 < second < 1.8
+    assert abs(ranker.retrieval_skip.weight.item()) < 0.25
 
 
 def test_fit_wide_weights_an_informative_affinity_and_keeps_the_calibration():

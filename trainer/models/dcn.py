@@ -46,6 +46,7 @@ class DCNConfig:
     rating_max: float = 5.0
     recent_items: int = 20            # the ranker pools only the most recent history items (serving cost)
     affinity_rank: int = 0            # width of the stored user / item affinity factors; 0 = none
+    affinity_channels: int = 1        # affinities held side by side, each of width affinity_rank
 
     def __post_init__(self) -> None:
         check_feature_sizes(self.n_users, self.n_items, self.user_cat_cardinalities, self.n_user_num,
@@ -54,6 +55,7 @@ class DCNConfig:
         check_int("n_cross_layers", self.n_cross_layers, 1)
         check_int("recent_items", self.recent_items, 1)
         check_int("affinity_rank", self.affinity_rank, 0)
+        check_int("affinity_channels", self.affinity_channels, 1)
         if self.low_rank is not None:
             check_int("low_rank", self.low_rank, 1)
         check_int_tuple("deep_dims", self.deep_dims, 1, allow_empty=False)
@@ -110,18 +112,21 @@ class DCNRanker(nn.Module):
         self.item_categorical = CategoricalEmbedding(config.item_cat_cardinalities, dim)
         self.calendar = CalendarEmbedding(dim)
         self.affinity_rank = config.affinity_rank
+        self.affinity_channels = config.affinity_channels if config.affinity_rank else 0
         if self.affinity_rank:
-            # Fixed user x item affinity = <affinity_user[u], affinity_item[i]>, standardised by
-            # (shift, scale); all zeros (no affinity) until the trainer calls set_affinity.
-            self.register_buffer("affinity_user", torch.zeros(config.n_users + 1, self.affinity_rank))
-            self.register_buffer("affinity_item", torch.zeros(config.n_items + 1, self.affinity_rank))
-            self.register_buffer("affinity_shift", torch.zeros(1))
-            self.register_buffer("affinity_scale", torch.ones(1))
-            # Its wide weight starts at zero: an untrained ranker still reproduces retrieval's order.
-            self.affinity_wide = nn.Linear(1, 1, bias=False)
+            # Fixed user x item affinities, channel c = <affinity_user[u, c], affinity_item[i, c]> with
+            # the factor tables' columns in channel blocks of affinity_rank, each standardised by
+            # (shift[c], scale[c]); all zeros (no affinity) until the trainer calls set_affinity.
+            width = self.affinity_channels * self.affinity_rank
+            self.register_buffer("affinity_user", torch.zeros(config.n_users + 1, width))
+            self.register_buffer("affinity_item", torch.zeros(config.n_items + 1, width))
+            self.register_buffer("affinity_shift", torch.zeros(self.affinity_channels))
+            self.register_buffer("affinity_scale", torch.ones(self.affinity_channels))
+            # Its wide weights start at zero: an untrained ranker still reproduces retrieval's order.
+            self.affinity_wide = nn.Linear(self.affinity_channels, 1, bias=False)
             nn.init.zeros_(self.affinity_wide.weight)
         input_dim = (dim + self.user_categorical.output_dim + config.n_user_num + dim + self.calendar.output_dim
-                     + dim + self.item_categorical.output_dim + config.n_item_num + 1 + (1 if self.affinity_rank else 0))
+                     + dim + self.item_categorical.output_dim + config.n_item_num + 1 + self.affinity_channels)
         self.cross = CrossNetV2(input_dim, config.n_cross_layers, config.low_rank)
         self.deep = mlp(input_dim, config.deep_dims, config.dropout)
         head_dim = config.deep_dims[-1] + (input_dim if config.structure == "parallel" else 0)
@@ -138,14 +143,15 @@ class DCNRanker(nn.Module):
         nn.init.zeros_(self.ctr_head.bias)
 
     def affinity(self, user_idx: Tensor, item_idx: Tensor) -> Tensor:
-        """(N,), (N,) -> (N, 1) standardised affinity of each row's user and candidate."""
-        raw = (self.affinity_user[user_idx] * self.affinity_item[item_idx]).sum(dim=1, keepdim=True)  # (N, 1)
+        """(N,), (N,) -> (N, C) standardised affinities of each row's user and candidate."""
+        product = self.affinity_user[user_idx] * self.affinity_item[item_idx]  # (N, C * r)
+        raw = product.reshape(-1, self.affinity_channels, self.affinity_rank).sum(dim=2)  # (N, C)
         return (raw - self.affinity_shift) / self.affinity_scale
 
     @torch.no_grad()
     def set_affinity(self, user_factors: Tensor, item_factors: Tensor, user_idx: Tensor, item_idx: Tensor) -> None:
-        """Loads the factors ((n_users+1, r), (n_items+1, r)) and standardises the affinity over the
-        rows (user_idx, item_idx) the CTR head learns from."""
+        """Loads the factors ((n_users+1, C * r), (n_items+1, C * r), channel blocks of r columns) and
+        standardises each affinity over the rows (user_idx, item_idx) the CTR head learns from."""
         if not self.affinity_rank:
             raise RuntimeError("set_affinity on a ranker built with affinity_rank 0")
         self.affinity_user.copy_(user_factors)
@@ -175,8 +181,8 @@ class DCNRanker(nn.Module):
         ], dim=1)  # (N, d)
         wide = self.retrieval_skip(retrieval_score.unsqueeze(1))  # (N, 1)
         if self.affinity_rank:
-            affinity = self.affinity(user_idx, item_idx)  # (N, 1)
-            x0 = torch.cat([x0, affinity], dim=1)  # (N, d + 1)
+            affinity = self.affinity(user_idx, item_idx)  # (N, C)
+            x0 = torch.cat([x0, affinity], dim=1)  # (N, d + C)
             wide = wide + self.affinity_wide(affinity)
         if self.structure == "stacked":
             hidden = self.deep(self.cross(x0))  # (N, d) -> (N, deep_dims[-1])
