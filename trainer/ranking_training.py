@@ -289,6 +289,57 @@ def calibrate_start(ranker: DCNRanker, rows: Rows) -> None:
     ranker.ctr_head.bias.fill_(float(np.log(rate / (1 - rate)) - rows.scores.mean()))
 
 
+def fit_rating_head(ranker: DCNRanker, tables: FeatureTables, rows: Rows, device: torch.device,
+                    iterations: int = 100) -> tuple[float, float]:
+    """Refits the rating head alone (a linear layer on the trunk's last hidden layer, trunk frozen) to
+    ``rows.ratings`` by least squares through the head's bounded sigmoid; returns the MSE (before,
+    after). Nothing else changes, so CTRs stay bit-identical. Needed because the ranker kept by the
+    CTR selection is often the untrained start, whose rating head is random. Keeps the old head if
+    the fit does not lower the MSE."""
+    rated = np.isfinite(rows.ratings)
+    if not rated.any():
+        return float("nan"), float("nan")
+    rows = rows.take(np.flatnonzero(rated))
+    captured: list[torch.Tensor] = []
+    hook = ranker.rating_head.register_forward_hook(lambda _m, args, _out: captured.append(args[0].detach()))
+    was_training = ranker.training
+    ranker.eval()
+    try:
+        with torch.no_grad():
+            ranker(**ranker_inputs(tables, rows, device))
+    finally:
+        hook.remove()
+        ranker.train(was_training)
+    hidden = captured[0]                                                        # (R, H)
+    target = torch.as_tensor(rows.ratings, dtype=torch.float32, device=device)  # (R,)
+    head = ranker.rating_head
+    weight = head.weight.detach().clone().requires_grad_(True)                  # (1, H)
+    bias = head.bias.detach().clone().requires_grad_(True)                      # (1,)
+
+    def mse() -> torch.Tensor:
+        pred = ranker.rating_min + ranker.rating_range * torch.sigmoid((hidden @ weight.T + bias).squeeze(1))
+        return torch.nn.functional.mse_loss(pred, target)
+
+    with torch.no_grad():
+        before = float(mse())
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = mse()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        after = float(mse())
+        if np.isfinite(after) and after < before:
+            head.weight.copy_(weight)
+            head.bias.copy_(bias)
+            return before, after
+    return before, before
+
+
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
                device: torch.device, ctx: Distributed,
@@ -361,5 +412,15 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                 break
     if best_state is not None:
         ranker.load_state_dict(best_state)
+    if rc.rating_refit_rows and rc.score_mode == "ctr" and rating_rows.users.size:
+        # The served order (CTR only) is not affected, so the stopping-half selection stays exact.
+        sample = np.sort(np.random.default_rng(cfg.run.seed + 5).choice(
+            rating_rows.users.size, size=min(rc.rating_refit_rows, rating_rows.users.size), replace=False))
+        if rating_scores is not None:
+            todo = sample[~scored[sample]]
+            rating_rows.scores[todo] = rating_scores(todo)
+            scored[todo] = True
+        before, after = fit_rating_head(ranker, tables, rating_rows.take(sample), device)
+        log.info("rating head refitted on %d rows: MSE %.4f -> %.4f", sample.size, before, after)
     ranker.eval()
     return ranker, history

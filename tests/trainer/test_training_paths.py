@@ -431,3 +431,36 @@ def test_fit_wide_weights_an_informative_affinity_and_keeps_the_calibration():
         ctr_logit, _ = ranker(**inputs)
     # A logistic fit with an intercept matches the mean predicted click rate to the observed one.
     assert abs(float(torch.sigmoid(ctr_logit).mean()) - clicks.mean()) < 1e-3
+
+
+def test_rating_head_refit_lowers_the_error_and_changes_nothing_else(prepared):
+    """The kept ranker is often the untrained start: its rating head is refitted alone, trunk frozen,
+    so the CTRs (the served order) stay bit-identical."""
+    from trainer.models.dcn import DCNRanker
+    from trainer.ranking_training import Rows, dcn_config, fit_rating_head, ranker_inputs
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["ranking.affinity=none"])
+    ranker = DCNRanker(dcn_config(cfg, prepared.spec, prepared.tables)).eval()
+    train, n = prepared.train, 3000
+    rng = np.random.default_rng(0)
+    ratings = train.ratings[:n].astype(np.float32).copy()
+    ratings[::10] = np.nan                                                  # unrated rows are skipped
+    rows = Rows(train.users[:n], train.items[:n], train.timestamps[:n], rng.standard_normal(n).astype(np.float32),
+                np.zeros(n, np.float32), ratings)
+    device = torch.device("cpu")
+    with torch.no_grad():
+        ctr_before, rating_before = ranker(**ranker_inputs(prepared.tables, rows, device))
+    others = {k: v.clone() for k, v in ranker.state_dict().items() if not k.startswith("rating_head.")}
+    before, after = fit_rating_head(ranker, prepared.tables, rows, device)
+    with torch.no_grad():
+        ctr_after, rating_after = ranker(**ranker_inputs(prepared.tables, rows, device))
+    rated = torch.as_tensor(np.isfinite(ratings))
+    target = torch.as_tensor(np.nan_to_num(ratings))
+    mse = lambda pred: float(((pred - target)[rated] ** 2).mean())          # noqa: E731
+    assert before == pytest.approx(mse(rating_before), rel=1e-5) and after == pytest.approx(mse(rating_after), rel=1e-5)
+    variance = float(target[rated].var(unbiased=False))
+    assert after < 0.9 * before and after < variance        # beats predicting the mean, not just the random head
+    assert torch.equal(ctr_before, ctr_after)
+    assert all(torch.equal(v, ranker.state_dict()[k]) for k, v in others.items())
+    assert float(rating_after.min()) >= 1.0 and float(rating_after.max()) <= 5.0
