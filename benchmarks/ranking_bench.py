@@ -47,6 +47,7 @@ WHEN = 1_700_000_000       # fixed request time (seconds since the epoch)
 K, CANDIDATES = 10, 500
 TIMEOUT_S = 1.0            # client deadline per request
 P99_TARGET_MS = 50.0
+WARMUP_REQUESTS = 20       # sent before each offered load (counted in its CPU per request)
 
 
 def percentiles(samples_s: list[float]) -> dict[str, float]:
@@ -245,7 +246,7 @@ async def _open_loop(target: str, users: list[str], rate: float, duration_s: flo
     latencies, codes, degraded = [], {}, 0
     async with grpc.aio.insecure_channel(target) as channel:
         stub = ranking_pb2_grpc.RankingServiceStub(channel)
-        for user in users[:20]:                                       # warm the channel and both services
+        for user in users[:WARMUP_REQUESTS]:                          # warm the channel and both services
             await stub.Recommend(request(user), timeout=5)
         loop = asyncio.get_running_loop()
         start = loop.time() + 0.05
@@ -270,14 +271,50 @@ async def _open_loop(target: str, users: list[str], rate: float, duration_s: flo
             "degraded_answers": degraded, **percentiles(latencies)}
 
 
-def _sweep(target: str, users: list[str], loads: list[float], ramp: list[float], duration_s: float) -> list[dict]:
+def thread_cpu_ms(pid: int) -> dict[str, float]:
+    """CPU ms (user + system) each thread of ``pid`` has used so far, by thread id; {} off Linux."""
+    out: dict[str, float] = {}
+    tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 10.0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue                                                 # the thread ended meanwhile
+        out[tid] = (int(fields[11]) + int(fields[12])) * tick_ms     # utime, stime
+    return out
+
+
+def cpu_per_request(pid: int, before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+    """CPU ms per request of one service between two ``thread_cpu_ms`` readings: its event loop (the
+    main thread) and all its other threads (DCN / tower workers, gRPC core)."""
+    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
+    loop = used.get(str(pid), 0.0)
+    total = sum(used.values())
+    n = max(requests, 1)
+    return {"total_ms": round(total / n, 2), "event_loop_ms": round(loop / n, 2),
+            "other_threads_ms": round((total - loop) / n, 2)}
+
+
+def _sweep(target: str, users: list[str], loads: list[float], ramp: list[float], duration_s: float,
+           pids: dict[str, int]) -> list[dict]:
     results = []
     for i, rate in enumerate(loads + ramp):
         if i >= len(loads) and results and not _held(results[-1]):
             break                                                    # the ramp stops at the first miss
+        before = {name: thread_cpu_ms(pid) for name, pid in pids.items()}
         result = asyncio.run(_open_loop(target, users, rate, duration_s, seed=i))
+        requests = sum(result["codes"].values()) + min(WARMUP_REQUESTS, len(users))
+        result["cpu_per_request"] = {name: cpu_per_request(pid, before[name], thread_cpu_ms(pid), requests)
+                                     for name, pid in pids.items()}
+        cpu = "  ".join(f"{name} {v['total_ms']:.1f} (loop {v['event_loop_ms']:.1f})"
+                        for name, v in result["cpu_per_request"].items())
         print(f"  {rate:6.0f} req/s offered: p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
-              f"achieved {result['achieved_rps']:6.1f}/s  codes {result['codes']}", flush=True)
+              f"achieved {result['achieved_rps']:6.1f}/s  codes {result['codes']}  CPU ms/request: {cpu}",
+              flush=True)
         results.append(result)
     return results
 
@@ -295,9 +332,10 @@ def _end_to_end(root: Path, redis_url: str, namespace: str, users: list[str], ar
     ranking_env = {**shared, "RANKING_PORT": str(port), "RANKING_METRICS_PORT": "0",
                    "RANKING_RETRIEVAL_TARGET": f"127.0.0.1:{rport}"}
     out: dict = {}
-    with service("retrieval_service", {**shared, "RETRIEVAL_PORT": str(rport), "RETRIEVAL_METRICS_PORT": "0"}, rport):
+    with service("retrieval_service", {**shared, "RETRIEVAL_PORT": str(rport), "RETRIEVAL_METRICS_PORT": "0"},
+                 rport) as retrieval:
         for label, extra in (("batching_on", {}), ("batching_off", {"RANKING_MICROBATCH_MAX_SIZE": "1"})):
-            with service("ranking_service", {**ranking_env, **extra}, port):
+            with service("ranking_service", {**ranking_env, **extra}, port) as ranking:
                 if label == "batching_on":
                     out["sequential"] = asyncio.run(_in_process_vs_grpc(
                         root, redis_url, namespace, users, args.sequential_requests, f"127.0.0.1:{port}"))
@@ -306,7 +344,7 @@ def _end_to_end(root: Path, redis_url: str, namespace: str, users: list[str], ar
                           f"{seq['grpc_sequential']['p50_ms']:.2f} ms", flush=True)
                 print(f"{label}:", flush=True)
                 out[label] = _sweep(f"127.0.0.1:{port}", users, loads, ramp if label == "batching_on" else [],
-                                    args.duration)
+                                    args.duration, {"ranking": ranking.pid, "retrieval": retrieval.pid})
     return out
 
 
