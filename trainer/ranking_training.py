@@ -86,6 +86,14 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
         affinity_channels=2 if rc.affinity_ratings else 1)
 
 
+def last_per_pair(users: np.ndarray, items: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each (user, item) pair once, at its last occurrence: (pair keys user * width + item, sorted;
+    the index of each key's last row)."""
+    keys = users.astype(np.int64) * width + items
+    unique, first_from_end = np.unique(keys[::-1], return_index=True)
+    return unique, keys.size - 1 - first_from_end
+
+
 def ease_fits(n_rows: int, n_items: int) -> bool:
     """Whether EASE's dense matrices fit the limits of ``trainer.baselines`` for this log."""
     fits = n_items <= MAX_EASE_ITEMS and n_rows * n_items <= MAX_DENSE_CELLS
@@ -118,8 +126,7 @@ def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit
     dense algebra."""
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
     # Each (user, item) pair once, with its last rating (non-finite ratings count as 1).
-    keys = train_rows.users.astype(np.int64) * n_items + train_rows.items
-    last = keys.size - 1 - np.unique(keys[::-1], return_index=True)[1]
+    _, last = last_per_pair(train_rows.users, train_rows.items, n_items)
     users, items = train_rows.users[last], train_rows.items[last]
     ratings = np.nan_to_num(np.asarray(train_rows.ratings, np.float64)[last], nan=1.0, posinf=1.0, neginf=1.0)
     inputs = [(np.ones(last.size), l2), (ratings, l2 * max(float(np.mean(ratings ** 2)), 1e-12) if last.size else l2)]
@@ -141,6 +148,19 @@ def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit
     return True
 
 
+def minimise(parameters: list[torch.Tensor], loss: Callable[[], torch.Tensor], iterations: int) -> None:
+    """Minimises ``loss()`` over ``parameters`` (leaf tensors requiring grad) with L-BFGS."""
+    optimizer = torch.optim.LBFGS(parameters, max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = loss()
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+
+
 def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: int = 100) -> None:
     """Sets the wide CTR logit (retrieval skip weight, affinity weights, bias) to the logistic regression
     of ``rows.clicks`` on the retrieval score and the affinities, the deep head staying at zero: the
@@ -153,15 +173,8 @@ def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: in
     labels = torch.as_tensor(rows.clicks, device=device)
     weight = torch.tensor([1.0] + [0.0] * ranker.affinity_channels, device=device, requires_grad=True)
     bias = torch.zeros(1, device=device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(features @ weight + bias, labels)
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    minimise([weight, bias], lambda: torch.nn.functional.binary_cross_entropy_with_logits(
+        features @ weight + bias, labels), iterations)
     with torch.no_grad():
         ranker.retrieval_skip.weight.fill_(float(weight[0]))
         ranker.retrieval_skip.bias.zero_()
@@ -203,9 +216,8 @@ def click_rows(positives: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     cand_scores = candidates.scores[:, :depth]
     width = int(max(cand.max(initial=0), items.max(initial=0))) + 1
     # Held-out (user, item) pairs; a pair given twice keeps its last timestamp and rating.
-    keys = users.astype(np.int64) * width + items
-    last = keys.size - 1 - np.unique(keys[::-1], return_index=True)[1]
-    keys, held_ts, held_rating = keys[last], timestamps[last], ratings[last]       # sorted by key
+    keys, last = last_per_pair(users, items, width)
+    held_ts, held_rating = timestamps[last], ratings[last]                         # sorted by key
     query = candidates.users.astype(np.int64)[:, None] * width + cand               # (U, N)
     found = np.minimum(np.searchsorted(keys, query), keys.size - 1)
     hit = (keys[found] == query) & (cand > 0)
@@ -322,15 +334,7 @@ def fit_rating_head(ranker: DCNRanker, tables: FeatureTables, rows: Rows, device
 
     with torch.no_grad():
         before = float(mse())
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = mse()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
+    minimise([weight, bias], mse, iterations)
     with torch.no_grad():
         after = float(mse())
         if np.isfinite(after) and after < before:
@@ -370,15 +374,18 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score})
     best_state = copy.deepcopy(ranker.state_dict())
     scored = np.zeros(rating_rows.users.size, dtype=bool)
+
+    def fill_rating_scores(index: np.ndarray) -> None:
+        """Retrieval scores for the rating rows ``index`` not scored yet (once per row)."""
+        if rating_scores is not None:
+            todo = index[~scored[index]]
+            rating_rows.scores[todo] = rating_scores(todo)
+            scored[todo] = True
     for epoch in progress_bar(range(epochs), "ranking", cfg.run.progress and ctx.is_main):
         ranker.train()
         order = ctx.shard(rng.permutation(fit_rows.users.size))
         rating_order = rng.choice(rating_rows.users.size, size=order.size, replace=rating_rows.users.size < order.size)
-        if rating_scores is not None:
-            drawn = np.unique(rating_order)
-            todo = drawn[~scored[drawn]]
-            rating_rows.scores[todo] = rating_scores(todo)
-            scored[todo] = True
+        fill_rating_scores(np.unique(rating_order))
         losses = []
         for start in range(0, order.size, rc.batch_size):
             batch = fit_rows.take(order[start:start + rc.batch_size])
@@ -416,10 +423,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         # The served order (CTR only) is not affected, so the stopping-half selection stays exact.
         sample = np.sort(np.random.default_rng(cfg.run.seed + 5).choice(
             rating_rows.users.size, size=min(rc.rating_refit_rows, rating_rows.users.size), replace=False))
-        if rating_scores is not None:
-            todo = sample[~scored[sample]]
-            rating_rows.scores[todo] = rating_scores(todo)
-            scored[todo] = True
+        fill_rating_scores(sample)
         before, after = fit_rating_head(ranker, tables, rating_rows.take(sample), device)
         log.info("rating head refitted on %d rows: MSE %.4f -> %.4f", sample.size, before, after)
     ranker.eval()
