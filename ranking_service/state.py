@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from recsys_contracts.programs import load_program
+from recsys_contracts.ids import ItemLookup
 from recsys_contracts.version_files import VersionTables, load_item_embeddings, load_tables
 
 SCORE_MODES = ("ctr", "ctr_x_rating")
@@ -48,24 +49,6 @@ class ScoreRule:
             return ctr.astype(np.float32, copy=False)
         ratio = np.clip(rating / np.float32(self.rating_max), 0.0, None)
         return (ctr * ratio ** np.float32(self.rating_weight)).astype(np.float32)
-
-
-class ItemLookup:
-    """External item ids -> item indices of one version, vectorised (0 for ids outside the catalog)."""
-
-    def __init__(self, item_ids: np.ndarray) -> None:
-        known = np.asarray(item_ids[1:], dtype=np.int64)          # (m,) row 0 is the OOV row
-        self._order = np.argsort(known, kind="stable")            # (m,)
-        self._sorted = known[self._order]                        # (m,)
-
-    def indices(self, ids: np.ndarray) -> np.ndarray:
-        """(N,) int64 external ids -> (N,) int64 indices, 0 where unknown."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if self._sorted.size == 0:
-            return np.zeros(ids.shape, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self._sorted, ids), self._sorted.size - 1)  # (N,)
-        found = self._sorted[pos] == ids
-        return np.where(found, self._order[pos] + 1, 0).astype(np.int64)
 
 
 @dataclass(frozen=True, eq=False)

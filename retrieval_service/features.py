@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,12 +23,14 @@ import redis
 import redis.asyncio
 
 from recsys_contracts import feature_store
+from recsys_contracts.ids import sorted_unique
 from recsys_contracts.v1 import common_pb2
 from retrieval_service import metrics
 from retrieval_service.state import ServingState, UserRow, table_row
 from retrieval_service.validation import InvalidRequest, Query
 
 log = logging.getLogger(__name__)
+_NO_ITEMS = np.zeros(0, dtype=np.int64)
 
 
 class FeatureStore:
@@ -68,25 +70,29 @@ class ResolvedUser:
     """Tower inputs (None = unknown user without features: answer from popular items), seen indices, flags."""
 
     row: UserRow | None
-    seen: frozenset[int]
+    seen: np.ndarray               # (s,) int64 item indices, sorted, unique
     degraded: tuple[int, ...]
 
 
-def _to_indices(state: ServingState, item_ids: Iterable[int]) -> list[int]:
-    """External item ids -> item indices, unknown ids dropped, order kept."""
-    lookup = state.item_index
-    return [idx for idx in (lookup.get(int(i), 0) for i in item_ids) if idx > 0]
+def _to_indices(state: ServingState, item_ids: np.ndarray | Sequence[int]) -> np.ndarray:
+    """External item ids -> (n,) int64 item indices, unknown ids dropped, order kept."""
+    indices = state.items.indices(np.asarray(item_ids, dtype=np.int64))
+    return indices[indices > 0]
 
 
-def _history(base: list[int], fresh: list[int], recent: list[int], length: int) -> np.ndarray:
+def _history(base: np.ndarray, fresh: np.ndarray, recent: np.ndarray, length: int) -> np.ndarray:
     """(H,) int64: the last ``length`` of base + fresh + recent, oldest first, left-padded with 0."""
-    items = (base + fresh + recent)[-length:]
-    return np.array([0] * (length - len(items)) + items, dtype=np.int64)
+    items = np.concatenate([base, fresh, recent])[-length:]
+    history = np.zeros(length, dtype=np.int64)
+    history[length - items.size:] = items
+    return history
 
 
 def _overrides(state: ServingState, query: Query, cat: np.ndarray, num: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The row with the request's named features replacing the stored ones."""
     spec = state.tables.spec
+    if not (query.categorical or query.numeric):
+        return cat.copy(), num.copy()
     try:
         req_cat, req_num = spec.encode_user(query.categorical, query.numeric)
     except ValueError as error:
@@ -120,7 +126,7 @@ def resolve_user(state: ServingState, query: Query, record: feature_store.UserRe
     tables = state.tables
     user_idx = state.user_index.get(query.user_id, 0)
     flags: list[int] = []
-    fresh = _to_indices(state, [f.item_id for f in record.fresh] if record is not None else [])
+    fresh = _to_indices(state, [f.item_id for f in record.fresh] if record is not None else ())
     recent = _to_indices(state, query.recent_item_ids)
     stored = _stored_row(state, record) if user_idx > 0 else None
     if stored is not None:
@@ -129,15 +135,15 @@ def resolve_user(state: ServingState, query: Query, record: feature_store.UserRe
     else:
         artifact = table_row(tables, user_idx, query.timestamp)
         cat, num = artifact.cat, artifact.num
-        base, stored_seen = [int(i) for i in artifact.history if i > 0], []
+        base, stored_seen = artifact.history[artifact.history > 0].astype(np.int64), _NO_ITEMS
     # Flag when Redis failed, or answered without this known user's row (the artifact filled in).
     if store_failed or (user_idx > 0 and record is not None and stored is None):
         flags.append(common_pb2.DEGRADED_PATH_FEATURES_FROM_ARTIFACT)
     cat, num = _overrides(state, query, cat, num)
-    seen = frozenset(stored_seen) | frozenset(tables.seen(user_idx).tolist()) | frozenset(fresh) | frozenset(recent)
+    seen = sorted_unique(np.concatenate([stored_seen, tables.seen(user_idx).astype(np.int64), fresh, recent]))
     if user_idx == 0:
         flags.append(common_pb2.DEGRADED_PATH_COLD_START_USER)
-        if not (query.has_request_features or fresh):
+        if not (query.has_request_features or fresh.size):
             return ResolvedUser(None, seen, tuple(flags))
     row = UserRow(user_idx, cat, num, _history(base, fresh, recent, tables.spec.history_length), query.timestamp)
     return ResolvedUser(row, seen, tuple(flags))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recsys_contracts.ids import in_sorted
 from recsys_contracts.v1 import common_pb2
 from retrieval_service import metrics
 from retrieval_service.batching import MicroBatcher
@@ -71,14 +72,14 @@ class CandidateGenerator:
 
     async def _search(self, state: ServingState, query: Query, resolved: ResolvedUser,
                       stages: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
-        excluded = frozenset() if query.include_seen else resolved.seen
-        fetch = min(query.k + len(excluded), state.index.size)
+        excluded = resolved.seen[:0] if query.include_seen else resolved.seen     # (e,) sorted item indices
+        fetch = min(query.k + excluded.size, state.index.size)
         submitted = time.perf_counter()
         scores, ids, batch = await self.batcher.search(state, resolved.row, max(fetch, 1))
         stages.update(batch_wait=max(0.0, batch.started - submitted), tower=batch.tower_s, search=batch.search_s)
         keep = ids > 0
-        if excluded:
-            keep &= ~np.isin(ids, np.fromiter(excluded, dtype=np.int64, count=len(excluded)))
+        if excluded.size:
+            keep &= ~in_sorted(ids, excluded)
         item_idx = ids[keep][:query.k]
         return item_idx, (scores[keep][:query.k] / state.temperature).astype(np.float32)
 
@@ -86,6 +87,6 @@ class CandidateGenerator:
     def _popular(state: ServingState, query: Query, resolved: ResolvedUser) -> tuple[np.ndarray, np.ndarray]:
         popular = state.tables.popular_items                              # (m,) item indices
         keep = popular > 0
-        if resolved.seen and not query.include_seen:
-            keep &= ~np.isin(popular, np.fromiter(resolved.seen, dtype=np.int64, count=len(resolved.seen)))
+        if resolved.seen.size and not query.include_seen:
+            keep &= ~in_sorted(popular, resolved.seen)
         return popular[keep][:query.k], state.popular_scores[keep][:query.k]

@@ -22,6 +22,7 @@ import torch
 from recsys_contracts import artifacts
 from recsys_contracts.ann import Index, IndexParams, read_index
 from recsys_contracts.programs import load_program
+from recsys_contracts.ids import ItemLookup
 from recsys_contracts.version_files import VersionTables, load_item_embeddings, load_tables
 
 # Fields of the manifest's extra["index"] that are measurements, not IndexParams.
@@ -52,6 +53,7 @@ class ServingState:
     temperature: float                   # retrieval score = dot / temperature
     user_index: Mapping[str, int]        # external user id -> user index
     item_index: Mapping[int, int]        # external item id -> item index
+    items: ItemLookup                    # the same map, vectorised (0 = unknown)
     popular_scores: np.ndarray           # (m,) float32 log training count of tables.popular_items
     index_params: IndexParams
     build_recall: float | None           # recall@100 measured at build time (manifest)
@@ -115,6 +117,7 @@ def load_state(directory: Path, version: int, device: torch.device,
         version=version, tables=tables, tower=tower, index=index, backend=backend, device=device,
         temperature=temperature, user_index=MappingProxyType(tables.user_index()),
         item_index=MappingProxyType(tables.item_index()),
+        items=ItemLookup(tables.item_ids),
         popular_scores=np.log(np.maximum(counts, 1.0)).astype(np.float32), index_params=params,
         build_recall=recall)
     check_state(state, embeddings)
