@@ -9,6 +9,7 @@ cells (ml-100k: 943 x 1682 = 1.6M); ``Popularity`` never needs one and works at 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 
 from trainer.metrics import check_csr, ndcg_at_k, to_csr
+
+log = logging.getLogger(__name__)
 
 # 50M float32 cells = 200 MB, the most a dense training matrix may take.
 MAX_DENSE_CELLS = 50_000_000
@@ -159,6 +162,16 @@ def _gram(x: np.ndarray) -> np.ndarray:
         raise ValueError(f"n_items must be <= {MAX_EASE_ITEMS} for EASE (dense (M, M) inverse), got {x.shape[1]}")
     x64 = x.astype(np.float64)
     return x64.T @ x64  # (M, M)
+
+
+def ease_fits(n_rows: int, n_items: int, use: str) -> bool:
+    """Whether EASE's dense matrices fit the limits above for an (n_rows, n_items) log; when not, logs
+    a warning that ``use`` (what needed EASE) is left out."""
+    fits = n_items <= MAX_EASE_ITEMS and n_rows * n_items <= MAX_DENSE_CELLS
+    if not fits:
+        log.warning("%s left out: EASE needs at most %d items and %d user x item cells, got %d items and "
+                    "%d cells", use, MAX_EASE_ITEMS, MAX_DENSE_CELLS, n_items, n_rows * n_items)
+    return fits
 
 
 def _ease_weights(gram: np.ndarray, l2: float) -> np.ndarray:

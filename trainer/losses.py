@@ -152,6 +152,18 @@ def grouped_sampled_softmax_loss(user_emb: Tensor, row_user: Tensor, pos_emb: Te
     return (torch.logaddexp(log_z[row_user], pos_logit) - pos_logit).mean()
 
 
+def distillation_loss(logits: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over rows of the cross-entropy -sum_i p_i log q_i between teacher probabilities ``teacher``
+    (U, M) and the softmax q of ``logits`` (U, M) restricted to the items the teacher gives mass
+    (the others, such as a user's training items, take no part in q). Rows with no mass add 0."""
+    if logits.dim() != 2 or teacher.shape != logits.shape:
+        raise ValueError(f"logits and teacher must have the same (U, M) shape, got {tuple(logits.shape)} "
+                         f"and {tuple(teacher.shape)}")
+    support = teacher > 0
+    log_q = torch.log_softmax(logits.masked_fill(~support, torch.finfo(logits.dtype).min), dim=1)
+    return -(teacher * log_q.masked_fill(~support, 0.0)).sum(dim=1).mean()
+
+
 def ranking_losses(ctr_logit: Tensor, labels: Tensor, rating_pred: Tensor, rating: Tensor,
                    rating_mask: Tensor) -> tuple[Tensor, Tensor]:
     """(l_ctr, l_rating): BCE-with-logits over all N rows, MSE over the rows where ``rating_mask`` is True.

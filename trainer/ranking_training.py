@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from trainer import metrics
-from trainer.baselines import EASE, MAX_DENSE_CELLS, MAX_EASE_ITEMS, SparseMatrix
+from trainer.baselines import EASE, SparseMatrix, ease_fits
 from trainer.checkpoint import FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
@@ -82,7 +82,7 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
         # retrieval_only serves retrieval's own order. Decided here, before the ranker exists, so a
         # catalog too large for EASE's dense algebra gets no (zero) factor tables in its program.
         affinity_rank=rc.affinity_rank if (rc.affinity == "ease" and cfg.multitask.mode == "separate"
-                                           and ease_fits(tables.vocab.n_users + 1, tables.vocab.n_items + 1)) else 0,
+                                           and ease_fits(tables.vocab.n_users + 1, tables.vocab.n_items + 1, "ranker affinity")) else 0,
         affinity_channels=2 if rc.affinity_ratings else 1)
 
 
@@ -92,15 +92,6 @@ def last_per_pair(users: np.ndarray, items: np.ndarray, width: int) -> tuple[np.
     keys = users.astype(np.int64) * width + items
     unique, first_from_end = np.unique(keys[::-1], return_index=True)
     return unique, keys.size - 1 - first_from_end
-
-
-def ease_fits(n_rows: int, n_items: int) -> bool:
-    """Whether EASE's dense matrices fit the limits of ``trainer.baselines`` for this log."""
-    fits = n_items <= MAX_EASE_ITEMS and n_rows * n_items <= MAX_DENSE_CELLS
-    if not fits:
-        log.warning("ranker affinity left out: EASE needs at most %d items and %d user x item cells, got %d "
-                    "items and %d cells", MAX_EASE_ITEMS, MAX_DENSE_CELLS, n_items, n_rows * n_items)
-    return fits
 
 
 def top_factors(scores: np.ndarray, rank: int, rng: np.random.Generator,

@@ -22,13 +22,14 @@ import numpy as np
 import torch
 
 from trainer import metrics
+from trainer.baselines import EASE, SparseMatrix, ease_fits
 from trainer.checkpoint import Checkpointer, FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
 from trainer.evaluation import EvalTarget, rank_users
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
-from trainer.losses import grouped_sampled_softmax_loss
+from trainer.losses import distillation_loss, grouped_sampled_softmax_loss
 from trainer.models.two_tower import TowerConfig, TwoTower, build_two_tower
 from trainer.negatives import make_sampler
 from trainer.progress import progress_bar
@@ -186,6 +187,24 @@ class SeenItems:
         return torch.as_tensor(found, device=self.device)
 
 
+def distillation_teacher(train: Interactions, n_users: int, n_items: int, l2: float, temperature: float,
+                         device: torch.device) -> torch.Tensor | None:
+    """(n+1, m+1) teacher probabilities: per user, the softmax of EASE's scores (fitted on the
+    binary training matrix with ``l2``) divided by ``temperature`` over the items the user has not
+    trained on (0 on the training items and the padding item; a row with no such item is all 0).
+    None, with a warning, when the catalog or the user x item matrix is too large for EASE."""
+    n_rows, n_cols = n_users + 1, n_items + 1
+    if not ease_fits(n_rows, n_cols, "retrieval distillation"):
+        return None
+    matrix = SparseMatrix.from_coo(train.users, train.items, (n_rows, n_cols))
+    scores = torch.as_tensor(EASE(l2).fit(matrix).scores(np.arange(n_rows)))          # (n+1, m+1)
+    seen = torch.as_tensor(matrix.to_dense() > 0)
+    seen[:, 0] = True
+    logits = (scores / temperature).masked_fill(seen, -torch.inf)
+    probabilities = torch.softmax(logits, dim=1)
+    return torch.nan_to_num(probabilities, nan=0.0).to(device)     # all-seen rows: 0/0 -> 0
+
+
 def denoised_user_inputs(tables: FeatureTables, users: np.ndarray, positives: np.ndarray, timestamps: np.ndarray,
                          rc, device: torch.device, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """The users' tower inputs as training sees them: the held-out positives (U, P) and a random
@@ -251,9 +270,12 @@ class RetrievalStep:
 
 def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, positives: np.ndarray,
                    timestamps: np.ndarray, setup: SamplingSetup, tables: FeatureTables, cfg: TrainConfig,
-                   device: torch.device, generator: torch.Generator, min_negatives: int = 0) -> RetrievalStep:
+                   device: torch.device, generator: torch.Generator, min_negatives: int = 0,
+                   teacher: torch.Tensor | None = None) -> RetrievalStep:
     """The retrieval loss for users (U,) with held-out positives (U, P) (0 = padding), drawing at
-    least ``min_negatives`` sampler negatives."""
+    least ``min_negatives`` sampler negatives. With ``teacher`` ((n+1, m+1) probabilities, see
+    ``distillation_teacher``) the tower embeds the whole catalog and the loss adds
+    ``retrieval.distill_weight`` x the distillation cross-entropy of these users."""
     rc = cfg.retrieval
     inputs = denoised_user_inputs(tables, users, positives, timestamps, rc, device, generator)
     pos = torch.as_tensor(positives, device=device)                                   # (U, P)
@@ -264,7 +286,10 @@ def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, posi
     if n_negatives:
         neg_idx = setup.sampler.sample(torch.zeros(1, dtype=torch.int64), n_negatives)[0].to(device)  # (S,)
     wanted = pos_idx if neg_idx is None else torch.cat([pos_idx, neg_idx])            # the C candidate columns
-    unique, inverse = torch.unique(wanted, return_inverse=True)
+    if teacher is None:
+        unique, inverse = torch.unique(wanted, return_inverse=True)
+    else:                                                                             # every item, by index
+        unique, inverse = torch.arange(tables.vocab.n_items + 1, device=device), wanted
     user_emb, unique_emb = ddp_model(**inputs, **item_inputs(tables, unique.cpu().numpy(), device))
     pos_emb = unique_emb[inverse[:pos_idx.numel()]]                                   # (R, D)
     neg_emb = None if neg_idx is None else unique_emb[inverse[pos_idx.numel():]]      # (S, D)
@@ -279,6 +304,11 @@ def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, posi
     loss = grouped_sampled_softmax_loss(user_emb, row_user, pos_emb, neg_emb, temperature, pos_log_q,
                                         neg_log_q, pos_idx, neg_idx,
                                         None if user_seen is None else user_seen[:, inverse])  # (U, C) mask
+    if teacher is not None:
+        # unique_emb holds the whole catalog in index order: the tower's full softmax per user.
+        logits = user_emb @ unique_emb.T / temperature                                # (U, m+1)
+        loss = loss + cfg.retrieval.distill_weight * distillation_loss(
+            logits, teacher[torch.as_tensor(users, device=device)])
     return RetrievalStep(loss, inputs, user_emb, row_user, pos_idx, unique, inverse, unique_emb, user_seen)
 
 
@@ -365,6 +395,9 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     ddp_model = ctx.wrap(model, device)
     optimizer = make_optimizer(model, rc, ctx)
     setup = SamplingSetup.build(cfg, tables, train, device)
+    teacher = (distillation_teacher(train, tables.vocab.n_users, tables.vocab.n_items, rc.distill_l2,
+                                    rc.distill_temperature, device)
+               if rc.distill_weight > 0 else None)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     rng = np.random.default_rng(cfg.run.seed)
     history, best_state, start_epoch = FitHistory(), None, 0
@@ -389,7 +422,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
             users = order[start:start + rc.batch_size]
             positives, timestamps = setup.user_items.sample(users, rc.positives_per_user, rng)
             loss = retrieval_step(ddp_model, model.temperature, users, positives, timestamps, setup, tables, cfg,
-                                  device, generator).loss
+                                  device, generator, teacher=teacher).loss
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"retrieval loss became {loss.item()} at epoch {epoch}; "
                                          f"lower retrieval.learning_rate (now {rc.learning_rate}) or raise "

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.losses import multitask_loss, ranking_losses, sampled_softmax_loss
+from trainer.losses import distillation_loss, multitask_loss, ranking_losses, sampled_softmax_loss
 from trainer.negatives import (STRATEGIES, MixedSampler, ModelHardSampler, PopularitySampler, UniformSampler,
                                make_sampler)
 
@@ -133,6 +133,35 @@ def test_sampled_softmax_rejects(field, value, message):
 def test_sampled_softmax_rejects_a_seen_mask_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"user_seen_mask_fn\(candidates\) must have shape \(2, 6\)"):
         sampled_softmax_loss(**_valid_args(), user_seen_mask_fn=lambda c: torch.zeros(2, 2, dtype=torch.bool))
+
+
+def test_distillation_loss_by_hand_ignores_items_without_teacher_mass():
+    # Row 0: the teacher splits 3:1 between items 1 and 2; item 0 (mass 0, e.g. a training item)
+    # takes no part in the student's softmax, however high its logit. Row 1: no mass anywhere, adds 0.
+    logits = torch.tensor([[9.0, 1.0, 0.0], [0.5, -0.5, 2.0]], requires_grad=True)
+    teacher = torch.tensor([[0.0, 0.75, 0.25], [0.0, 0.0, 0.0]])
+    loss = distillation_loss(logits, teacher)
+    log_z = math.log(math.exp(1.0) + math.exp(0.0))
+    expected = -(0.75 * (1.0 - log_z) + 0.25 * (0.0 - log_z)) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    (grad,) = torch.autograd.grad(loss, logits)
+    q1 = math.exp(1.0) / (math.exp(1.0) + 1.0)
+    # d/dlogit = (q - p) / rows on the teacher's support, 0 elsewhere.
+    assert torch.allclose(grad, torch.tensor([[0.0, (q1 - 0.75) / 2, (1 - q1 - 0.25) / 2], [0.0, 0.0, 0.0]]),
+                          atol=1e-6)
+
+
+def test_distillation_loss_is_smallest_when_the_student_matches_the_teacher():
+    teacher = torch.tensor([[0.0, 0.5, 0.3, 0.2]])
+    matched = distillation_loss(torch.log(teacher.clamp(min=1e-9)), teacher)
+    entropy = -(teacher[teacher > 0] * teacher[teacher > 0].log()).sum()
+    assert matched.item() == pytest.approx(entropy.item(), abs=1e-5)
+    assert distillation_loss(torch.tensor([[0.0, 0.2, 0.3, 0.5]]), teacher).item() > matched.item() + 0.05
+
+
+def test_distillation_loss_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"same \(U, M\) shape, got \(2, 3\) and \(2, 4\)"):
+        distillation_loss(torch.zeros(2, 3), torch.zeros(2, 4))
 
 
 def test_ranking_losses_by_hand():

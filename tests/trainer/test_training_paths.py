@@ -329,15 +329,74 @@ def test_ranker_config_takes_the_affinity_only_in_separate_mode(prepared):
 def test_a_catalog_too_large_for_ease_gets_no_affinity_tables(caplog):
     """Decided before the ranker is built: zero factor tables would otherwise ship in its program
     (1M items x 64 floats = 256 MB of zeros)."""
-    from trainer.baselines import MAX_DENSE_CELLS, MAX_EASE_ITEMS
-    from trainer.ranking_training import ease_fits
+    from trainer.baselines import MAX_DENSE_CELLS, MAX_EASE_ITEMS, ease_fits
 
-    assert ease_fits(944, 1683)
-    assert ease_fits(MAX_DENSE_CELLS // MAX_EASE_ITEMS, MAX_EASE_ITEMS)
-    with caplog.at_level("WARNING", logger="trainer.ranking_training"):
-        assert not ease_fits(10, MAX_EASE_ITEMS + 1)
-        assert not ease_fits(MAX_DENSE_CELLS // 1000 + 1, 1000)
+    assert ease_fits(944, 1683, "ranker affinity")
+    assert ease_fits(MAX_DENSE_CELLS // MAX_EASE_ITEMS, MAX_EASE_ITEMS, "ranker affinity")
+    with caplog.at_level("WARNING", logger="trainer.baselines"):
+        assert not ease_fits(10, MAX_EASE_ITEMS + 1, "ranker affinity")
+        assert not ease_fits(MAX_DENSE_CELLS // 1000 + 1, 1000, "ranker affinity")
     assert "ranker affinity left out: EASE needs at most" in caplog.text
+
+
+def test_distillation_teacher_is_eases_softmax_over_each_users_unseen_items(prepared):
+    from trainer.baselines import EASE, SparseMatrix
+    from trainer.retrieval_training import distillation_teacher
+
+    tables, train = prepared.tables, prepared.train
+    shape = (tables.vocab.n_users + 1, tables.vocab.n_items + 1)
+    teacher = distillation_teacher(train, tables.vocab.n_users, tables.vocab.n_items, 50.0, 0.1,
+                                   torch.device("cpu")).numpy()
+    assert teacher.shape == shape
+    matrix = SparseMatrix.from_coo(train.users, train.items, shape)
+    seen = matrix.to_dense() > 0
+    seen[:, 0] = True
+    assert (teacher[seen] == 0).all() and (teacher >= 0).all()
+    assert np.allclose(teacher[1:].sum(1), 1.0, atol=1e-5)      # every user has unseen items here
+    assert teacher[0].sum() == pytest.approx(1.0, abs=1e-5)       # the unknown user: no training items
+    scores = EASE(50.0).fit(matrix).scores(np.arange(shape[0])) / 0.1
+    user = int(train.users[0])
+    unseen = np.flatnonzero(~seen[user])
+    expected = np.exp(scores[user, unseen] - scores[user, unseen].max())
+    assert np.allclose(teacher[user, unseen], expected / expected.sum(), atol=1e-5)
+
+
+def test_distillation_moves_the_tower_toward_the_teacher_and_repeats(prepared):
+    from trainer.distributed import Distributed
+    from trainer.losses import distillation_loss
+    from trainer.retrieval_training import distillation_teacher, fit_retrieval, item_embeddings
+
+    def train(*overrides):
+        cfg = load_config(None, ["features.history_length=20", "run.threads=1", "run.progress=false",
+                                 "retrieval.epochs=3", "retrieval.patience=3", *overrides])
+        model, history = fit_retrieval(cfg, prepared.spec, prepared.tables, prepared.train, prepared.val,
+                                       prepared.eval_timestamps, torch.device("cpu"), Distributed())
+        users = np.arange(1, prepared.tables.vocab.n_users + 1)
+        logits = user_embeddings(model, prepared.tables, users, prepared.eval_timestamps[users],
+                                 torch.device("cpu")) @ item_embeddings(model, prepared.tables,
+                                                                        torch.device("cpu")).T / model.temperature
+        return model, distillation_loss(logits.detach(), teacher[users]).item()
+
+    teacher = distillation_teacher(prepared.train, prepared.tables.vocab.n_users, prepared.tables.vocab.n_items,
+                                   50.0, 0.05, torch.device("cpu"))
+    plain, plain_gap = train()
+    distilled, distilled_gap = train("retrieval.distill_weight=5", "retrieval.distill_l2=50")
+    again, _ = train("retrieval.distill_weight=5", "retrieval.distill_l2=50")
+    assert distilled_gap < plain_gap - 0.1
+    for a, b in zip(distilled.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_distillation_is_left_out_with_a_warning_where_ease_does_not_fit(prepared, caplog):
+    """A catalog past EASE's dense limits trains without a teacher instead of failing."""
+    from trainer.baselines import MAX_DENSE_CELLS, MAX_EASE_ITEMS
+    from trainer.retrieval_training import distillation_teacher
+
+    with caplog.at_level("WARNING", logger="trainer.baselines"):
+        assert distillation_teacher(prepared.train, 10, MAX_EASE_ITEMS, 50.0, 0.05, torch.device("cpu")) is None
+        assert distillation_teacher(prepared.train, MAX_DENSE_CELLS // 1000, 999, 50.0, 0.05,
+                                    torch.device("cpu")) is None
+    assert caplog.text.count("retrieval distillation left out: EASE needs at most") == 2
 
 
 def test_affinity_factors_reproduce_ease_scores_and_are_standardised(prepared):
