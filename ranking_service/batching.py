@@ -97,6 +97,8 @@ class MicroBatcher:
         return batch
 
     def _forward(self, batch: list[_Job]) -> tuple[np.ndarray, np.ndarray]:
+        if len(batch) == 1:
+            return run_ranker(batch[0].ranker, batch[0].inputs)
         names = batch[0].inputs.keys()
         inputs = {name: np.concatenate([job.inputs[name] for job in batch]) for name in names}  # (sum N, ...)
         return run_ranker(batch[0].ranker, inputs)

@@ -29,6 +29,7 @@ from ranking_service.state import ServingState
 from recsys_contracts import feature_store
 from recsys_contracts.feature_store import FreshInteraction, KeyFormat, UserRecord
 from recsys_contracts.feature_spec import FeatureSpec
+from recsys_contracts.ids import sorted_unique
 from recsys_contracts.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ NO_OVERRIDES = UserOverrides(_EMPTY_IDS, _EMPTY_IDS, _EMPTY_IDS, np.zeros(0, np.
 def encode_overrides(spec: FeatureSpec, categorical: Mapping[str, str], numeric: Mapping[str, float],
                      recent_item_ids: Sequence[int]) -> UserOverrides:
     """Encodes request-time features with the version's spec; ValueError names an unknown or bad feature."""
+    if not (categorical or numeric or len(recent_item_ids)):
+        return NO_OVERRIDES                          # the common request: nothing to encode
     cat, num = spec.encode_user(categorical, numeric)
     cat_pos = [i for i, column in enumerate(spec.user_categorical) if column.name in categorical]
     num_pos = [i for i, column in enumerate(spec.user_numeric) if column.name in numeric]
@@ -123,7 +126,8 @@ class FeatureStore:
         try:
             pipe = self.redis.pipeline(transaction=False)
             feature_store.queue_user_read(pipe, self.keys, version, user_id)
-            results = await asyncio.wait_for(pipe.execute(), self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):        # no extra task, unlike wait_for
+                results = await pipe.execute()
             record = feature_store.parse_user_read(results)
         except (Exception, TimeoutError) as error:  # any store failure degrades, never fails the request
             self.mark_down("read", error)
@@ -200,6 +204,6 @@ def build_user_view(state: ServingState, user_id: str, read: UserRead, overrides
     known = known[known > 0][-spec.history_length:]
     padded = np.zeros(spec.history_length, dtype=np.int64)
     padded[spec.history_length - known.size:] = known
-    exclude = np.unique(np.concatenate([seen_ids, fresh_ids, overrides.recent_item_ids]).astype(np.int64))
+    exclude = sorted_unique(np.concatenate([seen_ids, fresh_ids, overrides.recent_item_ids]).astype(np.int64))
     return UserView(user_idx=user_idx, cat=cat, num=num, history=padded, exclude_ids=exclude,
                     degraded=frozenset(flags))

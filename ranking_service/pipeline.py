@@ -33,6 +33,7 @@ from ranking_service.selection import RunningTopK, Scored, best_first, mmr_order
 from ranking_service.state import ServingState, ranker_inputs, retrieval_scores
 from ranking_service.validation import RankQuery, RecommendQuery
 from recsys_contracts.feature_store import FreshInteraction
+from recsys_contracts.ids import in_sorted
 from recsys_contracts.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -67,9 +68,9 @@ class _Pool:
         self.unknown = False
 
     def add(self, ids: np.ndarray, retrieval_scores: np.ndarray, limit: int | None = None) -> None:
-        keep = ~np.isin(ids, self.taken)
+        keep = ~in_sorted(ids, self.taken)
         if not self.query.include_seen:
-            keep &= ~np.isin(ids, self.view.exclude_ids)
+            keep &= ~in_sorted(ids, self.view.exclude_ids)
         ids, retrieval_scores = ids[keep], retrieval_scores[keep]
         _, first = np.unique(ids, return_index=True)
         first = np.sort(first)[:limit]                # a repeated id keeps its first occurrence
@@ -77,7 +78,7 @@ class _Pool:
         if ids.size == 0:
             return
         arrival = np.arange(self.taken.size, self.taken.size + ids.size, dtype=np.int64)
-        self.taken = np.union1d(self.taken, ids)
+        self.taken = np.sort(np.concatenate([self.taken, ids]))   # disjoint: their union, sorted
         self.harvest()
         self.tasks.append(asyncio.ensure_future(self.pipeline.score(
             self.state, self.view, self.query.timestamp, ids, retrieval_scores, arrival)))
@@ -119,7 +120,8 @@ class Pipeline:
                                    history=view.history, timestamp=timestamp, item_idx=idx[part],
                                    retrieval_score=retrieval_scores[part])
             pieces.append(self.batcher.score(state.ranker, inputs))
-        results = await asyncio.gather(*pieces)
+        # one piece (up to MAX_ROWS candidates, the usual case) is awaited as is: no gather task
+        results = [await pieces[0]] if len(pieces) == 1 else await asyncio.gather(*pieces)
         ctr = np.concatenate([r[0] for r in results])
         rating = np.concatenate([r[1] for r in results])
         return Scored(item_ids=ids, item_idx=idx, arrival=arrival, score=state.score_rule.apply(ctr, rating),

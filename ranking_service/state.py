@@ -74,7 +74,9 @@ class ServingState:
 def run_ranker(ranker: torch.nn.Module, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """One forward pass over aligned rows: (ctr (N,) float32 in [0, 1], rating (N,) float32)."""
     with torch.inference_mode():
-        logit, rating = ranker(**{name: torch.from_numpy(value) for name, value in inputs.items()})
+        # the broadcast user rows of ``ranker_inputs`` are copied into place here (contiguous, writable)
+        logit, rating = ranker(**{name: torch.from_numpy(np.require(value, requirements="CW"))
+                                  for name, value in inputs.items()})
         ctr = torch.sigmoid(logit)                                 # (N,)
     return ctr.numpy(), rating.numpy()
 
@@ -83,15 +85,17 @@ def ranker_inputs(state: ServingState, *, user_idx: int, user_cat: np.ndarray, u
                   history: np.ndarray, timestamp: int, item_idx: np.ndarray,
                   retrieval_score: np.ndarray) -> dict[str, np.ndarray]:
     """The program's keyword inputs for one user against N items: the user row repeated N times
-    (the history cut to the ranker's most recent ``state.ranker_history`` items)."""
+    (the history cut to the ranker's most recent ``state.ranker_history`` items). The repeated rows
+    are read-only broadcast views: ``run_ranker`` (or the batcher's concatenation) copies them into
+    place in the DCN thread, so the event loop never does."""
     n = item_idx.size
     tables = state.tables
     history = history[-state.ranker_history:]
     return {
         "user_idx": np.full(n, user_idx, dtype=np.int64),                               # (N,)
-        "user_cat": np.broadcast_to(user_cat.astype(np.int64), (n, user_cat.size)).copy(),  # (N, Cu)
-        "user_num": np.broadcast_to(user_num.astype(np.float32), (n, user_num.size)).copy(),  # (N, Nu)
-        "history": np.broadcast_to(history.astype(np.int64), (n, history.size)).copy(),     # (N, H)
+        "user_cat": np.broadcast_to(user_cat.astype(np.int64), (n, user_cat.size)),     # (N, Cu) view
+        "user_num": np.broadcast_to(user_num.astype(np.float32), (n, user_num.size)),   # (N, Nu) view
+        "history": np.broadcast_to(history.astype(np.int64), (n, history.size)),        # (N, H) view
         "timestamp": np.full(n, timestamp, dtype=np.int64),                             # (N,)
         "item_idx": item_idx.astype(np.int64, copy=False),                              # (N,)
         "item_cat": tables.item_cat[item_idx],                                          # (N, Ci)

@@ -207,7 +207,7 @@ def test_ranker_takes_only_its_recent_history_and_scores_as_the_eager_model(tmp_
     ctr, rating = run_ranker(state.ranker, inputs)
     eager = {**inputs, "history": np.broadcast_to(tables.history[user], (items.size, 30)).copy()}
     with torch.no_grad():
-        logit, eager_rating = run.ranker(**{name: torch.from_numpy(value) for name, value in eager.items()})
+        logit, eager_rating = run.ranker(**{name: torch.from_numpy(np.array(value)) for name, value in eager.items()})
     np.testing.assert_allclose(ctr, torch.sigmoid(logit).numpy(), atol=1e-6)
     np.testing.assert_allclose(rating, eager_rating.numpy(), atol=1e-5)
 
