@@ -111,7 +111,9 @@ class CheckedProgram(nn.Module):
     ~1 ms a call whatever the batch (a quarter of the ranker's pass over 500 rows); the trace runs
     the same ops from C++, without holding the GIL. It is used only for a straight-line graph of
     aten ops whose results are tensors (no shape arithmetic a trace would freeze), and only after it
-    gave outputs identical to the exported module's at two batch sizes.
+    gave outputs identical to the exported module's at two batch sizes. ``torch.jit`` is deprecated
+    (a DeprecationWarning at each load) but present in the pinned torch; if a later torch drops it,
+    ``_trace`` gives None and the exported module serves as before.
     """
 
     def __init__(self, program: torch.export.ExportedProgram) -> None:
