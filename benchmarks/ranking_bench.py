@@ -59,14 +59,6 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()), "n": int(ms.size)}
 
 
-def run(coroutine):
-    """Runs on uvloop, as the services do (the in-process side then runs the pipeline on the same loop)."""
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coroutine)
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -314,7 +306,7 @@ def _sweep(target: str, users: list[str], loads: list[float], ramp: list[float],
         if i >= len(loads) and results and not _held(results[-1]):
             break                                                    # the ramp stops at the first miss
         before = {name: thread_cpu_ms(pid) for name, pid in pids.items()}
-        result = run(_open_loop(target, users, rate, duration_s, seed=i))
+        result = asyncio.run(_open_loop(target, users, rate, duration_s, seed=i))
         requests = sum(result["codes"].values()) + min(WARMUP_REQUESTS, len(users))
         result["cpu_per_request"] = {name: cpu_per_request(pid, before[name], thread_cpu_ms(pid), requests)
                                      for name, pid in pids.items()}
@@ -345,7 +337,7 @@ def _end_to_end(root: Path, redis_url: str, namespace: str, users: list[str], ar
         for label, extra in (("batching_on", {}), ("batching_off", {"RANKING_MICROBATCH_MAX_SIZE": "1"})):
             with service("ranking_service", {**ranking_env, **extra}, port) as ranking:
                 if label == "batching_on":
-                    out["sequential"] = run(_in_process_vs_grpc(
+                    out["sequential"] = asyncio.run(_in_process_vs_grpc(
                         root, redis_url, namespace, users, args.sequential_requests, f"127.0.0.1:{port}"))
                     seq = out["sequential"]
                     print(f"sequential: in process p50 {seq['in_process']['p50_ms']:.2f} ms, over gRPC p50 "

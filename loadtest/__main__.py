@@ -11,12 +11,13 @@ Exit status 2 for a bad argument (the message names it), 1 when the target canno
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 import time
 from pathlib import Path
 
-from loadtest.client import run_driver, run_load
+from loadtest.client import run_load
 from loadtest.compare import compare, format_rows
 from loadtest.config import MODES, RPCS, LoadConfig
 from loadtest.output import save_run
@@ -115,7 +116,7 @@ def _run(args: argparse.Namespace) -> int:
     config = _config(args, target=args.target, mode=args.mode, concurrency=args.concurrency,
                      duration_s=args.duration, users_from=users_from, allow_remote=args.allow_remote,
                      connect_timeout_s=args.connect_timeout)
-    document, outcomes = run_driver(run_load(config))
+    document, outcomes = asyncio.run(run_load(config))
     out = args.out or _default_out(args.mode)
     save_run(out, document, outcomes, f"{config.rpc} {config.mode} at {config.target}")
     print(format_summary(document["summary"]))

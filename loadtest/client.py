@@ -22,7 +22,6 @@ from collections.abc import Sequence
 
 import grpc
 import numpy as np
-import uvloop
 
 from loadtest.config import LoadConfig, validate
 from loadtest.results import Outcome, elapsed_s, summarize
@@ -177,13 +176,6 @@ async def drive(channel: grpc.aio.Channel, config: LoadConfig, population: Popul
     held = [step["rate"] for step in steps if step["held"]]
     return outcomes, {"ramp": {"p99_target_ms": config.p99_target_ms, "highest_rate_held": max(held, default=None),
                                "steps": steps}}
-
-
-def run_driver(coroutine):
-    """Runs a driver to completion on uvloop, the services' loop: less client CPU per request, so
-    the harness takes less of the cores it shares with the stack it measures."""
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coroutine)
 
 
 async def run_load(config: LoadConfig, population: Population | None = None) -> tuple[dict, list[Outcome]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.client import CHANNEL_OPTIONS, drive, run_driver, wait_connected, warm_up
+from loadtest.client import CHANNEL_OPTIONS, drive, wait_connected, warm_up
 from loadtest.config import LoadConfig, validate
 from loadtest.output import save_run
 from loadtest.results import Outcome, elapsed_s, summarize, window
@@ -157,7 +157,7 @@ def run_and_save(name: str, config: LoadConfig, data_dir: Path | None, out_dir: 
     scenario = SCENARIOS[name]
     with tempfile.TemporaryDirectory(prefix=f"loadtest-{name}-") as workdir:
         try:
-            document, outcomes = run_driver(
+            document, outcomes = asyncio.run(
                 run_scenario(scenario, config, data_dir, Path(workdir), source_root, seed, service_env))
         finally:
             logs = out_dir / "logs"
