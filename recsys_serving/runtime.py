@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import grpc
-import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Histogram, start_http_server
@@ -85,10 +84,7 @@ def run_main(name: str, from_env: Callable[[], Any], serve: Callable[[Any], Awai
         return 2
     configure_logging(config.log_level)
     start_metrics(config.metrics_port)
-    # uvloop: the same asyncio semantics, its scheduling and socket I/O in C (a request's many loop
-    # turns, gRPC's wake-ups and the Redis round trip cost less CPU than with the pure-Python loop)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(config))
+    asyncio.run(serve(config))
     return 0
 
 
