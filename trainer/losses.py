@@ -152,16 +152,19 @@ def grouped_sampled_softmax_loss(user_emb: Tensor, row_user: Tensor, pos_emb: Te
     return (torch.logaddexp(log_z[row_user], pos_logit) - pos_logit).mean()
 
 
-def distillation_loss(logits: Tensor, teacher: Tensor) -> Tensor:
-    """Mean over rows of the cross-entropy -sum_i p_i log q_i between teacher probabilities ``teacher``
-    (U, M) and the softmax q of ``logits`` (U, M) restricted to the items the teacher gives mass
-    (the others, such as a user's training items, take no part in q). Rows with no mass add 0."""
-    if logits.dim() != 2 or teacher.shape != logits.shape:
-        raise ValueError(f"logits and teacher must have the same (U, M) shape, got {tuple(logits.shape)} "
-                         f"and {tuple(teacher.shape)}")
-    support = teacher > 0
-    log_q = torch.log_softmax(logits.masked_fill(~support, torch.finfo(logits.dtype).min), dim=1)
-    return -(teacher * log_q.masked_fill(~support, 0.0)).sum(dim=1).mean()
+def distillation_loss(logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """Mean over rows of the cross-entropy -sum_i p_i log q_i between the teacher's softmax p of
+    ``teacher_logits`` (U, M) and the student's softmax q of ``logits`` (U, M), both over the items
+    whose teacher logit is finite (-inf, such as a user's training items, takes no part in either).
+    Rows without a finite teacher logit add 0."""
+    if logits.dim() != 2 or teacher_logits.shape != logits.shape:
+        raise ValueError(f"logits and teacher_logits must have the same (U, M) shape, got {tuple(logits.shape)} "
+                         f"and {tuple(teacher_logits.shape)}")
+    support = torch.isfinite(teacher_logits)
+    lowest = torch.finfo(logits.dtype).min
+    p = torch.softmax(teacher_logits.masked_fill(~support, lowest), dim=1) * support     # 0 off the support
+    log_q = torch.log_softmax(logits.masked_fill(~support, lowest), dim=1)
+    return -(p * log_q.masked_fill(~support, 0.0)).sum(dim=1).mean()
 
 
 def ranking_losses(ctr_logit: Tensor, labels: Tensor, rating_pred: Tensor, rating: Tensor,

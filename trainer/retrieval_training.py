@@ -189,10 +189,10 @@ class SeenItems:
 
 def distillation_teacher(train: Interactions, n_users: int, n_items: int, l2: float, temperature: float,
                          device: torch.device) -> torch.Tensor | None:
-    """(n+1, m+1) teacher probabilities: per user, the softmax of EASE's scores (fitted on the
-    binary training matrix with ``l2``) divided by ``temperature`` over the items the user has not
-    trained on (0 on the training items and the padding item; a row with no such item is all 0).
-    None, with a warning, when the catalog or the user x item matrix is too large for EASE."""
+    """(n+1, m+1) teacher logits: EASE's scores (fitted on the binary training matrix with ``l2``)
+    divided by ``temperature``, -inf on each user's training items and on the padding item (the
+    teacher's softmax covers the user's unseen items only). None, with a warning, when the catalog or
+    the user x item matrix is too large for EASE."""
     n_rows, n_cols = n_users + 1, n_items + 1
     if not ease_fits(n_rows, n_cols, "retrieval distillation"):
         return None
@@ -200,9 +200,7 @@ def distillation_teacher(train: Interactions, n_users: int, n_items: int, l2: fl
     scores = torch.as_tensor(EASE(l2).fit(matrix).scores(np.arange(n_rows)))          # (n+1, m+1)
     seen = torch.as_tensor(matrix.to_dense() > 0)
     seen[:, 0] = True
-    logits = (scores / temperature).masked_fill(seen, -torch.inf)
-    probabilities = torch.softmax(logits, dim=1)
-    return torch.nan_to_num(probabilities, nan=0.0).to(device)     # all-seen rows: 0/0 -> 0
+    return (scores / temperature).masked_fill(seen, -torch.inf).to(device)
 
 
 def denoised_user_inputs(tables: FeatureTables, users: np.ndarray, positives: np.ndarray, timestamps: np.ndarray,
@@ -273,9 +271,10 @@ def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, posi
                    device: torch.device, generator: torch.Generator, min_negatives: int = 0,
                    teacher: torch.Tensor | None = None) -> RetrievalStep:
     """The retrieval loss for users (U,) with held-out positives (U, P) (0 = padding), drawing at
-    least ``min_negatives`` sampler negatives. With ``teacher`` ((n+1, m+1) probabilities, see
-    ``distillation_teacher``) the tower embeds the whole catalog and the loss adds
-    ``retrieval.distill_weight`` x the distillation cross-entropy of these users."""
+    least ``min_negatives`` sampler negatives. With ``teacher`` ((n+1, m+1) logits, see
+    ``distillation_teacher``) the loss adds ``retrieval.distill_weight`` x the distillation
+    cross-entropy of these users, over the whole catalog (``retrieval.distill_items`` "all": the
+    tower embeds every item) or over the step's candidate items ("candidates")."""
     rc = cfg.retrieval
     inputs = denoised_user_inputs(tables, users, positives, timestamps, rc, device, generator)
     pos = torch.as_tensor(positives, device=device)                                   # (U, P)
@@ -286,7 +285,7 @@ def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, posi
     if n_negatives:
         neg_idx = setup.sampler.sample(torch.zeros(1, dtype=torch.int64), n_negatives)[0].to(device)  # (S,)
     wanted = pos_idx if neg_idx is None else torch.cat([pos_idx, neg_idx])            # the C candidate columns
-    if teacher is None:
+    if teacher is None or rc.distill_items == "candidates":
         unique, inverse = torch.unique(wanted, return_inverse=True)
     else:                                                                             # every item, by index
         unique, inverse = torch.arange(tables.vocab.n_items + 1, device=device), wanted
@@ -305,10 +304,10 @@ def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, posi
                                         neg_log_q, pos_idx, neg_idx,
                                         None if user_seen is None else user_seen[:, inverse])  # (U, C) mask
     if teacher is not None:
-        # unique_emb holds the whole catalog in index order: the tower's full softmax per user.
-        logits = user_emb @ unique_emb.T / temperature                                # (U, m+1)
-        loss = loss + cfg.retrieval.distill_weight * distillation_loss(
-            logits, teacher[torch.as_tensor(users, device=device)])
+        # unique_emb holds the candidate items, or the whole catalog in index order.
+        logits = user_emb @ unique_emb.T / temperature                                # (U, K)
+        loss = loss + rc.distill_weight * distillation_loss(
+            logits, teacher[torch.as_tensor(users, device=device)][:, unique])
     return RetrievalStep(loss, inputs, user_emb, row_user, pos_idx, unique, inverse, unique_emb, user_seen)
 
 

@@ -135,11 +135,13 @@ def test_sampled_softmax_rejects_a_seen_mask_of_the_wrong_shape():
         sampled_softmax_loss(**_valid_args(), user_seen_mask_fn=lambda c: torch.zeros(2, 2, dtype=torch.bool))
 
 
-def test_distillation_loss_by_hand_ignores_items_without_teacher_mass():
-    # Row 0: the teacher splits 3:1 between items 1 and 2; item 0 (mass 0, e.g. a training item)
-    # takes no part in the student's softmax, however high its logit. Row 1: no mass anywhere, adds 0.
+def test_distillation_loss_by_hand_ignores_items_outside_the_teachers_support():
+    # Row 0: the teacher's logits give items 1 and 2 probabilities 3:1; item 0 (logit -inf, e.g. a
+    # training item) takes no part in the student's softmax, however high its logit. Row 1: no
+    # finite teacher logit, adds 0.
+    inf = math.inf
     logits = torch.tensor([[9.0, 1.0, 0.0], [0.5, -0.5, 2.0]], requires_grad=True)
-    teacher = torch.tensor([[0.0, 0.75, 0.25], [0.0, 0.0, 0.0]])
+    teacher = torch.tensor([[-inf, math.log(3.0) + 0.7, 0.7], [-inf, -inf, -inf]])
     loss = distillation_loss(logits, teacher)
     log_z = math.log(math.exp(1.0) + math.exp(0.0))
     expected = -(0.75 * (1.0 - log_z) + 0.25 * (0.0 - log_z)) / 2
@@ -152,11 +154,11 @@ def test_distillation_loss_by_hand_ignores_items_without_teacher_mass():
 
 
 def test_distillation_loss_is_smallest_when_the_student_matches_the_teacher():
-    teacher = torch.tensor([[0.0, 0.5, 0.3, 0.2]])
-    matched = distillation_loss(torch.log(teacher.clamp(min=1e-9)), teacher)
-    entropy = -(teacher[teacher > 0] * teacher[teacher > 0].log()).sum()
-    assert matched.item() == pytest.approx(entropy.item(), abs=1e-5)
-    assert distillation_loss(torch.tensor([[0.0, 0.2, 0.3, 0.5]]), teacher).item() > matched.item() + 0.05
+    teacher = torch.tensor([[-math.inf, 2.0, 1.5, 1.0]])
+    p = torch.softmax(teacher[:, 1:], dim=1)
+    matched = distillation_loss(torch.tensor([[5.0, 2.0, 1.5, 1.0]]), teacher)
+    assert matched.item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-5)   # the teacher's entropy
+    assert distillation_loss(torch.tensor([[5.0, 1.0, 1.5, 2.0]]), teacher).item() > matched.item() + 0.05
 
 
 def test_distillation_loss_rejects_mismatched_shapes():
