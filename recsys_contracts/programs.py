@@ -26,11 +26,14 @@ import json
 import os
 import re
 import zipfile
+import logging
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
+
+log = logging.getLogger(__name__)
 
 # Every member of an archive written by ``_export`` (relative to the archive's single root folder).
 _ALLOWED_MEMBERS = re.compile(
@@ -250,8 +253,11 @@ def _trace(program: nn.Module, specs: tuple[InputSpec, ...], ranges: dict[str, t
                 if len(expected) != len(got) or not all(
                         isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
                         and a.shape == b.shape and torch.equal(a, b) for a, b in zip(expected, got)):
+                    log.warning("program runs untraced (slower): its trace's outputs differ from the "
+                                "exported module's at %d extra rows", extra)
                     return None
-    except Exception:  # whatever the tracer cannot take: the exported module serves, as before
+    except Exception as error:  # whatever the tracer cannot take: the exported module serves, as before
+        log.warning("program runs untraced (slower): tracing failed: %s: %s", type(error).__name__, error)
         return None
     return traced
 

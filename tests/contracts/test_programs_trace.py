@@ -20,6 +20,11 @@ class _Scorer(torch.nn.Module):
         return self.head(hidden).squeeze(1), hidden.sum(dim=1)      # (N,), (N,)
 
 
+class _Noisy(torch.nn.Module):
+    def forward(self, item_idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return weight + torch.rand_like(weight)                     # a trace would not repeat the draws
+
+
 class _Reshaper(torch.nn.Module):
     def forward(self, item_idx: torch.Tensor) -> torch.Tensor:
         return item_idx.float().view(item_idx.shape[0] // 2, 2).sum(dim=1)   # shape arithmetic
@@ -28,7 +33,7 @@ class _Reshaper(torch.nn.Module):
 def _export(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.export.ExportedProgram:
     """Exported without example inputs, saved and loaded again: what the services load (trainer/export.py)."""
     n = torch.export.Dim("n", min=1, max=64)
-    shapes = {name: {0: n if module.__class__ is _Scorer else 2 * n} for name in inputs}
+    shapes = {name: {0: 2 * n if module.__class__ is _Reshaper else n} for name in inputs}
     program = torch.export.export(module.eval(), (), inputs, dynamic_shapes=shapes)
     program.example_inputs = None
     buffer = io.BytesIO()
@@ -71,3 +76,11 @@ def test_a_program_with_python_input_guards_keeps_the_exported_module():
     assert checked.__dict__["_traced"] is None
     with torch.no_grad():
         assert checked(**inputs)[0].shape == (2,)
+
+
+def test_a_trace_that_differs_from_the_exported_module_is_not_used_and_says_so(caplog):
+    with caplog.at_level("WARNING", logger="recsys_contracts.programs"):
+        checked = CheckedProgram(_export(_Noisy(), {"item_idx": torch.tensor([1, 2]), "weight": torch.ones(2)}))
+    assert checked.specs is not None and checked.__dict__["_traced"] is None
+    assert "program runs untraced (slower): its trace's outputs differ" in caplog.text
+    assert checked(item_idx=torch.tensor([1, 2, 3]), weight=torch.zeros(3)).shape == (3,)
