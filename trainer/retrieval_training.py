@@ -197,10 +197,11 @@ def distillation_teacher(train: Interactions, n_users: int, n_items: int, l2: fl
     if not ease_fits(n_rows, n_cols, "retrieval distillation"):
         return None
     matrix = SparseMatrix.from_coo(train.users, train.items, (n_rows, n_cols))
-    scores = torch.as_tensor(EASE(l2).fit(matrix).scores(np.arange(n_rows)))          # (n+1, m+1)
-    seen = torch.as_tensor(matrix.to_dense() > 0)
-    seen[:, 0] = True
-    return (scores / temperature).masked_fill(seen, -torch.inf).to(device)
+    logits = EASE(l2).fit(matrix).scores(np.arange(n_rows)) / np.float32(temperature)  # (n+1, m+1)
+    # The training items straight from the CSR, in place: no second dense user x item copy.
+    logits[np.repeat(np.arange(n_rows), np.diff(matrix.indptr)), matrix.indices] = -np.inf
+    logits[:, 0] = -np.inf
+    return torch.as_tensor(logits).to(device)
 
 
 def denoised_user_inputs(tables: FeatureTables, users: np.ndarray, positives: np.ndarray, timestamps: np.ndarray,
