@@ -52,10 +52,6 @@ class VersionTables:
         """External user id -> user index (built once per version by the caller)."""
         return {uid: i for i, uid in enumerate(self.user_ids.tolist()) if i > 0}
 
-    def item_index(self) -> dict[int, int]:
-        """External item id -> item index."""
-        return {int(iid): i for i, iid in enumerate(self.item_ids.tolist()) if i > 0}
-
     def seen(self, user_idx: int) -> np.ndarray:
         return self.seen_items[self.seen_indptr[user_idx]:self.seen_indptr[user_idx + 1]]
 

@@ -52,8 +52,7 @@ class ServingState:
     device: torch.device
     temperature: float                   # retrieval score = dot / temperature
     user_index: Mapping[str, int]        # external user id -> user index
-    item_index: Mapping[int, int]        # external item id -> item index
-    items: ItemLookup                    # the same map, vectorised (0 = unknown)
+    items: ItemLookup                    # external item ids -> item indices, vectorised (0 = unknown)
     popular_scores: np.ndarray           # (m,) float32 log training count of tables.popular_items
     index_params: IndexParams
     build_recall: float | None           # recall@100 measured at build time (manifest)
@@ -116,7 +115,6 @@ def load_state(directory: Path, version: int, device: torch.device,
     state = ServingState(
         version=version, tables=tables, tower=tower, index=index, backend=backend, device=device,
         temperature=temperature, user_index=MappingProxyType(tables.user_index()),
-        item_index=MappingProxyType(tables.item_index()),
         items=ItemLookup(tables.item_ids),
         popular_scores=np.log(np.maximum(counts, 1.0)).astype(np.float32), index_params=params,
         build_recall=recall)

@@ -52,10 +52,11 @@ def test_fresh_interaction_is_excluded_and_enters_the_history(published, loaded,
     assert all(list(c.degraded) == [] for c in first + second)
     assert top not in items(second) and len(items(second)) == 10
     resolved = resolve_user(loaded, Query(user, 10, {}, {}, (), 1, False), record, store_failed=False)
-    assert resolved.row.history[-1] == loaded.item_index[top]
-    assert loaded.item_index[top] in resolved.seen
+    (top_idx,) = loaded.items.indices(np.array([top])).tolist()
+    assert resolved.row.history[-1] == top_idx
+    assert top_idx in resolved.seen
     # The stored history comes first, oldest first, left-padded.
-    stored = [loaded.item_index[i] for i in record.history]
+    stored = loaded.items.indices(np.array(record.history)).tolist()
     assert resolved.row.history[-1 - len(stored[-9:]):-1].tolist() == stored[-9:]
 
 

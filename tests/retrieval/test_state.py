@@ -20,7 +20,7 @@ def test_a_good_version_loads_warm_and_consistent(published):
     state = load_state(root / "versions" / str(version), version, torch.device("cpu"), open_backend=open_backend)
     assert (state.version, state.backend, state.dim, state.index.size) == (version, "faiss-cpu", 16, 150)
     assert state.build_recall == 1.0 and state.index_params == IndexParams(kind="flat")
-    assert state.item_index[int(state.tables.item_ids[5])] == 5
+    assert state.items.indices(np.array([state.tables.item_ids[5]])).tolist() == [5]
     assert state.popular_scores.shape == state.tables.popular_items.shape
     assert (np.diff(state.popular_scores) <= 1e-6).all(), "popular items come most popular first"
 
