@@ -196,7 +196,9 @@ def distillation_teacher(train: Interactions, n_users: int, n_items: int, l2: fl
     n_rows, n_cols = n_users + 1, n_items + 1
     if not ease_fits(n_rows, n_cols, "retrieval distillation"):
         return None
-    matrix = SparseMatrix.from_coo(train.users, train.items, (n_rows, n_cols))
+    counted = SparseMatrix.from_coo(train.users, train.items, (n_rows, n_cols))
+    # Binary, as the EASE baseline's matrix (trainer.evaluation.interaction_matrix): a repeated pair counts once.
+    matrix = SparseMatrix(counted.indptr, counted.indices, np.ones_like(counted.values), counted.shape)
     logits = EASE(l2).fit(matrix).scores(np.arange(n_rows)) / np.float32(temperature)  # (n+1, m+1)
     # The training items straight from the CSR, in place: no second dense user x item copy.
     logits[np.repeat(np.arange(n_rows), np.diff(matrix.indptr)), matrix.indices] = -np.inf

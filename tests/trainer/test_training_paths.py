@@ -385,6 +385,21 @@ def test_distillation_moves_the_tower_toward_the_teacher_and_repeats(prepared, i
         assert torch.equal(a, b)
 
 
+def test_distillation_teacher_counts_a_repeated_pair_once(prepared):
+    """The teacher's EASE sees the binary matrix, as the EASE baseline does: repeating a training
+    interaction changes nothing."""
+    import dataclasses
+
+    from trainer.retrieval_training import distillation_teacher
+
+    train, vocab = prepared.train, prepared.tables.vocab
+    repeated = dataclasses.replace(train, **{name: np.concatenate([getattr(train, name), getattr(train, name)[:50]])
+                                             for name in ("users", "items", "timestamps", "ratings")})
+    once = distillation_teacher(train, vocab.n_users, vocab.n_items, 50.0, 0.1, torch.device("cpu"))
+    twice = distillation_teacher(repeated, vocab.n_users, vocab.n_items, 50.0, 0.1, torch.device("cpu"))
+    assert torch.equal(once, twice)
+
+
 def test_distillation_is_left_out_with_a_warning_where_ease_does_not_fit(prepared, caplog):
     """A catalog past EASE's dense limits trains without a teacher instead of failing."""
     from trainer.baselines import MAX_DENSE_CELLS, MAX_EASE_ITEMS
