@@ -116,6 +116,8 @@ def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit
     (the affinity left at zero) where the catalog or the user x item matrix is too large for EASE's
     dense algebra."""
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
+    if not ease_fits(n_users, n_items, "ranker affinity"):
+        return False
     # Each (user, item) pair once, with its last rating (non-finite ratings count as 1).
     _, last = last_per_pair(train_rows.users, train_rows.items, n_items)
     users, items = train_rows.users[last], train_rows.items[last]
@@ -126,11 +128,7 @@ def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit
     item_factors = np.zeros((n_items, ranker.affinity_channels * rank), np.float32)
     for channel, (values, channel_l2) in enumerate(inputs[:ranker.affinity_channels]):
         weighted = SparseMatrix.from_coo(users, items, (n_users, n_items), values.astype(np.float32))
-        try:
-            ease = EASE(channel_l2).fit(weighted)
-        except ValueError as error:   # too many items or cells for the dense matrices
-            log.warning("ranker affinity left out: %s", error)
-            return False
+        ease = EASE(channel_l2).fit(weighted)
         left, right = top_factors(ease.scores(np.arange(n_users)), rank, rng)
         user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
         item_factors[:, channel * rank:channel * rank + right.shape[1]] = right
