@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import zipfile
-import logging
 from dataclasses import dataclass
 
 import torch
