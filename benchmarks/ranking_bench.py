@@ -238,6 +238,7 @@ async def _open_loop(target: str, users: list[str], rate: float, duration_s: flo
     """Offers ``rate`` req/s for ``duration_s`` s; latency counts from each request's scheduled start."""
     import grpc
 
+    from loadtest.collector import measured_window
     from recsys_contracts.v1 import ranking_pb2_grpc
 
     rng = np.random.default_rng(seed)
@@ -265,10 +266,13 @@ async def _open_loop(target: str, users: list[str], rate: float, duration_s: flo
             if code == "OK":
                 latencies.append(loop.time() - scheduled)
 
-        await asyncio.gather(*(one(i) for i in range(n)))
+        # This process holds torch and a loaded version (the in-process side): its collector's full
+        # passes would take ~150 ms, charged to every request in flight (loadtest.collector).
+        with measured_window() as collector:
+            await asyncio.gather(*(one(i) for i in range(n)))
         elapsed = loop.time() - start
     return {"offered_rps": rate, "achieved_rps": round(codes.get("OK", 0) / elapsed, 1), "codes": codes,
-            "degraded_answers": degraded, **percentiles(latencies)}
+            "degraded_answers": degraded, "client_gc": collector.as_dict(), **percentiles(latencies)}
 
 
 def thread_cpu_ms(pid: int) -> dict[str, float]:
@@ -313,7 +317,8 @@ def _sweep(target: str, users: list[str], loads: list[float], ramp: list[float],
         cpu = "  ".join(f"{name} {v['total_ms']:.1f} (loop {v['event_loop_ms']:.1f})"
                         for name, v in result["cpu_per_request"].items())
         print(f"  {rate:6.0f} req/s offered: p50 {result['p50_ms']:7.2f} ms  p99 {result['p99_ms']:7.2f} ms  "
-              f"achieved {result['achieved_rps']:6.1f}/s  codes {result['codes']}  CPU ms/request: {cpu}",
+              f"achieved {result['achieved_rps']:6.1f}/s  codes {result['codes']}  CPU ms/request: {cpu}  "
+              f"client GC longest {result['client_gc']['longest_ms']:.1f} ms",
               flush=True)
         results.append(result)
     return results

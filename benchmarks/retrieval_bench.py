@@ -209,6 +209,7 @@ async def _offer(port: int, users: list[str], rate: float, duration_s: float, k:
     """Open loop: request i starts at i / rate seconds whatever the answers do; latency counts from then."""
     import grpc
 
+    from loadtest.collector import measured_window
     from recsys_contracts.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 
     loop = asyncio.get_running_loop()
@@ -231,10 +232,12 @@ async def _offer(port: int, users: list[str], rate: float, duration_s: float, k:
             except grpc.aio.AioRpcError as error:
                 errors.append(error.code().name)
 
-        await asyncio.gather(*(one(i) for i in range(int(rate * duration_s))))
+        with measured_window() as collector:       # this process holds torch: see loadtest.collector
+            await asyncio.gather(*(one(i) for i in range(int(rate * duration_s))))
     span = max(finished) - start if finished else float("nan")
     return {"offered_rps": rate, "completed": len(latencies), "errors": len(errors),
-            "throughput_rps": len(latencies) / span, **percentiles(latencies or [float("nan")])}
+            "throughput_rps": len(latencies) / span, "client_gc": collector.as_dict(),
+            **percentiles(latencies or [float("nan")])}
 
 
 def batching(root: Path, redis_url: str, namespace: str, users: list[str], rates: list[float],

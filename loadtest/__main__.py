@@ -126,8 +126,16 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  step {step['rate']:.0f}/s: p99={step['latency_ms']['p99']:.1f} ms failed={step['failed']} "
                   f"held={step['held']}")
         print(f"highest rate held at p99 <= {ramp['p99_target_ms']:g} ms: {ramp['highest_rate_held']}")
-    print(f"client CPU {document['client_cpu_s']:.1f} s; results in {out}")
+    print(f"{client_line(document)}; results in {out}")
     return 0
+
+
+def client_line(document: dict) -> str:
+    """The harness's own cost: its CPU, and its collector's longest pause during the load (a pause
+    delays every request in flight, so one over the latencies reported would have shown in them)."""
+    gc_ = document["client_gc"]
+    return (f"client CPU {document['client_cpu_s']:.1f} s, its collector's longest pause "
+            f"{gc_['longest_ms']:.1f} ms ({gc_['full_collections']} full of {gc_['collections']})")
 
 
 def service_env(pairs: list[str]) -> dict[str, str]:
@@ -158,7 +166,7 @@ def _scenario(args: argparse.Namespace) -> int:
     if "ramp" in document:
         print(f"highest rate held at p99 <= {document['ramp']['p99_target_ms']:g} ms: "
               f"{document['ramp']['highest_rate_held']}")
-    print(f"client CPU {document['client_cpu_s']:.1f} s; results in {out}")
+    print(f"{client_line(document)}; results in {out}")
     return 0
 
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
+from loadtest.collector import measured_window
 from loadtest.config import LoadConfig, validate
 from loadtest.results import Outcome, elapsed_s, summarize
 from loadtest.schedule import constant_arrivals, ramp_rates
@@ -187,12 +188,14 @@ async def run_load(config: LoadConfig, population: Population | None = None) -> 
     async with grpc.aio.insecure_channel(config.target, options=CHANNEL_OPTIONS) as channel:
         await wait_connected(channel, config.target, config.connect_timeout_s)
         await warm_up(channel, config, population)
-        origin = asyncio.get_running_loop().time()
-        outcomes, extra = await drive(channel, config, population, origin)
+        with measured_window() as collector:
+            origin = asyncio.get_running_loop().time()
+            outcomes, extra = await drive(channel, config, population, origin)
     # Throughput is over the schedule's span (open loop) or until the last reply, whichever is longer.
     span_s = min(config.duration_s, config.max_requests / config.rate) if config.mode == "open" else 1e-9
     duration_s = elapsed_s(outcomes, span_s)
     # The harness's own CPU seconds: shows whether the client, not the server, was the limit.
     return {"config": dataclasses.asdict(config), "loadavg_before": loadavg_before,
-            "client_cpu_s": time.process_time() - cpu_before, "summary": summarize(outcomes, duration_s),
+            "client_cpu_s": time.process_time() - cpu_before, "client_gc": collector.as_dict(),
+            "summary": summarize(outcomes, duration_s),
             **extra}, outcomes

@@ -23,6 +23,7 @@ from pathlib import Path
 import grpc
 
 from loadtest.client import CHANNEL_OPTIONS, drive, wait_connected, warm_up
+from loadtest.collector import measured_window
 from loadtest.config import LoadConfig, validate
 from loadtest.output import save_run
 from loadtest.results import Outcome, elapsed_s, summarize, window
@@ -133,16 +134,18 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
         async with grpc.aio.insecure_channel(stack.target, options=CHANNEL_OPTIONS) as channel:
             await wait_connected(channel, stack.target, config.connect_timeout_s)
             await warm_up(channel, config, population)
-            loop = asyncio.get_running_loop()
-            origin = loop.time()
-            injecting = loop.create_task(_inject(scenario, stack, origin)) if scenario.fault else None
-            outcomes, extra = await drive(channel, config, population, origin)
-            fault = await injecting if injecting is not None else None
+            with measured_window() as collector:
+                loop = asyncio.get_running_loop()
+                origin = loop.time()
+                injecting = loop.create_task(_inject(scenario, stack, origin)) if scenario.fault else None
+                outcomes, extra = await drive(channel, config, population, origin)
+                fault = await injecting if injecting is not None else None
     total_s = elapsed_s(outcomes, scenario.duration_s if scenario.mode == "open" else 1e-9)
     document = {"scenario": scenario.name, "description": scenario.description,
                 "config": dataclasses.asdict(config), "service_env": service_env or {},
                 "loadavg_before": loadavg_before,
-                "client_cpu_s": time.process_time() - cpu_before, "summary": summarize(outcomes, total_s), **extra}
+                "client_cpu_s": time.process_time() - cpu_before, "client_gc": collector.as_dict(),
+                "summary": summarize(outcomes, total_s), **extra}
     if fault is not None:
         document["fault"] = fault
         document["phases"] = phases(outcomes, fault, total_s)

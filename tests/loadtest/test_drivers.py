@@ -98,6 +98,8 @@ def test_drivers_against_a_real_stack(published, ml100k_dir, redis_url, redis_na
     assert summary["versions"] == {"ranking": {str(version): 100}, "retrieval": {str(version): 100}}
     assert summary["degraded"]["DEGRADED_PATH_COLD_START_USER"] >= 1   # 20 % unknown users: ~20 of 100
     assert len(document["outcomes"]["intended_s"]) == 100 and document["machine"]["cpus"] >= 1
+    # the client's own collector during the load is reported (100 requests allocate enough for some passes)
+    assert document["client_gc"]["collections"] >= 1 and document["client_gc"]["longest_ms"] > 0
     assert all((tmp_path / "run" / name).stat().st_size > 0 for name in ("latency.png", "histogram.png"))
 
     closed = found["closed"]

@@ -36,6 +36,7 @@ def test_redis_freeze_scaled_down(published, ml100k_dir, tmp_path):
     assert by_phase["during"]["degraded"].get("DEGRADED_PATH_FEATURES_FROM_ARTIFACT", 0) >= 1
     # Served versions are copies republished into the stack's own root (version 1 there).
     assert set(document["summary"]["versions"]["ranking"]) == {"1"}
+    assert document["client_gc"]["collections"] >= 1
 
 
 def test_phases_split_by_intended_time():
