@@ -250,7 +250,6 @@ async def _open_loop(target: str, users: list[str], rate: float, duration_s: flo
         for user in users[:WARMUP_REQUESTS]:                          # warm the channel and both services
             await stub.Recommend(request(user), timeout=5)
         loop = asyncio.get_running_loop()
-        start = loop.time() + 0.05
 
         async def one(i: int) -> None:
             nonlocal degraded
@@ -269,6 +268,7 @@ async def _open_loop(target: str, users: list[str], rate: float, duration_s: flo
         # This process holds torch and a loaded version (the in-process side): its collector's full
         # passes would take ~150 ms, charged to every request in flight (loadtest.collector).
         with measured_window() as collector:
+            start = loop.time() + 0.05                   # after the window's own full collection
             await asyncio.gather(*(one(i) for i in range(n)))
         elapsed = loop.time() - start
     return {"offered_rps": rate, "achieved_rps": round(codes.get("OK", 0) / elapsed, 1), "codes": codes,

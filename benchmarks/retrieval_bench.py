@@ -218,7 +218,6 @@ async def _offer(port: int, users: list[str], rate: float, duration_s: float, k:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         for user in users[:20]:   # warm the channel and the server
             _ = [c async for c in stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id=user, num_candidates=k))]
-        start = loop.time() + 0.05
 
         async def one(i: int) -> None:
             scheduled = start + i / rate
@@ -233,6 +232,7 @@ async def _offer(port: int, users: list[str], rate: float, duration_s: float, k:
                 errors.append(error.code().name)
 
         with measured_window() as collector:       # this process holds torch: see loadtest.collector
+            start = loop.time() + 0.05                   # after the window's own full collection
             await asyncio.gather(*(one(i) for i in range(int(rate * duration_s))))
     span = max(finished) - start if finished else float("nan")
     return {"offered_rps": rate, "completed": len(latencies), "errors": len(errors),
