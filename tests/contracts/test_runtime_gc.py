@@ -5,16 +5,12 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 
 from prometheus_client import REGISTRY
 
 from recsys_serving import runtime
-
-
-class _Node:
-    self: object = None
+from tests.gc_cycles import new_cycle_is_freed
 
 
 def _pauses(generation: int) -> float:
@@ -30,13 +26,7 @@ def test_tame_garbage_collector_freezes_what_is_alive_and_observes_pauses():
         before = _pauses(2)
         gc.collect()
         assert _pauses(2) == before + 1
-        # objects created afterwards stay collectable: a reference cycle is freed by a full collection
-        node = _Node()
-        node.self = node
-        alive = weakref.ref(node)
-        del node
-        gc.collect()
-        assert alive() is None
+        assert new_cycle_is_freed()                            # objects created afterwards stay collectable
     finally:
         gc.callbacks.remove(runtime._observe_gc)
         gc.unfreeze()
