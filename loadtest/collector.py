@@ -31,7 +31,7 @@ class CollectorPauses:
     longest_ms: float = 0.0
     total_ms: float = 0.0
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, int | float]:
         return {name: round(value, 3) if isinstance(value, float) else value for name, value in asdict(self).items()}
 
 
