@@ -59,7 +59,7 @@ def backend_rows(device: str, n_items: int, repeats: int) -> list[dict]:
     ids = np.arange(1, n_items + 1, dtype=np.int64)
     exact = build_index(items, ids, IndexParams(kind="flat"))   # CPU flat: the reference answers
     rows = [{"backend": "faiss-cpu flat (reference)", **timed(exact, queries, repeats), "recall@100": 1.0}]
-    torch_index = TorchExactIndex(items, ids, torch.device(device))
+    torch_index = TorchExactIndex(items, ids, device)
     rows.append({"backend": f"torch exact on {device}", **timed(torch_index, queries, repeats),
                  "recall@100": recall_against_exact(torch_index, exact, queries[:200], K)})
     if device == "cuda" and gpu_available():
@@ -85,7 +85,7 @@ def service_row(device: str) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         version = publish_tiny_version(Path(tmp), 0)
-        state = load_state(Path(tmp) / "versions" / str(version), version, torch.device(device),
+        state = load_state(Path(tmp) / "versions" / str(version), version, device,
                            open_backend=open_backend)
         rows = [table_row(state.tables, 1 + i % state.tables.n_users, 1_700_000_000) for i in range(32)]
         run_batch(state, rows, 100)

@@ -16,11 +16,10 @@ log = logging.getLogger("ranking_service")
 
 
 async def serve(config: RankingConfig) -> None:
-    # Imported here so a bad configuration fails before torch is imported (seconds sooner).
+    # Imported here so a bad configuration fails before the model runtime is imported (sooner).
     from ranking_service.server import SERVICE_NAME, create_server
-    from recsys_contracts import programs
-
-    runtime.tame_garbage_collector(warm_up=programs.warm_up_loader)
+    
+    runtime.tame_garbage_collector()
     server, port, app = await create_server(config)
     log.info("ranking service listening on port %d (retrieval at %s, version %s)", port,
              config.retrieval_target, app.holder.version)

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from ranking_service import metrics
 from ranking_service.state import run_ranker
+from recsys_contracts.programs import Program
 
 # The exported ranker accepts at most 8192 rows per call (trainer/export.py RANKER_MAX_BATCH).
 MAX_ROWS = 8192
@@ -31,7 +31,7 @@ MAX_ROWS = 8192
 
 @dataclass
 class _Job:
-    ranker: torch.nn.Module
+    ranker: Program
     inputs: dict[str, np.ndarray]
     future: asyncio.Future = field(repr=False)
 
@@ -58,7 +58,7 @@ class MicroBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcn")
         self._worker: asyncio.Task | None = None
 
-    async def score(self, ranker: torch.nn.Module, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    async def score(self, ranker: Program, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         rows = int(inputs["item_idx"].shape[0])
         if not 1 <= rows <= self.max_rows:
             raise ValueError(f"rows must be in [1, {self.max_rows}], got {rows}")

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from recsys_contracts.programs import load_program
+from recsys_contracts.programs import RANKER, USER_TOWER, Program, load_program
 from recsys_contracts.ids import ItemLookup
 from recsys_contracts.version_files import VersionTables, load_item_embeddings, load_tables
 
@@ -56,8 +55,8 @@ class ServingState:
     """One version, ready to serve; requests read ``holder.current`` once and keep this object."""
 
     version: int
-    ranker: torch.nn.Module                 # exported DCN: aligned rows -> (ctr_logit (N,), rating (N,))
-    user_tower: torch.nn.Module             # exported user tower: Rank computes retrieval scores itself
+    ranker: Program                         # exported DCN: aligned rows -> (ctr_logit (N,), rating (N,))
+    user_tower: Program                     # exported user tower: Rank computes retrieval scores itself
     tables: VersionTables
     user_index: dict[str, int]              # external user id -> user index (absent = unknown)
     items: ItemLookup
@@ -71,14 +70,13 @@ class ServingState:
         return self.tables.spec
 
 
-def run_ranker(ranker: torch.nn.Module, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def run_ranker(ranker: Program, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """One forward pass over aligned rows: (ctr (N,) float32 in [0, 1], rating (N,) float32)."""
-    with torch.inference_mode():
-        # the broadcast user rows of ``ranker_inputs`` are copied into place here (contiguous, writable)
-        logit, rating = ranker(**{name: torch.from_numpy(np.require(value, requirements="CW"))
-                                  for name, value in inputs.items()})
-        ctr = torch.sigmoid(logit)                                 # (N,)
-    return ctr.numpy(), rating.numpy()
+    # the broadcast user rows of ``ranker_inputs`` are copied into place here (contiguous)
+    logit, rating = ranker(**{name: np.ascontiguousarray(value) for name, value in inputs.items()})
+    with np.errstate(over="ignore", invalid="ignore"):   # exp(-logit) = inf for logit << 0: ctr 0
+        ctr = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32, copy=False)                  # (N,)
+    return ctr, rating
 
 
 def ranker_inputs(state: ServingState, *, user_idx: int, user_cat: np.ndarray, user_num: np.ndarray,
@@ -115,8 +113,7 @@ def retrieval_scores(state: ServingState, *, user_idx: int, user_cat: np.ndarray
     inputs = {"user_idx": np.array([user_idx], dtype=np.int64), "user_cat": user_cat.astype(np.int64)[None],
               "user_num": user_num.astype(np.float32)[None], "history": history.astype(np.int64)[None],
               "timestamp": np.array([timestamp], dtype=np.int64)}
-    with torch.inference_mode():
-        user = state.user_tower(**{k: torch.from_numpy(v) for k, v in inputs.items()}).numpy()[0]   # (D,)
+    user = state.user_tower(**inputs)[0][0]                                                       # (D,)
     temperature = float(state.tables.serving.get("temperature", 1.0))
     return (state.item_embeddings[item_idx] @ user / temperature).astype(np.float32)             # (N, D) @ (D,)
 
@@ -164,8 +161,8 @@ def load_state(directory: Path, version: int, *, default_score_mode: str = "ctr"
     if not np.isfinite(embeddings).all():
         raise ValueError("item_embeddings.npy must be finite, got NaN or infinity")
     state = ServingState(
-        version=version, ranker=load_program(directory / "ranker.pt2"),
-        user_tower=load_program(directory / "user_tower.pt2"), tables=tables,
+        version=version, ranker=load_program(directory / "ranker.onnx", RANKER),
+        user_tower=load_program(directory / "user_tower.onnx", USER_TOWER), tables=tables,
         user_index=tables.user_index(), items=ItemLookup(tables.item_ids), item_embeddings=embeddings,
         popular_scores=np.log1p(tables.item_counts.astype(np.float32)),
         score_rule=score_rule_for(tables.serving, default_score_mode),

@@ -44,20 +44,18 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
-def tame_garbage_collector(warm_up: Callable[[], None] | None = None) -> None:
+def tame_garbage_collector() -> None:
     """Keeps the cyclic garbage collector's pauses out of the latency tail; call it once, after the
     imports and BEFORE any model version is loaded.
 
-    Torch, sympy, numpy and gRPC leave ~350k long-lived objects behind once a program has been loaded
-    (``warm_up`` runs the loader once so its lazy imports happen now); a full collection walks all of
+    numpy, pandas, pyarrow, onnx and gRPC leave hundreds of thousands of long-lived objects behind
+    after their imports (with torch, before serving moved to onnxruntime, ~350k); a full collection walks all of
     them, ~90 ms on the 2-core development machine, a pause that every request in flight pays, and
     under load such collections come every few seconds. ``gc.freeze`` moves every object alive now to
     a permanent generation the collector never scans (a full pass then takes ~7 ms). Versions are
     loaded later, so their objects stay collectable when a reload drops them. Pauses are observed in
     ``recsys_gc_pause_seconds``.
     """
-    if warm_up is not None:
-        warm_up()
     gc.collect()
     gc.freeze()
     if _observe_gc not in gc.callbacks:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import sys
 
-from recsys_contracts import programs
 from recsys_serving import runtime
 from retrieval_service.config import RetrievalConfig, from_env
 from retrieval_service.server import SERVICE_NAME, create_server
@@ -18,7 +17,7 @@ log = logging.getLogger("retrieval_service")
 
 
 async def serve(config: RetrievalConfig) -> None:
-    runtime.tame_garbage_collector(warm_up=programs.warm_up_loader)
+    runtime.tame_garbage_collector()
     server, port, app = await create_server(config)
     log.info("retrieval service listening on port %d", port)
     try:

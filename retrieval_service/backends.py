@@ -8,16 +8,18 @@ items exist, and is held against the exact twin (``recsys_contracts.ann.ExactInd
   flat indexes are cloned to the GPU as they are; HNSW has no GPU implementation, so its stored
   vectors are searched exactly on the GPU (exact is fast there and recall only goes up).
 - Exact torch (``TorchExactIndex``): matmul + top-k on any torch device, for CUDA machines whose
-  faiss lacks GPU support; on CPU it is the testable twin of that path.
+  faiss lacks GPU support; on CPU it is the testable twin of that path. The only use of torch in
+  serving, so torch is imported when this backend is built, and a CPU image need not carry it.
 
 ``open_backend`` picks one for a device.
 """
 
 from __future__ import annotations
 
+import importlib.util
+
 import faiss
 import numpy as np
-import torch
 
 from recsys_contracts.ann import FaissIndex, Index
 
@@ -48,7 +50,10 @@ def _pad(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
 class TorchExactIndex:
     """Exact inner-product search with torch: (B, D) @ (D, n) then top-k, on ``device``."""
 
-    def __init__(self, embeddings: np.ndarray, ids: np.ndarray, device: torch.device | str = "cpu") -> None:
+    def __init__(self, embeddings: np.ndarray, ids: np.ndarray, device: str = "cpu") -> None:
+        import torch   # only this backend needs it (see the module docstring)
+
+        self._torch = torch
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.int64)
         if embeddings.ndim != 2 or ids.shape != (embeddings.shape[0],):
@@ -58,14 +63,15 @@ class TorchExactIndex:
         self.ids = ids                                                         # (n,) on the host
         self.size, self.dim = embeddings.shape
 
-    @torch.inference_mode()
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = _check_queries(queries, self.dim, k)
         take = min(int(k), self.size)
         if take == 0:
             return _pad(np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64), k)
-        scores = torch.as_tensor(queries, device=self.device) @ self.embeddings.T   # (B, n)
-        top_scores, top = torch.topk(scores, take, dim=1)                            # (B, take), sorted
+        torch = self._torch
+        with torch.inference_mode():
+            scores = torch.as_tensor(queries, device=self.device) @ self.embeddings.T   # (B, n)
+            top_scores, top = torch.topk(scores, take, dim=1)                            # (B, take), sorted
         positions = top.cpu().numpy()
         return _pad(top_scores.cpu().numpy().astype(np.float32, copy=False), self.ids[positions], k)
 
@@ -103,25 +109,35 @@ def gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when torch sees a GPU, else cpu; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device must be 'cpu' or 'auto' on a machine without CUDA, got {device!r}")
-    if device not in ("cpu", "cuda"):
+def cuda_available() -> bool:
+    """True when FAISS sees a GPU, or an installed torch does (for the exact torch backend)."""
+    if gpu_available():
+        return True
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+    return torch.cuda.is_available()
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> "cuda" when a GPU is usable, else "cpu"; ``cuda`` without a GPU is an error."""
+    if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be one of auto, cpu, cuda, got {device!r}")
-    return torch.device(device)
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda" and not cuda_available():
+        raise ValueError(f"device must be 'cpu' or 'auto' on a machine without CUDA, got {device!r}")
+    return device
 
 
 def open_backend(index: FaissIndex, embeddings: np.ndarray, ids: np.ndarray,
-                 device: torch.device) -> tuple[str, Index]:
+                 device: str) -> tuple[str, Index]:
     """The backend for ``device``: FAISS CPU on cpu; on cuda FAISS GPU when possible, else exact torch.
 
     ``embeddings`` (n, D) with item indices ``ids`` (n,) are the rows the FAISS index holds.
     """
-    if device.type != "cuda":
+    if not device.startswith("cuda"):
         return "faiss-cpu", index
     if gpu_available():
-        return "faiss-gpu", FaissGpuIndex(index, device.index or 0)
+        return "faiss-gpu", FaissGpuIndex(index, int(device.partition(":")[2] or 0))
     return "torch", TorchExactIndex(embeddings, ids, device)

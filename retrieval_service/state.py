@@ -17,11 +17,10 @@ from pathlib import Path
 from types import MappingProxyType
 
 import numpy as np
-import torch
 
 from recsys_contracts import artifacts
 from recsys_contracts.ann import Index, IndexParams, read_index
-from recsys_contracts.programs import load_program
+from recsys_contracts.programs import USER_TOWER, Program, load_program
 from recsys_contracts.ids import ItemLookup
 from recsys_contracts.version_files import VersionTables, load_item_embeddings, load_tables
 
@@ -46,10 +45,10 @@ class ServingState:
 
     version: int
     tables: VersionTables
-    tower: torch.nn.Module               # (B,) user inputs -> (B, D) L2-normalised embeddings
+    tower: Program                       # (B,) user inputs -> (B, D) L2-normalised embeddings
     index: Index                         # item indices 1..m, inner product
     backend: str                         # which backend ``index`` is (retrieval_service.backends)
-    device: torch.device
+    device: str                          # "cpu" or "cuda": where the tower and the index run
     temperature: float                   # retrieval score = dot / temperature
     user_index: Mapping[str, int]        # external user id -> user index
     items: ItemLookup                    # external item ids -> item indices, vectorised (0 = unknown)
@@ -62,21 +61,20 @@ class ServingState:
         return self.index.dim
 
 
-def stack_rows(rows: list[UserRow], device: torch.device) -> dict[str, torch.Tensor]:
+def stack_rows(rows: list[UserRow]) -> dict[str, np.ndarray]:
     """Tower inputs for B rows: user_idx (B,), user_cat (B, Cu), user_num (B, Nu), history (B, H), timestamp (B,)."""
     return {
-        "user_idx": torch.as_tensor(np.array([r.user_idx for r in rows], dtype=np.int64), device=device),
-        "user_cat": torch.as_tensor(np.stack([r.cat for r in rows]).astype(np.int64), device=device),
-        "user_num": torch.as_tensor(np.stack([r.num for r in rows]).astype(np.float32), device=device),
-        "history": torch.as_tensor(np.stack([r.history for r in rows]).astype(np.int64), device=device),
-        "timestamp": torch.as_tensor(np.array([r.timestamp for r in rows], dtype=np.int64), device=device),
+        "user_idx": np.array([r.user_idx for r in rows], dtype=np.int64),
+        "user_cat": np.stack([r.cat for r in rows]).astype(np.int64, copy=False),
+        "user_num": np.stack([r.num for r in rows]).astype(np.float32, copy=False),
+        "history": np.stack([r.history for r in rows]).astype(np.int64, copy=False),
+        "timestamp": np.array([r.timestamp for r in rows], dtype=np.int64),
     }
 
 
-@torch.inference_mode()
 def embed(state: ServingState, rows: list[UserRow]) -> np.ndarray:
     """(B, D) float32 user embeddings on the host."""
-    return state.tower(**stack_rows(rows, state.device)).float().cpu().numpy()
+    return state.tower(**stack_rows(rows))[0]
 
 
 def table_row(tables: VersionTables, user_idx: int, timestamp: int) -> UserRow:
@@ -91,7 +89,7 @@ def _index_params(extra: Mapping) -> tuple[IndexParams, float | None]:
     return IndexParams(**fields), (None if recall is None else float(recall))
 
 
-def load_state(directory: Path, version: int, device: torch.device,
+def load_state(directory: Path, version: int, device: str = "cpu",
                open_backend=None) -> ServingState:
     """Builds, checks and warms the state of ``version`` stored in ``directory`` (already verified).
 
@@ -104,7 +102,7 @@ def load_state(directory: Path, version: int, device: torch.device,
     tables = load_tables(directory)
     embeddings = load_item_embeddings(directory, tables.n_items)        # (m+1, D)
     faiss_index = read_index(directory / "index.faiss", params)
-    tower = load_program(directory / "user_tower.pt2").to(device)
+    tower = load_program(directory / "user_tower.onnx", USER_TOWER, device=device)
     ids = np.arange(1, tables.n_items + 1, dtype=np.int64)
     backend, index = ("faiss-cpu", faiss_index) if open_backend is None else \
         open_backend(faiss_index, embeddings[1:], ids, device)
@@ -137,9 +135,9 @@ def check_state(state: ServingState, embeddings: np.ndarray) -> None:
     for _ in range(2):
         users = embed(state, rows)                                                 # (2, D)
     if users.shape != (2, state.index.dim):
-        raise ValueError(f"user_tower.pt2 must output (B, {state.index.dim}) like the index, got {users.shape}")
+        raise ValueError(f"user_tower.onnx must output (B, {state.index.dim}) like the index, got {users.shape}")
     if not np.isfinite(users).all():
-        raise ValueError("user_tower.pt2 smoke query gave NaN or infinity")
+        raise ValueError("user_tower.onnx smoke query gave NaN or infinity")
     scores, ids = state.index.search(users, min(10, tables.n_items))
     valid = ids[ids >= 0]
     if not np.isfinite(scores[ids >= 0]).all() or ((valid < 1) | (valid > tables.n_items)).any():

@@ -27,7 +27,7 @@ from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
 
 # Files every trainer version holds besides the feature tables (FeatureTables.save writes those).
-MODEL_FILES = ("feature_spec.json", "serving.json", "user_tower.pt2", "ranker.pt2",
+MODEL_FILES = ("feature_spec.json", "serving.json", "user_tower.onnx", "ranker.onnx",
                "item_embeddings.npy", "index.faiss")
 
 
@@ -64,11 +64,13 @@ def all_item_embeddings(two_tower, tables: FeatureTables, batch_size: int = 8192
 def _export_examples(tables: FeatureTables, ranker_history: int) -> tuple[dict, dict]:
     """Example inputs; the ranker's history is only its ``ranker_history`` most recent items (the
     service sends no more per candidate row)."""
-    users = np.array([0, min(1, tables.vocab.n_users)], dtype=np.int64)
-    items = np.array([0, min(1, tables.vocab.n_items)], dtype=np.int64)
-    user = user_inputs(tables, users, np.zeros(2, dtype=np.int64))
+    # Up to 8 real rows (row 0, the unknown user / item, first): the export traces them and the
+    # parity check replays them at several batch sizes.
+    users = np.arange(min(8, tables.vocab.n_users + 1), dtype=np.int64)
+    items = np.arange(users.size, dtype=np.int64) % (tables.vocab.n_items + 1)
+    user = user_inputs(tables, users, np.full(users.size, 10**9, dtype=np.int64))
     ranker = {**user, "history": user["history"][:, -ranker_history:], **item_inputs(tables, items),
-              "retrieval_score": torch.zeros(2)}
+              "retrieval_score": torch.linspace(-1.0, 1.0, users.size)}
     return user, ranker
 
 
@@ -93,8 +95,8 @@ def write_version_files(directory: Path, run: TrainedRun, index_params: IndexPar
     (directory / "feature_spec.json").write_text(run.spec.to_json())
     ranker_history = min(run.ranker.recent_items, run.spec.history_length)
     user_example, ranker_example = _export_examples(run.tables, ranker_history)
-    export_user_tower(run.two_tower.user_tower.eval(), user_example, directory / "user_tower.pt2")
-    export_ranker(run.ranker.eval(), ranker_example, directory / "ranker.pt2")
+    export_user_tower(run.two_tower.user_tower.eval(), user_example, directory / "user_tower.onnx")
+    export_ranker(run.ranker.eval(), ranker_example, directory / "ranker.onnx")
     embeddings = all_item_embeddings(run.two_tower.eval(), run.tables)
     np.save(directory / "item_embeddings.npy", embeddings, allow_pickle=False)
     ids = np.arange(1, run.tables.vocab.n_items + 1, dtype=np.int64)

@@ -34,26 +34,26 @@ def test_tame_garbage_collector_freezes_what_is_alive_and_observes_pauses():
 
 _PROBE = """
 import gc, sys
-import ranking_service.server
-from recsys_contracts.programs import load_program, warm_up_loader
+import ranking_service.server, retrieval_service.server
+from recsys_contracts.programs import RANKER, load_program
 from recsys_serving import runtime
-runtime.tame_garbage_collector(warm_up=warm_up_loader if sys.argv[2] == "warm" else None)
-load_program(sys.argv[1])
+runtime.tame_garbage_collector()
+frozen = gc.get_freeze_count()
+program = load_program(sys.argv[1], RANKER)
 gc.collect()
-print(len(gc.get_objects()))
+print(frozen, len(gc.get_objects()), "torch" in sys.modules)
 """
 
 
-def test_warm_up_loader_lets_freeze_take_the_loaders_lazy_imports(tmp_path):
-    """In a fresh service process, the objects left for the collector after loading a program: the
-    warm-up leaves a small fraction of what a cold start leaves (the loader's lazy imports)."""
+def test_services_load_programs_without_torch_and_leave_the_collector_little(tmp_path):
+    """In a fresh process importing both services, loading a program imports no torch (onnxruntime
+    serves it) and leaves a small fraction of the frozen import-time objects for the collector."""
     from tests.factories import publish_tiny_version
 
     version = publish_tiny_version(tmp_path)
-    program = str(tmp_path / "versions" / str(version) / "ranker.pt2")
-    left = {}
-    for mode in ("warm", "cold"):
-        out = subprocess.run([sys.executable, "-c", _PROBE, program, mode], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[2], timeout=120, check=True)
-        left[mode] = int(out.stdout.split()[-1])
-    assert left["warm"] * 3 < left["cold"], left
+    program = str(tmp_path / "versions" / str(version) / "ranker.onnx")
+    out = subprocess.run([sys.executable, "-c", _PROBE, program], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2], timeout=120, check=True)
+    frozen, left, torch_loaded = out.stdout.split()
+    assert torch_loaded == "False"
+    assert int(left) * 5 < int(frozen), (frozen, left)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from ranking_service.state import ServingState, load_state
 from retrieval_service.state import load_state as load_retrieval_state
@@ -39,7 +38,7 @@ def loaded(published) -> ServingState:
 @pytest.fixture(scope="session")
 def retrieval_loaded(published):
     root, version = published
-    return load_retrieval_state(root / "versions" / str(version), version, torch.device("cpu"))
+    return load_retrieval_state(root / "versions" / str(version), version, "cpu")
 
 
 @pytest.fixture

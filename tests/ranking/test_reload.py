@@ -21,7 +21,7 @@ def republish(root: Path, source: Path, corrupt_ranker: bool = False) -> int:
             if path.name != artifacts.MANIFEST_FILE:
                 shutil.copy2(path, staging / path.name)
         if corrupt_ranker:
-            (staging / "ranker.pt2").write_bytes(b"not a zip archive")
+            (staging / "ranker.onnx").write_bytes(b"not an onnx model")
 
     return artifacts.publish(root, write, data={}, config={}, metrics={})
 
@@ -62,4 +62,4 @@ def test_new_version_is_swapped_in_and_a_corrupt_one_refused(tmp_path, published
             return app.holder.stats.last_error
 
     last_error = run(main())
-    assert "ranker.pt2" in last_error and ".pt2 zip archive" in last_error
+    assert "ranker program must be an ONNX model" in last_error

@@ -9,7 +9,6 @@ import socket
 import grpc
 import numpy as np
 import pytest
-import torch
 
 from ranking_service.state import ranker_inputs, retrieval_scores, run_ranker
 from recsys_contracts.v1 import common_pb2, ranking_pb2
@@ -162,8 +161,8 @@ def test_redis_refusing_recorded_interactions_is_unavailable(published, loaded):
     assert error.code() == grpc.StatusCode.UNAVAILABLE and "did not take the interactions" in error.details()
 
 
-class _BrokenRanker(torch.nn.Module):
-    def forward(self, item_idx, **_):
+class _BrokenRanker:
+    def __call__(self, item_idx, **_):
         raise RuntimeError("a bug deep inside the model")
 
 

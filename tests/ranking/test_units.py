@@ -166,16 +166,15 @@ def test_load_state_refuses_non_finite_item_embeddings(tmp_path, published):
         load_state(broken, version)
 
 
-class _Ranker(torch.nn.Module):
-    """A real (tiny) module standing in for a broken exported ranker: constant outputs of a chosen shape."""
+class _Ranker:
+    """A callable standing in for a broken program: constant float32 outputs of a chosen shape."""
 
     def __init__(self, ctr_logit: float, rating: float, drop_row: bool = False) -> None:
-        super().__init__()
         self.ctr_logit, self.rating, self.drop_row = ctr_logit, rating, drop_row
 
-    def forward(self, item_idx, **_):
+    def __call__(self, item_idx, **_):
         n = item_idx.shape[0] - (1 if self.drop_row else 0)
-        return torch.full((n,), self.ctr_logit), torch.full((n,), self.rating)
+        return np.full((n,), self.ctr_logit, np.float32), np.full((n,), self.rating, np.float32)
 
 
 @pytest.mark.parametrize("ranker, message", [

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from retrieval_service.state import ServingState, load_state
 from tests.factories import publish_tiny_version, tiny_run
@@ -31,7 +30,7 @@ def published(tmp_path_factory, tiny) -> tuple[Path, int]:
 @pytest.fixture(scope="session")
 def loaded(published) -> ServingState:
     root, version = published
-    return load_state(root / "versions" / str(version), version, torch.device("cpu"))
+    return load_state(root / "versions" / str(version), version, "cpu")
 
 
 @pytest.fixture

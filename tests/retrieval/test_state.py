@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from recsys_contracts.ann import IndexParams, build_index, write_index
 from retrieval_service.backends import open_backend
@@ -17,7 +16,7 @@ from retrieval_service.state import load_state
 
 def test_a_good_version_loads_warm_and_consistent(published):
     root, version = published
-    state = load_state(root / "versions" / str(version), version, torch.device("cpu"), open_backend=open_backend)
+    state = load_state(root / "versions" / str(version), version, "cpu", open_backend=open_backend)
     assert (state.version, state.backend, state.dim, state.index.size) == (version, "faiss-cpu", 16, 150)
     assert state.build_recall == 1.0 and state.index_params == IndexParams(kind="flat")
     assert state.items.indices(np.array([state.tables.item_ids[5]])).tolist() == [5]
@@ -41,7 +40,7 @@ def _replace_index(folder: Path, embeddings: np.ndarray, ids: np.ndarray) -> Non
 
 def _refused(folder: Path, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        load_state(folder, int(folder.name), torch.device("cpu"))
+        load_state(folder, int(folder.name), "cpu")
 
 
 def test_refuses_item_embeddings_of_another_dimension(copy):
@@ -53,7 +52,7 @@ def test_refuses_item_embeddings_of_another_dimension(copy):
 def test_refuses_a_user_tower_of_another_dimension_than_the_index(copy):
     rng = np.random.default_rng(0)
     _replace_index(copy, rng.normal(size=(151, 8)).astype(np.float32), np.arange(1, 151))
-    _refused(copy, "user_tower.pt2 must output \\(B, 8\\) like the index, got \\(2, 16\\)")
+    _refused(copy, "user_tower.onnx must output \\(B, 8\\) like the index, got \\(2, 16\\)")
 
 
 def test_refuses_an_index_of_another_catalog_size(copy):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from tests.trainer.test_export import MAX_BATCH
 from tests.trainer.test_models import tower_config, user_inputs
 from trainer.config import build_config
-from trainer.export import export_user_tower
+from recsys_contracts.programs import USER_TOWER
+from trainer.export import export_user_tower, load_program
 from trainer.models import build_two_tower
 from trainer.models.two_tower import AttentionPooling
 
@@ -52,14 +54,16 @@ def test_attention_pooling_ignores_padding_and_pools_an_empty_history_to_zero():
 def test_user_tower_with_both_options_exports_and_equals_eager(tmp_path):
     torch.manual_seed(0)
     tower = build_two_tower(tower_config(history_table="separate", history_pooling="attention")).user_tower
-    program = export_user_tower(tower, user_inputs(4), tmp_path / "user_tower.pt2", max_batch=MAX_BATCH)
+    export_user_tower(tower, user_inputs(4), tmp_path / "user_tower.onnx", max_batch=MAX_BATCH)
+    program = load_program(tmp_path / "user_tower.onnx", USER_TOWER)
     tower.eval()
     for batch in (1, 7):
         inputs = user_inputs(batch, seed=batch)
         inputs["history"][0] = 0                               # an empty history stays finite
         eager = tower(**inputs)
         assert torch.isfinite(eager).all()
-        assert torch.allclose(program.module()(**inputs), eager, atol=1e-5)
+        (served,) = program(**{name: value.numpy() for name, value in inputs.items()})
+        assert np.allclose(served, eager.detach().numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -12,7 +12,7 @@ import redis
 import torch
 
 from recsys_contracts import artifacts, feature_store
-from recsys_contracts.programs import load_program
+from recsys_contracts.programs import USER_TOWER, load_program
 from trainer import pipeline
 from trainer.config import load_config
 from trainer.data.synthetic import generate
@@ -42,7 +42,7 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
     result = pipeline.run(cfg, dataset)
     assert result.refused is None and result.version == 1
     manifest = artifacts.verify(root, 1)
-    for name in ("user_tower.pt2", "ranker.pt2", "index.faiss", "report.json", "report.md",
+    for name in ("user_tower.onnx", "ranker.onnx", "index.faiss", "report.json", "report.md",
                  "training_curves.png", "recall_at_k.png", "popularity.png"):
         assert name in manifest.files
     assert manifest.metrics["pipeline"]["ndcg@10"] == pytest.approx(result.report["pipeline"]["ndcg@10"])
@@ -55,11 +55,12 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
     feature_store.queue_is_complete(pipe, feature_store.KeyFormat(redis_namespace), 1)
     assert feature_store.parse_is_complete(pipe.execute()[0])
     # The published user tower is the trained one: same embeddings as the eager module.
-    tower = load_program(artifacts.version_dir(root, 1) / "user_tower.pt2")
+    tower = load_program(artifacts.version_dir(root, 1) / "user_tower.onnx", USER_TOWER)
     users = np.arange(1, 6)
     inputs = user_inputs(result.run.tables, users, np.full(5, 10**9))
     with torch.no_grad():
-        assert torch.allclose(tower(**inputs), result.run.two_tower.user_tower(**inputs), atol=1e-5)
+        eager = result.run.two_tower.user_tower(**inputs).numpy()
+    assert np.allclose(tower(**{k: v.numpy() for k, v in inputs.items()})[0], eager, atol=1e-5)
 
 
 def test_models_learn_the_planted_preferences(tmp_path, dataset):

@@ -23,12 +23,16 @@ SATURDAY = 5
 def calendar_features(timestamp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Seconds since the epoch (B,) int64 -> (hour 0..23, weekday 0..6 Monday = 0, weekend 0/1), each (B,) int64.
 
-    Floor division and ``remainder`` (sign of the divisor) keep pre-1970 timestamps on the right day.
+    ``remainder`` (sign of the divisor) keeps pre-1970 timestamps on the right day. Only small numbers
+    are divided: the ONNX export turns an integer division into a float32 one, which rounds a
+    timestamp (~1.7e9 > 2**24) by up to a minute, so the week's seconds come first from an exact
+    integer ``remainder`` and the divisions run on values below 2**24, which float32 holds exactly.
     """
     seconds_of_day = torch.remainder(timestamp, SECONDS_PER_DAY)  # (B,) in [0, 86400)
     hour = torch.div(seconds_of_day, SECONDS_PER_HOUR, rounding_mode="floor")
-    days = torch.div(timestamp, SECONDS_PER_DAY, rounding_mode="floor")  # (B,) days since 1970-01-01
-    weekday = torch.remainder(days + EPOCH_WEEKDAY, DAYS_PER_WEEK)
+    # seconds since the last Monday 00:00: the epoch is EPOCH_WEEKDAY days after a Monday
+    seconds_of_week = torch.remainder(timestamp + EPOCH_WEEKDAY * SECONDS_PER_DAY, DAYS_PER_WEEK * SECONDS_PER_DAY)
+    weekday = torch.div(seconds_of_week, SECONDS_PER_DAY, rounding_mode="floor")   # (B,) in [0, 7)
     weekend = (weekday >= SATURDAY).to(torch.int64)
     return hour, weekday, weekend
 
