@@ -22,6 +22,7 @@ from loadtest.compare import compare, format_rows
 from loadtest.config import MODES, RPCS, LoadConfig
 from loadtest.output import save_run
 from loadtest.publish import FeatureTarget, publish_tiny, republish
+from recsys_contracts.signing import signer_for
 from loadtest.results import format_summary, read_results
 from loadtest.scenarios import SCENARIOS, SYNTHETIC_USERS, run_and_save
 
@@ -101,6 +102,8 @@ def parser() -> argparse.ArgumentParser:
     publish = commands.add_parser("publish", help="(internal) publish versions into an artifact root")
     publish.add_argument("--root", type=Path, required=True)
     publish.add_argument("--from-root", type=Path, default=None, help="republish this root's current version")
+    publish.add_argument("--unsigned", action="store_true",
+                         help="publish unsigned versions (default: signed with $RECSYS_SIGNING_KEY)")
     publish.add_argument("--data-dir", type=Path, default=None, help="the ml-100k folder; none = synthetic data")
     publish.add_argument("--count", type=int, default=1)
     publish.add_argument("--interval-s", type=float, default=0.0)
@@ -179,10 +182,12 @@ def _publish(args: argparse.Namespace) -> int:
     if args.nice:
         os.nice(args.nice)
     features = None if args.redis_url is None else FeatureTarget(args.redis_url, args.redis_namespace)
+    signer = signer_for(unsigned=args.unsigned)     # $RECSYS_SIGNING_KEY, as the trainer
     if args.from_root is not None:
-        versions = republish(args.root, args.from_root, args.count, args.interval_s, features)
+        versions = republish(args.root, args.from_root, args.count, args.interval_s, features, signer=signer)
     else:
-        versions = publish_tiny(args.root, args.data_dir, args.count, args.interval_s, args.seed, features)
+        versions = publish_tiny(args.root, args.data_dir, args.count, args.interval_s, args.seed, features,
+                                signer=signer)
     print(f"published versions {versions} into {args.root}")
     return 0
 

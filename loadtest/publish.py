@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recsys_contracts import artifacts
+from recsys_contracts.signing import Signer
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class FeatureTarget:
 
 
 def _go_live(root: Path, version: int, features: FeatureTarget | None) -> int:
+    # Files are complete and verified, then the features, then the pointer: the go-live order.
     if features is not None:
         features.write(root, version)
     artifacts.set_current(root, version)
@@ -67,13 +69,14 @@ def _check(count: int, interval_s: float) -> None:
 
 
 def republish(root: Path, source_root: Path, count: int, interval_s: float,
-              features: FeatureTarget | None = None) -> list[int]:
-    """Publishes the source root's current version ``count`` times into ``root``, ``interval_s`` apart."""
+              features: FeatureTarget | None = None, *, signer: Signer | None) -> list[int]:
+    """Publishes the source root's current version ``count`` times into ``root``, ``interval_s`` apart,
+    each signed by ``signer`` (None: unsigned)."""
     _check(count, interval_s)
     source_version = artifacts.current_version(source_root)
     if source_version is None:
         raise ValueError(f"source_root must hold a published version (CURRENT), got {str(source_root)!r}")
-    manifest = artifacts.verify(source_root, source_version)
+    manifest = artifacts.verify(source_root, source_version, None)   # the copies are signed anew below
     source_dir = artifacts.version_dir(source_root, source_version)
 
     def copy_files(staging: Path) -> None:
@@ -86,13 +89,14 @@ def republish(root: Path, source_root: Path, count: int, interval_s: float,
         if i and interval_s:
             time.sleep(interval_s)
         version = artifacts.publish(root, copy_files, data=manifest.data, config=manifest.config,
-                                    metrics=manifest.metrics, extra=manifest.extra, make_current=False)
+                                    metrics=manifest.metrics, extra=manifest.extra, make_current=False,
+                                    signer=signer)
         versions.append(_go_live(root, version, features))
     return versions
 
 
 def publish_tiny(root: Path, data_dir: Path | None, count: int, interval_s: float, seed: int,
-                 features: FeatureTarget | None = None) -> list[int]:
+                 features: FeatureTarget | None = None, *, signer: Signer | None) -> list[int]:
     """Publishes ``count`` tiny versions (new seeded weights each), ``interval_s`` apart; returns their numbers."""
     _check(count, interval_s)
     # Imported here: torch and the trainer load in seconds, and republish needs neither.
@@ -104,6 +108,7 @@ def publish_tiny(root: Path, data_dir: Path | None, count: int, interval_s: floa
     for i in range(count):
         if i and interval_s:
             time.sleep(interval_s)
-        version = publish_tiny_version(root, seed + i, run=tiny_run(seed + i, dataset=dataset), make_current=False)
+        version = publish_tiny_version(root, seed + i, run=tiny_run(seed + i, dataset=dataset), make_current=False,
+                                       signer=signer)
         versions.append(_go_live(root, version, features))
     return versions

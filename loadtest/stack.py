@@ -32,6 +32,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 NAMESPACE = "loadtest"
 START_TIMEOUT_S = 120.0   # a service imports torch and loads a version before it reports SERVING
 _OWN_PREFIXES = ("RECSYS_", "RETRIEVAL_", "RANKING_")
+TRUST_VARS = ("RECSYS_TRUSTED_KEYS", "RECSYS_ALLOW_UNSIGNED")
+# Kept from this process's environment for every child: the publisher signs, the services trust.
+SIGNING_VARS = ("RECSYS_SIGNING_KEY", *TRUST_VARS)
 
 
 def free_port() -> int:
@@ -42,7 +45,7 @@ def free_port() -> int:
 
 def child_env(settings: dict[str, str]) -> dict[str, str]:
     """This process's environment without the services' own names, plus ``settings`` and the repo on the path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_OWN_PREFIXES) or k in SIGNING_VARS}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env.update(settings)
     return env
@@ -180,7 +183,8 @@ class Stack:
         self.redis = RedisServer(self.workdir)
         # service_env (e.g. RANKING_DEFAULT_CANDIDATES) goes to both services: each ignores the other's prefix.
         shared = {"RECSYS_ARTIFACT_ROOT": str(self.root), "RECSYS_REDIS_URL": self.redis.url,
-                  "RECSYS_REDIS_NAMESPACE": NAMESPACE, "RECSYS_LOG_LEVEL": "WARNING", **(service_env or {})}
+                  "RECSYS_REDIS_NAMESPACE": NAMESPACE, "RECSYS_LOG_LEVEL": "WARNING",
+                  **(service_env or {})}
         retrieval_port, ranking_port = free_port(), free_port()
         self.retrieval = Service("retrieval_service", retrieval_port, {
             **shared, "RETRIEVAL_PORT": str(retrieval_port), "RETRIEVAL_METRICS_PORT": "0"}, self.workdir)

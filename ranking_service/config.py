@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from recsys_serving.env import (LOG_LEVELS, Parser, TlsConfig, choice, directory, float_in, int_in,
-                               namespace, parse_specs, pem_file, redis_url_value, reject_unknown)
+from recsys_serving.env import (DEFAULT_TRUSTED_KEYS, LOG_LEVELS, TRUST_SPECS, Parser, TlsConfig, choice, directory,
+                               float_in, host, int_in, namespace, parse_specs, pem_file, redis_url_value,
+                               reject_unknown)
 
 PREFIX = "RANKING_"
 SHARED_PREFIX = "RECSYS_"
 # RECSYS_* names read by other programs of the project (trainer, test suite): not typos here.
-FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL")
+FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL", "RECSYS_SIGNING_KEY")
 
 FALLBACKS = ("popular", "unavailable")
 SCORE_MODES = ("ctr", "ctr_x_rating")
@@ -47,7 +48,9 @@ class RankingConfig:
     redis_namespace: str = "recsys"
     log_level: str = "INFO"
     pinned_version: int | None = None        # serve this version instead of CURRENT
+    host: str = "127.0.0.1"                  # gRPC listen address (images and manifests set 0.0.0.0)
     port: int = 50052                        # gRPC; 0 = pick a free port (tests)
+    metrics_host: str = "127.0.0.1"          # Prometheus HTTP listen address
     metrics_port: int = 9102                 # Prometheus HTTP; 0 = disabled
     retrieval_target: str = "localhost:50051"  # gRPC target of the retrieval service
     max_k: int = 100                         # largest k a Recommend may ask for
@@ -67,6 +70,8 @@ class RankingConfig:
     microbatch_max_wait_ms: float = 0.0      # extra wait for a batch to fill (0: run at once; jobs
                                              # arriving while a pass runs form the next one)
     tls: TlsConfig | None = None             # None = plaintext
+    trusted_keys: Path = DEFAULT_TRUSTED_KEYS  # public key(s) whose signatures make a version servable
+    allow_unsigned: bool = False             # serve unsigned versions (local experiments only; loud)
     retrieval_tls: RetrievalClientTls | None = None  # None = plaintext channel to retrieval
 
 
@@ -84,7 +89,10 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "RECSYS_REDIS_NAMESPACE": ("redis_namespace", namespace),
     "RECSYS_LOG_LEVEL": ("log_level", choice(LOG_LEVELS, upper=True)),
     "RECSYS_PINNED_VERSION": ("pinned_version", int_in(1)),
+    **TRUST_SPECS,
+    "RANKING_HOST": ("host", host),
     "RANKING_PORT": ("port", int_in(0, 65535)),
+    "RANKING_METRICS_HOST": ("metrics_host", host),
     "RANKING_METRICS_PORT": ("metrics_port", int_in(0, 65535)),
     "RANKING_RETRIEVAL_TARGET": ("retrieval_target", _target),
     "RANKING_MAX_K": ("max_k", int_in(1, 10_000)),

@@ -36,7 +36,7 @@ from ranking_service.refill import run_refiller
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient
 from ranking_service.state import ServingState, load_state
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
-from recsys_serving import runtime
+from recsys_serving import env, runtime
 from recsys_serving.reload import VersionHolder
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class _Failure(Exception):
 def default_holder(config: RankingConfig) -> VersionHolder[ServingState]:
     """Watches ``config.artifact_root`` (or the pinned version) and builds states with ``load_state``."""
     return VersionHolder(config.artifact_root, functools.partial(load_state, default_score_mode=config.score_mode),
-                         pinned=config.pinned_version, poll_interval_s=config.poll_interval_s)
+                         trust=env.trust(config), pinned=config.pinned_version,
+                         poll_interval_s=config.poll_interval_s)
 
 
 class RankingApp:
@@ -222,7 +223,7 @@ async def create_server(config: RankingConfig, *, candidates: CandidateSource | 
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(app), server)
     health = runtime.add_health_and_reflection(server, [SERVICE_NAME])
     await runtime.set_serving(health, [SERVICE_NAME], False)   # readiness is earned by the first load
-    port = runtime.bind(server, f"[::]:{config.port}", config.tls)
+    port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)
     await server.start()
     await app.start(health)
     return server, port, app

@@ -1,7 +1,8 @@
 """The artifact volume: layout, manifest, publish, resolve, verify, retention and watch.
 
 This module is the only owner of the on-disk format below. The trainer writes it through
-``publish``; the services read it through ``resolve``, ``verify`` and ``VersionWatcher``.
+``publish``; the services read it through ``resolve`` and ``verify`` (``recsys_serving.reload``
+follows CURRENT).
 
 Layout::
 
@@ -10,6 +11,8 @@ Layout::
     <root>/versions/<N>/          one published version; N is a positive decimal integer without
                                   leading zeros (^[1-9][0-9]*$)
         manifest.json             see below
+        manifest.sig              the publisher's Ed25519 signature over manifest.json's bytes
+                                  (``recsys_contracts.signing``); absent in an unsigned version
         ...files...               any tree of regular files (no symlinks)
     <root>/.staging/<hex>/        a version being written; never read by services
     <root>/.staging/trash-<hex>/  a version being deleted by retention
@@ -31,6 +34,9 @@ Readers ignore (and log at debug) every entry of ``versions/`` that is not a rea
 
 Values are strict JSON (no NaN or infinity). Nothing in a version is ever unpickled.
 
+Verification order (``verify``): the manifest's bytes and the signature first, checked against the
+reader's ``Trust``; only then is the manifest parsed and every file hashed against it.
+
 Crash safety: a version is written under ``.staging``, every file and folder is fsynced, and only
 then is the folder renamed into ``versions/`` and ``CURRENT`` replaced. A publisher killed at any
 point leaves either no new version or a complete one, and ``CURRENT`` names the previous version
@@ -46,7 +52,6 @@ import errno
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -57,6 +62,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
+
+from recsys_contracts.signing import SIGNATURE_FILE, MAX_SIGNATURE_BYTES, Signer, SignatureError, Trust
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +86,9 @@ _TRASH_PREFIX = "trash-"
 # Renames onto a taken number are retried with the next one; more collisions than this in a row
 # mean something other than a concurrent publisher keeps taking numbers.
 _MAX_RENAME_ATTEMPTS = 100
+# A manifest lists files, not data: far below this even for a large version.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+_RESERVED_FILES = (MANIFEST_FILE, SIGNATURE_FILE)
 _MANIFEST_FIELDS = {"schema_version", "version", "created_at", "data", "config", "metrics",
                     "files", "extra"}
 
@@ -93,6 +103,10 @@ class CorruptVersionError(ArtifactError):
 
 class IncompleteVersionError(ArtifactError):
     """A version folder has no manifest yet: it may still be being copied in; retry it later."""
+
+
+class UntrustedVersionError(CorruptVersionError):
+    """A version whose signature is missing, malformed, from an unknown key or wrong: never serve it."""
 
 
 @dataclass(frozen=True)
@@ -217,9 +231,9 @@ def _check_json_object(name: str, value: Any) -> None:
 def _check_relative_path(rel: Any) -> None:
     parts = rel.split("/") if isinstance(rel, str) else [""]
     if (any(part in ("", ".", "..") for part in parts) or "\\" in rel or "\x00" in rel
-            or rel == MANIFEST_FILE):
+            or rel in _RESERVED_FILES):
         raise ValueError(f"files keys must be relative POSIX paths without '.', '..' or empty "
-                         f"parts, other than {MANIFEST_FILE}, got {rel!r}")
+                         f"parts, other than {' and '.join(_RESERVED_FILES)}, got {rel!r}")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -320,19 +334,40 @@ def version_dir(root: Path | str, version: int) -> Path:
     return path
 
 
-def read_manifest(root: Path | str, version: int) -> Manifest:
-    """The parsed manifest of a version (files are not checked: see ``verify``)."""
-    path = version_dir(root, version) / MANIFEST_FILE
+def _read_small_file(path: Path, version: int, limit: int) -> bytes | None:
+    """A regular file's bytes (None when absent); refuses symlinks, other kinds and files over ``limit``."""
     try:
-        mode = path.lstat().st_mode
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except FileNotFoundError:
-        raise IncompleteVersionError(
-            f"version {version}: {MANIFEST_FILE} missing (still being copied?)") from None
-    if not stat.S_ISREG(mode):
-        raise CorruptVersionError(f"version {version}: {MANIFEST_FILE} is not a regular file")
+        return None
+    except OSError as exc:   # ELOOP: a symlink
+        raise CorruptVersionError(f"version {version}: {path.name} cannot be opened as a regular file "
+                                  f"({exc.strerror})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise CorruptVersionError(f"version {version}: {path.name} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        if info.st_size > limit:
+            raise CorruptVersionError(f"version {version}: {path.name} has {info.st_size} bytes, at most "
+                                      f"{limit} allowed")
+        return f.read(limit + 1)
+
+
+def _manifest_bytes(root: Path | str, version: int) -> bytes:
+    raw = _read_small_file(version_dir(root, version) / MANIFEST_FILE, version, MAX_MANIFEST_BYTES)
+    if raw is None:
+        raise IncompleteVersionError(f"version {version}: {MANIFEST_FILE} missing (still being copied?)")
+    return raw
+
+
+def read_manifest(root: Path | str, version: int, raw: bytes | None = None) -> Manifest:
+    """The parsed manifest of a version (neither its signature nor its files are checked: see
+    ``verify``); ``raw`` is its bytes when the caller has read them already."""
+    raw = _manifest_bytes(root, version) if raw is None else raw
     try:
         # UnicodeDecodeError is a ValueError too.
-        manifest = Manifest.from_json(path.read_bytes().decode("utf-8"))
+        manifest = Manifest.from_json(raw.decode("utf-8"))
     except ValueError as exc:
         raise CorruptVersionError(f"version {version}: {MANIFEST_FILE} is invalid: {exc}") \
             from None
@@ -342,16 +377,32 @@ def read_manifest(root: Path | str, version: int) -> Manifest:
     return manifest
 
 
-def verify(root: Path | str, version: int) -> Manifest:
-    """Checks every file against the manifest and that nothing else is there; returns it."""
-    manifest = read_manifest(root, version)
+def check_signature(root: Path | str, version: int, trust: Trust) -> bytes:
+    """The manifest's bytes once ``trust`` accepts its signature; UntrustedVersionError otherwise.
+    Reads only manifest.json and manifest.sig."""
+    raw = _manifest_bytes(root, version)
+    signature = None if trust.allow_unsigned else _read_small_file(
+        version_dir(root, version) / SIGNATURE_FILE, version, MAX_SIGNATURE_BYTES)
+    try:
+        trust.check(raw, signature)
+    except SignatureError as exc:
+        raise UntrustedVersionError(f"version {version}: {exc}") from None
+    return raw
+
+
+def verify(root: Path | str, version: int, trust: Trust | None) -> Manifest:
+    """Checks the signature against ``trust`` before anything else is read (None: the publisher's own
+    check of what it just wrote, checksums only), then every file against the manifest and that
+    nothing else is there; returns the manifest."""
+    raw = check_signature(root, version, trust) if trust is not None else None
+    manifest = read_manifest(root, version, raw)
     vdir = version_dir(root, version)
     for rel, entry in sorted(manifest.files.items()):
         reason = _file_problem(vdir, rel, entry)
         if reason is not None:
             raise CorruptVersionError(f"version {version}: file {rel!r} {reason}")
     for rel in _tree_entries(vdir):
-        if rel != MANIFEST_FILE and rel not in manifest.files:
+        if rel not in _RESERVED_FILES and rel not in manifest.files:
             raise CorruptVersionError(f"version {version}: file {rel!r} is not in the manifest")
     return manifest
 
@@ -411,8 +462,8 @@ def _hash_and_sync_tree(staging: Path) -> dict[str, FileEntry]:
             if not stat.S_ISREG(mode):
                 raise ValueError(f"write_files must write regular files only, got {rel!r} "
                                  f"(mode {stat.filemode(mode)})")
-            if rel == MANIFEST_FILE:
-                raise ValueError(f"write_files must not write {MANIFEST_FILE}: publish writes it")
+            if rel in _RESERVED_FILES:
+                raise ValueError(f"write_files must not write {rel}: publish writes it")
             with open(path, "rb") as f:
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
                 os.fsync(f.fileno())
@@ -424,8 +475,11 @@ def _hash_and_sync_tree(staging: Path) -> dict[str, FileEntry]:
 
 def publish(root: Path | str, write_files: Callable[[Path], None], *, data: dict[str, Any],
             config: dict[str, Any], metrics: dict[str, Any], extra: dict[str, Any] | None = None,
-            make_current: bool = True, retain: int | None = None) -> int:
+            make_current: bool = True, retain: int | None = None, signer: Signer | None) -> int:
     """Publishes what ``write_files(folder)`` writes as the next version; returns its number.
+
+    ``signer`` signs the manifest (``manifest.sig``); None publishes an unsigned version, which only
+    a reader that allows unsigned versions accepts (the caller decides, and says so loudly).
 
     Until the rename into ``versions/`` nothing is visible, and any exception removes the
     staging folder. After it the version is complete: a later failure (CURRENT flip, retention)
@@ -447,7 +501,7 @@ def publish(root: Path | str, write_files: Callable[[Path], None], *, data: dict
     try:
         write_files(staging)
         files = _hash_and_sync_tree(staging)
-        version = _rename_into_versions(root, staging, draft, files)
+        version = _rename_into_versions(root, staging, draft, files, signer)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -460,14 +514,17 @@ def publish(root: Path | str, write_files: Callable[[Path], None], *, data: dict
 
 
 def _rename_into_versions(root: Path, staging: Path, draft: Manifest,
-                          files: dict[str, FileEntry]) -> int:
+                          files: dict[str, FileEntry], signer: Signer | None) -> int:
     """Writes the manifest for the next free number and renames staging there; returns it."""
     versions_dir = root / VERSIONS_DIR
     candidate = 0
     for _ in range(_MAX_RENAME_ATTEMPTS):
         candidate = max(max(list_versions(root), default=0), candidate) + 1
         manifest = dataclasses.replace(draft, version=candidate, files=files)
-        _write_synced(staging / MANIFEST_FILE, manifest.to_json())
+        text = manifest.to_json()
+        _write_synced(staging / MANIFEST_FILE, text)
+        if signer is not None:
+            _write_synced(staging / SIGNATURE_FILE, signer.sign(text.encode("utf-8")))
         _fsync_dir(staging)
         try:
             # A non-empty folder never replaces another non-empty folder or a file: a taken
@@ -495,10 +552,11 @@ def _write_current(root: Path, version: int) -> None:
     _fsync_dir(root)
 
 
-def set_current(root: Path | str, version: int) -> None:
-    """Points CURRENT at an existing version that verifies (rollback or promotion)."""
+def set_current(root: Path | str, version: int, trust: Trust | None = None) -> None:
+    """Points CURRENT at an existing version that verifies (rollback or promotion); with ``trust``,
+    its signature must also be accepted."""
     root = Path(root)
-    verify(root, version)
+    verify(root, version, trust)
     _write_current(root, version)
     logger.info("CURRENT of %s set to version %d", root, version)
 
@@ -575,46 +633,3 @@ def _remove_stale_leftovers(root: Path) -> None:
         if tmp.lstat().st_mtime < cutoff:
             tmp.unlink(missing_ok=True)
             logger.info("removed stale %s", tmp)
-
-
-class VersionWatcher:
-    """Reports CURRENT changes to a service's own loop (no threads inside).
-
-    ``poll()`` reads CURRENT at most once per ``poll_interval_s`` and returns its version when it
-    differs from the last one returned (or ``initial``, the version the service already loaded)
-    and its manifest is readable. A version without a manifest yet is retried at the next poll;
-    any other ArtifactError is raised once and that version is not reported again.
-    """
-
-    def __init__(self, root: Path | str, poll_interval_s: float = 5.0, *,
-                 initial: int | None = None) -> None:
-        if (isinstance(poll_interval_s, bool) or not isinstance(poll_interval_s, (int, float))
-                or not math.isfinite(poll_interval_s) or poll_interval_s < 0):
-            raise ValueError(f"poll_interval_s must be a finite number >= 0, "
-                             f"got {poll_interval_s!r}")
-        if initial is not None:
-            _check_version(initial)
-        self.root = Path(root)
-        self.poll_interval_s = float(poll_interval_s)
-        self._seen = initial
-        self._last_check: float | None = None
-
-    def poll(self) -> int | None:
-        """The new CURRENT version, or None when nothing changed or it is not due yet."""
-        now = time.monotonic()
-        if self._last_check is not None and now - self._last_check < self.poll_interval_s:
-            return None
-        self._last_check = now
-        current = current_version(self.root)
-        if current is None or current == self._seen:
-            return None
-        try:
-            read_manifest(self.root, current)
-        except IncompleteVersionError as exc:
-            logger.info("%s; retrying at the next poll", exc)
-            return None
-        except ArtifactError:
-            self._seen = current
-            raise
-        self._seen = current
-        return current

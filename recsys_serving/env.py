@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from recsys_contracts.signing import Trust
+
 @dataclass(frozen=True)
 class TlsConfig:
     """Server-side TLS: PEM files. ``client_ca_file`` set = clients must present a cert it signed (mTLS)."""
@@ -114,6 +116,62 @@ def pem_file(environ: Mapping[str, str], name: str) -> Path | None:
     if not Path(raw).is_file():
         raise ValueError(f"{name} must name an existing PEM file, got {raw!r}")
     return Path(raw)
+
+
+def key_path(name: str, raw: str) -> Path:
+    """A key file or folder; like the artifact root, it may be mounted after the config is read, so
+    its keys are loaded (and a bad one refused, naming it) when the service builds its holder."""
+    if any(ch in raw for ch in "\n\x00"):
+        raise ValueError(f"{name} must be a path to a PEM file or a folder of them, got {raw[:64]!r}")
+    return Path(raw)
+
+
+def flag(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value not in ("1", "true", "yes", "0", "false", "no"):
+        raise ValueError(f"{name} must be 1/true/yes or 0/false/no, got {raw[:64]!r}")
+    return value in ("1", "true", "yes")
+
+
+def host(name: str, raw: str) -> str:
+    """An address to listen on: an IPv4/IPv6 literal or a host name (no port, no spaces)."""
+    value = raw.strip("[]")
+    if not value or any(ch.isspace() or ch in "/@" for ch in value) or len(value) > 253:
+        raise ValueError(f"{name} must be an IP address or host name to listen on (e.g. 127.0.0.1, 0.0.0.0, "
+                         f"::), got {raw[:64]!r}")
+    return value
+
+
+def host_port(host_name: str, port: int) -> str:
+    """``host:port`` for gRPC's bind, with IPv6 literals in brackets."""
+    return f"[{host_name}]:{port}" if ":" in host_name else f"{host_name}:{port}"
+
+
+# Signature settings both services read (and mean the same by).
+TRUST_SPECS: dict[str, tuple[str, Parser]] = {
+    "RECSYS_TRUSTED_KEYS": ("trusted_keys", key_path),
+    "RECSYS_ALLOW_UNSIGNED": ("allow_unsigned", flag),
+}
+
+
+# Where the images, compose and Kubernetes mount the trusted public keys (never on the artifact
+# volume: whoever writes the volume could add a key there).
+DEFAULT_TRUSTED_KEYS = Path("/etc/recsys/trusted-keys")
+
+
+def trust(config) -> Trust:
+    """The Trust a service config asks for (``trusted_keys`` / ``allow_unsigned`` fields); raises
+    ValueError naming RECSYS_TRUSTED_KEYS when its keys cannot be read."""
+    if config.allow_unsigned:
+        return Trust.unsigned()
+    if not config.trusted_keys.exists():
+        raise ValueError(f"RECSYS_TRUSTED_KEYS must name a PEM public key file or a folder of them (only "
+                         f"versions they signed are served), got {str(config.trusted_keys)!r}: not found; "
+                         f"RECSYS_ALLOW_UNSIGNED=1 serves unsigned versions (local experiments only)")
+    try:
+        return Trust.from_path(config.trusted_keys)
+    except ValueError as error:
+        raise ValueError(f"RECSYS_TRUSTED_KEYS: {error}") from None
 
 
 def reject_unknown(environ: Mapping[str, str], known: set[str], prefixes: tuple[str, ...], where: str) -> None:

@@ -5,10 +5,13 @@ holding version, models, index and tables together). A request reads ``holder.cu
 uses that object to the end, so in-flight requests finish on the version they started with while
 the next request sees the new one.
 
-A candidate version is verified (checksums against the manifest) and handed to the service's
-``load`` function, which must build and warm the state and raise if anything is wrong (shapes,
-a smoke request, NaN). A corrupt version is refused, logged and counted, and never retried; an
-incomplete one (no manifest yet) is retried on the next poll. The old version keeps serving.
+A candidate version's signature is checked against the holder's ``Trust`` before any other file
+is read, then its checksums against the manifest; then it is handed to the service's ``load``
+function, which must build and warm the state and raise if anything is wrong (shapes, a smoke
+request, NaN). A refused version is logged once at WARNING with its reason, counted in
+``recsys_version_refused_total{reason}`` and never retried; an incomplete one (no manifest yet) is
+retried on the next poll. A broken ``CURRENT`` (garbage, naming a missing or symlinked version) is
+logged once per distinct problem and counted with reason ``pointer``. The old version keeps serving.
 """
 
 from __future__ import annotations
@@ -23,10 +26,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generic, TypeVar
 
+from prometheus_client import Counter
+
 from recsys_contracts import artifacts
+from recsys_contracts.signing import Trust
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+
+REFUSAL_REASONS = ("signature", "files", "load", "pointer")
+VERSION_REFUSED = Counter("recsys_version_refused_total",
+                          "Versions (or CURRENT pointers) refused: signature = unsigned or not signed by a "
+                          "trusted key; files = manifest or checksums wrong; load = the bundle failed to "
+                          "load or its self-check; pointer = CURRENT unreadable or naming no usable version",
+                          ["reason"])
+
+
+def refusal_reason(error: Exception) -> str:
+    """The ``reason`` label for a refused version."""
+    if isinstance(error, artifacts.UntrustedVersionError):
+        return "signature"
+    if isinstance(error, artifacts.ArtifactError):
+        return "files"
+    return "load"
 
 
 # While a version loads in a worker thread (mostly Python: deserialising programs, building tables),
@@ -69,17 +91,20 @@ class VersionHolder(Generic[T]):
     ``on_swap(state)`` / ``on_refuse(version, error)`` let the service update metrics.
     """
 
-    def __init__(self, root: Path, load: Callable[[Path, int], T], *, pinned: int | None = None,
+    def __init__(self, root: Path, load: Callable[[Path, int], T], *, trust: Trust, pinned: int | None = None,
                  poll_interval_s: float = 2.0,
                  on_swap: Callable[[T, int], None] | None = None,
                  on_refuse: Callable[[int, Exception], None] | None = None) -> None:
-        self.root, self.load, self.pinned = Path(root), load, pinned
+        if not isinstance(trust, Trust):
+            raise TypeError(f"trust must be a recsys_contracts.signing.Trust, got {type(trust).__name__}")
+        self.root, self.load, self.pinned, self.trust = Path(root), load, pinned, trust
         self.poll_interval_s = poll_interval_s
         self.on_swap, self.on_refuse = on_swap, on_refuse
         self.current: T | None = None
         self.version: int | None = None
         self.stats = ReloadStats()
         self._task: asyncio.Task | None = None
+        self._pointer_problem = ""      # the last CURRENT problem logged, so each is logged once
 
     @property
     def ready(self) -> bool:
@@ -88,13 +113,23 @@ class VersionHolder(Generic[T]):
     def _target(self) -> int | None:
         """The version that should be serving now, or None while the volume has none."""
         try:
-            return artifacts.resolve(self.root, self.pinned)
+            target = artifacts.resolve(self.root, self.pinned)
         except (artifacts.ArtifactError, FileNotFoundError, ValueError) as error:
-            log.debug("no version to serve yet: %s", error)
+            problem = str(error)[:300]
+            empty = isinstance(error, FileNotFoundError) or "no published version" in problem
+            if empty:
+                log.debug("no version to serve yet: %s", problem)
+            elif problem != self._pointer_problem:
+                VERSION_REFUSED.labels("pointer").inc()
+                log.warning("cannot follow CURRENT, still serving %s: %s", self.version, problem,
+                            extra={"code": "pointer"})
+            self._pointer_problem = problem
             return None
+        self._pointer_problem = ""
+        return target
 
     def _load_sync(self, version: int) -> T:
-        artifacts.verify(self.root, version)
+        artifacts.verify(self.root, version, self.trust)    # the signature first, then every checksum
         return self.load(artifacts.version_dir(self.root, version), version)
 
     async def refresh(self) -> bool:
@@ -113,7 +148,10 @@ class VersionHolder(Generic[T]):
             self.stats.refused += 1
             self.stats.last_error = f"version {target}: {error}"
             self.stats.refused_versions.add(target)
-            log.error("refused version %d, still serving %s: %s", target, self.version, error)
+            reason = refusal_reason(error)
+            VERSION_REFUSED.labels(reason).inc()
+            log.warning("refused version %d (%s), still serving %s: %s", target, reason, self.version,
+                        str(error)[:500], extra={"version": target, "code": reason})
             if self.on_refuse is not None:
                 self.on_refuse(target, error)
             return False

@@ -81,15 +81,15 @@ def run_main(name: str, from_env: Callable[[], Any], serve: Callable[[Any], Awai
         print(f"{name}: invalid configuration: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
-    start_metrics(config.metrics_port)
+    start_metrics(config.metrics_host, config.metrics_port)
     asyncio.run(serve(config))
     return 0
 
 
-def start_metrics(port: int) -> None:
-    """Serves Prometheus metrics over HTTP on ``port``; 0 disables the endpoint."""
+def start_metrics(host: str, port: int) -> None:
+    """Serves Prometheus metrics over HTTP on ``host:port``; port 0 disables the endpoint."""
     if port:
-        start_http_server(port)
+        start_http_server(port, addr=host)
 
 
 def request_id(context: grpc.aio.ServicerContext) -> str:

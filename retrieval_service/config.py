@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from recsys_serving.env import (LOG_LEVELS, Parser, TlsConfig, choice, directory, float_in, int_in,
-                               namespace, parse_specs, pem_file, redis_url_value, reject_unknown)
+from recsys_serving.env import (DEFAULT_TRUSTED_KEYS, LOG_LEVELS, TRUST_SPECS, Parser, TlsConfig, choice, directory,
+                               float_in, host, int_in, namespace, parse_specs, pem_file, redis_url_value,
+                               reject_unknown)
 
 PREFIX = "RETRIEVAL_"
 SHARED_PREFIX = "RECSYS_"
 # RECSYS_* names read by other programs of the project (trainer, test suite): not typos here.
-FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL")
+FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL", "RECSYS_SIGNING_KEY")
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -37,7 +38,9 @@ class RetrievalConfig:
     redis_namespace: str = "recsys"
     log_level: str = "INFO"
     pinned_version: int | None = None        # serve this version instead of CURRENT
+    host: str = "127.0.0.1"                  # gRPC listen address (images and manifests set 0.0.0.0)
     port: int = 50051                        # gRPC; 0 = pick a free port (tests)
+    metrics_host: str = "127.0.0.1"          # Prometheus HTTP listen address
     metrics_port: int = 9101                 # Prometheus HTTP; 0 = disabled
     max_candidates: int = 1000               # largest num_candidates a Retrieve may ask for
     chunk_size: int = 500                    # candidates per streamed message (one DCN call each downstream)
@@ -50,6 +53,8 @@ class RetrievalConfig:
     grace_s: float = 10.0                    # drain time for in-flight RPCs after SIGTERM
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit
     tls: TlsConfig | None = None             # None = plaintext
+    trusted_keys: Path = DEFAULT_TRUSTED_KEYS  # public key(s) whose signatures make a version servable
+    allow_unsigned: bool = False             # serve unsigned versions (local experiments only; loud)
 
 
 # Environment name -> (RetrievalConfig field, parser). A missing or empty variable keeps the default.
@@ -59,7 +64,10 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "RECSYS_REDIS_NAMESPACE": ("redis_namespace", namespace),
     "RECSYS_LOG_LEVEL": ("log_level", choice(LOG_LEVELS, upper=True)),
     "RECSYS_PINNED_VERSION": ("pinned_version", int_in(1)),
+    **TRUST_SPECS,
+    "RETRIEVAL_HOST": ("host", host),
     "RETRIEVAL_PORT": ("port", int_in(0, 65535)),
+    "RETRIEVAL_METRICS_HOST": ("metrics_host", host),
     "RETRIEVAL_METRICS_PORT": ("metrics_port", int_in(0, 65535)),
     "RETRIEVAL_MAX_CANDIDATES": ("max_candidates", int_in(1, 100_000)),
     "RETRIEVAL_CHUNK_SIZE": ("chunk_size", int_in(1, 100_000)),

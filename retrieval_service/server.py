@@ -1,9 +1,8 @@
 """Builds the retrieval gRPC server: servicer, health, reflection, hot reload, feature store, batcher.
 
-``create_server(config)`` binds ``{host}:{config.port}`` (port 0 = a free port, for tests; host
-0.0.0.0 by default because compose and Kubernetes reach the service on the pod's address, tests
-pass 127.0.0.1),
-starts serving with health NOT_SERVING, and starts watching the artifact volume; health turns
+``create_server(config)`` binds ``config.host:config.port`` (port 0 = a free port, for tests; the
+host defaults to loopback, and the images, compose and Kubernetes set 0.0.0.0 to be reachable on the
+pod's address), starts serving with health NOT_SERVING, and starts watching the artifact volume; health turns
 SERVING once the first version is loaded and warm. ``App.close`` is the graceful stop.
 """
 
@@ -19,7 +18,7 @@ from grpc_health.v1 import health as grpc_health
 
 from recsys_contracts import feature_store
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
-from recsys_serving import runtime
+from recsys_serving import env, runtime
 from recsys_serving.reload import VersionHolder
 from retrieval_service import metrics
 from retrieval_service.backends import open_backend, resolve_device
@@ -71,7 +70,7 @@ def default_holder(config: RetrievalConfig) -> VersionHolder[ServingState]:
     """Watches ``config.artifact_root`` (or the pinned version) and loads states for the configured device."""
     device = resolve_device(config.device)
     load = functools.partial(load_state, device=device, open_backend=open_backend)
-    return VersionHolder(config.artifact_root, load, pinned=config.pinned_version,
+    return VersionHolder(config.artifact_root, load, trust=env.trust(config), pinned=config.pinned_version,
                          poll_interval_s=config.poll_interval_s)
 
 
@@ -99,7 +98,7 @@ def _follow_holder(app: App) -> None:
 
 
 async def create_server(config: RetrievalConfig, *, holder: VersionHolder[ServingState] | None = None,
-                        batching: bool = True, host: str = "0.0.0.0") -> tuple[grpc.aio.Server, int, App]:
+                        batching: bool = True) -> tuple[grpc.aio.Server, int, App]:
     """Builds and starts the server; returns (server, bound port, app). ``batching`` False = no micro-batching."""
     holder = holder if holder is not None else default_holder(config)
     batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000, enabled=batching)
@@ -110,7 +109,7 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
     app = App(config, server, holder, generator, health_servicer)
     await app.set_serving(False)
-    port = runtime.bind(server, f"{host}:{config.port}", config.tls)
+    port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)
     await server.start()
     _follow_holder(app)
     if holder.ready:

@@ -1,4 +1,7 @@
-"""Shared fixtures: where the data lives and a unique Redis namespace per test."""
+"""Shared fixtures: where the data lives and a unique Redis namespace per test; the test signing keys.
+
+Every version a test publishes is signed with the suite's key (``tests/signing_keys.py``), and
+every service it starts trusts it: the variables below reach service and trainer subprocesses."""
 
 from __future__ import annotations
 
@@ -8,7 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.signing_keys import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+os.environ["RECSYS_SIGNING_KEY"] = str(PRIVATE_KEY_FILE)
+os.environ["RECSYS_TRUSTED_KEYS"] = str(PUBLIC_KEY_FILE)
 
 
 def data_dir() -> Path:

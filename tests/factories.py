@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from recsys_contracts.signing import Signer
+from tests.signing_keys import SIGNER
 from trainer.config import load_config
 from trainer.data.synthetic import generate
 from trainer.features import build_tables, fit_feature_spec, fit_id_vocab
@@ -46,9 +48,9 @@ def tiny_run(seed: int = 0, history_length: int = 10, dataset=None) -> TrainedRu
 
 
 def publish_tiny_version(root: Path, seed: int = 0, run: TrainedRun | None = None,
-                         make_current: bool = True) -> int:
+                         make_current: bool = True, signer: Signer | None = SIGNER) -> int:
     run = run if run is not None else tiny_run(seed)
     params = choose_index_params("flat", run.tables.vocab.n_items, 0)
     return publish_run(Path(root), run, index_params=params, data={"dataset": "synthetic", "seed": seed},
                        config={}, metrics={"ndcg@10": float(np.float32(0.1))}, retain=None,
-                       seed=seed, make_current=make_current)
+                       signer=signer, seed=seed, make_current=make_current)

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from recsys_contracts.artifacts import current_version
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from trainer.data import synthetic
+from tests.signing_keys import SIGNING_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 K = 5
@@ -47,7 +48,7 @@ def _free_port() -> int:
 
 def _clean_env() -> dict[str, str]:
     # The programs reject unknown RECSYS_* / RETRIEVAL_* / RANKING_* names: none may leak in from the caller.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))} | SIGNING_ENV
     return {**env, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 

@@ -3,7 +3,8 @@
 ``train`` (the default) runs the whole job and publishes when an artifact root is set (flag or
 ``RECSYS_ARTIFACT_ROOT``); ``baselines`` prints the dataset report and the popularity / EASE table
 under both split protocols. Environment (read once): RECSYS_ARTIFACT_ROOT, RECSYS_DATA_DIR,
-RECSYS_REDIS_URL, RECSYS_REDIS_NAMESPACE, RECSYS_LOG_LEVEL.
+RECSYS_REDIS_URL, RECSYS_REDIS_NAMESPACE, RECSYS_LOG_LEVEL, RECSYS_SIGNING_KEY (the private key that
+signs published versions; ``--unsigned`` publishes without one, for local experiments).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import sys
 from trainer.config import TrainConfig, apply_overrides, build_config, read_config_file
 
 ENV_OVERRIDES = {"RECSYS_ARTIFACT_ROOT": "publish.artifact_root", "RECSYS_DATA_DIR": "data.data_dir",
-                 "RECSYS_REDIS_URL": "publish.redis_url", "RECSYS_REDIS_NAMESPACE": "publish.redis_namespace"}
+                 "RECSYS_REDIS_URL": "publish.redis_url", "RECSYS_REDIS_NAMESPACE": "publish.redis_namespace",
+                 "RECSYS_SIGNING_KEY": "publish.signing_key"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -28,6 +30,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dataset", help="shorthand for --set data.dataset=...")
     parser.add_argument("--artifact-root", help="publish here (default $RECSYS_ARTIFACT_ROOT)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="shorthand for --set run.device=...")
+    parser.add_argument("--unsigned", action="store_true",
+                        help="publish unsigned versions (local experiments; services refuse them unless "
+                             "RECSYS_ALLOW_UNSIGNED=1); shorthand for --set publish.unsigned=true")
     parser.add_argument("--show", type=int, default=3, help="users whose recommendations are printed")
     return parser.parse_args(argv)
 
@@ -39,6 +44,8 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> TrainConfig:
                       ("device", "run.device")):
         if getattr(args, flag):
             overrides.append(f"{key}={getattr(args, flag)}")
+    if getattr(args, "unsigned", False):
+        overrides.append("publish.unsigned=true")
     return build_config(apply_overrides(values, overrides + args.overrides))
 
 

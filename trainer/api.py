@@ -43,7 +43,7 @@ from trainer.data.dataset import INTERACTION_COLUMNS, make_dataset, validate_int
 from trainer.distributed import init_distributed, resolve_device, shutdown_distributed
 from trainer.evaluation import EvalTarget, make_target
 from trainer.negatives import STRATEGIES
-from trainer.publish import TrainedRun, choose_index_params, publish_run
+from trainer.publish import TrainedRun, choose_index_params, publish_run, signer_for
 from trainer.ranking_training import rerank, score_candidates
 from trainer.report import write_report
 from trainer.splits import Split
@@ -241,6 +241,7 @@ class ProductionTrainer:
                                "and the quality gate reads them")
         root = Path(artifact_root)
         cfg = replace(self._cfg, publish={"artifact_root": str(root)})
+        signer = signer_for(cfg.publish.signing_key, cfg.publish.unsigned)
         refused = pipeline.quality_gate(cfg, self._report, root) if cfg.publish.gate else None
         if refused is not None:
             raise RuntimeError(f"not published: {refused}")
@@ -251,7 +252,7 @@ class ProductionTrainer:
             return publish_run(root, fitted.run, index_params=choose_index_params(
                 cfg.publish.index, fitted.prepared.vocab.n_items, cfg.publish.index_exact_below),
                 data=report["data"], config=cfg.to_dict(), metrics={k: report[k] for k in MANIFEST_METRICS},
-                retain=cfg.publish.retain, report_dir=Path(report_dir), seed=cfg.run.seed)
+                retain=cfg.publish.retain, signer=signer, report_dir=Path(report_dir), seed=cfg.run.seed)
 
     def _require_fitted(self, what: str) -> _Fitted:
         if self._fitted is None:

@@ -170,6 +170,9 @@ class PublishConfig:
     gate_margin: float = 0.05          # refuse a run whose NDCG@10 is this fraction below the served one
     index: str = "auto"                # auto | flat | ivf | hnsw
     index_exact_below: int = 50_000    # auto: exact search below this many items
+    signing_key: str = ""              # Ed25519 private key (PEM) kept OFF the artifact volume; "" = $RECSYS_SIGNING_KEY
+    unsigned: bool = False             # true = publish unsigned versions (local experiments; services refuse
+                                       # them unless RECSYS_ALLOW_UNSIGNED=1)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from trainer.features import (FeatureTables, IdVocab, build_tables, fit_feature_
                               temporal_features)
 from trainer.checkpoint import Checkpointer
 from trainer.publish import (TrainedRun, all_item_embeddings, choose_index_params, materialize_features,
-                             publish_run)
+                             publish_run, signer_for)
 from trainer.report import write_report
 from trainer.ranking_training import (Candidates, Rows, click_rows, fit_ranker, rerank, score_candidates)
 from trainer.joint_training import fit_joint
@@ -359,6 +359,7 @@ def run(cfg: TrainConfig, dataset: Dataset | None = None) -> RunResult:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     torch.manual_seed(cfg.run.seed)
+    signer = signer_for(cfg.publish.signing_key, cfg.publish.unsigned) if cfg.publish.artifact_root else None
     try:
         with timings.stage("load"):
             dataset = dataset if dataset is not None else load_dataset(cfg)
@@ -387,7 +388,7 @@ def run(cfg: TrainConfig, dataset: Dataset | None = None) -> RunResult:
                         data=report["data"], config=cfg.to_dict(),
                         metrics={k: report[k] for k in ("pipeline", "two_tower", "retrieval",
                                                         "ranking_heads", "baselines")},
-                        retain=cfg.publish.retain, report_dir=out, seed=cfg.run.seed)
+                        retain=cfg.publish.retain, signer=signer, report_dir=out, seed=cfg.run.seed)
                 if cfg.publish.redis_url:
                     with timings.stage("redis"):
                         client = feature_store.redis_client(cfg.publish.redis_url, socket_timeout_s=5.0,

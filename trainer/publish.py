@@ -22,6 +22,7 @@ import torch
 from recsys_contracts import artifacts, feature_store
 from recsys_contracts.ann import ExactIndex, IndexParams, build_index, recall_against_exact, write_index
 from recsys_contracts.feature_spec import FeatureSpec
+from recsys_contracts.signing import Signer, signer_for  # noqa: F401 - signer_for: the trainer's one way to a signer
 from trainer.export import export_ranker, export_user_tower
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
@@ -134,9 +135,10 @@ def _finite(value: Any) -> Any:
 
 
 def publish_run(root: Path, run: TrainedRun, *, index_params: IndexParams, data: dict, config: dict,
-                metrics: dict, retain: int | None, report_dir: Path | None = None, seed: int = 0,
-                make_current: bool = True) -> int:
-    """Publishes the run as a new version; returns its number. Nothing is visible until it is complete."""
+                metrics: dict, retain: int | None, signer: Signer | None, report_dir: Path | None = None,
+                seed: int = 0, make_current: bool = True) -> int:
+    """Publishes the run as a new version signed by ``signer`` (None: unsigned); returns its number.
+    Nothing is visible until it is complete."""
     extra: dict[str, Any] = {}
 
     def write(staging: Path) -> None:
@@ -144,7 +146,7 @@ def publish_run(root: Path, run: TrainedRun, *, index_params: IndexParams, data:
 
     return artifacts.publish(Path(root), write, data=_finite(data), config=_finite(config),
                              metrics=_finite(metrics), extra=extra, make_current=make_current,
-                             retain=retain)
+                             retain=retain, signer=signer)
 
 
 def materialize_features(client, keys: feature_store.KeyFormat, version: int,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from recsys_contracts.artifacts import publish
+from recsys_contracts.signing import signer_for
 
 
 def payload(tag: str) -> bytes:
@@ -35,8 +36,9 @@ def main(argv: list[str]) -> int:
                 time.sleep(sleep_s)
                 f.write(content[2048:])
 
+    signer = signer_for()     # the suite's key, from $RECSYS_SIGNING_KEY (tests/conftest.py)
     print("ready", flush=True)
-    version = publish(root, write_files, data={"tag": tag}, config={}, metrics={})
+    version = publish(root, write_files, signer=signer, data={"tag": tag}, config={}, metrics={})
     print(f"published {version}", flush=True)
     return 0
 

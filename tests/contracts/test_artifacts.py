@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from recsys_contracts.artifacts import (
+    UntrustedVersionError,
     MANIFEST_SCHEMA_VERSION,
     STALE_STAGING_S,
     ArtifactError,
@@ -26,7 +27,6 @@ from recsys_contracts.artifacts import (
     FileEntry,
     IncompleteVersionError,
     Manifest,
-    VersionWatcher,
     apply_retention,
     current_version,
     list_versions,
@@ -38,6 +38,7 @@ from recsys_contracts.artifacts import (
     version_dir,
 )
 from tests.contracts._publish_child import payload
+from tests.signing_keys import SIGNER, TRUST
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHILD = Path(__file__).resolve().parent / "_publish_child.py"
@@ -54,13 +55,13 @@ def _writer(files: dict[str, bytes]):
 
 def _publish(root: Path, tag: str = "t", **kwargs) -> int:
     files = {"model.bin": payload(tag), "sub/table.npy": payload(tag)[:100]}
-    return publish(root, _writer(files), data={"tag": tag}, config={"lr": 0.1},
+    return publish(root, _writer(files), signer=SIGNER, data={"tag": tag}, config={"lr": 0.1},
                    metrics={"ndcg@10": 0.25}, **kwargs)
 
 
 def _assert_files_match_tag(root: Path, version: int) -> None:
     """verify() passes and every file holds the content its manifest's tag promises."""
-    manifest = verify(root, version)
+    manifest = verify(root, version, TRUST)
     tag = manifest.data["tag"]
     for rel in manifest.files:
         content = (version_dir(root, version) / rel).read_bytes()
@@ -83,7 +84,7 @@ def test_publish_list_resolve_pin_and_rollback(tmp_path):
     assert (root / "CURRENT").read_text() == "2\n"
     assert resolve(root) == 2
     assert resolve(root, pinned=1) == 1
-    manifest = verify(root, 2)
+    manifest = verify(root, 2, TRUST)
     assert manifest.version == 2 and manifest.data == {"tag": "two"}
     assert sorted(manifest.files) == ["model.bin", "sub/table.npy"]
     assert manifest.files["sub/table.npy"].size_bytes == 100
@@ -270,9 +271,9 @@ def test_manifest_constructor_checks_python_types():
 def test_publish_rejects_bad_arguments_before_writing(tmp_path):
     calls = []
     with pytest.raises(ValueError, match="retain must be None or an int >= 1, got 0"):
-        publish(tmp_path, calls.append, data={}, config={}, metrics={}, retain=0)
+        publish(tmp_path, calls.append, signer=SIGNER, data={}, config={}, metrics={}, retain=0)
     with pytest.raises(ValueError, match="data must be a dict, got str"):
-        publish(tmp_path, calls.append, data="ml-100k", config={}, metrics={})
+        publish(tmp_path, calls.append, signer=SIGNER, data="ml-100k", config={}, metrics={})
     assert calls == [] and list_versions(tmp_path) == []
 
 
@@ -303,7 +304,7 @@ def _bad_tree(kind: str):
 def test_failed_publish_leaves_nothing_visible(tmp_path, kind, error, message):
     _publish(tmp_path, "base")
     with pytest.raises(error, match=message):
-        publish(tmp_path, _bad_tree(kind), data={}, config={}, metrics={})
+        publish(tmp_path, _bad_tree(kind), signer=SIGNER, data={}, config={}, metrics={})
     assert list_versions(tmp_path) == [1] and current_version(tmp_path) == 1
     assert _staging_entries(tmp_path) == []
 
@@ -314,7 +315,7 @@ def test_publish_propagates_unexpected_rename_errors(tmp_path):
         shutil.rmtree(tmp_path / "versions")
 
     with pytest.raises(FileNotFoundError):
-        publish(tmp_path, remove_versions_folder, data={}, config={}, metrics={})
+        publish(tmp_path, remove_versions_folder, signer=SIGNER, data={}, config={}, metrics={})
     assert _staging_entries(tmp_path) == [] and current_version(tmp_path) is None
 
 
@@ -450,7 +451,7 @@ def test_verify_names_the_bad_file(tmp_path, how, message):
     _tamper(version_dir(root, 1), how)
     read_manifest(root, 1)  # the manifest itself is still fine
     with pytest.raises(CorruptVersionError, match=f"version 1: {message}"):
-        verify(root, 1)
+        verify(root, 1, TRUST)
 
 
 def test_manifest_problems_are_corrupt_or_incomplete(tmp_path):
@@ -459,8 +460,10 @@ def test_manifest_problems_are_corrupt_or_incomplete(tmp_path):
     good = manifest_path.read_text()
 
     manifest_path.write_text(good.replace('"version": 1', '"version": 4'))
+    with pytest.raises(UntrustedVersionError, match="version 1: manifest.sig does not match manifest.json"):
+        verify(tmp_path, 1, TRUST)                       # an edited manifest no longer matches its signature
     with pytest.raises(CorruptVersionError, match="version 1: manifest.json says version 4"):
-        verify(tmp_path, 1)
+        verify(tmp_path, 1, None)
     manifest_path.write_text(good.replace('"schema_version": 1', '"schema_version": 2'))
     with pytest.raises(CorruptVersionError, match="manifest.json is invalid: schema_version"):
         read_manifest(tmp_path, 1)
@@ -469,7 +472,7 @@ def test_manifest_problems_are_corrupt_or_incomplete(tmp_path):
         read_manifest(tmp_path, 1)
     manifest_path.unlink()
     with pytest.raises(IncompleteVersionError, match="version 1: manifest.json missing"):
-        verify(tmp_path, 1)
+        verify(tmp_path, 1, TRUST)
     manifest_path.mkdir()
     with pytest.raises(CorruptVersionError, match="manifest.json is not a regular file"):
         read_manifest(tmp_path, 1)
@@ -532,64 +535,6 @@ def test_retention_removes_stale_leftovers_only(tmp_path):
     assert _staging_entries(tmp_path) == ["alive"]
     assert sorted(p.name for p in tmp_path.glob("CURRENT.tmp-*")) == ["CURRENT.tmp-alive"]
     assert list_versions(tmp_path) == [1] and current_version(tmp_path) == 1
-
-
-# --- watcher ----------------------------------------------------------------------------------
-
-
-def test_watcher_reports_each_pointer_change_once(tmp_path):
-    watcher = VersionWatcher(tmp_path, poll_interval_s=0)
-    assert watcher.poll() is None
-    _publish(tmp_path, "one")
-    assert watcher.poll() == 1
-    assert watcher.poll() is None
-    _publish(tmp_path, "two")
-    _publish(tmp_path, "three", make_current=False)
-    assert watcher.poll() == 2
-    set_current(tmp_path, 1)
-    assert watcher.poll() == 1
-
-
-def test_watcher_starts_from_the_loaded_version_and_respects_its_interval(tmp_path):
-    _publish(tmp_path)
-    assert VersionWatcher(tmp_path, 0, initial=1).poll() is None
-    slow = VersionWatcher(tmp_path, poll_interval_s=3600)
-    assert slow.poll() == 1
-    _publish(tmp_path)
-    assert slow.poll() is None  # the next look at CURRENT is an hour away
-
-
-def test_watcher_retries_incomplete_and_reports_corrupt_once(tmp_path):
-    _publish(tmp_path, "one")
-    _publish(tmp_path, "two", make_current=False)
-    watcher = VersionWatcher(tmp_path, 0, initial=1)
-    manifest_path = version_dir(tmp_path, 2) / "manifest.json"
-    aside = tmp_path / "manifest-aside.json"
-    manifest_path.rename(aside)
-    (tmp_path / "CURRENT").write_text("2\n")
-    assert watcher.poll() is None
-    assert watcher.poll() is None
-    aside.rename(manifest_path)
-    assert watcher.poll() == 2
-
-    _publish(tmp_path, "three", make_current=False)
-    (version_dir(tmp_path, 3) / "manifest.json").write_text("{garbage")
-    (tmp_path / "CURRENT").write_text("3\n")
-    with pytest.raises(CorruptVersionError, match="version 3"):
-        watcher.poll()
-    assert watcher.poll() is None
-
-
-@pytest.mark.parametrize("interval", [-1, float("nan"), float("inf"), True, "5"])
-def test_watcher_rejects_bad_interval(tmp_path, interval):
-    with pytest.raises(ValueError, match=f"poll_interval_s must be a finite number >= 0, "
-                                         f"got {interval!r}"):
-        VersionWatcher(tmp_path, interval)
-
-
-def test_watcher_rejects_bad_initial(tmp_path):
-    with pytest.raises(ValueError, match="version must be a positive int, got 0"):
-        VersionWatcher(tmp_path, 1, initial=0)
 
 
 # --- crash safety and concurrent readers ------------------------------------------------------

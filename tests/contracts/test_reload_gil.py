@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from recsys_contracts import artifacts
+from tests.signing_keys import SIGNER, TRUST
 from recsys_serving import reload
 from recsys_serving.reload import LOADING_SWITCH_INTERVAL_S, VersionHolder, gil_shared_with_the_loop
 
@@ -16,7 +17,7 @@ from recsys_serving.reload import LOADING_SWITCH_INTERVAL_S, VersionHolder, gil_
 def _publish(root, text: str) -> int:
     def write(staging):
         (staging / "payload.txt").write_text(text)
-    return artifacts.publish(root, write, data={"note": text}, config={}, metrics={})
+    return artifacts.publish(root, write, signer=SIGNER, data={"note": text}, config={}, metrics={})
 
 
 def test_the_loader_thread_runs_with_a_short_switch_interval_and_the_setting_comes_back(tmp_path):
@@ -30,7 +31,7 @@ def test_the_loader_thread_runs_with_a_short_switch_interval_and_the_setting_com
         return version
 
     async def body():
-        holder = VersionHolder(tmp_path, load)
+        holder = VersionHolder(tmp_path, load, trust=TRUST)
         assert await holder.refresh()
         _publish(tmp_path, "broken")
         assert not await holder.refresh()

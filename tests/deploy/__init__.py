@@ -16,7 +16,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # The trainer CLI's environment contract (it takes everything else from its config file):
 # where to publish, where the data lives, and the Redis it fills.
 TRAINER_ENV_VARS = ("RECSYS_ARTIFACT_ROOT", "RECSYS_DATA_DIR", "RECSYS_REDIS_URL", "RECSYS_REDIS_NAMESPACE",
-                    "RECSYS_LOG_LEVEL")
+                    "RECSYS_LOG_LEVEL", "RECSYS_SIGNING_KEY")
 
 PROGRAM_ENV_VARS: dict[str, tuple[str, ...]] = {
     "retrieval_service": RETRIEVAL_ENV_VARS,

@@ -44,6 +44,9 @@ def test_retrieval_defaults(root):
     assert (config.redis_url, config.redis_namespace, config.log_level, config.pinned_version) == (
         None, "recsys", "INFO", None)
     assert config.tls is None
+    # loopback unless told otherwise (the images and manifests set 0.0.0.0); signatures on
+    assert (config.host, config.metrics_host, config.trusted_keys, config.allow_unsigned) == (
+        "127.0.0.1", "127.0.0.1", Path("/etc/recsys/trusted-keys"), False)
 
 
 def test_ranking_defaults(root):
@@ -57,6 +60,8 @@ def test_ranking_defaults(root):
     assert (config.redis_timeout_ms, config.grace_s, config.max_message_bytes) == (50, 10.0, 4 * 1024 * 1024)
     assert (config.microbatch_max_size, config.microbatch_max_wait_ms) == (16, 0.0)
     assert config.tls is None and config.retrieval_tls is None and config.redis_url is None
+    assert (config.host, config.metrics_host, config.trusted_keys, config.allow_unsigned) == (
+        "127.0.0.1", "127.0.0.1", Path("/etc/recsys/trusted-keys"), False)
 
 
 def test_env_vars_list_every_name_exactly_once():
@@ -77,13 +82,16 @@ def test_every_value_is_parsed(root, pem):
         "RETRIEVAL_TLS_CERT_FILE": pem("cert.pem"), "RETRIEVAL_TLS_KEY_FILE": pem("key.pem"),
         "RETRIEVAL_TLS_CLIENT_CA_FILE": pem("ca.pem"),
         "RANKING_PORT": "1",  # the other service's names are ignored
+        "RETRIEVAL_HOST": "::", "RETRIEVAL_METRICS_HOST": "0.0.0.0", "RECSYS_TRUSTED_KEYS": "/keys/trusted",
+        "RECSYS_ALLOW_UNSIGNED": "no",
     }
     config = retrieval_config.from_env(env)
     assert config == retrieval_config.RetrievalConfig(
         artifact_root=root, redis_url="redis://:s3cret@redis:6379/2", redis_namespace="prod-eu",
         log_level="DEBUG", pinned_version=7, port=6000, metrics_port=0, max_candidates=2000, chunk_size=250,
         poll_interval_s=0.5, device="cuda", microbatch_max_size=8, microbatch_max_wait_ms=0.0,
-        redis_timeout_ms=20, grace_s=3.5, max_message_bytes=1048576,
+        redis_timeout_ms=20, grace_s=3.5, max_message_bytes=1048576, host="::", metrics_host="0.0.0.0",
+        trusted_keys=Path("/keys/trusted"), allow_unsigned=False,
         tls=retrieval_config.TlsConfig(Path(env["RETRIEVAL_TLS_CERT_FILE"]), Path(env["RETRIEVAL_TLS_KEY_FILE"]),
                                        Path(env["RETRIEVAL_TLS_CLIENT_CA_FILE"])))
     assert "s3cret" not in repr(config)
@@ -125,6 +133,8 @@ def test_empty_values_mean_unset(root):
 
 
 BAD_SHARED = [
+    ("RECSYS_TRUSTED_KEYS", "keys\nmore", "a path to a PEM file or a folder of them"),
+    ("RECSYS_ALLOW_UNSIGNED", "maybe", "1/true/yes or 0/false/no"),
     ("RECSYS_REDIS_URL", "http://redis:6379", "redis://, rediss:// or unix:// URL"),
     ("RECSYS_REDIS_URL", "redis://", "redis://, rediss:// or unix:// URL"),
     ("RECSYS_REDIS_URL", "redis://redis:port", "redis://, rediss:// or unix:// URL"),
@@ -137,6 +147,8 @@ BAD_SHARED = [
     ("RECSYS_PINNED_VERSION", "v3", "an integer >= 1"),
 ]
 BAD_RETRIEVAL = [
+    ("RETRIEVAL_HOST", "0.0.0.0:50051/x", "an IP address or host name to listen on"),
+    ("RETRIEVAL_METRICS_HOST", "with space", "an IP address or host name to listen on"),
     ("RETRIEVAL_PORT", "65536", "an integer in [0, 65535]"),
     ("RETRIEVAL_PORT", "-1", "an integer in [0, 65535]"),
     ("RETRIEVAL_PORT", "http", "an integer in [0, 65535]"),
@@ -155,6 +167,8 @@ BAD_RETRIEVAL = [
     ("RETRIEVAL_MAX_MESSAGE_BYTES", "100", "an integer in [1024, 2147483647]"),
 ]
 BAD_RANKING = [
+    ("RANKING_HOST", "a b", "an IP address or host name to listen on"),
+    ("RANKING_METRICS_HOST", "user@host", "an IP address or host name to listen on"),
     ("RANKING_PORT", "99999", "an integer in [0, 65535]"),
     ("RANKING_METRICS_PORT", "-2", "an integer in [0, 65535]"),
     ("RANKING_RETRIEVAL_TARGET", "retrieval 50051", "a gRPC target"),

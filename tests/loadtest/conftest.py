@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.signing_keys import SIGNER
 from loadtest.publish import publish_tiny
 
 
@@ -13,5 +14,5 @@ from loadtest.publish import publish_tiny
 def published(tmp_path_factory, ml100k_dir) -> tuple[Path, int]:
     """(artifact root, version): the tests' tiny real models fitted to MovieLens 100K's features."""
     root = tmp_path_factory.mktemp("loadtest-artifacts")
-    (version,) = publish_tiny(root, ml100k_dir, count=1, interval_s=0.0, seed=0)
+    (version,) = publish_tiny(root, ml100k_dir, count=1, interval_s=0.0, seed=0, signer=SIGNER)
     return root, version

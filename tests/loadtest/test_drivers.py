@@ -23,6 +23,7 @@ from loadtest.users import UNKNOWN_PREFIX, UserSampler, load_population
 from ranking_service.config import RankingConfig
 from ranking_service.server import create_server as create_ranking_server
 from retrieval_service.config import RetrievalConfig
+from tests.signing_keys import PUBLIC_KEY_FILE
 from retrieval_service.server import create_server as create_retrieval_server
 
 pytestmark = pytest.mark.slow
@@ -32,10 +33,9 @@ pytestmark = pytest.mark.slow
 async def serving(root: Path, redis_url: str, namespace: str):
     """Yields (ranking target, retrieval target) of started in-process servers; stops them afterwards."""
     shared = {"artifact_root": root, "redis_url": redis_url, "redis_namespace": namespace, "port": 0,
-              "metrics_port": 0, "log_level": "WARNING"}
-    _, retrieval_port, retrieval_app = await create_retrieval_server(RetrievalConfig(**shared), host="127.0.0.1")
+              "metrics_port": 0, "log_level": "WARNING", "trusted_keys": PUBLIC_KEY_FILE}
+    _, retrieval_port, retrieval_app = await create_retrieval_server(RetrievalConfig(**shared))
     retrieval_target = f"127.0.0.1:{retrieval_port}"
-    # One at a time: torch refuses two program loads at once in one process (separate processes in production).
     await wait_serving(retrieval_target, 60)
     ranking_server, ranking_port, ranking_app = await create_ranking_server(
         RankingConfig(**shared, retrieval_target=retrieval_target))

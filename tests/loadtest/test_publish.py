@@ -6,6 +6,7 @@ import redis
 
 from loadtest.publish import FeatureTarget, publish_tiny, republish
 from recsys_contracts import artifacts, feature_store
+from tests.signing_keys import SIGNER, TRUST
 from tests.processes import free_port
 
 
@@ -17,7 +18,7 @@ def _source_root(tmp_path):
         (staging / "sub").mkdir()
         (staging / "sub" / "table.json").write_text('{"rows": 3}')
 
-    version = artifacts.publish(root, write, data={"dataset": "ml-100k"}, config={"dim": 8}, metrics={"ndcg": 0.1},
+    version = artifacts.publish(root, write, signer=SIGNER, data={"dataset": "ml-100k"}, config={"dim": 8}, metrics={"ndcg": 0.1},
                                 extra={"index": "flat"})
     return root, version
 
@@ -25,11 +26,11 @@ def _source_root(tmp_path):
 def test_republish_copies_the_current_version_as_new_verified_versions(tmp_path):
     source, source_version = _source_root(tmp_path)
     target = tmp_path / "target"
-    assert republish(target, source, count=3, interval_s=0.0) == [1, 2, 3]
+    assert republish(target, source, count=3, interval_s=0.0, signer=SIGNER) == [1, 2, 3]
     assert artifacts.current_version(target) == 3
-    original = artifacts.verify(source, source_version)
+    original = artifacts.verify(source, source_version, TRUST)
     for version in (1, 2, 3):
-        copy = artifacts.verify(target, version)
+        copy = artifacts.verify(target, version, TRUST)
         assert copy.files == original.files
         assert (copy.data, copy.config, copy.metrics, copy.extra) == \
             (original.data, original.config, original.metrics, original.extra)
@@ -38,22 +39,22 @@ def test_republish_copies_the_current_version_as_new_verified_versions(tmp_path)
 def test_republish_needs_a_published_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="source_root"):
-        republish(tmp_path / "target", tmp_path / "empty", 1, 0.0)
+        republish(tmp_path / "target", tmp_path / "empty", 1, 0.0, signer=SIGNER)
 
 
 @pytest.mark.parametrize(("count", "interval_s", "field"), [(0, 0.0, "count"), (1, -1.0, "interval_s")])
 def test_publishing_rejects_bad_arguments(tmp_path, count, interval_s, field):
     source, _ = _source_root(tmp_path)
     with pytest.raises(ValueError, match=field):
-        republish(tmp_path / "target", source, count, interval_s)
+        republish(tmp_path / "target", source, count, interval_s, signer=SIGNER)
     with pytest.raises(ValueError, match=field):
-        publish_tiny(tmp_path / "target", None, count, interval_s, seed=0)
+        publish_tiny(tmp_path / "target", None, count, interval_s, seed=0, signer=SIGNER)
 
 
 def test_republish_writes_features_before_the_version_goes_live(tmp_path, published, redis_url, redis_namespace):
     source, _ = published
     target = tmp_path / "target"
-    assert republish(target, source, 2, 0.0, FeatureTarget(redis_url, redis_namespace)) == [1, 2]
+    assert republish(target, source, 2, 0.0, FeatureTarget(redis_url, redis_namespace), signer=SIGNER) == [1, 2]
     assert artifacts.current_version(target) == 2
     client = redis.Redis.from_url(redis_url)
     try:
@@ -68,8 +69,8 @@ def test_republish_writes_features_before_the_version_goes_live(tmp_path, publis
 def test_a_version_whose_features_cannot_be_written_does_not_go_live(tmp_path, published):
     source, _ = published
     target = tmp_path / "target"
-    republish(target, source, 1, 0.0)
+    republish(target, source, 1, 0.0, signer=SIGNER)
     unreachable = FeatureTarget(f"redis://127.0.0.1:{free_port()}/0", "nowhere")
     with pytest.raises(redis.ConnectionError):
-        republish(target, source, 1, 0.0, unreachable)
+        republish(target, source, 1, 0.0, unreachable, signer=SIGNER)
     assert artifacts.current_version(target) == 1          # still the version that went live before

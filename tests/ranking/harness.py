@@ -21,6 +21,7 @@ from recsys_contracts.v1 import ranking_pb2_grpc
 from recsys_serving.reload import VersionHolder
 from retrieval_service.config import RetrievalConfig
 from retrieval_service.server import create_server as create_retrieval_server
+from tests.signing_keys import PUBLIC_KEY_FILE, SIGNING_ENV, TRUST
 from tests.processes import ChildProcess, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -29,13 +30,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def config(root: Path, **overrides) -> RankingConfig:
     """A test config: port 0, no metrics endpoint, fast polling, no Redis, a retrieval target that refuses."""
     base = RankingConfig(artifact_root=Path(root), port=0, metrics_port=0, poll_interval_s=0.1,
+                         trusted_keys=PUBLIC_KEY_FILE,
                          retrieval_target=f"127.0.0.1:{free_port()}", default_deadline_ms=2000)
     return dataclasses.replace(base, **overrides)
 
 
 def cached_holder(root: Path, state, **kwargs) -> VersionHolder:
     """A holder that verifies the version as usual but reuses an already loaded state (saves seconds)."""
-    return VersionHolder(root, lambda directory, version: state, **kwargs)
+    return VersionHolder(root, lambda directory, version: state, trust=TRUST, **kwargs)
 
 
 async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
@@ -62,10 +64,11 @@ async def serve(cfg: RankingConfig, *, state=None, holder=None, candidates=None)
 async def serve_retrieval(root: Path, state, **overrides):
     """Yields (target, app) for an in-process retrieval server on loopback reusing a loaded state."""
     cfg = dataclasses.replace(RetrievalConfig(artifact_root=Path(root), port=0, metrics_port=0,
+                                              trusted_keys=PUBLIC_KEY_FILE,
                                               poll_interval_s=0.1, chunk_size=50), **overrides)
-    holder = VersionHolder(root, lambda directory, version: state, poll_interval_s=0.1)
+    holder = VersionHolder(root, lambda directory, version: state, trust=TRUST, poll_interval_s=0.1)
     await holder.refresh()
-    _, port, app = await create_retrieval_server(cfg, holder=holder, host="127.0.0.1")
+    _, port, app = await create_retrieval_server(cfg, holder=holder)
     try:
         yield f"127.0.0.1:{port}", app
     finally:
@@ -77,7 +80,7 @@ class RetrievalProcess(ChildProcess):
 
     def __init__(self, root: Path, redis_url: str | None = None, **env: str) -> None:
         self.port = free_port()
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))}
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))} | SIGNING_ENV
         environ.update({"RECSYS_ARTIFACT_ROOT": str(root),
                         "RETRIEVAL_PORT": str(self.port), "RETRIEVAL_METRICS_PORT": "0",
                         "RECSYS_LOG_LEVEL": "WARNING", "PYTHONPATH": str(REPO_ROOT), **env})

@@ -22,10 +22,11 @@ from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from recsys_serving.runtime import REQUEST_ID_KEY
 from retrieval_service.config import TlsConfig as RetrievalTls
 from tests.ranking.harness import REPO_ROOT, cached_holder, config, free_port, run, serve_retrieval
+from tests.signing_keys import SIGNING_ENV
 
 
 def _env(**values: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))} | SIGNING_ENV
     return {**env, "PYTHONPATH": str(REPO_ROOT), **values}
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ranking_service.state import load_state
 from recsys_contracts import artifacts
+from recsys_contracts.signing import SIGNATURE_FILE
+from tests.signing_keys import SIGNER, TRUST
 from recsys_contracts.v1 import ranking_pb2
 from recsys_serving.reload import VersionHolder
 from tests.ranking.harness import config, run, sample, serve
@@ -18,12 +20,12 @@ def republish(root: Path, source: Path, corrupt_ranker: bool = False) -> int:
 
     def write(staging: Path) -> None:
         for path in source.iterdir():
-            if path.name != artifacts.MANIFEST_FILE:
+            if path.name not in (artifacts.MANIFEST_FILE, SIGNATURE_FILE):
                 shutil.copy2(path, staging / path.name)
         if corrupt_ranker:
             (staging / "ranker.onnx").write_bytes(b"not an onnx model")
 
-    return artifacts.publish(root, write, data={}, config={}, metrics={})
+    return artifacts.publish(root, write, signer=SIGNER, data={}, config={}, metrics={})
 
 
 async def wait_for_version(stub, version: int) -> None:
@@ -42,7 +44,7 @@ def test_new_version_is_swapped_in_and_a_corrupt_one_refused(tmp_path, published
     source = root / "versions" / str(version)
     # Version 1 reuses the session's loaded state; later versions go through the real loader.
     holder = VersionHolder(root, lambda directory, v: loaded if v == version else load_state(directory, v),
-                           poll_interval_s=0.1)
+                           trust=TRUST, poll_interval_s=0.1)
 
     async def main():
         async with serve(config(root), holder=holder) as (stub, _, app):

@@ -16,24 +16,25 @@ from recsys_serving.reload import VersionHolder
 from retrieval_service.config import RetrievalConfig
 from retrieval_service.server import create_server
 from retrieval_service.state import ServingState
+from tests.signing_keys import PUBLIC_KEY_FILE, TRUST
 
 
 def config(root: Path, **overrides) -> RetrievalConfig:
     """A test config: loopback, port 0, no metrics endpoint, fast polling."""
-    base = RetrievalConfig(artifact_root=Path(root), port=0, metrics_port=0,
+    base = RetrievalConfig(artifact_root=Path(root), port=0, metrics_port=0, trusted_keys=PUBLIC_KEY_FILE,
                            poll_interval_s=0.1, chunk_size=10, microbatch_max_wait_ms=1.0)
     return dataclasses.replace(base, **overrides)
 
 
 def cached_holder(root: Path, state: ServingState, **kwargs) -> VersionHolder[ServingState]:
     """A holder that verifies the version as usual but reuses an already loaded state (saves seconds)."""
-    return VersionHolder(root, lambda directory, version: state, **kwargs)
+    return VersionHolder(root, lambda directory, version: state, trust=TRUST, **kwargs)
 
 
 @contextlib.asynccontextmanager
 async def serve(cfg: RetrievalConfig, *, holder=None, batching: bool = True, wait_serving: bool = True):
     """Yields (stub, channel, app) for a started server; closes everything afterwards."""
-    server, port, app = await create_server(cfg, holder=holder, batching=batching, host="127.0.0.1")
+    server, port, app = await create_server(cfg, holder=holder, batching=batching)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
         if wait_serving:

@@ -16,11 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
 from tests.conftest import REPO_ROOT
 from tests.processes import free_port
+from tests.signing_keys import SIGNING_ENV
 
 
 def _env(**names: str) -> dict[str, str]:
     """The parent environment without project variables, plus ``names``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))} | SIGNING_ENV
     return {**env, **names}
 
 

@@ -11,6 +11,8 @@ import grpc
 import numpy as np
 
 from recsys_contracts import artifacts
+from recsys_contracts.signing import SIGNATURE_FILE
+from tests.signing_keys import SIGNER
 from tests.factories import publish_tiny_version, tiny_run
 from tests.retrieval.harness import config, retrieve, sample, serve
 
@@ -34,13 +36,13 @@ def _publish_broken(root: Path, source: int) -> int:
 
     def write(staging: Path) -> None:
         for path in source_dir.iterdir():
-            if path.name != artifacts.MANIFEST_FILE:
+            if path.name not in (artifacts.MANIFEST_FILE, SIGNATURE_FILE):
                 shutil.copy2(path, staging / path.name)
         embeddings = np.load(source_dir / "item_embeddings.npy")                 # (m+1, D)
         np.save(staging / "item_embeddings.npy", np.pad(embeddings, ((0, 0), (0, 1))), allow_pickle=False)
 
     manifest = artifacts.read_manifest(root, source)
-    return artifacts.publish(root, write, data=manifest.data, config=manifest.config, metrics=manifest.metrics,
+    return artifacts.publish(root, write, signer=SIGNER, data=manifest.data, config=manifest.config, metrics=manifest.metrics,
                              extra=manifest.extra)
 
 

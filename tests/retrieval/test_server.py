@@ -202,7 +202,7 @@ def test_tls_port_serves_tls_clients_only(published, loaded, tmp_path):
 
     async def body():
         cfg = config(root, tls=TlsConfig(cert_file=cert, key_file=key))
-        _, port, app = await create_server(cfg, holder=cached_holder(root, loaded), host="127.0.0.1")
+        _, port, app = await create_server(cfg, holder=cached_holder(root, loaded))
         try:
             while not app.holder.ready:
                 await asyncio.sleep(0.02)

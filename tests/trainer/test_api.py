@@ -22,6 +22,7 @@ import pytest
 
 import trainer
 from recsys_contracts import artifacts
+from tests.signing_keys import SIGNER, TRUST
 from trainer.api import ModelConfig, ProductionTrainer
 from trainer.config import TrainConfig, replace
 from trainer.data import load_movielens
@@ -229,7 +230,7 @@ def test_recommend_rejects_bad_user_ids(fitted, user_id):
 def test_publish_hands_a_complete_version_to_the_services(fitted, tmp_path):
     version = fitted.trainer.publish(tmp_path)
     assert version == 1 and artifacts.current_version(tmp_path) == 1
-    manifest = artifacts.verify(tmp_path, 1)  # every file present with its checksum
+    manifest = artifacts.verify(tmp_path, 1, TRUST)  # every file present with its checksum
     assert manifest.config["retrieval"]["embedding_dim"] == 32
     assert manifest.metrics["pipeline"]["ndcg@10"] == pytest.approx(fitted.metrics["pipeline"]["ndcg@10"])
     assert {"user_tower.onnx", "ranker.onnx", "index.faiss", "report.json", "report.md"} <= set(manifest.files)
@@ -242,7 +243,7 @@ def test_publish_hands_a_complete_version_to_the_services(fitted, tmp_path):
 @pytest.mark.slow
 def test_publish_is_refused_below_the_served_version(fitted, tmp_path):
     served = artifacts.publish(tmp_path, lambda folder: (folder / "note.txt").write_text("served\n"),
-                               data={"dataset": "dataframes", "protocol": "given"}, config={},
+                               signer=SIGNER, data={"dataset": "dataframes", "protocol": "given"}, config={},
                                metrics={"pipeline": {"ndcg@10": 0.99}})
     with pytest.raises(RuntimeError, match=r"not published: pipeline NDCG@10 .* more than 5% below the served "
                                            r"version 1's 0.9900"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from recsys_contracts import artifacts
+from tests.signing_keys import TRUST
 from trainer import pipeline
 from trainer.joint_training import RatingLookup
 from trainer.retrieval_training import Interactions
@@ -35,7 +36,7 @@ def test_joint_mode_trains_both_models_publishes_and_reports_one_history(tmp_pat
     cfg = small_config(tmp_path, "multitask.mode=joint", f"publish.artifact_root={root}", "publish.gate=false")
     result = pipeline.run(cfg, dataset)
     assert result.version == 1
-    artifacts.verify(root, 1)
+    artifacts.verify(root, 1, TRUST)
     histories = json.loads((tmp_path / "run" / "report.json").read_text())["histories"]
     assert set(histories) == {"joint"}
     epochs = histories["joint"]

@@ -12,6 +12,7 @@ import redis
 import torch
 
 from recsys_contracts import artifacts, feature_store
+from tests.signing_keys import SIGNER, TRUST
 from recsys_contracts.programs import USER_TOWER, load_program
 from trainer import pipeline
 from trainer.config import load_config
@@ -41,7 +42,7 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
                        f"publish.redis_namespace={redis_namespace}", "publish.gate=false")
     result = pipeline.run(cfg, dataset)
     assert result.refused is None and result.version == 1
-    manifest = artifacts.verify(root, 1)
+    manifest = artifacts.verify(root, 1, TRUST)
     for name in ("user_tower.onnx", "ranker.onnx", "index.faiss", "report.json", "report.md",
                  "training_curves.png", "recall_at_k.png", "popularity.png"):
         assert name in manifest.files
@@ -81,7 +82,7 @@ def test_models_learn_the_planted_preferences(tmp_path, dataset):
 def test_gate_refuses_a_run_far_below_the_served_version(tmp_path, dataset):
     root = tmp_path / "artifacts"
     served = artifacts.publish(root, lambda d: (d / "x").write_text("x"),
-                               data={"dataset": dataset.name, "protocol": "random"}, config={},
+                               signer=SIGNER, data={"dataset": dataset.name, "protocol": "random"}, config={},
                                metrics={"pipeline": {"ndcg@10": 0.99}})
     result = pipeline.run(small_config(tmp_path, f"publish.artifact_root={root}"), dataset)
     assert result.version is None
