@@ -156,7 +156,7 @@ def test_builder_venv_is_copied_into_runtime(name):
     builder = dockerfile.stage("builder")
     install = " ".join(builder.all("RUN"))
     assert "-m venv /opt/venv" in install
-    assert "/opt/venv/bin/pip install" in install and "requirements.txt" in install
+    assert "/opt/venv/bin/pip install" in install and "requirements" in install
     assert "COPY --from=builder /opt/venv /opt/venv" in [f"COPY {a}" for a in dockerfile.final.all("COPY")]
     assert env_of(dockerfile.final)["PATH"].startswith("/opt/venv/bin:")
     # The runtime stage installs no build tools: everything pip built stays in the builder.
@@ -199,7 +199,8 @@ def test_build_context_is_an_allow_list():
     for path in (".git/config", ".venv/bin/python", "tests/conftest.py", "artifacts/CURRENT",
                  "trainer/__pycache__/x.cpython-311.pyc", "docker-compose.yml", "deploy/k8s/base/redis.yaml"):
         assert not in_build_context(path, patterns), path
-    for path in ("requirements.txt", "deploy/requirements-gpu.txt", "recsys_contracts/v1/common_pb2.py"):
+    for path in ("requirements.txt", "requirements-serving.txt", "deploy/requirements-gpu.txt",
+                 "recsys_contracts/v1/common_pb2.py", "recsys_serving/reload.py"):
         assert in_build_context(path, patterns), path
 
 
@@ -255,7 +256,9 @@ def test_ready_for_a_read_only_root_filesystem(name):
     writable = {key: value for key, value in env.items()
                 if key in {"HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR",
                            "TRITON_CACHE_DIR", "CUDA_CACHE_PATH"}}
-    assert {"HOME", "XDG_CACHE_HOME", "TORCHINDUCTOR_CACHE_DIR"} <= set(writable)
+    assert {"HOME", "XDG_CACHE_HOME"} <= set(writable)
+    if name not in ("Dockerfile.ranking", "Dockerfile.retrieval"):      # the images that carry torch
+        assert "TORCHINDUCTOR_CACHE_DIR" in writable
     assert all(value == "/tmp" or value.startswith("/tmp/") for value in writable.values()), writable
     if IMAGES[name].module == "trainer":
         assert env["MPLCONFIGDIR"].startswith("/tmp/")
@@ -276,13 +279,30 @@ def test_no_index_or_registry_host_is_written_in(name):
     assert "://" not in (DEPLOY / name).read_text()
 
 
-@pytest.mark.parametrize("name", [n for n, image in IMAGES.items() if not image.gpu])
-def test_cpu_images_take_torch_from_the_index_passed_in(name):
-    builder = load(name).stage("builder")
+def test_cpu_trainer_image_takes_torch_from_the_index_passed_in():
+    builder = load("Dockerfile.trainer").stage("builder")
     assert "TORCH_INDEX_URL" in builder.all("ARG")
     runs = " ".join(builder.all("RUN"))
     assert 'test -n "$TORCH_INDEX_URL"' in runs, "fail the build rather than pull the CUDA torch"
     assert '--extra-index-url "$TORCH_INDEX_URL" -r /build/requirements.txt' in runs
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.ranking", "Dockerfile.retrieval"])
+def test_cpu_service_images_install_no_torch(name):
+    """Serving runs ONNX programs with onnxruntime: the service images carry the serving pins only."""
+    builder = load(name).stage("builder")
+    runs = " ".join(builder.all("RUN"))
+    assert "-r /build/requirements-serving.txt" in runs and "/build/requirements.txt" not in runs
+    assert "TORCH_INDEX_URL" not in builder.all("ARG")
+    serving = requirement_pins(REPO_ROOT / "requirements-serving.txt")
+    assert "torch" not in serving and {"onnxruntime", "onnx", "cryptography"} <= set(serving)
+
+
+def test_requirements_txt_includes_the_serving_pins():
+    lines = (REPO_ROOT / "requirements.txt").read_text().splitlines()
+    assert "-r requirements-serving.txt" in lines
+    assert not set(requirement_pins(REPO_ROOT / "requirements.txt")) & set(
+        requirement_pins(REPO_ROOT / "requirements-serving.txt")), "each pin lives in one file"
 
 
 def requirement_pins(path: Path) -> dict[str, str]:
@@ -297,7 +317,7 @@ def requirement_pins(path: Path) -> dict[str, str]:
 
 
 def test_gpu_requirements_replace_exactly_the_cpu_builds():
-    cpu = requirement_pins(REPO_ROOT / "requirements.txt")
+    cpu = requirement_pins(REPO_ROOT / "requirements.txt") | requirement_pins(REPO_ROOT / "requirements-serving.txt")
     gpu = requirement_pins(DEPLOY / "requirements-gpu.txt")
     assert set(gpu) == {"torch", "faiss-gpu"}
     assert gpu["torch"] == cpu["torch"]
@@ -307,11 +327,16 @@ def test_gpu_requirements_replace_exactly_the_cpu_builds():
 @pytest.mark.parametrize("name", [n for n, image in IMAGES.items() if image.gpu])
 def test_gpu_images_filter_out_the_cpu_builds(name):
     runs = " ".join(load(name).stage("builder").all("RUN"))
-    pattern = re.search(r"grep -v -E '([^']+)' /build/requirements\.txt", runs)
+    pattern = re.search(r"grep -v -E '([^']+)'", runs)
     assert pattern, runs
-    lines = (REPO_ROOT / "requirements.txt").read_text().splitlines()
+    sources = ["requirements-serving.txt"] + (["requirements.txt"] if "trainer" in name else [])
+    for source in sources:
+        assert f"/build/{source}" in runs
+    lines = [line for source in sources for line in (REPO_ROOT / source).read_text().splitlines()]
     dropped = {line.partition("==")[0] for line in lines if re.search(pattern.group(1), line)}
-    assert dropped == {"torch", "faiss-cpu"}
+    assert dropped - {"-r requirements-serving.txt"} == {"torch", "faiss-cpu"} & {
+        line.partition("==")[0] for line in lines}
+    assert "faiss-cpu" in dropped
     assert "-r /build/requirements-common.txt -r /build/requirements-gpu.txt" in runs
     assert "--extra-index-url" not in runs, "PyPI's default torch wheel is the CUDA build"
 
