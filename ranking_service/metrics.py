@@ -27,3 +27,5 @@ RETRIEVAL_FAILURES = Counter("ranking_retrieval_failures", "Retrieve calls that 
                              ["code"])
 DCN_BATCH_JOBS = Histogram("ranking_dcn_batch_jobs", "Scoring jobs merged into one DCN forward pass",
                            buckets=(1, 2, 4, 8, 16, 32, 64))
+MODEL_FALLBACK_ROWS = Counter("ranking_model_fallback_rows",
+                              "Candidates whose model output was not finite (ranked last by retrieval score)")

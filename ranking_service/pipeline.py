@@ -66,6 +66,7 @@ class _Pool:
         self.taken = np.zeros(0, dtype=np.int64)     # ids already in the pool (sorted)
         self.tasks: list[asyncio.Task] = []
         self.unknown = False
+        self.model_fallback = False
 
     def add(self, ids: np.ndarray, retrieval_scores: np.ndarray, limit: int | None = None) -> None:
         keep = ~in_sorted(ids, self.taken)
@@ -91,6 +92,7 @@ class _Pool:
 
     def _merge(self, scored: Scored) -> None:
         self.unknown |= bool((scored.item_idx == 0).any())
+        self.model_fallback |= model_fell_back(scored)
         self.top.add(scored)
 
     async def finish(self) -> Scored | None:
@@ -124,8 +126,13 @@ class Pipeline:
         results = [await pieces[0]] if len(pieces) == 1 else await asyncio.gather(*pieces)
         ctr = np.concatenate([r[0] for r in results])
         rating = np.concatenate([r[1] for r in results])
-        return Scored(item_ids=ids, item_idx=idx, arrival=arrival, score=state.score_rule.apply(ctr, rating),
-                      ctr=ctr, rating=rating, retrieval_score=retrieval_scores.astype(np.float32))
+        retrieval_scores = retrieval_scores.astype(np.float32)
+        score = state.score_rule.apply(ctr, rating)
+        bad = ~(np.isfinite(score) & np.isfinite(ctr) & np.isfinite(rating) & np.isfinite(retrieval_scores))
+        if bad.any():
+            score, ctr, rating, retrieval_scores = _finite_fallback(state, bad, score, ctr, rating, retrieval_scores)
+        return Scored(item_ids=ids, item_idx=idx, arrival=arrival, score=score, ctr=ctr, rating=rating,
+                      retrieval_score=retrieval_scores)
 
     async def recommend(self, state: ServingState, query: RecommendQuery, deadline: float,
                         request_id: str) -> Answer:
@@ -149,6 +156,8 @@ class Pipeline:
         flags |= pool.view.degraded
         if pool.unknown:
             flags.add(common_pb2.DEGRADED_PATH_UNKNOWN_ITEMS)
+        if pool.model_fallback:
+            flags.add(common_pb2.DEGRADED_PATH_MODEL_FALLBACK)
         return Answer(items=_select(state, ranked, query), ranking_version=state.version,
                       retrieval_version=retrieval_version, degraded=frozenset(flags))
 
@@ -205,11 +214,33 @@ class Pipeline:
                                   np.arange(query.item_ids.size, dtype=np.int64))
         unknown = query.item_ids[scored.item_idx == 0]
         flags = set(view.degraded) | ({common_pb2.DEGRADED_PATH_UNKNOWN_ITEMS} if unknown.size else set())
+        if model_fell_back(scored):
+            flags.add(common_pb2.DEGRADED_PATH_MODEL_FALLBACK)
         return Answer(items=scored.take(best_first(scored)), ranking_version=state.version,
                       degraded=frozenset(flags), unknown_item_ids=unknown)
 
     async def record(self, pairs: list[tuple[str, FreshInteraction]], timeout_s: float) -> int:
         return await self.features.record(pairs, timeout_s)
+
+
+def _finite_fallback(state: ServingState, bad: np.ndarray, score: np.ndarray, ctr: np.ndarray, rating: np.ndarray,
+                     retrieval_scores: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Rows whose model output is not finite: ctr 0, the rating range's floor, and a score in
+    (-2, -1) that keeps their retrieval order below every real score (real scores are >= 0: a CTR,
+    times a non-negative rating ratio). ``model_fell_back`` reads that sign; the answer is flagged."""
+    metrics.MODEL_FALLBACK_ROWS.inc(int(bad.sum()))
+    retrieval_scores = np.where(np.isfinite(retrieval_scores), retrieval_scores, np.float32(0.0)).astype(np.float32)
+    with np.errstate(over="ignore"):
+        order = (1.0 / (1.0 + np.exp(-retrieval_scores.astype(np.float64)))).astype(np.float32)   # (0, 1)
+    return (np.where(bad, order - np.float32(2.0), score).astype(np.float32),
+            np.where(bad, np.float32(0.0), ctr).astype(np.float32),
+            np.where(bad, np.float32(state.tables.spec.rating_min), rating).astype(np.float32),
+            retrieval_scores)
+
+
+def model_fell_back(scored: Scored | None) -> bool:
+    """True when some rows got ``_finite_fallback``'s scores (only those are negative)."""
+    return scored is not None and bool((scored.score < 0).any())
 
 
 def _select(state: ServingState, ranked: Scored | None, query: RecommendQuery) -> Scored | None:

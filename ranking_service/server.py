@@ -220,7 +220,8 @@ async def create_server(config: RankingConfig, *, candidates: CandidateSource | 
     """
     app = RankingApp(config, candidates, holder)
     server = grpc.aio.server(options=runtime.message_size_options(config.max_message_bytes))
-    ranking_pb2_grpc.add_RankingServiceServicer_to_server(RankingServicer(app), server)
+    runtime.add_servicer(server, RankingServicer(app), ranking_pb2.DESCRIPTOR.services_by_name["RankingService"],
+                         on_malformed=lambda method: metrics.REQUESTS.labels(method, "INVALID_ARGUMENT").inc())
     health = runtime.add_health_and_reflection(server, [SERVICE_NAME])
     await runtime.set_serving(health, [SERVICE_NAME], False)   # readiness is earned by the first load
     port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)

@@ -19,6 +19,7 @@ from ranking_service.features import UserOverrides, encode_overrides
 from recsys_contracts import feature_store
 from recsys_contracts.feature_spec import FeatureSpec
 from recsys_contracts.feature_store import FreshInteraction
+from recsys_contracts.ids import excerpt
 from recsys_contracts.v1 import common_pb2, ranking_pb2, retrieval_pb2
 
 MAX_TIMESTAMP_S = 2**40
@@ -26,6 +27,7 @@ MAX_FEATURES = 32
 MAX_FEATURE_BYTES = 128
 MAX_RECENT_ITEMS = 200
 MAX_INTERACTIONS = 1000
+FLOAT32_MAX = 3.4028234663852886e38   # numeric features become float32 model inputs
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,9 +65,9 @@ def _timestamp(value: int, field: str) -> int:
 
 def _name_and_value(field: str, name: str, value: str | None = None) -> None:
     if not 1 <= len(name.encode()) <= MAX_FEATURE_BYTES:
-        raise ValueError(f"{field} keys must be 1..{MAX_FEATURE_BYTES} bytes, got {name!r}")
+        raise ValueError(f"{field} keys must be 1..{MAX_FEATURE_BYTES} bytes, got {excerpt(name)}")
     if value is not None and not 1 <= len(value.encode()) <= MAX_FEATURE_BYTES:
-        raise ValueError(f"{field}[{name!r}] must be 1..{MAX_FEATURE_BYTES} bytes, got {value!r}")
+        raise ValueError(f"{field}[{name!r}] must be 1..{MAX_FEATURE_BYTES} bytes, got {excerpt(value)}")
 
 
 def overrides(spec: FeatureSpec, features: common_pb2.UserFeatures) -> UserOverrides:
@@ -78,8 +80,9 @@ def overrides(spec: FeatureSpec, features: common_pb2.UserFeatures) -> UserOverr
         _name_and_value("user_features.categorical", name, value)
     for name, value in features.numeric.items():
         _name_and_value("user_features.numeric", name)
-        if not math.isfinite(value):
-            raise ValueError(f"user_features.numeric[{name!r}] must be finite, got {value!r}")
+        if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise ValueError(f"user_features.numeric[{name!r}] must be a finite float32 "
+                             f"(|x| <= {FLOAT32_MAX:.4g}), got {value!r}")
     recent = list(features.recent_item_ids)
     if len(recent) > MAX_RECENT_ITEMS:
         raise ValueError(f"user_features.recent_item_ids must hold at most {MAX_RECENT_ITEMS} ids, got {len(recent)}")

@@ -9,7 +9,9 @@ Encoding rules:
 - ``CategoricalColumn``: a value's index is its position in ``vocabulary`` + 1; 0 is the
   out-of-vocabulary / missing bucket. Only ``str`` values are looked up; anything else
   (None, NaN) is missing.
-- ``NumericColumn``: ``(transform(x) - mean) / std`` as float32, with ``std == 0`` treated as 1.
+- ``NumericColumn``: ``(transform(clip(x, low, high)) - mean) / std`` as float32, with ``std == 0``
+  treated as 1; ``low`` / ``high`` are the raw range seen in training (null: unbounded), so a
+  request-time value far outside it (age 1e30) cannot push the model into NaN or saturation.
   Missing or non-finite values encode to 0.0, i.e. the training mean.
 - Item numerics are the multi-hot genre flags (0/1, unscaled, in ``item_genres`` order) followed
   by the scaled ``item_numeric`` columns. ``genres`` in a raw item row is a "|"-separated string.
@@ -33,7 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 GENRE_SEPARATOR = "|"
 TRANSFORMS = ("identity", "log1p")
 
@@ -88,10 +90,18 @@ class NumericColumn:
     mean: float
     std: float
     transform: Transform = "identity"
+    low: float | None = None     # raw values are clipped to [low, high] before the transform
+    high: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"NumericColumn.name must be a non-empty str, got {self.name!r}")
+        for bound in ("low", "high"):
+            value = getattr(self, bound)
+            if value is not None and (not isinstance(value, float) or not math.isfinite(value)):
+                raise ValueError(f"{self.name}.{bound} must be null or a finite float, got {value!r}")
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"{self.name}.low must be <= high ({self.high!r}), got {self.low!r}")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"{self.name}.transform must be one of {TRANSFORMS}, got {self.transform!r}")
         if not isinstance(self.mean, float) or not math.isfinite(self.mean):
@@ -102,6 +112,8 @@ class NumericColumn:
     def apply_transform(self, values: Any) -> np.ndarray:
         """(n,) raw values -> (n,) float64 transformed values, NaN where missing or out of domain."""
         x = np.asarray(values, dtype=np.float64).reshape(-1)
+        if self.low is not None or self.high is not None:
+            x = np.clip(x, self.low, self.high)          # NaN (missing) stays NaN
         if self.transform == "log1p":
             # log1p is undefined below -1; such values count as missing rather than -inf/NaN noise.
             with np.errstate(invalid="ignore", divide="ignore"):
@@ -290,7 +302,7 @@ def _column_from_json(key: str, column_cls: type, data: Any) -> CategoricalColum
             raise ValueError(f"{key}.vocabulary must be a JSON list, got {data['vocabulary']!r}")
         return CategoricalColumn(name=data["name"], vocabulary=tuple(data["vocabulary"]))
     return NumericColumn(name=data["name"], mean=_as_float(data["mean"]), std=_as_float(data["std"]),
-                         transform=data["transform"])
+                         transform=data["transform"], low=_as_float(data["low"]), high=_as_float(data["high"]))
 
 
 def _frame_length(frame: Any, columns: list[str]) -> int:

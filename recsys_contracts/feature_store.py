@@ -54,6 +54,8 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 import redis.asyncio
+
+from recsys_contracts.ids import excerpt
 import redis.asyncio.retry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
@@ -102,19 +104,27 @@ def check_version(version: object) -> int:
 
 
 def check_user_id(user_id: object) -> str:
-    """An external user id: 1..128 bytes of UTF-8 without ``{``, ``}`` or whitespace."""
+    """An external user id: 1..128 bytes of printable UTF-8 without ``{``, ``}`` or whitespace.
+
+    The length is checked before anything quotes the value, and messages quote at most
+    ``ids.QUOTE_CHARS`` characters of it (a huge id must not become a huge log line or status)."""
     if not isinstance(user_id, str):
-        raise ValueError(f"user_id must be a str, got {user_id!r}")
+        raise ValueError(f"user_id must be a str, got {excerpt(user_id)} ({type(user_id).__name__})")
+    if len(user_id) > _MAX_USER_ID_BYTES:      # > 128 characters is > 128 bytes: refuse unread
+        raise ValueError(f"user_id must be 1..{_MAX_USER_ID_BYTES} bytes of UTF-8, got {len(user_id)} characters: "
+                         f"{excerpt(user_id)}")
     try:
         size = len(user_id.encode("utf-8"))
     except UnicodeEncodeError:
-        raise ValueError(f"user_id must be valid UTF-8, got {user_id!r}") from None
+        raise ValueError(f"user_id must be valid UTF-8, got {excerpt(user_id)}") from None
     if not 1 <= size <= _MAX_USER_ID_BYTES:
         raise ValueError(
-            f"user_id must be 1..{_MAX_USER_ID_BYTES} bytes of UTF-8, got {size} bytes: {user_id!r}"
+            f"user_id must be 1..{_MAX_USER_ID_BYTES} bytes of UTF-8, got {size} bytes: {excerpt(user_id)}"
         )
     if any(ch in "{}" or ch.isspace() for ch in user_id):
-        raise ValueError(f"user_id must not contain '{{', '}}' or whitespace, got {user_id!r}")
+        raise ValueError(f"user_id must not contain '{{', '}}' or whitespace, got {excerpt(user_id)}")
+    if not user_id.isprintable():
+        raise ValueError(f"user_id must hold printable characters only, got {excerpt(user_id)}")
     return user_id
 
 

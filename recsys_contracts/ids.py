@@ -10,6 +10,18 @@ from __future__ import annotations
 
 import numpy as np
 
+# Error messages and logs quote at most this many characters of a bad value (plus its length):
+# a 1 MB user id must not become a 1 MB log line, or a gRPC status over the metadata limit.
+QUOTE_CHARS = 64
+
+
+def excerpt(value: object, limit: int = QUOTE_CHARS) -> str:
+    """``repr`` of ``value`` cut to ``limit`` characters, with the full length when it was cut."""
+    if isinstance(value, (str, bytes)) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} {'chars' if isinstance(value, str) else 'bytes'})"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
 
 class ItemLookup:
     """External item ids -> item indices of one version, vectorised (0 for ids outside the catalog)."""

@@ -15,9 +15,19 @@ from typing import Any, Awaitable, Callable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Histogram, start_http_server
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter, Histogram, start_http_server
 
 REQUEST_ID_KEY = "x-request-id"   # gRPC metadata key carrying the request id across services
+
+MALFORMED_REQUESTS = Counter("recsys_malformed_requests", "Requests whose bytes did not decode as the method's "
+                             "message (corrupt wire data, non-UTF-8 strings), answered INVALID_ARGUMENT",
+                             ["method"])
+# A flood of malformed requests logs at most one WARNING per this many seconds (the counter counts all).
+MALFORMED_LOG_INTERVAL_S = 10.0
+log = logging.getLogger(__name__)
 
 GC_PAUSE_SECONDS = Histogram("recsys_gc_pause_seconds", "Cyclic garbage collector pauses", ["generation"],
                              buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5))
@@ -97,6 +107,73 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID_KEY:
             return str(value)[:128]
     return ""
+
+
+class Malformed:
+    """What the lenient deserializer gives for bytes that do not decode (never raises, so gRPC does
+    not answer UNKNOWN with a traceback per request)."""
+
+    __slots__ = ("size", "error")
+
+    def __init__(self, size: int, error: str) -> None:
+        self.size, self.error = size, error
+
+
+class _MalformedLog:
+    def __init__(self) -> None:
+        self.last, self.suppressed = -MALFORMED_LOG_INTERVAL_S, 0
+
+    def warn(self, method: str, request: Malformed) -> None:
+        now = time.monotonic()
+        if now - self.last < MALFORMED_LOG_INTERVAL_S:
+            self.suppressed += 1
+            return
+        log.warning("malformed %s request (%d bytes): %s; %d more since the last such line",
+                    method, request.size, request.error, self.suppressed, extra={"code": "INVALID_ARGUMENT"})
+        self.last, self.suppressed = now, 0
+
+
+_malformed_log = _MalformedLog()
+
+
+def _lenient(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except (DecodeError, ValueError) as error:
+            return Malformed(len(data), f"{type(error).__name__}: {str(error)[:120]}")
+    return parse
+
+
+def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor,
+                 on_malformed: Callable[[str], None] | None = None) -> None:
+    """Registers ``servicer``'s methods for ``service`` (what the generated ``add_*_to_server`` does)
+    with request bytes that fail to decode answered INVALID_ARGUMENT, counted in
+    ``recsys_malformed_requests{method}`` (and by ``on_malformed(method)``), logged at WARNING at most
+    once per MALFORMED_LOG_INTERVAL_S."""
+    handlers = {}
+    for method in service.methods:
+        behavior = getattr(servicer, method.name)
+        request_class = message_factory.GetMessageClass(method.input_type)
+        response_class = message_factory.GetMessageClass(method.output_type)
+        factory = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = factory(_refusing_malformed(method.name, behavior, on_malformed),
+                                        request_deserializer=_lenient(request_class),
+                                        response_serializer=response_class.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _refusing_malformed(name: str, behavior, on_malformed):
+    async def handle(request, context):
+        if isinstance(request, Malformed):
+            MALFORMED_REQUESTS.labels(name).inc()
+            if on_malformed is not None:
+                on_malformed(name)
+            _malformed_log.warn(name, request)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"request bytes do not decode as the {name} request message ({request.error[:80]})")
+        return await behavior(request, context)
+    return handle
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: list[str]) -> health.aio.HealthServicer:

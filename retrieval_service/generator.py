@@ -62,13 +62,17 @@ class CandidateGenerator:
         metrics.STAGE_SECONDS.labels("features").observe(fetched - started)
         resolved = resolve_user(state, query, record, store_failed=self.features.configured and record is None)
         stages = {"features": fetched - started}
+        degraded = resolved.degraded
         if resolved.row is None:
             item_idx, scores = self._popular(state, query, resolved)
         else:
             item_idx, scores = await self._search(state, query, resolved, stages)
-        for flag in resolved.degraded:
+            if not np.isfinite(scores).all():      # a non-finite user embedding: never stream NaN scores
+                item_idx, scores = self._popular(state, query, resolved)
+                degraded = (*degraded, common_pb2.DEGRADED_PATH_MODEL_FALLBACK)
+        for flag in degraded:
             metrics.DEGRADED.labels(common_pb2.DegradedPath.Name(flag)).inc()
-        return Candidates(state.version, state.tables.item_ids[item_idx], scores, resolved.degraded, stages)
+        return Candidates(state.version, state.tables.item_ids[item_idx], scores, degraded, stages)
 
     async def _search(self, state: ServingState, query: Query, resolved: ResolvedUser,
                       stages: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health as grpc_health
 
 from recsys_contracts import feature_store
-from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
+from recsys_contracts.v1 import retrieval_pb2
 from recsys_serving import env, runtime
 from recsys_serving.reload import VersionHolder
 from retrieval_service import metrics
@@ -104,8 +104,9 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000, enabled=batching)
     generator = CandidateGenerator(_feature_store(config), batcher)
     server = grpc.aio.server(options=runtime.message_size_options(config.max_message_bytes))
-    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(
-        RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size), server)
+    runtime.add_servicer(server, RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size),
+                         retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
+                         on_malformed=lambda method: metrics.REQUESTS.labels("INVALID_ARGUMENT").inc())
     health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
     app = App(config, server, holder, generator, health_servicer)
     await app.set_serving(False)

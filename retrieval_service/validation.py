@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass
 
 from recsys_contracts import feature_store
+from recsys_contracts.ids import excerpt
 from recsys_contracts.v1 import retrieval_pb2
 
 MAX_FEATURES = 32             # entries per UserFeatures map
 MAX_FEATURE_BYTES = 128       # bytes per key or categorical value
 MAX_RECENT_ITEMS = 200
 MAX_TIMESTAMP_S = 2**40       # exclusive
+FLOAT32_MAX = 3.4028234663852886e38   # numeric features become float32 model inputs
 
 
 class InvalidRequest(ValueError):
@@ -44,7 +46,7 @@ class Query:
 def _check_bytes(field: str, value: str) -> None:
     size = len(value.encode("utf-8"))
     if not 1 <= size <= MAX_FEATURE_BYTES:
-        raise InvalidRequest(f"{field} must be 1..{MAX_FEATURE_BYTES} bytes, got {size} bytes: {value[:200]!r}")
+        raise InvalidRequest(f"{field} must be 1..{MAX_FEATURE_BYTES} bytes, got {size} bytes: {excerpt(value)}")
 
 
 def _features(request: retrieval_pb2.RetrieveRequest) -> tuple[dict[str, str], dict[str, float], tuple[int, ...]]:
@@ -56,10 +58,11 @@ def _features(request: retrieval_pb2.RetrieveRequest) -> tuple[dict[str, str], d
         for key in mapping:
             _check_bytes(f"user_features.{name} key", key)
     for key, value in categorical.items():
-        _check_bytes(f"user_features.categorical[{key!r}]", value)
+        _check_bytes(f"user_features.categorical[{excerpt(key)}]", value)
     for key, value in numeric.items():
-        if not math.isfinite(value):
-            raise InvalidRequest(f"user_features.numeric[{key!r}] must be finite, got {value!r}")
+        if not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            raise InvalidRequest(f"user_features.numeric[{excerpt(key)}] must be a finite float32 "
+                                 f"(|x| <= {FLOAT32_MAX:.4g}), got {value!r}")
     recent = tuple(features.recent_item_ids)
     if len(recent) > MAX_RECENT_ITEMS:
         raise InvalidRequest(f"user_features.recent_item_ids must have at most {MAX_RECENT_ITEMS} entries, "
@@ -76,8 +79,6 @@ def validate(request: retrieval_pb2.RetrieveRequest, max_candidates: int) -> Que
         user_id = feature_store.check_user_id(request.user_id)
     except ValueError as error:
         raise InvalidRequest(str(error)) from None
-    if not user_id.isprintable():
-        raise InvalidRequest(f"user_id must hold printable characters only, got {user_id!r}")
     if not 1 <= request.num_candidates <= max_candidates:
         raise InvalidRequest(f"num_candidates must be in [1, {max_candidates}], got {request.num_candidates!r}")
     categorical, numeric, recent = _features(request)

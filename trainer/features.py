@@ -295,13 +295,17 @@ def _fit_categorical(name: str, values: pd.Series) -> CategoricalColumn:
 
 
 def _fit_numeric(name: str, values: pd.Series, transform: Transform) -> NumericColumn:
-    """Mean and population std of the transformed, present values (0 and 0 when none is present)."""
+    """Mean and population std of the transformed, present values (0 and 0 when none is present),
+    and the raw range of the present values (serving clips request-time values into it)."""
     unscaled = NumericColumn(name=name, mean=0.0, std=1.0, transform=transform)
-    x = unscaled.apply_transform(values.to_numpy(dtype=np.float64))
+    raw = values.to_numpy(dtype=np.float64)
+    x = unscaled.apply_transform(raw)
     present = x[~np.isnan(x)]
     if present.size == 0:
         return NumericColumn(name=name, mean=0.0, std=0.0, transform=transform)
-    return NumericColumn(name=name, mean=float(present.mean()), std=float(present.std()), transform=transform)
+    kept = raw[~np.isnan(x)]
+    return NumericColumn(name=name, mean=float(present.mean()), std=float(present.std()), transform=transform,
+                         low=float(kept.min()), high=float(kept.max()))
 
 
 def _genre_vocabulary(item_frame: pd.DataFrame) -> tuple[str, ...]:

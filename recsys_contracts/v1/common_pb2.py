@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16recsys/v1/common.proto\x12\trecsys.v1\"\x1e\n\x07\x43ontext\x12\x13\n\x0btimestamp_s\x18\x01 \x01(\x03\"\x81\x02\n\x0cUserFeatures\x12=\n\x0b\x63\x61tegorical\x18\x01 \x03(\x0b\x32(.recsys.v1.UserFeatures.CategoricalEntry\x12\x35\n\x07numeric\x18\x02 \x03(\x0b\x32$.recsys.v1.UserFeatures.NumericEntry\x12\x17\n\x0frecent_item_ids\x18\x03 \x03(\x03\x1a\x32\n\x10\x43\x61tegoricalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cNumericEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"d\n\x0bInteraction\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12\x13\n\x06rating\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x0btimestamp_s\x18\x04 \x01(\x03\x42\t\n\x07_rating*\xe3\x01\n\x0c\x44\x65gradedPath\x12\x1d\n\x19\x44\x45GRADED_PATH_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45GRADED_PATH_COLD_START_USER\x10\x01\x12(\n$DEGRADED_PATH_FEATURES_FROM_ARTIFACT\x10\x02\x12\"\n\x1e\x44\x45GRADED_PATH_DEFAULT_FEATURES\x10\x03\x12\"\n\x1e\x44\x45GRADED_PATH_POPULAR_FALLBACK\x10\x04\x12\x1f\n\x1b\x44\x45GRADED_PATH_UNKNOWN_ITEMS\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16recsys/v1/common.proto\x12\trecsys.v1\"\x1e\n\x07\x43ontext\x12\x13\n\x0btimestamp_s\x18\x01 \x01(\x03\"\x81\x02\n\x0cUserFeatures\x12=\n\x0b\x63\x61tegorical\x18\x01 \x03(\x0b\x32(.recsys.v1.UserFeatures.CategoricalEntry\x12\x35\n\x07numeric\x18\x02 \x03(\x0b\x32$.recsys.v1.UserFeatures.NumericEntry\x12\x17\n\x0frecent_item_ids\x18\x03 \x03(\x03\x1a\x32\n\x10\x43\x61tegoricalEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cNumericEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"d\n\x0bInteraction\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12\x13\n\x06rating\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x13\n\x0btimestamp_s\x18\x04 \x01(\x03\x42\t\n\x07_rating*\x85\x02\n\x0c\x44\x65gradedPath\x12\x1d\n\x19\x44\x45GRADED_PATH_UNSPECIFIED\x10\x00\x12!\n\x1d\x44\x45GRADED_PATH_COLD_START_USER\x10\x01\x12(\n$DEGRADED_PATH_FEATURES_FROM_ARTIFACT\x10\x02\x12\"\n\x1e\x44\x45GRADED_PATH_DEFAULT_FEATURES\x10\x03\x12\"\n\x1e\x44\x45GRADED_PATH_POPULAR_FALLBACK\x10\x04\x12\x1f\n\x1b\x44\x45GRADED_PATH_UNKNOWN_ITEMS\x10\x05\x12 \n\x1c\x44\x45GRADED_PATH_MODEL_FALLBACK\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USERFEATURES_NUMERICENTRY']._loaded_options = None
   _globals['_USERFEATURES_NUMERICENTRY']._serialized_options = b'8\001'
   _globals['_DEGRADEDPATH']._serialized_start=432
-  _globals['_DEGRADEDPATH']._serialized_end=659
+  _globals['_DEGRADEDPATH']._serialized_end=693
   _globals['_CONTEXT']._serialized_start=37
   _globals['_CONTEXT']._serialized_end=67
   _globals['_USERFEATURES']._serialized_start=70

@@ -15,12 +15,14 @@ class DegradedPath(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DEGRADED_PATH_DEFAULT_FEATURES: _ClassVar[DegradedPath]
     DEGRADED_PATH_POPULAR_FALLBACK: _ClassVar[DegradedPath]
     DEGRADED_PATH_UNKNOWN_ITEMS: _ClassVar[DegradedPath]
+    DEGRADED_PATH_MODEL_FALLBACK: _ClassVar[DegradedPath]
 DEGRADED_PATH_UNSPECIFIED: DegradedPath
 DEGRADED_PATH_COLD_START_USER: DegradedPath
 DEGRADED_PATH_FEATURES_FROM_ARTIFACT: DegradedPath
 DEGRADED_PATH_DEFAULT_FEATURES: DegradedPath
 DEGRADED_PATH_POPULAR_FALLBACK: DegradedPath
 DEGRADED_PATH_UNKNOWN_ITEMS: DegradedPath
+DEGRADED_PATH_MODEL_FALLBACK: DegradedPath
 
 class Context(_message.Message):
     __slots__ = ("timestamp_s",)

@@ -49,12 +49,16 @@ GOLDEN_JSON = """\
   ],
   "item_numeric": [
     {
+      "high": null,
+      "low": null,
       "mean": 1.0,
       "name": "log_popularity",
       "std": 2.0,
       "transform": "log1p"
     },
     {
+      "high": null,
+      "low": null,
       "mean": 1990.0,
       "name": "year",
       "std": 10.0,
@@ -65,7 +69,7 @@ GOLDEN_JSON = """\
   "n_users": 10,
   "rating_max": 5.0,
   "rating_min": 1.0,
-  "schema_version": 1,
+  "schema_version": 2,
   "user_categorical": [
     {
       "name": "gender",
@@ -85,18 +89,24 @@ GOLDEN_JSON = """\
   ],
   "user_numeric": [
     {
+      "high": null,
+      "low": null,
       "mean": 3.5,
       "name": "mean_rating",
       "std": 0.5,
       "transform": "identity"
     },
     {
+      "high": null,
+      "low": null,
       "mean": 2.0,
       "name": "log_count",
       "std": 0.0,
       "transform": "log1p"
     },
     {
+      "high": null,
+      "low": null,
       "mean": 30.0,
       "name": "age",
       "std": 10.0,
@@ -167,8 +177,8 @@ def test_from_json_rejects_non_objects_and_non_lists():
 
 
 def test_from_json_rejects_wrong_schema_version():
-    data = {**json.loads(GOLDEN_JSON), "schema_version": 2}
-    with pytest.raises(ValueError, match="schema_version must be 1, got 2"):
+    data = {**json.loads(GOLDEN_JSON), "schema_version": 1}   # before numeric bounds: no low / high
+    with pytest.raises(ValueError, match="schema_version must be 2, got 1"):
         FeatureSpec.from_json(json.dumps(data))
 
 
@@ -233,7 +243,7 @@ def test_numeric_column_validation(kwargs, message):
 # --- FeatureSpec validation ----------------------------------------------------------------------
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (dict(schema_version=0), "schema_version must be 1, got 0"),
+    (dict(schema_version=0), "schema_version must be 2, got 0"),
     (dict(user_numeric=[NumericColumn("a", 0.0, 1.0)]), "user_numeric must be a tuple of NumericColumn"),
     (dict(item_categorical=(NumericColumn("a", 0.0, 1.0),)), "item_categorical must be a tuple of CategoricalColumn"),
     (dict(item_genres=("Action", "")), "item_genres must be a tuple of non-empty str"),
@@ -350,3 +360,13 @@ def test_default_rows_are_zeros_of_the_right_shape():
 def test_replace_keeps_validation():
     with pytest.raises(ValueError, match="history_length must be an int >= 1, got -3"):
         replace(make_spec(), history_length=-3)
+
+
+def test_numeric_bounds_clip_raw_values_before_the_transform():
+    column = NumericColumn(name="age", mean=30.0, std=10.0, low=10.0, high=80.0)
+    np.testing.assert_array_equal(column.encode_array([1e30, -1e30, 50.0, float("nan")]),
+                                  column.encode_array([80.0, 10.0, 50.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"age.low must be <= high \(1.0\), got 2.0"):
+        NumericColumn(name="age", mean=0.0, std=1.0, low=2.0, high=1.0)
+    with pytest.raises(ValueError, match="age.high must be null or a finite float, got inf"):
+        NumericColumn(name="age", mean=0.0, std=1.0, high=float("inf"))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 
+from recsys_contracts.ids import excerpt
 from recsys_contracts.feature_store import (
     FreshInteraction,
     KeyFormat,
@@ -89,7 +90,16 @@ def test_user_keys_share_one_cluster_slot():
 def test_bad_user_id_raises_with_value(user_id, message):
     with pytest.raises(ValueError, match=message) as err:
         KeyFormat().user_features(1, user_id)
-    assert "user_id" in str(err.value) and repr(user_id) in str(err.value)
+    assert "user_id" in str(err.value) and excerpt(user_id) in str(err.value)
+
+
+@pytest.mark.parametrize("size", [129, 16 * 1024, 200 * 1024, 1024 * 1024])
+def test_a_huge_user_id_is_refused_with_a_short_message(size):
+    """The length is checked first and only an excerpt is quoted: a 1 MB id must not become a 1 MB
+    log line or a gRPC status over the metadata limit."""
+    with pytest.raises(ValueError, match=rf"user_id must be 1..128 bytes of UTF-8, got {size} characters: 'xxxx") as err:
+        KeyFormat().user_features(1, "x" * size)
+    assert len(str(err.value)) < 200 and f"({size} chars)" in str(err.value)
 
 
 def test_user_id_limit_is_in_bytes():

@@ -43,18 +43,30 @@ def features(**fields) -> common_pb2.UserFeatures:
      r"user_features.categorical\['gender'\] must be 1..128 bytes, got ''"),
     (recommend(user_features=features(numeric={"a" * 129: 1.0})), "user_features.numeric keys must be 1..128"),
     (recommend(user_features=features(numeric={"age": float("inf")})),
-     r"user_features.numeric\['age'\] must be finite, got inf"),
+     r"user_features.numeric\['age'\] must be a finite float32 \(\|x\| <= 3.403e\+38\), got inf"),
     (recommend(user_features=features(recent_item_ids=list(range(201)))),
      "user_features.recent_item_ids must hold at most 200 ids, got 201"),
     (recommend(user_features=features(recent_item_ids=[3, -4])), "user_features.recent_item_ids must be >= 0, got -4"),
     (recommend(user_features=features(categorical={"shoe_size": "44"})),
      r"user_features: categorical user feature names must be in .*shoe_size"),
-    (recommend(user_features=features(numeric={"log_count": -3.0})),
-     "user_features: numeric user feature 'log_count' must be > -1 for log1p, got -3.0"),
+    (recommend(user_features=features(numeric={"age": 1e308})),
+     r"user_features.numeric\['age'\] must be a finite float32 .*, got 1e\+308"),
 ])
 def test_recommend_rejects(loaded, request_, message):
     with pytest.raises(ValueError, match=message):
         validation.recommend_query(request_, loaded.spec, CONFIG)
+
+
+@pytest.mark.parametrize("name, value", [("log_count", -3.0), ("log_count", 1e10), ("log_count", 1e30)])
+def test_numeric_features_outside_the_training_range_are_clipped_to_it(loaded, name, value):
+    """A value past the bounds recorded at training encodes as the bound itself: finite, never a
+    NaN or a saturated input (log1p's domain below -1 is clipped away too)."""
+    column = next(c for c in loaded.spec.user_numeric if c.name == name)
+    bound = column.low if value < column.low else column.high
+    query = validation.recommend_query(recommend(user_features=features(numeric={name: value})), loaded.spec, CONFIG)
+    at_bound = validation.recommend_query(recommend(user_features=features(numeric={name: bound})), loaded.spec, CONFIG)
+    assert query.overrides.num_values.size == 1 and np.isfinite(query.overrides.num_values).all()
+    np.testing.assert_array_equal(query.overrides.num_values, at_bound.overrides.num_values)
 
 
 def test_recommend_query_fills_defaults_and_encodes_features(loaded):

@@ -48,7 +48,7 @@ def test_timestamp_zero_means_now():
     ({"user_features": features(numeric={"": 1.0})}, "user_features.numeric key must be 1..128 bytes, got 0 bytes"),
     ({"user_features": features(categorical={"gender": ""})},
      "user_features.categorical\\['gender'\\] must be 1..128 bytes, got 0 bytes"),
-    ({"user_features": features(numeric={"age": float("nan")})}, "user_features.numeric\\['age'\\] must be finite, got nan"),
+    ({"user_features": features(numeric={"age": float("nan")})}, "user_features.numeric\\['age'\\] must be a finite float32 \\(\\|x\\| <= 3.403e\\+38\\), got nan"),
     ({"user_features": features(recent_item_ids=list(range(201)))},
      "user_features.recent_item_ids must have at most 200 entries, got 201"),
     ({"user_features": features(recent_item_ids=[4, -2])}, "user_features.recent_item_ids must be item ids >= 0, got -2"),
