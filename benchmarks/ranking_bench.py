@@ -74,12 +74,13 @@ def publish_movielens(root: Path, redis_url: str, namespace: str) -> tuple[int, 
 
     from recsys_contracts.feature_store import KeyFormat
     from tests.conftest import data_dir
+    from recsys_contracts.signing import signer_for
     from tests.factories import publish_tiny_version, tiny_run
     from trainer.data import load_movielens
     from trainer.publish import materialize_features
 
     run = tiny_run(0, dataset=load_movielens(data_dir() / "ml-100k"))
-    version = publish_tiny_version(root, 0, run=run)
+    version = publish_tiny_version(root, 0, run=run, signer=signer_for())
     client = redis.Redis.from_url(redis_url)
     materialize_features(client, KeyFormat(namespace), version, run.tables)
     client.close()
@@ -164,13 +165,13 @@ async def _in_process_vs_grpc(root: Path, redis_url: str, namespace: str, users:
     from retrieval_service.config import RetrievalConfig
     from retrieval_service.server import create_server as create_retrieval
 
+    trusted = Path(os.environ["RECSYS_TRUSTED_KEYS"])
     rconfig = RetrievalConfig(artifact_root=root, redis_url=redis_url, redis_namespace=namespace, port=0,
-                              metrics_port=0)
-    _, _, rapp = await create_retrieval(rconfig, host="127.0.0.1")
-    # One load at a time: torch.export.load keeps global state, two concurrent loads in a process collide.
+                              metrics_port=0, trusted_keys=trusted)
+    _, _, rapp = await create_retrieval(rconfig)
     await _until_ready(rapp.holder)
     config = RankingConfig(artifact_root=root, redis_url=redis_url, redis_namespace=namespace, port=0,
-                           metrics_port=0)
+                           metrics_port=0, trusted_keys=trusted)
     server, _, app = await create_server(config, candidates=InProcessCandidates(rapp, rconfig.max_candidates,
                                                                                 rconfig.chunk_size))
     await _until_ready(app.holder)
@@ -210,8 +211,9 @@ def service(module: str, env: dict[str, str], port: int):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    environ = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))}
-    # One intra-op torch thread per service (the deployment knob; k8s sets it per pod): the cores are shared.
+    environ = {k: v for k, v in os.environ.items()
+               if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_")) or k == "RECSYS_TRUSTED_KEYS"}
+    # One intra-op thread per service (the deployment knob; k8s sets it per pod): the cores are shared.
     environ.update({"PYTHONPATH": str(REPO_ROOT), "RECSYS_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1", **env})
     proc = subprocess.Popen([sys.executable, "-m", module], cwd=REPO_ROOT, env=environ)
     try:
@@ -393,6 +395,8 @@ def main() -> None:
                         help="serve this root's CURRENT version (e.g. trained by `python -m trainer`) instead of "
                              "publishing untrained tiny_run models over MovieLens 100K")
     args = parser.parse_args()
+    from recsys_contracts.signing import local_key_env
+    os.environ.update(local_key_env(REPO_ROOT / "keys"))     # sign what it publishes, trust what it serves
     redis_url = os.environ.get("RECSYS_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     namespace = f"bench-{uuid.uuid4().hex[:8]}"
     RESULTS.mkdir(exist_ok=True)

@@ -182,6 +182,20 @@ def keygen(private_path: Path, public_path: Path) -> str:
     return key_id(key.public_key())
 
 
+def local_key_env(folder: Path, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``RECSYS_SIGNING_KEY`` / ``RECSYS_TRUSTED_KEYS`` for local tools (the demo, benchmarks): those of
+    ``environ`` when both are set, else a pair made once in ``folder`` (e.g. the project's gitignored
+    ``keys/``, never the artifact volume)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(SIGNING_KEY_ENV) and environ.get("RECSYS_TRUSTED_KEYS"):
+        return {SIGNING_KEY_ENV: environ[SIGNING_KEY_ENV], "RECSYS_TRUSTED_KEYS": environ["RECSYS_TRUSTED_KEYS"]}
+    private, public = folder / "signing.key", folder / "signing.pub"
+    if not private.exists():
+        log.warning("making a signing key pair for local use: %s, %s", private, public)
+        keygen(private, public)
+    return {SIGNING_KEY_ENV: str(private), "RECSYS_TRUSTED_KEYS": str(public)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recsys_contracts.signing",
                                      description="Make an Ed25519 key pair for signing versions.")

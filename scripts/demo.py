@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from recsys_contracts.signing import keygen
+from recsys_contracts.signing import local_key_env
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc  # noqa: E402
 
 
@@ -59,18 +59,6 @@ def titles(dataset_name: str) -> dict[int, str]:
     return dict(zip(items["item_id"].astype(int), items["title"].astype(str)))
 
 
-def signing_env(env: dict[str, str]) -> dict[str, str]:
-    """Versions are signed: the demo makes a key pair once under keys/ (kept out of git and out of
-    the artifact volume) unless RECSYS_SIGNING_KEY / RECSYS_TRUSTED_KEYS already name one."""
-    if env.get("RECSYS_SIGNING_KEY") and env.get("RECSYS_TRUSTED_KEYS"):
-        return {}
-    private, public = ROOT / "keys" / "signing.key", ROOT / "keys" / "signing.pub"
-    if not private.exists():
-        print(f"== making a signing key pair: {private.relative_to(ROOT)}, {public.relative_to(ROOT)}", flush=True)
-        keygen(private, public)
-    return {"RECSYS_SIGNING_KEY": str(private), "RECSYS_TRUSTED_KEYS": str(public)}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", default=str(ROOT / "artifacts"))
@@ -82,7 +70,7 @@ def main() -> int:
     env = {**os.environ, "RECSYS_ARTIFACT_ROOT": args.artifacts, "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     env.setdefault("RECSYS_DATA_DIR", str(ROOT.parent / "shared" / "data"))
-    env.update(signing_env(env))
+    env.update(local_key_env(ROOT / "keys", env))   # versions are signed: a key pair under keys/ (gitignored)
     if not args.skip_training:
         print("== 1/4 training on MovieLens 100K and publishing (progress below)", flush=True)
         trainer = [sys.executable, "-m", "trainer", "--set", "run.output_dir=runs/demo", *args.trainer_args]

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from recsys_contracts import artifacts
-from recsys_contracts.signing import (SIGNATURE_FILE, Signer, Trust, key_id, keygen, main,
+from recsys_contracts.signing import (SIGNATURE_FILE, Signer, Trust, key_id, keygen, local_key_env, main,
                                       signer_for)
 from recsys_serving.reload import VersionHolder
 from tests.signing_keys import PRIVATE_KEY_FILE, PUBLIC_KEY_FILE, SIGNER, TRUST, UNTRUSTED_SIGNER
@@ -159,3 +159,11 @@ def test_a_broken_current_is_logged_once_with_its_reason_and_counted(tmp_path, c
     lines = [r for r in caplog.records if problem in r.getMessage()]
     assert len(lines) == 1 and "cannot follow CURRENT" in lines[0].getMessage()
     assert _refused("pointer") == before + 1
+
+
+def test_local_key_env_makes_a_pair_once_or_keeps_the_callers(tmp_path):
+    made = local_key_env(tmp_path / "keys", environ={})
+    assert Signer.from_file(made["RECSYS_SIGNING_KEY"]).key_id in Trust.from_path(made["RECSYS_TRUSTED_KEYS"]).keys
+    assert local_key_env(tmp_path / "keys", environ={}) == made                 # reused, not remade
+    given = {"RECSYS_SIGNING_KEY": str(PRIVATE_KEY_FILE), "RECSYS_TRUSTED_KEYS": str(PUBLIC_KEY_FILE)}
+    assert local_key_env(tmp_path / "other", environ=given) == given and not (tmp_path / "other").exists()
