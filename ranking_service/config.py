@@ -61,6 +61,8 @@ class RankingConfig:
     score_mode: str = "ctr"                  # ctr, or ctr times the predicted rating
     poll_interval_s: float = 2.0             # how often CURRENT is checked for a new version
     redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
+    redis_breaker_failures: int = 3          # consecutive Redis failures that open its circuit breaker
+    redis_breaker_cooldown_ms: int = 1000    # Redis is skipped this long before one probe request tries it
     grace_s: float = 10.0                    # drain time for in-flight RPCs after SIGTERM
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit
     microbatch_max_size: int = 16            # DCN scoring requests batched into one forward pass
@@ -98,6 +100,8 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "RANKING_SCORE_MODE": ("score_mode", choice(SCORE_MODES)),
     "RANKING_POLL_INTERVAL_S": ("poll_interval_s", float_in(0.0, 3600.0, lo_open=True)),
     "RANKING_REDIS_TIMEOUT_MS": ("redis_timeout_ms", int_in(1, 60_000)),
+    "RANKING_REDIS_BREAKER_FAILURES": ("redis_breaker_failures", int_in(1, 1000)),
+    "RANKING_REDIS_BREAKER_COOLDOWN_MS": ("redis_breaker_cooldown_ms", int_in(1, 3_600_000)),
     "RANKING_GRACE_S": ("grace_s", float_in(0.0, 300.0)),
     "RANKING_MAX_MESSAGE_BYTES": ("max_message_bytes", int_in(1024, 2**31 - 1)),
     "RANKING_MICROBATCH_MAX_SIZE": ("microbatch_max_size", int_in(1, 4096)),

@@ -22,6 +22,12 @@ MODEL_VERSION = Gauge("ranking_model_version", "Artifact version being served (0
 RELOADS = Counter("ranking_reloads", "Version loads, by result (loaded, refused)", ["result"])
 REDIS_ERRORS = Counter("ranking_redis_errors", "Feature-store calls that failed or timed out, by operation",
                        ["operation"])
+REDIS_SKIPPED = Counter("ranking_redis_skipped",
+                        "User reads that skipped Redis because its circuit breaker is open (artifact features)")
+REDIS_BREAKER_STATE = Gauge("ranking_redis_breaker_state",
+                            "Redis circuit breaker: 0 closed, 1 open (Redis skipped), 2 half-open (probing)")
+REDIS_BREAKER_TRANSITIONS = Counter("ranking_redis_breaker_transitions",
+                                    "Redis circuit breaker state changes, by the state entered", ["to"])
 REDIS_REFILLS = Counter("ranking_redis_refills", "Times the service refilled an empty Redis from the artifact")
 RETRIEVAL_FAILURES = Counter("ranking_retrieval_failures", "Retrieve calls that failed, by gRPC status code",
                              ["code"])

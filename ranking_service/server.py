@@ -31,7 +31,7 @@ import torch
 from ranking_service import metrics, validation
 from ranking_service.batching import MicroBatcher
 from ranking_service.config import RankingConfig
-from ranking_service.features import FeatureStore, StoreUnavailable
+from ranking_service.features import FeatureStore, StoreUnavailable, redis_breaker
 from ranking_service.pipeline import Answer, Pipeline, RetrievalUnavailable
 from ranking_service.refill import run_refiller
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient
@@ -70,7 +70,9 @@ class RankingApp:
             torch.set_num_threads(1)
         self.holder = holder if holder is not None else default_holder(config)
         self.holder.on_swap, self.holder.on_refuse = self._on_swap, self._on_refuse
-        self.features = FeatureStore(config.redis_url, config.redis_namespace, config.redis_timeout_ms)
+        self.features = FeatureStore(config.redis_url, config.redis_namespace, config.redis_timeout_ms,
+                                     breaker=redis_breaker(config.redis_breaker_failures,
+                                                           config.redis_breaker_cooldown_ms / 1000))
         self.batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000)
         self.candidates = candidates if candidates is not None else RetrievalClient(config)
         self.pipeline = Pipeline(features=self.features, batcher=self.batcher, candidates=self.candidates,

@@ -1,7 +1,8 @@
 """Runtime plumbing the two services share, so neither carries its own copy.
 
 Lives here: hot reload of artifact versions (``reload``) and the gRPC server kit (``runtime``:
-JSON logging, Prometheus endpoint, health + reflection, TLS credentials, graceful shutdown).
+JSON logging, Prometheus endpoint, health + reflection, TLS credentials, graceful shutdown) and
+the circuit breaker both services put in front of Redis (``breaker``).
 Admission rule: only service-side mechanics that are identical for both services; no model logic,
 no request handling. Imports ``recsys_contracts`` and third-party libraries only; the trainer never
 imports it.

@@ -47,6 +47,8 @@ class RetrievalConfig:
     microbatch_max_wait_ms: float = 0.0      # extra wait for a batch to fill (0: run at once; requests
                                              # arriving while a batch runs form the next one)
     redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
+    redis_breaker_failures: int = 3          # consecutive Redis failures that open its circuit breaker
+    redis_breaker_cooldown_ms: int = 1000    # Redis is skipped this long before one probe request tries it
     grace_s: float = 10.0                    # drain time for in-flight RPCs after SIGTERM
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit
     tls: TlsConfig | None = None             # None = plaintext
@@ -68,6 +70,8 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "RETRIEVAL_MICROBATCH_MAX_SIZE": ("microbatch_max_size", int_in(1, 4096)),
     "RETRIEVAL_MICROBATCH_MAX_WAIT_MS": ("microbatch_max_wait_ms", float_in(0.0, 1000.0)),
     "RETRIEVAL_REDIS_TIMEOUT_MS": ("redis_timeout_ms", int_in(1, 60_000)),
+    "RETRIEVAL_REDIS_BREAKER_FAILURES": ("redis_breaker_failures", int_in(1, 1000)),
+    "RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS": ("redis_breaker_cooldown_ms", int_in(1, 3_600_000)),
     "RETRIEVAL_GRACE_S": ("grace_s", float_in(0.0, 300.0)),
     "RETRIEVAL_MAX_MESSAGE_BYTES": ("max_message_bytes", int_in(1024, 2**31 - 1)),
 }

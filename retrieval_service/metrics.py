@@ -24,3 +24,9 @@ REFUSALS = Counter("retrieval_refusals", "Versions refused (corrupt or failed th
 DEGRADED = Counter("retrieval_degraded", "Requests answered on a degraded path", ["path"])
 FEATURE_STORE_ERRORS = Counter("retrieval_feature_store_errors",
                                "Redis reads that failed or timed out (answered from the artifact)")
+FEATURE_STORE_SKIPPED = Counter("retrieval_feature_store_skipped",
+                                "Redis reads skipped because its circuit breaker is open (answered from the artifact)")
+REDIS_BREAKER_STATE = Gauge("retrieval_redis_breaker_state",
+                            "Redis circuit breaker: 0 closed, 1 open (Redis skipped), 2 half-open (probing)")
+REDIS_BREAKER_TRANSITIONS = Counter("retrieval_redis_breaker_transitions",
+                                    "Redis circuit breaker state changes, by the state entered", ["to"])

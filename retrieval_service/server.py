@@ -25,7 +25,7 @@ from retrieval_service import metrics
 from retrieval_service.backends import open_backend, resolve_device
 from retrieval_service.batching import MicroBatcher
 from retrieval_service.config import RetrievalConfig
-from retrieval_service.features import FeatureStore
+from retrieval_service.features import FeatureStore, redis_breaker
 from retrieval_service.generator import CandidateGenerator
 from retrieval_service.servicer import RetrievalServicer
 from retrieval_service.state import ServingState, load_state
@@ -64,7 +64,8 @@ def _feature_store(config: RetrievalConfig) -> FeatureStore:
         # No retries: one slow try already spends the budget; the artifact answers instead.
         client = feature_store.redis_client(config.redis_url, socket_timeout_s=timeout_s,
                                             connect_timeout_s=timeout_s, retries=0, asyncio=True)
-    return FeatureStore(client, feature_store.KeyFormat(config.redis_namespace), timeout_s)
+    breaker = redis_breaker(config.redis_breaker_failures, config.redis_breaker_cooldown_ms / 1000)
+    return FeatureStore(client, feature_store.KeyFormat(config.redis_namespace), timeout_s, breaker)
 
 
 def default_holder(config: RetrievalConfig) -> VersionHolder[ServingState]:

@@ -73,7 +73,9 @@ def test_every_value_is_parsed(root, pem):
         "RETRIEVAL_PORT": "6000", "RETRIEVAL_METRICS_PORT": "0", "RETRIEVAL_MAX_CANDIDATES": "2000",
         "RETRIEVAL_CHUNK_SIZE": "250", "RETRIEVAL_POLL_INTERVAL_S": "0.5", "RETRIEVAL_DEVICE": "cuda",
         "RETRIEVAL_MICROBATCH_MAX_SIZE": "8", "RETRIEVAL_MICROBATCH_MAX_WAIT_MS": "0",
-        "RETRIEVAL_REDIS_TIMEOUT_MS": "20", "RETRIEVAL_GRACE_S": "3.5", "RETRIEVAL_MAX_MESSAGE_BYTES": "1048576",
+        "RETRIEVAL_REDIS_TIMEOUT_MS": "20", "RETRIEVAL_REDIS_BREAKER_FAILURES": "5",
+        "RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS": "250", "RETRIEVAL_GRACE_S": "3.5",
+        "RETRIEVAL_MAX_MESSAGE_BYTES": "1048576",
         "RETRIEVAL_TLS_CERT_FILE": pem("cert.pem"), "RETRIEVAL_TLS_KEY_FILE": pem("key.pem"),
         "RETRIEVAL_TLS_CLIENT_CA_FILE": pem("ca.pem"),
         "RANKING_PORT": "1",  # the other service's names are ignored
@@ -83,7 +85,8 @@ def test_every_value_is_parsed(root, pem):
         artifact_root=root, redis_url="redis://:s3cret@redis:6379/2", redis_namespace="prod-eu",
         log_level="DEBUG", pinned_version=7, port=6000, metrics_port=0, max_candidates=2000, chunk_size=250,
         poll_interval_s=0.5, device="cuda", microbatch_max_size=8, microbatch_max_wait_ms=0.0,
-        redis_timeout_ms=20, grace_s=3.5, max_message_bytes=1048576,
+        redis_timeout_ms=20, redis_breaker_failures=5, redis_breaker_cooldown_ms=250, grace_s=3.5,
+        max_message_bytes=1048576,
         tls=retrieval_config.TlsConfig(Path(env["RETRIEVAL_TLS_CERT_FILE"]), Path(env["RETRIEVAL_TLS_KEY_FILE"]),
                                        Path(env["RETRIEVAL_TLS_CLIENT_CA_FILE"])))
     assert "s3cret" not in repr(config)
@@ -97,6 +100,7 @@ def test_every_ranking_value_is_parsed(root, pem):
         "RANKING_FALLBACK": "unavailable", "RANKING_MAX_IN_FLIGHT": "8", "RANKING_MIN_DEADLINE_MS": "0",
         "RANKING_DEFAULT_DEADLINE_MS": "1000", "RANKING_DIVERSITY": "1", "RANKING_SCORE_MODE": "ctr_x_rating",
         "RANKING_POLL_INTERVAL_S": "10", "RANKING_REDIS_TIMEOUT_MS": "100", "RANKING_GRACE_S": "0",
+        "RANKING_REDIS_BREAKER_FAILURES": "1", "RANKING_REDIS_BREAKER_COOLDOWN_MS": "5000",
         "RANKING_MAX_MESSAGE_BYTES": "8388608", "RANKING_MICROBATCH_MAX_SIZE": "1",
         "RANKING_MICROBATCH_MAX_WAIT_MS": "0.25",
         "RANKING_TLS_CERT_FILE": pem("cert.pem"), "RANKING_TLS_KEY_FILE": pem("key.pem"),
@@ -114,6 +118,7 @@ def test_every_ranking_value_is_parsed(root, pem):
         retrieval_target="dns:///retrieval:50051", max_k=50, default_candidates=300, max_rank_items=400,
         fallback="unavailable", max_in_flight=8, min_deadline_ms=0, default_deadline_ms=1000, diversity=1.0,
         score_mode="ctr_x_rating", poll_interval_s=10.0, redis_timeout_ms=100, grace_s=0.0,
+        redis_breaker_failures=1, redis_breaker_cooldown_ms=5000,
         max_message_bytes=8388608, microbatch_max_size=1, microbatch_max_wait_ms=0.25,
         tls=expected_tls, retrieval_tls=expected_client)
 
@@ -151,6 +156,8 @@ BAD_RETRIEVAL = [
     ("RETRIEVAL_MICROBATCH_MAX_WAIT_MS", "-1", "a number in [0.0, 1000.0]"),
     ("RETRIEVAL_MICROBATCH_MAX_WAIT_MS", "inf", "a number in [0.0, 1000.0]"),
     ("RETRIEVAL_REDIS_TIMEOUT_MS", "0", "an integer in [1, 60000]"),
+    ("RETRIEVAL_REDIS_BREAKER_FAILURES", "0", "an integer in [1, 1000]"),
+    ("RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS", "1.5", "an integer in [1, 3600000]"),
     ("RETRIEVAL_GRACE_S", "-0.5", "a number in [0.0, 300.0]"),
     ("RETRIEVAL_MAX_MESSAGE_BYTES", "100", "an integer in [1024, 2147483647]"),
 ]
@@ -170,6 +177,8 @@ BAD_RANKING = [
     ("RANKING_SCORE_MODE", "rating", "one of ctr, ctr_x_rating"),
     ("RANKING_POLL_INTERVAL_S", "-1", "a number in (0.0, 3600.0]"),
     ("RANKING_REDIS_TIMEOUT_MS", "fast", "an integer in [1, 60000]"),
+    ("RANKING_REDIS_BREAKER_FAILURES", "1001", "an integer in [1, 1000]"),
+    ("RANKING_REDIS_BREAKER_COOLDOWN_MS", "0", "an integer in [1, 3600000]"),
     ("RANKING_GRACE_S", "301", "a number in [0.0, 300.0]"),
     ("RANKING_MAX_MESSAGE_BYTES", "1023", "an integer in [1024, 2147483647]"),
     ("RANKING_MICROBATCH_MAX_SIZE", "5000", "an integer in [1, 4096]"),
