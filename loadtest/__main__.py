@@ -57,6 +57,8 @@ def _load_options(parser: argparse.ArgumentParser, default_warmup_s: float) -> N
     parser.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
     parser.add_argument("--warmup", type=float, default=default_warmup_s, help="seconds of unrecorded load first")
     parser.add_argument("--out", type=Path, help="output directory (default runs/loadtest/<name>-<time>)")
+    parser.add_argument("--retry", action="store_true",
+                        help="retry UNAVAILABLE / RESOURCE_EXHAUSTED after the server's pushback, under a retry budget")
 
 
 def _config(args: argparse.Namespace, **fields) -> LoadConfig:
@@ -65,7 +67,7 @@ def _config(args: argparse.Namespace, **fields) -> LoadConfig:
                       unknown_share=args.unknown_share, seed=args.seed, p99_target_ms=args.p99_ms,
                       ramp_step=args.ramp_step, step_duration_s=args.step_duration,
                       max_error_share=args.max_error_share, max_requests=args.max_requests,
-                      warmup_s=args.warmup, **fields)
+                      warmup_s=args.warmup, retry=args.retry, **fields)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.client import CHANNEL_OPTIONS, drive, wait_connected, warm_up
+from loadtest.client import channel_options, drive, wait_connected, warm_up
 from loadtest.collector import measured_window
 from loadtest.config import LoadConfig, validate
 from loadtest.output import save_run
@@ -131,7 +131,7 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
     async with Stack(workdir, data_dir, source_root, seed, service_env) as stack:
         config = validate(dataclasses.replace(config, target=stack.target, mode=scenario.mode,
                                               duration_s=scenario.duration_s))
-        async with grpc.aio.insecure_channel(stack.target, options=CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(stack.target, options=channel_options(config.retry)) as channel:
             await wait_connected(channel, stack.target, config.connect_timeout_s)
             await warm_up(channel, config, population)
             with measured_window() as collector:

@@ -54,7 +54,8 @@ class RankingConfig:
     default_candidates: int = 500            # candidates retrieved when the request says 0
     max_rank_items: int = 1000               # most item ids in one Rank; most candidates in one Recommend
     fallback: str = "popular"                # retrieval down: popular items, or UNAVAILABLE
-    max_in_flight: int = 64                  # concurrent RPCs before RESOURCE_EXHAUSTED
+    max_in_flight: int = 64                  # RPCs admitted (running + queued) before RESOURCE_EXHAUSTED
+    max_concurrency: int = 16                # RPCs running at once; the rest queue (recsys_serving.admission)
     min_deadline_ms: int = 5                 # a request with less time left fails DEADLINE_EXCEEDED at once
     default_deadline_ms: int = 200           # applied when the caller set no deadline
     diversity: float = 0.0                   # default MMR strength in [0, 1]
@@ -94,6 +95,7 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "RANKING_MAX_RANK_ITEMS": ("max_rank_items", int_in(1, 100_000)),
     "RANKING_FALLBACK": ("fallback", choice(FALLBACKS)),
     "RANKING_MAX_IN_FLIGHT": ("max_in_flight", int_in(1, 100_000)),
+    "RANKING_MAX_CONCURRENCY": ("max_concurrency", int_in(1, 100_000)),
     "RANKING_MIN_DEADLINE_MS": ("min_deadline_ms", int_in(0, 60_000)),
     "RANKING_DEFAULT_DEADLINE_MS": ("default_deadline_ms", int_in(1, 600_000)),
     "RANKING_DIVERSITY": ("diversity", float_in(0.0, 1.0)),
@@ -153,6 +155,9 @@ def _check_relations(config: RankingConfig) -> None:
     if config.default_candidates > config.max_rank_items:
         raise ValueError(f"RANKING_DEFAULT_CANDIDATES must be <= RANKING_MAX_RANK_ITEMS "
                          f"({config.max_rank_items}), got {config.default_candidates!r}")
+    if config.max_in_flight < config.max_concurrency:
+        raise ValueError(f"RANKING_MAX_IN_FLIGHT must be >= RANKING_MAX_CONCURRENCY ({config.max_concurrency}), "
+                         f"got {config.max_in_flight!r}")
     if config.default_deadline_ms <= config.min_deadline_ms:
         raise ValueError(f"RANKING_DEFAULT_DEADLINE_MS must be > RANKING_MIN_DEADLINE_MS "
                          f"({config.min_deadline_ms}), got {config.default_deadline_ms!r}")

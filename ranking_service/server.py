@@ -5,7 +5,10 @@ Every RPC goes through ``_serve``, which owns the status codes:
 - DEADLINE_EXCEEDED at once when less than ``RANKING_MIN_DEADLINE_MS`` is left on arrival (no
   retrieval or Redis call), and when the deadline (the caller's, else ``RANKING_DEFAULT_DEADLINE_MS``)
   passes while serving;
-- RESOURCE_EXHAUSTED at once when ``RANKING_MAX_IN_FLIGHT`` RPCs are already being served;
+- RESOURCE_EXHAUSTED at once when the RPC cannot finish within its deadline given the queue, or
+  ``RANKING_MAX_IN_FLIGHT`` RPCs are already admitted (``recsys_serving.admission``; the refusal
+  carries a ``grpc-retry-pushback-ms`` trailer); DEADLINE_EXCEEDED, unstarted, when its deadline
+  passes while it waits for one of the ``RANKING_MAX_CONCURRENCY`` slots;
 - UNAVAILABLE while no version is loaded, when retrieval fails with fallback disabled, or when
   Redis does not take recorded interactions;
 - INVALID_ARGUMENT with the ValueError's message naming the field and value;
@@ -38,6 +41,7 @@ from ranking_service.retrieval_client import CandidateSource, RetrievalClient
 from ranking_service.state import ServingState, load_state
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from recsys_serving import runtime
+from recsys_serving.admission import Admission, Expired, Refused
 from recsys_serving.reload import VersionHolder
 
 log = logging.getLogger(__name__)
@@ -77,7 +81,7 @@ class RankingApp:
         self.candidates = candidates if candidates is not None else RetrievalClient(config)
         self.pipeline = Pipeline(features=self.features, batcher=self.batcher, candidates=self.candidates,
                                  fallback=config.fallback)
-        self.in_flight = 0
+        self.admission = Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)
         self._tasks: set[asyncio.Task] = set()
 
     def _on_swap(self, state: ServingState, version: int) -> None:
@@ -143,25 +147,24 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         request_id = runtime.request_id(context) or uuid.uuid4().hex
         remaining = context.time_remaining()
         remaining = config.default_deadline_ms / 1000 if remaining is None else remaining
-        admitted = False
+        trailers: tuple[tuple[str, str], ...] = ()
         try:
             if remaining * 1000 < config.min_deadline_ms:
                 raise _Failure(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"deadline must leave at least {config.min_deadline_ms} ms, got {remaining * 1000:.1f} ms")
-            if self.app.in_flight >= config.max_in_flight:
-                raise _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"too many requests in flight (max {config.max_in_flight}); retry with backoff")
-            admitted = True
-            self.app.in_flight += 1
-            metrics.IN_FLIGHT.set(self.app.in_flight)
-            state = self.app.holder.current
-            if state is None:
-                raise _Failure(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
-            deadline = loop.time() + remaining
-            async with asyncio.timeout_at(deadline):
-                return await handle(state, deadline, request_id)
+            deadline = loop.time() + remaining      # the loop's clock is time.monotonic, as admission's
+            async with self.app.admission.slot(deadline):
+                state = self.app.holder.current
+                if state is None:
+                    raise _Failure(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
+                async with asyncio.timeout_at(deadline):
+                    return await handle(state, deadline, request_id)
         except _Failure as failure:
             code, details = failure.code, failure.details
+        except Refused as refusal:
+            code, details, trailers = grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal), refusal.trailing_metadata
+        except Expired as expired:
+            code, details = grpc.StatusCode.DEADLINE_EXCEEDED, str(expired)
         except ValueError as error:
             code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except (RetrievalUnavailable, StoreUnavailable) as error:
@@ -175,15 +178,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             log.exception("%s failed", method, extra={"request_id": request_id})
             code, details = grpc.StatusCode.INTERNAL, "internal error"
         finally:
-            if admitted:
-                self.app.in_flight -= 1
-                metrics.IN_FLIGHT.set(self.app.in_flight)
             metrics.REQUESTS.labels(method, code.name).inc()
             metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - started)
         log.info("%s -> %s: %s", method, code.name, details, extra={"request_id": request_id, "code": code.name})
         if context.done():   # the caller's deadline already ended the call: nothing left to send
             return None
-        await context.abort(code, details)
+        await context.abort(code, details, trailing_metadata=trailers)
 
     async def Recommend(self, request: ranking_pb2.RecommendRequest, context) -> ranking_pb2.RecommendResponse:
         async def handle(state: ServingState, deadline: float, request_id: str) -> ranking_pb2.RecommendResponse:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health as grpc_health
 from recsys_contracts import feature_store
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
 from recsys_serving import runtime
+from recsys_serving.admission import Admission
 from recsys_serving.reload import VersionHolder
 from retrieval_service import metrics
 from retrieval_service.backends import open_backend, resolve_device
@@ -107,7 +108,8 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     generator = CandidateGenerator(_feature_store(config), batcher)
     server = grpc.aio.server(options=runtime.message_size_options(config.max_message_bytes))
     retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(
-        RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size), server)
+        RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size,
+                          Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)), server)
     health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
     app = App(config, server, holder, generator, health_servicer)
     await app.set_serving(False)
