@@ -139,3 +139,15 @@ def test_slots_go_first_in_first_out_and_a_cancelled_waiter_leaks_nothing(regist
 def test_bad_limits_name_the_value(concurrency, in_flight, message):
     with pytest.raises(ValueError, match=message):
         Admission(concurrency, in_flight)
+
+
+def test_a_free_slot_admits_whatever_the_estimate_so_a_slow_spell_cannot_refuse_forever(registry):
+    async def main():
+        gate = admission(registry, concurrency=2)
+        async with gate.slot(time.monotonic() + 5):
+            await asyncio.sleep(0.1)              # the estimate is now >= 100 ms
+        async with gate.slot(time.monotonic() + 0.05):   # 50 ms left, but nothing to queue behind
+            pass
+        return value(registry, "t_refused_total", reason="deadline")
+
+    assert asyncio.run(main()) == 0

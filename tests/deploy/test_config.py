@@ -40,6 +40,8 @@ def test_retrieval_defaults(root):
     assert (config.port, config.metrics_port, config.max_candidates, config.chunk_size) == (50051, 9101, 1000, 500)
     assert (config.poll_interval_s, config.device, config.microbatch_max_size) == (2.0, "auto", 32)
     assert (config.microbatch_max_wait_ms, config.redis_timeout_ms, config.grace_s) == (0.0, 50, 10.0)
+    assert (config.max_in_flight, config.max_concurrency) == (64, 16)
+    assert (config.redis_breaker_failures, config.redis_breaker_cooldown_ms) == (3, 1000)
     assert config.max_message_bytes == 4 * 1024 * 1024
     assert (config.redis_url, config.redis_namespace, config.log_level, config.pinned_version) == (
         None, "recsys", "INFO", None)
@@ -52,7 +54,8 @@ def test_ranking_defaults(root):
     assert (config.port, config.metrics_port, config.retrieval_target) == (50052, 9102, "localhost:50051")
     assert (config.max_k, config.default_candidates, config.max_rank_items) == (100, 500, 1000)
     assert (config.fallback, config.max_in_flight, config.min_deadline_ms, config.default_deadline_ms) == (
-        "popular", 64, 5, 200)
+        "popular", 128, 5, 200)
+    assert config.max_concurrency == 32
     assert (config.diversity, config.score_mode, config.poll_interval_s) == (0.0, "ctr", 2.0)
     assert (config.redis_timeout_ms, config.grace_s, config.max_message_bytes) == (50, 10.0, 4 * 1024 * 1024)
     assert (config.microbatch_max_size, config.microbatch_max_wait_ms) == (16, 0.0)
@@ -319,8 +322,8 @@ RELATIONS = [
      r"^RANKING_DEFAULT_DEADLINE_MS must be > RANKING_MIN_DEADLINE_MS \(5\), got 5"),
     ("retrieval", {"RETRIEVAL_MAX_IN_FLIGHT": "8"},
      r"^RETRIEVAL_MAX_IN_FLIGHT must be >= RETRIEVAL_MAX_CONCURRENCY \(16\), got 8"),
-    ("ranking", {"RANKING_MAX_CONCURRENCY": "100"},
-     r"^RANKING_MAX_IN_FLIGHT must be >= RANKING_MAX_CONCURRENCY \(100\), got 64"),
+    ("ranking", {"RANKING_MAX_CONCURRENCY": "200"},
+     r"^RANKING_MAX_IN_FLIGHT must be >= RANKING_MAX_CONCURRENCY \(200\), got 128"),
 ]
 
 
