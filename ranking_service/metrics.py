@@ -40,7 +40,11 @@ REDIS_BREAKER_STATE = Gauge("ranking_redis_breaker_state",
 REDIS_BREAKER_TRANSITIONS = Counter("ranking_redis_breaker_transitions",
                                     "Redis circuit breaker state changes, by the state entered", ["to"])
 REDIS_REFILLS = Counter("ranking_redis_refills", "Times the service refilled an empty Redis from the artifact")
-RETRIEVAL_FAILURES = Counter("ranking_retrieval_failures", "Retrieve calls that failed, by gRPC status code",
-                             ["code"])
+RETRIEVAL_FAILURES = Counter("ranking_retrieval_failures", "Retrieve calls that failed, by gRPC status code "
+                             "(CIRCUIT_OPEN: skipped, the retrieval breaker is open)", ["code"])
+RETRIEVAL_BREAKER_STATE = Gauge("ranking_retrieval_breaker_state",
+                                "Retrieval circuit breaker: 0 closed, 1 open (popular fallback), 2 half-open")
+RETRIEVAL_BREAKER_TRANSITIONS = Counter("ranking_retrieval_breaker_transitions",
+                                        "Retrieval circuit breaker state changes, by the state entered", ["to"])
 DCN_BATCH_JOBS = Histogram("ranking_dcn_batch_jobs", "Scoring jobs merged into one DCN forward pass",
                            buckets=(1, 2, 4, 8, 16, 32, 64))

@@ -42,6 +42,7 @@ from ranking_service.state import ServingState, load_state
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from recsys_serving import runtime
 from recsys_serving.admission import Admission, Expired, Refused
+from recsys_serving.breaker import CircuitBreaker
 from recsys_serving.reload import VersionHolder
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,11 @@ class RankingApp:
         self.batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000)
         self.candidates = candidates if candidates is not None else RetrievalClient(config)
         self.pipeline = Pipeline(features=self.features, batcher=self.batcher, candidates=self.candidates,
-                                 fallback=config.fallback)
+                                 fallback=config.fallback, breaker=CircuitBreaker(
+                                     "ranking-retrieval", config.retrieval_breaker_failures,
+                                     config.retrieval_breaker_cooldown_ms / 1000,
+                                     state_gauge=metrics.RETRIEVAL_BREAKER_STATE,
+                                     transitions=metrics.RETRIEVAL_BREAKER_TRANSITIONS))
         self.admission = Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)
         self._tasks: set[asyncio.Task] = set()
 

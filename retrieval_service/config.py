@@ -47,7 +47,7 @@ class RetrievalConfig:
     microbatch_max_wait_ms: float = 0.0      # extra wait for a batch to fill (0: run at once; requests
                                              # arriving while a batch runs form the next one)
     max_in_flight: int = 64                  # Retrieves admitted (running + queued) before RESOURCE_EXHAUSTED
-    max_concurrency: int = 16                # Retrieves running at once; the rest queue (recsys_serving.admission)
+    max_concurrency: int = 8                 # Retrieves running at once; the rest queue (recsys_serving.admission)
     redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
     redis_breaker_failures: int = 3          # consecutive Redis failures that open its circuit breaker
     redis_breaker_cooldown_ms: int = 1000    # Redis is skipped this long before one probe request tries it

@@ -40,7 +40,7 @@ def test_retrieval_defaults(root):
     assert (config.port, config.metrics_port, config.max_candidates, config.chunk_size) == (50051, 9101, 1000, 500)
     assert (config.poll_interval_s, config.device, config.microbatch_max_size) == (2.0, "auto", 32)
     assert (config.microbatch_max_wait_ms, config.redis_timeout_ms, config.grace_s) == (0.0, 50, 10.0)
-    assert (config.max_in_flight, config.max_concurrency) == (64, 16)
+    assert (config.max_in_flight, config.max_concurrency) == (64, 8)
     assert (config.redis_breaker_failures, config.redis_breaker_cooldown_ms) == (3, 1000)
     assert config.max_message_bytes == 4 * 1024 * 1024
     assert (config.redis_url, config.redis_namespace, config.log_level, config.pinned_version) == (
@@ -55,7 +55,8 @@ def test_ranking_defaults(root):
     assert (config.max_k, config.default_candidates, config.max_rank_items) == (100, 500, 1000)
     assert (config.fallback, config.max_in_flight, config.min_deadline_ms, config.default_deadline_ms) == (
         "popular", 128, 5, 200)
-    assert config.max_concurrency == 32
+    assert config.max_concurrency == 8
+    assert (config.retrieval_breaker_failures, config.retrieval_breaker_cooldown_ms) == (5, 1000)
     assert (config.diversity, config.score_mode, config.poll_interval_s) == (0.0, "ctr", 2.0)
     assert (config.redis_timeout_ms, config.grace_s, config.max_message_bytes) == (50, 10.0, 4 * 1024 * 1024)
     assert (config.microbatch_max_size, config.microbatch_max_wait_ms) == (16, 0.0)
@@ -107,6 +108,7 @@ def test_every_ranking_value_is_parsed(root, pem):
         "RANKING_DEFAULT_DEADLINE_MS": "1000", "RANKING_DIVERSITY": "1", "RANKING_SCORE_MODE": "ctr_x_rating",
         "RANKING_POLL_INTERVAL_S": "10", "RANKING_REDIS_TIMEOUT_MS": "100", "RANKING_GRACE_S": "0",
         "RANKING_REDIS_BREAKER_FAILURES": "1", "RANKING_REDIS_BREAKER_COOLDOWN_MS": "5000",
+        "RANKING_RETRIEVAL_BREAKER_FAILURES": "2", "RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS": "300",
         "RANKING_MAX_MESSAGE_BYTES": "8388608", "RANKING_MICROBATCH_MAX_SIZE": "1",
         "RANKING_MICROBATCH_MAX_WAIT_MS": "0.25",
         "RANKING_TLS_CERT_FILE": pem("cert.pem"), "RANKING_TLS_KEY_FILE": pem("key.pem"),
@@ -125,7 +127,8 @@ def test_every_ranking_value_is_parsed(root, pem):
         fallback="unavailable", max_in_flight=8, max_concurrency=2, min_deadline_ms=0, default_deadline_ms=1000,
         diversity=1.0,
         score_mode="ctr_x_rating", poll_interval_s=10.0, redis_timeout_ms=100, grace_s=0.0,
-        redis_breaker_failures=1, redis_breaker_cooldown_ms=5000,
+        redis_breaker_failures=1, redis_breaker_cooldown_ms=5000, retrieval_breaker_failures=2,
+        retrieval_breaker_cooldown_ms=300,
         max_message_bytes=8388608, microbatch_max_size=1, microbatch_max_wait_ms=0.25,
         tls=expected_tls, retrieval_tls=expected_client)
 
@@ -189,6 +192,8 @@ BAD_RANKING = [
     ("RANKING_REDIS_TIMEOUT_MS", "fast", "an integer in [1, 60000]"),
     ("RANKING_REDIS_BREAKER_FAILURES", "1001", "an integer in [1, 1000]"),
     ("RANKING_REDIS_BREAKER_COOLDOWN_MS", "0", "an integer in [1, 3600000]"),
+    ("RANKING_RETRIEVAL_BREAKER_FAILURES", "0", "an integer in [1, 1000]"),
+    ("RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS", "-1", "an integer in [1, 3600000]"),
     ("RANKING_GRACE_S", "301", "a number in [0.0, 300.0]"),
     ("RANKING_MAX_MESSAGE_BYTES", "1023", "an integer in [1024, 2147483647]"),
     ("RANKING_MICROBATCH_MAX_SIZE", "5000", "an integer in [1, 4096]"),
@@ -320,8 +325,8 @@ RELATIONS = [
      r"^RANKING_DEFAULT_CANDIDATES must be <= RANKING_MAX_RANK_ITEMS \(1000\), got 1001"),
     ("ranking", {"RANKING_DEFAULT_DEADLINE_MS": "5"},
      r"^RANKING_DEFAULT_DEADLINE_MS must be > RANKING_MIN_DEADLINE_MS \(5\), got 5"),
-    ("retrieval", {"RETRIEVAL_MAX_IN_FLIGHT": "8"},
-     r"^RETRIEVAL_MAX_IN_FLIGHT must be >= RETRIEVAL_MAX_CONCURRENCY \(16\), got 8"),
+    ("retrieval", {"RETRIEVAL_MAX_IN_FLIGHT": "4"},
+     r"^RETRIEVAL_MAX_IN_FLIGHT must be >= RETRIEVAL_MAX_CONCURRENCY \(8\), got 4"),
     ("ranking", {"RANKING_MAX_CONCURRENCY": "200"},
      r"^RANKING_MAX_IN_FLIGHT must be >= RANKING_MAX_CONCURRENCY \(200\), got 128"),
 ]

@@ -251,6 +251,48 @@ def test_retrieval_frozen_falls_back_within_the_deadline(published, loaded, retr
     run(main())
 
 
+def test_retrieval_frozen_opens_the_retrieval_breaker_and_it_closes_after_resume(published, loaded,
+                                                                                 retrieval_process):
+    # After 2 timeouts in a row Recommends skip retrieval (popular fallback at once) until a probe,
+    # one per 300 ms cool-down, finds it answering again.
+    root, version = published
+    failures, transitions = "ranking_retrieval_failures_total", "ranking_retrieval_breaker_transitions_total"
+
+    def counters() -> dict[str, float]:
+        return {"timeouts": sample(failures, code="DEADLINE_EXCEEDED"),
+                "skipped": sample(failures, code="CIRCUIT_OPEN"),
+                **{to: sample(transitions, to=to) for to in ("open", "half_open", "closed")}}
+
+    async def main():
+        cfg = config(root, retrieval_target=retrieval_process.target, retrieval_breaker_failures=2,
+                     retrieval_breaker_cooldown_ms=300)
+        async with serve(cfg, state=loaded) as (stub, _, _):
+            assert (await _recommend(stub, timeout=10)).retrieval_version == version   # connected, warm
+            before = counters()
+            retrieval_process.freeze()
+            try:
+                frozen = [await _recommend(stub, timeout=1.0) for _ in range(20)]
+                state_while_frozen = sample("ranking_retrieval_breaker_state")
+                during = counters()
+            finally:
+                retrieval_process.resume()
+            for _ in range(200):
+                last = await _recommend(stub, timeout=10)
+                if POPULAR not in last.degraded:
+                    break
+                await asyncio.sleep(0.05)
+            return frozen, state_while_frozen, before, during, last
+
+    frozen, state_while_frozen, before, during, last = run(main())
+    delta = {key: during[key] - before[key] for key in before}
+    assert all(POPULAR in reply.degraded and len(reply.items) == 5 for reply in frozen)
+    assert delta["open"] >= 1 and state_while_frozen in (1, 2)
+    assert delta["timeouts"] + delta["skipped"] == 20
+    assert delta["timeouts"] == 2 + delta["half_open"] and delta["skipped"] > delta["timeouts"]
+    assert last.retrieval_version == version and POPULAR not in last.degraded
+    assert sample("ranking_retrieval_breaker_state") == 0
+
+
 def test_retrieval_killed_falls_back_or_is_unavailable(published, loaded, retrieval_process):
     root, version = published
 
