@@ -12,12 +12,12 @@ Each service puts every RPC through one ``Admission``::
   ``EWMA_WEIGHT`` per completion). A request arriving when ``q`` are already queued and every slot
   is taken expects to finish after ``s * (q + 1) / max_concurrency`` (its wait: a slot frees every
   ``s / max_concurrency`` s on average) plus ``s`` (its own work); with a slot free, after ``s``.
-- ``Refused`` is raised at once (the servicer answers RESOURCE_EXHAUSTED) when the request would
-  have to queue and that expected time is longer than its remaining deadline, or when
-  ``max_in_flight`` requests are already admitted (running + queued): a request that would miss
-  its deadline costs the caller no wait and the server no work. A request that finds a slot free
-  starts whatever the estimate says: the estimate only changes when requests complete, so refusing
-  on it alone could refuse everything forever after one slow spell.
+- ``Refused`` is raised at once (the servicer answers RESOURCE_EXHAUSTED) when that expected time
+  is longer than the request's remaining deadline, or when ``max_in_flight`` requests are already
+  admitted (running + queued): a request that would miss its deadline costs the caller no wait and
+  the server no work. An idle service (nothing running) admits whatever the estimate says: the
+  estimate only changes when requests complete, so refusing on it then could refuse everything
+  forever after one slow spell.
 - ``Expired`` is raised when a queued request's deadline passes before it got a slot: it is dropped
   without starting (the servicer answers DEADLINE_EXCEEDED). Estimates are averages, so some
   admitted requests still wait too long; this catches them before they spend CPU.
@@ -107,7 +107,7 @@ class Admission:
         wait_s = self.expected_wait_s()
         if self.in_flight >= self.max_in_flight:
             self._refuse("full", f"too many requests in flight (max {self.max_in_flight})", wait_s, remaining_s)
-        if self.running >= self.max_concurrency and wait_s + self.service_s > remaining_s:
+        if self.running > 0 and wait_s + self.service_s > remaining_s:
             self._refuse("deadline", f"cannot finish within the deadline: {remaining_s * 1000:.0f} ms left, "
                          f"expected {wait_s * 1000:.0f} ms queued + {self.service_s * 1000:.0f} ms serving",
                          wait_s, remaining_s)

@@ -141,13 +141,30 @@ def test_bad_limits_name_the_value(concurrency, in_flight, message):
         Admission(concurrency, in_flight)
 
 
-def test_a_free_slot_admits_whatever_the_estimate_so_a_slow_spell_cannot_refuse_forever(registry):
+def test_an_idle_service_admits_whatever_the_estimate_so_a_slow_spell_cannot_refuse_forever(registry):
     async def main():
         gate = admission(registry, concurrency=2)
         async with gate.slot(time.monotonic() + 5):
             await asyncio.sleep(0.1)              # the estimate is now >= 100 ms
-        async with gate.slot(time.monotonic() + 0.05):   # 50 ms left, but nothing to queue behind
+        async with gate.slot(time.monotonic() + 0.05):   # 50 ms left, but nothing is running
             pass
         return value(registry, "t_refused_total", reason="deadline")
 
     assert asyncio.run(main()) == 0
+
+
+def test_with_a_slot_free_but_work_running_a_request_shorter_than_the_service_time_is_refused(registry):
+    async def main():
+        gate = admission(registry, concurrency=2)
+        async with gate.slot(time.monotonic() + 5):
+            await asyncio.sleep(0.1)              # the estimate is now >= 100 ms
+        release, holder = await occupied(gate)    # one of the two slots busy, one free
+        with pytest.raises(Refused) as refused:
+            async with gate.slot(time.monotonic() + 0.05):
+                raise AssertionError("a refused request must not run")
+        release.set()
+        await holder
+        return refused.value
+
+    refused = asyncio.run(main())
+    assert refused.reason == "deadline" and "expected 0 ms queued" in str(refused)
