@@ -22,9 +22,11 @@ Each service puts every RPC through one ``Admission``::
   without starting (the servicer answers DEADLINE_EXCEEDED). Estimates are averages, so some
   admitted requests still wait too long; this catches them before they spend CPU.
 
-Refusals carry a retry pushback in milliseconds for the ``grpc-retry-pushback-ms`` trailer: the
-expected wait for a slot when a retry after it could still finish within the deadline, else -1,
-which tells gRPC clients not to retry (retrying a request that cannot fit only adds load).
+Refusals carry a retry pushback in milliseconds for the ``grpc-retry-pushback-ms`` trailer. A
+refusal for a full house gets the expected wait for a slot when a retry after it could still
+finish within the deadline; every other refusal gets -1, which tells gRPC clients not to retry: a
+request refused on time would not fit on a retry to this server either (the queue drains no faster
+than its deadline runs out), and retrying what cannot fit only adds load.
 ``client_service_config`` is the matching client side: a gRPC retry policy that honours pushback
 and a retry budget (``retryThrottling``) so retries stay a small share of the traffic.
 
