@@ -4,6 +4,7 @@
         --deadline-ms 200 --users-from ../shared/data --skew 1.0 --unknown-share 0.05 --out runs/lt
     python -m loadtest compare runs/a/results.json runs/b/results.json
     python -m loadtest scenario redis-kill --out runs/redis-kill
+    python -m loadtest scenario retrieval-freeze --rate 200 --duration 12 --fault-at 3 --fault-s 3
 
 Exit status 2 for a bad argument (the message names it), 1 when the target cannot be reached.
 """
@@ -24,7 +25,7 @@ from loadtest.output import save_run
 from loadtest.publish import FeatureTarget, publish_tiny, republish
 from recsys_contracts.signing import signer_for
 from loadtest.results import format_summary, read_results
-from loadtest.scenarios import SCENARIOS, SYNTHETIC_USERS, run_and_save
+from loadtest.scenarios import SCENARIOS, SYNTHETIC_USERS, fault_row, run_and_save
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A freshly started stack pays for first calls (lazy initialisation, connections): not the steady state.
@@ -58,6 +59,8 @@ def _load_options(parser: argparse.ArgumentParser, default_warmup_s: float) -> N
     parser.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
     parser.add_argument("--warmup", type=float, default=default_warmup_s, help="seconds of unrecorded load first")
     parser.add_argument("--out", type=Path, help="output directory (default runs/loadtest/<name>-<time>)")
+    parser.add_argument("--retry", action="store_true",
+                        help="retry UNAVAILABLE / RESOURCE_EXHAUSTED after the server's pushback, under a retry budget")
 
 
 def _config(args: argparse.Namespace, **fields) -> LoadConfig:
@@ -66,7 +69,7 @@ def _config(args: argparse.Namespace, **fields) -> LoadConfig:
                       unknown_share=args.unknown_share, seed=args.seed, p99_target_ms=args.p99_ms,
                       ramp_step=args.ramp_step, step_duration_s=args.step_duration,
                       max_error_share=args.max_error_share, max_requests=args.max_requests,
-                      warmup_s=args.warmup, **fields)
+                      warmup_s=args.warmup, retry=args.retry, **fields)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -94,6 +97,9 @@ def parser() -> argparse.ArgumentParser:
     scenario.add_argument("--from-root", type=Path, default=None,
                           help="serve copies of this artifact root's current version (e.g. one `python -m trainer` "
                                "published) instead of tiny untrained models")
+    scenario.add_argument("--duration", type=float, default=None, help="seconds of load (default: the scenario's)")
+    scenario.add_argument("--fault-at", type=float, default=None, help="seconds into the load the fault starts")
+    scenario.add_argument("--fault-s", type=float, default=None, help="how long a kill or freeze lasts (seconds)")
     scenario.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
                           help="extra environment for both services, e.g. RANKING_DEFAULT_CANDIDATES=100 "
                                "(repeatable)")
@@ -158,7 +164,9 @@ def _scenario(args: argparse.Namespace) -> int:
     config = _config(args, users_from=SYNTHETIC_USERS if data is None else str(data))
     out = args.out or _default_out(f"scenario-{args.name}")
     document = run_and_save(args.name, config, data, out, source_root=args.from_root, seed=args.seed,
-                            service_env=service_env(args.service_env))
+                            service_env=service_env(args.service_env),
+                            lengths={"duration_s": args.duration, "fault_at_s": args.fault_at,
+                                     "fault_s": args.fault_s})
     print(format_summary(document["summary"], f"{args.name} overall: "))
     for phase, summary in document.get("phases", {}).items():
         if summary is not None:
@@ -166,6 +174,11 @@ def _scenario(args: argparse.Namespace) -> int:
     if "fault" in document:
         print("fault: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
                                     for k, v in document["fault"].items()))
+    if "recovery" in document:
+        print(f"recovery after the fault's end: {document['recovery']['recovery_s']} s "
+              f"(first 1 s window with p99 <= {document['recovery']['deadline_ms']:g} ms and nothing failed)")
+        print("| scenario | req/s | requests | failed | p99 ms | p99 ms during | recovery |")
+        print(fault_row(document))
     if "ramp" in document:
         print(f"highest rate held at p99 <= {document['ramp']['p99_target_ms']:g} ms: "
               f"{document['ramp']['highest_rate_held']}")

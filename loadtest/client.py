@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import math
 import os
 import time
@@ -29,9 +30,23 @@ from loadtest.results import Outcome, elapsed_s, summarize
 from loadtest.schedule import constant_arrivals, ramp_rates
 from loadtest.users import Population, UserSampler, load_population
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from recsys_serving.admission import client_service_config
 
 # A restarted server should get traffic within ~1 s, not after gRPC's default backoff of up to 2 min.
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
+_SERVICES = tuple(module.DESCRIPTOR.services_by_name[name].full_name
+                  for module, name in ((ranking_pb2, "RankingService"), (retrieval_pb2, "RetrievalService")))
+
+
+def channel_options(retry: bool) -> list[tuple[str, object]]:
+    """The load generator's channel; ``retry`` (``--retry``) makes it behave like a well-mannered backend:
+    UNAVAILABLE and RESOURCE_EXHAUSTED retried after the server's pushback, under a retry budget
+    (``recsys_serving.admission.client_service_config``). Off by default: a run then measures what
+    the server answered, each refusal counted as such."""
+    if not retry:
+        return list(CHANNEL_OPTIONS)
+    return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(client_service_config(*_SERVICES)))]
 
 
 def _flags(degraded: Sequence[int]) -> tuple[str, ...]:
@@ -185,7 +200,7 @@ async def run_load(config: LoadConfig, population: Population | None = None) -> 
     loadavg_before = list(os.getloadavg())   # other work on the machine skews every figure
     cpu_before = time.process_time()
     population = population if population is not None else load_population(config.users_from)
-    async with grpc.aio.insecure_channel(config.target, options=CHANNEL_OPTIONS) as channel:
+    async with grpc.aio.insecure_channel(config.target, options=channel_options(config.retry)) as channel:
         await wait_connected(channel, config.target, config.connect_timeout_s)
         await warm_up(channel, config, population)
         with measured_window() as collector:

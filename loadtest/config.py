@@ -35,6 +35,7 @@ class LoadConfig:
     step_duration_s: float = 5.0      # ramp: seconds per step
     max_error_share: float = 0.01     # ramp: a step with more failed requests than this share is not held
     allow_remote: bool = False        # permit a non-loopback target
+    retry: bool = False               # retry UNAVAILABLE / RESOURCE_EXHAUSTED with pushback, under a budget
 
 
 def _require(name: str, value: float, ok: bool, expected: str) -> None:

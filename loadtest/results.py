@@ -67,6 +67,8 @@ def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict:
         "throughput_rps": len(ok) / duration_s,
         "latency_ms": latency_stats([o.latency_s for o in outcomes]),
         "ok_latency_ms": latency_stats([o.latency_s for o in ok]),
+        # how fast the server said no (admission's RESOURCE_EXHAUSTED); a refusal should cost no wait
+        "refused_latency_ms": latency_stats([o.latency_s for o in outcomes if o.code == "RESOURCE_EXHAUSTED"]),
         "codes": dict(sorted(Counter(o.code for o in outcomes).items())),
         "degraded": dict(sorted(Counter(flag for o in outcomes for flag in o.degraded).items())),
         "versions": {role: dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
@@ -133,6 +135,9 @@ def format_summary(summary: dict, title: str = "") -> str:
              f"throughput={summary['throughput_rps']:.1f}/s over {summary['duration_s']:.1f} s",
              "  latency ms: " + " ".join(f"{key}={lat[key]:.1f}" for key in ("p50", "p90", "p99", "p99.9", "max")),
              "  codes: " + ", ".join(f"{code}={n}" for code, n in codes.items())]
+    refused = summary.get("refused_latency_ms")     # absent from results written before it existed
+    if codes.get("RESOURCE_EXHAUSTED") and refused:
+        lines.append(f"  refused in ms: p50={refused['p50']:.1f} p99={refused['p99']:.1f} max={refused['max']:.1f}")
     if summary["degraded"]:
         lines.append("  degraded: " + ", ".join(f"{flag}={n}" for flag, n in summary["degraded"].items()))
     if summary["versions"]:

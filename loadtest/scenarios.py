@@ -2,16 +2,25 @@
 
 Each scenario starts its own ``Stack``, drives open-loop Recommend load (100 req/s, k=10, 200 ms
 deadline unless told otherwise), injects its fault ``fault_at_s`` seconds in, and undoes it (the
-fault step returns once the system is whole again). The report splits the requests by intended
-send time into before / during (fault start until ``settle_s`` after it was undone) / after, and
-gives each phase's failed requests by status code, degraded flags and latency percentiles.
+fault step returns once the system is whole again; a kill or freeze lasts ``fault_s``). The
+report splits the requests by intended send time into before / during (fault start until
+``settle_s`` after it was undone) / after, and gives each phase's failed requests by status code,
+degraded flags and latency percentiles.
+
+Recovery time (``recovery``): seconds from the fault's end (undone) to the start of the first
+1-second window, sliding in 0.1 s steps over requests grouped by intended send time, that holds
+again: its p99 latency (all requests) is within the deadline and none of its requests failed.
+0.0 means the first window after the fault's end already held; None, that none held before the
+load ended.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import functools
+import math
 import os
 import shutil
 import tempfile
@@ -22,11 +31,11 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.client import CHANNEL_OPTIONS, drive, wait_connected, warm_up
+from loadtest.client import channel_options, drive, wait_connected, warm_up
 from loadtest.collector import measured_window
 from loadtest.config import LoadConfig, validate
 from loadtest.output import save_run
-from loadtest.results import Outcome, elapsed_s, summarize, window
+from loadtest.results import Outcome, elapsed_s, latency_stats, summarize, window
 from loadtest.stack import Stack
 from loadtest.users import load_population
 
@@ -60,6 +69,13 @@ async def redis_flush(stack: Stack) -> dict:
     return {}
 
 
+async def retrieval_freeze(stack: Stack, frozen_s: float) -> dict:
+    stack.retrieval.freeze()             # SIGSTOP: ranking's stream gets no answer; it must fall back
+    await asyncio.sleep(frozen_s)
+    stack.retrieval.resume()
+    return {"frozen_s": frozen_s}
+
+
 async def retrieval_kill(stack: Stack) -> dict:
     stack.retrieval.kill()
     loop = asyncio.get_running_loop()
@@ -86,6 +102,7 @@ class Scenario:
     fault: Fault | None = None         # injects the fault and undoes it; None = load only
     settle_s: float = 3.0              # seconds after the fault is undone that still count as "during"
     mode: str = "open"
+    fault_s: float | None = None       # how long a kill or freeze lasts (passed to ``fault``); None = n/a
 
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
@@ -93,12 +110,14 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("ramp", "open-loop steps of +50 req/s until p99 exceeds the target", duration_s=150, mode="ramp"),
     Scenario("hot-reloads", "10 new versions published 1 s apart", duration_s=60, fault_at_s=5,
              fault=functools.partial(hot_reloads, count=10, interval_s=1.0)),
-    Scenario("redis-kill", "redis-server killed (-9) for 30 s, restarted empty", duration_s=55,
-             fault=functools.partial(redis_kill, down_s=30.0)),
-    Scenario("redis-freeze", "redis-server frozen (SIGSTOP) for 10 s", duration_s=35,
-             fault=functools.partial(redis_freeze, frozen_s=10.0)),
+    Scenario("redis-kill", "redis-server killed (-9), restarted empty after fault_s", duration_s=55,
+             fault=redis_kill, fault_s=30.0),
+    Scenario("redis-freeze", "redis-server frozen (SIGSTOP) for fault_s", duration_s=35,
+             fault=redis_freeze, fault_s=10.0),
     Scenario("redis-flush", "FLUSHALL on the feature store", duration_s=30, fault=redis_flush),
     Scenario("retrieval-kill", "retrieval killed (-9) and restarted", duration_s=40, fault=retrieval_kill),
+    Scenario("retrieval-freeze", "retrieval frozen (SIGSTOP) for fault_s", duration_s=35,
+             fault=retrieval_freeze, fault_s=10.0),
     Scenario("ranking-sigterm", "ranking stopped with SIGTERM (graceful drain) and restarted", duration_s=40,
              fault=ranking_sigterm),
 )}
@@ -108,7 +127,7 @@ async def _inject(scenario: Scenario, stack: Stack, origin: float) -> dict:
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, origin + scenario.fault_at_s - loop.time()))
     start_s = loop.time() - origin
-    notes = await scenario.fault(stack)
+    notes = await (scenario.fault(stack) if scenario.fault_s is None else scenario.fault(stack, scenario.fault_s))
     return {"start_s": start_s, "end_s": loop.time() - origin, "settle_s": scenario.settle_s, **notes}
 
 
@@ -121,6 +140,40 @@ def phases(outcomes: list[Outcome], fault: dict, total_s: float) -> dict[str, di
             for name, (lo, hi) in bounds.items()}
 
 
+def shortened(scenario: Scenario, duration_s: float | None = None, fault_at_s: float | None = None,
+              fault_s: float | None = None) -> Scenario:
+    """The scenario with the given lengths replaced (None keeps the table's); ValueError names a bad one."""
+    changes = {name: value for name, value in
+               (("duration_s", duration_s), ("fault_at_s", fault_at_s), ("fault_s", fault_s)) if value is not None}
+    for name, value in changes.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    if "fault_s" in changes and scenario.fault_s is None:
+        raise ValueError(f"fault_s applies to the kill and freeze scenarios only, got {fault_s!r} "
+                         f"for {scenario.name!r}")
+    shorter = dataclasses.replace(scenario, **changes)
+    if shorter.fault is not None and shorter.fault_at_s >= shorter.duration_s:
+        raise ValueError(f"fault_at_s must be < duration_s ({shorter.duration_s:g}), got {shorter.fault_at_s!r}")
+    return shorter
+
+
+def recovery(outcomes: list[Outcome], fault: dict, deadline_s: float, total_s: float,
+             window_s: float = 1.0, step_s: float = 0.1) -> dict:
+    """Seconds from the fault's end until a sliding window holds again (see the module docstring)."""
+    ordered = sorted(outcomes, key=lambda o: o.intended_s)
+    times = [o.intended_s for o in ordered]
+    start, held_at = fault["end_s"], None
+    for step in range(max(0, math.floor((total_s - window_s - start) / step_s + 1e-9)) + 1):
+        lo = start + step * step_s
+        inside = ordered[bisect.bisect_left(times, lo):bisect.bisect_left(times, lo + window_s)]
+        if inside and all(o.code == "OK" for o in inside) and \
+                latency_stats([o.latency_s for o in inside])["p99"] <= 1000 * deadline_s:
+            held_at = lo
+            break
+    return {"window_s": window_s, "step_s": step_s, "deadline_ms": 1000 * deadline_s,
+            "recovery_s": None if held_at is None else held_at - start}
+
+
 async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | None, workdir: Path,
                        source_root: Path | None = None, seed: int = 0,
                        service_env: dict[str, str] | None = None) -> tuple[dict, list[Outcome]]:
@@ -131,7 +184,7 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
     async with Stack(workdir, data_dir, source_root, seed, service_env) as stack:
         config = validate(dataclasses.replace(config, target=stack.target, mode=scenario.mode,
                                               duration_s=scenario.duration_s))
-        async with grpc.aio.insecure_channel(stack.target, options=CHANNEL_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(stack.target, options=channel_options(config.retry)) as channel:
             await wait_connected(channel, stack.target, config.connect_timeout_s)
             await warm_up(channel, config, population)
             with measured_window() as collector:
@@ -149,15 +202,32 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
     if fault is not None:
         document["fault"] = fault
         document["phases"] = phases(outcomes, fault, total_s)
+        document["recovery"] = recovery(outcomes, fault, config.deadline_ms / 1000, total_s)
     return document, outcomes
 
 
+def fault_row(document: dict) -> str:
+    """One Markdown table row: scenario, rate, requests, failed (by code), p99 overall and during, recovery."""
+    summary, config = document["summary"], document["config"]
+    failed = ", ".join(f"{code} {n}" for code, n in summary["codes"].items() if code != "OK")
+    during = (document.get("phases") or {}).get("during")
+    recovered = (document.get("recovery") or {}).get("recovery_s", "n/a")
+    recovered = "never" if recovered is None else recovered if isinstance(recovered, str) else f"{recovered:.1f} s"
+    return (f"| {document['scenario']} | {config['rate']:g} | {summary['requests']} | "
+            f"{summary['failed']}{f' ({failed})' if failed else ''} | {summary['latency_ms']['p99']:.0f} | "
+            f"{'n/a' if during is None else format(during['latency_ms']['p99'], '.0f')} | {recovered} |")
+
+
 def run_and_save(name: str, config: LoadConfig, data_dir: Path | None, out_dir: Path,
-                 source_root: Path | None = None, seed: int = 0, service_env: dict[str, str] | None = None) -> dict:
-    """Runs the named scenario in a temporary work directory, saves results, plots and the stack's logs."""
+                 source_root: Path | None = None, seed: int = 0, service_env: dict[str, str] | None = None,
+                 lengths: dict[str, float | None] | None = None) -> dict:
+    """Runs the named scenario in a temporary work directory, saves results, plots and the stack's logs.
+
+    ``lengths`` may replace the table's ``duration_s``, ``fault_at_s`` and ``fault_s`` (``shortened``).
+    """
     if name not in SCENARIOS:
         raise ValueError(f"scenario must be one of {', '.join(SCENARIOS)}, got {name!r}")
-    scenario = SCENARIOS[name]
+    scenario = shortened(SCENARIOS[name], **(lengths or {}))
     with tempfile.TemporaryDirectory(prefix=f"loadtest-{name}-") as workdir:
         try:
             document, outcomes = asyncio.run(

@@ -57,13 +57,21 @@ class RankingConfig:
     default_candidates: int = 500            # candidates retrieved when the request says 0
     max_rank_items: int = 1000               # most item ids in one Rank; most candidates in one Recommend
     fallback: str = "popular"                # retrieval down: popular items, or UNAVAILABLE
-    max_in_flight: int = 64                  # concurrent RPCs before RESOURCE_EXHAUSTED
+    max_in_flight: int = 128                 # RPCs admitted (running + queued) before RESOURCE_EXHAUSTED
+    # RPCs running at once; the rest queue (recsys_serving.admission). Each running RPC shares the CPU
+    # with the others, so N slots make each take ~N times its CPU time: with 32 on the shared 2-core
+    # machine that reached the 200 ms deadline (requests timed out instead of being refused).
+    max_concurrency: int = 8
     min_deadline_ms: int = 5                 # a request with less time left fails DEADLINE_EXCEEDED at once
     default_deadline_ms: int = 200           # applied when the caller set no deadline
     diversity: float = 0.0                   # default MMR strength in [0, 1]
     score_mode: str = "ctr"                  # ctr, or ctr times the predicted rating
     poll_interval_s: float = 2.0             # how often CURRENT is checked for a new version
     redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
+    redis_breaker_failures: int = 3          # consecutive Redis failures that open its circuit breaker
+    redis_breaker_cooldown_ms: int = 1000    # Redis is skipped this long before one probe request tries it
+    retrieval_breaker_failures: int = 5      # consecutive Retrieve failures/timeouts that open its breaker
+    retrieval_breaker_cooldown_ms: int = 1000  # retrieval is skipped (popular fallback) this long, then probed
     grace_s: float = 10.0                    # drain time for in-flight RPCs after SIGTERM
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit
     microbatch_max_size: int = 16            # DCN scoring requests batched into one forward pass
@@ -100,12 +108,17 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "RANKING_MAX_RANK_ITEMS": ("max_rank_items", int_in(1, 100_000)),
     "RANKING_FALLBACK": ("fallback", choice(FALLBACKS)),
     "RANKING_MAX_IN_FLIGHT": ("max_in_flight", int_in(1, 100_000)),
+    "RANKING_MAX_CONCURRENCY": ("max_concurrency", int_in(1, 100_000)),
     "RANKING_MIN_DEADLINE_MS": ("min_deadline_ms", int_in(0, 60_000)),
     "RANKING_DEFAULT_DEADLINE_MS": ("default_deadline_ms", int_in(1, 600_000)),
     "RANKING_DIVERSITY": ("diversity", float_in(0.0, 1.0)),
     "RANKING_SCORE_MODE": ("score_mode", choice(SCORE_MODES)),
     "RANKING_POLL_INTERVAL_S": ("poll_interval_s", float_in(0.0, 3600.0, lo_open=True)),
     "RANKING_REDIS_TIMEOUT_MS": ("redis_timeout_ms", int_in(1, 60_000)),
+    "RANKING_REDIS_BREAKER_FAILURES": ("redis_breaker_failures", int_in(1, 1000)),
+    "RANKING_REDIS_BREAKER_COOLDOWN_MS": ("redis_breaker_cooldown_ms", int_in(1, 3_600_000)),
+    "RANKING_RETRIEVAL_BREAKER_FAILURES": ("retrieval_breaker_failures", int_in(1, 1000)),
+    "RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS": ("retrieval_breaker_cooldown_ms", int_in(1, 3_600_000)),
     "RANKING_GRACE_S": ("grace_s", float_in(0.0, 300.0)),
     "RANKING_MAX_MESSAGE_BYTES": ("max_message_bytes", int_in(1024, 2**31 - 1)),
     "RANKING_MICROBATCH_MAX_SIZE": ("microbatch_max_size", int_in(1, 4096)),
@@ -157,6 +170,9 @@ def _check_relations(config: RankingConfig) -> None:
     if config.default_candidates > config.max_rank_items:
         raise ValueError(f"RANKING_DEFAULT_CANDIDATES must be <= RANKING_MAX_RANK_ITEMS "
                          f"({config.max_rank_items}), got {config.default_candidates!r}")
+    if config.max_in_flight < config.max_concurrency:
+        raise ValueError(f"RANKING_MAX_IN_FLIGHT must be >= RANKING_MAX_CONCURRENCY ({config.max_concurrency}), "
+                         f"got {config.max_in_flight!r}")
     if config.default_deadline_ms <= config.min_deadline_ms:
         raise ValueError(f"RANKING_DEFAULT_DEADLINE_MS must be > RANKING_MIN_DEADLINE_MS "
                          f"({config.min_deadline_ms}), got {config.default_deadline_ms!r}")

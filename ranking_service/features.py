@@ -2,9 +2,11 @@
 
 ``FeatureStore`` owns the feature-store connection. With Redis configured, a user read is the
 4-command pipeline of ``recsys_contracts.feature_store.queue_user_read`` under
-``RANKING_REDIS_TIMEOUT_MS``; any error or timeout opens a short circuit breaker (requests skip
-Redis for ``RETRY_AFTER_S``, so a frozen Redis costs one timeout, not one per request) and the
-request is answered from the served version's in-memory tables, flagged FEATURES_FROM_ARTIFACT.
+``RANKING_REDIS_TIMEOUT_MS``; an error or timeout answers the request from the served version's
+in-memory tables, flagged FEATURES_FROM_ARTIFACT, and counts towards the circuit breaker
+(``recsys_serving.breaker``): after ``RANKING_REDIS_BREAKER_FAILURES`` in a row, requests skip Redis
+for ``RANKING_REDIS_BREAKER_COOLDOWN_MS`` (same answer, no timeout to wait out), then one probe
+tries it. Recording interactions while the breaker is open fails at once (UNAVAILABLE).
 A known user whose keys are missing (Redis flushed) takes the same path and wakes the refiller.
 Without Redis, fresh interactions live in ``InProcessFreshStore`` (see ``ranking_service.fresh``).
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ranking_service import metrics
+from ranking_service.config import RankingConfig
 from ranking_service.fresh import InProcessFreshStore
 from ranking_service.state import ServingState
 from recsys_contracts import feature_store
@@ -31,9 +34,9 @@ from recsys_contracts.feature_store import FreshInteraction, KeyFormat, UserReco
 from recsys_contracts.feature_spec import FeatureSpec
 from recsys_contracts.ids import sorted_unique
 from recsys_contracts.v1 import common_pb2
+from recsys_serving.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
-RETRY_AFTER_S = 1.0          # how long requests skip a Redis that just failed
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
 
 
@@ -87,11 +90,17 @@ class UserRead:
     from_redis: bool               # False = no Redis configured (fresh from the in-process store)
 
 
+def redis_breaker(failures: int, cool_down_s: float) -> CircuitBreaker:
+    """The Redis breaker, reporting to this service's metrics."""
+    return CircuitBreaker("ranking-redis", failures, cool_down_s, state_gauge=metrics.REDIS_BREAKER_STATE,
+                          transitions=metrics.REDIS_BREAKER_TRANSITIONS)
+
+
 class FeatureStore:
     """Reads users' features and records interactions, through Redis when configured."""
 
     def __init__(self, redis_url: str | None, namespace: str, timeout_ms: int,
-                 local: InProcessFreshStore | None = None) -> None:
+                 local: InProcessFreshStore | None = None, breaker: CircuitBreaker | None = None) -> None:
         self.keys = KeyFormat(namespace)
         self.redis_url = redis_url
         self.timeout_s = timeout_ms / 1000
@@ -100,27 +109,23 @@ class FeatureStore:
             retries=0, asyncio=True)
         self.local = local if local is not None else (InProcessFreshStore() if redis_url is None else None)
         self.refill_wanted = asyncio.Event()   # set when a read found a known user's keys missing
-        self._down_until = 0.0                 # time.monotonic() before which Redis is skipped
-
-    @property
-    def redis_available(self) -> bool:
-        return self.redis is not None and time.monotonic() >= self._down_until
+        self.breaker = breaker if breaker is not None else redis_breaker(
+            RankingConfig.redis_breaker_failures, RankingConfig.redis_breaker_cooldown_ms / 1000)
 
     def mark_down(self, operation: str, error: BaseException) -> None:
         metrics.REDIS_ERRORS.labels(operation).inc()
-        if time.monotonic() >= self._down_until:
-            log.warning("feature store %s failed, using artifact features for %.1f s: %r",
-                        operation, RETRY_AFTER_S, error)
-        self._down_until = time.monotonic() + RETRY_AFTER_S
+        self.breaker.record_failure(error)
 
     def mark_up(self) -> None:
-        self._down_until = 0.0
+        """Redis took a bulk refill: it is healthy, stop skipping it."""
+        self.breaker.reset()
 
     async def read_user(self, version: int, user_id: str) -> UserRead:
         if self.redis is None:
             fresh = self.local.get(user_id)
             return UserRead(UserRecord(row=None, history=_EMPTY_IDS, seen=_EMPTY_IDS, fresh=fresh), False)
-        if not self.redis_available:
+        if not self.breaker.allow():
+            metrics.REDIS_SKIPPED.inc()
             return UserRead(None, True)
         started = time.perf_counter()
         try:
@@ -128,12 +133,18 @@ class FeatureStore:
             feature_store.queue_user_read(pipe, self.keys, version, user_id)
             async with asyncio.timeout(self.timeout_s):        # no extra task, unlike wait_for
                 results = await pipe.execute()
-            record = feature_store.parse_user_read(results)
         except (Exception, TimeoutError) as error:  # any store failure degrades, never fails the request
             self.mark_down("read", error)
             return UserRead(None, True)
         finally:
             metrics.STAGE_SECONDS.labels("feature_fetch").observe(time.perf_counter() - started)
+        self.breaker.record_success()
+        try:
+            record = feature_store.parse_user_read(results)
+        except ValueError as error:   # Redis answered: a bad value is a data error, not an outage
+            metrics.REDIS_ERRORS.labels("read").inc()
+            log.warning("feature store record unreadable, using the artifact: %s", error)
+            return UserRead(None, True)
         return UserRead(record, True)
 
     async def user_view(self, state: ServingState, user_id: str, overrides: UserOverrides) -> UserView:
@@ -149,6 +160,9 @@ class FeatureStore:
         """Stores the interactions; raises ``StoreUnavailable`` when Redis is configured but failing."""
         if self.redis is None:
             return self.local.record(pairs)
+        if not self.breaker.allow():
+            raise StoreUnavailable(f"the feature store is being skipped after failures (circuit breaker open; "
+                                   f"retry after {self.breaker.cool_down_s:g} s)")
         try:
             pipe = self.redis.pipeline(transaction=False)
             count = feature_store.queue_record_interactions(pipe, self.keys, pairs)
@@ -156,6 +170,7 @@ class FeatureStore:
         except (Exception, TimeoutError) as error:
             self.mark_down("record", error)
             raise StoreUnavailable(f"the feature store did not take the interactions: {error!r}") from error
+        self.breaker.record_success()
         return count
 
     async def close(self) -> None:

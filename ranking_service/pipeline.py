@@ -8,7 +8,12 @@ Recommend, for one ``ServingState`` snapshot:
    fresh + recent items unless ``include_seen``) and handed to the DCN micro-batcher; finished
    chunks are merged into a running top-k (the whole pool when MMR will re-rank it);
 3. if retrieval fails, times out or is unreachable, the version's popular items fill the pool
-   (flag POPULAR_FALLBACK) or, when configured, the request fails UNAVAILABLE;
+   (flag POPULAR_FALLBACK) or, when configured, the request fails UNAVAILABLE; after
+   ``RANKING_RETRIEVAL_BREAKER_FAILURES`` such failures in a row a circuit breaker
+   (``recsys_serving.breaker``) skips retrieval for ``RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS`` and
+   goes straight to that fallback (failure code CIRCUIT_OPEN), then lets one probe through: a
+   frozen retrieval would otherwise hold every Recommend for most of its deadline, and its
+   admission slot with it. A refusal (RESOURCE_EXHAUSTED) is fast and does not count;
 4. the best k come out in score order, or in MMR order over the item embeddings.
 
 A retrieval INVALID_ARGUMENT is the caller's error (retrieval validated a field we passed through),
@@ -35,8 +40,11 @@ from ranking_service.validation import RankQuery, RecommendQuery
 from recsys_contracts.feature_store import FreshInteraction
 from recsys_contracts.ids import in_sorted
 from recsys_contracts.v1 import common_pb2
+from recsys_serving.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
+CIRCUIT_OPEN = "CIRCUIT_OPEN"   # the failure code of a Recommend that skipped retrieval (breaker open)
+BREAKER_MIN_BUDGET_S = 0.05     # a retrieval timeout counts towards the breaker only with this much time given
 
 
 class RetrievalUnavailable(Exception):
@@ -108,8 +116,9 @@ class _Pool:
 
 class Pipeline:
     def __init__(self, *, features: FeatureStore, batcher: MicroBatcher, candidates: CandidateSource,
-                 fallback: str) -> None:
+                 fallback: str, breaker: CircuitBreaker) -> None:
         self.features, self.batcher, self.candidates, self.fallback = features, batcher, candidates, fallback
+        self.breaker = breaker
 
     async def score(self, state: ServingState, view: UserView, timestamp: int, ids: np.ndarray,
                     retrieval_scores: np.ndarray, arrival: np.ndarray) -> Scored:
@@ -167,6 +176,9 @@ class Pipeline:
         loop = asyncio.get_running_loop()
         retrieval_deadline = deadline - fallback_reserve_s(deadline - loop.time())
         retrieval_version, flags = 0, set()
+        if not self.breaker.allow():
+            return retrieval_version, flags, CIRCUIT_OPEN
+        budget_s = retrieval_deadline - loop.time()
         started = time.perf_counter()
         try:
             async with asyncio.timeout_at(retrieval_deadline):
@@ -181,14 +193,23 @@ class Pipeline:
                     if len(chunk.item_ids) != len(chunk.scores):   # a broken peer: treat as a failed retrieval
                         log.error("retrieval sent a chunk with %d item_ids but %d scores (expected equal "
                                   "lengths)", len(chunk.item_ids), len(chunk.scores), extra={"request_id": request_id})
+                        self.breaker.record_failure()
                         return retrieval_version, flags, grpc.StatusCode.DATA_LOSS.name
                     pools[0].add(np.array(chunk.item_ids, dtype=np.int64), np.array(chunk.scores, dtype=np.float32))
         except grpc.aio.AioRpcError as error:
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                self.breaker.record_success()          # retrieval answered: the request was bad
                 raise ValueError(f"retrieval refused the request: {error.details()}") from None
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self.breaker.record_success()          # a fast, deliberate refusal: retrieval is alive
+            else:
+                self.breaker.record_failure(error)
             return retrieval_version, flags, error.code().name
-        except TimeoutError:
+        except TimeoutError as error:
+            if budget_s >= BREAKER_MIN_BUDGET_S:   # a caller's tiny deadline is no evidence against retrieval
+                self.breaker.record_failure(error)
             return retrieval_version, flags, grpc.StatusCode.DEADLINE_EXCEEDED.name
+        self.breaker.record_success()
         metrics.STAGE_SECONDS.labels("retrieval_stream").observe(time.perf_counter() - started)
         return retrieval_version, flags, ""
 
@@ -199,8 +220,9 @@ class Pipeline:
         metrics.RETRIEVAL_FAILURES.labels(failure).inc()
         if self.fallback == "unavailable":
             raise RetrievalUnavailable(f"the retrieval service failed ({failure}) and fallback is disabled")
-        log.warning("retrieval failed (%s): answering from popular items", failure,
-                    extra={"request_id": request_id})
+        if failure != CIRCUIT_OPEN:    # the breaker logs when it opens; not once per skipped request
+            log.warning("retrieval failed (%s): answering from popular items", failure,
+                        extra={"request_id": request_id})
         popular = state.tables.popular_items                       # (m,) item indices, most popular first
         room = pool.query.num_candidates - pool.taken.size
         pool.add(state.tables.item_ids[popular], state.popular_scores[popular], limit=max(room, 0))

@@ -1,8 +1,11 @@
 """The channel to the retrieval service and the candidate stream the Recommend pipeline consumes.
 
 The channel balances over every address the target resolves to (``round_robin``), retries a
-``Retrieve`` that fails with UNAVAILABLE before any response arrived (a restarting or dead replica;
-at most ``RETRY_MAX_ATTEMPTS`` attempts, 10..100 ms backoff, always inside the call's deadline),
+``Retrieve`` that fails with UNAVAILABLE (a restarting or dead replica) or RESOURCE_EXHAUSTED (a
+refusal by retrieval's admission) before any response arrived: at most ``RETRY_MAX_ATTEMPTS``
+attempts, 10..100 ms backoff or the server's ``grpc-retry-pushback-ms`` (-1: no retry), always
+inside the call's deadline, under a retry budget so retries cannot amplify an overload
+(``recsys_serving.admission.client_service_config``),
 reconnects within ~1 s after retrieval comes back, and uses TLS / mTLS when configured. gRPC Python
 does not propagate deadlines: every call gets the caller's remaining time as its own timeout, and
 the request id travels in the ``x-request-id`` metadata so both services' logs can be joined.
@@ -22,19 +25,14 @@ import grpc
 
 from ranking_service.config import RankingConfig, RetrievalClientTls
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
+from recsys_serving.admission import client_service_config
 from recsys_serving.runtime import REQUEST_ID_KEY, message_size_options
 
 RETRIEVAL_SERVICE = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 RETRY_MAX_ATTEMPTS = 3
 
-SERVICE_CONFIG = {
-    "loadBalancingConfig": [{"round_robin": {}}],
-    "methodConfig": [{
-        "name": [{"service": RETRIEVAL_SERVICE}],
-        "retryPolicy": {"maxAttempts": RETRY_MAX_ATTEMPTS, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
-                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
-    }],
-}
+SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}],
+                  **client_service_config(RETRIEVAL_SERVICE, max_attempts=RETRY_MAX_ATTEMPTS)}
 
 
 class CandidateSource(Protocol):

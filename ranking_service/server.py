@@ -5,7 +5,10 @@ Every RPC goes through ``_serve``, which owns the status codes:
 - DEADLINE_EXCEEDED at once when less than ``RANKING_MIN_DEADLINE_MS`` is left on arrival (no
   retrieval or Redis call), and when the deadline (the caller's, else ``RANKING_DEFAULT_DEADLINE_MS``)
   passes while serving;
-- RESOURCE_EXHAUSTED at once when ``RANKING_MAX_IN_FLIGHT`` RPCs are already being served;
+- RESOURCE_EXHAUSTED at once when the RPC cannot finish within its deadline given the queue, or
+  ``RANKING_MAX_IN_FLIGHT`` RPCs are already admitted (``recsys_serving.admission``; the refusal
+  carries a ``grpc-retry-pushback-ms`` trailer); DEADLINE_EXCEEDED, unstarted, when its deadline
+  passes while it waits for one of the ``RANKING_MAX_CONCURRENCY`` slots;
 - UNAVAILABLE while no version is loaded, when retrieval fails with fallback disabled, or when
   Redis does not take recorded interactions;
 - INVALID_ARGUMENT with the ValueError's message naming the field and value;
@@ -30,13 +33,15 @@ import grpc
 from ranking_service import metrics, validation
 from ranking_service.batching import MicroBatcher
 from ranking_service.config import RankingConfig
-from ranking_service.features import FeatureStore, StoreUnavailable
+from ranking_service.features import FeatureStore, StoreUnavailable, redis_breaker
 from ranking_service.pipeline import Answer, Pipeline, RetrievalUnavailable
 from ranking_service.refill import run_refiller
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient
 from ranking_service.state import ServingState, load_state
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from recsys_serving import env, runtime
+from recsys_serving.admission import Admission, Expired, Refused
+from recsys_serving.breaker import CircuitBreaker
 from recsys_serving.reload import VersionHolder
 
 log = logging.getLogger(__name__)
@@ -66,12 +71,18 @@ class RankingApp:
         self.health = None
         self.holder = holder if holder is not None else default_holder(config)
         self.holder.on_swap, self.holder.on_refuse = self._on_swap, self._on_refuse
-        self.features = FeatureStore(config.redis_url, config.redis_namespace, config.redis_timeout_ms)
+        self.features = FeatureStore(config.redis_url, config.redis_namespace, config.redis_timeout_ms,
+                                     breaker=redis_breaker(config.redis_breaker_failures,
+                                                           config.redis_breaker_cooldown_ms / 1000))
         self.batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000)
         self.candidates = candidates if candidates is not None else RetrievalClient(config)
         self.pipeline = Pipeline(features=self.features, batcher=self.batcher, candidates=self.candidates,
-                                 fallback=config.fallback)
-        self.in_flight = 0
+                                 fallback=config.fallback, breaker=CircuitBreaker(
+                                     "ranking-retrieval", config.retrieval_breaker_failures,
+                                     config.retrieval_breaker_cooldown_ms / 1000,
+                                     state_gauge=metrics.RETRIEVAL_BREAKER_STATE,
+                                     transitions=metrics.RETRIEVAL_BREAKER_TRANSITIONS))
+        self.admission = Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)
         self._tasks: set[asyncio.Task] = set()
 
     def _on_swap(self, state: ServingState, version: int) -> None:
@@ -137,25 +148,24 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         request_id = runtime.request_id(context) or uuid.uuid4().hex
         remaining = context.time_remaining()
         remaining = config.default_deadline_ms / 1000 if remaining is None else remaining
-        admitted = False
+        trailers: tuple[tuple[str, str], ...] = ()
         try:
             if remaining * 1000 < config.min_deadline_ms:
                 raise _Failure(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"deadline must leave at least {config.min_deadline_ms} ms, got {remaining * 1000:.1f} ms")
-            if self.app.in_flight >= config.max_in_flight:
-                raise _Failure(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                               f"too many requests in flight (max {config.max_in_flight}); retry with backoff")
-            admitted = True
-            self.app.in_flight += 1
-            metrics.IN_FLIGHT.set(self.app.in_flight)
-            state = self.app.holder.current
-            if state is None:
-                raise _Failure(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
-            deadline = loop.time() + remaining
-            async with asyncio.timeout_at(deadline):
-                return await handle(state, deadline, request_id)
+            deadline = loop.time() + remaining      # the loop's clock is time.monotonic, as admission's
+            async with self.app.admission.slot(deadline):
+                state = self.app.holder.current
+                if state is None:
+                    raise _Failure(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
+                async with asyncio.timeout_at(deadline):
+                    return await handle(state, deadline, request_id)
         except _Failure as failure:
             code, details = failure.code, failure.details
+        except Refused as refusal:
+            code, details, trailers = grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal), refusal.trailing_metadata
+        except Expired as expired:
+            code, details = grpc.StatusCode.DEADLINE_EXCEEDED, str(expired)
         except ValueError as error:
             code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except (RetrievalUnavailable, StoreUnavailable) as error:
@@ -169,15 +179,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             log.exception("%s failed", method, extra={"request_id": request_id})
             code, details = grpc.StatusCode.INTERNAL, "internal error"
         finally:
-            if admitted:
-                self.app.in_flight -= 1
-                metrics.IN_FLIGHT.set(self.app.in_flight)
             metrics.REQUESTS.labels(method, code.name).inc()
             metrics.REQUEST_SECONDS.labels(method).observe(time.perf_counter() - started)
         log.info("%s -> %s: %s", method, code.name, details, extra={"request_id": request_id, "code": code.name})
         if context.done():   # the caller's deadline already ended the call: nothing left to send
             return None
-        await context.abort(code, details)
+        await context.abort(code, details, trailing_metadata=trailers)
 
     async def Recommend(self, request: ranking_pb2.RecommendRequest, context) -> ranking_pb2.RecommendResponse:
         async def handle(state: ServingState, deadline: float, request_id: str) -> ranking_pb2.RecommendResponse:

@@ -49,7 +49,11 @@ class RetrievalConfig:
     microbatch_max_size: int = 32            # user-tower requests batched into one forward pass
     microbatch_max_wait_ms: float = 0.0      # extra wait for a batch to fill (0: run at once; requests
                                              # arriving while a batch runs form the next one)
+    max_in_flight: int = 64                  # Retrieves admitted (running + queued) before RESOURCE_EXHAUSTED
+    max_concurrency: int = 8                 # Retrieves running at once; the rest queue (recsys_serving.admission)
     redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
+    redis_breaker_failures: int = 3          # consecutive Redis failures that open its circuit breaker
+    redis_breaker_cooldown_ms: int = 1000    # Redis is skipped this long before one probe request tries it
     grace_s: float = 10.0                    # drain time for in-flight RPCs after SIGTERM
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit
     tls: TlsConfig | None = None             # None = plaintext
@@ -75,7 +79,11 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "RETRIEVAL_DEVICE": ("device", choice(DEVICES)),
     "RETRIEVAL_MICROBATCH_MAX_SIZE": ("microbatch_max_size", int_in(1, 4096)),
     "RETRIEVAL_MICROBATCH_MAX_WAIT_MS": ("microbatch_max_wait_ms", float_in(0.0, 1000.0)),
+    "RETRIEVAL_MAX_IN_FLIGHT": ("max_in_flight", int_in(1, 100_000)),
+    "RETRIEVAL_MAX_CONCURRENCY": ("max_concurrency", int_in(1, 100_000)),
     "RETRIEVAL_REDIS_TIMEOUT_MS": ("redis_timeout_ms", int_in(1, 60_000)),
+    "RETRIEVAL_REDIS_BREAKER_FAILURES": ("redis_breaker_failures", int_in(1, 1000)),
+    "RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS": ("redis_breaker_cooldown_ms", int_in(1, 3_600_000)),
     "RETRIEVAL_GRACE_S": ("grace_s", float_in(0.0, 300.0)),
     "RETRIEVAL_MAX_MESSAGE_BYTES": ("max_message_bytes", int_in(1024, 2**31 - 1)),
 }
@@ -109,4 +117,7 @@ def from_env(environ: Mapping[str, str] = os.environ) -> RetrievalConfig:
     if config.chunk_size > config.max_candidates:
         raise ValueError(f"RETRIEVAL_CHUNK_SIZE must be <= RETRIEVAL_MAX_CANDIDATES "
                          f"({config.max_candidates}), got {config.chunk_size!r}")
+    if config.max_in_flight < config.max_concurrency:
+        raise ValueError(f"RETRIEVAL_MAX_IN_FLIGHT must be >= RETRIEVAL_MAX_CONCURRENCY ({config.max_concurrency}), "
+                         f"got {config.max_in_flight!r}")
     return config

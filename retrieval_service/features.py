@@ -2,8 +2,10 @@
 
 ``FeatureStore.read`` makes ONE pipelined round trip per user (features, history, seen, fresh),
 bounded by ``min(redis_timeout, the caller's budget)``; a failure or timeout returns ``None`` and
-the caller answers from the artifact (flag FEATURES_FROM_ARTIFACT). No Redis configured is the
-normal path, not a degradation.
+the caller answers from the artifact (flag FEATURES_FROM_ARTIFACT). A circuit breaker
+(``recsys_serving.breaker``) in front of it skips Redis after a few consecutive failures, so a
+frozen Redis stops costing every request its timeout; skipped reads also return ``None``. No Redis
+configured is the normal path, not a degradation.
 
 ``resolve_user`` is pure: it merges what the store returned (or the artifact) with the request's
 features into the tower inputs (``UserRow``) and the item indices to exclude. Fresh interactions
@@ -25,7 +27,9 @@ import redis.asyncio
 from recsys_contracts import feature_store
 from recsys_contracts.ids import sorted_unique
 from recsys_contracts.v1 import common_pb2
+from recsys_serving.breaker import CircuitBreaker
 from retrieval_service import metrics
+from retrieval_service.config import RetrievalConfig
 from retrieval_service.state import ServingState, UserRow, table_row
 from retrieval_service.validation import InvalidRequest, Query
 
@@ -33,31 +37,50 @@ log = logging.getLogger(__name__)
 _NO_ITEMS = np.zeros(0, dtype=np.int64)
 
 
+def redis_breaker(failures: int, cool_down_s: float) -> CircuitBreaker:
+    """The Redis breaker, reporting to this service's metrics."""
+    return CircuitBreaker("retrieval-redis", failures, cool_down_s, state_gauge=metrics.REDIS_BREAKER_STATE,
+                          transitions=metrics.REDIS_BREAKER_TRANSITIONS)
+
+
 class FeatureStore:
     """Reads one user's record from Redis within a time budget; ``client`` None = no Redis."""
 
     def __init__(self, client: redis.asyncio.Redis | None, keys: feature_store.KeyFormat,
-                 timeout_s: float) -> None:
+                 timeout_s: float, breaker: CircuitBreaker | None = None) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.client, self.keys, self.timeout_s = client, keys, timeout_s
+        self.breaker = breaker if breaker is not None else redis_breaker(
+            RetrievalConfig.redis_breaker_failures, RetrievalConfig.redis_breaker_cooldown_ms / 1000)
 
     @property
     def configured(self) -> bool:
         return self.client is not None
 
     async def read(self, version: int, user_id: str, budget_s: float) -> feature_store.UserRecord | None:
-        """The user's record, or None when Redis failed or did not answer within the budget."""
+        """The user's record, or None when Redis failed, did not answer within the budget, or is skipped."""
         if self.client is None or budget_s <= 0:
+            return None
+        if not self.breaker.allow():
+            metrics.FEATURE_STORE_SKIPPED.inc()
             return None
         pipe = self.client.pipeline(transaction=False)
         feature_store.queue_user_read(pipe, self.keys, version, user_id)
         try:
             async with asyncio.timeout(min(self.timeout_s, budget_s)):
-                return feature_store.parse_user_read(await pipe.execute())
-        except (redis.RedisError, OSError, TimeoutError, ValueError) as error:
+                results = await pipe.execute()
+        except (redis.RedisError, OSError, TimeoutError) as error:
+            self.breaker.record_failure(error)
             metrics.FEATURE_STORE_ERRORS.inc()
             log.warning("feature store read failed, using the artifact: %s: %s", type(error).__name__, error)
+            return None
+        self.breaker.record_success()     # Redis answered; a bad value below is a data error, not an outage
+        try:
+            return feature_store.parse_user_read(results)
+        except ValueError as error:
+            metrics.FEATURE_STORE_ERRORS.inc()
+            log.warning("feature store record unreadable, using the artifact: %s", error)
             return None
 
     async def close(self) -> None:

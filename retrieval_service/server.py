@@ -19,12 +19,13 @@ from grpc_health.v1 import health as grpc_health
 from recsys_contracts import feature_store
 from recsys_contracts.v1 import retrieval_pb2
 from recsys_serving import env, runtime
+from recsys_serving.admission import Admission
 from recsys_serving.reload import VersionHolder
 from retrieval_service import metrics
 from retrieval_service.backends import open_backend, resolve_device
 from retrieval_service.batching import MicroBatcher
 from retrieval_service.config import RetrievalConfig
-from retrieval_service.features import FeatureStore
+from retrieval_service.features import FeatureStore, redis_breaker
 from retrieval_service.generator import CandidateGenerator
 from retrieval_service.servicer import RetrievalServicer
 from retrieval_service.state import ServingState, load_state
@@ -63,7 +64,8 @@ def _feature_store(config: RetrievalConfig) -> FeatureStore:
         # No retries: one slow try already spends the budget; the artifact answers instead.
         client = feature_store.redis_client(config.redis_url, socket_timeout_s=timeout_s,
                                             connect_timeout_s=timeout_s, retries=0, asyncio=True)
-    return FeatureStore(client, feature_store.KeyFormat(config.redis_namespace), timeout_s)
+    breaker = redis_breaker(config.redis_breaker_failures, config.redis_breaker_cooldown_ms / 1000)
+    return FeatureStore(client, feature_store.KeyFormat(config.redis_namespace), timeout_s, breaker)
 
 
 def default_holder(config: RetrievalConfig) -> VersionHolder[ServingState]:
@@ -104,8 +106,9 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000, enabled=batching)
     generator = CandidateGenerator(_feature_store(config), batcher)
     server = grpc.aio.server(options=runtime.message_size_options(config.max_message_bytes))
-    runtime.add_servicer(server, RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size),
-                         retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
+    servicer = RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size,
+                                 Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION))
+    runtime.add_servicer(server, servicer, retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
                          on_malformed=lambda method: metrics.REQUESTS.labels("INVALID_ARGUMENT").inc())
     health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
     app = App(config, server, holder, generator, health_servicer)

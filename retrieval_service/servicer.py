@@ -1,7 +1,10 @@
 """The ``recsys.v1.RetrievalService`` servicer: validate, call the generator, stream the reply.
 
 Status codes: INVALID_ARGUMENT (a field out of range, named with its value), UNAVAILABLE (no
-version loaded yet), DEADLINE_EXCEEDED (no time left, or the work outran the caller's deadline),
+version loaded yet), RESOURCE_EXHAUSTED (refused at once by ``recsys_serving.admission``: it could
+not finish within its deadline given the queue, or too many are in flight; with a
+``grpc-retry-pushback-ms`` trailer), DEADLINE_EXCEEDED (no time left, the deadline passed while it
+was queued, or the work outran the caller's deadline),
 CANCELLED (the caller went away: the work stops at the next await), INTERNAL (a bug: logged with
 its traceback here, a plain message on the wire).
 """
@@ -15,6 +18,7 @@ import time
 import grpc
 
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
+from recsys_serving.admission import Admission, Expired, Refused
 from recsys_serving.reload import VersionHolder
 from recsys_serving.runtime import request_id
 from retrieval_service import metrics
@@ -48,13 +52,14 @@ def chunks(result: Candidates, chunk_size: int) -> list[retrieval_pb2.RetrieveRe
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     def __init__(self, holder: VersionHolder[ServingState], generator: CandidateGenerator,
-                 max_candidates: int, chunk_size: int) -> None:
-        self.holder, self.generator = holder, generator
+                 max_candidates: int, chunk_size: int, admission: Admission) -> None:
+        self.holder, self.generator, self.admission = holder, generator, admission
         self.max_candidates, self.chunk_size = max_candidates, chunk_size
 
     async def Retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext):
         started = time.perf_counter()
         code, message = grpc.StatusCode.OK, ""
+        trailers: tuple[tuple[str, str], ...] = ()
         remaining = context.time_remaining()
         deadline = time.monotonic() + (DEFAULT_DEADLINE_S if remaining is None else remaining)
         try:
@@ -62,12 +67,17 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             state = self.holder.current   # read once: this stream stays on this version
             if state is None:
                 raise NotReady("no model version loaded yet")
-            async with asyncio.timeout(deadline - time.monotonic()):
-                result = await self.generator.generate(state, query, deadline)
-            for response in chunks(result, self.chunk_size):
-                await context.write(response)
+            async with self.admission.slot(deadline):
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    result = await self.generator.generate(state, query, deadline)
+                for response in chunks(result, self.chunk_size):
+                    await context.write(response)
         except InvalidRequest as error:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        except Refused as refusal:
+            code, message, trailers = grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal), refusal.trailing_metadata
+        except Expired as error:
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
         except NotReady as error:
             code, message = grpc.StatusCode.UNAVAILABLE, str(error)
         except (DeadlineExceeded, TimeoutError):
@@ -94,4 +104,4 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 log.log(logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO, "Retrieve %s %s",
                         code.name, message, extra={"request_id": request_id(context), "code": code.name})
         if code != grpc.StatusCode.OK and not context.cancelled():
-            await context.abort(code, message)
+            await context.abort(code, message, trailing_metadata=trailers)

@@ -40,6 +40,8 @@ def test_retrieval_defaults(root):
     assert (config.port, config.metrics_port, config.max_candidates, config.chunk_size) == (50051, 9101, 1000, 500)
     assert (config.poll_interval_s, config.device, config.microbatch_max_size) == (2.0, "auto", 32)
     assert (config.microbatch_max_wait_ms, config.redis_timeout_ms, config.grace_s) == (0.0, 50, 10.0)
+    assert (config.max_in_flight, config.max_concurrency) == (64, 8)
+    assert (config.redis_breaker_failures, config.redis_breaker_cooldown_ms) == (3, 1000)
     assert config.max_message_bytes == 4 * 1024 * 1024
     assert (config.redis_url, config.redis_namespace, config.log_level, config.pinned_version) == (
         None, "recsys", "INFO", None)
@@ -55,7 +57,9 @@ def test_ranking_defaults(root):
     assert (config.port, config.metrics_port, config.retrieval_target) == (50052, 9102, "localhost:50051")
     assert (config.max_k, config.default_candidates, config.max_rank_items) == (100, 500, 1000)
     assert (config.fallback, config.max_in_flight, config.min_deadline_ms, config.default_deadline_ms) == (
-        "popular", 64, 5, 200)
+        "popular", 128, 5, 200)
+    assert config.max_concurrency == 8
+    assert (config.retrieval_breaker_failures, config.retrieval_breaker_cooldown_ms) == (5, 1000)
     assert (config.diversity, config.score_mode, config.poll_interval_s) == (0.0, "ctr", 2.0)
     assert (config.redis_timeout_ms, config.grace_s, config.max_message_bytes) == (50, 10.0, 4 * 1024 * 1024)
     assert (config.microbatch_max_size, config.microbatch_max_wait_ms) == (16, 0.0)
@@ -78,7 +82,10 @@ def test_every_value_is_parsed(root, pem):
         "RETRIEVAL_PORT": "6000", "RETRIEVAL_METRICS_PORT": "0", "RETRIEVAL_MAX_CANDIDATES": "2000",
         "RETRIEVAL_CHUNK_SIZE": "250", "RETRIEVAL_POLL_INTERVAL_S": "0.5", "RETRIEVAL_DEVICE": "cuda",
         "RETRIEVAL_MICROBATCH_MAX_SIZE": "8", "RETRIEVAL_MICROBATCH_MAX_WAIT_MS": "0",
-        "RETRIEVAL_REDIS_TIMEOUT_MS": "20", "RETRIEVAL_GRACE_S": "3.5", "RETRIEVAL_MAX_MESSAGE_BYTES": "1048576",
+        "RETRIEVAL_REDIS_TIMEOUT_MS": "20", "RETRIEVAL_REDIS_BREAKER_FAILURES": "5",
+        "RETRIEVAL_MAX_IN_FLIGHT": "40", "RETRIEVAL_MAX_CONCURRENCY": "4",
+        "RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS": "250", "RETRIEVAL_GRACE_S": "3.5",
+        "RETRIEVAL_MAX_MESSAGE_BYTES": "1048576",
         "RETRIEVAL_TLS_CERT_FILE": pem("cert.pem"), "RETRIEVAL_TLS_KEY_FILE": pem("key.pem"),
         "RETRIEVAL_TLS_CLIENT_CA_FILE": pem("ca.pem"),
         "RANKING_PORT": "1",  # the other service's names are ignored
@@ -90,8 +97,9 @@ def test_every_value_is_parsed(root, pem):
         artifact_root=root, redis_url="redis://:s3cret@redis:6379/2", redis_namespace="prod-eu",
         log_level="DEBUG", pinned_version=7, port=6000, metrics_port=0, max_candidates=2000, chunk_size=250,
         poll_interval_s=0.5, device="cuda", microbatch_max_size=8, microbatch_max_wait_ms=0.0,
-        redis_timeout_ms=20, grace_s=3.5, max_message_bytes=1048576, host="::", metrics_host="0.0.0.0",
-        trusted_keys=Path("/keys/trusted"), allow_unsigned=False,
+        redis_timeout_ms=20, redis_breaker_failures=5, max_in_flight=40, max_concurrency=4,
+        redis_breaker_cooldown_ms=250, grace_s=3.5, max_message_bytes=1048576, host="::",
+        metrics_host="0.0.0.0", trusted_keys=Path("/keys/trusted"), allow_unsigned=False,
         tls=retrieval_config.TlsConfig(Path(env["RETRIEVAL_TLS_CERT_FILE"]), Path(env["RETRIEVAL_TLS_KEY_FILE"]),
                                        Path(env["RETRIEVAL_TLS_CLIENT_CA_FILE"])))
     assert "s3cret" not in repr(config)
@@ -102,9 +110,12 @@ def test_every_ranking_value_is_parsed(root, pem):
         "RECSYS_ARTIFACT_ROOT": str(root), "RECSYS_REDIS_URL": "unix:///run/redis.sock",
         "RANKING_PORT": "7000", "RANKING_METRICS_PORT": "7001", "RANKING_RETRIEVAL_TARGET": "dns:///retrieval:50051",
         "RANKING_MAX_K": "50", "RANKING_DEFAULT_CANDIDATES": "300", "RANKING_MAX_RANK_ITEMS": "400",
-        "RANKING_FALLBACK": "unavailable", "RANKING_MAX_IN_FLIGHT": "8", "RANKING_MIN_DEADLINE_MS": "0",
+        "RANKING_FALLBACK": "unavailable", "RANKING_MAX_IN_FLIGHT": "8", "RANKING_MAX_CONCURRENCY": "2",
+        "RANKING_MIN_DEADLINE_MS": "0",
         "RANKING_DEFAULT_DEADLINE_MS": "1000", "RANKING_DIVERSITY": "1", "RANKING_SCORE_MODE": "ctr_x_rating",
         "RANKING_POLL_INTERVAL_S": "10", "RANKING_REDIS_TIMEOUT_MS": "100", "RANKING_GRACE_S": "0",
+        "RANKING_REDIS_BREAKER_FAILURES": "1", "RANKING_REDIS_BREAKER_COOLDOWN_MS": "5000",
+        "RANKING_RETRIEVAL_BREAKER_FAILURES": "2", "RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS": "300",
         "RANKING_MAX_MESSAGE_BYTES": "8388608", "RANKING_MICROBATCH_MAX_SIZE": "1",
         "RANKING_MICROBATCH_MAX_WAIT_MS": "0.25",
         "RANKING_TLS_CERT_FILE": pem("cert.pem"), "RANKING_TLS_KEY_FILE": pem("key.pem"),
@@ -120,8 +131,11 @@ def test_every_ranking_value_is_parsed(root, pem):
     assert config == ranking_config.RankingConfig(
         artifact_root=root, redis_url="unix:///run/redis.sock", port=7000, metrics_port=7001,
         retrieval_target="dns:///retrieval:50051", max_k=50, default_candidates=300, max_rank_items=400,
-        fallback="unavailable", max_in_flight=8, min_deadline_ms=0, default_deadline_ms=1000, diversity=1.0,
+        fallback="unavailable", max_in_flight=8, max_concurrency=2, min_deadline_ms=0, default_deadline_ms=1000,
+        diversity=1.0,
         score_mode="ctr_x_rating", poll_interval_s=10.0, redis_timeout_ms=100, grace_s=0.0,
+        redis_breaker_failures=1, redis_breaker_cooldown_ms=5000, retrieval_breaker_failures=2,
+        retrieval_breaker_cooldown_ms=300,
         max_message_bytes=8388608, microbatch_max_size=1, microbatch_max_wait_ms=0.25,
         tls=expected_tls, retrieval_tls=expected_client)
 
@@ -163,6 +177,10 @@ BAD_RETRIEVAL = [
     ("RETRIEVAL_MICROBATCH_MAX_WAIT_MS", "-1", "a number in [0.0, 1000.0]"),
     ("RETRIEVAL_MICROBATCH_MAX_WAIT_MS", "inf", "a number in [0.0, 1000.0]"),
     ("RETRIEVAL_REDIS_TIMEOUT_MS", "0", "an integer in [1, 60000]"),
+    ("RETRIEVAL_REDIS_BREAKER_FAILURES", "0", "an integer in [1, 1000]"),
+    ("RETRIEVAL_MAX_IN_FLIGHT", "0", "an integer in [1, 100000]"),
+    ("RETRIEVAL_MAX_CONCURRENCY", "many", "an integer in [1, 100000]"),
+    ("RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS", "1.5", "an integer in [1, 3600000]"),
     ("RETRIEVAL_GRACE_S", "-0.5", "a number in [0.0, 300.0]"),
     ("RETRIEVAL_MAX_MESSAGE_BYTES", "100", "an integer in [1024, 2147483647]"),
 ]
@@ -177,6 +195,7 @@ BAD_RANKING = [
     ("RANKING_MAX_RANK_ITEMS", "0", "an integer in [1, 100000]"),
     ("RANKING_FALLBACK", "random", "one of popular, unavailable"),
     ("RANKING_MAX_IN_FLIGHT", "0", "an integer in [1, 100000]"),
+    ("RANKING_MAX_CONCURRENCY", "0", "an integer in [1, 100000]"),
     ("RANKING_MIN_DEADLINE_MS", "-5", "an integer in [0, 60000]"),
     ("RANKING_DEFAULT_DEADLINE_MS", "0", "an integer in [1, 600000]"),
     ("RANKING_DIVERSITY", "1.01", "a number in [0.0, 1.0]"),
@@ -184,6 +203,10 @@ BAD_RANKING = [
     ("RANKING_SCORE_MODE", "rating", "one of ctr, ctr_x_rating"),
     ("RANKING_POLL_INTERVAL_S", "-1", "a number in (0.0, 3600.0]"),
     ("RANKING_REDIS_TIMEOUT_MS", "fast", "an integer in [1, 60000]"),
+    ("RANKING_REDIS_BREAKER_FAILURES", "1001", "an integer in [1, 1000]"),
+    ("RANKING_REDIS_BREAKER_COOLDOWN_MS", "0", "an integer in [1, 3600000]"),
+    ("RANKING_RETRIEVAL_BREAKER_FAILURES", "0", "an integer in [1, 1000]"),
+    ("RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS", "-1", "an integer in [1, 3600000]"),
     ("RANKING_GRACE_S", "301", "a number in [0.0, 300.0]"),
     ("RANKING_MAX_MESSAGE_BYTES", "1023", "an integer in [1024, 2147483647]"),
     ("RANKING_MICROBATCH_MAX_SIZE", "5000", "an integer in [1, 4096]"),
@@ -315,6 +338,10 @@ RELATIONS = [
      r"^RANKING_DEFAULT_CANDIDATES must be <= RANKING_MAX_RANK_ITEMS \(1000\), got 1001"),
     ("ranking", {"RANKING_DEFAULT_DEADLINE_MS": "5"},
      r"^RANKING_DEFAULT_DEADLINE_MS must be > RANKING_MIN_DEADLINE_MS \(5\), got 5"),
+    ("retrieval", {"RETRIEVAL_MAX_IN_FLIGHT": "4"},
+     r"^RETRIEVAL_MAX_IN_FLIGHT must be >= RETRIEVAL_MAX_CONCURRENCY \(8\), got 4"),
+    ("ranking", {"RANKING_MAX_CONCURRENCY": "200"},
+     r"^RANKING_MAX_IN_FLIGHT must be >= RANKING_MAX_CONCURRENCY \(200\), got 128"),
 ]
 
 

@@ -93,3 +93,13 @@ def test_format_summary_names_the_figures():
     text = format_summary(summarize(OUTCOMES, 2.0), "run: ")
     assert "requests=4 ok=2 failed=2" in text and "p50=10.0" in text
     assert "DEADLINE_EXCEEDED=1" in text and "ranking v1=1, v2=1" in text
+
+
+def test_refusals_get_their_own_latency_figures():
+    outcomes = [*OUTCOMES, Outcome(1.8, 0.002, "RESOURCE_EXHAUSTED"), Outcome(1.9, 0.004, "RESOURCE_EXHAUSTED")]
+    summary = summarize(outcomes, 2.0)
+    # refusals alone: 2, 4 ms -> p50 = rank 1 = 2 ms, p99 = rank 2 = 4 ms
+    assert summary["refused_latency_ms"]["p50"] == pytest.approx(2)
+    assert summary["refused_latency_ms"]["p99"] == pytest.approx(4)
+    assert "refused in ms: p50=2.0 p99=4.0" in format_summary(summary)
+    assert "refused in ms" not in format_summary(summarize(OUTCOMES, 2.0))

@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 from pathlib import Path
 
 import pytest
 
 from loadtest.config import LoadConfig
-from loadtest.scenarios import SCENARIOS, phases, redis_freeze, run_and_save, run_scenario
 from loadtest.results import Outcome
+from loadtest.scenarios import SCENARIOS, fault_row, phases, recovery, run_and_save, run_scenario, shortened
 
 pytestmark = pytest.mark.slow
 
 
 def test_redis_freeze_scaled_down(published, ml100k_dir, tmp_path):
     root, _ = published
-    scenario = dataclasses.replace(SCENARIOS["redis-freeze"], duration_s=5.0, fault_at_s=1.0, settle_s=0.5,
-                                   fault=functools.partial(redis_freeze, frozen_s=1.5))
+    scenario = dataclasses.replace(shortened(SCENARIOS["redis-freeze"], duration_s=5.0, fault_at_s=1.0, fault_s=1.5),
+                                   settle_s=0.5)
     config = LoadConfig(rate=20, deadline_ms=2000, users_from=str(ml100k_dir), warmup_s=0.5)
     document, outcomes = asyncio.run(run_scenario(scenario, config, None, tmp_path, source_root=root))
 
@@ -37,6 +36,8 @@ def test_redis_freeze_scaled_down(published, ml100k_dir, tmp_path):
     # Served versions are copies republished into the stack's own root (version 1 there).
     assert set(document["summary"]["versions"]["ranking"]) == {"1"}
     assert document["client_gc"]["collections"] >= 1
+    assert document["recovery"]["deadline_ms"] == 2000 and "recovery_s" in document["recovery"]
+    assert fault_row(document).startswith("| redis-freeze | 20 | 100 | ")
 
 
 def test_phases_split_by_intended_time():
@@ -52,3 +53,32 @@ def test_phases_split_by_intended_time():
 def test_run_and_save_rejects_an_unknown_scenario(tmp_path):
     with pytest.raises(ValueError, match="scenario must be one of"):
         run_and_save("meteor-strike", LoadConfig(), None, Path(tmp_path))
+
+
+def test_recovery_is_the_first_window_after_the_fault_that_holds():
+    # 10 req/s for 6 s; the fault ends at 2.0 s; requests due in [2.0, 3.0) are slow (300 ms > the
+    # 200 ms deadline) and one due at 3.2 s fails: the first 1 s window without either starts at 3.3 s.
+    outcomes = [Outcome(i / 10, 0.3 if 2.0 <= i / 10 < 3.0 else 0.01, "UNAVAILABLE" if i == 32 else "OK")
+                for i in range(60)]
+    got = recovery(outcomes, {"start_s": 1.0, "end_s": 2.0}, deadline_s=0.2, total_s=6.0)
+    assert got["recovery_s"] == pytest.approx(1.3)
+    # Undisturbed after the end: 0; never held before the load ended: None.
+    assert recovery(outcomes, {"end_s": 4.0}, deadline_s=0.2, total_s=6.0)["recovery_s"] == 0.0
+    slow = [Outcome(i / 10, 0.5, "OK") for i in range(60)]
+    assert recovery(slow, {"end_s": 2.0}, deadline_s=0.2, total_s=6.0)["recovery_s"] is None
+
+
+@pytest.mark.parametrize(("lengths", "message"), [
+    ({"duration_s": 0.0}, "duration_s must be a finite number of seconds > 0, got 0.0"),
+    ({"fault_s": 2.0}, "fault_s applies to the kill and freeze scenarios only"),
+    ({"duration_s": 5.0}, r"fault_at_s must be < duration_s \(5\), got 10.0"),
+])
+def test_shortened_names_a_bad_length(lengths, message):
+    name = "redis-flush"
+    with pytest.raises(ValueError, match=message):
+        shortened(SCENARIOS[name], **lengths)
+
+
+def test_shortened_replaces_only_what_is_given():
+    short = shortened(SCENARIOS["retrieval-freeze"], duration_s=12, fault_at_s=3, fault_s=2)
+    assert (short.duration_s, short.fault_at_s, short.fault_s, short.settle_s) == (12, 3, 2, 3.0)

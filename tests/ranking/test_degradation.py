@@ -148,6 +148,57 @@ def test_redis_flushed_is_refilled_and_answers_meanwhile(published, loaded, retr
     assert all(o <= {FROM_ARTIFACT} for o in after_flush)
 
 
+def test_frozen_redis_opens_the_breaker_and_it_closes_after_resume(published, loaded, retrieval_loaded,
+                                                                   private_redis):
+    # While Redis is frozen only the reads the breaker lets through (the 2 that open it, then one probe
+    # per 300 ms cool-down) wait out the 500 ms Redis timeout; the others, and writes, skip Redis.
+    root, version = published
+    transitions = "ranking_redis_breaker_transitions_total"
+
+    def counters() -> dict[str, float]:
+        return {"errors": sample("ranking_redis_errors_total", operation="read"),
+                "record_errors": sample("ranking_redis_errors_total", operation="record"),
+                "skipped": sample("ranking_redis_skipped_total"),
+                **{to: sample(transitions, to=to) for to in ("open", "half_open", "closed")}}
+
+    async def main():
+        async with serve_retrieval(root, retrieval_loaded) as (target, _):
+            cfg = config(root, retrieval_target=target, redis_url=private_redis.url, redis_namespace=NAMESPACE,
+                         redis_timeout_ms=500, redis_breaker_failures=2, redis_breaker_cooldown_ms=300)
+            async with serve(cfg, state=loaded) as (stub, _, _):
+                await until(lambda: marker_present(private_redis, version), what="initial refill")
+                assert not (await _recommend(stub, timeout=10)).degraded
+                before = counters()
+                private_redis.freeze()
+                try:
+                    frozen = [await _recommend(stub, timeout=5) for _ in range(30)]
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await stub.RecordInteractions(ranking_pb2.RecordInteractionsRequest(
+                            interactions=[common_pb2.Interaction(user_id="1", item_id=1)]), timeout=5)
+                    state_while_frozen = sample("ranking_redis_breaker_state")
+                    during = counters()
+                finally:
+                    private_redis.resume()
+                for _ in range(200):      # the next probe after the cool-down finds Redis back
+                    last = await _recommend(stub, timeout=5)
+                    if not last.degraded:
+                        break
+                    await asyncio.sleep(0.05)
+                return frozen, refused.value, state_while_frozen, before, during, counters(), last
+
+    frozen, refused, state_while_frozen, before, during, after, last = run(main())
+    delta = {key: during[key] - before[key] for key in before}
+    assert all(FROM_ARTIFACT in reply.degraded for reply in frozen)
+    assert delta["open"] >= 1 and state_while_frozen in (1, 2)
+    assert delta["errors"] + delta["skipped"] == 30          # every frozen read failed or skipped Redis
+    assert delta["errors"] == 2 + delta["half_open"]         # only the opening reads and the probes waited
+    assert delta["skipped"] > delta["errors"]
+    assert refused.code() == grpc.StatusCode.UNAVAILABLE and "circuit breaker open" in refused.details()
+    assert delta["record_errors"] == 0                       # refused without touching Redis
+    assert not last.degraded
+    assert after["closed"] - during["closed"] >= 1 and sample("ranking_redis_breaker_state") == 0
+
+
 @pytest.fixture(scope="module")
 def retrieval_process(published):
     process = RetrievalProcess(published[0])
@@ -198,6 +249,48 @@ def test_retrieval_frozen_falls_back_within_the_deadline(published, loaded, retr
             assert reply.retrieval_version == version and POPULAR not in reply.degraded
 
     run(main())
+
+
+def test_retrieval_frozen_opens_the_retrieval_breaker_and_it_closes_after_resume(published, loaded,
+                                                                                 retrieval_process):
+    # After 2 timeouts in a row Recommends skip retrieval (popular fallback at once) until a probe,
+    # one per 300 ms cool-down, finds it answering again.
+    root, version = published
+    failures, transitions = "ranking_retrieval_failures_total", "ranking_retrieval_breaker_transitions_total"
+
+    def counters() -> dict[str, float]:
+        return {"timeouts": sample(failures, code="DEADLINE_EXCEEDED"),
+                "skipped": sample(failures, code="CIRCUIT_OPEN"),
+                **{to: sample(transitions, to=to) for to in ("open", "half_open", "closed")}}
+
+    async def main():
+        cfg = config(root, retrieval_target=retrieval_process.target, retrieval_breaker_failures=2,
+                     retrieval_breaker_cooldown_ms=300)
+        async with serve(cfg, state=loaded) as (stub, _, _):
+            assert (await _recommend(stub, timeout=10)).retrieval_version == version   # connected, warm
+            before = counters()
+            retrieval_process.freeze()
+            try:
+                frozen = [await _recommend(stub, timeout=1.0) for _ in range(20)]
+                state_while_frozen = sample("ranking_retrieval_breaker_state")
+                during = counters()
+            finally:
+                retrieval_process.resume()
+            for _ in range(200):
+                last = await _recommend(stub, timeout=10)
+                if POPULAR not in last.degraded:
+                    break
+                await asyncio.sleep(0.05)
+            return frozen, state_while_frozen, before, during, last
+
+    frozen, state_while_frozen, before, during, last = run(main())
+    delta = {key: during[key] - before[key] for key in before}
+    assert all(POPULAR in reply.degraded and len(reply.items) == 5 for reply in frozen)
+    assert delta["open"] >= 1 and state_while_frozen in (1, 2)
+    assert delta["timeouts"] + delta["skipped"] == 20
+    assert delta["timeouts"] == 2 + delta["half_open"] and delta["skipped"] > delta["timeouts"]
+    assert last.retrieval_version == version and POPULAR not in last.degraded
+    assert sample("ranking_retrieval_breaker_state") == 0
 
 
 def test_retrieval_killed_falls_back_or_is_unavailable(published, loaded, retrieval_process):

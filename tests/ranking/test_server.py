@@ -113,12 +113,13 @@ def test_overload_gets_resource_exhausted_at_once(published, loaded):
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        cfg = config(root, max_in_flight=1, retrieval_target=f"127.0.0.1:{silent.getsockname()[1]}")
+        cfg = config(root, max_in_flight=1, max_concurrency=1,
+                     retrieval_target=f"127.0.0.1:{silent.getsockname()[1]}")
 
         async def main():
             async with serve(cfg, state=loaded) as (stub, _, app):
                 first = asyncio.ensure_future(stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3), timeout=1))
-                while app.in_flight < 1:
+                while app.admission.in_flight < 1:
                     await asyncio.sleep(0.01)
                 before = sample("ranking_requests_total", method="Rank", code="RESOURCE_EXHAUSTED")
                 with pytest.raises(grpc.aio.AioRpcError) as error:
@@ -131,6 +132,58 @@ def test_overload_gets_resource_exhausted_at_once(published, loaded):
 
         error = run(main())
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many requests in flight" in error.details()
+
+
+def test_admission_drops_expired_queued_work_and_refuses_what_cannot_finish_in_time(published, loaded):
+    root, _ = published
+    # A retrieval that never answers: each Recommend holds the only slot until its popular fallback.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        cfg = config(root, max_concurrency=1, max_in_flight=64, default_deadline_ms=300,
+                     retrieval_target=f"127.0.0.1:{silent.getsockname()[1]}")
+
+        async def holding(stub, app, timeout_s: float) -> asyncio.Future:
+            held = asyncio.ensure_future(
+                stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3), timeout=timeout_s))
+            while app.admission.running < 1:
+                await asyncio.sleep(0.01)
+            return held
+
+        async def main():
+            async with serve(cfg, state=loaded) as (stub, _, app):
+                rank = ranking_pb2.RankRequest(user_id="1", item_ids=[1])
+                expired = sample("ranking_expired_total")
+                # No completion yet (the estimate is 0): a Rank with the server's 300 ms default deadline
+                # is admitted, queues behind the held Recommend and is dropped unstarted when time runs out.
+                held = await holding(stub, app, 1.5)
+                with pytest.raises(grpc.aio.AioRpcError) as dropped:
+                    await stub.Rank(rank)
+                assert sample("ranking_expired_total") == expired + 1
+                await held                     # ~1.5 s in the slot: the service-time estimate now
+                refused = (sample("ranking_refused_total", reason="deadline"),
+                           sample("ranking_requests_total", method="Rank", code="RESOURCE_EXHAUSTED"))
+                held = await holding(stub, app, 1.5)
+                # 0.5 s left < the ~1.5 s queue wait + ~1.5 s of service: refused at once, not queued.
+                call = stub.Rank(rank, timeout=0.5)
+                with pytest.raises(grpc.aio.AioRpcError) as refusal:
+                    await call
+                refused_before_the_slot_freed = not held.done()
+                trailers = dict(await call.trailing_metadata())
+                assert (sample("ranking_refused_total", reason="deadline"),
+                        sample("ranking_requests_total", method="Rank", code="RESOURCE_EXHAUSTED")) == (
+                    refused[0] + 1, refused[1] + 1)
+                # A Rank with time enough queues for the slot and is answered.
+                answered = await stub.Rank(rank, timeout=10)
+                await held
+                return dropped.value, refusal.value, refused_before_the_slot_freed, trailers, answered
+
+        dropped, refusal, at_once, trailers, answered = run(main())
+    assert dropped.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "waited for a slot" in dropped.details()
+    assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "cannot finish within the deadline" in refusal.details() and at_once
+    assert trailers["grpc-retry-pushback-ms"] == "-1"
+    assert [item.item_id for item in answered.items] == [1]
 
 
 def test_retrieval_down_with_fallback_disabled_is_unavailable(published, loaded):

@@ -1,0 +1,222 @@
+"""Deadline-aware admission: refuse at once what cannot finish in time, never start what already expired.
+
+Each service puts every RPC through one ``Admission``::
+
+    async with admission.slot(deadline):        # deadline: a time.monotonic() instant
+        ...serve the request...
+
+- At most ``max_concurrency`` requests run at once; later ones wait in a FIFO queue for a slot.
+  Capping what runs keeps each request's own time short under overload (on two shared cores, 50
+  requests at once each take 50 times longer), so the queue's wait is what grows, and it is known.
+- The service time ``s`` (seconds a request holds a slot) is a moving average (EWMA, weight
+  ``EWMA_WEIGHT`` per completion). A request arriving when ``q`` are already queued and every slot
+  is taken expects to finish after ``s * (q + 1) / max_concurrency`` (its wait: a slot frees every
+  ``s / max_concurrency`` s on average) plus ``s`` (its own work); with a slot free, after ``s``.
+- ``Refused`` is raised at once (the servicer answers RESOURCE_EXHAUSTED) when that expected time
+  is longer than the request's remaining deadline, or when ``max_in_flight`` requests are already
+  admitted (running + queued): a request that would miss its deadline costs the caller no wait and
+  the server no work. An idle service (nothing running) admits whatever the estimate says: the
+  estimate only changes when requests complete, so refusing on it then could refuse everything
+  forever after one slow spell.
+- ``Expired`` is raised when a queued request's deadline passes before it got a slot: it is dropped
+  without starting (the servicer answers DEADLINE_EXCEEDED). Estimates are averages, so some
+  admitted requests still wait too long; this catches them before they spend CPU.
+
+Refusals carry a retry pushback in milliseconds for the ``grpc-retry-pushback-ms`` trailer. A
+refusal for a full house gets the expected wait for a slot when a retry after it could still
+finish within the deadline; every other refusal gets -1, which tells gRPC clients not to retry: a
+request refused on time would not fit on a retry to this server either (the queue drains no faster
+than its deadline runs out), and retrying what cannot fit only adds load.
+``client_service_config`` is the matching client side: a gRPC retry policy that honours pushback
+and a retry budget (``retryThrottling``) so retries stay a small share of the traffic.
+
+One object per process, used from one event loop (no locks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PUSHBACK_KEY = "grpc-retry-pushback-ms"   # gRPC's trailer: wait this long before a retry; < 0 = don't retry
+EWMA_WEIGHT = 0.1                         # weight of the newest service time in the moving average
+_CLOCK_SLACK_S = 0.002
+
+
+class Refused(Exception):
+    """Not admitted: it cannot finish within its deadline, or too many requests are in flight."""
+
+    def __init__(self, message: str, reason: str, pushback_ms: int) -> None:
+        super().__init__(message)
+        self.reason, self.pushback_ms = reason, pushback_ms
+
+    @property
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((PUSHBACK_KEY, str(self.pushback_ms)),)
+
+
+class Expired(Exception):
+    """Its deadline passed while it waited for a slot: dropped before it started."""
+
+
+@dataclass(frozen=True)
+class AdmissionMetrics:
+    """Each service's own metric objects (its name prefix); ``refused`` has one label, the reason."""
+
+    in_flight: Gauge          # admitted now: running + queued
+    queued: Gauge             # waiting for a slot
+    refused: Counter          # reason: deadline | full
+    expired: Counter          # dropped from the queue, deadline passed
+    service_seconds: Gauge    # the moving average ``s``
+    queue_wait: Histogram     # seconds admitted requests waited for a slot
+
+
+class Admission:
+    def __init__(self, max_concurrency: int, max_in_flight: int, metrics: AdmissionMetrics | None = None) -> None:
+        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < max_concurrency:
+            raise ValueError(f"max_in_flight must be an integer >= max_concurrency ({max_concurrency}), "
+                             f"got {max_in_flight!r}")
+        self.max_concurrency, self.max_in_flight, self.metrics = max_concurrency, max_in_flight, metrics
+        self.running = 0
+        self.service_s = 0.0          # EWMA of slot-holding seconds; 0 until the first completion
+        self._waiters: deque[asyncio.Future] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    @property
+    def in_flight(self) -> int:
+        return self.running + len(self._waiters)
+
+    def expected_wait_s(self) -> float:
+        """Seconds a request arriving now would wait for a slot."""
+        if self.running < self.max_concurrency and not self._waiters:
+            return 0.0
+        return self.service_s * (len(self._waiters) + 1) / self.max_concurrency
+
+    def check(self, remaining_s: float) -> None:
+        """Raises ``Refused`` when a request with ``remaining_s`` left should not be admitted now."""
+        wait_s = self.expected_wait_s()
+        if self.in_flight >= self.max_in_flight:
+            self._refuse("full", f"too many requests in flight (max {self.max_in_flight})", wait_s, remaining_s)
+        if self.running > 0 and wait_s + self.service_s > remaining_s:
+            self._refuse("deadline", f"cannot finish within the deadline: {remaining_s * 1000:.0f} ms left, "
+                         f"expected {wait_s * 1000:.0f} ms queued + {self.service_s * 1000:.0f} ms serving",
+                         wait_s, remaining_s)
+
+    def _refuse(self, reason: str, message: str, wait_s: float, remaining_s: float) -> None:
+        # A retry after the wait could still finish here only if time would be left for the work.
+        fits_after_wait = remaining_s - wait_s >= self.service_s and reason == "full"
+        # At least 1 ms: grpcio 1.85's client never retries a call given a pushback of 0 (it waits out
+        # its deadline instead; tests/test_retry_policy.py shows the 1 ms case).
+        pushback_ms = max(1, math.ceil(wait_s * 1000)) if fits_after_wait else -1
+        if self.metrics is not None:
+            self.metrics.refused.labels(reason).inc()
+        raise Refused(f"{message}; retry with backoff", reason, pushback_ms)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, deadline: float) -> AsyncIterator[None]:
+        """Admits (or raises ``Refused`` at once), waits for a slot (or raises ``Expired``), runs the body."""
+        arrived = time.monotonic()
+        self.check(deadline - arrived)
+        if self.running < self.max_concurrency and not self._waiters:
+            self.running += 1
+        else:
+            await self._wait(deadline)
+        started = time.monotonic()
+        if started >= deadline:           # handed a slot just as its time ran out
+            self._release()
+            if self.metrics is not None:
+                self.metrics.expired.inc()
+            raise Expired("the deadline passed while the request waited for a slot")
+        self._observe_wait(started - arrived)
+        try:
+            yield
+        finally:
+            self._release()
+            self._record(time.monotonic() - started)
+
+    async def _wait(self, deadline: float) -> None:
+        """Queues until ``_release`` hands this request a slot; Expired when the deadline passes first."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        self._gauges()
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                await waiter
+        except BaseException as error:
+            if waiter.done() and not waiter.cancelled():
+                self._release()           # the slot came as we gave up: pass it on
+            else:
+                self._drop(waiter)
+            # gRPC cancels a call at the caller's deadline, the instant this timeout would fire (within
+            # the clock reads between them): such a cancellation is an expiry too.
+            expired = isinstance(error, TimeoutError) or time.monotonic() >= deadline - _CLOCK_SLACK_S
+            if expired and self.metrics is not None:
+                self.metrics.expired.inc()
+            if isinstance(error, TimeoutError):
+                raise Expired("the deadline passed while the request waited for a slot") from None
+            raise
+
+    def _drop(self, waiter: asyncio.Future) -> None:
+        with contextlib.suppress(ValueError):
+            self._waiters.remove(waiter)
+        self._gauges()
+
+    def _release(self) -> None:
+        """Hands the slot to the first live waiter, else frees it."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)   # ``running`` is unchanged: the slot moves to the waiter
+                self._gauges()
+                return
+        self.running -= 1
+        self._gauges()
+
+    def _record(self, seconds: float) -> None:
+        self.service_s = seconds if self.service_s == 0.0 else (
+            (1 - EWMA_WEIGHT) * self.service_s + EWMA_WEIGHT * seconds)
+        if self.metrics is not None:
+            self.metrics.service_seconds.set(self.service_s)
+
+    def _observe_wait(self, seconds: float) -> None:
+        self._gauges()
+        if self.metrics is not None:
+            self.metrics.queue_wait.observe(seconds)
+
+    def _gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.in_flight.set(self.in_flight)
+            self.metrics.queued.set(len(self._waiters))
+
+
+def client_service_config(*services: str, max_attempts: int = 3, codes: tuple[str, ...] = (
+        "UNAVAILABLE", "RESOURCE_EXHAUSTED")) -> dict:
+    """A gRPC service config for calls to ``services`` (full names such as ``recsys.v1.RankingService``;
+    the ``grpc.service_config`` channel option, with ``grpc.enable_retries`` 1).
+
+    Retries ``codes`` up to ``max_attempts`` attempts in all, 10..100 ms exponential backoff, or after
+    the server's ``grpc-retry-pushback-ms`` when it sends one (-1: no retry). ``retryThrottling`` is
+    the retry budget that keeps retries from amplifying an overload: the channel holds 10 tokens,
+    each failed attempt takes 1, each success gives 0.1 back, and retries stop while 5 or fewer
+    are left, so a failing server sees about one retry per ten successes at most.
+    """
+    return {
+        "methodConfig": [{
+            "name": [{"service": service} for service in services],
+            "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.01s", "maxBackoff": "0.1s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": list(codes)},
+        }],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }

@@ -1,0 +1,170 @@
+"""Deadline-aware admission on a real event loop: refusals, the queue, expiry, cancellation, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from recsys_serving.admission import PUSHBACK_KEY, Admission, AdmissionMetrics, Expired, Refused
+
+
+@pytest.fixture
+def registry():
+    return CollectorRegistry()
+
+
+def admission(registry, concurrency: int = 1, in_flight: int = 10) -> Admission:
+    metrics = AdmissionMetrics(
+        in_flight=Gauge("t_in_flight", "", registry=registry), queued=Gauge("t_queued", "", registry=registry),
+        refused=Counter("t_refused", "", ["reason"], registry=registry),
+        expired=Counter("t_expired", "", registry=registry),
+        service_seconds=Gauge("t_service_seconds", "", registry=registry),
+        queue_wait=Histogram("t_queue_wait_seconds", "", registry=registry))
+    return Admission(concurrency, in_flight, metrics)
+
+
+def value(registry, name: str, **labels) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def hold(gate: Admission, release: asyncio.Event, deadline_s: float = 30.0) -> None:
+    async with gate.slot(time.monotonic() + deadline_s):
+        await release.wait()
+
+
+async def occupied(gate: Admission) -> tuple[asyncio.Event, asyncio.Task]:
+    """A request holding the only slot until the returned event is set."""
+    release = asyncio.Event()
+    task = asyncio.ensure_future(hold(gate, release))
+    while gate.running < 1:
+        await asyncio.sleep(0.001)
+    return release, task
+
+
+def test_a_request_that_cannot_finish_in_time_given_the_queue_is_refused_at_once(registry):
+    async def main():
+        gate = admission(registry)
+        async with gate.slot(time.monotonic() + 5):
+            await asyncio.sleep(0.1)              # one completion: the service time is now >= 100 ms
+        assert gate.service_s >= 0.1
+        release, holder = await occupied(gate)
+        # Expected: a wait of one service time for the slot + one to serve = >= 200 ms > 50 ms left.
+        with pytest.raises(Refused) as refused:
+            async with gate.slot(time.monotonic() + 0.05):
+                raise AssertionError("a refused request must not run")
+        assert gate.queued == 0                   # refused without queueing
+        late = asyncio.ensure_future(hold(gate, asyncio.Event(), deadline_s=5.0))  # enough time: it queues
+        await asyncio.sleep(0.01)
+        queued = gate.queued
+        release.set()
+        await holder
+        late.cancel()
+        return refused.value, queued
+
+    refused, queued = asyncio.run(main())
+    assert refused.reason == "deadline" and "cannot finish within the deadline: 50 ms left" in str(refused)
+    assert refused.trailing_metadata == ((PUSHBACK_KEY, "-1"),)     # a retry could not fit either
+    assert value(registry, "t_refused_total", reason="deadline") == 1
+    assert queued == 1
+
+
+def test_queued_work_whose_deadline_passes_is_dropped_before_it_starts(registry):
+    async def main():
+        gate = admission(registry)
+        release, holder = await occupied(gate)    # no completion yet: the estimate is 0, so it is admitted
+        started = []
+
+        async def short():
+            async with gate.slot(time.monotonic() + 0.05):
+                started.append(True)
+
+        with pytest.raises(Expired):
+            await short()
+        after_expiry = (gate.queued, gate.running)
+        release.set()
+        await holder
+        return started, after_expiry, (gate.queued, gate.running)
+
+    started, after_expiry, idle = asyncio.run(main())
+    assert started == [] and after_expiry == (0, 1) and idle == (0, 0)
+    assert value(registry, "t_expired_total") == 1
+
+
+def test_too_many_in_flight_is_refused_with_a_pushback(registry):
+    async def main():
+        gate = admission(registry, concurrency=1, in_flight=2)
+        release, holder = await occupied(gate)
+        queued = asyncio.ensure_future(hold(gate, release))
+        await asyncio.sleep(0.01)
+        with pytest.raises(Refused) as refused:
+            async with gate.slot(time.monotonic() + 30):
+                pass
+        release.set()
+        await asyncio.gather(holder, queued)
+        return refused.value
+
+    refused = asyncio.run(main())
+    assert refused.reason == "full" and "too many requests in flight (max 2)" in str(refused)
+    assert refused.pushback_ms >= 1                                   # fits after the wait: retry then
+    assert value(registry, "t_refused_total", reason="full") == 1
+
+
+def test_slots_go_first_in_first_out_and_a_cancelled_waiter_leaks_nothing(registry):
+    async def main():
+        gate = admission(registry, concurrency=1)
+        release, holder = await occupied(gate)
+        order = []
+
+        async def request(name: str):
+            async with gate.slot(time.monotonic() + 30):
+                order.append(name)
+
+        first, cancelled, last = (asyncio.ensure_future(request(n)) for n in ("first", "cancelled", "last"))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        release.set()
+        await asyncio.gather(holder, first, last)
+        return order, gate.running, gate.queued, value(registry, "t_in_flight")
+
+    assert asyncio.run(main()) == (["first", "last"], 0, 0, 0)
+
+
+@pytest.mark.parametrize(("concurrency", "in_flight", "message"), [
+    (0, 10, "max_concurrency must be an integer >= 1, got 0"),
+    (4, 2, r"max_in_flight must be an integer >= max_concurrency \(4\), got 2"),
+])
+def test_bad_limits_name_the_value(concurrency, in_flight, message):
+    with pytest.raises(ValueError, match=message):
+        Admission(concurrency, in_flight)
+
+
+def test_an_idle_service_admits_whatever_the_estimate_so_a_slow_spell_cannot_refuse_forever(registry):
+    async def main():
+        gate = admission(registry, concurrency=2)
+        async with gate.slot(time.monotonic() + 5):
+            await asyncio.sleep(0.1)              # the estimate is now >= 100 ms
+        async with gate.slot(time.monotonic() + 0.05):   # 50 ms left, but nothing is running
+            pass
+        return value(registry, "t_refused_total", reason="deadline")
+
+    assert asyncio.run(main()) == 0
+
+
+def test_with_a_slot_free_but_work_running_a_request_shorter_than_the_service_time_is_refused(registry):
+    async def main():
+        gate = admission(registry, concurrency=2)
+        async with gate.slot(time.monotonic() + 5):
+            await asyncio.sleep(0.1)              # the estimate is now >= 100 ms
+        release, holder = await occupied(gate)    # one of the two slots busy, one free
+        with pytest.raises(Refused) as refused:
+            async with gate.slot(time.monotonic() + 0.05):
+                raise AssertionError("a refused request must not run")
+        release.set()
+        await holder
+        return refused.value
+
+    refused = asyncio.run(main())
+    assert refused.reason == "deadline" and "expected 0 ms queued" in str(refused)
