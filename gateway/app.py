@@ -89,13 +89,13 @@ def create_app(config: GatewayConfig) -> FastAPI:
             RANKING_SECONDS.labels(method, code).observe(time.perf_counter() - started)
         return reply, round((time.perf_counter() - started) * 1000, 3)
 
-    def timeout_s(timeout_ms: Annotated[int | None, Query(
-                      ge=1, le=config.max_timeout_ms, description="Deadline in ms, passed to gRPC.")] = None,
-                  x_timeout_ms: Annotated[int | None, Header(
-                      ge=1, le=config.max_timeout_ms, description="Deadline in ms (the query parameter wins).")] = None,
-                  ) -> float:
-        chosen = timeout_ms if timeout_ms is not None else x_timeout_ms
-        return (chosen if chosen is not None else config.default_timeout_ms) / 1000
+    def timeout_s(timeout_ms: Annotated[int, Query(
+                      ge=0, le=config.max_timeout_ms, description="Deadline in ms, passed to gRPC; 0 = unset.")] = 0,
+                  x_timeout_ms: Annotated[int, Header(
+                      ge=0, le=config.max_timeout_ms, description="Deadline in ms (the query parameter wins); "
+                                                                  "0 = unset.")] = 0) -> float:
+        chosen = timeout_ms or x_timeout_ms or config.default_timeout_ms
+        return chosen / 1000
 
     Deadline = Annotated[float, Depends(timeout_s)]
 
@@ -176,7 +176,8 @@ def create_app(config: GatewayConfig) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=schemas.Health, tags=["health"],
-             responses={503: {"model": schemas.Health, "description": "ranking is not SERVING"}})
+             responses={503: {"model": schemas.Health, "description": "ranking is not SERVING"},
+                        **_documented(400)})
     async def readyz(deadline: Deadline):
         """Ready: the ranking service reports SERVING over the gateway's own channel."""
         if await app.state.ranking.serving(deadline):

@@ -85,7 +85,8 @@ def test_rank_scores_the_given_items_best_first(client):
     ("/v1/users/" + "u" * 129 + "/recommendations", "user_id"),
     ("/v1/users/" + "é" * 65 + "/recommendations", "user_id"),      # 65 characters, 130 bytes
     ("/v1/users/a%7Bb/recommendations", "user_id"),
-    ("/v1/users/1/recommendations?timeout_ms=0", "timeout_ms"),
+    ("/v1/users/1/recommendations?timeout_ms=-1", "timeout_ms"),
+    ("/v1/users/1/recommendations?timeout_ms=30001", "timeout_ms"),
 ])
 def test_bad_query_is_400_naming_the_field(client, path, field):
     body = _problem(client.get(path), 400, field)
