@@ -89,11 +89,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
             RANKING_SECONDS.labels(method, code).observe(time.perf_counter() - started)
         return reply, round((time.perf_counter() - started) * 1000, 3)
 
-    def timeout_s(timeout_ms: Annotated[int, Query(
+    # async: FastAPI runs a plain ``def`` dependency in a worker thread, a hand-off per request
+    async def timeout_s(timeout_ms: Annotated[int, Query(
                       ge=0, le=config.max_timeout_ms, description="Deadline in ms, passed to gRPC; 0 = unset.")] = 0,
                   x_timeout_ms: Annotated[int, Header(
                       ge=0, le=config.max_timeout_ms, description="Deadline in ms (the query parameter wins); "
-                                                                  "0 = unset.")] = 0) -> float:
+                                                                        "0 = unset.")] = 0) -> float:
         chosen = timeout_ms or x_timeout_ms or config.default_timeout_ms
         return chosen / 1000
 
