@@ -26,7 +26,6 @@ from gateway import problems, schemas
 from gateway.config import GatewayConfig
 from gateway.edge import Edge
 from gateway.ranking import RankingClient
-from recsys_contracts.item_metadata import RECENT_PER_USER
 from recsys_contracts.v1 import common_pb2, ranking_pb2
 
 STATIC_DIR = FilePath(__file__).resolve().parent / "static"
@@ -126,7 +125,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
                                                  description="Candidates to retrieve: 0 (server default) or >= k.")] = 0,
             include_seen: bool = False,
             include_metadata: Annotated[bool, Query(description="Titles and genres from the served version.")] = True,
-            history: Annotated[int, Query(ge=0, le=RECENT_PER_USER, description="Recent interactions to return.")] = 0,
+            history: Annotated[int, Query(ge=0, le=schemas.MAX_HISTORY, description="Recent interactions to return.")] = 0,
             timestamp_s: Annotated[int, Query(ge=0, lt=schemas.MAX_TIMESTAMP_S, description="Request time; 0 = now.")] = 0,
     ) -> dict:
         problem = _user_id_problem(user_id, request) or _candidates_problem(num_candidates, k, request)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys_serving.env import LOG_LEVELS, Parser, choice, int_in, parse_specs, pem_file, reject_unknown
+from recsys_serving.env import LOG_LEVELS, Parser, choice, float_in, int_in, parse_specs, pem_file, reject_unknown
 
 PREFIX = "GATEWAY_"
 
@@ -39,6 +39,7 @@ class GatewayConfig:
     max_k: int = 100                           # largest k accepted (keep <= the ranking's RANKING_MAX_K)
     max_candidates: int = 1000                 # largest num_candidates / Rank item count (RANKING_MAX_RANK_ITEMS)
     retry_after_s: int = 1                     # Retry-After sent with 429 (ranking RESOURCE_EXHAUSTED)
+    grace_s: float = 10.0                      # after SIGTERM: in-flight requests get this long to finish
     ranking_tls: RankingTls | None = None      # None = plaintext channel to ranking
 
 
@@ -65,6 +66,7 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "GATEWAY_MAX_K": ("max_k", int_in(1, 10_000)),
     "GATEWAY_MAX_CANDIDATES": ("max_candidates", int_in(1, 100_000)),
     "GATEWAY_RETRY_AFTER_S": ("retry_after_s", int_in(0, 3600)),
+    "GATEWAY_GRACE_S": ("grace_s", float_in(0.0, 300.0)),
 }
 _TLS_VARS = ("GATEWAY_RANKING_TLS_CA_FILE", "GATEWAY_RANKING_TLS_CERT_FILE", "GATEWAY_RANKING_TLS_KEY_FILE")
 

@@ -20,6 +20,7 @@ MAX_FEATURES = 32
 MAX_FEATURE_BYTES = 128
 MAX_RECENT_ITEMS = 200
 MAX_INTERACTIONS = 1000
+MAX_HISTORY = 50              # RecommendOptions.history_size (recsys_contracts.item_metadata.RECENT_PER_USER)
 MAX_TIMESTAMP_S = 2**40
 INT64_MAX = 2**63 - 1
 FLOAT32_MAX = 3.4028234e38
