@@ -219,3 +219,21 @@ def test_every_grpc_code_maps_to_its_http_status(tmp_path, code, status):
         assert "on purpose" not in body["detail"]          # the service's internals are not forwarded
     else:
         assert f"{code.name.lower()} on purpose" in body["detail"]
+
+
+def test_mtls_to_ranking_when_configured(tmp_path, published, loaded, retrieval_loaded):
+    from gateway.config import RankingTls
+    from recsys_serving.env import TlsConfig
+    from tests.ranking.test_main import _certificates
+
+    root, _ = published
+    certs = _certificates(tmp_path)
+    server_tls = TlsConfig(certs["server.pem"], certs["server.key"], certs["ca.pem"])
+    with running(root, loaded, retrieval_loaded, ranking={"tls": server_tls},
+                 gateway={"ranking_tls": RankingTls(certs["ca.pem"], certs["client.pem"], certs["client.key"])}) as mtls:
+        assert httpx.get(f"{mtls.base_url}/v1/users/1/recommendations?k=2", timeout=10).status_code == 200
+        assert httpx.get(f"{mtls.base_url}/readyz", timeout=10).json() == {"status": "serving"}
+    # without its client certificate the gateway is refused: the call fails UNAVAILABLE -> 503
+    with running(root, loaded, retrieval_loaded, ranking={"tls": server_tls},
+                 gateway={"ranking_tls": RankingTls(certs["ca.pem"])}) as no_cert:
+        _problem(httpx.get(f"{no_cert.base_url}/v1/users/1/recommendations", timeout=10), 503)
