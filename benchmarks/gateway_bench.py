@@ -1,13 +1,14 @@
 """Gateway overhead: the same Recommend(k=10, 500 candidates) over HTTP through the gateway and over
 gRPC straight to the ranking service, open loop, side by side.
 
-    python benchmarks/gateway_bench.py [--artifact-root ROOT] [--loads 50,100] [--duration 10] [--rounds 2]
+    python benchmarks/gateway_bench.py [--artifact-root ROOT] [--loads 50,100] [--duration 10] [--rounds 3]
 
 The stack is ``benchmarks/ranking_bench.py``'s (a version over MovieLens 100K, or ``--artifact-root``'s
 CURRENT one, features in Redis under a private namespace; retrieval and ranking as processes) plus
 ``python -m gateway`` as a process in front of ranking. For each round and offered load the two paths
-run one after the other (gRPC, then HTTP), so machine noise hits both alike; latency counts from each
-request's scheduled start (no coordinated omission). The HTTP client is a small keep-alive HTTP/1.1
+run one after the other (gRPC, then HTTP), so machine noise hits both alike, and the figures are medians
+over rounds of each pair's difference; latency counts from each request's scheduled start (no
+coordinated omission). The HTTP client is a small keep-alive HTTP/1.1
 client on asyncio streams, so the client's own cost stays close to the gRPC client's. The gateway's
 CPU per request is read from /proc. Prints the figures, writes ``bench_results/gateway_bench.json``.
 """
@@ -41,16 +42,25 @@ class HttpPool:
         self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
 
     async def get(self, path: str, timeout_s: float) -> int:
-        conn = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        """The status of one GET; a pooled connection the server closed meanwhile (uvicorn drops idle
+        keep-alive connections after 5 s) is replaced once, as HTTP clients do."""
+        async with asyncio.timeout(timeout_s):
+            if self.idle:
+                try:
+                    return await self._exchange(self.idle.pop(), path, timeout_s)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    pass
+            return await self._exchange(await asyncio.open_connection(self.host, self.port), path, timeout_s)
+
+    async def _exchange(self, conn, path: str, timeout_s: float) -> int:
         reader, writer = conn
         try:
-            async with asyncio.timeout(timeout_s):
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n"
-                             f"X-Timeout-Ms: {int(timeout_s * 1000)}\r\n\r\n".encode())
-                head = await reader.readuntil(b"\r\n\r\n")
-                lines = head.decode("latin-1").split("\r\n")
-                length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
-                await reader.readexactly(length)
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+                         f"X-Timeout-Ms: {int(timeout_s * 1000)}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            length = next(int(line.split(":", 1)[1]) for line in lines if line.lower().startswith("content-length:"))
+            await reader.readexactly(length)
         except BaseException:
             writer.close()
             raise
@@ -88,6 +98,8 @@ async def _open_loop(path: str, ranking: str, gateway_port: int, users: list[str
                 return str(await pool.get(f"/v1/users/{user}/recommendations?{HTTP_QUERY}", rb.TIMEOUT_S))
             except TimeoutError:
                 return "timeout"
+            except (asyncio.IncompleteReadError, ConnectionError) as error:
+                return type(error).__name__
 
         for user in users[:rb.WARMUP_REQUESTS]:
             await call(user)
@@ -173,17 +185,29 @@ def _measure(root: Path, redis_url: str, namespace: str, users: list[str], args)
 
 
 def summarize(runs: list[dict], loads: list[float]) -> dict:
+    """Per load: each round's gRPC and HTTP p50/p99 and what the gateway added, the median of those
+    per-round differences (robust to a round the shared machine slowed down), and the pooled figures."""
     table = {}
     for rate in loads:
-        row = {}
-        for path in ("grpc", "http"):
-            samples = [s for r in runs if r["offered_rps"] == rate and r["path"] == path for s in r["latencies_s"]]
-            row[path] = rb.percentiles(samples)
-        row["added_p50_ms"] = row["http"]["p50_ms"] - row["grpc"]["p50_ms"]
-        row["added_p99_ms"] = row["http"]["p99_ms"] - row["grpc"]["p99_ms"]
+        rounds = []
+        for round_ in sorted({r["round"] for r in runs}):
+            pair = {r["path"]: rb.percentiles(r["latencies_s"]) for r in runs
+                    if r["offered_rps"] == rate and r["round"] == round_}
+            rounds.append({"grpc": pair["grpc"], "http": pair["http"],
+                           "added_p50_ms": pair["http"]["p50_ms"] - pair["grpc"]["p50_ms"],
+                           "added_p99_ms": pair["http"]["p99_ms"] - pair["grpc"]["p99_ms"]})
+        pooled = {path: rb.percentiles([s for r in runs if r["offered_rps"] == rate and r["path"] == path
+                                        for s in r["latencies_s"]]) for path in ("grpc", "http")}
         cpu = [r["gateway_cpu"]["total_ms"] for r in runs if r["offered_rps"] == rate and "gateway_cpu" in r]
-        row["gateway_cpu_ms_per_request"] = float(np.median(cpu)) if cpu else None
-        table[str(rate)] = row
+        table[str(rate)] = {
+            "median_added_p50_ms": float(np.median([r["added_p50_ms"] for r in rounds])),
+            "median_added_p99_ms": float(np.median([r["added_p99_ms"] for r in rounds])),
+            "median_grpc_p50_ms": float(np.median([r["grpc"]["p50_ms"] for r in rounds])),
+            "median_http_p50_ms": float(np.median([r["http"]["p50_ms"] for r in rounds])),
+            "median_grpc_p99_ms": float(np.median([r["grpc"]["p99_ms"] for r in rounds])),
+            "median_http_p99_ms": float(np.median([r["http"]["p99_ms"] for r in rounds])),
+            "gateway_cpu_ms_per_request": float(np.median(cpu)) if cpu else None,
+            "rounds": rounds, "pooled": pooled}
     return table
 
 
@@ -191,7 +215,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--loads", default="50,100", help="offered loads, req/s")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per load and path")
-    parser.add_argument("--rounds", type=int, default=2, help="gRPC/HTTP pairs per load (pooled)")
+    parser.add_argument("--rounds", type=int, default=3, help="gRPC/HTTP pairs per load (medians over rounds)")
     parser.add_argument("--artifact-root", type=Path, help="serve this root's CURRENT version instead of tiny_run models")
     args = parser.parse_args()
     args.loads = [float(x) for x in args.loads.split(",")]
@@ -210,12 +234,13 @@ def main() -> None:
         finally:
             rb.drop_namespace(redis_url, namespace)
     table = summarize(runs, args.loads)
-    print("\n  load    gRPC p50 / p99 ms    HTTP via gateway p50 / p99 ms    added p50 / p99 ms   gateway CPU ms/req")
+    print("\n  load   medians over rounds:  gRPC p50 / p99 ms   HTTP via gateway p50 / p99 ms   "
+          "added p50 / p99 ms   gateway CPU ms/req")
     for rate, row in table.items():
-        print(f"{float(rate):>6.0f}    {row['grpc']['p50_ms']:6.2f} / {row['grpc']['p99_ms']:6.2f}"
-              f"        {row['http']['p50_ms']:6.2f} / {row['http']['p99_ms']:6.2f}"
-              f"                {row['added_p50_ms']:+6.2f} / {row['added_p99_ms']:+6.2f}"
-              f"        {row['gateway_cpu_ms_per_request']}")
+        print(f"{float(rate):>6.0f}   {row['median_grpc_p50_ms']:26.2f} / {row['median_grpc_p99_ms']:6.2f}"
+              f"   {row['median_http_p50_ms']:19.2f} / {row['median_http_p99_ms']:6.2f}"
+              f"   {row['median_added_p50_ms']:+11.2f} / {row['median_added_p99_ms']:+6.2f}"
+              f"   {row['gateway_cpu_ms_per_request']:10.2f}")
     for run in runs:
         run.pop("latencies_s")
     out = RESULTS / "gateway_bench.json"

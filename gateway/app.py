@@ -5,10 +5,13 @@
 limits (``gateway.schemas``), build the protobuf request, call ranking with the request's deadline
 (``timeout_ms`` query parameter, else the ``X-Timeout-Ms`` header, else ``GATEWAY_DEFAULT_TIMEOUT_MS``)
 and request id, and turn the reply into JSON or the gRPC status into an HTTP one (``gateway.problems``).
+
+No ``from __future__ import annotations`` here: FastAPI evaluates the routes' annotations, and their
+bounds close over the config (``le=config.max_k``), which a string annotation could not see.
 """
 
-
 import contextlib
+import http
 import time
 from pathlib import Path as FilePath
 from typing import Annotated
@@ -41,7 +44,7 @@ class RankingFailed(Exception):
 
 def _documented(*statuses: int) -> dict[int | str, dict]:
     schema = schemas.Problem.model_json_schema()
-    return {status: {"description": problems.http.HTTPStatus(status).phrase,
+    return {status: {"description": http.HTTPStatus(status).phrase,
                      "content": {problems.MEDIA_TYPE: {"schema": schema}}} for status in statuses}
 
 
@@ -75,11 +78,12 @@ def create_app(config: GatewayConfig) -> FastAPI:
                               "application/problem+json naming the field.")
 
     async def call(request: Request, method: str, message, timeout_s: float):
+        """(reply, round trip ms) of one ranking RPC; a gRPC failure becomes ``RankingFailed``."""
+        rpc = {"Recommend": app.state.ranking.recommend, "Rank": app.state.ranking.rank,
+               "RecordInteractions": app.state.ranking.record}[method]
         started = time.perf_counter()
         code = "OK"
         try:
-            rpc = {"Recommend": app.state.ranking.recommend, "Rank": app.state.ranking.rank,
-                   "RecordInteractions": app.state.ranking.record}[method]
             reply = await rpc(message, timeout_s, request.state.request_id)
         except grpc.aio.AioRpcError as error:
             code = error.code().name
