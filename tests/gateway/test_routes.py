@@ -156,7 +156,8 @@ def test_the_deadline_reaches_ranking(published, loaded, retrieval_loaded):
         assert session.get("/v1/users/1/recommendations", headers={"X-Timeout-Ms": "5000"}).status_code == 200
     for body in (by_query, by_header):
         received = re.search(r"deadline must leave at least 500 ms, got ([\d.]+) ms", body["detail"])
-        assert received and 0 < float(received.group(1)) <= 300, body["detail"]   # not ranking's 2000 ms default
+        # not ranking's 2000 ms default (a little over 300: the grpc-timeout header rounds up)
+        assert received and 0 < float(received.group(1)) <= 305, body["detail"]
 
 
 def test_health_metrics_docs_and_page(client):
