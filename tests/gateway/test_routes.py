@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 
 from gateway import problems
 from recsys_contracts.v1 import ranking_pb2_grpc
@@ -23,6 +24,13 @@ PROBLEM = "application/problem+json"
 def client(stack):
     with httpx.Client(base_url=stack.base_url, timeout=10) as session:
         yield session
+
+
+def _ranking_calls(method: str) -> float:
+    """RPCs of ``method`` the in-process ranking service has answered so far, whatever their code."""
+    return sum(sample.value for metric in REGISTRY.collect() if metric.name == "ranking_requests"
+               for sample in metric.samples
+               if sample.name == "ranking_requests_total" and sample.labels["method"] == method)
 
 
 def _problem(response: httpx.Response, status: int, field: str | None = None) -> dict:
@@ -90,8 +98,10 @@ def test_rank_scores_the_given_items_best_first(client):
     ("/v1/users/1/recommendations?timeout_ms=30001", "timeout_ms"),
 ])
 def test_bad_query_is_400_naming_the_field(client, path, field):
+    before = _ranking_calls("Recommend")
     body = _problem(client.get(path), 400, field)
     assert len(body["detail"]) < 300
+    assert _ranking_calls("Recommend") == before, "refused by the gateway: nothing reaches ranking"
 
 
 @pytest.mark.parametrize("body, field", [
@@ -107,15 +117,20 @@ def test_bad_query_is_400_naming_the_field(client, path, field):
     ({"user_id": "1", "item_ids": [1], "user_features": {"categorical": {"nope": "x"}}}, "user_features"),
 ])
 def test_bad_rank_body_is_400_naming_the_field(client, body, field):
+    before = _ranking_calls("Rank")
     _problem(client.post("/v1/rank", json=body), 400, field)
+    # only the version knows its feature names: that one is ranking's refusal, passed on
+    assert _ranking_calls("Rank") == before + (field == "user_features")
 
 
 def test_non_json_and_non_finite_bodies_are_400(client):
+    before = _ranking_calls("Rank") + _ranking_calls("RecordInteractions")
     _problem(client.post("/v1/rank", content=b"{user_id: 1", headers={"content-type": "application/json"}), 400, "body")
     nan = b'{"interactions": [{"user_id": "1", "item_id": 1, "rating": NaN}]}'
     _problem(client.post("/v1/interactions", content=nan, headers={"content-type": "application/json"}), 400,
              "interactions.0.rating")
     _problem(client.post("/v1/interactions", json={"interactions": []}), 400, "interactions")
+    assert _ranking_calls("Rank") + _ranking_calls("RecordInteractions") == before
 
 
 def test_huge_bodies_are_413_declared_or_streamed(client):
