@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from ranking_service import metrics, validation
+from ranking_service import display, metrics, validation
 from ranking_service.batching import MicroBatcher
 from ranking_service.config import RankingConfig
 from ranking_service.features import FeatureStore, StoreUnavailable, redis_breaker
@@ -189,10 +189,16 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     async def Recommend(self, request: ranking_pb2.RecommendRequest, context) -> ranking_pb2.RecommendResponse:
         async def handle(state: ServingState, deadline: float, request_id: str) -> ranking_pb2.RecommendResponse:
             query = validation.recommend_query(request, state.spec, self.app.config)
+            history_size = display.history_size(request.options)
             answer = await self.app.pipeline.recommend(state, query, deadline, request_id)
-            return ranking_pb2.RecommendResponse(items=_scored_items(answer), retrieval_version=answer.retrieval_version,
-                                                 ranking_version=answer.ranking_version,
-                                                 degraded=_count_degraded(answer))
+            reply = ranking_pb2.RecommendResponse(items=_scored_items(answer), retrieval_version=answer.retrieval_version,
+                                                  ranking_version=answer.ranking_version,
+                                                  degraded=_count_degraded(answer))
+            if request.options.include_item_metadata:
+                display.describe(state, reply.items)
+            if history_size:
+                reply.history.extend(await display.history(self.app.features, state, query.user_id, history_size))
+            return reply
 
         return await self._serve("Recommend", context, handle)
 
@@ -200,9 +206,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         async def handle(state: ServingState, deadline: float, request_id: str) -> ranking_pb2.RankResponse:
             query = validation.rank_query(request, state.spec, self.app.config)
             answer = await self.app.pipeline.rank(state, query)
-            return ranking_pb2.RankResponse(items=_scored_items(answer), ranking_version=answer.ranking_version,
-                                            degraded=_count_degraded(answer),
-                                            unknown_item_ids=answer.unknown_item_ids.tolist())
+            reply = ranking_pb2.RankResponse(items=_scored_items(answer), ranking_version=answer.ranking_version,
+                                             degraded=_count_degraded(answer),
+                                             unknown_item_ids=answer.unknown_item_ids.tolist())
+            if request.include_item_metadata:
+                display.describe(state, reply.items)
+            return reply
 
         return await self._serve("Rank", context, handle)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recsys_contracts import item_metadata
 from recsys_contracts.programs import RANKER, USER_TOWER, Program, load_program
 from recsys_contracts.ids import ItemLookup
 from recsys_contracts.version_files import VersionTables, load_item_embeddings, load_tables
@@ -64,6 +65,7 @@ class ServingState:
     popular_scores: np.ndarray              # (m+1,) float32 log(1 + training count): fallback retrieval score
     score_rule: ScoreRule
     ranker_history: int                     # the ranker's history input holds the last this-many items
+    metadata: item_metadata.ItemMetadata    # titles, genres, recent interactions: display only
 
     @property
     def spec(self):
@@ -166,6 +168,7 @@ def load_state(directory: Path, version: int, *, default_score_mode: str = "ctr"
         user_index=tables.user_index(), items=ItemLookup(tables.item_ids), item_embeddings=embeddings,
         popular_scores=np.log1p(tables.item_counts.astype(np.float32)),
         score_rule=score_rule_for(tables.serving, default_score_mode),
-        ranker_history=ranker_history_for(tables.serving, tables.spec.history_length))
+        ranker_history=ranker_history_for(tables.serving, tables.spec.history_length),
+        metadata=item_metadata.load(directory, tables.item_ids))
     _smoke(state)
     return state

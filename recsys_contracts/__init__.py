@@ -6,6 +6,7 @@ would otherwise each need their own copy of it and must never disagree:
 - ``v1``: the generated gRPC stubs of ``protos/recsys/v1`` (build output; see ``codegen``).
 - ``artifacts``: the artifact volume's layout, manifest, publish, resolve, verify, retention, watch.
 - ``feature_store``: the Redis key format, the row/vector codec and the batch read/write helpers.
+- ``item_metadata``: a version's display files (item titles and genres, users' recent interactions).
 
 Business logic, models, feature engineering and service code do not belong here. This package
 imports nothing from ``trainer``, ``retrieval_service`` or ``ranking_service`` (a test enforces it).

@@ -13,9 +13,11 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from recsys_contracts.signing import Trust
+if TYPE_CHECKING:       # imported where a Trust is built: the gateway parses its env without cryptography
+    from recsys_contracts.signing import Trust
 
 @dataclass(frozen=True)
 class TlsConfig:
@@ -162,6 +164,8 @@ DEFAULT_TRUSTED_KEYS = Path("/etc/recsys/trusted-keys")
 def trust(config) -> Trust:
     """The Trust a service config asks for (``trusted_keys`` / ``allow_unsigned`` fields); raises
     ValueError naming RECSYS_TRUSTED_KEYS when its keys cannot be read."""
+    from recsys_contracts.signing import Trust
+
     if config.allow_unsigned:
         return Trust.unsigned()
     if not config.trusted_keys.exists():

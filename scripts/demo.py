@@ -3,8 +3,10 @@
 Trains on MovieLens 100K (from $RECSYS_DATA_DIR, or downloaded), publishes a version into
 ./artifacts, starts the retrieval and ranking services as real processes (Redis-backed when
 RECSYS_REDIS_URL is set, else features served from the artifact in process), asks the ranking
-service for recommendations for a few users over gRPC and prints them with movie titles, scores
-and both model versions, then stops both services with SIGTERM (graceful drain).
+service for recommendations for a few users over gRPC and prints them with movie titles (carried
+in the version), scores and both model versions, starts the HTTP gateway in front of ranking and
+prints its web page's URL (waiting for Enter when run from a terminal), then stops everything with
+SIGTERM (graceful drain).
 """
 
 from __future__ import annotations
@@ -49,14 +51,19 @@ def wait_serving(target: str, timeout_s: float) -> None:
     raise TimeoutError(f"{target} did not report SERVING within {timeout_s:.0f} s")
 
 
-def titles(dataset_name: str) -> dict[int, str]:
-    from trainer.data import data_dir_from_env, load_movielens
+def wait_http_ready(url: str, timeout_s: float) -> None:
+    import urllib.request
 
-    try:
-        items = load_movielens(data_dir_from_env() / dataset_name).items
-    except Exception:   # titles are cosmetic; the ids still print
-        return {}
-    return dict(zip(items["item_id"].astype(int), items["title"].astype(str)))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
 
 
 def main() -> int:
@@ -65,6 +72,7 @@ def main() -> int:
     parser.add_argument("--users", default="1,42,196,500", help="user ids to ask for")
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--skip-training", action="store_true", help="serve the version already published")
+    parser.add_argument("--http-port", type=int, default=8080, help="the gateway's port (the page's URL)")
     parser.add_argument("trainer_args", nargs="*", help="extra `--set section.key=value` for the trainer")
     args = parser.parse_args()
     env = {**os.environ, "RECSYS_ARTIFACT_ROOT": args.artifacts, "PYTHONUNBUFFERED": "1",
@@ -87,21 +95,28 @@ def main() -> int:
         wait_serving(f"127.0.0.1:{retrieval_port}", 120)
         wait_serving(f"127.0.0.1:{ranking_port}", 120)
         print("== 3/4 asking the ranking service (gRPC Recommend)", flush=True)
-        names = titles("ml-100k")
         with grpc.insecure_channel(f"127.0.0.1:{ranking_port}") as channel:
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
             for user in args.users.split(","):
                 reply = stub.Recommend(ranking_pb2.RecommendRequest(
-                    user_id=user, k=args.k, context=common_pb2.Context(timestamp_s=int(time.time()))),
-                    timeout=2.0)
+                    user_id=user, k=args.k, context=common_pb2.Context(timestamp_s=int(time.time())),
+                    options=ranking_pb2.RecommendOptions(include_item_metadata=True)), timeout=2.0)
                 flags = [common_pb2.DegradedPath.Name(d) for d in reply.degraded]
                 print(f"\nuser {user}  (retrieval v{reply.retrieval_version}, ranking v{reply.ranking_version}"
                       f"{', ' + ', '.join(flags) if flags else ''})")
                 print(f"  {'#':>2}  {'movie':<48} {'score':>6} {'ctr':>6} {'rating':>6}")
                 for rank, item in enumerate(reply.items, 1):
-                    title = names.get(item.item_id, str(item.item_id))
+                    title = item.title or str(item.item_id)
                     print(f"  {rank:>2}  {title:<48.48} {item.score:>6.3f} {item.ctr:>6.3f} "
                           f"{item.predicted_rating:>6.2f}")
+        gateway_env = {**env, "GATEWAY_PORT": str(args.http_port), "GATEWAY_HOST": "127.0.0.1",
+                       "GATEWAY_RANKING_TARGET": f"127.0.0.1:{ranking_port}", "RECSYS_LOG_LEVEL": "WARNING"}
+        procs.append(subprocess.Popen([sys.executable, "-m", "gateway"], env=gateway_env, cwd=ROOT))
+        page = f"http://127.0.0.1:{args.http_port}/"
+        wait_http_ready(page + "readyz", 60)
+        print(f"\nThe web page: {page}   (the HTTP API: {page}docs)", flush=True)
+        if sys.stdin.isatty():
+            input("Press Enter to stop the services. ")
     finally:
         print("\n== 4/4 stopping the services (SIGTERM, graceful drain)", flush=True)
         for proc in reversed(procs):

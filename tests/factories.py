@@ -16,6 +16,7 @@ from tests.signing_keys import SIGNER
 from trainer.config import load_config
 from trainer.data.synthetic import generate
 from trainer.features import build_tables, fit_feature_spec, fit_id_vocab
+from trainer.item_metadata import DisplaySource
 from trainer.models.dcn import DCNConfig, DCNRanker
 from trainer.models.two_tower import build_two_tower
 from trainer.publish import TrainedRun, choose_index_params, publish_run
@@ -44,7 +45,8 @@ def tiny_run(seed: int = 0, history_length: int = 10, dataset=None) -> TrainedRu
         n_user_num=tc.n_user_num, item_cat_cardinalities=tc.item_cat_cardinalities,
         n_item_num=tc.n_item_num, deep_dims=(32,), rating_min=spec.rating_min,
         rating_max=spec.rating_max)).eval()
-    return TrainedRun(spec=spec, tables=tables, two_tower=two_tower, ranker=ranker)
+    return TrainedRun(spec=spec, tables=tables, two_tower=two_tower, ranker=ranker,
+                      display=DisplaySource(dataset.items, split.train))
 
 
 def publish_tiny_version(root: Path, seed: int = 0, run: TrainedRun | None = None,

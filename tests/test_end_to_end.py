@@ -197,6 +197,17 @@ def _check_recorded_item_is_not_recommended_again(stub, user: str) -> None:
     assert watched not in [item.item_id for item in again.items]
 
 
+def _check_history_comes_from_the_version(stub, user: str) -> None:
+    # The log is bare interactions (no items table): empty titles; the times come from the training log
+    options = ranking_pb2.RecommendOptions(history_size=5, include_item_metadata=True)
+    reply = stub.Recommend(ranking_pb2.RecommendRequest(user_id=user, k=K, context=CONTEXT, options=options),
+                           timeout=RPC_TIMEOUT_S)
+    times = [entry.timestamp_s for entry in reply.history]
+    assert len(times) == 5 and times == sorted(times, reverse=True) and min(times) > 0
+    assert not any(entry.fresh for entry in reply.history)
+    assert all(item.title == "" for item in reply.items) and all(entry.title == "" for entry in reply.history)
+
+
 def test_a_trained_version_is_served_end_to_end(tmp_path, redis_url, redis_namespace):
     artifact_root = tmp_path / "artifacts"
     user = _train(tmp_path, artifact_root, redis_url, redis_namespace)
@@ -209,5 +220,6 @@ def test_a_trained_version_is_served_end_to_end(tmp_path, redis_url, redis_names
             _check_rank_returns_the_distinct_ids_best_first(stub, user, version)
             _check_reflection_only_call_matches_the_stubs(stub, channel, user, version)
             _check_unknown_user_is_cold_start(stub, version)
+            _check_history_comes_from_the_version(stub, user)
             # Last: it changes the user's history, which the checks above rely on being the trained one.
             _check_recorded_item_is_not_recommended_again(stub, user)

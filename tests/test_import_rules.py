@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PROJECT_PACKAGES = {"recsys_contracts", "recsys_serving", "trainer", "retrieval_service", "ranking_service"}
+PROJECT_PACKAGES = {"recsys_contracts", "recsys_serving", "trainer", "retrieval_service", "ranking_service", "gateway"}
 ALLOWED = {
     "recsys_contracts": {"recsys_contracts"},
     "recsys_serving": {"recsys_serving", "recsys_contracts"},
     "trainer": {"trainer", "recsys_contracts"},
     "retrieval_service": {"retrieval_service", "recsys_serving", "recsys_contracts"},
     "ranking_service": {"ranking_service", "recsys_serving", "recsys_contracts"},
+    "gateway": {"gateway", "recsys_serving", "recsys_contracts"},
 }
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from trainer.publish import (TrainedRun, all_item_embeddings, choose_index_param
                              publish_run, signer_for)
 from trainer.report import write_report
 from trainer.ranking_training import (Candidates, Rows, click_rows, fit_ranker, rerank, score_candidates)
+from trainer.item_metadata import DisplaySource
 from trainer.joint_training import fit_joint
 from trainer.retrieval_training import Interactions, fit_retrieval, item_embeddings, user_embeddings
 from trainer.splits import Split, split_by_name
@@ -161,7 +162,9 @@ def deterministic_kernels(device: torch.device):
 def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
                  timings: Timings) -> tuple[TrainedRun, dict[str, Any]]:
     with deterministic_kernels(device):
-        return _train_models(cfg, prep, device, ctx, timings)
+        run, histories = _train_models(cfg, prep, device, ctx, timings)
+    # the published version carries titles, genres and recent history for display (the gateway's page)
+    return replace(run, display=DisplaySource(prep.dataset.items, prep.split.train)), histories
 
 
 def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,

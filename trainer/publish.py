@@ -26,6 +26,7 @@ from recsys_contracts.signing import Signer, signer_for  # noqa: F401 - signer_f
 from trainer.export import export_ranker, export_user_tower
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
+from trainer.item_metadata import DisplaySource, write_item_metadata
 
 # Files every trainer version holds besides the feature tables (FeatureTables.save writes those).
 MODEL_FILES = ("feature_spec.json", "serving.json", "user_tower.onnx", "ranker.onnx",
@@ -42,6 +43,7 @@ class TrainedRun:
     ranker: torch.nn.Module             # DCNRanker (eval mode)
     score_mode: str = "ctr"             # how the served score combines the heads
     rating_weight: float = 0.0          # ctr_x_rating: score = ctr * (rating / rating_max) ** weight
+    display: DisplaySource | None = None  # titles, genres, recent interactions (None: empty metadata)
 
 
 def choose_index_params(kind: str, n_items: int, exact_below: int) -> IndexParams:
@@ -94,6 +96,7 @@ def write_version_files(directory: Path, run: TrainedRun, index_params: IndexPar
     directory = Path(directory)
     run.tables.save(directory)
     (directory / "feature_spec.json").write_text(run.spec.to_json())
+    write_item_metadata(directory, run.tables.vocab, run.display)
     ranker_history = min(run.ranker.recent_items, run.spec.history_length)
     user_example, ranker_example = _export_examples(run.tables, ranker_history)
     export_user_tower(run.two_tower.user_tower.eval(), user_example, directory / "user_tower.onnx")

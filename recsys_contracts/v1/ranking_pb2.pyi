@@ -8,14 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RecommendOptions(_message.Message):
-    __slots__ = ("num_candidates", "diversity", "include_seen")
+    __slots__ = ("num_candidates", "diversity", "include_seen", "include_item_metadata", "history_size")
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     DIVERSITY_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ITEM_METADATA_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_SIZE_FIELD_NUMBER: _ClassVar[int]
     num_candidates: int
     diversity: float
     include_seen: bool
-    def __init__(self, num_candidates: _Optional[int] = ..., diversity: _Optional[float] = ..., include_seen: _Optional[bool] = ...) -> None: ...
+    include_item_metadata: bool
+    history_size: int
+    def __init__(self, num_candidates: _Optional[int] = ..., diversity: _Optional[float] = ..., include_seen: _Optional[bool] = ..., include_item_metadata: _Optional[bool] = ..., history_size: _Optional[int] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
     __slots__ = ("user_id", "k", "context", "options", "user_features")
@@ -32,42 +36,64 @@ class RecommendRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., options: _Optional[_Union[RecommendOptions, _Mapping]] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
-    __slots__ = ("item_id", "score", "ctr", "predicted_rating", "retrieval_score")
+    __slots__ = ("item_id", "score", "ctr", "predicted_rating", "retrieval_score", "title", "genres")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     CTR_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_RATING_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    GENRES_FIELD_NUMBER: _ClassVar[int]
     item_id: int
     score: float
     ctr: float
     predicted_rating: float
     retrieval_score: float
-    def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., ctr: _Optional[float] = ..., predicted_rating: _Optional[float] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
+    title: str
+    genres: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., ctr: _Optional[float] = ..., predicted_rating: _Optional[float] = ..., retrieval_score: _Optional[float] = ..., title: _Optional[str] = ..., genres: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class HistoryItem(_message.Message):
+    __slots__ = ("item_id", "timestamp_s", "title", "genres", "fresh")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
+    TITLE_FIELD_NUMBER: _ClassVar[int]
+    GENRES_FIELD_NUMBER: _ClassVar[int]
+    FRESH_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    timestamp_s: int
+    title: str
+    genres: _containers.RepeatedScalarFieldContainer[str]
+    fresh: bool
+    def __init__(self, item_id: _Optional[int] = ..., timestamp_s: _Optional[int] = ..., title: _Optional[str] = ..., genres: _Optional[_Iterable[str]] = ..., fresh: _Optional[bool] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "retrieval_version", "ranking_version", "degraded")
+    __slots__ = ("items", "retrieval_version", "ranking_version", "degraded", "history")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANKING_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     retrieval_version: int
     ranking_version: int
     degraded: _containers.RepeatedScalarFieldContainer[_common_pb2.DegradedPath]
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., retrieval_version: _Optional[int] = ..., ranking_version: _Optional[int] = ..., degraded: _Optional[_Iterable[_Union[_common_pb2.DegradedPath, str]]] = ...) -> None: ...
+    history: _containers.RepeatedCompositeFieldContainer[HistoryItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., retrieval_version: _Optional[int] = ..., ranking_version: _Optional[int] = ..., degraded: _Optional[_Iterable[_Union[_common_pb2.DegradedPath, str]]] = ..., history: _Optional[_Iterable[_Union[HistoryItem, _Mapping]]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("user_id", "item_ids", "context", "user_features")
+    __slots__ = ("user_id", "item_ids", "context", "user_features", "include_item_metadata")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_ITEM_METADATA_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_ids: _containers.RepeatedScalarFieldContainer[int]
     context: _common_pb2.Context
     user_features: _common_pb2.UserFeatures
-    def __init__(self, user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[int]] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ...) -> None: ...
+    include_item_metadata: bool
+    def __init__(self, user_id: _Optional[str] = ..., item_ids: _Optional[_Iterable[int]] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ..., include_item_metadata: _Optional[bool] = ...) -> None: ...
 
 class RankResponse(_message.Message):
     __slots__ = ("items", "ranking_version", "degraded", "unknown_item_ids")

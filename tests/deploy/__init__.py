@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gateway.config import ENV_VARS as GATEWAY_ENV_VARS
 from ranking_service.config import ENV_VARS as RANKING_ENV_VARS
 from retrieval_service.config import ENV_VARS as RETRIEVAL_ENV_VARS
 
@@ -22,9 +23,10 @@ PROGRAM_ENV_VARS: dict[str, tuple[str, ...]] = {
     "retrieval_service": RETRIEVAL_ENV_VARS,
     "ranking_service": RANKING_ENV_VARS,
     "trainer": TRAINER_ENV_VARS,
+    "gateway": GATEWAY_ENV_VARS,
 }
 # Prefixes owned by the project: every such name a deployment sets must be one its program reads.
-PROJECT_PREFIXES = ("RECSYS_", "RETRIEVAL_", "RANKING_")
+PROJECT_PREFIXES = ("RECSYS_", "RETRIEVAL_", "RANKING_", "GATEWAY_")
 
 
 def foreign_names(program: str, names: set[str]) -> set[str]:

@@ -9,14 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
+from gateway import config as gateway_config
 from ranking_service import config as ranking_config
 from retrieval_service import config as retrieval_config
 from tests.deploy import REPO_ROOT, foreign_names
 from tests.deploy.test_dockerfiles import healthcheck_code
 
 COMPOSE = REPO_ROOT / "docker-compose.yml"
-APP_SERVICES = ("trainer", "retrieval", "ranking")
-CONFIGS = {"retrieval_service": retrieval_config, "ranking_service": ranking_config}
+APP_SERVICES = ("trainer", "retrieval", "ranking", "gateway")
+ARTIFACT_READERS = ("trainer", "retrieval", "ranking")     # the gateway reads no artifact
+CONFIGS = {"retrieval_service": retrieval_config, "ranking_service": ranking_config, "gateway": gateway_config}
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,8 @@ def mounts(service: dict) -> dict[str, tuple[str, str]]:
 
 
 def test_artifacts_volume_is_written_by_the_trainer_and_read_only_elsewhere(services):
-    for name in APP_SERVICES:
+    assert "volumes" not in services["gateway"]
+    for name in ARTIFACT_READERS:
         root = services[name]["environment"]["RECSYS_ARTIFACT_ROOT"]
         source, mode = mounts(services[name])[root]
         assert source == "artifacts"
@@ -142,19 +145,28 @@ def test_ports_match_the_config_defaults(services):
     assert services["ranking"]["ports"] == [f"127.0.0.1:{ranking.port}:{ranking.port}"]
     assert {int(p) for p in services["ranking"]["expose"]} == {ranking.metrics_port}
     assert services["ranking"]["environment"]["RANKING_RETRIEVAL_TARGET"] == f"retrieval:{retrieval.port}"
-    assert "ports" not in services["retrieval"], "only ranking (the front door) is published"
+    assert "ports" not in services["retrieval"], "only ranking and the gateway (the front doors) are published"
 
 
-@pytest.mark.parametrize("name", ["retrieval", "ranking"])
+def test_gateway_calls_ranking_and_is_published(services):
+    ranking, gateway = defaults(services["ranking"]), defaults(services["gateway"])
+    config = gateway_config.from_env({k: str(v) for k, v in services["gateway"]["environment"].items()})
+    assert config.ranking_target == f"ranking:{ranking.port}" and config.port == gateway.port
+    assert services["gateway"]["ports"] == [f"127.0.0.1:{gateway.port}:{gateway.port}"]
+    assert services["gateway"]["depends_on"] == {"ranking": {"condition": "service_healthy"}}
+
+
+@pytest.mark.parametrize("name", ["retrieval", "ranking", "gateway"])
 def test_health_check_is_the_images_own(services, name):
     service = services[name]
     test = service["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"]
     assert test[3] == healthcheck_code(Path(service["build"]["dockerfile"]).name)
-    assert seconds(service["healthcheck"]["start_period"]) >= 60, "model loading takes a while"
+    # model loading takes a while (the gateway's /readyz waits for ranking's)
+    assert seconds(service["healthcheck"]["start_period"]) >= 60
 
 
-@pytest.mark.parametrize("name", ["retrieval", "ranking"])
+@pytest.mark.parametrize("name", ["retrieval", "ranking", "gateway"])
 def test_stop_grace_exceeds_the_drain_time(services, name):
     assert seconds(services[name]["stop_grace_period"]) > defaults(services[name]).grace_s
 
@@ -164,6 +176,6 @@ def test_images_are_built_from_this_repository(services):
         build = services[name]["build"]
         assert build["context"] == "."
         assert (REPO_ROOT / build["dockerfile"]).is_file()
-        # only the trainer's image carries torch (the services run ONNX programs)
+        # only the trainer's image carries torch (the services run ONNX programs, the gateway none)
         expected = {"TORCH_INDEX_URL": "${TORCH_INDEX_URL:-}"} if name == "trainer" else None
         assert build.get("args") == expected, name

@@ -17,9 +17,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from gateway import config as gateway_config
 from ranking_service import config as ranking_config
 from retrieval_service import config as retrieval_config
-from tests.deploy import PROJECT_PREFIXES, REPO_ROOT, foreign_names
+from tests.deploy import PROGRAM_ENV_VARS, PROJECT_PREFIXES, REPO_ROOT, foreign_names
 
 DEPLOY = REPO_ROOT / "deploy"
 
@@ -37,8 +38,9 @@ IMAGES = {
     "Dockerfile.trainer": Image("trainer", None, gpu=False),
     "Dockerfile.retrieval.gpu": Image("retrieval_service", retrieval_config, gpu=True),
     "Dockerfile.trainer.gpu": Image("trainer", None, gpu=True),
+    "Dockerfile.gateway": Image("gateway", gateway_config, gpu=False),
 }
-SERVICE_IMAGES = [name for name, image in IMAGES.items() if image.config is not None]
+SERVICE_IMAGES = [name for name, image in IMAGES.items() if image.config is not None and image.module != "gateway"]
 
 
 @dataclass(frozen=True)
@@ -204,13 +206,26 @@ def test_build_context_is_an_allow_list():
         assert in_build_context(path, patterns), path
 
 
+def project_imports(package: str) -> set[str]:
+    """The project packages ``package`` needs at run time: its own and every one its code imports, transitively."""
+    from tests.test_import_rules import PROJECT_PACKAGES, _imported_top_level
+
+    needed, todo = set(), [package]
+    while todo:
+        current = todo.pop()
+        needed.add(current)
+        for path in (REPO_ROOT / current).rglob("*.py"):
+            todo += sorted((_imported_top_level(path) & PROJECT_PACKAGES) - needed - set(todo))
+    return needed
+
+
 @pytest.mark.parametrize("name", IMAGES)
 def test_program_and_its_packages_are_copied(name):
     image = IMAGES[name]
     final = load(name).final
     assert exec_form(final.all("ENTRYPOINT")[0]) == ["python", "-m", image.module]
     copied = {shlex.split(args)[-1] for args in final.all("COPY")}
-    assert {f"/app/{image.module}/", "/app/recsys_contracts/"} <= copied
+    assert {f"/app/{package}/" for package in project_imports(image.module)} <= copied
     assert (REPO_ROOT / image.module / "__init__.py").is_file()
     assert env_of(final)["PYTHONPATH"] == "/app"
 
@@ -232,7 +247,8 @@ def test_expose_matches_config_defaults(name):
         assert exposed == set()
     else:
         defaults = image.config.from_env({"RECSYS_ARTIFACT_ROOT": "/artifacts"})
-        assert exposed == {defaults.port, defaults.metrics_port}
+        # the gateway serves /metrics on its HTTP port
+        assert exposed == {defaults.port, getattr(defaults, "metrics_port", defaults.port)}
 
 
 @pytest.mark.parametrize("name", IMAGES)
@@ -257,7 +273,7 @@ def test_ready_for_a_read_only_root_filesystem(name):
                 if key in {"HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR",
                            "TRITON_CACHE_DIR", "CUDA_CACHE_PATH"}}
     assert {"HOME", "XDG_CACHE_HOME"} <= set(writable)
-    if name not in ("Dockerfile.ranking", "Dockerfile.retrieval"):      # the images that carry torch
+    if name not in ("Dockerfile.ranking", "Dockerfile.retrieval", "Dockerfile.gateway"):  # images with torch
         assert "TORCHINDUCTOR_CACHE_DIR" in writable
     assert all(value == "/tmp" or value.startswith("/tmp/") for value in writable.values()), writable
     if IMAGES[name].module == "trainer":
@@ -268,7 +284,7 @@ def test_ready_for_a_read_only_root_filesystem(name):
 def test_project_env_names_are_read_by_the_program(name):
     env = env_of(load(name).final)
     names = {key for key in env if key.startswith(PROJECT_PREFIXES)}
-    assert "RECSYS_ARTIFACT_ROOT" in names
+    assert ("RECSYS_ARTIFACT_ROOT" in names) == ("RECSYS_ARTIFACT_ROOT" in PROGRAM_ENV_VARS[IMAGES[name].module])
     assert foreign_names(IMAGES[name].module, names) == set()
     if IMAGES[name].config is not None:
         IMAGES[name].config.from_env({k: env[k] for k in names})
@@ -277,6 +293,19 @@ def test_project_env_names_are_read_by_the_program(name):
 @pytest.mark.parametrize("name", IMAGES)
 def test_no_index_or_registry_host_is_written_in(name):
     assert "://" not in (DEPLOY / name).read_text()
+
+
+def test_the_gateway_image_installs_no_torch():
+    runs = " ".join(load("Dockerfile.gateway").stage("builder").all("RUN"))
+    pattern = re.search(r"grep -E '([^']+)'", runs)
+    assert pattern and "-r /build/requirements-gateway.txt" in runs, runs
+    assert "/build/requirements-serving.txt /build/requirements.txt" in runs
+    lines = [line for name in ("requirements-serving.txt", "requirements.txt")
+             for line in (REPO_ROOT / name).read_text().splitlines()]
+    kept = {line.partition("==")[0] for line in lines if re.search(pattern.group(1), line)}
+    assert kept == {"grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "prometheus-client",
+                    "fastapi", "uvicorn"}
+    assert "TORCH_INDEX_URL" not in (DEPLOY / "Dockerfile.gateway").read_text()
 
 
 def test_cpu_trainer_image_takes_torch_from_the_index_passed_in():
@@ -386,3 +415,33 @@ def test_health_check_defaults_to_the_config_port(name):
     config = IMAGES[name].config.from_env({"RECSYS_ARTIFACT_ROOT": "/artifacts"})  # type: ignore[union-attr]
     prefix = IMAGES[name].config.PREFIX  # type: ignore[union-attr]
     assert f"os.environ.get('{prefix}PORT') or '{config.port}'" in healthcheck_code(name)
+
+
+def test_gateway_health_check_follows_readyz():
+    import http.server
+    import threading
+
+    code = healthcheck_code("Dockerfile.gateway")
+    assert "os.environ.get('GATEWAY_PORT') or '8080'" in code
+    status = [200]
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            self.send_response(status[0] if self.path == "/readyz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    env = {"GATEWAY_PORT": str(server.server_address[1])}
+    try:
+        assert run_check(code, env) == 0
+        status[0] = 503
+        assert run_check(code, env) != 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run_check(code, env) != 0, "nothing listening: unhealthy"

@@ -18,9 +18,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway import config as gateway_config
 from ranking_service import config as ranking_config
 from retrieval_service import config as retrieval_config
-from tests.deploy import REPO_ROOT, foreign_names
+from tests.deploy import PROJECT_PREFIXES, REPO_ROOT, foreign_names
 
 K8S = REPO_ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.31"  # schemas shipped by kubernetes-validate 1.37.0
@@ -28,6 +29,7 @@ OVERLAYS = ("base", "overlays/cpu", "overlays/gpu")
 SERVICES = {"recsys-retrieval": ("retrieval_service", retrieval_config),
             "recsys-ranking": ("ranking_service", ranking_config)}
 TRAINER = "recsys-trainer"
+GATEWAY = "recsys-gateway"
 ALLOWED_PLAIN_ENV = {"OMP_NUM_THREADS"}
 
 Doc = dict[str, Any]
@@ -134,7 +136,7 @@ def selects(selector: Doc, labels: dict[str, str]) -> bool:
 
 
 def grace_s(docs: list[Doc], workload: str, pod: Doc) -> float:
-    config = SERVICES[workload][1]
+    config = gateway_config if workload == GATEWAY else SERVICES[workload][1]
     return config.from_env(container_env(docs, pod["spec"]["containers"][0])).grace_s
 
 
@@ -189,7 +191,10 @@ def test_env_names_are_read_by_each_program(rendered):
                 SERVICES[workload][1].from_env(env)  # values parse too
             elif workload == TRAINER:
                 assert foreign_names("trainer", set(env)) == set()
-            plain = {name for name in env if not name.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))}
+            elif workload == GATEWAY:
+                assert foreign_names("gateway", set(env)) == set()
+                gateway_config.from_env(env)
+            plain = {name for name in env if not name.startswith(PROJECT_PREFIXES)}
             assert plain <= ALLOWED_PLAIN_ENV, (workload, plain)
 
 
@@ -209,8 +214,33 @@ def test_probes_are_native_grpc_on_the_configured_port(rendered):
         assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(config.metrics_port)
 
 
+def test_gateway_probes_are_http_on_the_configured_port(rendered):
+    pod = find(rendered, "Deployment", GATEWAY)["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    config = gateway_config.from_env(container_env(rendered, container))
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": config.port}
+    assert config.port == gateway_config.GatewayConfig().port
+    paths = {probe: container[probe]["httpGet"] for probe in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert paths == {"startupProbe": {"path": "/healthz", "port": "http"},
+                     "readinessProbe": {"path": "/readyz", "port": "http"},
+                     "livenessProbe": {"path": "/healthz", "port": "http"}}
+    annotations = pod["metadata"]["annotations"]
+    assert (annotations["prometheus.io/port"], annotations["prometheus.io/path"]) == (str(config.port), "/metrics")
+
+
+def test_gateway_reaches_every_ranking_pod(rendered):
+    target = find(rendered, "ConfigMap", "recsys-gateway-env")["data"]["GATEWAY_RANKING_TARGET"]
+    host, port = re.fullmatch(r"dns:///([\w-]+):(\d+)", target).groups()
+    service = find(rendered, "Service", host)
+    assert service["spec"]["clusterIP"] == "None", "headless, so dns:/// sees every pod"
+    ranking = find(rendered, "Deployment", "recsys-ranking")["spec"]["template"]
+    assert selects({"matchLabels": service["spec"]["selector"]}, ranking["metadata"]["labels"])
+    assert [p["port"] for p in service["spec"]["ports"]] == [int(port)]
+    assert int(port) == ranking_config.from_env(container_env(rendered, ranking["spec"]["containers"][0])).port
+
+
 def test_termination_grace_exceeds_pre_stop_plus_drain(rendered):
-    for workload in SERVICES:
+    for workload in (*SERVICES, GATEWAY):
         pod = find(rendered, "Deployment", workload)["spec"]["template"]
         (container,) = pod["spec"]["containers"]
         command = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -238,7 +268,7 @@ def test_security_contexts(rendered):
 
 def test_services_and_apps_run_as_the_images_uid(rendered):
     for workload, pod in pod_templates(rendered):
-        if workload in SERVICES or workload == TRAINER:
+        if workload in SERVICES or workload in (TRAINER, GATEWAY):
             context = pod["spec"]["securityContext"]
             assert (context["runAsUser"], context["runAsGroup"], context["fsGroup"]) == (10001, 10001, 10001)
             writable = {m["mountPath"] for m in pod["spec"]["containers"][0]["volumeMounts"]
@@ -272,7 +302,9 @@ def test_k8s_services_route_to_named_container_ports(rendered):
     for service in (d for d in rendered if d["kind"] == "Service"):
         targets = [w for w, pod in pods.items() if selects({"matchLabels": service["spec"]["selector"]},
                                                            pod["metadata"]["labels"])]
-        assert targets == [service["metadata"]["name"]], service["metadata"]["name"]
+        # a Service is named after its workload, or after it with a suffix (recsys-ranking-pods, headless)
+        name = service["metadata"]["name"]
+        assert len(targets) == 1 and (name == targets[0] or name.startswith(targets[0] + "-")), name
         port_names = {p["name"] for c in pods[targets[0]]["spec"]["containers"] for p in c["ports"]}
         for port in service["spec"]["ports"]:
             assert port["targetPort"] in port_names
@@ -290,9 +322,9 @@ def test_redis_url_and_retrieval_target_name_real_services(rendered):
     assert [p["port"] for p in retrieval["spec"]["ports"]] == [int(port)]
 
 
-def test_hpas_and_pdbs_cover_both_services(rendered):
+def test_hpas_and_pdbs_cover_the_services_and_the_gateway(rendered):
     pods = dict(pod_templates(rendered))
-    for workload in SERVICES:
+    for workload in (*SERVICES, GATEWAY):
         hpa = find(rendered, "HorizontalPodAutoscaler", workload)
         assert hpa["apiVersion"] == "autoscaling/v2"
         assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": workload}

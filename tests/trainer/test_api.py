@@ -233,7 +233,8 @@ def test_publish_hands_a_complete_version_to_the_services(fitted, tmp_path):
     manifest = artifacts.verify(tmp_path, 1, TRUST)  # every file present with its checksum
     assert manifest.config["retrieval"]["embedding_dim"] == 32
     assert manifest.metrics["pipeline"]["ndcg@10"] == pytest.approx(fitted.metrics["pipeline"]["ndcg@10"])
-    assert {"user_tower.onnx", "ranker.onnx", "index.faiss", "report.json", "report.md"} <= set(manifest.files)
+    assert {"user_tower.onnx", "ranker.onnx", "index.faiss", "report.json", "report.md", "item_metadata.parquet",
+            "recent_interactions.parquet"} <= set(manifest.files)
     # The user_*/item_* columns became the side tables' features.
     spec = json.loads((artifacts.version_dir(tmp_path, 1) / "feature_spec.json").read_text())
     assert {c["name"] for c in spec["user_categorical"]} >= {"gender", "occupation"}

@@ -1,0 +1,10 @@
+"""The HTTP/JSON gateway: FastAPI in front of the ranking service's gRPC, and the demo web page.
+
+``config`` (typed, read once from ``GATEWAY_*``), ``ranking`` (the one gRPC channel of the process,
+TLS when configured), ``schemas`` (the typed HTTP models the OpenAPI document is generated from),
+``problems`` (gRPC status -> HTTP status and problem+json), ``limits`` (the request body size
+limit), ``app`` (routes, request ids, deadlines, metrics), ``static/`` (the page: no external
+fetches). ``python -m gateway`` is the composition root.
+
+May import ``recsys_contracts`` (stubs) and ``recsys_serving``; never the trainer or the services.
+"""
