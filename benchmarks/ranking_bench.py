@@ -73,9 +73,9 @@ def publish_movielens(root: Path, redis_url: str, namespace: str) -> tuple[int, 
     import redis
 
     from recsys_contracts.feature_store import KeyFormat
-    from tests.conftest import data_dir
+    from trainer.data import data_dir_from_env as data_dir
     from recsys_contracts.signing import signer_for
-    from tests.factories import publish_tiny_version, tiny_run
+    from trainer.tiny import publish_tiny_version, tiny_run
     from trainer.data import load_movielens
     from trainer.publish import materialize_features
 

@@ -81,10 +81,10 @@ def service_row(device: str) -> dict:
     from retrieval_service.backends import open_backend
     from retrieval_service.batching import run_batch
     from retrieval_service.state import load_state, table_row
-    from tests.factories import publish_tiny_version
+    from trainer.tiny import publish_tiny_version
 
     with tempfile.TemporaryDirectory() as tmp:
-        version = publish_tiny_version(Path(tmp), 0)
+        version = publish_tiny_version(Path(tmp), 0, signer=None)   # loaded directly below, not through a holder
         state = load_state(Path(tmp) / "versions" / str(version), version, device,
                            open_backend=open_backend)
         rows = [table_row(state.tables, 1 + i % state.tables.n_users, 1_700_000_000) for i in range(32)]

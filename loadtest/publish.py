@@ -100,7 +100,7 @@ def publish_tiny(root: Path, data_dir: Path | None, count: int, interval_s: floa
     """Publishes ``count`` tiny versions (new seeded weights each), ``interval_s`` apart; returns their numbers."""
     _check(count, interval_s)
     # Imported here: torch and the trainer load in seconds, and republish needs neither.
-    from tests.factories import publish_tiny_version, tiny_dataset, tiny_run  # noqa: PLC0415
+    from trainer.tiny import publish_tiny_version, tiny_dataset, tiny_run  # noqa: PLC0415
     from trainer.data.movielens import load_movielens  # noqa: PLC0415
 
     dataset = load_movielens(data_dir) if data_dir is not None else tiny_dataset(seed)

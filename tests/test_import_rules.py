@@ -39,6 +39,42 @@ def test_package_imports_only_what_it_may(package):
     assert not violations, violations
 
 
+def test_every_top_level_folder_has_a_rule():
+    """Every folder of Python code is either a package with import rules above or a tool folder below."""
+    folders = {path.parent.relative_to(ROOT).parts[0] for path in ROOT.glob("*/**/*.py")
+               if not path.relative_to(ROOT).parts[0].startswith(".")}
+    assert folders - {"tests"} == set(ALLOWED) | set(TOOLS), sorted(folders)
+
+
+# Tools: they may use every package, but never the test suite (its fixtures, keys and private names).
+TOOLS = ("loadtest", "benchmarks", "scripts")
+
+
+@pytest.mark.parametrize("folder", TOOLS + tuple(sorted(ALLOWED)))
+def test_nothing_outside_the_test_suite_imports_it(folder):
+    offenders = [str(path.relative_to(ROOT)) for path in sorted((ROOT / folder).rglob("*.py"))
+                 if "tests" in _imported_top_level(path)]
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("package", ["recsys_contracts", "recsys_serving", "retrieval_service", "ranking_service",
+                                     "gateway"])
+def test_serving_code_imports_no_torch(package):
+    """Models serve as ONNX programs: torch appears only in the exact-search GPU backend, imported when built."""
+    offenders = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top_level = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import)
+                     for alias in node.names}
+        top_level |= {node.module.split(".")[0] for node in tree.body
+                      if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        if "torch" in top_level:
+            offenders.append(str(path.relative_to(ROOT)))
+        if "torch" in _imported_top_level(path) and path.relative_to(ROOT).as_posix() != "retrieval_service/backends.py":
+            offenders.append(f"{path.relative_to(ROOT)} (even inside a function)")
+    assert not offenders, offenders
+
+
 @pytest.mark.parametrize("package", ["recsys_contracts", "recsys_serving", "retrieval_service", "ranking_service"])
 def test_loading_code_never_unpickles(package):
     # Loading an artifact must never run code from it: no pickle, no torch.load, no allow_pickle=True.
