@@ -17,10 +17,12 @@ from pathlib import Path as FilePath
 from typing import Annotated
 
 import grpc
+import swagger_ui_bundle
 from fastapi import Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 from starlette.exceptions import HTTPException
@@ -73,7 +75,7 @@ def create_app(config: GatewayConfig) -> FastAPI:
         finally:
             await app.state.ranking.close()
 
-    app = FastAPI(title="recsys gateway", version="1", lifespan=lifespan,
+    app = FastAPI(title="recsys gateway", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="HTTP/JSON in front of the ranking service's gRPC. Errors are "
                               "application/problem+json naming the field.")
 
@@ -196,7 +198,16 @@ def create_app(config: GatewayConfig) -> FastAPI:
     async def page() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html")
 
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        # Swagger UI from the pinned swagger-ui-bundle, served here: FastAPI's default loads it from a CDN.
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="recsys gateway: API docs",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
     app.openapi = lambda: _openapi(app)
     app.add_middleware(Edge, max_body_bytes=config.max_body_bytes)
     return app

@@ -180,7 +180,10 @@ def test_health_metrics_docs_and_page(client):
     assert client.get("/readyz").json() == {"status": "serving"}
     assert 'gateway_requests_total{route="/v1/users/{user_id}/recommendations",status="200"}' in client.get("/metrics").text
     assert client.get("/openapi.json").json()["paths"].keys() >= {"/v1/rank", "/v1/interactions"}
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in docs.text
+    assert "https://" not in docs.text and "cdn" not in docs.text.lower()          # served here, no CDN
+    assert client.get("/docs-assets/swagger-ui-bundle.js").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "/static/page.js" in page.text
     assert "http" not in client.get("/static/page.js").text.replace("http-equiv", "")   # no external fetches
