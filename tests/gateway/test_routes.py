@@ -176,6 +176,7 @@ def test_the_deadline_reaches_ranking(published, loaded, retrieval_loaded):
 
 
 def test_health_metrics_docs_and_page(client):
+    assert client.get("/v1/users/1/recommendations?k=3").status_code == 200     # counted in /metrics below
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "serving"}
     assert 'gateway_requests_total{route="/v1/users/{user_id}/recommendations",status="200"}' in client.get("/metrics").text
