@@ -4,10 +4,19 @@ Admission rule: code belongs here only when the trainer and a service (or the tw
 would otherwise each need their own copy of it and must never disagree:
 
 - ``v1``: the generated gRPC stubs of ``protos/recsys/v1`` (build output; see ``codegen``).
-- ``artifacts``: the artifact volume's layout, manifest, publish, resolve, verify, retention, watch.
+- ``artifacts``: the artifact volume's layout, manifest, publish, resolve, verify, retention.
+- ``signing``: version signatures (Ed25519 over the manifest): the publisher's signer, the
+  readers' trust, key generation.
+- ``programs``: the ONNX model programs' contract (inputs, outputs) and their only loader.
+- ``version_files``: the files of a trainer version, read into memory (the trainer writes them).
+- ``feature_spec``: feature columns, vocabularies and scalers, and their encoding.
 - ``feature_store``: the Redis key format, the row/vector codec and the batch read/write helpers.
+- ``ann``: the item index format (FAISS) and its exact twin.
+- ``ids``: item-id lookups both services apply per request; the quoting rule for bad values.
+- ``rerank``: the MMR re-rank the ranking service applies and the trainer evaluates.
 - ``item_metadata``: a version's display files (item titles and genres, users' recent interactions).
 
 Business logic, models, feature engineering and service code do not belong here. This package
-imports nothing from ``trainer``, ``retrieval_service`` or ``ranking_service`` (a test enforces it).
+imports nothing from ``trainer``, ``retrieval_service``, ``ranking_service``, ``recsys_serving`` or
+``gateway`` (a test enforces it).
 """
