@@ -22,7 +22,7 @@ import yaml
 class DataConfig:
     dataset: str = "ml-100k"          # a folder name under data_dir, or a path to a log file/folder
     data_dir: str = ""                 # "" = $RECSYS_DATA_DIR, else ../shared/data
-    protocol: str = "random"           # "random" (RecBole full ranking) or "temporal"
+    protocol: str = "random"           # "random" (RecBole full ranking), "temporal" or "leave_one_out"
     seed: int = 2020                   # split seed
     column_map: dict[str, str] = field(default_factory=dict)  # generic logs: our name -> file column
 
@@ -199,7 +199,7 @@ class TrainConfig:
 
 
 _CHOICES = {
-    "data.protocol": ("random", "temporal"),
+    "data.protocol": ("random", "temporal", "leave_one_out"),
     "retrieval.negative_sampling_strategy": ("random", "hard", "mixed"),
     "retrieval.history_table": ("shared", "separate"),
     "retrieval.history_pooling": ("mean", "attention"),
