@@ -40,6 +40,14 @@ class RetrievalConfig:
     dropout: float = 0.1
     history_table: str = "shared"      # shared (the item tower's id table) | separate (its own id table)
     history_pooling: str = "mean"      # mean | attention (learned, mask-aware, with recency)
+    # pooled: the history pooled as a set (history_pooling); sequential: causal self-attention over
+    # its last sequence_length items with positions (SASRec style, trainer/models/sequential.py),
+    # trained to predict each user's next items from a random point of their training history.
+    # Same program inputs and outputs either way: serving does not change.
+    user_tower: str = "pooled"
+    sequence_length: int = 50
+    sequence_blocks: int = 2
+    sequence_heads: int = 2
     temperature: float = 0.05          # initial softmax temperature
     learn_temperature: bool = True
     negative_sampling_strategy: str = "mixed"   # random | hard | mixed
@@ -203,6 +211,7 @@ _CHOICES = {
     "retrieval.negative_sampling_strategy": ("random", "hard", "mixed"),
     "retrieval.history_table": ("shared", "separate"),
     "retrieval.history_pooling": ("mean", "attention"),
+    "retrieval.user_tower": ("pooled", "sequential"),
     "retrieval.distill_items": ("all", "candidates"),
     "ranking.structure": ("stacked", "parallel"),
     "ranking.score_mode": ("ctr", "ctr_x_rating"),

@@ -58,7 +58,9 @@ def tower_config(cfg: TrainConfig, spec, tables: FeatureTables) -> TowerConfig:
         n_item_num=spec.item_num_dim, embedding_dim=cfg.retrieval.embedding_dim,
         user_hidden_dims=cfg.retrieval.user_tower_dims, item_hidden_dims=cfg.retrieval.item_tower_dims,
         dropout=cfg.retrieval.dropout, history_table=cfg.retrieval.history_table,
-        history_pooling=cfg.retrieval.history_pooling)
+        history_pooling=cfg.retrieval.history_pooling, user_tower=cfg.retrieval.user_tower,
+        sequence_length=cfg.retrieval.sequence_length, sequence_blocks=cfg.retrieval.sequence_blocks,
+        sequence_heads=cfg.retrieval.sequence_heads)
 
 
 @torch.no_grad()
@@ -141,6 +143,25 @@ class UserItems:
         return positives, timestamps
 
 
+    def next_items(self, users: np.ndarray, per_user: int, history_length: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sequential examples: for each user a random cut t in 1..n-1 of their time-ordered items
+        (0 when n = 1); the history is the (up to) ``history_length`` items before t, oldest first and
+        left-padded with 0 (as the served history), the positives the ``per_user`` items from t on.
+        Returns history (U, history_length), positives (U, per_user) 0-padded, timestamps (U,) of item t."""
+        users = np.asarray(users, dtype=np.int64)
+        starts = self.indptr[users]
+        counts = self.indptr[users + 1] - starts                                # (U,) >= 1
+        cut = np.where(counts > 1, 1 + np.floor(rng.random(users.size) * (counts - 1)).astype(np.int64), 0)
+        back = np.arange(-history_length, 0)[None, :]                           # (1, H) offsets before t
+        position = (starts + cut)[:, None] + back                               # (U, H)
+        history = np.where(position >= starts[:, None], self.items[np.maximum(position, 0)], 0)
+        ahead = (starts + cut)[:, None] + np.arange(per_user)[None, :]          # (U, P)
+        limit = (starts + counts)[:, None]
+        positives = np.where(ahead < limit, self.items[np.minimum(ahead, self.items.size - 1)], 0)
+        return history.astype(np.int64), positives.astype(np.int64), self.timestamps[starts + cut]
+
+
 @dataclass(frozen=True, eq=False)
 class SeenItems:
     """Which training items each user has, asked for a batch of users and candidate items at a time.
@@ -207,16 +228,22 @@ def distillation_teacher(train: Interactions, n_users: int, n_items: int, l2: fl
 
 
 def denoised_user_inputs(tables: FeatureTables, users: np.ndarray, positives: np.ndarray, timestamps: np.ndarray,
-                         rc, device: torch.device, generator: torch.Generator) -> dict[str, torch.Tensor]:
+                         rc, device: torch.device, generator: torch.Generator,
+                         history: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """The users' tower inputs as training sees them: the held-out positives (U, P) and a random
     ``rc.history_dropout`` share of the rest hidden from the history, and a random ``rc.id_dropout``
-    share of the user ids replaced by the unknown id (cold start)."""
+    share of the user ids replaced by the unknown id (cold start). A given ``history`` (U, H) (the
+    sequential examples of ``UserItems.next_items``, which already hold no positive) replaces the
+    training history and is kept whole: holes would break the order the sequential tower reads."""
     inputs = user_inputs(tables, users, timestamps, device)
-    pos = torch.as_tensor(positives, device=device)                                   # (U, P)
-    history = inputs["history"]                                                       # (U, H)
-    held_out = (history.unsqueeze(2) == pos.unsqueeze(1)).any(dim=2)                  # (U, H, P) -> (U, H)
-    dropped = torch.rand(history.shape, generator=generator).to(device) < rc.history_dropout
-    inputs["history"] = history.masked_fill(held_out | dropped, 0)
+    if history is not None:
+        inputs["history"] = torch.as_tensor(history, device=device)
+    else:
+        pos = torch.as_tensor(positives, device=device)                               # (U, P)
+        full = inputs["history"]                                                      # (U, H)
+        held_out = (full.unsqueeze(2) == pos.unsqueeze(1)).any(dim=2)                 # (U, H, P) -> (U, H)
+        dropped = torch.rand(full.shape, generator=generator).to(device) < rc.history_dropout
+        inputs["history"] = full.masked_fill(held_out | dropped, 0)
     unknown = torch.rand(len(users), generator=generator).to(device) < rc.id_dropout
     inputs["user_idx"] = inputs["user_idx"].masked_fill(unknown, 0)
     return inputs
@@ -272,14 +299,15 @@ class RetrievalStep:
 def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, positives: np.ndarray,
                    timestamps: np.ndarray, setup: SamplingSetup, tables: FeatureTables, cfg: TrainConfig,
                    device: torch.device, generator: torch.Generator, min_negatives: int = 0,
-                   teacher: torch.Tensor | None = None) -> RetrievalStep:
+                   teacher: torch.Tensor | None = None, history: np.ndarray | None = None) -> RetrievalStep:
     """The retrieval loss for users (U,) with held-out positives (U, P) (0 = padding), drawing at
     least ``min_negatives`` sampler negatives. With ``teacher`` ((n+1, m+1) logits, see
     ``distillation_teacher``) the loss adds ``retrieval.distill_weight`` x the distillation
     cross-entropy of these users, over the whole catalog (``retrieval.distill_items`` "all": the
-    tower embeds every item) or over the step's candidate items ("candidates")."""
+    tower embeds every item) or over the step's candidate items ("candidates"). ``history`` (U, H)
+    replaces the users' training history (sequential examples, ``UserItems.next_items``)."""
     rc = cfg.retrieval
-    inputs = denoised_user_inputs(tables, users, positives, timestamps, rc, device, generator)
+    inputs = denoised_user_inputs(tables, users, positives, timestamps, rc, device, generator, history)
     pos = torch.as_tensor(positives, device=device)                                   # (U, P)
     row_user, row_slot = torch.nonzero(pos > 0, as_tuple=True)                        # R rows
     pos_idx = pos[row_user, row_slot]                                                 # (R,)
@@ -422,9 +450,14 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
         set_learning_rate(optimizer, rc.learning_rate * rc.lr_decay ** epoch)
         for start in range(0, order.size, rc.batch_size):
             users = order[start:start + rc.batch_size]
-            positives, timestamps = setup.user_items.sample(users, rc.positives_per_user, rng)
+            history_override = None
+            if rc.user_tower == "sequential":
+                history_override, positives, timestamps = setup.user_items.next_items(
+                    users, rc.positives_per_user, tables.history.shape[1], rng)
+            else:
+                positives, timestamps = setup.user_items.sample(users, rc.positives_per_user, rng)
             loss = retrieval_step(ddp_model, model.temperature, users, positives, timestamps, setup, tables, cfg,
-                                  device, generator, teacher=teacher).loss
+                                  device, generator, teacher=teacher, history=history_override).loss
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"retrieval loss became {loss.item()} at epoch {epoch}; "
                                          f"lower retrieval.learning_rate (now {rc.learning_rate}) or raise "

@@ -536,3 +536,36 @@ def test_rating_head_refit_lowers_the_error_and_changes_nothing_else(prepared):
     assert torch.equal(ctr_before, ctr_after)
     assert all(torch.equal(v, ranker.state_dict()[k]) for k, v in others.items())
     assert float(rating_after.min()) >= 1.0 and float(rating_after.max()) <= 5.0
+
+
+def test_next_items_cut_each_users_time_ordered_items_into_history_and_next_positives(prepared):
+    user_items = UserItems.from_interactions(prepared.train, prepared.vocab.n_users)
+    users = user_items.users_with_items()[:30]
+    history, positives, timestamps = user_items.next_items(users, 3, 7, np.random.default_rng(2))
+    assert history.shape == (30, 7) and positives.shape == (30, 3)
+    for row, user in enumerate(users):
+        lo, hi = user_items.indptr[user], user_items.indptr[user + 1]
+        items = user_items.items[lo:hi]                      # oldest first
+        cut = int(np.flatnonzero(items == positives[row, 0])[0])   # items are unique per user
+        assert 1 <= cut <= hi - lo - 1 if hi - lo > 1 else cut == 0
+        before = items[max(0, cut - 7):cut]
+        assert history[row].tolist() == [0] * (7 - before.size) + before.tolist()   # left-padded, oldest first
+        after = items[cut:cut + 3]
+        assert positives[row].tolist() == after.tolist() + [0] * (3 - after.size)
+        assert timestamps[row] == user_items.timestamps[lo + cut]
+
+
+def test_the_sequential_tower_learns_from_next_item_examples(prepared):
+    from trainer.distributed import Distributed
+    from trainer.models.sequential import SequentialUserTower
+    from trainer.retrieval_training import fit_retrieval
+
+    cfg = load_config(None, ["features.history_length=20", "run.threads=1", "run.progress=false",
+                             "retrieval.user_tower=sequential", "retrieval.sequence_length=10",
+                             "retrieval.epochs=4", "retrieval.distill_weight=0"])
+    model, history = fit_retrieval(cfg, prepared.spec, prepared.tables, prepared.train, prepared.val,
+                                   prepared.eval_timestamps, torch.device("cpu"), Distributed())
+    assert isinstance(model.user_tower, SequentialUserTower)
+    losses = [epoch["loss"] for epoch in history.epochs]
+    assert losses[-1] < losses[0]
+    assert history.best_score > 0.0
