@@ -569,3 +569,28 @@ def test_the_sequential_tower_learns_from_next_item_examples(prepared):
     losses = [epoch["loss"] for epoch in history.epochs]
     assert losses[-1] < losses[0]
     assert history.best_score > 0.0
+
+
+def test_fold_rows_rank_hidden_training_items_against_candidates_with_the_rest_as_history(prepared):
+    from trainer.config import load_config as _load
+    from trainer.models import build_two_tower
+    from trainer.ranking_training import fold_rows
+    from trainer.retrieval_training import tower_config
+
+    cfg = _load(None, ["features.history_length=20", "ranking.folds=2", "ranking.fold_share=0.3",
+                       "ranking.negative_pool=40"])
+    torch.manual_seed(0)
+    tower = build_two_tower(tower_config(cfg, prepared.spec, prepared.tables)).eval()
+    user_items = UserItems.from_interactions(prepared.train, prepared.vocab.n_users)
+    rows = fold_rows(tower, prepared.tables, user_items, prepared.eval_timestamps, cfg.ranking, 5,
+                     np.random.default_rng(0), torch.device("cpu"))
+    assert rows.history.shape == (rows.users.size, 5)
+    assert (rows.clicks == 1).sum() > 0 and (rows.clicks == 0).sum() > 0
+    for row in np.flatnonzero(rows.clicks == 1)[:50]:
+        user, item = rows.users[row], rows.items[row]
+        own = user_items.items[user_items.indptr[user]:user_items.indptr[user + 1]]
+        assert item in own                                 # a positive is one of the user's training items
+        assert item not in rows.history[row]               # hidden from the history the row is ranked with
+        assert set(rows.history[row][rows.history[row] > 0].tolist()) <= set(own.tolist())
+    # A negative is a retrieved candidate the user has not in the visible history, never padding.
+    assert (rows.items > 0).all() and np.isfinite(rows.scores).all()
