@@ -16,6 +16,7 @@ its batch rather than the catalog.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -414,6 +415,28 @@ def make_optimizer(model: TwoTower, rc, ctx: Distributed):
     return torch.optim.Adam(model.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
 
 
+@dataclass
+class EarlyStop:
+    """Stops after ``patience`` epochs without a gain of ``min_improvement`` (relative) over the score
+    that last restarted the count. The caller keeps the best weights whatever the gain; this only
+    decides when a slow creep is not worth more epochs (the epoch count is then a ceiling)."""
+
+    patience: int
+    min_improvement: float
+    reference: float = -math.inf
+    stale: int = 0
+
+    def update(self, score: float) -> bool:
+        """Records one epoch's validation score; True when training should stop."""
+        # A relative gain needs a positive reference; before one, any higher score restarts the count.
+        threshold = self.reference * (1.0 + self.min_improvement) if self.reference > 0 else self.reference
+        if score > threshold:
+            self.reference, self.stale = score, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+
 def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions,
                   val: EvalTarget, eval_timestamps: np.ndarray, device: torch.device,
                   ctx: Distributed, checkpointer: Checkpointer | None = None) -> tuple[TwoTower, FitHistory]:
@@ -435,7 +458,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
         restored = checkpointer.restore("retrieval", model, optimizer)
         if restored is not None:
             start_epoch, history, best_state = restored
-    stale = 0
+    stopper = EarlyStop(rc.patience, rc.min_improvement, reference=history.best_score)
     # An exponential moving average of the weights, validated (and kept) instead of the raw ones;
     # a resumed run restarts it from the restored weights. Not with lazy Adam: averaging every row
     # of the id tables each step would make a step's cost follow the catalog again.
@@ -475,14 +498,13 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
                   "temperature": float(model.temperature.detach())}
         history.epochs.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", val_ndcg=f"{ndcg:.4f}", T=f"{record['temperature']:.3f}")
+        stop = stopper.update(ndcg)
         if ndcg > history.best_score:
-            history.best_score, history.best_epoch, stale = ndcg, epoch, 0
+            history.best_score, history.best_epoch = ndcg, epoch
             best_state = copy.deepcopy(scored.state_dict())
-        else:
-            stale += 1
         if checkpointer is not None and ctx.is_main:
             checkpointer.save("retrieval", epoch + 1, model, optimizer, history, best_state)
-        if stale >= rc.patience:
+        if stop:
             break
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -594,3 +594,14 @@ def test_fold_rows_rank_hidden_training_items_against_candidates_with_the_rest_a
         assert set(rows.history[row][rows.history[row] > 0].tolist()) <= set(own.tolist())
     # A negative is a retrieved candidate the user has not in the visible history, never padding.
     assert (rows.items > 0).all() and np.isfinite(rows.scores).all()
+
+
+def test_early_stop_counts_epochs_without_a_relative_gain():
+    from trainer.retrieval_training import EarlyStop
+
+    stop = EarlyStop(patience=2, min_improvement=0.01)
+    # 0.200 sets the reference; 0.201 (+0.5%) and 0.2015 are below +1%: two stale epochs -> stop.
+    assert [stop.update(s) for s in (0.200, 0.201, 0.2015)] == [False, False, True]
+    stop = EarlyStop(patience=2, min_improvement=0.01)
+    # 0.203 (+1.5%) restarts the count; 0.0 first scores still set a reference (no division by 0).
+    assert [stop.update(s) for s in (0.0, 0.200, 0.201, 0.203, 0.2031, 0.2032)] == [False] * 5 + [True]
