@@ -45,7 +45,7 @@ class RetrievalConfig:
     # trained to predict each user's next items from a random point of their training history.
     # Same program inputs and outputs either way: serving does not change.
     user_tower: str = "pooled"
-    sequence_length: int = 50
+    sequence_length: int = 20          # attention cost grows with it; the whole history is also pooled
     sequence_blocks: int = 2
     sequence_heads: int = 2
     temperature: float = 0.05          # initial softmax temperature
