@@ -59,7 +59,7 @@ class TowerConfig:
     # "pooled": UserTower (the history pooled as a set); "sequential": SequentialUserTower (causal
     # self-attention over the last sequence_length history items, trainer/models/sequential.py).
     user_tower: str = "pooled"
-    sequence_length: int = 50
+    sequence_length: int = 20
     sequence_blocks: int = 2
     sequence_heads: int = 2
 
