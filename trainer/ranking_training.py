@@ -421,8 +421,13 @@ def fit_rating_head(ranker: DCNRanker, tables: FeatureTables, rows: Rows, device
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
                device: torch.device, ctx: Distributed,
-               rating_scores: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[DCNRanker, FitHistory]:
+               rating_scores: Callable[[np.ndarray], np.ndarray] | None = None,
+               folds: Rows | None = None) -> tuple[DCNRanker, FitHistory]:
     """Trains the DCN; returns the best epoch's ranker by the pipeline's NDCG@10 on the stopping half.
+
+    ``folds`` (rows from training-log folds, ``fold_rows``) join the CTR examples, but the fixed parts fitted
+    before training (the affinities' standardisation and the wide logistic fit) see the validation
+    fitting rows only: on a hidden training item EASE's affinity is not what it is on an unseen one.
 
     Each epoch pairs every fitting row with one rating row drawn at random. ``rating_scores(index)``,
     when given, returns the retrieval scores of ``rating_rows`` rows ``index``: they are then filled
@@ -436,11 +441,12 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         ranker.set_item_genres(torch.as_tensor(tables.item_num[:, :ranker.n_genres], dtype=torch.float32,
                                                device=device))
     width = ranker.recent_items
-    fit_rows = fit_rows.with_history(tables, width)
+    held_out = fit_rows.with_history(tables, width)
+    fit_rows = held_out if folds is None else Rows.concat([held_out, folds])
     calibrate_start(ranker, fit_rows)
-    if ranker.affinity_rank and fit_rows.users.size and fit_affinity(
-            ranker, tables, rating_rows, fit_rows, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device):
-        fit_wide(ranker, fit_rows, device)
+    if ranker.affinity_rank and held_out.users.size and fit_affinity(
+            ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device):
+        fit_wide(ranker, held_out, device)
     ddp_ranker = ctx.wrap(ranker, device)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
     rng = np.random.default_rng(cfg.run.seed + 1)
