@@ -446,7 +446,19 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     calibrate_start(ranker, fit_rows)
     if ranker.affinity_rank and held_out.users.size and fit_affinity(
             ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device):
+        retrieval_order = copy.deepcopy(ranker.state_dict())       # affinity weights still 0
         fit_wide(ranker, held_out, device)
+        # The logistic start mixes in EASE's affinity; where retrieval alone ranks better on the stopping
+        # half (ml-100k leave-one-out with the sequential tower: EASE is far weaker there), start from it.
+        stop_ts = eval_timestamps[stop_candidates.users]
+        mixed = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg, spec.rating_max, device)
+        wide = copy.deepcopy(ranker.state_dict())
+        ranker.load_state_dict(retrieval_order)
+        alone = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg, spec.rating_max, device)
+        if mixed >= alone:
+            ranker.load_state_dict(wide)
+        log.info("ranker start: stopping-half NDCG@10 %.4f with the affinity's logistic fit, %.4f by retrieval "
+                 "alone; kept the %s", mixed, alone, "logistic fit" if mixed >= alone else "retrieval order")
     ddp_ranker = ctx.wrap(ranker, device)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
     rng = np.random.default_rng(cfg.run.seed + 1)
