@@ -287,6 +287,7 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
     entry_user = np.repeat(np.arange(user_items.indptr.size - 1), np.diff(user_items.indptr))  # (T,)
     eligible = np.flatnonzero(np.diff(user_items.indptr) >= 3)
     length = tables.history.shape[1]
+    width = min(width, length)           # as ``Rows.with_history`` slices the training history
     parts = []
     for _ in range(rc.folds):
         hidden = rng.random(n_entries) < rc.fold_share

@@ -594,6 +594,10 @@ def test_fold_rows_rank_hidden_training_items_against_candidates_with_the_rest_a
         assert set(rows.history[row][rows.history[row] > 0].tolist()) <= set(own.tolist())
     # A negative is a retrieved candidate the user has not in the visible history, never padding.
     assert (rows.items > 0).all() and np.isfinite(rows.scores).all()
+    # Asked for more recent items than the history holds (20), the rows carry the whole history.
+    wide = fold_rows(tower, prepared.tables, user_items, prepared.eval_timestamps, cfg.ranking, 30,
+                     np.random.default_rng(0), torch.device("cpu"))
+    assert wide.history.shape == (wide.users.size, 20)
 
 
 def test_early_stop_counts_epochs_without_a_relative_gain():
