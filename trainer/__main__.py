@@ -2,7 +2,7 @@
 
 ``train`` (the default) runs the whole job and publishes when an artifact root is set (flag or
 ``RECSYS_ARTIFACT_ROOT``); ``baselines`` prints the dataset report and the popularity / EASE table
-under both split protocols. Environment (read once): RECSYS_ARTIFACT_ROOT, RECSYS_DATA_DIR,
+under every split protocol. Environment (read once): RECSYS_ARTIFACT_ROOT, RECSYS_DATA_DIR,
 RECSYS_REDIS_URL, RECSYS_REDIS_NAMESPACE, RECSYS_LOG_LEVEL, RECSYS_SIGNING_KEY (the private key that
 signs published versions; ``--unsigned`` publishes without one, for local experiments).
 """
@@ -29,6 +29,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="override one config value (repeatable)")
     parser.add_argument("--dataset", help="shorthand for --set data.dataset=...")
     parser.add_argument("--artifact-root", help="publish here (default $RECSYS_ARTIFACT_ROOT)")
+    parser.add_argument("--output-dir", help="write the report here; shorthand for --set run.output_dir=... "
+                                             "(default runs/latest)")
     parser.add_argument("--device", choices=("cpu", "cuda", "auto"), help="shorthand for --set run.device=...")
     parser.add_argument("--unsigned", action="store_true",
                         help="publish unsigned versions (local experiments; services refuse them unless "
@@ -41,7 +43,7 @@ def config_from(args: argparse.Namespace, environ=os.environ) -> TrainConfig:
     values = read_config_file(__import__("pathlib").Path(args.config)) if args.config else {}
     overrides = [f"{key}={environ[name]}" for name, key in ENV_OVERRIDES.items() if environ.get(name)]
     for flag, key in (("dataset", "data.dataset"), ("artifact_root", "publish.artifact_root"),
-                      ("device", "run.device")):
+                      ("device", "run.device"), ("output_dir", "run.output_dir")):
         if getattr(args, flag):
             overrides.append(f"{key}={getattr(args, flag)}")
     if getattr(args, "unsigned", False):

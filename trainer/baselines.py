@@ -1,16 +1,19 @@
 """Reference recommenders (popularity, EASE) and the full-catalog top-k ranking every model shares.
 
-Numpy (torch only for the top-k selection), no scipy. The training matrix is a ``SparseMatrix``:
+Numpy, with torch for the linear algebra (sparse products, Cholesky) and the top-k selection; no
+scipy. The training matrix is a ``SparseMatrix``:
 CSR over users x items, one stored entry per interaction. A ``Recommender`` is fitted on it and then scores every item for a
 batch of users; ``rank_topk`` turns such a (B, M) score block into top-k item indices with the
 user's already-seen items masked. Dense user x item copies are allowed up to ``MAX_DENSE_CELLS``
-cells (ml-100k: 943 x 1682 = 1.6M); ``Popularity`` never needs one and works at any size.
+cells (ml-100k: 943 x 1682 = 1.6M); ``Popularity`` never needs one and works at any size. EASE keeps
+the training matrix sparse and factorises its (M, M) Gram matrix once per l2 (Cholesky).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -24,8 +27,12 @@ log = logging.getLogger(__name__)
 
 # 50M float32 cells = 200 MB, the most a dense training matrix may take.
 MAX_DENSE_CELLS = 50_000_000
-# EASE inverts an (M, M) float64 Gram matrix: 20k items = 3.2 GB, the largest we attempt.
+# EASE inverts an (M, M) Gram matrix: 20k items = 1.6 GB in float32, the largest we attempt.
 MAX_EASE_ITEMS = 20_000
+# EASE inverts an (S, S) Gram matrix, S = min(users, items) (EaseSolver). Up to this S in float64
+# (ml-100k: 943, exact to the digits that rank items); larger in float32, about 3x faster here and
+# half the memory: G + l2 I with l2 >= 10 has its smallest eigenvalue >= l2, well conditioned.
+FLOAT64_SIDE = 2048
 # Users scored per block in tune_ease: a (4096, M) float32 block.
 SCORE_BATCH = 4096
 
@@ -156,12 +163,110 @@ def _check_l2(l2: float) -> float:
     return float(l2)
 
 
-def _gram(x: np.ndarray) -> np.ndarray:
-    """X^T X in float64, (M, M); refuses catalogs too large for a dense inverse."""
-    if x.shape[1] > MAX_EASE_ITEMS:
-        raise ValueError(f"n_items must be <= {MAX_EASE_ITEMS} for EASE (dense (M, M) inverse), got {x.shape[1]}")
-    x64 = x.astype(np.float64)
-    return x64.T @ x64  # (M, M)
+def _torch_sparse(matrix: SparseMatrix, dtype: torch.dtype, layout: str = "coo") -> torch.Tensor:
+    """The matrix as a torch sparse tensor, COO or CSR (never a dense copy)."""
+    values = torch.as_tensor(matrix.values, dtype=dtype)
+    if layout == "csr":
+        return torch.sparse_csr_tensor(torch.as_tensor(matrix.indptr), torch.as_tensor(matrix.indices), values,
+                                       matrix.shape, check_invariants=True)
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    index = torch.as_tensor(np.stack([rows, matrix.indices]))
+    return torch.sparse_coo_tensor(index, values, matrix.shape, is_coalesced=True, check_invariants=True)
+
+
+def _sparse_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """sparse @ sparse or sparse @ dense, without torch's warning that its CSR kernels are beta."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return left @ right
+
+
+def _spd_inverse(a: torch.Tensor) -> torch.Tensor:
+    """The inverse of a symmetric positive definite matrix through its Cholesky factor L:
+    A^-1 = L^-T L^-1. (torch.cholesky_inverse computes the same but ran 5-10x slower here.)"""
+    factor_inv = torch.linalg.solve_triangular(torch.linalg.cholesky(a), torch.eye(a.shape[0], dtype=a.dtype),
+                                               upper=False)           # L^-1, (S, S)
+    return factor_inv.T @ factor_inv
+
+
+class EaseSolver:
+    """EASE's weights for any l2 from one training matrix X (n users x M items), kept sparse.
+
+    With G = X^T X and P = (G + l2 I)^-1, EASE's weights are B = I - P diag(P)^-1 and a user's scores
+    x_u B = x_u - (x_u P) / diag(P). The solver inverts whichever Gram matrix is smaller:
+
+    - items side (M <= n): G, (M, M); B is formed explicitly and a user's scores are a sparse row of X
+      times B (cost: the user's items x M).
+    - users side (n < M): K = X X^T, (n, n). By the push-through identity X P = (K + l2 I)^-1 X, and
+      P_jj = (1 - x_j^T (K + l2 I)^-1 x_j) / l2 (Woodbury), x_j the item's column; with
+      C = (K + l2 I)^-1, user u's scores are x_u - l2 (C_u X) / (1 - diag(X^T C X)).
+
+    Either way one l2 costs one Cholesky factorisation and inverse of an (S, S) matrix, S = min(n, M), the Gram
+    matrix is computed once (sparse products), and nothing of size n x M is dense.
+    """
+
+    def __init__(self, train: SparseMatrix) -> None:
+        n_rows, n_items = train.shape
+        if n_items > MAX_EASE_ITEMS:
+            raise ValueError(f"n_items must be <= {MAX_EASE_ITEMS} for EASE (dense (M, M) inverse), got {n_items}")
+        self.train = train
+        self.items_side = n_items <= n_rows
+        side = n_items if self.items_side else n_rows
+        self.dtype = torch.float64 if side <= FLOAT64_SIDE else torch.float32
+        x = _torch_sparse(train, self.dtype)
+        pair = (x.t().coalesce(), x) if self.items_side else (x, x.t().coalesce())
+        self.gram = _sparse_product(*pair).to_dense()        # G (M, M) or K (n, n)
+        self._x_csr = _torch_sparse(train, self.dtype, "csr")
+        self._xt_csr = self._x_csr.t().to_sparse_csr() if not self.items_side else None
+
+    def solve(self, l2: float) -> EaseSolution:
+        l2 = _check_l2(l2)
+        shifted = self.gram.clone()
+        shifted.diagonal().add_(l2)
+        inverse = _spd_inverse(shifted)                        # P (M, M) or C (n, n)
+        if self.items_side:
+            inverse.div_(inverse.diagonal().clone().unsqueeze(0)).neg_()      # B_ij = -P_ij / P_jj, in place
+            inverse.diagonal().zero_()
+            return EaseSolution(self, l2, inverse, None)
+        # diag(X^T C X)_j = sum_u X_uj (C X)_uj over the stored entries of X: (X^T (C X)) without the M x M.
+        cx_t = _sparse_product(self._xt_csr, inverse)          # (M, n) = (C X)^T, C symmetric
+        rows = np.repeat(np.arange(self.train.shape[0]), np.diff(self.train.indptr))
+        values = torch.as_tensor(self.train.values, dtype=self.dtype)
+        quad = torch.zeros(self.train.shape[1], dtype=self.dtype)
+        quad.index_add_(0, torch.as_tensor(self.train.indices), values * cx_t[self.train.indices, rows])
+        return EaseSolution(self, l2, inverse, 1.0 - quad)
+
+    def scores(self, solution: EaseSolution, rows: np.ndarray) -> np.ndarray:
+        """(B, M) float32 EASE scores of the training matrix's rows ``rows`` (B,)."""
+        x_rows = self.train.select_rows(rows)
+        x_part = _torch_sparse(x_rows, self.dtype, "csr")
+        if self.items_side:
+            return _sparse_product(x_part, solution.inverse).to(torch.float32).numpy()  # (B, M) @ (M, M)
+        c_rows = solution.inverse[torch.as_tensor(rows)]                            # (B, n)
+        cx = _sparse_product(self._xt_csr, c_rows.T.contiguous()).T                 # (B, M) = C_rows X
+        scores = x_part.to_dense() - solution.l2 * cx / solution.normaliser.unsqueeze(0)
+        return scores.to(torch.float32).numpy()
+
+    def weights(self, solution: EaseSolution) -> np.ndarray:
+        """(M, M) float32 B (formed on demand on the users side: M x M dense)."""
+        if self.items_side:
+            return solution.inverse.to(torch.float32).numpy()
+        x_dense = self._x_csr.to_dense()                                             # (n, M)
+        p = -(x_dense.T @ (solution.inverse @ x_dense))                              # l2 P - I, (M, M)
+        p.diagonal().add_(1.0)                                                       # l2 P
+        b = -(p / p.diagonal().unsqueeze(0))
+        b.diagonal().zero_()
+        return b.to(torch.float32).numpy()
+
+
+@dataclass(frozen=True, eq=False)
+class EaseSolution:
+    """One l2's solution: B (M, M) on the items side; C = (K + l2 I)^-1 (n, n) and l2 diag(P) (M,) on the users side."""
+
+    solver: EaseSolver
+    l2: float
+    inverse: torch.Tensor
+    normaliser: torch.Tensor | None
 
 
 def ease_fits(n_rows: int, n_items: int, use: str) -> bool:
@@ -174,32 +279,34 @@ def ease_fits(n_rows: int, n_items: int, use: str) -> bool:
     return fits
 
 
-def _ease_weights(gram: np.ndarray, l2: float) -> np.ndarray:
-    """B = I - P / diag(P) column-wise with P = (G + l2 I)^-1, so diag(B) = 0; (M, M) float32."""
-    p = np.linalg.inv(gram + l2 * np.eye(gram.shape[0]))  # (M, M)
-    b = -p / np.diag(p)[None, :]  # B_ij = -P_ij / P_jj
-    np.fill_diagonal(b, 0.0)
-    return b.astype(np.float32)
-
-
 class EASE:
     """Embarrassingly Shallow Autoencoder (Steck, 2019): scores = X B with the closed-form B."""
 
     def __init__(self, l2: float = 500.0) -> None:
         self.l2 = _check_l2(l2)
-        self._x: np.ndarray | None = None  # (U, M) float32 training matrix
-        self.weights: np.ndarray | None = None  # (M, M) float32 item-item weights B
+        self._solution: EaseSolution | None = None
+
+    @property
+    def weights(self) -> np.ndarray | None:
+        """(M, M) float32 item-item weights B, None before fit."""
+        return None if self._solution is None else self._solution.solver.weights(self._solution)
 
     def fit(self, train: SparseMatrix) -> EASE:
-        self._x = train.to_dense()
-        self.weights = _ease_weights(_gram(self._x), self.l2)
+        self._solution = EaseSolver(train).solve(self.l2)
         return self
 
+    @classmethod
+    def from_solution(cls, solution: EaseSolution) -> EASE:
+        """A fitted EASE from a solver's solution (tune_ease's best) without factorising again."""
+        model = cls(solution.l2)
+        model._solution = solution
+        return model
+
     def scores(self, user_idx: np.ndarray) -> np.ndarray:
-        if self._x is None or self.weights is None:
+        if self._solution is None:
             raise RuntimeError("EASE.scores called before fit")
-        user_idx = _check_index("user_idx", user_idx, self._x.shape[0])
-        return self._x[user_idx] @ self.weights  # (B, M) = (B, M) @ (M, M)
+        user_idx = _check_index("user_idx", user_idx, self._solution.solver.train.shape[0])
+        return self._solution.solver.scores(self._solution, user_idx)  # (B, M)
 
 
 def rank_topk(scores: np.ndarray, exclude: Any, k: int) -> np.ndarray:
@@ -244,6 +351,14 @@ def tune_ease(
     ranking for validation (usually the training items); both have one row per row of
     ``train_X``. Test data must never be passed here. Ties go to the earlier grid value.
     """
+    best, table = tune_ease_solution(train_X, val_truth, mask_X, grid, k)
+    return best.l2, table
+
+
+def tune_ease_solution(train_X: SparseMatrix, val_truth: Any, mask_X: Any, grid: Sequence[float],
+                       k: int = 10) -> tuple[EaseSolution, dict[float, float]]:
+    """``tune_ease`` that returns the best l2's solution itself (``EASE.from_solution`` scores with it),
+    so the chosen model needs no second factorisation. One Gram matrix serves the whole grid."""
     grid = [_check_l2(l2) for l2 in grid]
     if not grid:
         raise ValueError(f"grid must hold at least one l2, got {grid!r}")
@@ -253,19 +368,22 @@ def tune_ease(
     users = np.flatnonzero(np.diff(val_indptr) > 0)  # only users with validation items count
     if users.size == 0:
         raise ValueError("val_truth must give at least one user a validation item, got none")
-    x = train_X.to_dense()
-    gram = _gram(x)
+    solver = EaseSolver(train_X)
     val_rows = [val_items[val_indptr[u] : val_indptr[u + 1]] for u in users]
     mask_rows = [mask_items[mask_indptr[u] : mask_indptr[u + 1]] for u in users]
     table: dict[float, float] = {}
+    best: EaseSolution | None = None
     for l2 in grid:
-        weights = _ease_weights(gram, l2)
+        solution = solver.solve(l2)
         ranked = np.concatenate(
             [
-                rank_topk(x[users[s : s + SCORE_BATCH]] @ weights, mask_rows[s : s + SCORE_BATCH], k)
+                rank_topk(solver.scores(solution, users[s : s + SCORE_BATCH]), mask_rows[s : s + SCORE_BATCH], k)
                 for s in range(0, users.shape[0], SCORE_BATCH)
             ]
         )
         table[l2] = ndcg_at_k(ranked, val_rows, k)
-    best = max(table, key=lambda l2: table[l2])  # max keeps the first of equal values
+        if best is None or table[l2] > table[best.l2]:  # strictly better: ties keep the earlier value
+            best = solution
+        del solution
+    assert best is not None
     return best, table

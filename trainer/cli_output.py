@@ -9,6 +9,7 @@ from trainer import pipeline
 from trainer.config import TrainConfig, replace
 from trainer.evaluation import baseline_reports, diversity_vectors, interaction_matrix
 from trainer.report import markdown
+from trainer.splits import PROTOCOLS
 
 
 def _titles(dataset) -> dict[int, str]:
@@ -53,10 +54,10 @@ def summary(result, show_users: int = 3) -> str:
 
 
 def baselines_table(cfg: TrainConfig) -> str:
-    """Dataset report and popularity / EASE on the test split, under both protocols."""
+    """Dataset report and popularity / EASE on the test split, under every protocol."""
     dataset = pipeline.load_dataset(cfg)
     lines = [dataset.report.summary(), ""]
-    for protocol in ("random", "temporal"):
+    for protocol in PROTOCOLS:
         prep = pipeline.prepare(replace(cfg, data={"protocol": protocol}), dataset)
         vectors = diversity_vectors(prep.tables, len(prep.spec.item_genres))
         reports = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val, prep.test,

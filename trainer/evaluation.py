@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from trainer import metrics
-from trainer.baselines import EASE, MAX_EASE_ITEMS, Popularity, SparseMatrix, rank_topk, tune_ease
+from trainer.baselines import EASE, MAX_EASE_ITEMS, Popularity, SparseMatrix, rank_topk, tune_ease_solution
 from trainer.features import FeatureTables, IdVocab
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]   # user idx (B,) -> scores (B, m+1) over item idx
@@ -107,8 +107,8 @@ def baseline_reports(train_matrix: SparseMatrix, val: EvalTarget, test: EvalTarg
     popularity = Popularity().fit(train_matrix)
     reports["popularity"] = list_report(rank_users(popularity.scores, test, max(ks)), test, ks, item_vectors)
     if train_matrix.shape[1] <= MAX_EASE_ITEMS:
-        best_l2, _table = tune_ease(train_matrix, val.truth, val.exclude, grid=grid)
-        ease = EASE(l2=best_l2).fit(train_matrix)
+        best, _table = tune_ease_solution(train_matrix, val.truth, val.exclude, grid)
+        ease = EASE.from_solution(best)
         reports["ease"] = list_report(rank_users(ease.scores, test, max(ks)), test, ks, item_vectors)
-        reports["ease"]["l2"] = float(best_l2)
+        reports["ease"]["l2"] = float(best.l2)
     return reports

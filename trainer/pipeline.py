@@ -34,10 +34,11 @@ from trainer.checkpoint import Checkpointer
 from trainer.publish import (TrainedRun, all_item_embeddings, choose_index_params, materialize_features,
                              publish_run, signer_for)
 from trainer.report import write_report
-from trainer.ranking_training import (Candidates, Rows, click_rows, fit_ranker, rerank, score_candidates)
 from trainer.item_metadata import DisplaySource
+from trainer.models.dcn import DCNConfig
+from trainer.ranking_training import Candidates, Rows, click_rows, fit_ranker, fold_rows, rerank, score_candidates
 from trainer.joint_training import fit_joint
-from trainer.retrieval_training import Interactions, fit_retrieval, item_embeddings, user_embeddings
+from trainer.retrieval_training import Interactions, UserItems, fit_retrieval, item_embeddings, user_embeddings
 from trainer.splits import Split, split_by_name
 
 log = logging.getLogger(__name__)
@@ -189,11 +190,18 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
         rng = np.random.default_rng(cfg.run.seed)
         fit_rows = click_rows(fit_pos, candidates, cfg.ranking.negatives_per_positive, rng,
                               cfg.ranking.negative_pool)
+        folds = None
+        if cfg.ranking.folds:
+            folds = fold_rows(two_tower, prep.tables, UserItems.from_interactions(prep.train, prep.vocab.n_users),
+                              prep.eval_timestamps, cfg.ranking, DCNConfig.recent_items, rng, device)
+            log.info("ranker examples: %d from the validation fitting half, %d from %d training-log folds",
+                     fit_rows.users.size, folds.users.size, cfg.ranking.folds)
         stop_candidates = retrieve(two_tower, prep.tables, stop_target.users, stop_target,
                                    cfg.ranking.candidates, prep.eval_timestamps, device)
         ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
                                              stop_candidates, stop_target, prep.eval_timestamps, device, ctx,
-                                             rating_scores=_retrieval_scorer(two_tower, prep, device))
+                                             rating_scores=_retrieval_scorer(two_tower, prep, device),
+                                             folds=folds)
     histories["ranking"] = ranking_history.epochs
     run = TrainedRun(spec=prep.spec, tables=prep.tables, two_tower=two_tower.cpu().eval(),
                      ranker=ranker.cpu().eval(), score_mode=cfg.ranking.score_mode,

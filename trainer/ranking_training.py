@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from trainer import metrics
-from trainer.baselines import EASE, SparseMatrix, ease_fits
+from trainer.baselines import EASE, SparseMatrix, ease_fits, rank_topk
 from trainer.checkpoint import FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
@@ -35,6 +35,7 @@ from trainer.inputs import item_inputs, user_inputs
 from trainer.losses import ranking_losses
 from trainer.models.dcn import DCNConfig, DCNRanker
 from trainer.progress import progress_bar
+from trainer.retrieval_training import item_embeddings
 
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,14 @@ class Candidates:
         return {int(u): r for r, u in enumerate(self.users)}
 
 
+ROW_FIELDS = ("users", "items", "timestamps", "scores", "clicks", "ratings")
+
+
 @dataclass(frozen=True, eq=False)
 class Rows:
-    """Row-aligned ranker examples (all (R,)): user, item, timestamp, retrieval score, labels."""
+    """Row-aligned ranker examples (all (R,)): user, item, timestamp, retrieval score, labels; and,
+    where the example's history is not the user's training history (training-log folds), that
+    history's most recent items (R, W) (oldest first, 0-padded)."""
 
     users: np.ndarray
     items: np.ndarray
@@ -62,10 +68,23 @@ class Rows:
     scores: np.ndarray
     clicks: np.ndarray          # 1 = interacted, 0 = retrieved but not taken
     ratings: np.ndarray         # observed rating, NaN where none
+    history: np.ndarray | None = None
 
     def take(self, index: np.ndarray) -> "Rows":
-        return Rows(*(getattr(self, f)[index] for f in ("users", "items", "timestamps", "scores",
-                                                          "clicks", "ratings")))
+        return Rows(*(getattr(self, f)[index] for f in ROW_FIELDS),
+                    history=None if self.history is None else self.history[index])
+
+    def with_history(self, tables: FeatureTables, width: int) -> "Rows":
+        """These rows with an explicit (R, width) history: their own, else the users' training history."""
+        history = self.history if self.history is not None else tables.history[self.users][:, -width:]
+        return Rows(*(getattr(self, f) for f in ROW_FIELDS), history=history[:, -width:])
+
+    @staticmethod
+    def concat(parts: list["Rows"]) -> "Rows":
+        """The rows of ``parts`` one after the other; all with a history of one width, or none."""
+        histories = [p.history for p in parts]
+        joined = None if any(h is None for h in histories) else np.concatenate(histories)
+        return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ROW_FIELDS), history=joined)
 
 
 def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
@@ -83,7 +102,8 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
         # catalog too large for EASE's dense algebra gets no (zero) factor tables in its program.
         affinity_rank=rc.affinity_rank if (rc.affinity == "ease" and cfg.multitask.mode == "separate"
                                            and ease_fits(tables.vocab.n_users + 1, tables.vocab.n_items + 1, "ranker affinity")) else 0,
-        affinity_channels=2 if rc.affinity_ratings else 1)
+        affinity_channels=2 if rc.affinity_ratings else 1,
+        n_genres=len(spec.item_genres) if rc.genre_cross else 0)
 
 
 def last_per_pair(users: np.ndarray, items: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -172,9 +192,12 @@ def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: in
 
 
 def ranker_inputs(tables: FeatureTables, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
-    return {**user_inputs(tables, rows.users, rows.timestamps, device),
-            **item_inputs(tables, rows.items, device),
-            "retrieval_score": torch.as_tensor(rows.scores, dtype=torch.float32, device=device)}
+    inputs = {**user_inputs(tables, rows.users, rows.timestamps, device),
+              **item_inputs(tables, rows.items, device),
+              "retrieval_score": torch.as_tensor(rows.scores, dtype=torch.float32, device=device)}
+    if rows.history is not None:
+        inputs["history"] = torch.as_tensor(rows.history, device=device)
+    return inputs
 
 
 def final_score(ctr_logit: torch.Tensor, rating: torch.Tensor, score_mode: str, rating_weight: float,
@@ -234,6 +257,69 @@ def click_rows(positives: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
                 np.where(click > 0, held_ts[at], context_ts[row]).astype(np.int64),
                 cand_scores[row, col].astype(np.float32), click,
                 np.where(click > 0, held_rating[at], np.nan).astype(np.float32))
+
+
+def _fold_histories(user_items, users: np.ndarray, kept: np.ndarray, kept_after: np.ndarray,
+                    length: int) -> np.ndarray:
+    """(U, length) each user's kept items, oldest first, right-aligned and 0-padded (the served layout)."""
+    starts, ends = user_items.indptr[users], user_items.indptr[users + 1]
+    counts = ends - starts
+    local = np.repeat(np.arange(users.size), counts)
+    entry = np.arange(local.size) + np.repeat(starts - (np.cumsum(counts) - counts), counts)
+    slot = length - 1 - kept_after[entry]
+    use = kept[entry] & (slot >= 0)
+    out = np.zeros((users.size, length), dtype=np.int64)
+    out[local[use], slot[use]] = user_items.items[entry[use]]
+    return out
+
+
+@torch.no_grad()
+def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarray, rc, width: int,
+              rng: np.random.Generator, device: torch.device) -> Rows:
+    """Ranker examples from ``rc.folds`` folds of the training log (``ranking.folds``): each hides a
+    random ``rc.fold_share`` of the training items of up to ``rc.fold_users`` users, retrieves for them
+    with the history that remains (the visible items excluded, as seen items are when serving), and
+    turns the hidden items among the top ``rc.negative_pool`` into positives beside retrieved-not-hidden
+    negatives (``click_rows``). Each row carries its fold history's last ``width`` items."""
+    item_emb = item_embeddings(two_tower, tables, device)                                      # (m+1, D)
+    temperature = float(two_tower.temperature.detach())
+    n_entries = user_items.items.size
+    entry_user = np.repeat(np.arange(user_items.indptr.size - 1), np.diff(user_items.indptr))  # (T,)
+    eligible = np.flatnonzero(np.diff(user_items.indptr) >= 3)
+    length = tables.history.shape[1]
+    width = min(width, length)           # as ``Rows.with_history`` slices the training history
+    parts = []
+    for _ in range(rc.folds):
+        hidden = rng.random(n_entries) < rc.fold_share
+        kept = ~hidden
+        cum = np.cumsum(kept)
+        last = np.maximum(user_items.indptr[1:] - 1, 0)                                     # each user's last entry
+        kept_after = cum[last][entry_user] - cum                                             # kept entries after e
+        users = np.sort(rng.choice(eligible, size=min(rc.fold_users, eligible.size), replace=False))
+        histories = np.zeros((tables.vocab.n_users + 1, width), dtype=np.int64)
+        cand_items, cand_scores = [], []
+        batch_size = max(1, min(256, 20_000_000 // max(tables.vocab.n_items, 1)))
+        for start in range(0, users.size, batch_size):
+            batch = users[start:start + batch_size]
+            history = _fold_histories(user_items, batch, kept, kept_after, length)          # (B, H)
+            histories[batch] = history[:, -width:]
+            inputs = user_inputs(tables, batch, timestamps[batch], device)
+            inputs["history"] = torch.as_tensor(history, device=device)
+            sims = (two_tower.user_tower(**inputs) @ item_emb.T).cpu().numpy()               # (B, m+1)
+            sims[:, 0] = -np.inf
+            spans = [slice(user_items.indptr[u], user_items.indptr[u + 1]) for u in batch]
+            visible = [user_items.items[span][kept[span]] for span in spans]                # excluded
+            top = rank_topk(sims, visible, min(rc.negative_pool, tables.vocab.n_items))        # (B, pool)
+            cand_items.append(np.where(top > 0, top, 0))
+            cand_scores.append(np.where(top > 0, np.take_along_axis(sims, np.maximum(top, 0), axis=1) / temperature,
+                                        -np.inf).astype(np.float32))
+        candidates = Candidates(users, np.concatenate(cand_items), np.concatenate(cand_scores))
+        take = hidden & np.isin(entry_user, users)
+        positives = (entry_user[take], user_items.items[take], user_items.timestamps[take],
+                     np.full(int(take.sum()), np.nan, np.float32))
+        rows = click_rows(positives, candidates, rc.negatives_per_positive, rng, rc.negative_pool)
+        parts.append(Rows(*(getattr(rows, f) for f in ROW_FIELDS), history=histories[rows.users]))
+    return Rows.concat(parts)
 
 
 @torch.no_grad()
@@ -336,8 +422,13 @@ def fit_rating_head(ranker: DCNRanker, tables: FeatureTables, rows: Rows, device
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
                device: torch.device, ctx: Distributed,
-               rating_scores: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[DCNRanker, FitHistory]:
+               rating_scores: Callable[[np.ndarray], np.ndarray] | None = None,
+               folds: Rows | None = None) -> tuple[DCNRanker, FitHistory]:
     """Trains the DCN; returns the best epoch's ranker by the pipeline's NDCG@10 on the stopping half.
+
+    ``folds`` (rows from training-log folds, ``fold_rows``) join the CTR examples, but the fixed parts fitted
+    before training (the affinities' standardisation and the wide logistic fit) see the validation
+    fitting rows only: on a hidden training item EASE's affinity is not what it is on an unseen one.
 
     Each epoch pairs every fitting row with one rating row drawn at random. ``rating_scores(index)``,
     when given, returns the retrieval scores of ``rating_rows`` rows ``index``: they are then filled
@@ -347,10 +438,28 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     rc, mt = cfg.ranking, cfg.multitask
     torch.manual_seed(cfg.run.seed + 1)
     ranker = DCNRanker(dcn_config(cfg, spec, tables)).to(device)
+    if ranker.n_genres:
+        ranker.set_item_genres(torch.as_tensor(tables.item_num[:, :ranker.n_genres], dtype=torch.float32,
+                                               device=device))
+    width = ranker.recent_items
+    held_out = fit_rows.with_history(tables, width)
+    fit_rows = held_out if folds is None else Rows.concat([held_out, folds])
     calibrate_start(ranker, fit_rows)
-    if ranker.affinity_rank and fit_rows.users.size and fit_affinity(
-            ranker, tables, rating_rows, fit_rows, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device):
-        fit_wide(ranker, fit_rows, device)
+    if ranker.affinity_rank and held_out.users.size and fit_affinity(
+            ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device):
+        retrieval_order = copy.deepcopy(ranker.state_dict())       # affinity weights still 0
+        fit_wide(ranker, held_out, device)
+        # The logistic start mixes in EASE's affinity; where retrieval alone ranks better on the stopping
+        # half (ml-100k leave-one-out with the sequential tower: EASE is far weaker there), start from it.
+        stop_ts = eval_timestamps[stop_candidates.users]
+        mixed = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg, spec.rating_max, device)
+        wide = copy.deepcopy(ranker.state_dict())
+        ranker.load_state_dict(retrieval_order)
+        alone = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg, spec.rating_max, device)
+        if mixed >= alone:
+            ranker.load_state_dict(wide)
+        log.info("ranker start: stopping-half NDCG@10 %.4f with the affinity's logistic fit, %.4f by retrieval "
+                 "alone; kept the %s", mixed, alone, "logistic fit" if mixed >= alone else "retrieval order")
     ddp_ranker = ctx.wrap(ranker, device)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
     rng = np.random.default_rng(cfg.run.seed + 1)
@@ -378,9 +487,8 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         losses = []
         for start in range(0, order.size, rc.batch_size):
             batch = fit_rows.take(order[start:start + rc.batch_size])
-            rated = rating_rows.take(rating_order[start:start + rc.batch_size])
-            both = Rows(*(np.concatenate([getattr(batch, f), getattr(rated, f)]) for f in
-                          ("users", "items", "timestamps", "scores", "clicks", "ratings")))
+            rated = rating_rows.take(rating_order[start:start + rc.batch_size]).with_history(tables, width)
+            both = Rows.concat([batch, rated])
             ctr_logit, rating_pred = ddp_ranker(**ranker_inputs(tables, both, device))  # one pass (DDP)
             n = batch.users.size
             l_ctr, _ = ranking_losses(ctr_logit[:n], torch.as_tensor(batch.clicks, device=device), rating_pred[:n],

@@ -16,6 +16,7 @@ its batch rather than the catalog.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,9 @@ def tower_config(cfg: TrainConfig, spec, tables: FeatureTables) -> TowerConfig:
         n_item_num=spec.item_num_dim, embedding_dim=cfg.retrieval.embedding_dim,
         user_hidden_dims=cfg.retrieval.user_tower_dims, item_hidden_dims=cfg.retrieval.item_tower_dims,
         dropout=cfg.retrieval.dropout, history_table=cfg.retrieval.history_table,
-        history_pooling=cfg.retrieval.history_pooling)
+        history_pooling=cfg.retrieval.history_pooling, user_tower=cfg.retrieval.user_tower,
+        sequence_length=cfg.retrieval.sequence_length, sequence_blocks=cfg.retrieval.sequence_blocks,
+        sequence_heads=cfg.retrieval.sequence_heads)
 
 
 @torch.no_grad()
@@ -141,6 +144,25 @@ class UserItems:
         return positives, timestamps
 
 
+    def next_items(self, users: np.ndarray, per_user: int, history_length: int,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sequential examples: for each user a random cut t in 1..n-1 of their time-ordered items
+        (0 when n = 1); the history is the (up to) ``history_length`` items before t, oldest first and
+        left-padded with 0 (as the served history), the positives the ``per_user`` items from t on.
+        Returns history (U, history_length), positives (U, per_user) 0-padded, timestamps (U,) of item t."""
+        users = np.asarray(users, dtype=np.int64)
+        starts = self.indptr[users]
+        counts = self.indptr[users + 1] - starts                                # (U,) >= 1
+        cut = np.where(counts > 1, 1 + np.floor(rng.random(users.size) * (counts - 1)).astype(np.int64), 0)
+        back = np.arange(-history_length, 0)[None, :]                           # (1, H) offsets before t
+        position = (starts + cut)[:, None] + back                               # (U, H)
+        history = np.where(position >= starts[:, None], self.items[np.maximum(position, 0)], 0)
+        ahead = (starts + cut)[:, None] + np.arange(per_user)[None, :]          # (U, P)
+        limit = (starts + counts)[:, None]
+        positives = np.where(ahead < limit, self.items[np.minimum(ahead, self.items.size - 1)], 0)
+        return history.astype(np.int64), positives.astype(np.int64), self.timestamps[starts + cut]
+
+
 @dataclass(frozen=True, eq=False)
 class SeenItems:
     """Which training items each user has, asked for a batch of users and candidate items at a time.
@@ -207,16 +229,22 @@ def distillation_teacher(train: Interactions, n_users: int, n_items: int, l2: fl
 
 
 def denoised_user_inputs(tables: FeatureTables, users: np.ndarray, positives: np.ndarray, timestamps: np.ndarray,
-                         rc, device: torch.device, generator: torch.Generator) -> dict[str, torch.Tensor]:
+                         rc, device: torch.device, generator: torch.Generator,
+                         history: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """The users' tower inputs as training sees them: the held-out positives (U, P) and a random
     ``rc.history_dropout`` share of the rest hidden from the history, and a random ``rc.id_dropout``
-    share of the user ids replaced by the unknown id (cold start)."""
+    share of the user ids replaced by the unknown id (cold start). A given ``history`` (U, H) (the
+    sequential examples of ``UserItems.next_items``, which already hold no positive) replaces the
+    training history and is kept whole: holes would break the order the sequential tower reads."""
     inputs = user_inputs(tables, users, timestamps, device)
-    pos = torch.as_tensor(positives, device=device)                                   # (U, P)
-    history = inputs["history"]                                                       # (U, H)
-    held_out = (history.unsqueeze(2) == pos.unsqueeze(1)).any(dim=2)                  # (U, H, P) -> (U, H)
-    dropped = torch.rand(history.shape, generator=generator).to(device) < rc.history_dropout
-    inputs["history"] = history.masked_fill(held_out | dropped, 0)
+    if history is not None:
+        inputs["history"] = torch.as_tensor(history, device=device)
+    else:
+        pos = torch.as_tensor(positives, device=device)                               # (U, P)
+        full = inputs["history"]                                                      # (U, H)
+        held_out = (full.unsqueeze(2) == pos.unsqueeze(1)).any(dim=2)                 # (U, H, P) -> (U, H)
+        dropped = torch.rand(full.shape, generator=generator).to(device) < rc.history_dropout
+        inputs["history"] = full.masked_fill(held_out | dropped, 0)
     unknown = torch.rand(len(users), generator=generator).to(device) < rc.id_dropout
     inputs["user_idx"] = inputs["user_idx"].masked_fill(unknown, 0)
     return inputs
@@ -272,14 +300,15 @@ class RetrievalStep:
 def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, positives: np.ndarray,
                    timestamps: np.ndarray, setup: SamplingSetup, tables: FeatureTables, cfg: TrainConfig,
                    device: torch.device, generator: torch.Generator, min_negatives: int = 0,
-                   teacher: torch.Tensor | None = None) -> RetrievalStep:
+                   teacher: torch.Tensor | None = None, history: np.ndarray | None = None) -> RetrievalStep:
     """The retrieval loss for users (U,) with held-out positives (U, P) (0 = padding), drawing at
     least ``min_negatives`` sampler negatives. With ``teacher`` ((n+1, m+1) logits, see
     ``distillation_teacher``) the loss adds ``retrieval.distill_weight`` x the distillation
     cross-entropy of these users, over the whole catalog (``retrieval.distill_items`` "all": the
-    tower embeds every item) or over the step's candidate items ("candidates")."""
+    tower embeds every item) or over the step's candidate items ("candidates"). ``history`` (U, H)
+    replaces the users' training history (sequential examples, ``UserItems.next_items``)."""
     rc = cfg.retrieval
-    inputs = denoised_user_inputs(tables, users, positives, timestamps, rc, device, generator)
+    inputs = denoised_user_inputs(tables, users, positives, timestamps, rc, device, generator, history)
     pos = torch.as_tensor(positives, device=device)                                   # (U, P)
     row_user, row_slot = torch.nonzero(pos > 0, as_tuple=True)                        # R rows
     pos_idx = pos[row_user, row_slot]                                                 # (R,)
@@ -386,6 +415,28 @@ def make_optimizer(model: TwoTower, rc, ctx: Distributed):
     return torch.optim.Adam(model.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
 
 
+@dataclass
+class EarlyStop:
+    """Stops after ``patience`` epochs without a gain of ``min_improvement`` (relative) over the score
+    that last restarted the count. The caller keeps the best weights whatever the gain; this only
+    decides when a slow creep is not worth more epochs (the epoch count is then a ceiling)."""
+
+    patience: int
+    min_improvement: float
+    reference: float = -math.inf
+    stale: int = 0
+
+    def update(self, score: float) -> bool:
+        """Records one epoch's validation score; True when training should stop."""
+        # A relative gain needs a positive reference; before one, any higher score restarts the count.
+        threshold = self.reference * (1.0 + self.min_improvement) if self.reference > 0 else self.reference
+        if score > threshold:
+            self.reference, self.stale = score, 0
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+
 def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions,
                   val: EvalTarget, eval_timestamps: np.ndarray, device: torch.device,
                   ctx: Distributed, checkpointer: Checkpointer | None = None) -> tuple[TwoTower, FitHistory]:
@@ -407,7 +458,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
         restored = checkpointer.restore("retrieval", model, optimizer)
         if restored is not None:
             start_epoch, history, best_state = restored
-    stale = 0
+    stopper = EarlyStop(rc.patience, rc.min_improvement, reference=history.best_score)
     # An exponential moving average of the weights, validated (and kept) instead of the raw ones;
     # a resumed run restarts it from the restored weights. Not with lazy Adam: averaging every row
     # of the id tables each step would make a step's cost follow the catalog again.
@@ -422,9 +473,14 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
         set_learning_rate(optimizer, rc.learning_rate * rc.lr_decay ** epoch)
         for start in range(0, order.size, rc.batch_size):
             users = order[start:start + rc.batch_size]
-            positives, timestamps = setup.user_items.sample(users, rc.positives_per_user, rng)
+            history_override = None
+            if rc.user_tower == "sequential":
+                history_override, positives, timestamps = setup.user_items.next_items(
+                    users, rc.positives_per_user, tables.history.shape[1], rng)
+            else:
+                positives, timestamps = setup.user_items.sample(users, rc.positives_per_user, rng)
             loss = retrieval_step(ddp_model, model.temperature, users, positives, timestamps, setup, tables, cfg,
-                                  device, generator, teacher=teacher).loss
+                                  device, generator, teacher=teacher, history=history_override).loss
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"retrieval loss became {loss.item()} at epoch {epoch}; "
                                          f"lower retrieval.learning_rate (now {rc.learning_rate}) or raise "
@@ -442,14 +498,13 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
                   "temperature": float(model.temperature.detach())}
         history.epochs.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", val_ndcg=f"{ndcg:.4f}", T=f"{record['temperature']:.3f}")
+        stop = stopper.update(ndcg)
         if ndcg > history.best_score:
-            history.best_score, history.best_epoch, stale = ndcg, epoch, 0
+            history.best_score, history.best_epoch = ndcg, epoch
             best_state = copy.deepcopy(scored.state_dict())
-        else:
-            stale += 1
         if checkpointer is not None and ctx.is_main:
             checkpointer.save("retrieval", epoch + 1, model, optimizer, history, best_state)
-        if stale >= rc.patience:
+        if stop:
             break
     if best_state is not None:
         model.load_state_dict(best_state)

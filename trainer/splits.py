@@ -1,6 +1,6 @@
-"""Train / validation / test splits of an interaction log: the two evaluation protocols.
+"""Train / validation / test splits of an interaction log: the three evaluation protocols.
 
-Both protocols first keep one interaction per (user, item), the latest (every rating counts as an
+Every protocol first keep one interaction per (user, item), the latest (every rating counts as an
 implicit positive, and full ranking excludes the items a user saw in train, so a pair must not sit
 on both sides). Then, per user with n interactions: n_val = round(n * ratios[1]) and
 n_test = round(n * ratios[2]) (rounding half up), the rest is train; users with fewer than 3
@@ -10,6 +10,9 @@ interactions go to train whole.
   from ``seed``; deterministic for a seed and independent of the input's row order.
 - ``temporal_split`` (2): each user's interactions by timestamp (ties by item id), so every
   train interaction is no later than the user's validation ones, which are no later than the test ones.
+- ``leave_one_out_split`` (3) (SASRec, BERT4Rec): in the same time order, each user's last
+  interaction is the test item and the one before the validation item, whatever n (users with
+  fewer than 3 interactions go to train whole, as above).
 
 Each part keeps the input's columns, sorted by (user_id, timestamp, item_id), with a fresh index.
 """
@@ -67,13 +70,24 @@ def temporal_split(interactions: pd.DataFrame, *, ratios: tuple[float, float, fl
     return _split(frame, ratios, "temporal", 0)
 
 
+def leave_one_out_split(interactions: pd.DataFrame) -> Split:
+    """Protocol (3): per user, the last interaction is test, the one before it validation."""
+    frame = _latest_per_pair(interactions).sort_values(["user_id", "timestamp", "item_id"], kind="stable")
+    return _split(frame, None, "leave_one_out", 0)
+
+
+PROTOCOLS = ("random", "temporal", "leave_one_out")
+
+
 def split_by_name(name: str, interactions: pd.DataFrame, seed: int = DEFAULT_SEED) -> Split:
-    """``"random"`` or ``"temporal"`` with the default ratios; ``seed`` only matters for "random"."""
+    """One of PROTOCOLS with the default ratios; ``seed`` only matters for "random"."""
     if name == "random":
         return random_split(interactions, seed=seed)
     if name == "temporal":
         return temporal_split(interactions)
-    raise ValueError(f"split name must be 'random' or 'temporal', got {name!r}")
+    if name == "leave_one_out":
+        return leave_one_out_split(interactions)
+    raise ValueError(f"split name must be one of {PROTOCOLS}, got {name!r}")
 
 
 def _check_ratios(ratios: tuple[float, float, float]) -> None:
@@ -90,14 +104,18 @@ def _latest_per_pair(interactions: pd.DataFrame) -> pd.DataFrame:
     return ordered.drop_duplicates(["user_id", "item_id"], keep="last")
 
 
-def _split(frame: pd.DataFrame, ratios: tuple[float, float, float], protocol: str, seed: int) -> Split:
-    """``frame`` holds each user's rows contiguously, in hold-out order: train first, test last."""
+def _split(frame: pd.DataFrame, ratios: tuple[float, float, float] | None, protocol: str, seed: int) -> Split:
+    """``frame`` holds each user's rows contiguously, in hold-out order: train first, test last.
+    ``ratios`` None holds out exactly one validation and one test row per eligible user."""
     users = frame["user_id"]
     position = users.groupby(users, sort=False).cumcount().to_numpy()  # (N,) 0-based within the user
     count = users.groupby(users, sort=False).transform("size").to_numpy()  # (N,)
     eligible = count >= MIN_INTERACTIONS_TO_HOLD_OUT
-    n_val = np.where(eligible, np.floor(count * ratios[1] + 0.5), 0).astype(np.int64)
-    n_test = np.where(eligible, np.floor(count * ratios[2] + 0.5), 0).astype(np.int64)
+    if ratios is None:
+        n_val = n_test = eligible.astype(np.int64)
+    else:
+        n_val = np.where(eligible, np.floor(count * ratios[1] + 0.5), 0).astype(np.int64)
+        n_test = np.where(eligible, np.floor(count * ratios[2] + 0.5), 0).astype(np.int64)
     # Every user keeps at least one train interaction, whatever the ratios.
     n_val = np.minimum(n_val, count - 1)
     n_test = np.minimum(n_test, count - 1 - n_val)

@@ -140,6 +140,23 @@ def test_ease_hand_computed_co_occurring_items_recommend_each_other():
     assert rank_topk(model.scores(np.array([3])), [np.array([0])], 1).tolist() == [[1]]
 
 
+@pytest.mark.parametrize(("n_users", "n_items"), [(40, 25), (25, 40)])
+def test_ease_items_and_users_sides_match_the_dense_inverse(n_users, n_items):
+    # 40 x 25 inverts G = X^T X (items side), 25 x 40 inverts K = X X^T (users side, push-through
+    # and Woodbury); both must give B = I - P / diag(P) with P = (X^T X + l2 I)^-1 computed densely.
+    rng = np.random.default_rng(3)
+    dense = (rng.random((n_users, n_items)) < 0.3).astype(np.float64)
+    train = _matrix([np.flatnonzero(row).tolist() for row in dense], n_items)
+    p = np.linalg.inv(dense.T @ dense + 7.0 * np.eye(n_items))
+    expected = -p / np.diag(p)[None, :]
+    np.fill_diagonal(expected, 0.0)
+    model = EASE(l2=7.0).fit(train)
+    assert model._solution.solver.items_side == (n_items <= n_users)
+    np.testing.assert_allclose(model.weights, expected, atol=1e-5)
+    users = np.array([3, 0, 7])
+    np.testing.assert_allclose(model.scores(users), dense[users] @ expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("l2", [0, -1.0, float("nan"), float("inf"), True, "10"])
 def test_ease_rejects_bad_l2(l2):
     with pytest.raises(ValueError, match="l2 must be a finite number > 0"):

@@ -413,3 +413,21 @@ def test_ranker_parameter_count_with_affinity():
     d0 = plain.cross.layers[0].in_features
     assert with_affinity.cross.layers[0].in_features == d0 + 1
     assert n_params(with_affinity) - n_params(plain) == 3 * (2 * d0 + 2) + 16 + 1   # W and b per cross layer
+
+
+def test_ranker_genre_cross_is_the_history_profile_times_the_candidates_flags():
+    ranker = DCNRanker(dcn_config(n_genres=2)).eval()
+    flags = torch.zeros(N_ITEMS + 1, 2)
+    flags[1] = torch.tensor([1.0, 0.0])
+    flags[2] = torch.tensor([1.0, 1.0])
+    ranker.set_item_genres(flags)
+    # History {1, 2} (one padding slot): profile = ([1, 0] + [1, 1]) / 2 = [1, 0.5]; a candidate with
+    # flags [0, 1] crosses to [0, 0.5], summed 0.5.
+    recent = torch.tensor([[0, 1, 2]])
+    item_num = torch.zeros(1, N_ITEM_NUM)
+    item_num[0, :2] = torch.tensor([0.0, 1.0])
+    assert torch.allclose(ranker.genre_cross(recent, item_num), torch.tensor([[0.0, 0.5, 0.5]]))
+    ctr, rating = ranker(**ranker_inputs(6))
+    assert ctr.shape == rating.shape == (6,) and torch.isfinite(ctr).all()
+    with pytest.raises(ValueError, match=f"n_genres must be <= n_item_num={N_ITEM_NUM}, got {N_ITEM_NUM + 1}"):
+        dcn_config(n_genres=N_ITEM_NUM + 1)

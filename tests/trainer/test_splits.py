@@ -1,4 +1,4 @@
-"""Tests of trainer.splits: both protocols' determinism, disjointness, proportions and order."""
+"""Tests of trainer.splits: the protocols' determinism, disjointness, proportions and order."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from trainer.splits import random_split, split_by_name, temporal_split
+from trainer.splits import leave_one_out_split, random_split, split_by_name, temporal_split
 
 
 def make_log(counts: dict[str, int], seed: int = 0) -> pd.DataFrame:
@@ -116,8 +116,23 @@ def test_custom_ratios_keep_one_train_interaction_per_user():
 def test_split_by_name(log):
     assert split_by_name("random", log, 5).seed == 5
     pd.testing.assert_frame_equal(split_by_name("temporal", log, 5).test, temporal_split(log).test)
-    with pytest.raises(ValueError, match="split name must be 'random' or 'temporal', got 'leave_one_out'"):
-        split_by_name("leave_one_out", log, 5)
+    pd.testing.assert_frame_equal(split_by_name("leave_one_out", log).val, leave_one_out_split(log).val)
+    with pytest.raises(ValueError, match=r"split name must be one of \('random', 'temporal', 'leave_one_out'\), "
+                                         r"got 'loo'"):
+        split_by_name("loo", log, 5)
+
+
+def test_leave_one_out_holds_out_each_users_last_two_interactions(log):
+    parts = leave_one_out_split(log)
+    # Users with >= 3 interactions give exactly one validation and one test row; c (2) trains whole.
+    assert per_user(parts.val) == per_user(parts.test) == {u: 1 for u in "abdefg"}
+    assert per_user(parts.train) == {"a": 8, "b": 3, "c": 2, "d": 1, "e": 23, "f": 13, "g": 38}
+    for user, rows in log.groupby("user_id"):
+        ordered = rows.sort_values(["timestamp", "item_id"])["item_id"].tolist()
+        if user != "c":
+            assert parts.test[parts.test["user_id"] == user]["item_id"].tolist() == ordered[-1:]
+            assert parts.val[parts.val["user_id"] == user]["item_id"].tolist() == ordered[-2:-1]
+    assert (parts.protocol, parts.seed) == ("leave_one_out", 0)
 
 
 @pytest.mark.parametrize("ratios", [(0.8, 0.1), (0.8, 0.1, 0.2), (0.0, 0.5, 0.5), (1.1, -0.05, -0.05),

@@ -536,3 +536,76 @@ def test_rating_head_refit_lowers_the_error_and_changes_nothing_else(prepared):
     assert torch.equal(ctr_before, ctr_after)
     assert all(torch.equal(v, ranker.state_dict()[k]) for k, v in others.items())
     assert float(rating_after.min()) >= 1.0 and float(rating_after.max()) <= 5.0
+
+
+def test_next_items_cut_each_users_time_ordered_items_into_history_and_next_positives(prepared):
+    user_items = UserItems.from_interactions(prepared.train, prepared.vocab.n_users)
+    users = user_items.users_with_items()[:30]
+    history, positives, timestamps = user_items.next_items(users, 3, 7, np.random.default_rng(2))
+    assert history.shape == (30, 7) and positives.shape == (30, 3)
+    for row, user in enumerate(users):
+        lo, hi = user_items.indptr[user], user_items.indptr[user + 1]
+        items = user_items.items[lo:hi]                      # oldest first
+        cut = int(np.flatnonzero(items == positives[row, 0])[0])   # items are unique per user
+        assert 1 <= cut <= hi - lo - 1 if hi - lo > 1 else cut == 0
+        before = items[max(0, cut - 7):cut]
+        assert history[row].tolist() == [0] * (7 - before.size) + before.tolist()   # left-padded, oldest first
+        after = items[cut:cut + 3]
+        assert positives[row].tolist() == after.tolist() + [0] * (3 - after.size)
+        assert timestamps[row] == user_items.timestamps[lo + cut]
+
+
+def test_the_sequential_tower_learns_from_next_item_examples(prepared):
+    from trainer.distributed import Distributed
+    from trainer.models.sequential import SequentialUserTower
+    from trainer.retrieval_training import fit_retrieval
+
+    cfg = load_config(None, ["features.history_length=20", "run.threads=1", "run.progress=false",
+                             "retrieval.user_tower=sequential", "retrieval.sequence_length=10",
+                             "retrieval.epochs=4", "retrieval.distill_weight=0"])
+    model, history = fit_retrieval(cfg, prepared.spec, prepared.tables, prepared.train, prepared.val,
+                                   prepared.eval_timestamps, torch.device("cpu"), Distributed())
+    assert isinstance(model.user_tower, SequentialUserTower)
+    losses = [epoch["loss"] for epoch in history.epochs]
+    assert losses[-1] < losses[0]
+    assert history.best_score > 0.0
+
+
+def test_fold_rows_rank_hidden_training_items_against_candidates_with_the_rest_as_history(prepared):
+    from trainer.config import load_config as _load
+    from trainer.models import build_two_tower
+    from trainer.ranking_training import fold_rows
+    from trainer.retrieval_training import tower_config
+
+    cfg = _load(None, ["features.history_length=20", "ranking.folds=2", "ranking.fold_share=0.3",
+                       "ranking.negative_pool=40"])
+    torch.manual_seed(0)
+    tower = build_two_tower(tower_config(cfg, prepared.spec, prepared.tables)).eval()
+    user_items = UserItems.from_interactions(prepared.train, prepared.vocab.n_users)
+    rows = fold_rows(tower, prepared.tables, user_items, prepared.eval_timestamps, cfg.ranking, 5,
+                     np.random.default_rng(0), torch.device("cpu"))
+    assert rows.history.shape == (rows.users.size, 5)
+    assert (rows.clicks == 1).sum() > 0 and (rows.clicks == 0).sum() > 0
+    for row in np.flatnonzero(rows.clicks == 1)[:50]:
+        user, item = rows.users[row], rows.items[row]
+        own = user_items.items[user_items.indptr[user]:user_items.indptr[user + 1]]
+        assert item in own                                 # a positive is one of the user's training items
+        assert item not in rows.history[row]               # hidden from the history the row is ranked with
+        assert set(rows.history[row][rows.history[row] > 0].tolist()) <= set(own.tolist())
+    # A negative is a retrieved candidate the user has not in the visible history, never padding.
+    assert (rows.items > 0).all() and np.isfinite(rows.scores).all()
+    # Asked for more recent items than the history holds (20), the rows carry the whole history.
+    wide = fold_rows(tower, prepared.tables, user_items, prepared.eval_timestamps, cfg.ranking, 30,
+                     np.random.default_rng(0), torch.device("cpu"))
+    assert wide.history.shape == (wide.users.size, 20)
+
+
+def test_early_stop_counts_epochs_without_a_relative_gain():
+    from trainer.retrieval_training import EarlyStop
+
+    stop = EarlyStop(patience=2, min_improvement=0.01)
+    # 0.200 sets the reference; 0.201 (+0.5%) and 0.2015 are below +1%: two stale epochs -> stop.
+    assert [stop.update(s) for s in (0.200, 0.201, 0.2015)] == [False, False, True]
+    stop = EarlyStop(patience=2, min_improvement=0.01)
+    # 0.203 (+1.5%) restarts the count; 0.0 first scores still set a reference (no division by 0).
+    assert [stop.update(s) for s in (0.0, 0.200, 0.201, 0.203, 0.2031, 0.2032)] == [False] * 5 + [True]

@@ -10,6 +10,11 @@ product for the row's user and candidate, standardised, joins x0 and, through a 
 CTR logit. The inputs are unchanged: the factors are looked up by ``user_idx`` and ``item_idx``,
 so they hold each user's training history as of the training run; an unknown user (index 0) has
 zero factors, a constant affinity, and is ranked as without it.
+
+With ``n_genres`` G > 0 (the first G columns of ``item_num`` are the item's genre flags) the ranker
+also holds each item's genre flags (a fixed buffer, set by the trainer) and derives, from the inputs
+it already takes, the user x item genre cross: the genre profile of the user's recent history
+(the mean of its items' flags) times the candidate's flags, per genre and summed.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class DCNConfig:
     recent_items: int = 20            # the ranker pools only the most recent history items (serving cost)
     affinity_rank: int = 0            # width of the stored user / item affinity factors; 0 = none
     affinity_channels: int = 1        # affinities held side by side, each of width affinity_rank
+    n_genres: int = 0                 # genre flags leading item_num, crossed with the history's profile; 0 = none
 
     def __post_init__(self) -> None:
         check_feature_sizes(self.n_users, self.n_items, self.user_cat_cardinalities, self.n_user_num,
@@ -56,6 +62,9 @@ class DCNConfig:
         check_int("recent_items", self.recent_items, 1)
         check_int("affinity_rank", self.affinity_rank, 0)
         check_int("affinity_channels", self.affinity_channels, 1)
+        check_int("n_genres", self.n_genres, 0)
+        if self.n_genres > self.n_item_num:
+            raise ValueError(f"n_genres must be <= n_item_num={self.n_item_num}, got {self.n_genres}")
         if self.low_rank is not None:
             check_int("low_rank", self.low_rank, 1)
         check_int_tuple("deep_dims", self.deep_dims, 1, allow_empty=False)
@@ -125,8 +134,14 @@ class DCNRanker(nn.Module):
             # Its wide weights start at zero: an untrained ranker still reproduces retrieval's order.
             self.affinity_wide = nn.Linear(self.affinity_channels, 1, bias=False)
             nn.init.zeros_(self.affinity_wide.weight)
+        self.n_genres = config.n_genres
+        if self.n_genres:
+            # Each item's genre flags (row 0, padding, has none); filled by set_item_genres.
+            self.register_buffer("item_genres", torch.zeros(config.n_items + 1, self.n_genres))
+        genre_dim = self.n_genres + 1 if self.n_genres else 0
         input_dim = (dim + self.user_categorical.output_dim + config.n_user_num + dim + self.calendar.output_dim
-                     + dim + self.item_categorical.output_dim + config.n_item_num + 1 + self.affinity_channels)
+                     + dim + self.item_categorical.output_dim + config.n_item_num + 1 + self.affinity_channels
+                     + genre_dim)
         self.cross = CrossNetV2(input_dim, config.n_cross_layers, config.low_rank)
         self.deep = mlp(input_dim, config.deep_dims, config.dropout)
         head_dim = config.deep_dims[-1] + (input_dim if config.structure == "parallel" else 0)
@@ -162,6 +177,19 @@ class DCNRanker(nn.Module):
         self.affinity_shift.copy_(raw.mean(dim=0))
         self.affinity_scale.copy_(raw.std(dim=0).nan_to_num(0.0).clamp(min=1e-6))
 
+    @torch.no_grad()
+    def set_item_genres(self, flags: Tensor) -> None:
+        """Loads every item's genre flags, (n_items + 1, n_genres), row = item index."""
+        if not self.n_genres:
+            raise RuntimeError("set_item_genres on a ranker built with n_genres 0")
+        self.item_genres.copy_(flags)
+
+    def genre_cross(self, recent: Tensor, item_num: Tensor) -> Tensor:
+        """The history's genre profile times the candidate's genre flags: (N, G) per genre and (N, 1) summed."""
+        profile = masked_mean(self.item_genres[recent], recent != 0)           # (N, R, G) -> (N, G)
+        cross = profile * item_num[:, :self.n_genres]                          # (N, G)
+        return torch.cat([cross, cross.sum(dim=1, keepdim=True)], dim=1)       # (N, G + 1)
+
     def forward(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor, timestamp: Tensor,
                 item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
                 retrieval_score: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,6 +207,8 @@ class DCNRanker(nn.Module):
             item_num,  # (N, Ni)
             retrieval_score.unsqueeze(1),  # (N, 1)
         ], dim=1)  # (N, d)
+        if self.n_genres:
+            x0 = torch.cat([x0, self.genre_cross(history[:, -self.recent_items:], item_num)], dim=1)
         wide = self.retrieval_skip(retrieval_score.unsqueeze(1))  # (N, 1)
         if self.affinity_rank:
             affinity = self.affinity(user_idx, item_idx)  # (N, C)

@@ -1,5 +1,8 @@
 """The retrieval model: a user tower and an item tower that share the item-id embedding table.
 
+Two user towers take the same inputs: ``UserTower`` pools the history as a set (mean or attention);
+``SequentialUserTower`` (trainer/models/sequential.py) reads it as a sequence.
+
 Both towers return L2-normalised (·, D) embeddings, D = ``embedding_dim``; retrieval scores are their
 inner products. The user tower pools the user's recent history through the item tower's own id
 table, so interactions recorded online move the user embedding without retraining. Losses and
@@ -17,6 +20,7 @@ from torch.nn import functional as F
 
 from trainer.models.layers import (CategoricalEmbedding, check_dropout, check_feature_sizes, check_int,
                                    check_int_tuple, init_embedding, masked_mean, mlp)
+from trainer.models.sequential import SequentialUserTower
 from trainer.models.temporal import CalendarEmbedding
 
 # Unit vectors bound the logits to [-1 / T, 1 / T]; below 0.01 (|logit| <= 100, CLIP's cap) the
@@ -24,6 +28,7 @@ from trainer.models.temporal import CalendarEmbedding
 MIN_TEMPERATURE = 0.01
 HISTORY_TABLES = ("shared", "separate")
 HISTORY_POOLINGS = ("mean", "attention")
+USER_TOWERS = ("pooled", "sequential")
 MAX_ATTENTION_HISTORY = 512            # recency biases learned for at most this many history slots
 
 
@@ -51,6 +56,12 @@ class TowerConfig:
     # "mean": the masked mean of the history rows; "attention": a learned, mask-aware weighting of
     # them (each row's score from its embedding plus a learned bias per recency position).
     history_pooling: str = "mean"
+    # "pooled": UserTower (the history pooled as a set); "sequential": SequentialUserTower (causal
+    # self-attention over the last sequence_length history items, trainer/models/sequential.py).
+    user_tower: str = "pooled"
+    sequence_length: int = 20
+    sequence_blocks: int = 2
+    sequence_heads: int = 2
 
     def __post_init__(self) -> None:
         check_feature_sizes(self.n_users, self.n_items, self.user_cat_cardinalities, self.n_user_num,
@@ -63,6 +74,14 @@ class TowerConfig:
             raise ValueError(f"history_table must be one of {HISTORY_TABLES}, got {self.history_table!r}")
         if self.history_pooling not in HISTORY_POOLINGS:
             raise ValueError(f"history_pooling must be one of {HISTORY_POOLINGS}, got {self.history_pooling!r}")
+        if self.user_tower not in USER_TOWERS:
+            raise ValueError(f"user_tower must be one of {USER_TOWERS}, got {self.user_tower!r}")
+        check_int("sequence_length", self.sequence_length, 1)
+        check_int("sequence_blocks", self.sequence_blocks, 1)
+        check_int("sequence_heads", self.sequence_heads, 1)
+        if self.embedding_dim % self.sequence_heads:
+            raise ValueError(f"embedding_dim must be divisible by sequence_heads={self.sequence_heads}, "
+                             f"got {self.embedding_dim}")
 
 
 def make_item_embedding(config: TowerConfig) -> nn.Embedding:
@@ -159,7 +178,7 @@ class ItemTower(nn.Module):
 class TwoTower(nn.Module):
     """Both towers plus the softmax temperature, held as log T so it stays positive while learned."""
 
-    def __init__(self, user_tower: UserTower, item_tower: ItemTower, init_temperature: float = 0.05,
+    def __init__(self, user_tower: nn.Module, item_tower: ItemTower, init_temperature: float = 0.05,
                  learn_temperature: bool = True) -> None:
         super().__init__()
         if user_tower.item_embedding is not item_tower.item_embedding:
@@ -193,7 +212,12 @@ class TwoTower(nn.Module):
 
 
 def build_two_tower(config: TowerConfig, init_temperature: float = 0.05, learn_temperature: bool = True) -> TwoTower:
-    """Both towers around one shared item-id table."""
+    """Both towers around one shared item-id table; the user tower is ``config.user_tower``'s."""
     item_embedding = make_item_embedding(config)
-    return TwoTower(UserTower(config, item_embedding), ItemTower(config, item_embedding),
+    if config.user_tower == "sequential":
+        history = item_embedding if config.history_table == "shared" else make_item_embedding(config)
+        user_tower: nn.Module = SequentialUserTower(config, item_embedding, history)
+    else:
+        user_tower = UserTower(config, item_embedding)
+    return TwoTower(user_tower, ItemTower(config, item_embedding),
                     init_temperature=init_temperature, learn_temperature=learn_temperature)
