@@ -27,5 +27,10 @@ RETRIEVAL_FAILURES = Counter("ranking_retrieval_failures", "Retrieve calls that 
                              ["code"])
 DCN_BATCH_JOBS = Histogram("ranking_dcn_batch_jobs", "Scoring jobs merged into one DCN forward pass",
                            buckets=(1, 2, 4, 8, 16, 32, 64))
+VERSION_MATCH = Counter("ranking_version_match",
+                        "Recommend answers by how the ranking version met retrieval's: same (retrieval "
+                        "answered from the version asked for), held (ranked with the other version this "
+                        "service holds, to match), mixed (retrieval answered from a version this service "
+                        "does not hold)", ["result"])
 MODEL_FALLBACK_ROWS = Counter("ranking_model_fallback_rows",
                               "Candidates whose model output was not finite (ranked last by retrieval score)")

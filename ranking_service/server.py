@@ -70,7 +70,7 @@ class RankingApp:
         self.batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000)
         self.candidates = candidates if candidates is not None else RetrievalClient(config)
         self.pipeline = Pipeline(features=self.features, batcher=self.batcher, candidates=self.candidates,
-                                 fallback=config.fallback)
+                                 fallback=config.fallback, held=self.holder.held)
         self.in_flight = 0
         self._tasks: set[asyncio.Task] = set()
 

@@ -5,6 +5,11 @@ holding version, models, index and tables together). A request reads ``holder.cu
 uses that object to the end, so in-flight requests finish on the version they started with while
 the next request sees the new one.
 
+The holder keeps the PREVIOUS version loaded beside the current one (two versions in memory), so
+that while the two services swap at slightly different moments each can still answer from the
+version the other one serves (``held``; the ranking service asks retrieval for its own version and
+ranks with whichever of its two matches the candidates), and a rollback to it swaps back at once.
+
 A candidate version's signature is checked against the holder's ``Trust`` before any other file
 is read, then its checksums against the manifest; then it is handed to the service's ``load``
 function, which must build and warm the state and raise if anything is wrong (shapes, a smoke
@@ -88,7 +93,9 @@ class VersionHolder(Generic[T]):
     """Holds the serving state of the current artifact version and replaces it when CURRENT moves.
 
     ``load(version_dir, version) -> T`` builds the state (blocking; it runs in a worker thread).
-    ``on_swap(state)`` / ``on_refuse(version, error)`` let the service update metrics.
+    ``on_swap(state, version)`` / ``on_refuse(version, error)`` let the service update metrics.
+    ``current`` / ``version`` serve new requests; ``previous`` / ``previous_version`` is the one
+    swapped out last (None before the second swap).
     """
 
     def __init__(self, root: Path, load: Callable[[Path, int], T], *, trust: Trust, pinned: int | None = None,
@@ -102,6 +109,8 @@ class VersionHolder(Generic[T]):
         self.on_swap, self.on_refuse = on_swap, on_refuse
         self.current: T | None = None
         self.version: int | None = None
+        self.previous: T | None = None
+        self.previous_version: int | None = None
         self.stats = ReloadStats()
         self._task: asyncio.Task | None = None
         self._pointer_problem = ""      # the last CURRENT problem logged, so each is logged once
@@ -109,6 +118,17 @@ class VersionHolder(Generic[T]):
     @property
     def ready(self) -> bool:
         return self.current is not None
+
+    def held(self, version: int) -> T | None:
+        """The state of ``version`` when it is the current or the previous one, else None."""
+        if version == self.version:
+            return self.current
+        return self.previous if version == self.previous_version else None
+
+    @property
+    def held_versions(self) -> list[int]:
+        """The versions this holder can answer from, current first."""
+        return [v for v in (self.version, self.previous_version) if v is not None]
 
     def _target(self) -> int | None:
         """The version that should be serving now, or None while the volume has none."""
@@ -137,6 +157,9 @@ class VersionHolder(Generic[T]):
         target = self._target()
         if target is None or target == self.version or target in self.stats.refused_versions:
             return False
+        if target == self.previous_version:      # a rollback to the version just swapped out: no load
+            self._swap(self.previous, target)
+            return True
         started = time.perf_counter()
         try:
             with gil_shared_with_the_loop():
@@ -155,12 +178,17 @@ class VersionHolder(Generic[T]):
             if self.on_refuse is not None:
                 self.on_refuse(target, error)
             return False
-        self.current, self.version = state, target      # the one-reference swap
-        self.stats.loaded += 1
         log.info("serving version %d (loaded in %.2f s)", target, time.perf_counter() - started)
-        if self.on_swap is not None:
-            self.on_swap(state, target)
+        self._swap(state, target)
         return True
+
+    def _swap(self, state: T, version: int) -> None:
+        # Runs on the event loop between two awaits, so no request sees one reference moved without the other.
+        self.previous, self.previous_version = self.current, self.version
+        self.current, self.version = state, version        # the one-reference swap
+        self.stats.loaded += 1
+        if self.on_swap is not None:
+            self.on_swap(state, version)
 
     async def _watch(self) -> None:
         while True:
