@@ -49,6 +49,10 @@ class RetrievalUnavailable(Exception):
     """Retrieval failed and the server is configured not to fall back (RANKING_FALLBACK=unavailable)."""
 
 
+class VersionNotHeld(Exception):
+    """A request pinned a version that a service does not hold (FAILED_PRECONDITION)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Answer:
     items: Scored | None            # best first; None = no candidate survived
@@ -205,6 +209,9 @@ class Pipeline:
         """The pool ranked by ``version``'s state: ours, else the held one retrieval answered from
         (its user features read under that version), else ours (a mixed answer, counted). The
         request's features were encoded with our spec: another version's must encode them alike."""
+        if query.pinned_version and version != state.version:
+            raise VersionNotHeld(f"version {query.pinned_version} is not held by the retrieval service "
+                                 f"(it answered from version {version})")
         matching = None if version == state.version else self.held(version)
         if matching is not None and query.overrides.has_features and \
                 (matching.spec.user_categorical, matching.spec.user_numeric) != \

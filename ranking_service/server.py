@@ -9,6 +9,7 @@ Every RPC goes through ``_serve``, which owns the status codes:
 - UNAVAILABLE while no version is loaded, when retrieval fails with fallback disabled, or when
   Redis does not take recorded interactions;
 - INVALID_ARGUMENT with the ValueError's message naming the field and value;
+- FAILED_PRECONDITION when a Recommend pins a version a service does not hold (the held ones named);
 - INTERNAL for anything unexpected (logged with its traceback; never sent on the wire).
 
 ``RankingApp`` is the composition: version holder, feature store, refiller, DCN batcher, retrieval
@@ -31,7 +32,7 @@ from ranking_service import metrics, validation
 from ranking_service.batching import MicroBatcher
 from ranking_service.config import RankingConfig
 from ranking_service.features import FeatureStore, StoreUnavailable
-from ranking_service.pipeline import Answer, Pipeline, RetrievalUnavailable
+from ranking_service.pipeline import Answer, Pipeline, RetrievalUnavailable, VersionNotHeld
 from ranking_service.refill import run_refiller
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient
 from ranking_service.state import ServingState, load_state
@@ -160,6 +161,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except (RetrievalUnavailable, StoreUnavailable) as error:
             code, details = grpc.StatusCode.UNAVAILABLE, str(error)
+        except VersionNotHeld as error:
+            code, details = grpc.StatusCode.FAILED_PRECONDITION, str(error)
         except TimeoutError:
             code, details = grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline of {remaining * 1000:.0f} ms exceeded"
         except asyncio.CancelledError:   # the caller went away: count it, let gRPC finish the call
@@ -181,6 +184,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
     async def Recommend(self, request: ranking_pb2.RecommendRequest, context) -> ranking_pb2.RecommendResponse:
         async def handle(state: ServingState, deadline: float, request_id: str) -> ranking_pb2.RecommendResponse:
+            state = self._pinned(request.version) if request.version > 0 else state
             query = validation.recommend_query(request, state.spec, self.app.config)
             answer = await self.app.pipeline.recommend(state, query, deadline, request_id)
             return ranking_pb2.RecommendResponse(items=_scored_items(answer), retrieval_version=answer.retrieval_version,
@@ -188,6 +192,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                                                  degraded=_count_degraded(answer))
 
         return await self._serve("Recommend", context, handle)
+
+    def _pinned(self, version: int) -> ServingState:
+        """The held state of a pinned version, else FAILED_PRECONDITION naming the held versions."""
+        state = self.app.holder.held(version)
+        if state is None:
+            raise VersionNotHeld(f"version {version} is not held by the ranking service; held versions: "
+                                 f"{self.app.holder.held_versions}")
+        return state
 
     async def Rank(self, request: ranking_pb2.RankRequest, context) -> ranking_pb2.RankResponse:
         async def handle(state: ServingState, deadline: float, request_id: str) -> ranking_pb2.RankResponse:

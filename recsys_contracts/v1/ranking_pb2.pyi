@@ -18,18 +18,20 @@ class RecommendOptions(_message.Message):
     def __init__(self, num_candidates: _Optional[int] = ..., diversity: _Optional[float] = ..., include_seen: _Optional[bool] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "context", "options", "user_features")
+    __slots__ = ("user_id", "k", "context", "options", "user_features", "version")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     context: _common_pb2.Context
     options: RecommendOptions
     user_features: _common_pb2.UserFeatures
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., options: _Optional[_Union[RecommendOptions, _Mapping]] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ...) -> None: ...
+    version: int
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., options: _Optional[_Union[RecommendOptions, _Mapping]] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "ctr", "predicted_rating", "retrieval_score")
