@@ -27,6 +27,8 @@ RETRIEVAL_FAILURES = Counter("ranking_retrieval_failures", "Retrieve calls that 
                              ["code"])
 DCN_BATCH_JOBS = Histogram("ranking_dcn_batch_jobs", "Scoring jobs merged into one DCN forward pass",
                            buckets=(1, 2, 4, 8, 16, 32, 64))
+ARM_ANSWERS = Counter("ranking_arm_answers", "Recommend answers by the arm that answered "
+                      "(ARM_LIVE, ARM_CANARY, ARM_PINNED)", ["arm"])
 VERSION_MATCH = Counter("ranking_version_match",
                         "Recommend answers by how the ranking version met retrieval's: same (retrieval "
                         "answered from the version asked for), held (ranked with the other version this "

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from ranking_service import metrics, validation
+from ranking_service import arms, metrics, validation
 from ranking_service.batching import MicroBatcher
 from ranking_service.config import RankingConfig
 from ranking_service.features import FeatureStore, StoreUnavailable
@@ -184,12 +184,16 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
     async def Recommend(self, request: ranking_pb2.RecommendRequest, context) -> ranking_pb2.RecommendResponse:
         async def handle(state: ServingState, deadline: float, request_id: str) -> ranking_pb2.RecommendResponse:
-            state = self._pinned(request.version) if request.version > 0 else state
+            state, arm = (self._pinned(request.version), ranking_pb2.ARM_PINNED) if request.version > 0 \
+                else arms.route(self.app.holder, request.user_id, state)
             query = validation.recommend_query(request, state.spec, self.app.config)
             answer = await self.app.pipeline.recommend(state, query, deadline, request_id)
+            if arm == ranking_pb2.ARM_CANARY and answer.ranking_version != state.version:
+                arm = ranking_pb2.ARM_LIVE       # retrieval did not hold the candidate: the live version answered
+            metrics.ARM_ANSWERS.labels(ranking_pb2.Arm.Name(arm)).inc()
             return ranking_pb2.RecommendResponse(items=_scored_items(answer), retrieval_version=answer.retrieval_version,
                                                  ranking_version=answer.ranking_version,
-                                                 degraded=_count_degraded(answer))
+                                                 degraded=_count_degraded(answer), arm=arm)
 
         return await self._serve("Recommend", context, handle)
 

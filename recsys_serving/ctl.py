@@ -1,4 +1,4 @@
-"""Operators' command for the version lifecycle: ``python -m recsys_serving.ctl show|promote|rollback``.
+"""Operators' command for the version lifecycle: ``python -m recsys_serving.ctl show|promote|rollback|arms``.
 
 - ``show``: CURRENT and every version, each marked live, staged (newer than CURRENT, never live)
   or older (a rollback target);
@@ -7,7 +7,11 @@
   marked complete with ``--redis-url``, then CURRENT); both services follow CURRENT and keep the
   version they served before loaded, so requests in flight and pinned ones still find it;
 - ``rollback [--to N]``: the same go-live for N, by default the newest version below CURRENT; a
-  service that still holds it as its previous version swaps back without loading anything.
+  service that still holds it as its previous version swaps back without loading anything;
+- ``arms set --candidate N --canary-percent P`` / ``arms clear``: the candidate version N (verified
+  like a promotion, its features written with ``--redis-url``, CURRENT unchanged) serves the sticky
+  P % canary share of users (``recsys_contracts.arms``); both services load it beside CURRENT.
+  ``promote N`` of the candidate clears the arms once N is live.
 
 Trust comes from ``--trusted-keys`` (default ``RECSYS_TRUSTED_KEYS``), as for the services: a version
 they would refuse is never made CURRENT. Exit status 0 on success, 1 with the reason on stderr.
@@ -21,19 +25,22 @@ import sys
 from pathlib import Path
 
 from recsys_contracts import artifacts, bundle, feature_store
+from recsys_contracts.arms import Arms, read_arms, write_arms
 from recsys_contracts.signing import Trust
 
 
 def show(root: Path) -> str:
     """One line per version, newest first: number, created time, and live / staged / older."""
     current = artifacts.current_version(root)
-    lines = [f"CURRENT {current if current is not None else '(none)'} under {root}"]
+    arms = read_arms(root)
+    lines = [f"CURRENT {current if current is not None else '(none)'} under {root}",
+             f"arms: candidate {arms.candidate} for {arms.canary_percent:g} % of users" if arms else "arms: none"]
     for version in reversed(artifacts.list_versions(root)):
         try:
             created = artifacts.read_manifest(root, version).created_at
         except artifacts.ArtifactError as error:
             created = f"unreadable manifest ({str(error)[:64]})"
-        role = "live" if version == current else \
+        role = "live" if version == current else "canary" if arms and version == arms.candidate else \
             ("staged" if current is None or version > current else "older")
         lines.append(f"{version:>6}  {role:<6}  {created}")
     return "\n".join(lines)
@@ -48,17 +55,34 @@ def rollback_target(root: Path) -> int:
     return older[-1]
 
 
-def _go_live(root: Path, version: int, args: argparse.Namespace) -> None:
+def _go_live(root: Path, version: int, args: argparse.Namespace, *, candidate_only: bool = False) -> None:
+    """``bundle.go_live`` (or, for a candidate, the same steps short of CURRENT)."""
     trust = Trust.unsigned() if args.allow_unsigned else Trust.from_path(args.trusted_keys)
-    if args.redis_url:
-        client = feature_store.redis_client(args.redis_url, socket_timeout_s=10.0, connect_timeout_s=2.0)
-        try:
-            bundle.go_live(root, version, trust=trust, redis_client=client,
-                           keys=feature_store.KeyFormat(args.redis_namespace))
-        finally:
+    client = feature_store.redis_client(args.redis_url, socket_timeout_s=10.0, connect_timeout_s=2.0) \
+        if args.redis_url else None
+    keys = feature_store.KeyFormat(args.redis_namespace)
+    try:
+        if candidate_only:
+            artifacts.verify(root, version, trust)
+            checked = bundle.verify_bundle(artifacts.version_dir(root, version), version)
+            if client is not None:
+                feature_store.write_tables(client, keys, version, checked.tables, user_ids=checked.tables.user_ids,
+                                           item_ids=checked.tables.item_ids)
+        else:
+            bundle.go_live(root, version, trust=trust, redis_client=client, keys=keys)
+    finally:
+        if client is not None:
             client.close()
-    else:
-        bundle.go_live(root, version, trust=trust)
+
+
+def _arms(root: Path, args: argparse.Namespace) -> str:
+    if args.arms_command == "clear":
+        write_arms(root, None)
+        return "arms cleared: every user is served CURRENT"
+    arms = Arms(candidate=args.candidate, canary_percent=args.canary_percent)
+    _go_live(root, arms.candidate, args, candidate_only=True)
+    write_arms(root, arms)
+    return f"version {arms.candidate} serves {arms.canary_percent:g} % of users (canary)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     promote.add_argument("version", type=int)
     back = sub.add_parser("rollback", help="put an older version live again")
     back.add_argument("--to", type=int, default=None, help="the version (default: the newest below CURRENT)")
+    arms_parser = sub.add_parser("arms", help="set or clear the canary arm")
+    arms_sub = arms_parser.add_subparsers(dest="arms_command", required=True)
+    set_arms = arms_sub.add_parser("set", help="a candidate version for a sticky share of users")
+    set_arms.add_argument("--candidate", type=int, required=True)
+    set_arms.add_argument("--canary-percent", type=float, required=True, help="share of users in [0, 100]")
+    arms_sub.add_parser("clear", help="no arm: every user is served CURRENT")
     args = parser.parse_args(argv)
     if args.root is None:
         parser.error("--root (or RECSYS_ARTIFACT_ROOT) must name the artifact root, got neither")
@@ -87,9 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "show":
             print(show(args.root))
             return 0
+        if args.command == "arms":
+            print(_arms(args.root, args))
+            return 0
         version = args.version if args.command == "promote" else \
             (args.to if args.to is not None else rollback_target(args.root))
         _go_live(args.root, version, args)
+        arms = read_arms(args.root)
+        if arms is not None and arms.candidate == version:
+            write_arms(args.root, None)              # the candidate is live: the canary is over
     except (ValueError, OSError, artifacts.ArtifactError) as error:
         print(f"{args.command} failed: {str(error)[:500]}", file=sys.stderr)
         return 1

@@ -9,6 +9,8 @@ The holder keeps the PREVIOUS version loaded beside the current one (two version
 that while the two services swap at slightly different moments each can still answer from the
 version the other one serves (``held``; the ranking service asks retrieval for its own version and
 ranks with whichever of its two matches the candidates), and a rollback to it swaps back at once.
+When the artifact root's arms file (``recsys_contracts.arms``) names a candidate version, it is
+loaded (and checked) beside them too, for the canary share of users; promoting it swaps it in at once.
 
 A candidate version's signature is checked against the holder's ``Trust`` before any other file
 is read, then its checksums against the manifest; then it is handed to the service's ``load``
@@ -34,6 +36,7 @@ from typing import Callable, Generic, TypeVar
 from prometheus_client import Counter
 
 from recsys_contracts import artifacts
+from recsys_contracts.arms import Arms, read_arms
 from recsys_contracts.signing import Trust
 
 T = TypeVar("T")
@@ -111,6 +114,10 @@ class VersionHolder(Generic[T]):
         self.version: int | None = None
         self.previous: T | None = None
         self.previous_version: int | None = None
+        self.candidate: T | None = None          # the arms file's candidate, when not current or previous
+        self.candidate_version: int | None = None
+        self.arms: Arms | None = None            # the arms as last read (recsys_contracts.arms)
+        self._arms_problem = ""                  # the last arms-file problem logged, so each is logged once
         self.stats = ReloadStats()
         self._task: asyncio.Task | None = None
         self._pointer_problem = ""      # the last CURRENT problem logged, so each is logged once
@@ -120,15 +127,17 @@ class VersionHolder(Generic[T]):
         return self.current is not None
 
     def held(self, version: int) -> T | None:
-        """The state of ``version`` when it is the current or the previous one, else None."""
+        """The state of ``version`` when it is the current, the previous or the candidate one, else None."""
         if version == self.version:
             return self.current
-        return self.previous if version == self.previous_version else None
+        if version == self.previous_version:
+            return self.previous
+        return self.candidate if version == self.candidate_version else None
 
     @property
     def held_versions(self) -> list[int]:
-        """The versions this holder can answer from, current first."""
-        return [v for v in (self.version, self.previous_version) if v is not None]
+        """The versions this holder can answer from: current, previous, candidate."""
+        return [v for v in (self.version, self.previous_version, self.candidate_version) if v is not None]
 
     def _target(self) -> int | None:
         """The version that should be serving now, or None while the volume has none."""
@@ -153,20 +162,56 @@ class VersionHolder(Generic[T]):
         return self.load(artifacts.version_dir(self.root, version), version)
 
     async def refresh(self) -> bool:
-        """Loads and swaps in the target version if it changed; True when a swap happened."""
+        """Loads and swaps in the target version if it changed, then follows the arms file (a
+        candidate version is loaded beside the current one); True when a swap happened."""
+        swapped = await self._follow_current()
+        await self._follow_arms()
+        return swapped
+
+    async def _follow_current(self) -> bool:
         target = self._target()
         if target is None or target == self.version or target in self.stats.refused_versions:
             return False
-        if target == self.previous_version:      # a rollback to the version just swapped out: no load
-            self._swap(self.previous, target)
+        if target in (self.previous_version, self.candidate_version):   # rollback or promotion: no load
+            self._swap(self.held(target), target)
             return True
+        state = await self._load(target, "serving")
+        if state is None:
+            return False
+        self._swap(state, target)
+        return True
+
+    async def _follow_arms(self) -> None:
+        """Keeps the arms file's candidate loaded (None when no arm is set or it is already held)."""
+        try:
+            arms = read_arms(self.root)
+        except (ValueError, OSError) as error:
+            if str(error) != self._arms_problem:
+                VERSION_REFUSED.labels("pointer").inc()
+                log.warning("cannot read the arms file, keeping the arms as they were: %s", str(error)[:300],
+                            extra={"code": "pointer"})
+            self._arms_problem = str(error)
+            return
+        self._arms_problem = ""
+        wanted = None if arms is None or arms.candidate in (self.version, self.previous_version) else arms.candidate
+        if wanted is not None and wanted != self.candidate_version and wanted not in self.stats.refused_versions:
+            state = await self._load(wanted, "candidate")
+            if state is None:
+                return
+            self.candidate, self.candidate_version = state, wanted
+        elif wanted is None:
+            self.candidate, self.candidate_version = None, None
+        self.arms = arms
+
+    async def _load(self, target: int, role: str) -> T | None:
+        """The loaded state of ``target``, or None when it is incomplete (retried) or refused (not again)."""
         started = time.perf_counter()
         try:
             with gil_shared_with_the_loop():
                 state = await asyncio.to_thread(self._load_sync, target)
         except artifacts.IncompleteVersionError as error:
             log.info("version %d is not complete yet, will retry: %s", target, error)
-            return False
+            return None
         except Exception as error:  # a broken version must never take the service down
             self.stats.refused += 1
             self.stats.last_error = f"version {target}: {error}"
@@ -177,13 +222,14 @@ class VersionHolder(Generic[T]):
                         str(error)[:500], extra={"version": target, "code": reason})
             if self.on_refuse is not None:
                 self.on_refuse(target, error)
-            return False
-        log.info("serving version %d (loaded in %.2f s)", target, time.perf_counter() - started)
-        self._swap(state, target)
-        return True
+            return None
+        log.info("loaded version %d as %s in %.2f s", target, role, time.perf_counter() - started)
+        return state
 
     def _swap(self, state: T, version: int) -> None:
         # Runs on the event loop between two awaits, so no request sees one reference moved without the other.
+        if version == self.candidate_version:                 # promoted: no longer a separate candidate
+            self.candidate, self.candidate_version = None, None
         self.previous, self.previous_version = self.current, self.version
         self.current, self.version = state, version        # the one-reference swap
         self.stats.loaded += 1

@@ -25,13 +25,15 @@ _sym_db = _symbol_database.Default()
 from recsys_contracts.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/ranking.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"f\n\x10RecommendOptions\x12\x16\n\x0enum_candidates\x18\x01 \x01(\x05\x12\x16\n\tdiversity\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x0cinclude_seen\x18\x03 \x01(\x08\x42\x0c\n\n_diversity\"\xc2\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.recsys.v1.RecommendOptions\x12.\n\ruser_features\x18\x05 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\x12\x0f\n\x07version\x18\x06 \x01(\x03\"l\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03\x63tr\x18\x03 \x01(\x02\x12\x18\n\x10predicted_rating\x18\x04 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x05 \x01(\x02\"\x98\x01\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x19\n\x11retrieval_version\x18\x02 \x01(\x03\x12\x17\n\x0franking_version\x18\x03 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x04 \x03(\x0e\x32\x17.recsys.v1.DegradedPath\"\x85\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12.\n\ruser_features\x18\x04 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\"\x92\x01\n\x0cRankResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x17\n\x0franking_version\x18\x02 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x03 \x03(\x0e\x32\x17.recsys.v1.DegradedPath\x12\x18\n\x10unknown_item_ids\x18\x04 \x03(\x03\"I\n\x19RecordInteractionsRequest\x12,\n\x0cinteractions\x18\x01 \x03(\x0b\x32\x16.recsys.v1.Interaction\".\n\x1aRecordInteractionsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x32\xf4\x01\n\x0eRankingService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse\x12\x61\n\x12RecordInteractions\x12$.recsys.v1.RecordInteractionsRequest\x1a%.recsys.v1.RecordInteractionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/ranking.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"f\n\x10RecommendOptions\x12\x16\n\x0enum_candidates\x18\x01 \x01(\x05\x12\x16\n\tdiversity\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x0cinclude_seen\x18\x03 \x01(\x08\x42\x0c\n\n_diversity\"\xc2\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.recsys.v1.RecommendOptions\x12.\n\ruser_features\x18\x05 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\x12\x0f\n\x07version\x18\x06 \x01(\x03\"l\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03\x63tr\x18\x03 \x01(\x02\x12\x18\n\x10predicted_rating\x18\x04 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x05 \x01(\x02\"\xb5\x01\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x19\n\x11retrieval_version\x18\x02 \x01(\x03\x12\x17\n\x0franking_version\x18\x03 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x04 \x03(\x0e\x32\x17.recsys.v1.DegradedPath\x12\x1b\n\x03\x61rm\x18\x05 \x01(\x0e\x32\x0e.recsys.v1.Arm\"\x85\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12.\n\ruser_features\x18\x04 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\"\x92\x01\n\x0cRankResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x17\n\x0franking_version\x18\x02 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x03 \x03(\x0e\x32\x17.recsys.v1.DegradedPath\x12\x18\n\x10unknown_item_ids\x18\x04 \x03(\x03\"I\n\x19RecordInteractionsRequest\x12,\n\x0cinteractions\x18\x01 \x03(\x0b\x32\x16.recsys.v1.Interaction\".\n\x1aRecordInteractionsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05*H\n\x03\x41rm\x12\x13\n\x0f\x41RM_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41RM_LIVE\x10\x01\x12\x0e\n\nARM_CANARY\x10\x02\x12\x0e\n\nARM_PINNED\x10\x03\x32\xf4\x01\n\x0eRankingService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse\x12\x61\n\x12RecordInteractions\x12$.recsys.v1.RecordInteractionsRequest\x1a%.recsys.v1.RecordInteractionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.ranking_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ARM']._serialized_start=1065
+  _globals['_ARM']._serialized_end=1137
   _globals['_RECOMMENDOPTIONS']._serialized_start=62
   _globals['_RECOMMENDOPTIONS']._serialized_end=164
   _globals['_RECOMMENDREQUEST']._serialized_start=167
@@ -39,15 +41,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREDITEM']._serialized_start=363
   _globals['_SCOREDITEM']._serialized_end=471
   _globals['_RECOMMENDRESPONSE']._serialized_start=474
-  _globals['_RECOMMENDRESPONSE']._serialized_end=626
-  _globals['_RANKREQUEST']._serialized_start=629
-  _globals['_RANKREQUEST']._serialized_end=762
-  _globals['_RANKRESPONSE']._serialized_start=765
-  _globals['_RANKRESPONSE']._serialized_end=911
-  _globals['_RECORDINTERACTIONSREQUEST']._serialized_start=913
-  _globals['_RECORDINTERACTIONSREQUEST']._serialized_end=986
-  _globals['_RECORDINTERACTIONSRESPONSE']._serialized_start=988
-  _globals['_RECORDINTERACTIONSRESPONSE']._serialized_end=1034
-  _globals['_RANKINGSERVICE']._serialized_start=1037
-  _globals['_RANKINGSERVICE']._serialized_end=1281
+  _globals['_RECOMMENDRESPONSE']._serialized_end=655
+  _globals['_RANKREQUEST']._serialized_start=658
+  _globals['_RANKREQUEST']._serialized_end=791
+  _globals['_RANKRESPONSE']._serialized_start=794
+  _globals['_RANKRESPONSE']._serialized_end=940
+  _globals['_RECORDINTERACTIONSREQUEST']._serialized_start=942
+  _globals['_RECORDINTERACTIONSREQUEST']._serialized_end=1015
+  _globals['_RECORDINTERACTIONSRESPONSE']._serialized_start=1017
+  _globals['_RECORDINTERACTIONSRESPONSE']._serialized_end=1063
+  _globals['_RANKINGSERVICE']._serialized_start=1140
+  _globals['_RANKINGSERVICE']._serialized_end=1384
 # @@protoc_insertion_point(module_scope)

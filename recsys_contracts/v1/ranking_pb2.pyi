@@ -1,11 +1,23 @@
 from recsys_contracts.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Arm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ARM_UNSPECIFIED: _ClassVar[Arm]
+    ARM_LIVE: _ClassVar[Arm]
+    ARM_CANARY: _ClassVar[Arm]
+    ARM_PINNED: _ClassVar[Arm]
+ARM_UNSPECIFIED: Arm
+ARM_LIVE: Arm
+ARM_CANARY: Arm
+ARM_PINNED: Arm
 
 class RecommendOptions(_message.Message):
     __slots__ = ("num_candidates", "diversity", "include_seen")
@@ -48,16 +60,18 @@ class ScoredItem(_message.Message):
     def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., ctr: _Optional[float] = ..., predicted_rating: _Optional[float] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "retrieval_version", "ranking_version", "degraded")
+    __slots__ = ("items", "retrieval_version", "ranking_version", "degraded", "arm")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANKING_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     retrieval_version: int
     ranking_version: int
     degraded: _containers.RepeatedScalarFieldContainer[_common_pb2.DegradedPath]
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., retrieval_version: _Optional[int] = ..., ranking_version: _Optional[int] = ..., degraded: _Optional[_Iterable[_Union[_common_pb2.DegradedPath, str]]] = ...) -> None: ...
+    arm: Arm
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., retrieval_version: _Optional[int] = ..., ranking_version: _Optional[int] = ..., degraded: _Optional[_Iterable[_Union[_common_pb2.DegradedPath, str]]] = ..., arm: _Optional[_Union[Arm, str]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
     __slots__ = ("user_id", "item_ids", "context", "user_features")

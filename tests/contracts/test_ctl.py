@@ -9,6 +9,7 @@ import numpy as np
 import redis
 
 from recsys_contracts import artifacts, feature_store
+from recsys_contracts.arms import Arms, read_arms
 from recsys_serving import ctl
 from tests.factories import publish_tiny_version
 from tests.ranking.test_untrusted_versions import publish_copy
@@ -26,6 +27,7 @@ def test_promote_show_and_rollback(tmp_path, capsys, redis_url, redis_namespace)
     second = publish_copy(tmp_path, first, lambda staging: None, signed=True)
     assert _ctl(tmp_path, "show") == 0
     assert capsys.readouterr().out.splitlines()[1:] == [
+        "arms: none",
         f"{second:>6}  staged  " + artifacts.read_manifest(tmp_path, second).created_at,
         f"{first:>6}  live    " + artifacts.read_manifest(tmp_path, first).created_at]
     assert _ctl(tmp_path, "--redis-url", redis_url, "--redis-namespace", redis_namespace, "promote", str(second)) == 0
@@ -52,6 +54,35 @@ def test_a_broken_bundle_is_not_promoted_and_rollback_needs_an_older_version(tmp
     assert artifacts.current_version(tmp_path) == first
     assert _ctl(tmp_path, "rollback") == 1
     assert f"rollback needs a version below CURRENT ({first})" in capsys.readouterr().err
+
+
+def test_a_canary_arm_is_set_shown_kept_by_retention_and_cleared_by_promotion(tmp_path, capsys):
+    first = publish_tiny_version(tmp_path, 0)
+    candidate = publish_copy(tmp_path, first, lambda staging: None, signed=True)
+    newest = publish_copy(tmp_path, first, lambda staging: None, signed=True)
+    assert _ctl(tmp_path, "arms", "set", "--candidate", str(candidate), "--canary-percent", "5") == 0
+    assert read_arms(tmp_path) == Arms(candidate, 5.0)
+    assert _ctl(tmp_path, "show") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"version {candidate} serves 5 % of users (canary)"
+    assert lines[2] == f"arms: candidate {candidate} for 5 % of users"
+    assert lines[3].startswith(f"{newest:>6}  staged") and lines[4].startswith(f"{candidate:>6}  canary")
+    assert artifacts.current_version(tmp_path) == first            # a canary does not move CURRENT
+    assert artifacts.apply_retention(tmp_path, 1) == []             # newest, CURRENT and the candidate stay
+    assert _ctl(tmp_path, "promote", str(candidate)) == 0
+    assert artifacts.current_version(tmp_path) == candidate and read_arms(tmp_path) is None
+    assert artifacts.apply_retention(tmp_path, 1) == [first]
+    assert newest in artifacts.list_versions(tmp_path)
+
+
+def test_a_broken_candidate_is_not_set_as_an_arm(tmp_path, capsys):
+    first = publish_tiny_version(tmp_path, 0)
+    bad = publish_copy(tmp_path, first, lambda folder: (folder / "ranker.onnx").write_bytes(b"junk"), signed=True)
+    assert _ctl(tmp_path, "arms", "set", "--candidate", str(bad), "--canary-percent", "5") == 1
+    assert "arms failed: ranker program must be an ONNX model" in capsys.readouterr().err
+    assert read_arms(tmp_path) is None
+    assert _ctl(tmp_path, "arms", "set", "--candidate", str(first), "--canary-percent", "150") == 1
+    assert "canary_percent must be a number in [0, 100], got 150.0" in capsys.readouterr().err
 
 
 def test_the_module_runs_and_needs_a_root(tmp_path):

@@ -1,6 +1,7 @@
-"""Retrieval keeps its previous version beside the current one and answers from the version asked
-for when it holds it (the ranking service asks for its own), else from its current one; a rollback
-to the previous version swaps back without loading anything."""
+"""Retrieval keeps its previous version (and the arms file's candidate) beside the current one and
+answers from the version asked for when it holds it (the ranking service asks for its own), else from
+its current one; a rollback to the previous version or a promotion of the candidate swaps without
+loading anything."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import grpc
 import pytest
 
 from recsys_contracts import artifacts
+from recsys_contracts.arms import ARMS_FILE, Arms, write_arms
 from recsys_serving.reload import VersionHolder
 from tests.ranking.test_untrusted_versions import publish_copy
 from tests.retrieval.harness import config, retrieve, serve
@@ -51,3 +53,36 @@ def test_answers_from_the_asked_version_when_held_else_the_current_one(published
     assert error.details() == "version must be >= 0 (0 = the current version), got -1"
     assert after_rollback == (version, newer)
     assert loads == [version, newer]                   # the rollback loaded nothing
+
+
+def test_the_arms_candidate_is_held_beside_current_and_promoted_without_a_load(published, loaded, tmp_path):
+    source, version = published
+    root = tmp_path / "artifacts"
+    shutil.copytree(source, root)
+    candidate = publish_copy(root, version, lambda staging: None, signed=True)
+    loads = []
+
+    def load(directory, v):
+        loads.append(v)
+        return dataclasses.replace(loaded, version=v)
+
+    async def body():
+        holder = VersionHolder(root, load, trust=TRUST, poll_interval_s=60)
+        (root / ARMS_FILE).write_text("garbage")                  # unreadable: logged, no candidate
+        await holder.refresh()
+        steps = [(holder.held_versions, holder.arms)]
+        write_arms(root, Arms(candidate=candidate, canary_percent=10))
+        await holder.refresh()
+        steps.append((holder.held_versions, holder.arms))
+        artifacts.set_current(root, candidate)                    # promotion
+        await holder.refresh()
+        steps.append((holder.held_versions, holder.arms))
+        write_arms(root, None)
+        await holder.refresh()
+        steps.append((holder.held_versions, holder.arms))
+        return steps
+
+    steps = asyncio.run(body())
+    assert steps == [([version], None), ([version, candidate], Arms(candidate, 10.0)),
+                     ([candidate, version], Arms(candidate, 10.0)), ([candidate, version], None)]
+    assert loads == [version, candidate]                          # the promotion loaded nothing
