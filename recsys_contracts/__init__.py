@@ -8,6 +8,7 @@ would otherwise each need their own copy of it and must never disagree:
 - ``feature_store``: the Redis key format, the row/vector codec and the batch read/write helpers.
 - ``bundle``: what one version holds (file names, ``serving.json``, the score rule, the tables), the
   self-check both services run before serving it (``verify_bundle``) and the go-live order (``go_live``).
+- ``arms``: the traffic-arms file on the artifact volume (a canary candidate) and the sticky user split.
 
 Business logic, models, feature engineering and service code do not belong here. This package
 imports nothing from ``trainer``, ``retrieval_service`` or ``ranking_service`` (a test enforces it).
