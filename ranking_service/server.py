@@ -35,6 +35,7 @@ from ranking_service.features import FeatureStore, StoreUnavailable
 from ranking_service.pipeline import Answer, Pipeline, RetrievalUnavailable, VersionNotHeld
 from ranking_service.refill import run_refiller
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient
+from ranking_service.shadow import Shadow
 from ranking_service.state import ServingState, load_state
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from recsys_serving import env, runtime
@@ -72,6 +73,7 @@ class RankingApp:
         self.candidates = candidates if candidates is not None else RetrievalClient(config)
         self.pipeline = Pipeline(features=self.features, batcher=self.batcher, candidates=self.candidates,
                                  fallback=config.fallback, held=self.holder.held)
+        self.shadow = Shadow(self.pipeline, config, self.holder, self._spawn)
         self.in_flight = 0
         self._tasks: set[asyncio.Task] = set()
 
@@ -191,6 +193,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             if arm == ranking_pb2.ARM_CANARY and answer.ranking_version != state.version:
                 arm = ranking_pb2.ARM_LIVE       # retrieval did not hold the candidate: the live version answered
             metrics.ARM_ANSWERS.labels(ranking_pb2.Arm.Name(arm)).inc()
+            if arm == ranking_pb2.ARM_LIVE:
+                self.app.shadow.maybe_start(request, answer, request_id)
             return ranking_pb2.RecommendResponse(items=_scored_items(answer), retrieval_version=answer.retrieval_version,
                                                  ranking_version=answer.ranking_version,
                                                  degraded=_count_degraded(answer), arm=arm)

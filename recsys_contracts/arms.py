@@ -1,12 +1,14 @@
-"""Traffic arms: a candidate version served to a sticky canary share of users, set on the artifact volume.
+"""Traffic arms: a candidate version served to a sticky canary share of users, and shadowing a sample
+of the rest, set on the artifact volume.
 
 Format: ``<root>/ARMS.json`` beside ``CURRENT``, replaced atomically (write a temporary file, fsync,
 rename, fsync the root); absent = no arm, every user is served CURRENT::
 
-    {"candidate": 7, "canary_percent": 5.0}
+    {"candidate": 7, "canary_percent": 5.0, "shadow_percent": 10.0}
 
 ``candidate`` is a published version (>= 1); ``canary_percent`` in [0, 100] is the share of users it
-serves. Both services read the file when they poll CURRENT (configuration, not a redeploy: in
+serves; ``shadow_percent`` in [0, 100] (optional, default 0) is the share of the other requests it
+also answers off the answer path, for comparison metrics only. Both services read the file when they poll CURRENT (configuration, not a redeploy: in
 Kubernetes it lives on the artifact volume) and keep the candidate loaded beside CURRENT; the ranking
 service routes a user to it when ``in_canary(user_id, canary_percent)``. The bucket of a user is a
 hash of the id (sha256, not Python's per-process salted ``hash``), so every process and every
@@ -33,6 +35,7 @@ class Arms:
 
     candidate: int
     canary_percent: float
+    shadow_percent: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.candidate, bool) or not isinstance(self.candidate, int) or self.candidate < 1:
@@ -40,10 +43,13 @@ class Arms:
         if isinstance(self.canary_percent, bool) or not isinstance(self.canary_percent, (int, float)) \
                 or not math.isfinite(self.canary_percent) or not 0 <= self.canary_percent <= 100:
             raise ValueError(f"canary_percent must be a number in [0, 100], got {self.canary_percent!r}")
+        if isinstance(self.shadow_percent, bool) or not isinstance(self.shadow_percent, (int, float)) \
+                or not math.isfinite(self.shadow_percent) or not 0 <= self.shadow_percent <= 100:
+            raise ValueError(f"shadow_percent must be a number in [0, 100], got {self.shadow_percent!r}")
 
     def to_json(self) -> str:
-        return json.dumps({"candidate": self.candidate, "canary_percent": float(self.canary_percent)},
-                          sort_keys=True) + "\n"
+        return json.dumps({"candidate": self.candidate, "canary_percent": float(self.canary_percent),
+                           "shadow_percent": float(self.shadow_percent)}, sort_keys=True) + "\n"
 
 
 def user_bucket(user_id: str) -> float:
@@ -71,9 +77,12 @@ def read_arms(root: str | Path) -> Arms | None:
         body = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{ARMS_FILE} must be a JSON object, got unparsable text ({str(error)[:64]})") from None
-    if not isinstance(body, dict) or set(body) != {"candidate", "canary_percent"}:
-        raise ValueError(f"{ARMS_FILE} must hold exactly candidate and canary_percent, got {str(body)[:64]}")
-    return Arms(candidate=body["candidate"], canary_percent=body["canary_percent"])
+    if not isinstance(body, dict) or not {"candidate", "canary_percent"} <= set(body) \
+            or not set(body) <= {"candidate", "canary_percent", "shadow_percent"}:
+        raise ValueError(f"{ARMS_FILE} must hold candidate, canary_percent and optionally shadow_percent, "
+                         f"got {str(body)[:64]}")
+    return Arms(candidate=body["candidate"], canary_percent=body["canary_percent"],
+                shadow_percent=body.get("shadow_percent", 0.0))
 
 
 def write_arms(root: str | Path, arms: Arms | None) -> None:

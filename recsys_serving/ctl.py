@@ -8,9 +8,10 @@
   version they served before loaded, so requests in flight and pinned ones still find it;
 - ``rollback [--to N]``: the same go-live for N, by default the newest version below CURRENT; a
   service that still holds it as its previous version swaps back without loading anything;
-- ``arms set --candidate N --canary-percent P`` / ``arms clear``: the candidate version N (verified
-  like a promotion, its features written with ``--redis-url``, CURRENT unchanged) serves the sticky
-  P % canary share of users (``recsys_contracts.arms``); both services load it beside CURRENT.
+- ``arms set --candidate N --canary-percent P [--shadow-percent S]`` / ``arms clear``: the candidate
+  version N (verified like a promotion, its features written with ``--redis-url``, CURRENT unchanged)
+  serves the sticky P % canary share of users and shadows S % of the other requests
+  (``recsys_contracts.arms``, ``ranking_service.shadow``); both services load it beside CURRENT.
   ``promote N`` of the candidate clears the arms once N is live.
 
 Trust comes from ``--trusted-keys`` (default ``RECSYS_TRUSTED_KEYS``), as for the services: a version
@@ -34,7 +35,8 @@ def show(root: Path) -> str:
     current = artifacts.current_version(root)
     arms = read_arms(root)
     lines = [f"CURRENT {current if current is not None else '(none)'} under {root}",
-             f"arms: candidate {arms.candidate} for {arms.canary_percent:g} % of users" if arms else "arms: none"]
+             f"arms: candidate {arms.candidate} for {arms.canary_percent:g} % of users, shadowing "
+             f"{arms.shadow_percent:g} % of the rest" if arms else "arms: none"]
     for version in reversed(artifacts.list_versions(root)):
         try:
             created = artifacts.read_manifest(root, version).created_at
@@ -79,10 +81,11 @@ def _arms(root: Path, args: argparse.Namespace) -> str:
     if args.arms_command == "clear":
         write_arms(root, None)
         return "arms cleared: every user is served CURRENT"
-    arms = Arms(candidate=args.candidate, canary_percent=args.canary_percent)
+    arms = Arms(candidate=args.candidate, canary_percent=args.canary_percent, shadow_percent=args.shadow_percent)
     _go_live(root, arms.candidate, args, candidate_only=True)
     write_arms(root, arms)
-    return f"version {arms.candidate} serves {arms.canary_percent:g} % of users (canary)"
+    return (f"version {arms.candidate} serves {arms.canary_percent:g} % of users (canary) and shadows "
+            f"{arms.shadow_percent:g} % of the other requests")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     set_arms = arms_sub.add_parser("set", help="a candidate version for a sticky share of users")
     set_arms.add_argument("--candidate", type=int, required=True)
     set_arms.add_argument("--canary-percent", type=float, required=True, help="share of users in [0, 100]")
+    set_arms.add_argument("--shadow-percent", type=float, default=0.0,
+                          help="share of the other requests the candidate also answers off the answer path")
     arms_sub.add_parser("clear", help="no arm: every user is served CURRENT")
     args = parser.parse_args(argv)
     if args.root is None:

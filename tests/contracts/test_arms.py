@@ -31,13 +31,17 @@ def test_the_bucket_is_a_fixed_function_of_the_id():
 def test_arms_round_trip_and_clear(tmp_path):
     assert read_arms(tmp_path) is None
     write_arms(tmp_path, Arms(candidate=3, canary_percent=5))
-    assert read_arms(tmp_path) == Arms(3, 5.0)
+    assert read_arms(tmp_path) == Arms(3, 5.0, 0.0)
+    (tmp_path / ARMS_FILE).write_text('{"candidate": 3, "canary_percent": 0, "shadow_percent": 10}')
+    assert read_arms(tmp_path) == Arms(3, 0.0, 10.0)
     write_arms(tmp_path, None)
     assert read_arms(tmp_path) is None and not (tmp_path / ARMS_FILE).exists()
 
 
 @pytest.mark.parametrize("text, message", [
-    ("not json", "must be a JSON object"), ('{"candidate": 2}', "must hold exactly candidate and canary_percent"),
+    ("not json", "must be a JSON object"), ('{"candidate": 2}', "must hold candidate, canary_percent and optionally"),
+    ('{"candidate": 2, "canary_percent": 5, "x": 1}', "must hold candidate, canary_percent and optionally"),
+    ('{"candidate": 2, "canary_percent": 5, "shadow_percent": -1}', r"shadow_percent must be a number in \[0, 100\]"),
     ('{"candidate": 0, "canary_percent": 5}', "candidate must be a version number >= 1, got 0"),
     ('{"candidate": 2, "canary_percent": 101}', r"canary_percent must be a number in \[0, 100\], got 101")])
 def test_a_bad_arms_file_names_the_problem(tmp_path, text, message):

@@ -60,12 +60,13 @@ def test_a_canary_arm_is_set_shown_kept_by_retention_and_cleared_by_promotion(tm
     first = publish_tiny_version(tmp_path, 0)
     candidate = publish_copy(tmp_path, first, lambda staging: None, signed=True)
     newest = publish_copy(tmp_path, first, lambda staging: None, signed=True)
-    assert _ctl(tmp_path, "arms", "set", "--candidate", str(candidate), "--canary-percent", "5") == 0
-    assert read_arms(tmp_path) == Arms(candidate, 5.0)
+    assert _ctl(tmp_path, "arms", "set", "--candidate", str(candidate), "--canary-percent", "5",
+                "--shadow-percent", "10") == 0
+    assert read_arms(tmp_path) == Arms(candidate, 5.0, 10.0)
     assert _ctl(tmp_path, "show") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"version {candidate} serves 5 % of users (canary)"
-    assert lines[2] == f"arms: candidate {candidate} for 5 % of users"
+    assert lines[0] == f"version {candidate} serves 5 % of users (canary) and shadows 10 % of the other requests"
+    assert lines[2] == f"arms: candidate {candidate} for 5 % of users, shadowing 10 % of the rest"
     assert lines[3].startswith(f"{newest:>6}  staged") and lines[4].startswith(f"{candidate:>6}  canary")
     assert artifacts.current_version(tmp_path) == first            # a canary does not move CURRENT
     assert artifacts.apply_retention(tmp_path, 1) == []             # newest, CURRENT and the candidate stay
