@@ -43,7 +43,7 @@ def test_redis_freeze_scaled_down(published, ml100k_dir, tmp_path):
 def test_shadow_scaled_down_stages_a_candidate_and_changes_no_answer(published, ml100k_dir, tmp_path):
     root, _ = published
     scenario = dataclasses.replace(SCENARIOS["shadow"], duration_s=6.0, fault_at_s=1.0, settle_s=3.0,
-                                   fault=functools.partial(shadow_on, shadow_percent=100.0))
+                                   fault=functools.partial(shadow_on, shadow_percent=100.0, load_wait_s=0.5))
     config = LoadConfig(rate=20, deadline_ms=2000, users_from=str(ml100k_dir), warmup_s=0.5)
     document, outcomes = asyncio.run(run_scenario(scenario, config, None, tmp_path, source_root=root))
     assert (document["fault"]["candidate"], document["fault"]["shadow_percent"]) == (2, 100.0)
