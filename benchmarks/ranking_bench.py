@@ -93,7 +93,7 @@ def use_published(source: Path, root: Path, redis_url: str, namespace: str) -> t
     import redis
 
     from recsys_contracts import artifacts, feature_store
-    from recsys_contracts.version_files import load_tables
+    from recsys_contracts.bundle import load_tables
 
     shutil.copytree(source, root, dirs_exist_ok=True, ignore=shutil.ignore_patterns(artifacts.STAGING_DIR))
     version = artifacts.resolve(root, None)

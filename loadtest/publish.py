@@ -10,10 +10,11 @@ Two sources, both through the artifact contract's own ``recsys_contracts.artifac
   or to the tiny synthetic dataset when no data directory is given. Untrained weights cost the
   same to serve as trained ones of the same shape, which is what a load test measures.
 
-With a Redis URL (``--redis-url``; the scenarios' ``Stack`` does not pass one by default), each
-version's features are written to Redis (and marked complete) BEFORE ``CURRENT`` moves to it, the
-trainer's order, so the services read the new version's features from Redis from their first
-request on it instead of degrading to the artifact's copy.
+Every version goes live through ``recsys_contracts.bundle.go_live``, the trainer's own order: the
+whole bundle verified, then (with a Redis URL, ``--redis-url``; the scenarios' ``Stack`` does not
+pass one by default) its features written to Redis and marked complete, and only then ``CURRENT``
+moved to it, so the services read the new version's features from Redis from their first request on
+it instead of degrading to the artifact's copy.
 
 Runs in its own process (the ``Stack`` starts it): copying and exporting would steal the load
 generator's event loop.
@@ -26,7 +27,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from recsys_contracts import artifacts
+import redis
+
+from recsys_contracts import artifacts, bundle, feature_store
 from recsys_contracts.signing import Signer
 
 
@@ -37,27 +40,19 @@ class FeatureTarget:
     redis_url: str
     namespace: str
 
-    def write(self, root: Path, version: int) -> None:
-        """The version's tables into Redis, marked complete (``feature_store.write_tables``)."""
-        import redis  # noqa: PLC0415
-
-        from recsys_contracts import feature_store  # noqa: PLC0415
-        from recsys_contracts.version_files import load_tables  # noqa: PLC0415
-
-        tables = load_tables(artifacts.version_dir(root, version))
-        client = redis.Redis.from_url(self.redis_url, socket_timeout=10)
-        try:
-            feature_store.write_tables(client, feature_store.KeyFormat(self.namespace), version, tables,
-                                       user_ids=tables.user_ids, item_ids=tables.item_ids)
-        finally:
-            client.close()
 
 
 def _go_live(root: Path, version: int, features: FeatureTarget | None) -> int:
-    # Files are complete and verified, then the features, then the pointer: the go-live order.
-    if features is not None:
-        features.write(root, version)
-    artifacts.set_current(root, version)
+    """``bundle.go_live``: bundle verified, features in Redis marked complete, then CURRENT."""
+    if features is None:
+        bundle.go_live(root, version, trust=None)
+        return version
+    client = redis.Redis.from_url(features.redis_url, socket_timeout=10)
+    try:
+        bundle.go_live(root, version, trust=None, redis_client=client,
+                       keys=feature_store.KeyFormat(features.namespace))
+    finally:
+        client.close()
     return version
 
 

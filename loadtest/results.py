@@ -50,7 +50,9 @@ def latency_stats(latencies_s: Sequence[float]) -> dict[str, float]:
 
 
 def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict:
-    """Counts, throughput (successful replies per second of ``duration_s``), latency, codes, flags, versions."""
+    """Counts, throughput (successful replies per second of ``duration_s``), latency, codes, flags, versions,
+    and ``mixed_versions``: successful answers whose candidates came from another version than the one
+    that ranked them (retrieval version 0, the popular fallback without retrieval, is not mixed)."""
     if not (math.isfinite(duration_s) and duration_s > 0):
         raise ValueError(f"duration_s must be a finite number > 0, got {duration_s!r}")
     ok = [o for o in outcomes if o.code == "OK"]
@@ -73,7 +75,12 @@ def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict:
         "degraded": dict(sorted(Counter(flag for o in outcomes for flag in o.degraded).items())),
         "versions": {role: dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
                      for role, counts in sorted(versions.items())},
+        "mixed_versions": sum(1 for o in ok if _mixed(dict(o.versions))),
     }
+
+
+def _mixed(versions: dict[str, int]) -> bool:
+    return versions.get("retrieval", 0) != 0 and "ranking" in versions and versions["retrieval"] != versions["ranking"]
 
 
 def window(outcomes: Sequence[Outcome], start_s: float, end_s: float) -> list[Outcome]:
@@ -142,5 +149,6 @@ def format_summary(summary: dict, title: str = "") -> str:
         lines.append("  degraded: " + ", ".join(f"{flag}={n}" for flag, n in summary["degraded"].items()))
     if summary["versions"]:
         lines.append("  versions: " + "; ".join(f"{role} " + ", ".join(f"v{v}={n}" for v, n in counts.items())
-                                                for role, counts in summary["versions"].items()))
+                                                for role, counts in summary["versions"].items())
+                     + f"; mixed-version answers={summary.get('mixed_versions', 0)}")
     return "\n".join(lines)

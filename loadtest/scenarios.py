@@ -38,6 +38,9 @@ from loadtest.output import save_run
 from loadtest.results import Outcome, elapsed_s, latency_stats, summarize, window
 from loadtest.stack import Stack
 from loadtest.users import load_population
+from recsys_contracts import artifacts
+from recsys_contracts.arms import Arms, write_arms
+from recsys_contracts.signing import signer_for
 
 # Users of the synthetic tiny dataset (tests.factories.tiny_dataset): "1".."80".
 SYNTHETIC_USERS = "80"
@@ -48,6 +51,28 @@ Fault = Callable[[Stack], Awaitable[dict]]
 async def hot_reloads(stack: Stack, count: int, interval_s: float) -> dict:
     await stack.publish(count, interval_s)
     return {"published": count}
+
+
+async def shadow_on(stack: Stack, shadow_percent: float, load_wait_s: float) -> dict:
+    """Stages a copy of the live version as the candidate, names it in the arms file with no traffic,
+    waits ``load_wait_s`` for both services to load it, then shadows ``shadow_percent`` % of requests
+    with it: "before" runs without shadow, "after" with, the candidate's load falls in "during"."""
+    live = artifacts.current_version(stack.root)
+    manifest = artifacts.read_manifest(stack.root, live)
+    source = artifacts.version_dir(stack.root, live)
+
+    def copy(staging: Path) -> None:
+        for rel in manifest.files:
+            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / rel, staging / rel)
+
+    candidate = await asyncio.to_thread(artifacts.publish, stack.root, copy, data=manifest.data,
+                                        config=manifest.config, metrics=manifest.metrics, extra=manifest.extra,
+                                        make_current=False, signer=signer_for())
+    write_arms(stack.root, Arms(candidate=candidate, canary_percent=0.0, shadow_percent=0.0))
+    await asyncio.sleep(load_wait_s)
+    write_arms(stack.root, Arms(candidate=candidate, canary_percent=0.0, shadow_percent=shadow_percent))
+    return {"candidate": candidate, "shadow_percent": shadow_percent, "load_wait_s": load_wait_s}
 
 
 async def redis_kill(stack: Stack, down_s: float) -> dict:
@@ -110,6 +135,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("ramp", "open-loop steps of +50 req/s until p99 exceeds the target", duration_s=150, mode="ramp"),
     Scenario("hot-reloads", "10 new versions published 1 s apart", duration_s=60, fault_at_s=5,
              fault=functools.partial(hot_reloads, count=10, interval_s=1.0)),
+    Scenario("shadow", "a candidate (a copy of the live version) is loaded from 25 s on, then shadows 10 % "
+             "of requests", duration_s=80, fault_at_s=25,
+             fault=functools.partial(shadow_on, shadow_percent=10.0, load_wait_s=15.0), settle_s=5.0),
     Scenario("redis-kill", "redis-server killed (-9), restarted empty after fault_s", duration_s=55,
              fault=redis_kill, fault_s=30.0),
     Scenario("redis-freeze", "redis-server frozen (SIGSTOP) for fault_s", duration_s=35,

@@ -48,5 +48,19 @@ RETRIEVAL_BREAKER_TRANSITIONS = Counter("ranking_retrieval_breaker_transitions",
                                         "Retrieval circuit breaker state changes, by the state entered", ["to"])
 DCN_BATCH_JOBS = Histogram("ranking_dcn_batch_jobs", "Scoring jobs merged into one DCN forward pass",
                            buckets=(1, 2, 4, 8, 16, 32, 64))
+ARM_ANSWERS = Counter("ranking_arm_answers", "Recommend answers by the arm that answered "
+                      "(ARM_LIVE, ARM_CANARY, ARM_PINNED)", ["arm"])
+SHADOW_RUNS = Counter("ranking_shadow_runs", "Shadow runs of the candidate version, by result (scored, "
+                      "skipped: too many in flight, not_candidate: retrieval did not hold it, failed)", ["result"])
+SHADOW_OVERLAP = Histogram("ranking_shadow_overlap_at_k", "Share of the served top k also in the candidate's top k",
+                           buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.999, 1.0))
+SHADOW_RANK_CORRELATION = Histogram("ranking_shadow_rank_correlation",
+                                    "Kendall's tau of the items the served and the candidate's lists share",
+                                    buckets=(-0.5, 0.0, 0.25, 0.5, 0.75, 0.9, 0.999, 1.0))
+VERSION_MATCH = Counter("ranking_version_match",
+                        "Recommend answers by how the ranking version met retrieval's: same (retrieval "
+                        "answered from the version asked for), held (ranked with the other version this "
+                        "service holds, to match), mixed (retrieval answered from a version this service "
+                        "does not hold)", ["result"])
 MODEL_FALLBACK_ROWS = Counter("ranking_model_fallback_rows",
                               "Candidates whose model output was not finite (ranked last by retrieval score)")

@@ -16,6 +16,11 @@ Recommend, for one ``ServingState`` snapshot:
    admission slot with it. A refusal (RESOURCE_EXHAUSTED) is fast and does not count;
 4. the best k come out in score order, or in MMR order over the item embeddings.
 
+Every answer comes from one version: the Retrieve call asks for the version this request started
+on, and the candidates are ranked by whichever version retrieval answered from when this service
+still holds it (``held``: its current or previous one), its features read under that version. So
+while the two services swap at slightly different moments, retrieval_version == ranking_version.
+
 A retrieval INVALID_ARGUMENT is the caller's error (retrieval validated a field we passed through),
 so it surfaces as INVALID_ARGUMENT, not as a fallback.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -49,6 +55,10 @@ BREAKER_MIN_BUDGET_S = 0.05     # a retrieval timeout counts towards the breaker
 
 class RetrievalUnavailable(Exception):
     """Retrieval failed and the server is configured not to fall back (RANKING_FALLBACK=unavailable)."""
+
+
+class VersionNotHeld(Exception):
+    """A request pinned a version that a service does not hold (FAILED_PRECONDITION)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,9 +126,11 @@ class _Pool:
 
 class Pipeline:
     def __init__(self, *, features: FeatureStore, batcher: MicroBatcher, candidates: CandidateSource,
-                 fallback: str, breaker: CircuitBreaker) -> None:
+                 fallback: str, breaker: CircuitBreaker,
+                 held: Callable[[int], ServingState | None] = lambda version: None) -> None:
         self.features, self.batcher, self.candidates, self.fallback = features, batcher, candidates, fallback
         self.breaker = breaker
+        self.held = held               # version -> its loaded state when held (VersionHolder.held)
 
     async def score(self, state: ServingState, view: UserView, timestamp: int, ids: np.ndarray,
                     retrieval_scores: np.ndarray, arrival: np.ndarray) -> Scored:
@@ -154,6 +166,7 @@ class Pipeline:
             if not pools:
                 pools.append(_Pool(self, state, query, await view_task))
             pool = pools[0]
+            state = pool.state                         # the version retrieval answered from, when held
             if failure:
                 self._fall_back(state, pool, failure, request_id)
                 flags.add(common_pb2.DEGRADED_PATH_POPULAR_FALLBACK)
@@ -180,6 +193,7 @@ class Pipeline:
             return retrieval_version, flags, CIRCUIT_OPEN
         budget_s = retrieval_deadline - loop.time()
         started = time.perf_counter()
+        query.retrieve.version = state.version    # this request's own message: answer from our version
         try:
             async with asyncio.timeout_at(retrieval_deadline):
                 stream = self.candidates.stream(query.retrieve, max(retrieval_deadline - loop.time(), 0.001),
@@ -188,8 +202,7 @@ class Pipeline:
                     retrieval_version = chunk.model_version
                     flags.update(chunk.degraded)
                     if not pools:
-                        # shield: a retrieval timeout must not cancel the feature read the fallback needs
-                        pools.append(_Pool(self, state, query, await asyncio.shield(view_task)))
+                        pools.append(await self._pool_for(state, retrieval_version, query, view_task))
                     if len(chunk.item_ids) != len(chunk.scores):   # a broken peer: treat as a failed retrieval
                         log.error("retrieval sent a chunk with %d item_ids but %d scores (expected equal "
                                   "lengths)", len(chunk.item_ids), len(chunk.scores), extra={"request_id": request_id})
@@ -212,6 +225,30 @@ class Pipeline:
         self.breaker.record_success()
         metrics.STAGE_SECONDS.labels("retrieval_stream").observe(time.perf_counter() - started)
         return retrieval_version, flags, ""
+
+    async def _pool_for(self, state: ServingState, version: int, query: RecommendQuery,
+                        view_task: asyncio.Future) -> _Pool:
+        """The pool ranked by ``version``'s state: ours, else the held one retrieval answered from
+        (its user features read under that version), else ours (a mixed answer, counted). The
+        request's features were encoded with our spec: another version's must encode them alike."""
+        if query.pinned_version and version != state.version:
+            raise VersionNotHeld(f"version {query.pinned_version} is not held by the retrieval service "
+                                 f"(it answered from version {version})")
+        matching = None if version == state.version else self.held(version)
+        if matching is not None and query.overrides.has_features and \
+                (matching.spec.user_categorical, matching.spec.user_numeric) != \
+                (state.spec.user_categorical, state.spec.user_numeric):
+            matching = None
+        if version == state.version:
+            metrics.VERSION_MATCH.labels("same").inc()
+        elif matching is not None:
+            metrics.VERSION_MATCH.labels("held").inc()
+            return _Pool(self, matching, query, await self.features.user_view(matching, query.user_id,
+                                                                              query.overrides))
+        else:
+            metrics.VERSION_MATCH.labels("mixed").inc()
+        # shield: a retrieval timeout must not cancel the feature read the fallback needs
+        return _Pool(self, state, query, await asyncio.shield(view_task))
 
     def _fall_back(self, state: ServingState, pool: _Pool, failure: str, request_id: str) -> None:
         """Fills the pool up to num_candidates with popular items (chunks already scored stay); their

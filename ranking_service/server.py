@@ -12,6 +12,7 @@ Every RPC goes through ``_serve``, which owns the status codes:
 - UNAVAILABLE while no version is loaded, when retrieval fails with fallback disabled, or when
   Redis does not take recorded interactions;
 - INVALID_ARGUMENT with the ValueError's message naming the field and value;
+- FAILED_PRECONDITION when a Recommend pins a version a service does not hold (the held ones named);
 - INTERNAL for anything unexpected (logged with its traceback; never sent on the wire).
 
 ``RankingApp`` is the composition: version holder, feature store, refiller, DCN batcher, retrieval
@@ -30,13 +31,14 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from ranking_service import display, metrics, validation
+from ranking_service import arms, display, metrics, validation
 from ranking_service.batching import MicroBatcher
 from ranking_service.config import RankingConfig
 from ranking_service.features import FeatureStore, StoreUnavailable, redis_breaker
-from ranking_service.pipeline import Answer, Pipeline, RetrievalUnavailable
+from ranking_service.pipeline import Answer, Pipeline, RetrievalUnavailable, VersionNotHeld
 from ranking_service.refill import run_refiller
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient
+from ranking_service.shadow import Shadow
 from ranking_service.state import ServingState, load_state
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from recsys_serving import env, runtime
@@ -81,8 +83,10 @@ class RankingApp:
                                      "ranking-retrieval", config.retrieval_breaker_failures,
                                      config.retrieval_breaker_cooldown_ms / 1000,
                                      state_gauge=metrics.RETRIEVAL_BREAKER_STATE,
-                                     transitions=metrics.RETRIEVAL_BREAKER_TRANSITIONS))
+                                     transitions=metrics.RETRIEVAL_BREAKER_TRANSITIONS),
+                                 held=self.holder.held)
         self.admission = Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)
+        self.shadow = Shadow(self.pipeline, config, self.holder, self._spawn)
         self._tasks: set[asyncio.Task] = set()
 
     def _on_swap(self, state: ServingState, version: int) -> None:
@@ -170,6 +174,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             code, details = grpc.StatusCode.INVALID_ARGUMENT, str(error)
         except (RetrievalUnavailable, StoreUnavailable) as error:
             code, details = grpc.StatusCode.UNAVAILABLE, str(error)
+        except VersionNotHeld as error:
+            code, details = grpc.StatusCode.FAILED_PRECONDITION, str(error)
         except TimeoutError:
             code, details = grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline of {remaining * 1000:.0f} ms exceeded"
         except asyncio.CancelledError:   # the caller went away: count it, let gRPC finish the call
@@ -188,19 +194,36 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
     async def Recommend(self, request: ranking_pb2.RecommendRequest, context) -> ranking_pb2.RecommendResponse:
         async def handle(state: ServingState, deadline: float, request_id: str) -> ranking_pb2.RecommendResponse:
+            state, arm = (self._pinned(request.version), ranking_pb2.ARM_PINNED) if request.version > 0 \
+                else arms.route(self.app.holder, request.user_id, state)
             query = validation.recommend_query(request, state.spec, self.app.config)
             history_size = display.history_size(request.options)
             answer = await self.app.pipeline.recommend(state, query, deadline, request_id)
+            if arm == ranking_pb2.ARM_CANARY and answer.ranking_version != state.version:
+                arm = ranking_pb2.ARM_LIVE       # retrieval did not hold the candidate: the live version answered
+            metrics.ARM_ANSWERS.labels(ranking_pb2.Arm.Name(arm)).inc()
+            if arm == ranking_pb2.ARM_LIVE:
+                self.app.shadow.maybe_start(request, answer, request_id)
             reply = ranking_pb2.RecommendResponse(items=_scored_items(answer), retrieval_version=answer.retrieval_version,
                                                   ranking_version=answer.ranking_version,
-                                                  degraded=_count_degraded(answer))
-            if request.options.include_item_metadata:
-                display.describe(state, reply.items)
-            if history_size:
-                reply.history.extend(await display.history(self.app.features, state, query.user_id, history_size))
+                                                  degraded=_count_degraded(answer), arm=arm)
+            # titles from the version that answered (the previous one, while the two stages swap)
+            answered = state if answer.ranking_version == state.version else self.app.holder.held(answer.ranking_version)
+            if request.options.include_item_metadata and answered is not None:
+                display.describe(answered, reply.items)
+            if history_size and answered is not None:
+                reply.history.extend(await display.history(self.app.features, answered, query.user_id, history_size))
             return reply
 
         return await self._serve("Recommend", context, handle)
+
+    def _pinned(self, version: int) -> ServingState:
+        """The held state of a pinned version, else FAILED_PRECONDITION naming the held versions."""
+        state = self.app.holder.held(version)
+        if state is None:
+            raise VersionNotHeld(f"version {version} is not held by the ranking service; held versions: "
+                                 f"{self.app.holder.held_versions}")
+        return state
 
     async def Rank(self, request: ranking_pb2.RankRequest, context) -> ranking_pb2.RankResponse:
         async def handle(state: ServingState, deadline: float, request_id: str) -> ranking_pb2.RankResponse:

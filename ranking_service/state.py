@@ -1,9 +1,9 @@
 """The serving state of one artifact version: everything a request needs, built once, never mutated.
 
-``load_state`` is the ``VersionHolder`` loader: it reads the version's tables and id maps, loads the
-ranker program through ``recsys_contracts.programs`` (the only safe loader), keeps the item
-embeddings for the diversity re-rank, and warms the program with a smoke request that must return
-finite CTRs and ratings in the version's rating range; any failure raises and the version is refused.
+``load_state`` is the ``VersionHolder`` loader: ``recsys_contracts.bundle.verify_bundle`` loads and
+self-checks the whole version (the same check the retrieval service runs, so both services refuse the
+same versions); this service keeps the ranker, the user tower, the tables and the item embeddings (for
+the diversity re-rank and Rank's retrieval scores) and lets the index go.
 
 Item rows live here for the whole catalog of the version: this is the in-process item cache that
 sits in front of Redis (Redis holds a copy of the same artifact rows, so a hit here is always
@@ -12,43 +12,15 @@ exact and the per-request Redis round trip carries only the user's keys).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from recsys_contracts import item_metadata
-from recsys_contracts.programs import RANKER, USER_TOWER, Program, load_program
+from recsys_contracts.bundle import ScoreRule, VersionTables, verify_bundle
 from recsys_contracts.ids import ItemLookup
-from recsys_contracts.version_files import VersionTables, load_item_embeddings, load_tables
-
-SCORE_MODES = ("ctr", "ctr_x_rating")
-_SMOKE_ITEMS = 8
-
-
-@dataclass(frozen=True)
-class ScoreRule:
-    """How the served score combines the heads: ``ctr``, or ``ctr * (rating / rating_max) ** rating_weight``."""
-
-    mode: str
-    rating_weight: float
-    rating_max: float
-
-    def __post_init__(self) -> None:
-        if self.mode not in SCORE_MODES:
-            raise ValueError(f"score_mode must be one of {SCORE_MODES}, got {self.mode!r}")
-        if not math.isfinite(self.rating_weight) or self.rating_weight < 0:
-            raise ValueError(f"rating_weight must be a finite number >= 0, got {self.rating_weight!r}")
-        if not math.isfinite(self.rating_max) or self.rating_max <= 0:
-            raise ValueError(f"rating_max must be a finite number > 0, got {self.rating_max!r}")
-
-    def apply(self, ctr: np.ndarray, rating: np.ndarray) -> np.ndarray:
-        """(N,) CTRs and predicted ratings -> (N,) float32 final scores."""
-        if self.mode == "ctr":
-            return ctr.astype(np.float32, copy=False)
-        ratio = np.clip(rating / np.float32(self.rating_max), 0.0, None)
-        return (ctr * ratio ** np.float32(self.rating_weight)).astype(np.float32)
+from recsys_contracts.programs import Program
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,59 +88,20 @@ def retrieval_scores(state: ServingState, *, user_idx: int, user_cat: np.ndarray
               "user_num": user_num.astype(np.float32)[None], "history": history.astype(np.int64)[None],
               "timestamp": np.array([timestamp], dtype=np.int64)}
     user = state.user_tower(**inputs)[0][0]                                                       # (D,)
-    temperature = float(state.tables.serving.get("temperature", 1.0))
+    temperature = float(state.tables.serving.temperature)
     return (state.item_embeddings[item_idx] @ user / temperature).astype(np.float32)             # (N, D) @ (D,)
 
 
-def ranker_history_for(serving: dict, history_length: int) -> int:
-    """How many of the most recent history items the version's ranker takes (older versions: all)."""
-    width = serving.get("ranker_history_length", history_length)
-    if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= history_length:
-        raise ValueError(f"serving.json ranker_history_length must be an integer in [1, {history_length}], "
-                         f"got {width!r}")
-    return width
-
-
-def score_rule_for(serving: dict, default_mode: str) -> ScoreRule:
-    """The version's serving.json decides (it is what offline evaluation used); ``default_mode``
-    applies only to a version that does not say."""
-    return ScoreRule(mode=serving.get("score_mode", default_mode),
-                     rating_weight=float(serving.get("rating_weight", 0.0)),
-                     rating_max=float(serving["rating_max"]))
-
-
-def _smoke(state: ServingState) -> None:
-    """Scores the first items for the first known user and the unknown user; refuses NaN or out-of-range."""
-    tables = state.tables
-    items = np.arange(1, min(_SMOKE_ITEMS, tables.n_items) + 1, dtype=np.int64)
-    for user in sorted({0, min(1, tables.n_users)}):
-        inputs = ranker_inputs(state, user_idx=user, user_cat=tables.user_cat[user], user_num=tables.user_num[user],
-                               history=tables.history[user], timestamp=0, item_idx=items,
-                               retrieval_score=np.zeros(items.size, dtype=np.float32))
-        ctr, rating = run_ranker(state.ranker, inputs)
-        if ctr.shape != items.shape or rating.shape != items.shape:
-            raise ValueError(f"ranker must return ({items.size},) ctr and rating, got {ctr.shape} and {rating.shape}")
-        low, high = tables.spec.rating_min, tables.spec.rating_max
-        if not (np.isfinite(ctr).all() and np.isfinite(rating).all()):
-            raise ValueError(f"ranker smoke request must be finite, got ctr {ctr} rating {rating}")
-        if rating.min() < low - 1e-3 or rating.max() > high + 1e-3:
-            raise ValueError(f"ranker ratings must lie in [{low}, {high}], got [{rating.min()}, {rating.max()}]")
-
-
 def load_state(directory: Path, version: int, *, default_score_mode: str = "ctr") -> ServingState:
-    """Builds, warms and checks the state of the version in ``directory``; raises ValueError if unusable."""
-    directory = Path(directory)
-    tables = load_tables(directory)
-    embeddings = load_item_embeddings(directory, tables.n_items).astype(np.float32)
-    if not np.isfinite(embeddings).all():
-        raise ValueError("item_embeddings.npy must be finite, got NaN or infinity")
-    state = ServingState(
-        version=version, ranker=load_program(directory / "ranker.onnx", RANKER),
-        user_tower=load_program(directory / "user_tower.onnx", USER_TOWER), tables=tables,
-        user_index=tables.user_index(), items=ItemLookup(tables.item_ids), item_embeddings=embeddings,
+    """The state of the version in ``directory`` once its whole bundle passed ``verify_bundle``;
+    raises ValueError if unusable. ``default_score_mode`` applies only to a version whose
+    serving.json names no score mode."""
+    bundle = verify_bundle(directory, version)
+    tables = bundle.tables
+    return ServingState(
+        version=version, ranker=bundle.ranker, user_tower=bundle.user_tower, tables=tables,
+        user_index=tables.user_index(), items=ItemLookup(tables.item_ids), item_embeddings=bundle.item_embeddings,
         popular_scores=np.log1p(tables.item_counts.astype(np.float32)),
-        score_rule=score_rule_for(tables.serving, default_score_mode),
-        ranker_history=ranker_history_for(tables.serving, tables.spec.history_length),
-        metadata=item_metadata.load(directory, tables.item_ids))
-    _smoke(state)
-    return state
+        score_rule=tables.serving.score_rule(default_score_mode),
+        ranker_history=tables.serving.ranker_history_length,
+        metadata=bundle.metadata)

@@ -40,6 +40,7 @@ class RecommendQuery:
     timestamp: int                          # seconds since the Unix epoch, UTC (0 on the wire = now)
     overrides: UserOverrides
     retrieve: retrieval_pb2.RetrieveRequest  # what is sent to retrieval
+    pinned_version: int = 0                 # the version the request pinned (0 = none): no other may answer
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,13 +109,15 @@ def recommend_query(request: ranking_pb2.RecommendRequest, spec: FeatureSpec, co
     if not (math.isfinite(diversity) and 0.0 <= diversity <= 1.0):
         raise ValueError(f"options.diversity must be in [0, 1], got {diversity!r}")
     timestamp = _timestamp(request.context.timestamp_s, "context.timestamp_s")
+    if request.version < 0:
+        raise ValueError(f"version must be >= 0 (0 = the current version), got {request.version}")
     encoded = overrides(spec, request.user_features)
     retrieve = retrieval_pb2.RetrieveRequest(
         user_id=user_id, num_candidates=num_candidates, user_features=request.user_features,
         context=common_pb2.Context(timestamp_s=timestamp), include_seen=options.include_seen)
     return RecommendQuery(user_id=user_id, k=request.k, num_candidates=num_candidates, diversity=float(diversity),
                           include_seen=options.include_seen, timestamp=timestamp, overrides=encoded,
-                          retrieve=retrieve)
+                          retrieve=retrieve, pinned_version=request.version)
 
 
 def rank_query(request: ranking_pb2.RankRequest, spec: FeatureSpec, config: RankingConfig) -> RankQuery:

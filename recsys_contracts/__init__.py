@@ -8,9 +8,11 @@ would otherwise each need their own copy of it and must never disagree:
 - ``signing``: version signatures (Ed25519 over the manifest): the publisher's signer, the
   readers' trust, key generation.
 - ``programs``: the ONNX model programs' contract (inputs, outputs) and their only loader.
-- ``version_files``: the files of a trainer version, read into memory (the trainer writes them).
 - ``feature_spec``: feature columns, vocabularies and scalers, and their encoding.
 - ``feature_store``: the Redis key format, the row/vector codec and the batch read/write helpers.
+- ``bundle``: what one version holds (file names, ``serving.json``, the score rule, the tables), the
+  self-check both services run before serving it (``verify_bundle``) and the go-live order (``go_live``).
+- ``arms``: the traffic-arms file on the artifact volume (a canary candidate) and the sticky user split.
 - ``ann``: the item index format (FAISS) and its exact twin.
 - ``ids``: item-id lookups both services apply per request; the quoting rule for bad values.
 - ``rerank``: the MMR re-rank the ranking service applies and the trainer evaluates.

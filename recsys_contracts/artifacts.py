@@ -63,6 +63,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from recsys_contracts.arms import read_arms
 from recsys_contracts.signing import SIGNATURE_FILE, MAX_SIGNATURE_BYTES, Signer, SignatureError, Trust
 
 logger = logging.getLogger(__name__)
@@ -562,7 +563,8 @@ def set_current(root: Path | str, version: int, trust: Trust | None = None) -> N
 
 
 def apply_retention(root: Path | str, keep: int) -> list[int]:
-    """Deletes all but the newest ``keep`` versions, never CURRENT; returns the deleted ones.
+    """Deletes all but the newest ``keep`` versions, never CURRENT nor the arms file's candidate
+    (``recsys_contracts.arms``); returns the deleted ones.
 
     Also removes dead publishers' leftovers: staging trees and CURRENT.tmp files untouched for
     STALE_STAGING_S, and trash of interrupted deletions.
@@ -575,6 +577,7 @@ def apply_retention(root: Path | str, keep: int) -> list[int]:
     current = current_version(root)
     if current is not None:
         protected.add(current)
+    protected |= _arms_versions(root)
     deleted = []
     for version in (v for v in versions if v not in protected):
         # Renaming away first makes the version vanish from listings in one step, instead of
@@ -588,6 +591,16 @@ def apply_retention(root: Path | str, keep: int) -> list[int]:
     if deleted:
         logger.info("retention under %s deleted versions %s", root, deleted)
     return deleted
+
+
+def _arms_versions(root: Path) -> set[int]:
+    """The versions the arms file names (its candidate); an unreadable file protects none and is logged."""
+    try:
+        arms = read_arms(root)
+    except ValueError as error:
+        logger.warning("retention: the arms file of %s is unreadable (%s); it protects no version", root, error)
+        return set()
+    return set() if arms is None else {arms.candidate}
 
 
 def _claim_as_trash(root: Path, path: Path) -> Path | None:

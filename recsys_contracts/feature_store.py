@@ -474,7 +474,7 @@ def write_tables(client: redis.Redis, keys: KeyFormat, version: int, tables: Any
     """Materialises a version's tables into Redis and marks the version complete; returns keys set.
 
     ``tables`` holds the index-aligned arrays ``user_cat``, ``user_num``, ``history``,
-    ``seen_indptr``, ``seen_items``, ``item_cat``, ``item_num`` (``recsys_contracts.version_files.
+    ``seen_indptr``, ``seen_items``, ``item_cat``, ``item_num`` (``recsys_contracts.bundle.
     VersionTables`` or the trainer's ``FeatureTables``); ``user_ids`` (n+1,) and ``item_ids`` (m+1,)
     map indices to external ids. The trainer calls this after publishing; the services call it
     to refill a Redis that came back empty.

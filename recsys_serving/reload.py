@@ -5,6 +5,13 @@ holding version, models, index and tables together). A request reads ``holder.cu
 uses that object to the end, so in-flight requests finish on the version they started with while
 the next request sees the new one.
 
+The holder keeps the PREVIOUS version loaded beside the current one (two versions in memory), so
+that while the two services swap at slightly different moments each can still answer from the
+version the other one serves (``held``; the ranking service asks retrieval for its own version and
+ranks with whichever of its two matches the candidates), and a rollback to it swaps back at once.
+When the artifact root's arms file (``recsys_contracts.arms``) names a candidate version, it is
+loaded (and checked) beside them too, for the canary share of users; promoting it swaps it in at once.
+
 A candidate version's signature is checked against the holder's ``Trust`` before any other file
 is read, then its checksums against the manifest; then it is handed to the service's ``load``
 function, which must build and warm the state and raise if anything is wrong (shapes, a smoke
@@ -29,6 +36,7 @@ from typing import Callable, Generic, TypeVar
 from prometheus_client import Counter
 
 from recsys_contracts import artifacts
+from recsys_contracts.arms import Arms, read_arms
 from recsys_contracts.signing import Trust
 
 T = TypeVar("T")
@@ -88,7 +96,9 @@ class VersionHolder(Generic[T]):
     """Holds the serving state of the current artifact version and replaces it when CURRENT moves.
 
     ``load(version_dir, version) -> T`` builds the state (blocking; it runs in a worker thread).
-    ``on_swap(state)`` / ``on_refuse(version, error)`` let the service update metrics.
+    ``on_swap(state, version)`` / ``on_refuse(version, error)`` let the service update metrics.
+    ``current`` / ``version`` serve new requests; ``previous`` / ``previous_version`` is the one
+    swapped out last (None before the second swap).
     """
 
     def __init__(self, root: Path, load: Callable[[Path, int], T], *, trust: Trust, pinned: int | None = None,
@@ -102,6 +112,12 @@ class VersionHolder(Generic[T]):
         self.on_swap, self.on_refuse = on_swap, on_refuse
         self.current: T | None = None
         self.version: int | None = None
+        self.previous: T | None = None
+        self.previous_version: int | None = None
+        self.candidate: T | None = None          # the arms file's candidate, when not current or previous
+        self.candidate_version: int | None = None
+        self.arms: Arms | None = None            # the arms as last read (recsys_contracts.arms)
+        self._arms_problem = ""                  # the last arms-file problem logged, so each is logged once
         self.stats = ReloadStats()
         self._task: asyncio.Task | None = None
         self._pointer_problem = ""      # the last CURRENT problem logged, so each is logged once
@@ -109,6 +125,19 @@ class VersionHolder(Generic[T]):
     @property
     def ready(self) -> bool:
         return self.current is not None
+
+    def held(self, version: int) -> T | None:
+        """The state of ``version`` when it is the current, the previous or the candidate one, else None."""
+        if version == self.version:
+            return self.current
+        if version == self.previous_version:
+            return self.previous
+        return self.candidate if version == self.candidate_version else None
+
+    @property
+    def held_versions(self) -> list[int]:
+        """The versions this holder can answer from: current, previous, candidate."""
+        return [v for v in (self.version, self.previous_version, self.candidate_version) if v is not None]
 
     def _target(self) -> int | None:
         """The version that should be serving now, or None while the volume has none."""
@@ -133,17 +162,56 @@ class VersionHolder(Generic[T]):
         return self.load(artifacts.version_dir(self.root, version), version)
 
     async def refresh(self) -> bool:
-        """Loads and swaps in the target version if it changed; True when a swap happened."""
+        """Loads and swaps in the target version if it changed, then follows the arms file (a
+        candidate version is loaded beside the current one); True when a swap happened."""
+        swapped = await self._follow_current()
+        await self._follow_arms()
+        return swapped
+
+    async def _follow_current(self) -> bool:
         target = self._target()
         if target is None or target == self.version or target in self.stats.refused_versions:
             return False
+        if target in (self.previous_version, self.candidate_version):   # rollback or promotion: no load
+            self._swap(self.held(target), target)
+            return True
+        state = await self._load(target, "serving")
+        if state is None:
+            return False
+        self._swap(state, target)
+        return True
+
+    async def _follow_arms(self) -> None:
+        """Keeps the arms file's candidate loaded (None when no arm is set or it is already held)."""
+        try:
+            arms = read_arms(self.root)
+        except (ValueError, OSError) as error:
+            if str(error) != self._arms_problem:
+                VERSION_REFUSED.labels("pointer").inc()
+                log.warning("cannot read the arms file, keeping the arms as they were: %s", str(error)[:300],
+                            extra={"code": "pointer"})
+            self._arms_problem = str(error)
+            return
+        self._arms_problem = ""
+        wanted = None if arms is None or arms.candidate in (self.version, self.previous_version) else arms.candidate
+        if wanted is not None and wanted != self.candidate_version and wanted not in self.stats.refused_versions:
+            state = await self._load(wanted, "candidate")
+            if state is None:
+                return
+            self.candidate, self.candidate_version = state, wanted
+        elif wanted is None:
+            self.candidate, self.candidate_version = None, None
+        self.arms = arms
+
+    async def _load(self, target: int, role: str) -> T | None:
+        """The loaded state of ``target``, or None when it is incomplete (retried) or refused (not again)."""
         started = time.perf_counter()
         try:
             with gil_shared_with_the_loop():
                 state = await asyncio.to_thread(self._load_sync, target)
         except artifacts.IncompleteVersionError as error:
             log.info("version %d is not complete yet, will retry: %s", target, error)
-            return False
+            return None
         except Exception as error:  # a broken version must never take the service down
             self.stats.refused += 1
             self.stats.last_error = f"version {target}: {error}"
@@ -154,13 +222,19 @@ class VersionHolder(Generic[T]):
                         str(error)[:500], extra={"version": target, "code": reason})
             if self.on_refuse is not None:
                 self.on_refuse(target, error)
-            return False
-        self.current, self.version = state, target      # the one-reference swap
+            return None
+        log.info("loaded version %d as %s in %.2f s", target, role, time.perf_counter() - started)
+        return state
+
+    def _swap(self, state: T, version: int) -> None:
+        # Runs on the event loop between two awaits, so no request sees one reference moved without the other.
+        if version == self.candidate_version:                 # promoted: no longer a separate candidate
+            self.candidate, self.candidate_version = None, None
+        self.previous, self.previous_version = self.current, self.version
+        self.current, self.version = state, version        # the one-reference swap
         self.stats.loaded += 1
-        log.info("serving version %d (loaded in %.2f s)", target, time.perf_counter() - started)
         if self.on_swap is not None:
-            self.on_swap(state, target)
-        return True
+            self.on_swap(state, version)
 
     async def _watch(self) -> None:
         while True:

@@ -64,7 +64,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         deadline = time.monotonic() + (DEFAULT_DEADLINE_S if remaining is None else remaining)
         try:
             query = validate(request, self.max_candidates)
-            state = self.holder.current   # read once: this stream stays on this version
+            # Read once: this stream stays on this version. The asked version when held (the
+            # caller ranks with it), else the current one; model_version tells the caller which.
+            state = (self.holder.held(query.version) if query.version else None) or self.holder.current
             if state is None:
                 raise NotReady("no model version loaded yet")
             async with self.admission.slot(deadline):

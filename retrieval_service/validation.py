@@ -37,6 +37,7 @@ class Query:
     recent_item_ids: tuple[int, ...]
     timestamp: int
     include_seen: bool
+    version: int = 0               # the artifact version asked for (0 = current), answered when held
 
     @property
     def has_request_features(self) -> bool:
@@ -85,6 +86,8 @@ def validate(request: retrieval_pb2.RetrieveRequest, max_candidates: int) -> Que
     timestamp = request.context.timestamp_s
     if not 0 <= timestamp < MAX_TIMESTAMP_S:
         raise InvalidRequest(f"context.timestamp_s must be in [0, 2^40), got {timestamp!r}")
+    if request.version < 0:
+        raise InvalidRequest(f"version must be >= 0 (0 = the current version), got {request.version!r}")
     return Query(user_id=user_id, k=request.num_candidates, categorical=categorical, numeric=numeric,
                  recent_item_ids=recent, timestamp=timestamp or int(time.time()),
-                 include_seen=request.include_seen)
+                 include_seen=request.include_seen, version=request.version)

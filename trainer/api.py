@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from recsys_contracts import feature_store
 from trainer import pipeline
 from trainer.config import (MultitaskConfig, RankingConfig, RetrievalConfig, RunConfig, TrainConfig,
                             replace)
@@ -252,7 +253,10 @@ class ProductionTrainer:
             return publish_run(root, fitted.run, index_params=choose_index_params(
                 cfg.publish.index, fitted.prepared.vocab.n_items, cfg.publish.index_exact_below),
                 data=report["data"], config=cfg.to_dict(), metrics={k: report[k] for k in MANIFEST_METRICS},
-                retain=cfg.publish.retain, signer=signer, report_dir=Path(report_dir), seed=cfg.run.seed)
+                retain=cfg.publish.retain, signer=signer, report_dir=Path(report_dir), seed=cfg.run.seed,
+                redis_client=feature_store.redis_client(cfg.publish.redis_url, socket_timeout_s=5.0,
+                                                        connect_timeout_s=2.0) if cfg.publish.redis_url else None,
+                keys=feature_store.KeyFormat(cfg.publish.redis_namespace))
 
     def _require_fitted(self, what: str) -> _Fitted:
         if self._fitted is None:

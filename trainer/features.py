@@ -24,6 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys_contracts import bundle
 from recsys_contracts.feature_spec import CategoricalColumn, FeatureSpec, NumericColumn, Transform
 from trainer.splits import check_interactions
 
@@ -167,21 +168,23 @@ class FeatureTables:
         directory.mkdir(parents=True, exist_ok=True)
         for name in _ARRAY_FIELDS:
             np.save(directory / f"{name}.npy", getattr(self, name), allow_pickle=False)
-        np.save(directory / "item_ids.npy", self.vocab.item_ids, allow_pickle=False)
+        np.save(directory / bundle.ITEM_IDS_FILE, self.vocab.item_ids, allow_pickle=False)
         pq.write_table(pa.table({"user_id": pa.array(self.vocab.user_ids.tolist(), pa.string())}),
-                       directory / "user_ids.parquet")
+                       directory / bundle.USER_IDS_FILE)
 
     @classmethod
     def load(cls, directory: Path) -> FeatureTables:
         directory = Path(directory)
-        user_ids = pq.read_table(directory / "user_ids.parquet").column("user_id").to_pylist()
+        user_ids = pq.read_table(directory / bundle.USER_IDS_FILE).column("user_id").to_pylist()
         vocab = IdVocab(user_ids=np.array(user_ids, dtype=str),
-                        item_ids=np.load(directory / "item_ids.npy", allow_pickle=False))
+                        item_ids=np.load(directory / bundle.ITEM_IDS_FILE, allow_pickle=False))
         arrays = {name: np.load(directory / f"{name}.npy", allow_pickle=False) for name in _ARRAY_FIELDS}
         return cls(vocab=vocab, **arrays)
 
 
 _ARRAY_FIELDS = tuple(f.name for f in fields(FeatureTables) if f.name != "vocab")
+# The tables a version holds are the ones the services read (``recsys_contracts.bundle.TABLE_FILES``).
+assert set(_ARRAY_FIELDS) == set(bundle.TABLE_FILES), _ARRAY_FIELDS
 
 
 def build_tables(spec: FeatureSpec, vocab: IdVocab, state: pd.DataFrame,

@@ -31,7 +31,7 @@ from trainer.evaluation import (EvalTarget, baseline_reports, diversity_vectors,
 from trainer.features import (FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab,
                               temporal_features)
 from trainer.checkpoint import Checkpointer
-from trainer.publish import (TrainedRun, all_item_embeddings, choose_index_params, materialize_features,
+from trainer.publish import (TrainedRun, all_item_embeddings, choose_index_params,
                              publish_run, signer_for)
 from trainer.report import write_report
 from trainer.item_metadata import DisplaySource
@@ -338,7 +338,8 @@ def quality_gate(cfg: TrainConfig, report: dict[str, Any], root: Path | None) ->
     """Why this run must not be published, or None. Worse than popularity, or than the version
     being served (same dataset and protocol) by more than ``publish.gate_margin``, is refused."""
     ndcg = report["pipeline"]["ndcg@10"]
-    served = artifacts.current_version(root) if root is not None and (root / "CURRENT").exists() else None
+    served = artifacts.current_version(root) if root is not None and (root / artifacts.CURRENT_FILE).exists() \
+        else None
     if served is not None:
         manifest = artifacts.read_manifest(root, served)
         same_data = manifest.data.get("dataset") == report["data"]["dataset"] and \
@@ -393,19 +394,18 @@ def run(cfg: TrainConfig, dataset: Dataset | None = None) -> RunResult:
             out = Path(cfg.run.output_dir)
             write_report(report, histories, out)
             if root is not None and refused is None:
-                with timings.stage("export_index_publish"):
+                # One go-live order (recsys_contracts.bundle.go_live): files, bundle check, the
+                # features in Redis marked complete, and only then CURRENT.
+                client = feature_store.redis_client(cfg.publish.redis_url, socket_timeout_s=5.0,
+                                                    connect_timeout_s=2.0) if cfg.publish.redis_url else None
+                with timings.stage("export_index_publish_go_live"):
                     version = publish_run(root, trained, index_params=choose_index_params(
                         cfg.publish.index, prep.vocab.n_items, cfg.publish.index_exact_below),
                         data=report["data"], config=cfg.to_dict(),
                         metrics={k: report[k] for k in ("pipeline", "two_tower", "retrieval",
                                                         "ranking_heads", "baselines")},
-                        retain=cfg.publish.retain, signer=signer, report_dir=out, seed=cfg.run.seed)
-                if cfg.publish.redis_url:
-                    with timings.stage("redis"):
-                        client = feature_store.redis_client(cfg.publish.redis_url, socket_timeout_s=5.0,
-                                                            connect_timeout_s=2.0)
-                        materialize_features(client, feature_store.KeyFormat(cfg.publish.redis_namespace),
-                                             version, trained.tables)
+                        retain=cfg.publish.retain, signer=signer, report_dir=out, seed=cfg.run.seed,
+                        redis_client=client, keys=feature_store.KeyFormat(cfg.publish.redis_namespace))
             report["timings"] = dict(timings.seconds)
             write_report(report, histories, out)
         ctx.barrier()

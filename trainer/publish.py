@@ -1,15 +1,15 @@
-"""Turns a trained run into a published version on the artifact volume, and into Redis.
+"""Turns a trained run into a live version on the artifact volume, and into Redis.
 
-``write_version_files`` lays out every file the services read (docs/ARCHITECTURE.md, "Files of a
-trainer version"); ``publish_run`` hands them to ``recsys_contracts.artifacts.publish`` (staging,
-fsync, rename, pointer flip); ``materialize_features`` writes the version's user and item rows into
-Redis and marks the version complete.
+``write_version_files`` lays out every file the services read, under the names
+``recsys_contracts.bundle`` owns (docs/ARCHITECTURE.md, "Files of a trainer version");
+``publish_run`` hands them to ``recsys_contracts.artifacts.publish`` (staging, fsync, rename) and,
+unless told to stage only, to ``recsys_contracts.bundle.go_live`` (verify the whole bundle, write its
+features to Redis and mark them complete, then flip CURRENT).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys_contracts import artifacts, feature_store
+from recsys_contracts import artifacts, bundle, feature_store
 from recsys_contracts.ann import ExactIndex, IndexParams, build_index, recall_against_exact, write_index
 from recsys_contracts.feature_spec import FeatureSpec
 from recsys_contracts.signing import Signer, signer_for  # noqa: F401 - signer_for: the trainer's one way to a signer
@@ -27,11 +27,6 @@ from trainer.export import export_ranker, export_user_tower
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
 from trainer.item_metadata import DisplaySource, write_item_metadata
-
-# Files every trainer version holds besides the feature tables (FeatureTables.save writes those).
-MODEL_FILES = ("feature_spec.json", "serving.json", "user_tower.onnx", "ranker.onnx",
-               "item_embeddings.npy", "index.faiss")
-
 
 @dataclass(frozen=True, eq=False)
 class TrainedRun:
@@ -95,29 +90,28 @@ def write_version_files(directory: Path, run: TrainedRun, index_params: IndexPar
     """Writes every file of a version into ``directory``; returns the manifest's ``extra`` section."""
     directory = Path(directory)
     run.tables.save(directory)
-    (directory / "feature_spec.json").write_text(run.spec.to_json())
+    (directory / bundle.FEATURE_SPEC_FILE).write_text(run.spec.to_json())
     write_item_metadata(directory, run.tables.vocab, run.display)
     ranker_history = min(run.ranker.recent_items, run.spec.history_length)
     user_example, ranker_example = _export_examples(run.tables, ranker_history)
-    export_user_tower(run.two_tower.user_tower.eval(), user_example, directory / "user_tower.onnx")
-    export_ranker(run.ranker.eval(), ranker_example, directory / "ranker.onnx")
+    export_user_tower(run.two_tower.user_tower.eval(), user_example, directory / bundle.USER_TOWER_FILE)
+    export_ranker(run.ranker.eval(), ranker_example, directory / bundle.RANKER_FILE)
     embeddings = all_item_embeddings(run.two_tower.eval(), run.tables)
-    np.save(directory / "item_embeddings.npy", embeddings, allow_pickle=False)
+    np.save(directory / bundle.ITEM_EMBEDDINGS_FILE, embeddings, allow_pickle=False)
     ids = np.arange(1, run.tables.vocab.n_items + 1, dtype=np.int64)
     started = time.perf_counter()
     index = build_index(embeddings[1:], ids, index_params, seed=seed)
     build_s = time.perf_counter() - started
-    write_index(index, directory / "index.faiss")
+    write_index(index, directory / bundle.INDEX_FILE)
     # Recall of the index against exact search on item-embedding queries (a sample of the catalog).
     started = time.perf_counter()
     sample = np.random.default_rng(seed).choice(ids.size, size=min(1000, ids.size), replace=False)
     recall = index_recall(index, ExactIndex(embeddings[1:], ids), embeddings[1:][sample], k=100)
     recall_s = time.perf_counter() - started
-    serving = {"score_mode": run.score_mode, "rating_weight": run.rating_weight,
-               "temperature": float(run.two_tower.temperature.detach()),
-               "rating_min": run.spec.rating_min, "rating_max": run.spec.rating_max,
-               "ranker_history_length": ranker_history}
-    (directory / "serving.json").write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
+    serving = bundle.write_serving(directory, bundle.ServingConfig(
+        temperature=float(run.two_tower.temperature.detach()), rating_min=run.spec.rating_min,
+        rating_max=run.spec.rating_max, ranker_history_length=ranker_history, score_mode=run.score_mode,
+        rating_weight=run.rating_weight), run.spec.history_length)
     if report_dir is not None:
         for path in sorted(Path(report_dir).glob("report.*")) + sorted(Path(report_dir).glob("*.png")):
             shutil.copy2(path, directory / path.name)
@@ -139,17 +133,24 @@ def _finite(value: Any) -> Any:
 
 def publish_run(root: Path, run: TrainedRun, *, index_params: IndexParams, data: dict, config: dict,
                 metrics: dict, retain: int | None, signer: Signer | None, report_dir: Path | None = None,
-                seed: int = 0, make_current: bool = True) -> int:
+                seed: int = 0, make_current: bool = True, redis_client=None,
+                keys: feature_store.KeyFormat | None = None) -> int:
     """Publishes the run as a new version signed by ``signer`` (None: unsigned); returns its number.
-    Nothing is visible until it is complete."""
+
+    Nothing is visible until it is complete. With ``make_current`` it then goes live in the one
+    order (``bundle.go_live``): the whole bundle verified, its features in Redis (with
+    ``redis_client``) and marked complete, then CURRENT. Without, it stays staged beside CURRENT."""
     extra: dict[str, Any] = {}
 
     def write(staging: Path) -> None:
         extra.update(write_version_files(staging, run, index_params, report_dir, seed))
 
-    return artifacts.publish(Path(root), write, data=_finite(data), config=_finite(config),
-                             metrics=_finite(metrics), extra=extra, make_current=make_current,
-                             retain=retain, signer=signer)
+    version = artifacts.publish(Path(root), write, data=_finite(data), config=_finite(config),
+                                metrics=_finite(metrics), extra=extra, make_current=False,
+                                retain=retain, signer=signer)
+    if make_current:
+        bundle.go_live(root, version, trust=None, redis_client=redis_client, keys=keys)
+    return version
 
 
 def materialize_features(client, keys: feature_store.KeyFormat, version: int,

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from recsys_contracts.bundle import ScoreRule
 from trainer import metrics
 from trainer.baselines import EASE, SparseMatrix, ease_fits, rank_topk
 from trainer.checkpoint import FitHistory
@@ -202,11 +203,8 @@ def ranker_inputs(tables: FeatureTables, rows: Rows, device: torch.device) -> di
 
 def final_score(ctr_logit: torch.Tensor, rating: torch.Tensor, score_mode: str, rating_weight: float,
                 rating_max: float) -> torch.Tensor:
-    """The served score: CTR probability, or CTR x (predicted rating / max) ** weight."""
-    ctr = torch.sigmoid(ctr_logit)
-    if score_mode == "ctr":
-        return ctr
-    return ctr * (rating / rating_max).clamp(min=0.0) ** rating_weight
+    """The served score (``recsys_contracts.bundle.ScoreRule``, the rule the ranking service applies)."""
+    return ScoreRule(score_mode, rating_weight, rating_max).apply(torch.sigmoid(ctr_logit), rating)
 
 
 def click_rows(positives: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], candidates: Candidates,

@@ -25,31 +25,33 @@ _sym_db = _symbol_database.Default()
 from recsys_contracts.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/ranking.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\x9b\x01\n\x10RecommendOptions\x12\x16\n\x0enum_candidates\x18\x01 \x01(\x05\x12\x16\n\tdiversity\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x0cinclude_seen\x18\x03 \x01(\x08\x12\x1d\n\x15include_item_metadata\x18\x04 \x01(\x08\x12\x14\n\x0chistory_size\x18\x05 \x01(\x05\x42\x0c\n\n_diversity\"\xb1\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.recsys.v1.RecommendOptions\x12.\n\ruser_features\x18\x05 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\"\x8b\x01\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03\x63tr\x18\x03 \x01(\x02\x12\x18\n\x10predicted_rating\x18\x04 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x05 \x01(\x02\x12\r\n\x05title\x18\x06 \x01(\t\x12\x0e\n\x06genres\x18\x07 \x03(\t\"a\n\x0bHistoryItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x13\n\x0btimestamp_s\x18\x02 \x01(\x03\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06genres\x18\x04 \x03(\t\x12\r\n\x05\x66resh\x18\x05 \x01(\x08\"\xc1\x01\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x19\n\x11retrieval_version\x18\x02 \x01(\x03\x12\x17\n\x0franking_version\x18\x03 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x04 \x03(\x0e\x32\x17.recsys.v1.DegradedPath\x12\'\n\x07history\x18\x05 \x03(\x0b\x32\x16.recsys.v1.HistoryItem\"\xa4\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12.\n\ruser_features\x18\x04 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\x12\x1d\n\x15include_item_metadata\x18\x05 \x01(\x08\"\x92\x01\n\x0cRankResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x17\n\x0franking_version\x18\x02 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x03 \x03(\x0e\x32\x17.recsys.v1.DegradedPath\x12\x18\n\x10unknown_item_ids\x18\x04 \x03(\x03\"I\n\x19RecordInteractionsRequest\x12,\n\x0cinteractions\x18\x01 \x03(\x0b\x32\x16.recsys.v1.Interaction\".\n\x1aRecordInteractionsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05\x32\xf4\x01\n\x0eRankingService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse\x12\x61\n\x12RecordInteractions\x12$.recsys.v1.RecordInteractionsRequest\x1a%.recsys.v1.RecordInteractionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/ranking.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\x9b\x01\n\x10RecommendOptions\x12\x16\n\x0enum_candidates\x18\x01 \x01(\x05\x12\x16\n\tdiversity\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x0cinclude_seen\x18\x03 \x01(\x08\x12\x1d\n\x15include_item_metadata\x18\x04 \x01(\x08\x12\x14\n\x0chistory_size\x18\x05 \x01(\x05\x42\x0c\n\n_diversity\"\xc2\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12,\n\x07options\x18\x04 \x01(\x0b\x32\x1b.recsys.v1.RecommendOptions\x12.\n\ruser_features\x18\x05 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\x12\x0f\n\x07version\x18\x06 \x01(\x03\"\x8b\x01\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0b\n\x03\x63tr\x18\x03 \x01(\x02\x12\x18\n\x10predicted_rating\x18\x04 \x01(\x02\x12\x17\n\x0fretrieval_score\x18\x05 \x01(\x02\x12\r\n\x05title\x18\x06 \x01(\t\x12\x0e\n\x06genres\x18\x07 \x03(\t\"a\n\x0bHistoryItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x13\n\x0btimestamp_s\x18\x02 \x01(\x03\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0e\n\x06genres\x18\x04 \x03(\t\x12\r\n\x05\x66resh\x18\x05 \x01(\x08\"\xde\x01\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x19\n\x11retrieval_version\x18\x02 \x01(\x03\x12\x17\n\x0franking_version\x18\x03 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x04 \x03(\x0e\x32\x17.recsys.v1.DegradedPath\x12\'\n\x07history\x18\x05 \x03(\x0b\x32\x16.recsys.v1.HistoryItem\x12\x1b\n\x03\x61rm\x18\x06 \x01(\x0e\x32\x0e.recsys.v1.Arm\"\xa4\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08item_ids\x18\x02 \x03(\x03\x12#\n\x07\x63ontext\x18\x03 \x01(\x0b\x32\x12.recsys.v1.Context\x12.\n\ruser_features\x18\x04 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\x12\x1d\n\x15include_item_metadata\x18\x05 \x01(\x08\"\x92\x01\n\x0cRankResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ScoredItem\x12\x17\n\x0franking_version\x18\x02 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x03 \x03(\x0e\x32\x17.recsys.v1.DegradedPath\x12\x18\n\x10unknown_item_ids\x18\x04 \x03(\x03\"I\n\x19RecordInteractionsRequest\x12,\n\x0cinteractions\x18\x01 \x03(\x0b\x32\x16.recsys.v1.Interaction\".\n\x1aRecordInteractionsResponse\x12\x10\n\x08recorded\x18\x01 \x01(\x05*H\n\x03\x41rm\x12\x13\n\x0f\x41RM_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41RM_LIVE\x10\x01\x12\x0e\n\nARM_CANARY\x10\x02\x12\x0e\n\nARM_PINNED\x10\x03\x32\xf4\x01\n\x0eRankingService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponse\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse\x12\x61\n\x12RecordInteractions\x12$.recsys.v1.RecordInteractionsRequest\x1a%.recsys.v1.RecordInteractionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.ranking_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_ARM']._serialized_start=1322
+  _globals['_ARM']._serialized_end=1394
   _globals['_RECOMMENDOPTIONS']._serialized_start=63
   _globals['_RECOMMENDOPTIONS']._serialized_end=218
   _globals['_RECOMMENDREQUEST']._serialized_start=221
-  _globals['_RECOMMENDREQUEST']._serialized_end=398
-  _globals['_SCOREDITEM']._serialized_start=401
-  _globals['_SCOREDITEM']._serialized_end=540
-  _globals['_HISTORYITEM']._serialized_start=542
-  _globals['_HISTORYITEM']._serialized_end=639
-  _globals['_RECOMMENDRESPONSE']._serialized_start=642
-  _globals['_RECOMMENDRESPONSE']._serialized_end=835
-  _globals['_RANKREQUEST']._serialized_start=838
-  _globals['_RANKREQUEST']._serialized_end=1002
-  _globals['_RANKRESPONSE']._serialized_start=1005
-  _globals['_RANKRESPONSE']._serialized_end=1151
-  _globals['_RECORDINTERACTIONSREQUEST']._serialized_start=1153
-  _globals['_RECORDINTERACTIONSREQUEST']._serialized_end=1226
-  _globals['_RECORDINTERACTIONSRESPONSE']._serialized_start=1228
-  _globals['_RECORDINTERACTIONSRESPONSE']._serialized_end=1274
-  _globals['_RANKINGSERVICE']._serialized_start=1277
-  _globals['_RANKINGSERVICE']._serialized_end=1521
+  _globals['_RECOMMENDREQUEST']._serialized_end=415
+  _globals['_SCOREDITEM']._serialized_start=418
+  _globals['_SCOREDITEM']._serialized_end=557
+  _globals['_HISTORYITEM']._serialized_start=559
+  _globals['_HISTORYITEM']._serialized_end=656
+  _globals['_RECOMMENDRESPONSE']._serialized_start=659
+  _globals['_RECOMMENDRESPONSE']._serialized_end=881
+  _globals['_RANKREQUEST']._serialized_start=884
+  _globals['_RANKREQUEST']._serialized_end=1048
+  _globals['_RANKRESPONSE']._serialized_start=1051
+  _globals['_RANKRESPONSE']._serialized_end=1197
+  _globals['_RECORDINTERACTIONSREQUEST']._serialized_start=1199
+  _globals['_RECORDINTERACTIONSREQUEST']._serialized_end=1272
+  _globals['_RECORDINTERACTIONSRESPONSE']._serialized_start=1274
+  _globals['_RECORDINTERACTIONSRESPONSE']._serialized_end=1320
+  _globals['_RANKINGSERVICE']._serialized_start=1397
+  _globals['_RANKINGSERVICE']._serialized_end=1641
 # @@protoc_insertion_point(module_scope)

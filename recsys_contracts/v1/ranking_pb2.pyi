@@ -1,11 +1,23 @@
 from recsys_contracts.v1 import common_pb2 as _common_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Arm(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ARM_UNSPECIFIED: _ClassVar[Arm]
+    ARM_LIVE: _ClassVar[Arm]
+    ARM_CANARY: _ClassVar[Arm]
+    ARM_PINNED: _ClassVar[Arm]
+ARM_UNSPECIFIED: Arm
+ARM_LIVE: Arm
+ARM_CANARY: Arm
+ARM_PINNED: Arm
 
 class RecommendOptions(_message.Message):
     __slots__ = ("num_candidates", "diversity", "include_seen", "include_item_metadata", "history_size")
@@ -22,18 +34,20 @@ class RecommendOptions(_message.Message):
     def __init__(self, num_candidates: _Optional[int] = ..., diversity: _Optional[float] = ..., include_seen: _Optional[bool] = ..., include_item_metadata: _Optional[bool] = ..., history_size: _Optional[int] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "k", "context", "options", "user_features")
+    __slots__ = ("user_id", "k", "context", "options", "user_features", "version")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     k: int
     context: _common_pb2.Context
     options: RecommendOptions
     user_features: _common_pb2.UserFeatures
-    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., options: _Optional[_Union[RecommendOptions, _Mapping]] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ...) -> None: ...
+    version: int
+    def __init__(self, user_id: _Optional[str] = ..., k: _Optional[int] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., options: _Optional[_Union[RecommendOptions, _Mapping]] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ScoredItem(_message.Message):
     __slots__ = ("item_id", "score", "ctr", "predicted_rating", "retrieval_score", "title", "genres")
@@ -68,18 +82,20 @@ class HistoryItem(_message.Message):
     def __init__(self, item_id: _Optional[int] = ..., timestamp_s: _Optional[int] = ..., title: _Optional[str] = ..., genres: _Optional[_Iterable[str]] = ..., fresh: _Optional[bool] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
-    __slots__ = ("items", "retrieval_version", "ranking_version", "degraded", "history")
+    __slots__ = ("items", "retrieval_version", "ranking_version", "degraded", "history", "arm")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANKING_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    ARM_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
     retrieval_version: int
     ranking_version: int
     degraded: _containers.RepeatedScalarFieldContainer[_common_pb2.DegradedPath]
     history: _containers.RepeatedCompositeFieldContainer[HistoryItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., retrieval_version: _Optional[int] = ..., ranking_version: _Optional[int] = ..., degraded: _Optional[_Iterable[_Union[_common_pb2.DegradedPath, str]]] = ..., history: _Optional[_Iterable[_Union[HistoryItem, _Mapping]]] = ...) -> None: ...
+    arm: Arm
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., retrieval_version: _Optional[int] = ..., ranking_version: _Optional[int] = ..., degraded: _Optional[_Iterable[_Union[_common_pb2.DegradedPath, str]]] = ..., history: _Optional[_Iterable[_Union[HistoryItem, _Mapping]]] = ..., arm: _Optional[_Union[Arm, str]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
     __slots__ = ("user_id", "item_ids", "context", "user_features", "include_item_metadata")

@@ -10,21 +10,8 @@ from tests.signing_keys import SIGNER, TRUST
 from tests.processes import free_port
 
 
-def _source_root(tmp_path):
-    root = tmp_path / "source"
-
-    def write(staging):
-        (staging / "model.bin").write_bytes(b"\x00\x01weights")
-        (staging / "sub").mkdir()
-        (staging / "sub" / "table.json").write_text('{"rows": 3}')
-
-    version = artifacts.publish(root, write, signer=SIGNER, data={"dataset": "ml-100k"}, config={"dim": 8}, metrics={"ndcg": 0.1},
-                                extra={"index": "flat"})
-    return root, version
-
-
-def test_republish_copies_the_current_version_as_new_verified_versions(tmp_path):
-    source, source_version = _source_root(tmp_path)
+def test_republish_copies_the_current_version_as_new_verified_versions(tmp_path, published):
+    source, source_version = published
     target = tmp_path / "target"
     assert republish(target, source, count=3, interval_s=0.0, signer=SIGNER) == [1, 2, 3]
     assert artifacts.current_version(target) == 3
@@ -36,6 +23,16 @@ def test_republish_copies_the_current_version_as_new_verified_versions(tmp_path)
             (original.data, original.config, original.metrics, original.extra)
 
 
+def test_republish_refuses_a_source_that_is_no_bundle(tmp_path):
+    """go_live checks the whole bundle: files that verify but are no model never become CURRENT."""
+    source = tmp_path / "source"
+    artifacts.publish(source, lambda staging: (staging / "model.bin").write_bytes(b"\x00\x01weights"),
+                      signer=SIGNER, data={}, config={}, metrics={})
+    with pytest.raises(ValueError, match=r"version 1 lacks bundle files \['feature_spec.json', "):
+        republish(tmp_path / "target", source, 1, 0.0, signer=SIGNER)
+    assert artifacts.current_version(tmp_path / "target") is None
+
+
 def test_republish_needs_a_published_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="source_root"):
@@ -43,8 +40,8 @@ def test_republish_needs_a_published_source(tmp_path):
 
 
 @pytest.mark.parametrize(("count", "interval_s", "field"), [(0, 0.0, "count"), (1, -1.0, "interval_s")])
-def test_publishing_rejects_bad_arguments(tmp_path, count, interval_s, field):
-    source, _ = _source_root(tmp_path)
+def test_publishing_rejects_bad_arguments(tmp_path, published, count, interval_s, field):
+    source, _ = published
     with pytest.raises(ValueError, match=field):
         republish(tmp_path / "target", source, count, interval_s, signer=SIGNER)
     with pytest.raises(ValueError, match=field):

@@ -56,6 +56,13 @@ def test_summarize_by_hand():
     assert summary["codes"] == {"DEADLINE_EXCEEDED": 1, "OK": 2, "UNAVAILABLE": 1}
     assert summary["degraded"] == {"DEGRADED_PATH_COLD_START_USER": 1}
     assert summary["versions"] == {"ranking": {"1": 1, "2": 1}, "retrieval": {"1": 2}}
+    assert summary["mixed_versions"] == 1            # the second answer: retrieval v1, ranking v2
+
+
+def test_an_answer_without_retrieval_is_not_mixed():
+    fallback = Outcome(0.0, 0.01, "OK", (), (("retrieval", 0), ("ranking", 3)))
+    rank_only = Outcome(0.1, 0.01, "OK", (), (("ranking", 3),))
+    assert summarize([fallback, rank_only], 1.0)["mixed_versions"] == 0
 
 
 def test_summarize_rejects_a_non_positive_duration():
@@ -92,7 +99,7 @@ def test_read_results_rejects_another_schema(tmp_path):
 def test_format_summary_names_the_figures():
     text = format_summary(summarize(OUTCOMES, 2.0), "run: ")
     assert "requests=4 ok=2 failed=2" in text and "p50=10.0" in text
-    assert "DEADLINE_EXCEEDED=1" in text and "ranking v1=1, v2=1" in text
+    assert "DEADLINE_EXCEEDED=1" in text and "ranking v1=1, v2=1" in text and "mixed-version answers=1" in text
 
 
 def test_refusals_get_their_own_latency_figures():

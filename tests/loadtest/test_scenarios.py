@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from pathlib import Path
 
 import pytest
 
 from loadtest.config import LoadConfig
 from loadtest.results import Outcome
-from loadtest.scenarios import SCENARIOS, fault_row, phases, recovery, run_and_save, run_scenario, shortened
+from loadtest.scenarios import (SCENARIOS, fault_row, phases, recovery, run_and_save, run_scenario, shadow_on,
+                                shortened)
+from recsys_contracts.arms import Arms, read_arms
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +41,18 @@ def test_redis_freeze_scaled_down(published, ml100k_dir, tmp_path):
     assert document["client_gc"]["collections"] >= 1
     assert document["recovery"]["deadline_ms"] == 2000 and "recovery_s" in document["recovery"]
     assert fault_row(document).startswith("| redis-freeze | 20 | 100 | ")
+
+
+def test_shadow_scaled_down_stages_a_candidate_and_changes_no_answer(published, ml100k_dir, tmp_path):
+    root, _ = published
+    scenario = dataclasses.replace(SCENARIOS["shadow"], duration_s=6.0, fault_at_s=1.0, settle_s=3.0,
+                                   fault=functools.partial(shadow_on, shadow_percent=100.0, load_wait_s=0.5))
+    config = LoadConfig(rate=20, deadline_ms=2000, users_from=str(ml100k_dir), warmup_s=0.5)
+    document, outcomes = asyncio.run(run_scenario(scenario, config, None, tmp_path, source_root=root))
+    assert (document["fault"]["candidate"], document["fault"]["shadow_percent"]) == (2, 100.0)
+    assert read_arms(tmp_path / "artifacts") == Arms(candidate=2, canary_percent=0.0, shadow_percent=100.0)
+    assert document["summary"]["failed"] == 0
+    assert set(document["summary"]["versions"]["ranking"]) == {"1"}      # the shadow never answers
 
 
 def test_phases_split_by_intended_time():

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -15,8 +13,8 @@ from ranking_service.batching import MAX_ROWS, MicroBatcher
 from ranking_service.fresh import InProcessFreshStore
 from ranking_service.pipeline import fallback_reserve_s
 from ranking_service.selection import RunningTopK, Scored, mmr_order
-from ranking_service.state import (ItemLookup, ScoreRule, _smoke, load_state, ranker_history_for, ranker_inputs,
-                                   run_ranker, score_rule_for)
+from ranking_service.state import ItemLookup, load_state, ranker_inputs, run_ranker
+from recsys_contracts.bundle import ScoreRule, ServingConfig, check_ranker
 from recsys_contracts.feature_store import FreshInteraction
 from tests.factories import publish_tiny_version, tiny_run
 from tests.ranking.harness import sample
@@ -67,8 +65,12 @@ def test_score_rule_combines_ctr_and_rating():
     assert ScoreRule("ctr", 0.0, 5.0).apply(ctr, rating).tolist() == pytest.approx([0.5, 0.2])
     # 0.5 * (5/5)^2 = 0.5; 0.2 * (2.5/5)^2 = 0.05
     assert ScoreRule("ctr_x_rating", 2.0, 5.0).apply(ctr, rating).tolist() == pytest.approx([0.5, 0.05])
-    assert score_rule_for({"rating_max": 5.0}, "ctr_x_rating").mode == "ctr_x_rating"
-    assert score_rule_for({"rating_max": 5.0, "score_mode": "ctr"}, "ctr_x_rating").mode == "ctr"
+    serving = {"temperature": 0.1, "rating_min": 1.0, "rating_max": 5.0}
+    assert ServingConfig.from_dict(serving, 10).score_rule("ctr_x_rating").mode == "ctr_x_rating"
+    assert ServingConfig.from_dict({**serving, "score_mode": "ctr"}, 10).score_rule("ctr_x_rating").mode == "ctr"
+    # the trainer evaluates with the same rule on torch tensors: 0.2 * (2.5/5)^2 = 0.05
+    assert ScoreRule("ctr_x_rating", 2.0, 5.0).apply(torch.tensor([0.2]), torch.tensor([2.5])).tolist() == \
+        pytest.approx([0.05])
 
 
 @pytest.mark.parametrize("mode, weight, rating_max, message", [
@@ -156,16 +158,6 @@ def test_microbatcher_rejects_an_oversized_job(loaded):
         asyncio.run(main())
 
 
-def test_load_state_refuses_non_finite_item_embeddings(tmp_path, published):
-    root, version = published
-    broken = tmp_path / "v"
-    shutil.copytree(root / "versions" / str(version), broken)
-    shape = np.load(broken / "item_embeddings.npy").shape
-    np.save(broken / "item_embeddings.npy", np.full(shape, np.nan, np.float32))
-    with pytest.raises(ValueError, match="item_embeddings.npy must be finite"):
-        load_state(broken, version)
-
-
 class _Ranker:
     """A callable standing in for a broken program: constant float32 outputs of a chosen shape."""
 
@@ -183,7 +175,7 @@ class _Ranker:
     (_Ranker(0.0, 3.0, drop_row=True), "ranker must return")])
 def test_smoke_check_refuses_a_broken_ranker(loaded, ranker, message):
     with pytest.raises(ValueError, match=message):
-        _smoke(dataclasses.replace(loaded, ranker=ranker))
+        check_ranker(ranker, loaded.tables, loaded.ranker_history)
 
 
 def test_ranker_takes_only_its_recent_history_and_scores_as_the_eager_model(tmp_path):
@@ -213,6 +205,7 @@ def test_ranker_takes_only_its_recent_history_and_scores_as_the_eager_model(tmp_
 
 @pytest.mark.parametrize("width", [0, 11, 2.5, True, "20"])
 def test_ranker_history_length_outside_the_history_is_refused(width):
+    serving = {"temperature": 0.1, "rating_min": 1.0, "rating_max": 5.0}
     with pytest.raises(ValueError, match=r"ranker_history_length must be an integer in \[1, 10\], got"):
-        ranker_history_for({"ranker_history_length": width}, 10)
-    assert ranker_history_for({}, 10) == 10
+        ServingConfig.from_dict({**serving, "ranker_history_length": width}, 10)
+    assert ServingConfig.from_dict(serving, 10).ranker_history_length == 10
