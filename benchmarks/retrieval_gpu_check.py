@@ -50,8 +50,6 @@ def timed(index, queries: np.ndarray, repeats: int) -> dict[str, float]:
 
 
 def backend_rows(device: str, n_items: int, repeats: int) -> list[dict]:
-    import torch
-
     from recsys_contracts.ann import IndexParams, build_index, recall_against_exact
     from retrieval_service.backends import FaissGpuIndex, TorchExactIndex, gpu_available
 
@@ -76,8 +74,6 @@ def backend_rows(device: str, n_items: int, repeats: int) -> list[dict]:
 
 def service_row(device: str) -> dict:
     """A tiny published version loaded by the service's loader on ``device``; one forward + search timed."""
-    import torch
-
     from retrieval_service.backends import open_backend
     from retrieval_service.batching import run_batch
     from retrieval_service.state import load_state, table_row

@@ -11,20 +11,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
-from recsys_serving.env import LOG_LEVELS, Parser, choice, float_in, int_in, parse_specs, pem_file, reject_unknown
+from recsys_serving.env import (LOG_LEVELS, ClientTls, Parser, choice, client_tls, float_in, int_in, parse_specs,
+                               reject_unknown)
 
 PREFIX = "GATEWAY_"
 
 
-@dataclass(frozen=True)
-class RankingTls:
-    """TLS towards the ranking service: its CA, plus our client cert and key when it requires mTLS."""
-
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
+RankingTls = ClientTls      # TLS towards the ranking service (recsys_serving.env.ClientTls)
 
 
 @dataclass(frozen=True)
@@ -73,24 +67,11 @@ _TLS_VARS = ("GATEWAY_RANKING_TLS_CA_FILE", "GATEWAY_RANKING_TLS_CERT_FILE", "GA
 ENV_VARS: tuple[str, ...] = (*_SPECS, *_TLS_VARS)
 
 
-def _ranking_tls(environ: Mapping[str, str]) -> RankingTls | None:
-    ca, cert, key = (pem_file(environ, name) for name in _TLS_VARS)
-    if (cert is None) != (key is None):
-        raise ValueError(f"{_TLS_VARS[1]} and {_TLS_VARS[2]} must be set together, "
-                         f"got cert={environ.get(_TLS_VARS[1], '')!r}, key={environ.get(_TLS_VARS[2], '')!r}")
-    if ca is None:
-        if cert is not None:
-            raise ValueError(f"{_TLS_VARS[1]} requires {_TLS_VARS[0]} (a client cert only makes sense "
-                             f"over TLS), got {str(cert)!r}")
-        return None
-    return RankingTls(ca_file=ca, cert_file=cert, key_file=key)
-
-
 def from_env(environ: Mapping[str, str] = os.environ) -> GatewayConfig:
     """Builds the config from ``environ``; raises ValueError naming the first bad variable."""
     reject_unknown(environ, set(ENV_VARS), (PREFIX,), "gateway.config.ENV_VARS")
     values = parse_specs(environ, _SPECS, GatewayConfig)
-    values["ranking_tls"] = _ranking_tls(environ)
+    values["ranking_tls"] = client_tls(environ, *_TLS_VARS)
     config = GatewayConfig(**values)  # type: ignore[arg-type]
     if config.default_timeout_ms > config.max_timeout_ms:
         raise ValueError(f"GATEWAY_DEFAULT_TIMEOUT_MS must be <= GATEWAY_MAX_TIMEOUT_MS "

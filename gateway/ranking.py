@@ -10,13 +10,13 @@ gRPC timeout and its request id in the ``x-request-id`` metadata the services lo
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from gateway.config import GatewayConfig, RankingTls
+from gateway.config import GatewayConfig
 from recsys_contracts.v1 import ranking_pb2, ranking_pb2_grpc
+from recsys_serving import runtime
 from recsys_serving.runtime import REQUEST_ID_KEY
 
 RANKING_SERVICE = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
@@ -32,13 +32,6 @@ _OPTIONS = [("grpc.service_config", json.dumps(SERVICE_CONFIG)), ("grpc.enable_r
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
-def channel_credentials(tls: RankingTls) -> grpc.ChannelCredentials:
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(tls.ca_file).read_bytes(),
-        private_key=Path(tls.key_file).read_bytes() if tls.key_file else None,
-        certificate_chain=Path(tls.cert_file).read_bytes() if tls.cert_file else None)
-
-
 class RankingClient:
     """The ranking service's three RPCs and its health, over one channel; raises ``grpc.aio.AioRpcError``."""
 
@@ -46,7 +39,7 @@ class RankingClient:
         if config.ranking_tls is None:
             self.channel = grpc.aio.insecure_channel(config.ranking_target, options=_OPTIONS)
         else:
-            self.channel = grpc.aio.secure_channel(config.ranking_target, channel_credentials(config.ranking_tls),
+            self.channel = grpc.aio.secure_channel(config.ranking_target, runtime.channel_credentials(config.ranking_tls),
                                                    options=_OPTIONS)
         self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)

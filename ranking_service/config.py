@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-from recsys_serving.env import (DEFAULT_TRUSTED_KEYS, LOG_LEVELS, TRUST_SPECS, Parser, TlsConfig, choice, directory,
+from recsys_serving.env import (DEFAULT_TRUSTED_KEYS, LOG_LEVELS, TRUST_SPECS, ClientTls, client_tls, Parser, TlsConfig, choice, directory,
                                float_in, host, int_in, namespace, parse_specs, pem_file, redis_url_value,
                                reject_unknown)
 
@@ -31,13 +31,7 @@ FALLBACKS = ("popular", "unavailable")
 SCORE_MODES = ("ctr", "ctr_x_rating")
 
 
-@dataclass(frozen=True)
-class RetrievalClientTls:
-    """TLS towards the retrieval service: its CA, plus our client cert and key when it requires mTLS."""
-
-    ca_file: Path
-    cert_file: Path | None = None
-    key_file: Path | None = None
+RetrievalClientTls = ClientTls      # TLS towards the retrieval service (recsys_serving.env.ClientTls)
 
 
 @dataclass(frozen=True)
@@ -150,17 +144,6 @@ def _tls(environ: Mapping[str, str]) -> TlsConfig | None:
     return TlsConfig(cert_file=cert, key_file=key, client_ca_file=client_ca)
 
 
-def _retrieval_tls(environ: Mapping[str, str]) -> RetrievalClientTls | None:
-    ca = pem_file(environ, _RETRIEVAL_TLS_VARS[0])
-    cert, key = _cert_and_key(environ, _RETRIEVAL_TLS_VARS[1], _RETRIEVAL_TLS_VARS[2])
-    if ca is None:
-        if cert is not None:
-            raise ValueError(f"RANKING_RETRIEVAL_TLS_CERT_FILE requires RANKING_RETRIEVAL_TLS_CA_FILE "
-                             f"(a client cert only makes sense over TLS), got {str(cert)!r}")
-        return None
-    return RetrievalClientTls(ca_file=ca, cert_file=cert, key_file=key)
-
-
 def _check_relations(config: RankingConfig) -> None:
     if config.metrics_port and config.metrics_port == config.port:
         raise ValueError(f"RANKING_METRICS_PORT must differ from RANKING_PORT, got {config.metrics_port!r}")
@@ -184,7 +167,7 @@ def from_env(environ: Mapping[str, str] = os.environ) -> RankingConfig:
                    "ranking_service.config.ENV_VARS")
     values = parse_specs(environ, _SPECS, RankingConfig)
     values["tls"] = _tls(environ)
-    values["retrieval_tls"] = _retrieval_tls(environ)
+    values["retrieval_tls"] = client_tls(environ, *_RETRIEVAL_TLS_VARS)
     config = RankingConfig(**values)  # type: ignore[arg-type]
     _check_relations(config)
     return config

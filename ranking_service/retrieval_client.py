@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Protocol
 
 import grpc
 
-from ranking_service.config import RankingConfig, RetrievalClientTls
+from ranking_service.config import RankingConfig
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
 from recsys_serving.admission import client_service_config
+from recsys_serving import runtime
 from recsys_serving.runtime import REQUEST_ID_KEY, message_size_options
 
 RETRIEVAL_SERVICE = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
@@ -50,14 +50,6 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
             ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
-def channel_credentials(tls: RetrievalClientTls) -> grpc.ChannelCredentials:
-    """TLS towards retrieval: its CA, plus our client certificate and key when it requires mTLS."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(tls.ca_file).read_bytes(),
-        private_key=Path(tls.key_file).read_bytes() if tls.key_file else None,
-        certificate_chain=Path(tls.cert_file).read_bytes() if tls.cert_file else None)
-
-
 class RetrievalClient:
     """``stream(request, timeout_s, request_id)``: the Retrieve response chunks, as they arrive."""
 
@@ -67,7 +59,7 @@ class RetrievalClient:
             self.channel = grpc.aio.insecure_channel(config.retrieval_target, options=options)
         else:
             self.channel = grpc.aio.secure_channel(config.retrieval_target,
-                                                   channel_credentials(config.retrieval_tls), options=options)
+                                                   runtime.channel_credentials(config.retrieval_tls), options=options)
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
 
     async def stream(self, request: retrieval_pb2.RetrieveRequest, timeout_s: float,

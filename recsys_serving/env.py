@@ -28,6 +28,16 @@ class TlsConfig:
     client_ca_file: Path | None = None
 
 
+@dataclass(frozen=True)
+class ClientTls:
+    """TLS towards a peer (ranking -> retrieval, gateway -> ranking): its CA, plus our client cert and
+    key when it requires mTLS."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Keys are "<namespace>:..." with Redis Cluster hash tags in braces, so braces and spaces are out.
 _NAMESPACE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
@@ -176,6 +186,20 @@ def trust(config) -> Trust:
         return Trust.from_path(config.trusted_keys)
     except ValueError as error:
         raise ValueError(f"RECSYS_TRUSTED_KEYS: {error}") from None
+
+
+def client_tls(environ: Mapping[str, str], ca_name: str, cert_name: str, key_name: str) -> ClientTls | None:
+    """The client TLS the three variables ask for (None = plaintext); ValueError names an inconsistent one."""
+    ca, cert, key = pem_file(environ, ca_name), pem_file(environ, cert_name), pem_file(environ, key_name)
+    if (cert is None) != (key is None):
+        raise ValueError(f"{cert_name} and {key_name} must be set together, "
+                         f"got cert={environ.get(cert_name, '')!r}, key={environ.get(key_name, '')!r}")
+    if ca is None:
+        if cert is not None:
+            raise ValueError(f"{cert_name} requires {ca_name} (a client cert only makes sense over TLS), "
+                             f"got {str(cert)!r}")
+        return None
+    return ClientTls(ca_file=ca, cert_file=cert, key_file=key)
 
 
 def reject_unknown(environ: Mapping[str, str], known: set[str], prefixes: tuple[str, ...], where: str) -> None:

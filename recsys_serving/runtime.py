@@ -200,6 +200,14 @@ def server_credentials(tls) -> grpc.ServerCredentials | None:
                                        require_client_auth=client_ca is not None)
 
 
+def channel_credentials(tls) -> grpc.ChannelCredentials:
+    """Client credentials for an ``env.ClientTls``: the peer's CA, plus our certificate for mTLS."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(tls.ca_file).read_bytes(),
+        private_key=Path(tls.key_file).read_bytes() if tls.key_file else None,
+        certificate_chain=Path(tls.cert_file).read_bytes() if tls.cert_file else None)
+
+
 def bind(server: grpc.aio.Server, address: str, tls) -> int:
     credentials = server_credentials(tls)
     if credentials is None:

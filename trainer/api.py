@@ -44,7 +44,8 @@ from trainer.data.dataset import INTERACTION_COLUMNS, make_dataset, validate_int
 from trainer.distributed import init_distributed, resolve_device, shutdown_distributed
 from trainer.evaluation import EvalTarget, make_target
 from trainer.negatives import STRATEGIES
-from trainer.publish import TrainedRun, choose_index_params, publish_run, signer_for
+from recsys_contracts.signing import signer_for
+from trainer.publish import TrainedRun, choose_index_params, publish_run
 from trainer.ranking_training import rerank, score_candidates
 from trainer.report import write_report
 from trainer.splits import Split

@@ -21,6 +21,7 @@ import torch
 
 from recsys_contracts import artifacts, feature_store
 from recsys_contracts.rerank import mmr_order
+from recsys_contracts.signing import signer_for
 from trainer import metrics
 from trainer.baselines import rank_topk
 from trainer.config import TrainConfig
@@ -32,7 +33,7 @@ from trainer.features import (FeatureTables, IdVocab, build_tables, fit_feature_
                               temporal_features)
 from trainer.checkpoint import Checkpointer
 from trainer.publish import (TrainedRun, all_item_embeddings, choose_index_params,
-                             publish_run, signer_for)
+                             publish_run)
 from trainer.report import write_report
 from trainer.item_metadata import DisplaySource
 from trainer.models.dcn import DCNConfig

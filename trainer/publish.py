@@ -22,7 +22,7 @@ import torch
 from recsys_contracts import artifacts, bundle, feature_store
 from recsys_contracts.ann import ExactIndex, IndexParams, build_index, recall_against_exact, write_index
 from recsys_contracts.feature_spec import FeatureSpec
-from recsys_contracts.signing import Signer, signer_for  # noqa: F401 - signer_for: the trainer's one way to a signer
+from recsys_contracts.signing import Signer
 from trainer.export import export_ranker, export_user_tower
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
