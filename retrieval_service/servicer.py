@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 # Deadline used when the caller set none (seconds): no request may hold the server forever.
 DEFAULT_DEADLINE_S = 30.0
+# A cancellation this close to the deadline is the deadline: gRPC's timer and our estimate of the
+# same instant (now + time_remaining() at the start) differ by scheduling noise, not by intent.
+DEADLINE_SLACK_S = 0.02
 
 
 class NotReady(Exception):
@@ -85,15 +88,16 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         except (DeadlineExceeded, TimeoutError):
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the candidates were ready"
         except asyncio.CancelledError:
-            # gRPC cancels the handler itself when the deadline passes; count that as what it is.
-            expired = time.monotonic() >= deadline
+            # gRPC cancels the handler itself when the deadline passes (by its own timer, which can fire
+            # a little before our estimate of the same instant); count that as what it is.
+            expired = time.monotonic() >= deadline - DEADLINE_SLACK_S
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception:
             if context.cancelled() or time.monotonic() >= deadline:
                 # The caller went away (cancelled, or its deadline passed) while we were writing:
                 # gRPC fails the write; that is the caller's decision, not a server error.
-                expired = time.monotonic() >= deadline
+                expired = time.monotonic() >= deadline - DEADLINE_SLACK_S
                 code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
                 message = "the caller ended the call before the candidates were sent"
             else:
