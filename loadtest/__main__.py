@@ -25,7 +25,7 @@ from loadtest.output import save_run
 from loadtest.publish import FeatureTarget, publish_tiny, republish
 from recsys_contracts.signing import signer_for
 from loadtest.results import format_summary, read_results
-from loadtest.scenarios import SCENARIOS, SYNTHETIC_USERS, fault_row, run_and_save
+from loadtest.scenarios import SCENARIOS, SYNTHETIC_USERS, fault_row, run_and_save, shadow_ab_line
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # A freshly started stack pays for first calls (lazy initialisation, connections): not the steady state.
@@ -173,12 +173,14 @@ def _scenario(args: argparse.Namespace) -> int:
             print(format_summary(summary, f"{phase}: "))
     if "fault" in document:
         print("fault: " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in document["fault"].items()))
+                                    for k, v in document["fault"].items() if k != "windows"))
     if "recovery" in document:
         print(f"recovery after the fault's end: {document['recovery']['recovery_s']} s "
               f"(first 1 s window with p99 <= {document['recovery']['deadline_ms']:g} ms and nothing failed)")
         print("| scenario | req/s | requests | failed | p99 ms | p99 ms during | recovery |")
         print(fault_row(document))
+    if "shadow_ab" in document:
+        print(shadow_ab_line(document["shadow_ab"]))
     if "ramp" in document:
         print(f"highest rate held at p99 <= {document['ramp']['p99_target_ms']:g} ms: "
               f"{document['ramp']['highest_rate_held']}")

@@ -23,6 +23,7 @@ import functools
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -46,17 +47,21 @@ from recsys_contracts.signing import signer_for
 SYNTHETIC_USERS = "80"
 
 Fault = Callable[[Stack], Awaitable[dict]]
+# Seconds at the start of each shadow window left out of its figures: the services follow the arms
+# file on their poll (RANKING_POLL_INTERVAL_S and RETRIEVAL_POLL_INTERVAL_S, 2 s by default).
+SHADOW_GUARD_S = 3.0
 
 
 async def hot_reloads(stack: Stack, count: int, interval_s: float) -> dict:
-    await stack.publish(count, interval_s)
+    """Publishes ``count`` versions ``interval_s`` apart in the go-live order: each version's features
+    are in Redis, marked complete, before ``CURRENT`` names it, so no answer needs the artifact's copy
+    (a degraded flag during this scenario is a defect, as is a mixed-version answer)."""
+    await stack.publish(count, interval_s, features=True)
     return {"published": count}
 
 
-async def shadow_on(stack: Stack, shadow_percent: float, load_wait_s: float) -> dict:
-    """Stages a copy of the live version as the candidate, names it in the arms file with no traffic,
-    waits ``load_wait_s`` for both services to load it, then shadows ``shadow_percent`` % of requests
-    with it: "before" runs without shadow, "after" with, the candidate's load falls in "during"."""
+async def _stage_candidate(stack: Stack) -> int:
+    """Publishes a copy of the live version (signed, not current) and returns its number."""
     live = artifacts.current_version(stack.root)
     manifest = artifacts.read_manifest(stack.root, live)
     source = artifacts.version_dir(stack.root, live)
@@ -66,13 +71,59 @@ async def shadow_on(stack: Stack, shadow_percent: float, load_wait_s: float) -> 
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source / rel, staging / rel)
 
-    candidate = await asyncio.to_thread(artifacts.publish, stack.root, copy, data=manifest.data,
-                                        config=manifest.config, metrics=manifest.metrics, extra=manifest.extra,
-                                        make_current=False, signer=signer_for())
+    return await asyncio.to_thread(artifacts.publish, stack.root, copy, data=manifest.data,
+                                   config=manifest.config, metrics=manifest.metrics, extra=manifest.extra,
+                                   make_current=False, signer=signer_for())
+
+
+# Shadow switched on in the middle two of every four windows (off, on, on, off, ...): a drift of the
+# machine's load over the run falls on both arms alike.
+AB_PATTERN = (False, True, True, False)
+
+
+async def shadow_ab(stack: Stack, shadow_percent: float, load_wait_s: float, window_s: float,
+                    windows: int, guard_s: float = SHADOW_GUARD_S) -> dict:
+    """Stages a candidate (a copy of the live version) with no traffic, waits ``load_wait_s`` for both
+    services to load it, then switches the shadow sample between 0 and ``shadow_percent`` % every
+    ``window_s`` seconds for ``windows`` windows (``AB_PATTERN``), and switches it off at the end.
+    Returns the windows as loop times (``_inject`` makes them seconds after the load's start) and
+    ``guard_s``, the seconds at each window's start its figures leave out (``arm_windows``)."""
+    candidate = await _stage_candidate(stack)
     write_arms(stack.root, Arms(candidate=candidate, canary_percent=0.0, shadow_percent=0.0))
     await asyncio.sleep(load_wait_s)
-    write_arms(stack.root, Arms(candidate=candidate, canary_percent=0.0, shadow_percent=shadow_percent))
-    return {"candidate": candidate, "shadow_percent": shadow_percent, "load_wait_s": load_wait_s}
+    loop, spans = asyncio.get_running_loop(), []
+    for i in range(windows):
+        shadow = AB_PATTERN[i % len(AB_PATTERN)]
+        write_arms(stack.root, Arms(candidate=candidate, canary_percent=0.0,
+                                    shadow_percent=shadow_percent if shadow else 0.0))
+        start = loop.time()
+        await asyncio.sleep(window_s)
+        spans.append({"shadow": shadow, "start": start, "end": loop.time()})
+    write_arms(stack.root, Arms(candidate=candidate, canary_percent=0.0, shadow_percent=0.0))
+    return {"candidate": candidate, "shadow_percent": shadow_percent, "load_wait_s": load_wait_s,
+            "guard_s": guard_s, "windows": spans}
+
+
+def arm_windows(outcomes: list[Outcome], spans: list[dict], guard_s: float) -> dict:
+    """Side by side, shadow off vs on over the interleaved windows: each window's first ``guard_s``
+    seconds are left out (the services read the arms file on their poll), the rest pooled per arm.
+    Gives each arm's latency over its pooled requests, the p99 of every window and their median, and
+    the on/off ratios of the pooled p99 and of the median window p99."""
+    arms: dict[str, dict] = {}
+    for name, shadow in (("off", False), ("on", True)):
+        mine = [span for span in spans if span["shadow"] == shadow]
+        parts = [window(outcomes, span["start"] + guard_s, span["end"]) for span in mine]
+        pooled = [o for part in parts for o in part]
+        p99s = [latency_stats([o.latency_s for o in part])["p99"] for part in parts if part]
+        arms[name] = {"windows": len(mine), "requests": len(pooled),
+                      "failed": sum(1 for o in pooled if o.code != "OK"),
+                      "latency_ms": latency_stats([o.latency_s for o in pooled]),
+                      "window_p99_ms": p99s,
+                      "median_window_p99_ms": statistics.median(p99s) if p99s else math.nan}
+    off, on = arms["off"], arms["on"]
+    return {"guard_s": guard_s, **arms,
+            "p99_ratio": on["latency_ms"]["p99"] / off["latency_ms"]["p99"],
+            "median_window_p99_ratio": on["median_window_p99_ms"] / off["median_window_p99_ms"]}
 
 
 async def redis_kill(stack: Stack, down_s: float) -> dict:
@@ -135,9 +186,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("ramp", "open-loop steps of +50 req/s until p99 exceeds the target", duration_s=150, mode="ramp"),
     Scenario("hot-reloads", "10 new versions published 1 s apart", duration_s=60, fault_at_s=5,
              fault=functools.partial(hot_reloads, count=10, interval_s=1.0)),
-    Scenario("shadow", "a candidate (a copy of the live version) is loaded from 25 s on, then shadows 10 % "
-             "of requests", duration_s=80, fault_at_s=25,
-             fault=functools.partial(shadow_on, shadow_percent=10.0, load_wait_s=15.0), settle_s=5.0),
+    Scenario("shadow", "a candidate (a copy of the live version) is loaded from 10 s on; from 25 s the "
+             "shadow of 10 % of requests is switched off/on/on/off... every 10 s, 8 windows", duration_s=110,
+             fault_at_s=10, fault=functools.partial(shadow_ab, shadow_percent=10.0, load_wait_s=15.0,
+                                                      window_s=10.0, windows=8), settle_s=0.0),
     Scenario("redis-kill", "redis-server killed (-9), restarted empty after fault_s", duration_s=55,
              fault=redis_kill, fault_s=30.0),
     Scenario("redis-freeze", "redis-server frozen (SIGSTOP) for fault_s", duration_s=35,
@@ -156,6 +208,9 @@ async def _inject(scenario: Scenario, stack: Stack, origin: float) -> dict:
     await asyncio.sleep(max(0.0, origin + scenario.fault_at_s - loop.time()))
     start_s = loop.time() - origin
     notes = await (scenario.fault(stack) if scenario.fault_s is None else scenario.fault(stack, scenario.fault_s))
+    if "windows" in notes:   # loop times -> seconds after the load's start
+        notes["windows"] = [{**span, "start": span["start"] - origin, "end": span["end"] - origin}
+                            for span in notes["windows"]]
     return {"start_s": start_s, "end_s": loop.time() - origin, "settle_s": scenario.settle_s, **notes}
 
 
@@ -231,7 +286,20 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
         document["fault"] = fault
         document["phases"] = phases(outcomes, fault, total_s)
         document["recovery"] = recovery(outcomes, fault, config.deadline_ms / 1000, total_s)
+        if "windows" in fault:
+            document["shadow_ab"] = arm_windows(outcomes, fault["windows"], fault["guard_s"])
     return document, outcomes
+
+
+def shadow_ab_line(ab: dict) -> str:
+    """The shadow's cost in one line: each arm's pooled p50/p99 and median window p99, and the ratios."""
+    def arm(name: str) -> str:
+        figures = ab[name]
+        return (f"{name}: {figures['requests']} requests in {figures['windows']} windows, "
+                f"{figures['failed']} failed, p50 {figures['latency_ms']['p50']:.1f} ms, "
+                f"p99 {figures['latency_ms']['p99']:.1f} ms, median window p99 {figures['median_window_p99_ms']:.1f} ms")
+    return (f"shadow {arm('off')}; {arm('on')}; on/off p99 {ab['p99_ratio']:.3f}x, "
+            f"median window p99 {ab['median_window_p99_ratio']:.3f}x")
 
 
 def fault_row(document: dict) -> str:

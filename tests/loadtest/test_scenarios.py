@@ -17,8 +17,8 @@ import pytest
 
 from loadtest.config import LoadConfig
 from loadtest.results import Outcome
-from loadtest.scenarios import (SCENARIOS, fault_row, phases, recovery, run_and_save, run_scenario, shadow_on,
-                                shortened)
+from loadtest.scenarios import (SCENARIOS, arm_windows, fault_row, phases, recovery, run_and_save, run_scenario,
+                                shadow_ab, shadow_ab_line, shortened)
 from recsys_contracts.arms import Arms, read_arms
 
 pytestmark = pytest.mark.slow
@@ -43,16 +43,38 @@ def test_redis_freeze_scaled_down(published, ml100k_dir, tmp_path):
     assert fault_row(document).startswith("| redis-freeze | 20 | 100 | ")
 
 
-def test_shadow_scaled_down_stages_a_candidate_and_changes_no_answer(published, ml100k_dir, tmp_path):
+def test_shadow_scaled_down_alternates_the_arm_and_changes_no_answer(published, ml100k_dir, tmp_path):
     root, _ = published
-    scenario = dataclasses.replace(SCENARIOS["shadow"], duration_s=6.0, fault_at_s=1.0, settle_s=3.0,
-                                   fault=functools.partial(shadow_on, shadow_percent=100.0, load_wait_s=0.5))
+    scenario = dataclasses.replace(SCENARIOS["shadow"], duration_s=8.0, fault_at_s=0.5, fault=functools.partial(
+        shadow_ab, shadow_percent=100.0, load_wait_s=1.0, window_s=1.2, windows=4, guard_s=0.4))
     config = LoadConfig(rate=20, deadline_ms=2000, users_from=str(ml100k_dir), warmup_s=0.5)
-    document, outcomes = asyncio.run(run_scenario(scenario, config, None, tmp_path, source_root=root))
-    assert (document["fault"]["candidate"], document["fault"]["shadow_percent"]) == (2, 100.0)
-    assert read_arms(tmp_path / "artifacts") == Arms(candidate=2, canary_percent=0.0, shadow_percent=100.0)
-    assert document["summary"]["failed"] == 0
+    fast_polls = {"RANKING_POLL_INTERVAL_S": "0.2", "RETRIEVAL_POLL_INTERVAL_S": "0.2"}
+    document, outcomes = asyncio.run(run_scenario(scenario, config, None, tmp_path, source_root=root,
+                                                  service_env=fast_polls))
+    fault, ab = document["fault"], document["shadow_ab"]
+    assert (fault["candidate"], fault["shadow_percent"]) == (2, 100.0)
+    assert [span["shadow"] for span in fault["windows"]] == [False, True, True, False]
+    assert all(later["start"] >= earlier["end"] - 1e-6 for earlier, later in zip(fault["windows"], fault["windows"][1:]))
+    # The shadow is switched off again at the end; the candidate stays staged with no traffic.
+    assert read_arms(tmp_path / "artifacts") == Arms(candidate=2, canary_percent=0.0, shadow_percent=0.0)
+    assert ab["off"]["windows"] == ab["on"]["windows"] == 2 and ab["off"]["requests"] > 0 < ab["on"]["requests"]
+    assert ab["off"]["failed"] == ab["on"]["failed"] == 0 == document["summary"]["failed"]
     assert set(document["summary"]["versions"]["ranking"]) == {"1"}      # the shadow never answers
+    assert ab["p99_ratio"] == pytest.approx(ab["on"]["latency_ms"]["p99"] / ab["off"]["latency_ms"]["p99"])
+    assert "on/off p99" in shadow_ab_line(ab)
+
+
+def test_arm_windows_pools_each_arm_after_its_guard():
+    # Windows [0, 2) off, [2, 4) on, [4, 6) on, [6, 8) off; the first 0.5 s of each is left out.
+    spans = [{"shadow": shadow, "start": 2.0 * i, "end": 2.0 * (i + 1)}
+             for i, shadow in enumerate((False, True, True, False))]
+    outcomes = [Outcome(t / 10, 0.010 if (t // 20) in (0, 3) else 0.020, "OK") for t in range(80)]
+    outcomes.append(Outcome(2.1, 5.0, "DEADLINE_EXCEEDED"))       # inside the guard of an "on" window: left out
+    ab = arm_windows(outcomes, spans, guard_s=0.5)
+    assert ab["off"]["requests"] == ab["on"]["requests"] == 30 and ab["on"]["failed"] == 0
+    assert ab["off"]["latency_ms"]["p99"] == pytest.approx(10.0) and ab["on"]["latency_ms"]["p99"] == pytest.approx(20.0)
+    assert ab["off"]["window_p99_ms"] == pytest.approx([10.0, 10.0]) and ab["median_window_p99_ratio"] == pytest.approx(2.0)
+    assert ab["p99_ratio"] == pytest.approx(2.0)
 
 
 def test_phases_split_by_intended_time():
