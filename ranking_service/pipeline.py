@@ -17,9 +17,11 @@ Recommend, for one ``ServingState`` snapshot:
 4. the best k come out in score order, or in MMR order over the item embeddings.
 
 Every answer comes from one version: the Retrieve call asks for the version this request started
-on, and the candidates are ranked by whichever version retrieval answered from when this service
-still holds it (``held``: its current or previous one), its features read under that version. So
-while the two services swap at slightly different moments, retrieval_version == ranking_version.
+on, with this service's other held versions as fallbacks, and the candidates are ranked by
+whichever version retrieval answered from when this service still holds it (``held``: its current,
+previous or a retained one), its features read under that version. Both services keep a version
+loaded while the other still uses it (``VersionHolder.used``), so even when versions go live faster
+than the services load them (each skipping some), retrieval_version == ranking_version.
 
 A retrieval INVALID_ARGUMENT is the caller's error (retrieval validated a field we passed through),
 so it surfaces as INVALID_ARGUMENT, not as a fallback.
@@ -127,10 +129,14 @@ class _Pool:
 class Pipeline:
     def __init__(self, *, features: FeatureStore, batcher: MicroBatcher, candidates: CandidateSource,
                  fallback: str, breaker: CircuitBreaker,
-                 held: Callable[[int], ServingState | None] = lambda version: None) -> None:
+                 held: Callable[[int], ServingState | None] = lambda version: None,
+                 held_versions: Callable[[], list[int]] = list,
+                 used: Callable[[int], None] = lambda version: None) -> None:
         self.features, self.batcher, self.candidates, self.fallback = features, batcher, candidates, fallback
         self.breaker = breaker
         self.held = held               # version -> its loaded state when held (VersionHolder.held)
+        self.held_versions = held_versions   # the versions held, in order of preference (VersionHolder)
+        self.used = used               # notes a version retrieval answered from (VersionHolder.used)
 
     async def score(self, state: ServingState, view: UserView, timestamp: int, ids: np.ndarray,
                     retrieval_scores: np.ndarray, arrival: np.ndarray) -> Scored:
@@ -193,7 +199,10 @@ class Pipeline:
             return retrieval_version, flags, CIRCUIT_OPEN
         budget_s = retrieval_deadline - loop.time()
         started = time.perf_counter()
-        query.retrieve.version = state.version    # this request's own message: answer from our version
+        # this request's own message: answer from our version, else from another one we hold
+        query.retrieve.version = state.version
+        query.retrieve.fallback_versions[:] = [] if query.pinned_version else \
+            [v for v in self.held_versions() if v != state.version]
         try:
             async with asyncio.timeout_at(retrieval_deadline):
                 stream = self.candidates.stream(query.retrieve, max(retrieval_deadline - loop.time(), 0.001),
@@ -241,8 +250,10 @@ class Pipeline:
             matching = None
         if version == state.version:
             metrics.VERSION_MATCH.labels("same").inc()
+            self.used(version)
         elif matching is not None:
             metrics.VERSION_MATCH.labels("held").inc()
+            self.used(version)          # retrieval still answers from it: keep it loaded
             return _Pool(self, matching, query, await self.features.user_view(matching, query.user_id,
                                                                               query.overrides))
         else:

@@ -12,6 +12,13 @@ ranks with whichever of its two matches the candidates), and a rollback to it sw
 When the artifact root's arms file (``recsys_contracts.arms``) names a candidate version, it is
 loaded (and checked) beside them too, for the canary share of users; promoting it swaps it in at once.
 
+Versions still in use are kept too (``used`` / ``retained``): when versions go live faster than the
+services load them, each service skips some, and "current + previous" on one side and on the
+other can have no version in common. So a version the peer service still answers from (ranking
+notes the version retrieval answered from) or still asks for (retrieval notes the version it
+answered ranking from) is not dropped when it falls out of current/previous: it stays, at most
+``MAX_RETAINED`` of them, until no request has used it for ``RETAIN_S`` seconds.
+
 A candidate version's signature is checked against the holder's ``Trust`` before any other file
 is read, then its checksums against the manifest; then it is handed to the service's ``load``
 function, which must build and warm the state and raise if anything is wrong (shapes, a smoke
@@ -26,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import sys
 import threading
 import time
@@ -43,6 +51,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 REFUSAL_REASONS = ("signature", "files", "load", "pointer")
+RETAIN_S = 30.0        # a version out of current/previous stays loaded this long after its last use
+MAX_RETAINED = 2       # and at most this many of them (the most recently used), to bound memory
 VERSION_REFUSED = Counter("recsys_version_refused_total",
                           "Versions (or CURRENT pointers) refused: signature = unsigned or not signed by a "
                           "trusted key; files = manifest or checksums wrong; load = the bundle failed to "
@@ -116,6 +126,8 @@ class VersionHolder(Generic[T]):
         self.previous_version: int | None = None
         self.candidate: T | None = None          # the arms file's candidate, when not current or previous
         self.candidate_version: int | None = None
+        self.retained: dict[int, T] = {}        # versions out of current/previous still in use
+        self._last_used: dict[int, float] = {}  # version -> time.monotonic() of its last ``used``
         self.arms: Arms | None = None            # the arms as last read (recsys_contracts.arms)
         self._arms_problem = ""                  # the last arms-file problem logged, so each is logged once
         self.stats = ReloadStats()
@@ -127,17 +139,49 @@ class VersionHolder(Generic[T]):
         return self.current is not None
 
     def held(self, version: int) -> T | None:
-        """The state of ``version`` when it is the current, the previous or the candidate one, else None."""
+        """The state of ``version`` when it is the current, the previous, the candidate or a retained
+        one, else None."""
         if version == self.version:
             return self.current
         if version == self.previous_version:
             return self.previous
-        return self.candidate if version == self.candidate_version else None
+        if version == self.candidate_version:
+            return self.candidate
+        return self.retained.get(version)
 
     @property
     def held_versions(self) -> list[int]:
-        """The versions this holder can answer from: current, previous, candidate."""
-        return [v for v in (self.version, self.previous_version, self.candidate_version) if v is not None]
+        """The versions this holder can answer from: current, previous, candidate, then retained (newest first)."""
+        return [v for v in (self.version, self.previous_version, self.candidate_version) if v is not None] + \
+            sorted(self.retained, reverse=True)
+
+    def used(self, version: int) -> None:
+        """Notes that a request used ``version`` (answered from it, or the peer service did): it is kept
+        loaded for ``RETAIN_S`` seconds after its last use even when newer versions go live."""
+        self._last_used[version] = time.monotonic()
+
+    def _retain(self, state: T | None, version: int | None) -> None:
+        """Keeps a version leaving current/previous when it was used within ``RETAIN_S``."""
+        if state is None or version is None or version in (self.version, self.previous_version):
+            return
+        last = self._last_used.get(version)
+        if last is not None and time.monotonic() - last <= RETAIN_S:
+            self.retained[version] = state
+        self._prune()
+
+    def _prune(self) -> None:
+        """Drops retained versions unused for ``RETAIN_S`` (or beyond the ``MAX_RETAINED`` most recently
+        used) and forgets uses of versions no longer held."""
+        now = time.monotonic()
+        keep = sorted((v for v in self.retained if v not in (self.version, self.previous_version)
+                       and now - self._last_used.get(v, -math.inf) <= RETAIN_S),
+                      key=lambda v: self._last_used[v], reverse=True)[:MAX_RETAINED]
+        dropped = sorted(set(self.retained) - set(keep))
+        self.retained = {v: self.retained[v] for v in sorted(keep)}
+        if dropped:
+            log.info("released retained versions %s (unused for %g s)", dropped, RETAIN_S)
+        held = set(self.held_versions)
+        self._last_used = {v: t for v, t in self._last_used.items() if v in held}
 
     def _target(self) -> int | None:
         """The version that should be serving now, or None while the volume has none."""
@@ -166,14 +210,15 @@ class VersionHolder(Generic[T]):
         candidate version is loaded beside the current one); True when a swap happened."""
         swapped = await self._follow_current()
         await self._follow_arms()
+        self._prune()
         return swapped
 
     async def _follow_current(self) -> bool:
         target = self._target()
         if target is None or target == self.version or target in self.stats.refused_versions:
             return False
-        if target in (self.previous_version, self.candidate_version):   # rollback or promotion: no load
-            self._swap(self.held(target), target)
+        if target in (self.previous_version, self.candidate_version) or target in self.retained:
+            self._swap(self.held(target), target)                   # rollback or promotion: no load
             return True
         state = await self._load(target, "serving")
         if state is None:
@@ -230,8 +275,11 @@ class VersionHolder(Generic[T]):
         # Runs on the event loop between two awaits, so no request sees one reference moved without the other.
         if version == self.candidate_version:                 # promoted: no longer a separate candidate
             self.candidate, self.candidate_version = None, None
+        self.retained.pop(version, None)
+        leaving, leaving_version = self.previous, self.previous_version
         self.previous, self.previous_version = self.current, self.version
         self.current, self.version = state, version        # the one-reference swap
+        self._retain(leaving, leaving_version)
         self.stats.loaded += 1
         if self.on_swap is not None:
             self.on_swap(state, version)

@@ -39,6 +39,17 @@ class NotReady(Exception):
     """No version is loaded yet."""
 
 
+def choose_state(holder: VersionHolder[ServingState], versions: tuple[int, ...]) -> ServingState | None:
+    """The first of ``versions`` the holder holds (noted as used, so it stays loaded while the caller
+    ranks with it), else the current state (None before the first load)."""
+    for version in versions:
+        state = holder.held(version)
+        if state is not None:
+            holder.used(version)
+            return state
+    return holder.current
+
+
 def chunks(result: Candidates, chunk_size: int) -> list[retrieval_pb2.RetrieveResponse]:
     """The stream's messages: ``chunk_size`` candidates each, every one with the version and the flags.
 
@@ -67,9 +78,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         deadline = time.monotonic() + (DEFAULT_DEADLINE_S if remaining is None else remaining)
         try:
             query = validate(request, self.max_candidates)
-            # Read once: this stream stays on this version. The asked version when held (the
+            # Read once: this stream stays on this version. The first asked version held (the
             # caller ranks with it), else the current one; model_version tells the caller which.
-            state = (self.holder.held(query.version) if query.version else None) or self.holder.current
+            state = choose_state(self.holder, query.versions)
             if state is None:
                 raise NotReady("no model version loaded yet")
             async with self.admission.slot(deadline):

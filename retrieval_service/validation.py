@@ -20,6 +20,7 @@ MAX_FEATURE_BYTES = 128       # bytes per key or categorical value
 MAX_RECENT_ITEMS = 200
 MAX_TIMESTAMP_S = 2**40       # exclusive
 FLOAT32_MAX = 3.4028234663852886e38   # numeric features become float32 model inputs
+MAX_FALLBACK_VERSIONS = 8     # RetrieveRequest.fallback_versions entries
 
 
 class InvalidRequest(ValueError):
@@ -38,6 +39,12 @@ class Query:
     timestamp: int
     include_seen: bool
     version: int = 0               # the artifact version asked for (0 = current), answered when held
+    fallback_versions: tuple[int, ...] = ()   # else the first of these held (RetrieveRequest.fallback_versions)
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The versions the caller can rank with, in its order of preference (empty: the current one)."""
+        return ((self.version,) if self.version else ()) + self.fallback_versions
 
     @property
     def has_request_features(self) -> bool:
@@ -88,6 +95,12 @@ def validate(request: retrieval_pb2.RetrieveRequest, max_candidates: int) -> Que
         raise InvalidRequest(f"context.timestamp_s must be in [0, 2^40), got {timestamp!r}")
     if request.version < 0:
         raise InvalidRequest(f"version must be >= 0 (0 = the current version), got {request.version!r}")
+    fallbacks = tuple(request.fallback_versions)
+    if len(fallbacks) > MAX_FALLBACK_VERSIONS:
+        raise InvalidRequest(f"fallback_versions must have at most {MAX_FALLBACK_VERSIONS} entries, "
+                             f"got {len(fallbacks)}")
+    if any(v < 1 for v in fallbacks):
+        raise InvalidRequest(f"fallback_versions must be versions >= 1, got {min(fallbacks)!r}")
     return Query(user_id=user_id, k=request.num_candidates, categorical=categorical, numeric=numeric,
                  recent_item_ids=recent, timestamp=timestamp or int(time.time()),
-                 include_seen=request.include_seen, version=request.version)
+                 include_seen=request.include_seen, version=request.version, fallback_versions=fallbacks)

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("user_id", "num_candidates", "user_features", "context", "include_seen", "version")
+    __slots__ = ("user_id", "num_candidates", "user_features", "context", "include_seen", "version", "fallback_versions")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     USER_FEATURES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_SEEN_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     num_candidates: int
     user_features: _common_pb2.UserFeatures
     context: _common_pb2.Context
     include_seen: bool
     version: int
-    def __init__(self, user_id: _Optional[str] = ..., num_candidates: _Optional[int] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., include_seen: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    fallback_versions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, user_id: _Optional[str] = ..., num_candidates: _Optional[int] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., include_seen: _Optional[bool] = ..., version: _Optional[int] = ..., fallback_versions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("item_ids", "scores", "model_version", "degraded")
