@@ -28,15 +28,16 @@ def tiny_dataset(seed: int = 0, n_users: int = 80, n_items: int = 150, n_interac
     return generate(n_users, n_items, n_interactions, seed=seed)
 
 
-def tiny_run(seed: int = 0, history_length: int = 10, dataset=None) -> TrainedRun:
-    """Untrained (seeded) real models over a tiny synthetic dataset's features."""
+def tiny_run(seed: int = 0, history_length: int = 10, dataset=None, overrides: tuple[str, ...] = ()) -> TrainedRun:
+    """Untrained (seeded) real models over a tiny synthetic dataset's features; ``overrides`` are
+    ``--set``-style config settings applied after the tiny sizes (e.g. ``retrieval.user_tower=sequential``)."""
     dataset = dataset if dataset is not None else tiny_dataset(seed)
     split = random_split(dataset.interactions, seed=seed)
     vocab = fit_id_vocab(split.train)
     spec = fit_feature_spec(split.train, dataset.users, dataset.items, history_length=history_length)
     tables = build_tables(spec, vocab, split.train, dataset.users, dataset.items)
     cfg = load_config(None, ["retrieval.embedding_dim=16", "retrieval.user_tower_dims=32",
-                             "retrieval.item_tower_dims=32", "ranking.deep_dims=32"])
+                             "retrieval.item_tower_dims=32", "ranking.deep_dims=32", *overrides])
     torch.manual_seed(seed)
     two_tower = build_two_tower(tower_config(cfg, spec, tables)).eval()
     tc = tower_config(cfg, spec, tables)
