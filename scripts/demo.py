@@ -4,7 +4,8 @@ Trains on MovieLens 100K (from $RECSYS_DATA_DIR, or downloaded), publishes a ver
 ./artifacts, starts the retrieval and ranking services as real processes (Redis-backed when
 RECSYS_REDIS_URL is set, else features served from the artifact in process), asks the ranking
 service for recommendations for a few users over gRPC and prints them with movie titles (carried
-in the version), scores and both model versions, starts the HTTP gateway in front of ranking and
+in the version), scores and both model versions, records that the first user rated their top item
+and asks again (the item is gone, and the history the user tower reads has grown), starts the HTTP gateway in front of ranking and
 prints its web page's URL (waiting for Enter when run from a terminal), then stops everything with
 SIGTERM (graceful drain).
 """
@@ -66,6 +67,21 @@ def wait_http_ready(url: str, timeout_s: float) -> None:
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s:.0f} s")
 
 
+def show(stub: ranking_pb2_grpc.RankingServiceStub, user: str, k: int) -> ranking_pb2.RecommendResponse:
+    """Asks for ``k`` recommendations for ``user`` and prints them with titles; returns the reply."""
+    reply = stub.Recommend(ranking_pb2.RecommendRequest(
+        user_id=user, k=k, context=common_pb2.Context(timestamp_s=int(time.time())),
+        options=ranking_pb2.RecommendOptions(include_item_metadata=True)), timeout=2.0)
+    flags = [common_pb2.DegradedPath.Name(d) for d in reply.degraded]
+    print(f"\nuser {user}  (retrieval v{reply.retrieval_version}, ranking v{reply.ranking_version}"
+          f"{', ' + ', '.join(flags) if flags else ''})")
+    print(f"  {'#':>2}  {'movie':<48} {'score':>6} {'ctr':>6} {'rating':>6}")
+    for rank, item in enumerate(reply.items, 1):
+        title = item.title or str(item.item_id)
+        print(f"  {rank:>2}  {title:<48.48} {item.score:>6.3f} {item.ctr:>6.3f} {item.predicted_rating:>6.2f}")
+    return reply
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifacts", default=str(ROOT / "artifacts"))
@@ -97,18 +113,20 @@ def main() -> int:
         print("== 3/4 asking the ranking service (gRPC Recommend)", flush=True)
         with grpc.insecure_channel(f"127.0.0.1:{ranking_port}") as channel:
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
-            for user in args.users.split(","):
-                reply = stub.Recommend(ranking_pb2.RecommendRequest(
-                    user_id=user, k=args.k, context=common_pb2.Context(timestamp_s=int(time.time())),
-                    options=ranking_pb2.RecommendOptions(include_item_metadata=True)), timeout=2.0)
-                flags = [common_pb2.DegradedPath.Name(d) for d in reply.degraded]
-                print(f"\nuser {user}  (retrieval v{reply.retrieval_version}, ranking v{reply.ranking_version}"
-                      f"{', ' + ', '.join(flags) if flags else ''})")
-                print(f"  {'#':>2}  {'movie':<48} {'score':>6} {'ctr':>6} {'rating':>6}")
-                for rank, item in enumerate(reply.items, 1):
-                    title = item.title or str(item.item_id)
-                    print(f"  {rank:>2}  {title:<48.48} {item.score:>6.3f} {item.ctr:>6.3f} "
-                          f"{item.predicted_rating:>6.2f}")
+            replies = {user: show(stub, user, args.k) for user in args.users.split(",")}
+            # What a backend does when the user acts: record it; the very next Recommend sees it
+            # (excluded, and in the history the user tower reads; with Redis, in both services).
+            user, top = next(iter(replies.items()))
+            if top.items:
+                watched = top.items[0]
+                try:
+                    stub.RecordInteractions(ranking_pb2.RecordInteractionsRequest(interactions=[
+                        common_pb2.Interaction(user_id=user, item_id=watched.item_id, rating=5.0,
+                                               timestamp_s=int(time.time()))]), timeout=2.0)
+                    print(f"\nrecorded: user {user} rated {watched.title or watched.item_id} 5 stars; asking again")
+                    show(stub, user, args.k)
+                except grpc.RpcError as error:
+                    print(f"\nrecording an interaction was refused: {error.code().name} {error.details()}")
         gateway_env = {**env, "GATEWAY_PORT": str(args.http_port), "GATEWAY_HOST": "127.0.0.1",
                        "GATEWAY_RANKING_TARGET": f"127.0.0.1:{ranking_port}", "RECSYS_LOG_LEVEL": "WARNING"}
         procs.append(subprocess.Popen([sys.executable, "-m", "gateway"], env=gateway_env, cwd=ROOT))
