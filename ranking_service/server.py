@@ -86,7 +86,16 @@ class RankingApp:
                                  held=self.holder.held,
                                  held_versions=self._fallback_versions, used=self.holder.used)
         self.admission = Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)
-        self.shadow = Shadow(self.pipeline, config, self.holder, self._spawn)
+        # The shadow runs on its own DCN batcher (its batches never join or queue before a live
+        # one) and its own retrieval breaker (a failing candidate must not open the live one).
+        self.shadow_batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000)
+        self.shadow = Shadow(Pipeline(features=self.features, batcher=self.shadow_batcher,
+                                      candidates=self.candidates, fallback="unavailable",
+                                      breaker=CircuitBreaker("ranking-shadow-retrieval",
+                                                             config.retrieval_breaker_failures,
+                                                             config.retrieval_breaker_cooldown_ms / 1000),
+                                      held=self.holder.held),
+                             config, self.holder, self._spawn)
         self._tasks: set[asyncio.Task] = set()
 
     def _fallback_versions(self) -> list[int]:
@@ -125,6 +134,7 @@ class RankingApp:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.batcher.close()
+        await self.shadow_batcher.close()
         await self.candidates.close()
         await self.features.close()
 
