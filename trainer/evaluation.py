@@ -58,10 +58,10 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
         n = max(cfg.ranking.candidates, max(cfg.eval.retrieval_ks))
         cands = retrieve(run.two_tower, prep.tables, prep.test.users, prep.test, n, prep.eval_timestamps, device)
         truth = prep.test.truth_rows()
-        report["retrieval"] = {f"recall@{k}": metrics.recall_at_k(cands.items[:, :k], truth, k)
+        retrieved = np.where(cands.items > 0, cands.items, -1)   # -1: padding, where fewer items are left
+        report["retrieval"] = {f"recall@{k}": metrics.recall_at_k(retrieved[:, :k], truth, k)
                                for k in cfg.eval.retrieval_ks if k <= cands.items.shape[1]}
-        report["two_tower"] = list_report(np.where(cands.items > 0, cands.items, -1)[:, :max(ks)],
-                                          prep.test, ks, vectors)
+        report["two_tower"] = list_report(retrieved[:, :max(ks)], prep.test, ks, vectors)
         top_n = Candidates(cands.users, cands.items[:, :cfg.ranking.candidates],
                            cands.scores[:, :cfg.ranking.candidates])
         scores, ctr, rating = score_candidates(run.ranker, prep.tables, top_n, prep.eval_timestamps[top_n.users],

@@ -120,6 +120,15 @@ def test_cli_reports_a_config_error_by_name(tmp_path):
     assert "retrieval.epoch" in proc.stderr
 
 
+def test_retrieval_recall_counts_users_with_fewer_unseen_items_than_candidates(tmp_path, dataset):
+    # 200 items: retrieving 200 leaves padding for every user with training or validation items
+    # masked; the padding must not count as a repeated item (it made recall_at_k raise).
+    result = job.run(small_config(tmp_path, "eval.retrieval_ks=10,50,200,500"), dataset)
+    recall = result.report["retrieval"]
+    assert list(recall) == ["recall@10", "recall@50", "recall@200"]
+    assert 0 < recall["recall@10"] <= recall["recall@50"] <= recall["recall@200"] == 1.0
+
+
 def test_max_users_bounds_evaluation_for_large_catalogs(tmp_path, dataset):
     result = job.run(small_config(tmp_path, "eval.max_users=30"), dataset)
     assert result.report["data"]["test_users"] == 30
