@@ -5,7 +5,7 @@
 Prints the figures and writes ``bench_results/retrieval_bench.json``. Sections:
 
 - ``stages``: publishes a version built from the real MovieLens 100K data (untrained seeded models,
-  ``tests.factories.tiny_run`` sizes: the cost of the pipeline, not the quality), writes its features
+  ``trainer.tiny.tiny_run`` sizes: the cost of the pipeline, not the quality), writes its features
   to Redis ($RECSYS_TEST_REDIS_URL or the local default, a private namespace deleted afterwards),
   and times Retrieve(500) for known users: each stage in process (features = one Redis round
   trip, tower, search) and the whole call over gRPC on loopback.

@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    from trainer import cli_output, pipeline
+    from trainer import cli_output, job
 
     if args.command == "baselines":
         print(cli_output.baselines_table(cfg))
         return 0
-    result = pipeline.run(cfg)
+    result = job.run(cfg)
     print(cli_output.summary(result, show_users=args.show))
     return 0 if result.refused is None else 3
 

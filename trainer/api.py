@@ -9,11 +9,13 @@
     recs = trainer.recommend(user_id="42", k=10)   # [(item_id, score), ...]
     version = trainer.publish(artifact_root)
 
-A thin layer over ``trainer.pipeline``, the command-line trainer's code path: the caller's frames
-become a ``Dataset`` and a given ``Split`` (train, val, empty test), then ``prepare`` and
-``train_models`` run unchanged; ``evaluate`` swaps in a test target from ``test_df`` (train + val
-masked) and calls ``pipeline.evaluate``; ``publish`` applies the same quality gate and
-``publish_run`` as ``pipeline.run``.
+A thin front over ``trainer.job``, the command line's code path: the caller's frames become a
+``Dataset`` and a given ``Split`` (train, val, empty test); ``fit`` runs ``job.session``,
+``trainer.prepare.prepare`` and ``trainer.training.train_models``; ``evaluate`` swaps in a test
+target from ``test_df`` (train + val masked) and calls ``job.evaluate``; ``recommend`` ranks with
+``trainer.evaluation.retrieve`` and the ranker; ``publish`` calls ``trainer.publish.apply_gate`` and
+``publish_evaluated``, as ``job.run`` does. What lives here is only the frames' checks and the
+calls' order.
 
 Frames: columns ``user_id`` (str; ints are turned into str), ``item_id`` (integer), ``rating``
 (numeric), ``timestamp`` (integer Unix seconds, or datetime64, naive taken as UTC), plus optional
@@ -36,25 +38,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recsys_contracts import feature_store
-from trainer import pipeline
+from recsys_contracts.signing import signer_for
+from trainer import job
 from trainer.config import (MultitaskConfig, RankingConfig, RetrievalConfig, RunConfig, TrainConfig,
                             replace)
 from trainer.data.dataset import INTERACTION_COLUMNS, make_dataset, validate_interactions
-from trainer.distributed import init_distributed, resolve_device, shutdown_distributed
-from trainer.evaluation import EvalTarget, make_target
+from trainer.evaluation import retrieve
+from trainer.full_ranking import EvalTarget, make_target
 from trainer.negatives import STRATEGIES
-from recsys_contracts.signing import signer_for
-from trainer.publish import TrainedRun, choose_index_params, publish_run
+from trainer.prepare import Prepared, prepare
+from trainer.progress import Timings
+from trainer.publish import TrainedRun, apply_gate, publish_evaluated
 from trainer.ranking_training import rerank, score_candidates
 from trainer.report import write_report
 from trainer.splits import Split
+from trainer.training import train_models
 
 log = logging.getLogger(__name__)
 
 GIVEN_PROTOCOL = "given"  # the caller chose the split
-# Report sections that travel into the manifest, as pipeline.run publishes them.
-MANIFEST_METRICS = ("pipeline", "two_tower", "retrieval", "ranking_heads", "baselines")
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ class ModelConfig:
 class _Fitted:
     """What ``fit`` leaves behind for evaluate / recommend / publish."""
 
-    prepared: pipeline.Prepared
+    prepared: Prepared
     run: TrainedRun
     histories: dict[str, Any]
     seen: EvalTarget       # masks train + val items: "exclude seen"
@@ -119,7 +121,7 @@ class _Fitted:
 
 
 class ProductionTrainer:
-    """Fits, evaluates, recommends and publishes through the command-line trainer's pipeline.
+    """Fits, evaluates, recommends and publishes through the command line's job (``trainer.job``).
 
     ``base``: every setting ``ModelConfig`` does not name (evaluation cut-offs, device, progress
     bars, index kind, ...); ``config`` overrides its model fields.
@@ -129,13 +131,13 @@ class ProductionTrainer:
         if not isinstance(config, ModelConfig):
             raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
         self._cfg = config.to_train_config(base)
-        self._timings = pipeline.Timings()
+        self._timings = Timings()
         self._fitted: _Fitted | None = None
         self._report: dict[str, Any] | None = None
 
     @property
     def train_config(self) -> TrainConfig:
-        """The full configuration the pipeline runs with (it travels into the manifest)."""
+        """The full configuration the job runs with (it travels into the manifest)."""
         return self._cfg
 
     @property
@@ -154,21 +156,14 @@ class ProductionTrainer:
         log.info("%s", dataset.report.summary())
         train, val = _with_known_ids(train, users, items), _with_known_ids(val, users, items)
         split = Split(train=train, val=val, test=train.iloc[:0], protocol=GIVEN_PROTOCOL, seed=0)
-        cfg, self._timings = self._cfg, pipeline.Timings()
-        ctx = init_distributed(torch.device("cuda") if cfg.run.device == "cuda" else torch.device("cpu"))
-        device = resolve_device(cfg.run.device, ctx.local_rank)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
-        torch.manual_seed(cfg.run.seed)
-        try:
+        cfg, self._timings = self._cfg, Timings()
+        with job.session(cfg) as (ctx, device):
             with self._timings.stage("features"):
-                prep = pipeline.prepare(cfg, dataset, split=split)
+                prep = prepare(cfg, dataset, split=split)
             if prep.val.users.size == 0:
                 raise ValueError("val_df must hold interactions of users and items that train_df has "
                                  f"(early stopping ranks them), got none of its {len(val_df)} rows")
-            run, histories = pipeline.train_models(cfg, prep, device, ctx, self._timings)
-        finally:
-            shutdown_distributed(ctx)
+            run, histories = train_models(cfg, prep, device, ctx, self._timings)
         self._fitted = _Fitted(prep, run, histories,
                                seen=make_target(prep.vocab, val, [train, val]),
                                nothing=make_target(prep.vocab, val, [train.iloc[:0]]))
@@ -191,13 +186,7 @@ class ProductionTrainer:
             raise ValueError("test_df must hold interactions of users and items seen in fit, "
                              f"got none of its {len(test_df)} rows")
         prep = dataclasses.replace(prep, test=target, split=dataclasses.replace(prep.split, test=test))
-        report = pipeline.evaluate(self._cfg, prep, fitted.run, torch.device("cpu"), self._timings)
-        report["data"] = {"dataset": prep.dataset.name, "protocol": GIVEN_PROTOCOL,
-                          "n_users": prep.vocab.n_users, "n_items": prep.vocab.n_items,
-                          "train": len(prep.split.train), "val": len(prep.split.val), "test": len(test),
-                          "test_users": int(target.users.size),
-                          "time_range": [int(prep.dataset.interactions["timestamp"].min()),
-                                         int(prep.dataset.interactions["timestamp"].max())]}
+        report = job.evaluate(self._cfg, prep, fitted.run, self._timings, protocol=GIVEN_PROTOCOL)
         self._report = report
         return report
 
@@ -222,8 +211,8 @@ class ProductionTrainer:
             scores = np.log(np.maximum(prep.tables.item_counts[popular], 1))
             return [(int(prep.vocab.item_ids[i]), float(s)) for i, s in zip(popular, scores)]
         users = np.array([user], dtype=np.int64)
-        cands = pipeline.retrieve(run.two_tower, prep.tables, users, fitted.seen if exclude_seen else fitted.nothing,
-                                  max(k, self._cfg.ranking.candidates), prep.eval_timestamps, torch.device("cpu"))
+        cands = retrieve(run.two_tower, prep.tables, users, fitted.seen if exclude_seen else fitted.nothing,
+                         max(k, self._cfg.ranking.candidates), prep.eval_timestamps, torch.device("cpu"))
         scores, _ctr, _rating = score_candidates(run.ranker, prep.tables, cands, prep.eval_timestamps[users],
                                                  run.score_mode, run.rating_weight, prep.spec.rating_max,
                                                  torch.device("cpu"))                # each (1, N)
@@ -234,7 +223,7 @@ class ProductionTrainer:
         """Publishes the fitted models as a new serving version; returns its number.
 
         Needs ``evaluate`` first: the manifest carries its metrics and the quality gate
-        (``pipeline.quality_gate``, unless ``publish.gate`` is off) refuses a model no better than
+        (``trainer.publish.quality_gate``, unless ``publish.gate`` is off) refuses a model no better than
         popularity or clearly worse than the served version, as the command line does.
         """
         fitted = self._require_fitted("publish")
@@ -244,20 +233,14 @@ class ProductionTrainer:
         root = Path(artifact_root)
         cfg = replace(self._cfg, publish={"artifact_root": str(root)})
         signer = signer_for(cfg.publish.signing_key, cfg.publish.unsigned)
-        refused = pipeline.quality_gate(cfg, self._report, root) if cfg.publish.gate else None
+        report = dict(self._report)       # the gate's verdict and the timings go into a copy
+        refused = apply_gate(cfg, report, root)
         if refused is not None:
             raise RuntimeError(f"not published: {refused}")
-        report = {**self._report, "gate": "passed" if cfg.publish.gate else "off",
-                  "timings": dict(self._timings.seconds)}
+        report["timings"] = dict(self._timings.seconds)
         with tempfile.TemporaryDirectory() as report_dir:
             write_report(report, fitted.histories, Path(report_dir))
-            return publish_run(root, fitted.run, index_params=choose_index_params(
-                cfg.publish.index, fitted.prepared.vocab.n_items, cfg.publish.index_exact_below),
-                data=report["data"], config=cfg.to_dict(), metrics={k: report[k] for k in MANIFEST_METRICS},
-                retain=cfg.publish.retain, signer=signer, report_dir=Path(report_dir), seed=cfg.run.seed,
-                redis_client=feature_store.redis_client(cfg.publish.redis_url, socket_timeout_s=5.0,
-                                                        connect_timeout_s=2.0) if cfg.publish.redis_url else None,
-                keys=feature_store.KeyFormat(cfg.publish.redis_namespace))
+            return publish_evaluated(cfg, root, fitted.run, report, Path(report_dir), signer)
 
     def _require_fitted(self, what: str) -> _Fitted:
         if self._fitted is None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from trainer import pipeline
 from trainer.config import TrainConfig, replace
-from trainer.evaluation import baseline_reports, diversity_vectors, interaction_matrix
+from trainer.evaluation import retrieve
+from trainer.full_ranking import baseline_reports, diversity_vectors, interaction_matrix
+from trainer.prepare import load_dataset, prepare
+from trainer.ranking_training import rerank, score_candidates
 from trainer.report import markdown
 from trainer.splits import PROTOCOLS
 
@@ -23,9 +25,8 @@ def sample_recommendations(result, show_users: int, k: int = 5) -> str:
     users = prep.test.users[:show_users]
     if users.size == 0:
         return ""
-    cands = pipeline.retrieve(run.two_tower, prep.tables, users, prep.test, 500, prep.eval_timestamps,
-                              torch.device("cpu"))
-    from trainer.ranking_training import rerank, score_candidates
+    cands = retrieve(run.two_tower, prep.tables, users, prep.test, 500, prep.eval_timestamps,
+                     torch.device("cpu"))
     scores, ctr, rating = score_candidates(run.ranker, prep.tables, cands, prep.eval_timestamps[users],
                                            run.score_mode, run.rating_weight, prep.spec.rating_max,
                                            torch.device("cpu"))
@@ -55,10 +56,10 @@ def summary(result, show_users: int = 3) -> str:
 
 def baselines_table(cfg: TrainConfig) -> str:
     """Dataset report and popularity / EASE on the test split, under every protocol."""
-    dataset = pipeline.load_dataset(cfg)
+    dataset = load_dataset(cfg)
     lines = [dataset.report.summary(), ""]
     for protocol in PROTOCOLS:
-        prep = pipeline.prepare(replace(cfg, data={"protocol": protocol}), dataset)
+        prep = prepare(replace(cfg, data={"protocol": protocol}), dataset)
         vectors = diversity_vectors(prep.tables, len(prep.spec.item_genres))
         reports = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val, prep.test,
                                    cfg.eval.ks, cfg.eval.ease_grid, vectors)

@@ -1,114 +1,129 @@
-"""Full-ranking evaluation shared by the models and the reference baselines.
+"""Offline evaluation of a trained run on the test split: the evaluation report's numbers.
 
-Protocol: for every user with at least one target item, rank all catalog items except the ones
-the protocol masks (train items for validation; train + validation items for test), and compare
-the top K with the targets. Metrics come from ``trainer.metrics``; baselines from ``trainer.baselines``.
+``retrieve`` gives each user's exact top-n two-tower candidates (what the flat index serves; the
+ranker's training and the sample recommendations use it too); ``evaluate`` measures retrieval
+alone, the full pipeline (retrieve N -> rank -> top K), the ranking heads, the MMR diversity
+trade-off, the reference baselines and the recommendations' popularity profile; ``data_report`` is
+the report's ``data`` section. The protocol itself (targets, masks, list metrics) is
+``trainer.full_ranking``. Nothing here trains, gates or publishes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
 import numpy as np
-import pandas as pd
+import torch
 
+from recsys_contracts.rerank import mmr_order
 from trainer import metrics
-from trainer.baselines import EASE, MAX_EASE_ITEMS, Popularity, SparseMatrix, rank_topk, tune_ease_solution
-from trainer.features import FeatureTables, IdVocab
-
-ScoreFn = Callable[[np.ndarray], np.ndarray]   # user idx (B,) -> scores (B, m+1) over item idx
-
-
-@dataclass(frozen=True, eq=False)
-class EvalTarget:
-    """What to predict for one evaluation: targets and masked items per user index (CSR, n+1 rows)."""
-
-    users: np.ndarray            # (U,) user indices with at least one target
-    truth: tuple[np.ndarray, np.ndarray]
-    exclude: tuple[np.ndarray, np.ndarray]
-    n_items: int                 # m (item indices 1..m)
-
-    def truth_rows(self) -> list[np.ndarray]:
-        indptr, indices = self.truth
-        return [indices[indptr[u]:indptr[u + 1]] for u in self.users]
-
-    def exclude_rows(self, users: np.ndarray) -> list[np.ndarray]:
-        indptr, indices = self.exclude
-        return [indices[indptr[u]:indptr[u + 1]] for u in users]
+from trainer.baselines import rank_topk
+from trainer.config import TrainConfig
+from trainer.features import FeatureTables
+from trainer.full_ranking import (EvalTarget, baseline_reports, diversity_vectors, interaction_matrix,
+                                  list_report, users_per_batch)
+from trainer.prepare import Prepared, held_out
+from trainer.progress import Timings
+from trainer.publish import TrainedRun, all_item_embeddings
+from trainer.ranking_training import Candidates, click_rows, ranker_inputs, rerank, score_candidates
+from trainer.retrieval_training import item_embeddings, user_embeddings
 
 
-def interaction_matrix(vocab: IdVocab, frames: list[pd.DataFrame]) -> SparseMatrix:
-    """Binary (n+1, m+1) user x item matrix of the known pairs in ``frames`` (unknown ids dropped)."""
-    frame = pd.concat(frames, ignore_index=True)
-    users = vocab.users_to_idx(frame["user_id"].to_numpy())
-    items = vocab.items_to_idx(frame["item_id"].to_numpy())
-    keep = (users > 0) & (items > 0)
-    matrix = SparseMatrix.from_coo(users[keep], items[keep], (vocab.n_users + 1, vocab.n_items + 1))
-    ones = np.ones_like(matrix.values)  # repeated pairs count once: implicit feedback
-    return SparseMatrix(matrix.indptr, matrix.indices, ones, matrix.shape)
+@torch.no_grad()
+def retrieve(two_tower, tables: FeatureTables, users: np.ndarray, exclude: EvalTarget, n: int,
+             timestamps: np.ndarray, device: torch.device, batch_size: int | None = None) -> Candidates:
+    """Top-n candidates per user by exact search (what the flat index serves), masked items removed."""
+    items = item_embeddings(two_tower, tables, device)                 # (m+1, D)
+    temperature = float(two_tower.temperature.detach())
+    n = min(n, tables.vocab.n_items)
+    batch_size = batch_size or users_per_batch(tables.vocab.n_items)
+    all_items, all_scores = [], []
+    for start in range(0, users.size, batch_size):
+        batch = users[start:start + batch_size]
+        sims = (user_embeddings(two_tower, tables, batch, timestamps[batch], device) @ items.T).cpu().numpy()
+        sims[:, 0] = -np.inf
+        top = rank_topk(sims, exclude.exclude_rows(batch), n)            # (B, n), -1 padded
+        scores = np.take_along_axis(sims, np.maximum(top, 0), axis=1) / temperature
+        all_items.append(np.where(top > 0, top, 0))
+        all_scores.append(np.where(top > 0, scores, -np.inf).astype(np.float32))
+    return Candidates(users, np.concatenate(all_items), np.concatenate(all_scores))
 
 
-def make_target(vocab: IdVocab, targets: pd.DataFrame, masked: list[pd.DataFrame]) -> EvalTarget:
-    truth = interaction_matrix(vocab, [targets])
-    exclude = interaction_matrix(vocab, masked)
-    users = np.flatnonzero(np.diff(truth.indptr) > 0).astype(np.int64)
-    return EvalTarget(users=users, truth=(truth.indptr, truth.indices),
-                      exclude=(exclude.indptr, exclude.indices), n_items=vocab.n_items)
-
-
-def sample_users(target: EvalTarget, max_users: int, seed: int) -> EvalTarget:
-    """The same target restricted to at most ``max_users`` users (seeded); 0 keeps everyone."""
-    if not max_users or target.users.size <= max_users:
-        return target
-    users = np.sort(np.random.default_rng(seed).choice(target.users, size=max_users, replace=False))
-    return EvalTarget(users=users, truth=target.truth, exclude=target.exclude, n_items=target.n_items)
-
-
-def users_per_batch(n_items: int, cells: int = 20_000_000) -> int:
-    """Users scored at once so that a (users, items) float32 score matrix stays near 80 MB."""
-    return max(1, min(512, cells // max(n_items, 1)))
-
-
-def rank_users(score_fn: ScoreFn, target: EvalTarget, k: int, batch_size: int | None = None) -> np.ndarray:
-    """Top-k item indices (U, k) for ``target.users``, masked items and the padding item 0 removed."""
-    batch_size = batch_size or users_per_batch(target.n_items)
-    ranked = []
-    for start in range(0, target.users.size, batch_size):
-        users = target.users[start:start + batch_size]
-        scores = np.asarray(score_fn(users), dtype=np.float32)     # (B, m+1)
-        scores[:, 0] = -np.inf                                      # item index 0 is padding/OOV
-        ranked.append(rank_topk(scores, target.exclude_rows(users), min(k, target.n_items)))
-    return np.concatenate(ranked) if ranked else np.zeros((0, k), dtype=np.int64)
-
-
-def diversity_vectors(tables: FeatureTables, n_genres: int) -> np.ndarray:
-    """Item vectors for intra-list diversity: genre flags plus a 'no genre' flag, (m+1, G+1)."""
-    genres = tables.item_num[:, :n_genres].astype(np.float32)
-    none = (genres.sum(axis=1, keepdims=True) == 0).astype(np.float32)
-    return np.concatenate([genres, none], axis=1)
-
-
-def list_report(ranked: np.ndarray, target: EvalTarget, ks: tuple[int, ...],
-                item_vectors: np.ndarray) -> dict[str, float]:
-    """Top-K accuracy metrics plus catalog coverage and intra-list diversity at the largest K."""
-    report = metrics.topk_report(ranked, target.truth_rows(), ks)
-    top = ranked[:, :max(ks)]
-    report[f"coverage@{max(ks)}"] = metrics.catalog_coverage(np.where(top > 0, top - 1, -1), target.n_items)
-    report[f"diversity@{max(ks)}"] = metrics.intra_list_diversity(top, item_vectors)
+def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.device,
+             timings: Timings) -> dict[str, Any]:
+    """The evaluation report's numbers on the test split (protocol from the config)."""
+    ks, vectors = cfg.eval.ks, diversity_vectors(prep.tables, len(prep.spec.item_genres))
+    report: dict[str, Any] = {}
+    with timings.stage("evaluation"):
+        n = max(cfg.ranking.candidates, max(cfg.eval.retrieval_ks))
+        cands = retrieve(run.two_tower, prep.tables, prep.test.users, prep.test, n, prep.eval_timestamps, device)
+        truth = prep.test.truth_rows()
+        retrieved = np.where(cands.items > 0, cands.items, -1)   # -1: padding, where fewer items are left
+        report["retrieval"] = {f"recall@{k}": metrics.recall_at_k(retrieved[:, :k], truth, k)
+                               for k in cfg.eval.retrieval_ks if k <= cands.items.shape[1]}
+        report["two_tower"] = list_report(retrieved[:, :max(ks)], prep.test, ks, vectors)
+        top_n = Candidates(cands.users, cands.items[:, :cfg.ranking.candidates],
+                           cands.scores[:, :cfg.ranking.candidates])
+        scores, ctr, rating = score_candidates(run.ranker, prep.tables, top_n, prep.eval_timestamps[top_n.users],
+                                               run.score_mode, run.rating_weight, prep.spec.rating_max, device)
+        ranked = rerank(top_n, scores, max(ks))
+        report["pipeline"] = list_report(ranked, prep.test, ks, vectors)
+        report["ranking_heads"] = _head_metrics(cfg, prep, run, top_n, device)
+        report["diversity_tradeoff"] = _diversity_tradeoff(cfg, prep, run, top_n, scores, vectors)
+    with timings.stage("baselines"):
+        report["baselines"] = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val,
+                                               prep.test, ks, cfg.eval.ease_grid, vectors)
+    report["recommended_popularity"] = _popularity_profile(ranked, prep.tables)
     return report
 
 
-def baseline_reports(train_matrix: SparseMatrix, val: EvalTarget, test: EvalTarget,
-                     ks: tuple[int, ...], grid: tuple[float, ...],
-                     item_vectors: np.ndarray) -> dict[str, dict[str, float]]:
-    """Popularity and EASE (l2 tuned on validation NDCG@10) evaluated on the test target."""
-    reports = {}
-    popularity = Popularity().fit(train_matrix)
-    reports["popularity"] = list_report(rank_users(popularity.scores, test, max(ks)), test, ks, item_vectors)
-    if train_matrix.shape[1] <= MAX_EASE_ITEMS:
-        best, _table = tune_ease_solution(train_matrix, val.truth, val.exclude, grid)
-        ease = EASE.from_solution(best)
-        reports["ease"] = list_report(rank_users(ease.scores, test, max(ks)), test, ks, item_vectors)
-        reports["ease"]["l2"] = float(best.l2)
-    return reports
+def data_report(prep: Prepared, protocol: str, seed: int | None = None) -> dict[str, Any]:
+    """The report's ``data`` section: dataset, protocol (and split seed), sizes, time range."""
+    interactions = prep.dataset.interactions
+    return {"dataset": prep.dataset.name, "protocol": protocol, **({"seed": seed} if seed is not None else {}),
+            "n_users": prep.vocab.n_users, "n_items": prep.vocab.n_items,
+            "train": len(prep.split.train), "val": len(prep.split.val), "test": len(prep.split.test),
+            "test_users": int(prep.test.users.size),
+            "time_range": [int(interactions["timestamp"].min()), int(interactions["timestamp"].max())]}
+
+
+def _head_metrics(cfg, prep: Prepared, run: TrainedRun, cands: Candidates, device) -> dict[str, float]:
+    """CTR AUC / log loss on test positives vs retrieved-not-taken negatives; rating RMSE on test ratings."""
+    rows = click_rows(held_out(prep.vocab, prep.split.test), cands, cfg.ranking.negatives_per_positive,
+                      np.random.default_rng(cfg.run.seed + 7), cfg.ranking.negative_pool)
+    with torch.no_grad():
+        ctr_logit, rating = run.ranker(**ranker_inputs(prep.tables, rows, device))
+    probs = torch.sigmoid(ctr_logit).cpu().numpy()
+    rated = rows.clicks == 1
+    return {"ctr_auc": metrics.auc(rows.clicks, probs), "ctr_logloss": metrics.log_loss(rows.clicks, probs),
+            "rating_rmse": metrics.rmse(rows.ratings[rated], rating.cpu().numpy()[rated])}
+
+
+def _diversity_tradeoff(cfg: TrainConfig, prep: Prepared, run: TrainedRun, cands: Candidates,
+                        scores: np.ndarray, vectors: np.ndarray, pool: int = 50) -> dict[str, dict[str, float]]:
+    """NDCG@10 and intra-list diversity@10 after the service's MMR re-rank at each strength."""
+    embeddings = all_item_embeddings(run.two_tower, prep.tables)
+    top = rerank(cands, scores, pool)                                          # (U, pool) best first
+    row_scores = np.take_along_axis(scores, np.argsort(-np.where(cands.items > 0, scores, -np.inf), axis=1,
+                                                       kind="stable")[:, :pool], axis=1)
+    out = {}
+    for strength in cfg.eval.diversity_strengths:
+        lists = np.full((top.shape[0], 10), -1, dtype=np.int64)
+        for u in range(top.shape[0]):
+            valid = top[u] > 0
+            order = mmr_order(row_scores[u][valid], embeddings[top[u][valid]], 10, float(strength))
+            lists[u, :order.size] = top[u][valid][order]
+        out[f"{strength:g}"] = {"ndcg@10": metrics.ndcg_at_k(lists, prep.test.truth_rows(), 10),
+                                "diversity@10": metrics.intra_list_diversity(lists, vectors)}
+    return out
+
+
+def _popularity_profile(ranked: np.ndarray, tables: FeatureTables) -> dict[str, list[float]]:
+    """Share of recommendations and of the catalog in each popularity decile (0 = most popular)."""
+    order = tables.popular_items
+    decile = np.zeros(tables.vocab.n_items + 1, dtype=np.int64)
+    decile[order] = np.arange(order.size) * 10 // max(order.size, 1)
+    recs = ranked[ranked > 0]
+    rec_share = np.bincount(decile[recs], minlength=10) / max(recs.size, 1)
+    catalog_share = np.bincount(decile[order], minlength=10) / max(order.size, 1)
+    return {"recommended": rec_share.round(4).tolist(), "catalog": catalog_share.round(4).tolist()}

@@ -36,18 +36,17 @@ import torch.nn.functional as F
 from trainer.checkpoint import FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
-from trainer.evaluation import EvalTarget
+from trainer.full_ranking import EvalTarget
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs
-from trainer.losses import multitask_loss, ranking_losses
+from trainer.losses import multitask_loss, optimizer_step, ranking_losses
 from trainer.models.dcn import DCNRanker
 from trainer.models.two_tower import TwoTower, build_two_tower
 from trainer.progress import progress_bar
 from trainer.ranking_training import Candidates, Rows, calibrate_start, dcn_config, pipeline_ndcg
-from trainer.retrieval_training import (Interactions, NonFiniteLossError, SamplingSetup, retrieval_step,
-                                        tower_config)
+from trainer.retrieval_training import Interactions, SamplingSetup, retrieval_step, tower_config
 
-# retrieve(two_tower, users, exclude, n) -> the top-n candidates per user (pipeline.retrieve)
+# retrieve(two_tower, users, exclude, n) -> the top-n candidates per user (trainer.evaluation.retrieve)
 Retrieve = Callable[[TwoTower, np.ndarray, EvalTarget, int], Candidates]
 
 
@@ -178,13 +177,9 @@ def fit_joint(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions
                 calibrated = True
             loss, parts, rows = joint_step(two_tower, ddp_tower, ddp_ranker, users, positives, timestamps, setup,
                                            ratings, tables, cfg, device, generator)
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"joint loss became {loss.item()} at epoch {epoch} (parts {parts}); "
-                                         f"lower retrieval.learning_rate (now {rc.learning_rate}) or "
-                                         f"ranking.learning_rate (now {rk.learning_rate})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, loss, lambda value: (
+                f"joint loss became {value} at epoch {epoch} (parts {parts}); lower retrieval.learning_rate "
+                f"(now {rc.learning_rate}) or ranking.learning_rate (now {rk.learning_rate})"))
             losses.append(loss.item())
             for key, value in parts.items():
                 parts_sum[key] += value

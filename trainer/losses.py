@@ -5,6 +5,9 @@ own sampler negatives. Each candidate logit is s / T - log q, q the probability 
 was drawn as a negative (Yi et al. 2019, "Sampling-bias-corrected neural modeling"): without it the
 popular items, which appear often as in-batch negatives, would be pushed down too hard. Candidates
 that are really the row's positive item (accidental hits) are removed from the softmax.
+
+Every training loop takes its optimizer steps through ``optimizer_step``, so a diverging loss stops
+each of them with the same ``NonFiniteLossError``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,22 @@ from torch import Tensor
 from torch.nn import functional as F
 
 SeenMaskFn = Callable[[Tensor], Tensor]
+
+
+class NonFiniteLossError(FloatingPointError, RuntimeError):
+    """Training diverged; nothing from this run may be published.
+
+    A ``FloatingPointError`` (and, as it always was in retrieval, a ``RuntimeError``), so callers
+    that caught either before still catch it."""
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, loss: Tensor, describe: Callable[[float], str]) -> None:
+    """One step on ``loss``; a non-finite loss raises ``NonFiniteLossError(describe(value))`` first."""
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(describe(loss.item()))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
 
 
 def _check_shape(name: str, tensor: Tensor, shape: tuple[int, ...]) -> None:

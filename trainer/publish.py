@@ -1,5 +1,9 @@
-"""Turns a trained run into a live version on the artifact volume, and into Redis.
+"""Turns a trained run into a live version on the artifact volume, and into Redis; the quality gate.
 
+``quality_gate`` / ``apply_gate`` decide whether an evaluated run may be published (better than
+popularity, not clearly worse than the served version); ``publish_evaluated`` publishes it the way
+a ``TrainConfig`` says (index kind, retention, Redis, the report's metrics in the manifest): the
+command line (``trainer.job``) and the notebook API (``trainer.api``) both go through these two.
 ``write_version_files`` lays out every file the services read, under the names
 ``recsys_contracts.bundle`` owns (docs/ARCHITECTURE.md, "Files of a trainer version");
 ``publish_run`` hands them to ``recsys_contracts.artifacts.publish`` (staging, fsync, rename) and,
@@ -23,10 +27,15 @@ from recsys_contracts import artifacts, bundle, feature_store
 from recsys_contracts.ann import ExactIndex, IndexParams, build_index, recall_against_exact, write_index
 from recsys_contracts.feature_spec import FeatureSpec
 from recsys_contracts.signing import Signer
+from trainer.config import TrainConfig
 from trainer.export import export_ranker, export_user_tower
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
 from trainer.item_metadata import DisplaySource, write_item_metadata
+
+# Report sections that travel into the manifest.
+MANIFEST_METRICS = ("pipeline", "two_tower", "retrieval", "ranking_heads", "baselines")
+
 
 @dataclass(frozen=True, eq=False)
 class TrainedRun:
@@ -158,3 +167,43 @@ def materialize_features(client, keys: feature_store.KeyFormat, version: int,
     """Writes the version's user rows, histories, seen items and item rows to Redis, then marks it complete."""
     return feature_store.write_tables(client, keys, version, tables, user_ids=tables.vocab.user_ids,
                                       item_ids=tables.vocab.item_ids, batch_size=batch_size)
+
+
+def quality_gate(cfg: TrainConfig, report: dict[str, Any], root: Path | None) -> str | None:
+    """Why this run must not be published, or None. Worse than popularity, or than the version
+    being served (same dataset and protocol) by more than ``publish.gate_margin``, is refused."""
+    ndcg = report["pipeline"]["ndcg@10"]
+    served = artifacts.current_version(root) if root is not None and (root / artifacts.CURRENT_FILE).exists() \
+        else None
+    if served is not None:
+        manifest = artifacts.read_manifest(root, served)
+        same_data = manifest.data.get("dataset") == report["data"]["dataset"] and \
+            manifest.data.get("protocol") == report["data"]["protocol"]
+        served_ndcg = (manifest.metrics.get("pipeline") or {}).get("ndcg@10")
+        if same_data and served_ndcg is not None and ndcg < served_ndcg * (1 - cfg.publish.gate_margin):
+            return (f"pipeline NDCG@10 {ndcg:.4f} is more than {cfg.publish.gate_margin:.0%} below the served "
+                    f"version {served}'s {served_ndcg:.4f}")
+    popularity = report["baselines"]["popularity"]["ndcg@10"]
+    if not ndcg > popularity:
+        return f"pipeline NDCG@10 {ndcg:.4f} is not above popularity's {popularity:.4f}"
+    return None
+
+
+def apply_gate(cfg: TrainConfig, report: dict[str, Any], root: Path | None) -> str | None:
+    """``quality_gate`` unless ``publish.gate`` is off; the verdict goes into ``report["gate"]``."""
+    refused = quality_gate(cfg, report, root) if cfg.publish.gate else None
+    report["gate"] = f"refused: {refused}" if refused else ("passed" if cfg.publish.gate else "off")
+    return refused
+
+
+def publish_evaluated(cfg: TrainConfig, root: Path, run: TrainedRun, report: dict[str, Any],
+                      report_dir: Path, signer: Signer | None) -> int:
+    """Publishes an evaluated run (its report files from ``report_dir``) as ``cfg.publish`` says; live
+    in the one go-live order (files, bundle check, features in Redis marked complete, then CURRENT)."""
+    client = feature_store.redis_client(cfg.publish.redis_url, socket_timeout_s=5.0,
+                                        connect_timeout_s=2.0) if cfg.publish.redis_url else None
+    return publish_run(root, run, index_params=choose_index_params(
+        cfg.publish.index, run.tables.vocab.n_items, cfg.publish.index_exact_below),
+        data=report["data"], config=cfg.to_dict(), metrics={k: report[k] for k in MANIFEST_METRICS},
+        retain=cfg.publish.retain, signer=signer, report_dir=report_dir, seed=cfg.run.seed,
+        redis_client=client, keys=feature_store.KeyFormat(cfg.publish.redis_namespace))

@@ -30,10 +30,10 @@ from trainer.baselines import EASE, SparseMatrix, ease_fits, rank_topk
 from trainer.checkpoint import FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
-from trainer.evaluation import EvalTarget
+from trainer.full_ranking import EvalTarget
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
-from trainer.losses import ranking_losses
+from trainer.losses import optimizer_step, ranking_losses
 from trainer.models.dcn import DCNConfig, DCNRanker
 from trainer.progress import progress_bar
 from trainer.retrieval_training import item_embeddings
@@ -495,12 +495,9 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
             _, l_rating = ranking_losses(ctr_logit[n:], torch.zeros_like(target), rating_pred[n:], target,
                                          torch.isfinite(target))
             loss = mt.ctr_weight * l_ctr + mt.rating_weight * l_rating
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"ranking loss became {loss.item()} at epoch {epoch}; lower "
-                                         f"ranking.learning_rate (now {rc.learning_rate})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, loss, lambda value: (
+                f"ranking loss became {value} at epoch {epoch}; lower ranking.learning_rate "
+                f"(now {rc.learning_rate})"))
             losses.append(loss.item())
         ndcg = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg, spec.rating_max, device)
         history.epochs.append({"epoch": epoch, "loss": ctx.all_reduce_mean(float(np.mean(losses))),

@@ -44,6 +44,19 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _labelled(ax, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+
+
+def _saved(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plots(report: dict[str, Any], histories: dict[str, list[dict[str, float]]], out: Path) -> list[Path]:
     paths = []
     stages = [stage for stage in histories if histories[stage]] or ["retrieval"]   # joint mode: one curve
@@ -54,40 +67,25 @@ def plots(report: dict[str, Any], histories: dict[str, list[dict[str, float]]], 
         ax2 = ax.twinx()
         ax2.plot(epochs, [r["val_ndcg@10"] for r in histories.get(stage, [])], color="tab:orange",
                  label="val NDCG@10")
-        ax.set_title(f"{stage} training")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
+        _labelled(ax, "epoch", "loss", f"{stage} training")
         ax2.set_ylabel("val NDCG@10")
-    fig.tight_layout()
-    paths.append(out / "training_curves.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    paths.append(_saved(fig, out / "training_curves.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ks = [int(k.split("@")[1]) for k in report["retrieval"]]
     ax.plot(ks, list(report["retrieval"].values()), marker="o")
     ax.set_xscale("log")
-    ax.set_xlabel("K (candidates)")
-    ax.set_ylabel("test recall@K")
-    ax.set_title("Two-tower retrieval recall@K")
-    fig.tight_layout()
-    paths.append(out / "recall_at_k.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    _labelled(ax, "K (candidates)", "test recall@K", "Two-tower retrieval recall@K")
+    paths.append(_saved(fig, out / "recall_at_k.png"))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     profile = report["recommended_popularity"]
     deciles = range(len(profile["recommended"]))
     ax.bar([d - 0.2 for d in deciles], profile["recommended"], width=0.4, label="recommended (top 20)")
     ax.bar([d + 0.2 for d in deciles], profile["catalog"], width=0.4, label="catalog")
-    ax.set_xlabel("item popularity decile (0 = most popular)")
-    ax.set_ylabel("share")
     ax.legend()
-    ax.set_title("Recommendation vs catalog popularity")
-    fig.tight_layout()
-    paths.append(out / "popularity.png")
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    _labelled(ax, "item popularity decile (0 = most popular)", "share", "Recommendation vs catalog popularity")
+    paths.append(_saved(fig, out / "popularity.png"))
     return paths
 
 

@@ -27,17 +27,13 @@ from trainer.baselines import EASE, SparseMatrix, ease_fits
 from trainer.checkpoint import Checkpointer, FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
-from trainer.evaluation import EvalTarget, rank_users
+from trainer.full_ranking import EvalTarget, rank_users
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
-from trainer.losses import distillation_loss, grouped_sampled_softmax_loss
+from trainer.losses import distillation_loss, grouped_sampled_softmax_loss, optimizer_step
 from trainer.models.two_tower import TowerConfig, TwoTower, build_two_tower
 from trainer.negatives import make_sampler
 from trainer.progress import progress_bar
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged; nothing from this run may be published."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -219,7 +215,7 @@ def distillation_teacher(train: Interactions, n_users: int, n_items: int, l2: fl
     if not ease_fits(n_rows, n_cols, "retrieval distillation"):
         return None
     counted = SparseMatrix.from_coo(train.users, train.items, (n_rows, n_cols))
-    # Binary, as the EASE baseline's matrix (trainer.evaluation.interaction_matrix): a repeated pair counts once.
+    # Binary, as the EASE baseline's matrix (trainer.full_ranking.interaction_matrix): a repeated pair counts once.
     matrix = SparseMatrix(counted.indptr, counted.indices, np.ones_like(counted.values), counted.shape)
     logits = EASE(l2).fit(matrix).scores(np.arange(n_rows)) / np.float32(temperature)  # (n+1, m+1)
     # The training items straight from the CSR, in place: no second dense user x item copy.
@@ -481,13 +477,9 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
                 positives, timestamps = setup.user_items.sample(users, rc.positives_per_user, rng)
             loss = retrieval_step(ddp_model, model.temperature, users, positives, timestamps, setup, tables, cfg,
                                   device, generator, teacher=teacher, history=history_override).loss
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(f"retrieval loss became {loss.item()} at epoch {epoch}; "
-                                         f"lower retrieval.learning_rate (now {rc.learning_rate}) or raise "
-                                         f"retrieval.temperature (now {rc.temperature})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            optimizer_step(optimizer, loss, lambda value: (
+                f"retrieval loss became {value} at epoch {epoch}; lower retrieval.learning_rate "
+                f"(now {rc.learning_rate}) or raise retrieval.temperature (now {rc.temperature})"))
             if averaged is not None:
                 steps += 1
                 update_average(averaged, model, corrected_decay(rc.weight_average, steps))
@@ -514,5 +506,5 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     return model, history
 
 
-__all__ = ["Interactions", "FitHistory", "NonFiniteLossError", "fit_retrieval", "make_score_fn",
+__all__ = ["Interactions", "FitHistory", "fit_retrieval", "make_score_fn",
            "item_embeddings", "user_embeddings", "tower_config"]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from trainer import pipeline
+from trainer import prepare, training
+from trainer.progress import Timings
 from trainer.config import load_config
 from trainer.data.synthetic import generate
 from trainer.distributed import init_distributed
@@ -31,8 +32,8 @@ def main(out: Path, mode: str) -> None:
                              "run.progress=false", "retrieval.batch_size=16", "ranking.batch_size=64",
                              f"multitask.mode={mode}"])
     ctx = init_distributed(torch.device("cpu"))
-    prep = pipeline.prepare(cfg, generate(60, 80, 1500, seed=5))
-    run, _ = pipeline.train_models(cfg, prep, torch.device("cpu"), ctx, pipeline.Timings())
+    prep = prepare.prepare(cfg, generate(60, 80, 1500, seed=5))
+    run, _ = training.train_models(cfg, prep, torch.device("cpu"), ctx, Timings())
     (out / f"rank{ctx.rank}.txt").write_text(f"{ctx.world_size} {digest(run.two_tower)} {digest(run.ranker)}\n")
 
 

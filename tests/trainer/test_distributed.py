@@ -27,7 +27,7 @@ def test_two_ddp_ranks_end_with_identical_weights(tmp_path, mode):
 
 @pytest.mark.parametrize("strategy", ["random", "hard", "mixed"])
 def test_every_negative_sampling_strategy_trains(strategy, tmp_path):
-    from trainer import pipeline
+    from trainer import job
     from trainer.config import load_config
     from trainer.data.synthetic import generate
 
@@ -36,5 +36,5 @@ def test_every_negative_sampling_strategy_trains(strategy, tmp_path):
                              "ranking.deep_dims=16", "ranking.candidates=20", "features.history_length=10",
                              "run.progress=false", f"retrieval.negative_sampling_strategy={strategy}",
                              f"run.output_dir={tmp_path}", "eval.retrieval_ks=10,20", "eval.ease_grid=10"])
-    result = pipeline.run(cfg, generate(60, 80, 1500, seed=5))
+    result = job.run(cfg, generate(60, 80, 1500, seed=5))
     assert 0.0 < result.report["two_tower"]["ndcg@10"] <= 1.0

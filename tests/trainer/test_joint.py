@@ -10,7 +10,7 @@ import torch
 
 from recsys_contracts import artifacts
 from tests.signing_keys import TRUST
-from trainer import pipeline
+from trainer import job
 from trainer.joint_training import RatingLookup
 from trainer.retrieval_training import Interactions
 from tests.trainer.test_pipeline import small_config
@@ -34,7 +34,7 @@ def test_rating_lookup_finds_training_pairs_and_nan_elsewhere():
 def test_joint_mode_trains_both_models_publishes_and_reports_one_history(tmp_path, dataset):
     root = tmp_path / "artifacts"
     cfg = small_config(tmp_path, "multitask.mode=joint", f"publish.artifact_root={root}", "publish.gate=false")
-    result = pipeline.run(cfg, dataset)
+    result = job.run(cfg, dataset)
     assert result.version == 1
     artifacts.verify(root, 1, TRUST)
     histories = json.loads((tmp_path / "run" / "report.json").read_text())["histories"]
@@ -50,7 +50,7 @@ def test_joint_mode_trains_both_models_publishes_and_reports_one_history(tmp_pat
 
 def _tower_weights(tmp_path, dataset, *extra):
     cfg = small_config(tmp_path, "multitask.mode=joint", "retrieval.epochs=1", *extra)
-    run = pipeline.run(cfg, dataset).run
+    run = job.run(cfg, dataset).run
     return {k: v.clone() for k, v in run.two_tower.state_dict().items()}, run.ranker
 
 

@@ -14,11 +14,11 @@ import torch
 from recsys_contracts import artifacts, feature_store
 from tests.signing_keys import SIGNER, TRUST
 from recsys_contracts.programs import USER_TOWER, load_program
-from trainer import pipeline
+from trainer import job
 from trainer.config import load_config
 from trainer.data.synthetic import generate
 from trainer.inputs import user_inputs
-from trainer.retrieval_training import NonFiniteLossError
+from trainer.losses import NonFiniteLossError
 
 SMALL = ["retrieval.epochs=3", "retrieval.embedding_dim=16", "retrieval.user_tower_dims=32",
          "retrieval.item_tower_dims=32", "retrieval.num_negatives=32", "ranking.epochs=2",
@@ -40,7 +40,7 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
     root = tmp_path / "artifacts"
     cfg = small_config(tmp_path, f"publish.artifact_root={root}", f"publish.redis_url={redis_url}",
                        f"publish.redis_namespace={redis_namespace}", "publish.gate=false")
-    result = pipeline.run(cfg, dataset)
+    result = job.run(cfg, dataset)
     assert result.refused is None and result.version == 1
     manifest = artifacts.verify(root, 1, TRUST)
     for name in ("user_tower.onnx", "ranker.onnx", "index.faiss", "report.json", "report.md",
@@ -65,7 +65,7 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
 
 
 def test_models_learn_the_planted_preferences(tmp_path, dataset):
-    result = pipeline.run(small_config(tmp_path, "retrieval.epochs=6"), dataset)
+    result = job.run(small_config(tmp_path, "retrieval.epochs=6"), dataset)
     report = result.report
     # A random ranking of 200 items hits about |test| / 200 ~ 2% of slots: NDCG@10 ~ 0.02.
     assert report["two_tower"]["ndcg@10"] > 0.1
@@ -84,7 +84,7 @@ def test_gate_refuses_a_run_far_below_the_served_version(tmp_path, dataset):
     served = artifacts.publish(root, lambda d: (d / "x").write_text("x"),
                                signer=SIGNER, data={"dataset": dataset.name, "protocol": "random"}, config={},
                                metrics={"pipeline": {"ndcg@10": 0.99}})
-    result = pipeline.run(small_config(tmp_path, f"publish.artifact_root={root}"), dataset)
+    result = job.run(small_config(tmp_path, f"publish.artifact_root={root}"), dataset)
     assert result.version is None
     assert "below the served version 1" in result.refused
     assert artifacts.list_versions(root) == [served]
@@ -95,8 +95,22 @@ def test_diverging_training_stops_with_a_clear_error_and_publishes_nothing(tmp_p
     cfg = small_config(tmp_path, f"publish.artifact_root={root}", "retrieval.learning_rate=1e30",
                        "retrieval.temperature=0.01", "retrieval.learn_temperature=false")
     with pytest.raises(NonFiniteLossError, match="retrieval loss became"):
-        pipeline.run(cfg, dataset)
+        job.run(cfg, dataset)
     assert not root.exists() or artifacts.list_versions(root) == []
+
+
+@pytest.mark.parametrize("loop, overrides", [
+    ("retrieval", ("retrieval.learning_rate=1e30", "retrieval.temperature=0.01", "retrieval.learn_temperature=false")),
+    ("ranking", ("ranking.learning_rate=1e30",)),
+    ("joint", ("multitask.mode=joint", "retrieval.learning_rate=1e30", "retrieval.temperature=0.01",
+               "retrieval.learn_temperature=false")),
+])
+def test_every_training_loop_stops_a_diverging_loss_with_the_same_error(tmp_path, dataset, loop, overrides):
+    # One exception for all three loops; still a FloatingPointError (what the ranking loop raised
+    # before) and a RuntimeError (what NonFiniteLossError was before), so old catchers still catch it.
+    with pytest.raises(NonFiniteLossError, match=f"^{loop} loss became") as raised:
+        job.run(small_config(tmp_path, *overrides), dataset)
+    assert isinstance(raised.value, FloatingPointError) and isinstance(raised.value, RuntimeError)
 
 
 def test_cli_reports_a_config_error_by_name(tmp_path):
@@ -106,14 +120,23 @@ def test_cli_reports_a_config_error_by_name(tmp_path):
     assert "retrieval.epoch" in proc.stderr
 
 
+def test_retrieval_recall_counts_users_with_fewer_unseen_items_than_candidates(tmp_path, dataset):
+    # 200 items: retrieving 200 leaves padding for every user with training or validation items
+    # masked; the padding must not count as a repeated item (it made recall_at_k raise).
+    result = job.run(small_config(tmp_path, "eval.retrieval_ks=10,50,200,500"), dataset)
+    recall = result.report["retrieval"]
+    assert list(recall) == ["recall@10", "recall@50", "recall@200"]
+    assert 0 < recall["recall@10"] <= recall["recall@50"] <= recall["recall@200"] == 1.0
+
+
 def test_max_users_bounds_evaluation_for_large_catalogs(tmp_path, dataset):
-    result = pipeline.run(small_config(tmp_path, "eval.max_users=30"), dataset)
+    result = job.run(small_config(tmp_path, "eval.max_users=30"), dataset)
     assert result.report["data"]["test_users"] == 30
     assert result.prepared.val.users.size == 30
 
 
 def test_retrieval_only_mode_serves_the_retrieval_order(tmp_path, dataset):
-    result = pipeline.run(small_config(tmp_path, "multitask.mode=retrieval_only"), dataset)
+    result = job.run(small_config(tmp_path, "multitask.mode=retrieval_only"), dataset)
     report = result.report
     assert [e["epoch"] for e in json.loads((tmp_path / "run" / "report.json").read_text())
             ["histories"]["ranking"]] == [-1]

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import pipeline
+from trainer import prepare, training
+from trainer.progress import Timings
 from trainer.config import load_config
 from trainer.data.synthetic import generate
 from trainer.losses import grouped_sampled_softmax_loss, sampled_softmax_loss
@@ -86,7 +87,7 @@ def test_grouped_loss_rejects(change, message):
 @pytest.fixture(scope="module")
 def prepared():
     cfg = load_config(None, ["features.history_length=20", "run.threads=1"])
-    return pipeline.prepare(cfg, generate(80, 150, 4000, seed=5))
+    return prepare.prepare(cfg, generate(80, 150, 4000, seed=5))
 
 
 def test_seen_lookup_is_the_same_dense_or_by_search(prepared):
@@ -188,14 +189,14 @@ def test_rating_scores_equal_the_user_tower_on_every_row(prepared):
     two_tower, _ = fit_retrieval(cfg, prepared.spec, prepared.tables, prepared.train, prepared.val,
                                  prepared.eval_timestamps, device, init_distributed(device))
     index = np.random.default_rng(3).choice(prepared.train.users.size, size=300, replace=False)
-    scores = pipeline._retrieval_scorer(two_tower, prepared, device, batch_size=7)(index)
+    scores = training._retrieval_scorer(two_tower, prepared, device, batch_size=7)(index)
     train = prepared.train
     with torch.no_grad():
         users = user_embeddings(two_tower, prepared.tables, train.users[index], train.timestamps[index], device)
         items = item_embeddings(two_tower, prepared.tables, device)[torch.as_tensor(train.items[index])]
         expected = ((users * items).sum(1) / two_tower.temperature).numpy()
     assert np.allclose(scores, expected, atol=1e-5)
-    assert pipeline._retrieval_scorer(two_tower, prepared, device)(np.zeros(0, np.int64)).size == 0
+    assert training._retrieval_scorer(two_tower, prepared, device)(np.zeros(0, np.int64)).size == 0
 
 
 def _tiny_cfg(*extra):
@@ -290,8 +291,8 @@ def test_training_with_two_threads_repeats_bit_for_bit_and_restores_the_torch_se
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        runs = [pipeline.train_models(cfg, prepared, torch.device("cpu"), init_distributed(torch.device("cpu")),
-                                      pipeline.Timings())[0] for _ in range(2)]
+        runs = [training.train_models(cfg, prepared, torch.device("cpu"), init_distributed(torch.device("cpu")),
+                                      Timings())[0] for _ in range(2)]
     finally:
         torch.set_num_threads(threads)
     assert not torch.are_deterministic_algorithms_enabled()

@@ -1,0 +1,82 @@
+"""The data stage of a run: the configured log loaded, split, features fitted on train, targets built.
+
+``load_dataset`` resolves ``data.dataset`` (a path, or a name under the data dir, downloaded when
+missing); ``prepare`` splits it (or takes a given split, as the notebook API does), fits the id
+vocabulary and the feature spec on the training split only, and builds the validation and test
+targets. ``Prepared`` is what every later stage reads. Nothing here trains or evaluates a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from trainer.config import TrainConfig
+from trainer.data import Dataset, data_dir_from_env, ensure_movielens, load_interactions, load_movielens
+from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab
+from trainer.full_ranking import EvalTarget, make_target, sample_users
+from trainer.retrieval_training import Interactions
+from trainer.splits import Split, split_by_name
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    dataset: Dataset
+    split: Split
+    vocab: IdVocab
+    spec: Any
+    tables: FeatureTables
+    train: Interactions
+    val: EvalTarget            # val items, train masked
+    test: EvalTarget           # test items, train + val masked
+    eval_timestamps: np.ndarray  # (n+1,) each user's last training timestamp: the context at evaluation
+
+
+def load_dataset(cfg: TrainConfig) -> Dataset:
+    """The configured log: a path (MovieLens folder or generic CSV/Parquet) or a name under the data dir."""
+    name = cfg.data.dataset
+    path = Path(name)
+    if not path.exists():
+        data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else data_dir_from_env()
+        path = data_dir / name
+        if not path.exists():
+            path = ensure_movielens(name, data_dir)
+    if path.is_dir():
+        return load_movielens(path)
+    return load_interactions(path, columns=cfg.data.column_map or None)
+
+
+def interactions(vocab: IdVocab, frame: pd.DataFrame) -> Interactions:
+    """A frame's rows as index arrays (unknown ids become index 0)."""
+    return Interactions(vocab.users_to_idx(frame["user_id"].to_numpy()),
+                        vocab.items_to_idx(frame["item_id"].to_numpy()),
+                        frame["timestamp"].to_numpy().astype(np.int64),
+                        frame["rating"].to_numpy().astype(np.float32))
+
+
+def held_out(vocab: IdVocab, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items, timestamps, ratings) of a held-out frame's rows whose user and item are known."""
+    rows = interactions(vocab, frame)
+    keep = (rows.users > 0) & (rows.items > 0)
+    return rows.users[keep], rows.items[keep], rows.timestamps[keep], rows.ratings[keep]
+
+
+def prepare(cfg: TrainConfig, dataset: Dataset, split: Split | None = None) -> Prepared:
+    """Splits (unless a split is given), fits the features on train, builds the evaluation targets."""
+    split = split if split is not None else split_by_name(cfg.data.protocol, dataset.interactions,
+                                                          seed=cfg.data.seed)
+    vocab = fit_id_vocab(split.train)
+    spec = fit_feature_spec(split.train, dataset.users, dataset.items,
+                            history_length=cfg.features.history_length)
+    tables = build_tables(spec, vocab, split.train, dataset.users, dataset.items)
+    train = interactions(vocab, split.train)
+    eval_ts = np.zeros(vocab.n_users + 1, dtype=np.int64)
+    np.maximum.at(eval_ts, train.users, train.timestamps)
+    return Prepared(dataset, split, vocab, spec, tables, train,
+                    sample_users(make_target(vocab, split.val, [split.train]), cfg.eval.max_users, cfg.run.seed),
+                    sample_users(make_target(vocab, split.test, [split.train, split.val]), cfg.eval.max_users,
+                                 cfg.run.seed + 1), eval_ts)

@@ -1,0 +1,165 @@
+"""The training stage of a run: both models fitted on a ``Prepared`` run, by ``multitask.mode``.
+
+``train_models`` runs the separate mode (the two-tower, then the DCN on its candidate lists: fitted
+on one half of the validation interactions, early-stopped on the other, plus training-log folds)
+or the joint mode (``trainer.joint_training``), under deterministic CPU kernels, and returns a
+``TrainedRun`` with the display data the published version carries. The loops themselves are
+``trainer.retrieval_training``, ``trainer.ranking_training`` and ``trainer.joint_training``.
+Nothing here evaluates on the test split, gates or publishes.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from trainer.checkpoint import Checkpointer
+from trainer.config import TrainConfig
+from trainer.distributed import Distributed
+from trainer.evaluation import retrieve
+from trainer.features import IdVocab, temporal_features
+from trainer.full_ranking import EvalTarget, make_target, sample_users
+from trainer.item_metadata import DisplaySource
+from trainer.joint_training import fit_joint
+from trainer.models.dcn import DCNConfig
+from trainer.prepare import Prepared, held_out
+from trainer.progress import Timings
+from trainer.publish import TrainedRun
+from trainer.ranking_training import Candidates, Rows, click_rows, fit_ranker, fold_rows
+from trainer.retrieval_training import UserItems, fit_retrieval, item_embeddings, user_embeddings
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def deterministic_kernels(device: torch.device):
+    """Deterministic torch kernels while training on CPU (the previous setting is restored after).
+
+    With several intra-op threads some accumulating backward kernels add in a varying order, so
+    two seeded runs drifted apart in the last bits; the deterministic ones give the 1-thread result.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
+                 timings: Timings) -> tuple[TrainedRun, dict[str, Any]]:
+    with deterministic_kernels(device):
+        run, histories = _train_models(cfg, prep, device, ctx, timings)
+    # the published version carries titles, genres and recent history for display (the gateway's page)
+    return replace(run, display=DisplaySource(prep.dataset.items, prep.split.train)), histories
+
+
+def _trained_run(cfg: TrainConfig, prep: Prepared, two_tower, ranker) -> TrainedRun:
+    return TrainedRun(spec=prep.spec, tables=prep.tables, two_tower=two_tower.cpu().eval(),
+                      ranker=ranker.cpu().eval(), score_mode=cfg.ranking.score_mode,
+                      rating_weight=cfg.multitask.rating_weight if cfg.ranking.score_mode == "ctr_x_rating" else 0.0)
+
+
+def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
+                  timings: Timings) -> tuple[TrainedRun, dict[str, Any]]:
+    checkpointer = Checkpointer(cfg.run.checkpoint_dir) if cfg.run.checkpoint_dir else None
+    if cfg.multitask.mode == "joint":
+        return _train_jointly(cfg, prep, device, ctx, timings)
+    with timings.stage("retrieval_training"):
+        two_tower, retrieval_history = fit_retrieval(cfg, prep.spec, prep.tables, prep.train, prep.val,
+                                                     prep.eval_timestamps, device, ctx, checkpointer)
+    histories = {"retrieval": retrieval_history.epochs}
+    with timings.stage("ranking_training"):
+        fit_frame, stop_frame = _halves(prep.vocab, prep.split.val, cfg.run.seed)
+        stop_target = sample_users(make_target(prep.vocab, stop_frame, [prep.split.train, fit_frame]),
+                                   cfg.eval.max_users, cfg.run.seed + 2)
+        fit_pos = held_out(prep.vocab, fit_frame)
+        if cfg.eval.max_users:
+            fit_pos = tuple(a[np.isin(fit_pos[0], prep.val.users)] for a in fit_pos)
+        wanted = np.union1d(np.unique(fit_pos[0]), stop_target.users)
+        candidates = retrieve(two_tower, prep.tables, wanted, prep.val, cfg.ranking.candidates,
+                              prep.eval_timestamps, device)
+        rng = np.random.default_rng(cfg.run.seed)
+        fit_rows = click_rows(fit_pos, candidates, cfg.ranking.negatives_per_positive, rng,
+                              cfg.ranking.negative_pool)
+        folds = None
+        if cfg.ranking.folds:
+            folds = fold_rows(two_tower, prep.tables, UserItems.from_interactions(prep.train, prep.vocab.n_users),
+                              prep.eval_timestamps, cfg.ranking, DCNConfig.recent_items, rng, device)
+            log.info("ranker examples: %d from the validation fitting half, %d from %d training-log folds",
+                     fit_rows.users.size, folds.users.size, cfg.ranking.folds)
+        stop_candidates = retrieve(two_tower, prep.tables, stop_target.users, stop_target,
+                                   cfg.ranking.candidates, prep.eval_timestamps, device)
+        ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
+                                             stop_candidates, stop_target, prep.eval_timestamps, device, ctx,
+                                             rating_scores=_retrieval_scorer(two_tower, prep, device),
+                                             folds=folds)
+    histories["ranking"] = ranking_history.epochs
+    return _trained_run(cfg, prep, two_tower, ranker), histories
+
+
+def _halves(vocab: IdVocab, frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Splits validation interactions per user into a fitting half and a stopping half."""
+    rng = np.random.default_rng(seed)
+    coin = rng.random(len(frame)) < 0.5
+    return frame[coin], frame[~coin]
+
+
+def _train_jointly(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
+                   timings: Timings) -> tuple[TrainedRun, dict[str, Any]]:
+    """Both models on one loss (trainer/joint_training.py); stopped on the pipeline's validation NDCG@10."""
+    def candidates(two_tower, users: np.ndarray, exclude: EvalTarget, n: int) -> Candidates:
+        return retrieve(two_tower, prep.tables, users, exclude, n, prep.eval_timestamps, device)
+
+    with timings.stage("joint_training"):
+        two_tower, ranker, history = fit_joint(cfg, prep.spec, prep.tables, prep.train, prep.val,
+                                               prep.eval_timestamps, device, ctx, candidates)
+    return _trained_run(cfg, prep, two_tower, ranker), {"joint": history.epochs}
+
+
+def _rating_rows(prep: Prepared) -> Rows:
+    """Training interactions with their ratings, for the rating head (retrieval scores filled later)."""
+    train = prep.train
+    return Rows(train.users, train.items, train.timestamps, np.full(train.users.size, np.nan, np.float32),
+                np.ones(train.users.size, np.float32), train.ratings)
+
+
+def _retrieval_scorer(two_tower, prep: Prepared, device: torch.device, batch_size: int = 1024):
+    """index (K,) -> retrieval scores (K,) of those training interactions (cosine / temperature).
+
+    The user tower sees the user's features and history and the timestamp only through its hour
+    and weekday, so it runs once per distinct (user, hour, weekday) and once per distinct item.
+    """
+    train = prep.train
+    temperature = float(two_tower.temperature.detach())
+
+    @torch.no_grad()
+    def scores(index: np.ndarray) -> np.ndarray:
+        if index.size == 0:
+            return np.zeros(0, dtype=np.float32)
+        users, items, timestamps = train.users[index], train.items[index], train.timestamps[index]
+        hour, weekday, _ = temporal_features(timestamps)
+        key = (users * 24 + hour) * 7 + weekday
+        _, first, user_row = np.unique(key, return_index=True, return_inverse=True)
+        distinct_items, item_row = np.unique(items, return_inverse=True)
+        user_emb = torch.cat([user_embeddings(two_tower, prep.tables, users[first[s:s + batch_size]],
+                                              timestamps[first[s:s + batch_size]], device)
+                              for s in range(0, first.size, batch_size)])
+        item_emb = item_embeddings(two_tower, prep.tables, device, items=distinct_items)
+        out = np.empty(index.size, dtype=np.float32)
+        for s in range(0, index.size, 65536):
+            u = torch.as_tensor(user_row[s:s + 65536], device=device)
+            i = torch.as_tensor(item_row[s:s + 65536], device=device)
+            out[s:s + 65536] = ((user_emb[u] * item_emb[i]).sum(1) / temperature).cpu().numpy()
+        return out
+
+    return scores
