@@ -5,7 +5,7 @@
 
 Serves a version over the real MovieLens 100K data: one trained by ``python -m trainer`` when
 ``--artifact-root`` names its artifact root (copied; its CURRENT version), else one published here
-from untrained seeded models at ``tests.factories.tiny_run`` sizes. Its features go to Redis
+from untrained seeded models at ``trainer.tiny.tiny_run`` sizes. Its features go to Redis
 ($RECSYS_TEST_REDIS_URL or the local default, a private namespace deleted afterwards), then:
 
 - ``sequential``: one request at a time, alternating between the same pipeline in this process

@@ -5,7 +5,7 @@ Two sources, both through the artifact contract's own ``recsys_contracts.artifac
 - ``republish``: copies the current version of another root (one ``python -m trainer`` published)
   as new versions: the real trained models, and a publish that costs a file copy, so ten hot
   reloads measure the services' reloading and not training;
-- ``publish_tiny``: the test suite's small real models (``tests.factories.tiny_run``: the real
+- ``publish_tiny``: the test suite's small real models (``trainer.tiny.tiny_run``: the real
   two-tower and DCN, seeded, untrained, embedding size 16) fitted to MovieLens 100K's features,
   or to the tiny synthetic dataset when no data directory is given. Untrained weights cost the
   same to serve as trained ones of the same shape, which is what a load test measures.

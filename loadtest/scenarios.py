@@ -43,7 +43,7 @@ from recsys_contracts import artifacts
 from recsys_contracts.arms import Arms, write_arms
 from recsys_contracts.signing import signer_for
 
-# Users of the synthetic tiny dataset (tests.factories.tiny_dataset): "1".."80".
+# Users of the synthetic tiny dataset (trainer.tiny.tiny_dataset): "1".."80".
 SYNTHETIC_USERS = "80"
 
 Fault = Callable[[Stack], Awaitable[dict]]
