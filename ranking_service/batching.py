@@ -51,6 +51,8 @@ class MicroBatcher(batching.MicroBatcher[Job, tuple[np.ndarray, np.ndarray]]):
     """``await score(ranker, inputs) -> (ctr (N,), rating (N,))``, batched across concurrent callers."""
 
     def __init__(self, max_jobs: int, max_wait_s: float, max_rows: int = MAX_ROWS) -> None:
+        if not 0 <= max_wait_s <= 1:
+            raise ValueError(f"max_wait_s must be in [0, 1] seconds, got {max_wait_s!r}")
         if not 1 <= max_rows <= MAX_ROWS:
             raise ValueError(f"max_rows must be in [1, {MAX_ROWS}], got {max_rows!r}")
         super().__init__(forward, max_jobs=max_jobs, max_wait_s=max_wait_s, name="dcn",

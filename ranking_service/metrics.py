@@ -64,3 +64,9 @@ VERSION_MATCH = Counter("ranking_version_match",
                         "does not hold)", ["result"])
 MODEL_FALLBACK_ROWS = Counter("ranking_model_fallback_rows",
                               "Candidates whose model output was not finite (ranked last by retrieval score)")
+
+
+def count_request(method: str, code: str, seconds: float) -> None:
+    """One answered RPC (``recsys_serving.rpc``)."""
+    REQUESTS.labels(method, code).inc()
+    REQUEST_SECONDS.labels(method).observe(seconds)

@@ -46,8 +46,8 @@ class MicroBatcher(Generic[J, R]):
                  enabled: bool = True) -> None:
         if max_jobs < 1:
             raise ValueError(f"max_jobs must be >= 1, got {max_jobs!r}")
-        if not 0 <= max_wait_s <= 1:
-            raise ValueError(f"max_wait_s must be in [0, 1] seconds, got {max_wait_s!r}")
+        if max_wait_s < 0:
+            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s!r}")
         self.run, self.name, self.key, self.rows, self.enabled = run, name, key, rows, enabled
         self.max_jobs, self.max_wait_s, self.max_rows = max_jobs, max_wait_s, max_rows
         # A deque plus an event rather than asyncio.Queue: waiting with a timeout on an event can

@@ -51,6 +51,7 @@ class RetrievalConfig:
                                              # arriving while a batch runs form the next one)
     max_in_flight: int = 64                  # Retrieves admitted (running + queued) before RESOURCE_EXHAUSTED
     max_concurrency: int = 8                 # Retrieves running at once; the rest queue (recsys_serving.admission)
+    default_deadline_ms: int = 30_000        # applied when the caller set no deadline
     redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
     redis_breaker_failures: int = 3          # consecutive Redis failures that open its circuit breaker
     redis_breaker_cooldown_ms: int = 1000    # Redis is skipped this long before one probe request tries it
@@ -81,6 +82,7 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "RETRIEVAL_MICROBATCH_MAX_WAIT_MS": ("microbatch_max_wait_ms", float_in(0.0, 1000.0)),
     "RETRIEVAL_MAX_IN_FLIGHT": ("max_in_flight", int_in(1, 100_000)),
     "RETRIEVAL_MAX_CONCURRENCY": ("max_concurrency", int_in(1, 100_000)),
+    "RETRIEVAL_DEFAULT_DEADLINE_MS": ("default_deadline_ms", int_in(1, 600_000)),
     "RETRIEVAL_REDIS_TIMEOUT_MS": ("redis_timeout_ms", int_in(1, 60_000)),
     "RETRIEVAL_REDIS_BREAKER_FAILURES": ("redis_breaker_failures", int_in(1, 1000)),
     "RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS": ("redis_breaker_cooldown_ms", int_in(1, 3_600_000)),

@@ -42,3 +42,9 @@ ADMISSION = AdmissionMetrics(
                           "Moving average of the seconds a Retrieve holds a slot"),
     queue_wait=Histogram("retrieval_queue_wait_seconds", "Seconds admitted Retrieves waited for a slot",
                          buckets=_STAGE_BUCKETS))
+
+
+def count_request(method: str, code: str, seconds: float) -> None:
+    """One answered Retrieve (``recsys_serving.rpc``; the only method, so not a label)."""
+    REQUESTS.labels(code).inc()
+    REQUEST_SECONDS.observe(seconds)

@@ -107,7 +107,8 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     generator = CandidateGenerator(_feature_store(config), batcher)
     server = grpc.aio.server(options=runtime.message_size_options(config.max_message_bytes))
     servicer = RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size,
-                                 Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION))
+                                 Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION),
+                                 config.default_deadline_ms / 1000)
     runtime.add_servicer(server, servicer, retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
                          on_malformed=lambda method: metrics.REQUESTS.labels("INVALID_ARGUMENT").inc())
     health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
