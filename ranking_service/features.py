@@ -34,6 +34,7 @@ from recsys_contracts.feature_store import FreshInteraction, KeyFormat, UserReco
 from recsys_contracts.feature_spec import FeatureSpec
 from recsys_contracts.ids import sorted_unique
 from recsys_contracts.v1 import common_pb2
+from recsys_serving import features
 from recsys_serving.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -104,9 +105,7 @@ class FeatureStore:
         self.keys = KeyFormat(namespace)
         self.redis_url = redis_url
         self.timeout_s = timeout_ms / 1000
-        self.redis = None if redis_url is None else feature_store.redis_client(
-            redis_url, socket_timeout_s=max(self.timeout_s, 0.05), connect_timeout_s=max(self.timeout_s, 0.05),
-            retries=0, asyncio=True)
+        self.redis = features.redis_client(redis_url, self.timeout_s)
         self.local = local if local is not None else (InProcessFreshStore() if redis_url is None else None)
         self.refill_wanted = asyncio.Event()   # set when a read found a known user's keys missing
         self.breaker = breaker if breaker is not None else redis_breaker(

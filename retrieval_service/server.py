@@ -18,7 +18,7 @@ from grpc_health.v1 import health as grpc_health
 
 from recsys_contracts import feature_store
 from recsys_contracts.v1 import retrieval_pb2
-from recsys_serving import env, runtime
+from recsys_serving import env, features, runtime
 from recsys_serving.admission import Admission
 from recsys_serving.reload import VersionHolder
 from retrieval_service import metrics
@@ -59,11 +59,7 @@ class App:
 
 def _feature_store(config: RetrievalConfig) -> FeatureStore:
     timeout_s = config.redis_timeout_ms / 1000
-    client = None
-    if config.redis_url:
-        # No retries: one slow try already spends the budget; the artifact answers instead.
-        client = feature_store.redis_client(config.redis_url, socket_timeout_s=timeout_s,
-                                            connect_timeout_s=timeout_s, retries=0, asyncio=True)
+    client = features.redis_client(config.redis_url, timeout_s)
     breaker = redis_breaker(config.redis_breaker_failures, config.redis_breaker_cooldown_ms / 1000)
     return FeatureStore(client, feature_store.KeyFormat(config.redis_namespace), timeout_s, breaker)
 
