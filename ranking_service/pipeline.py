@@ -40,7 +40,8 @@ import numpy as np
 
 from ranking_service import metrics
 from ranking_service.batching import MAX_ROWS, MicroBatcher
-from ranking_service.features import FeatureStore, UserView
+from ranking_service.features import FeatureStore
+from recsys_serving.features import UserView
 from ranking_service.retrieval_client import CandidateSource, RetrievalFailed, RetrievalRefused
 from ranking_service.selection import RunningTopK, Scored, best_first, mmr_order
 from ranking_service.state import ServingState, ranker_inputs, retrieval_scores

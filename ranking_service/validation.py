@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ranking_service.config import RankingConfig
-from ranking_service.features import UserOverrides, encode_overrides
+from recsys_serving.features import UserOverrides, encode_overrides
 from recsys_contracts.feature_spec import FeatureSpec
 from recsys_contracts.feature_store import FreshInteraction
 from recsys_contracts.v1 import common_pb2, ranking_pb2, retrieval_pb2
