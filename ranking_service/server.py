@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -33,11 +34,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 
 
-def default_holder(config: RankingConfig) -> VersionHolder[ServingState]:
+def default_holder(config: RankingConfig, *, on_swap: Callable[[ServingState, int], None],
+                   on_refuse: Callable[[int, Exception], None]) -> VersionHolder[ServingState]:
     """Watches ``config.artifact_root`` (or the pinned version) and builds states with ``load_state``."""
     return VersionHolder(config.artifact_root, functools.partial(load_state, default_score_mode=config.score_mode),
                          trust=env.trust(config), pinned=config.pinned_version,
-                         poll_interval_s=config.poll_interval_s)
+                         poll_interval_s=config.poll_interval_s, on_swap=on_swap, on_refuse=on_refuse)
 
 
 class RankingApp:
@@ -47,8 +49,11 @@ class RankingApp:
                  holder: VersionHolder[ServingState] | None = None) -> None:
         self.config = config
         self.health = None
-        self.holder = holder if holder is not None else default_holder(config)
-        self.holder.on_swap, self.holder.on_refuse = self._on_swap, self._on_refuse
+        if holder is None:
+            holder = default_holder(config, on_swap=self._on_swap, on_refuse=self._on_refuse)
+        else:
+            holder.follow(self._on_swap, self._on_refuse)     # a preloaded holder (tests)
+        self.holder = holder
         self.features = FeatureStore(config.redis_url, config.redis_namespace, config.redis_timeout_ms,
                                      breaker=redis_breaker(config.redis_breaker_failures,
                                                            config.redis_breaker_cooldown_ms / 1000))
