@@ -21,7 +21,6 @@ request id), configured here with this service's settings and error types:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
