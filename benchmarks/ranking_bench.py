@@ -160,7 +160,8 @@ async def _in_process_vs_grpc(root: Path, redis_url: str, namespace: str, users:
 
     from ranking_service import validation
     from ranking_service.config import RankingConfig
-    from ranking_service.server import _scored_items, create_server
+    from ranking_service.server import create_server
+    from ranking_service.servicer import _scored_items
     from recsys_contracts.v1 import ranking_pb2, ranking_pb2_grpc
     from retrieval_service.config import RetrievalConfig
     from retrieval_service.server import create_server as create_retrieval

@@ -1,10 +1,15 @@
 """The ranking service: the ``recsys.v1.RankingService`` front door (Recommend, Rank, RecordInteractions).
 
-Lives here: ``config`` (env), ``state`` (one loaded version), ``features`` + ``fresh`` + ``refill``
-(Redis, the artifact fallback, refilling an empty Redis), ``retrieval_client`` (the channel to
-retrieval), ``batching`` (DCN micro-batching), ``selection`` (running top-k, MMR), ``pipeline``
-(Recommend/Rank/RecordInteractions without gRPC), ``display`` (titles, genres and history when a
-request asks), ``validation``, ``metrics``, ``server`` (servicer,
-``create_server``) and the composition root ``__main__``.
-May import ``recsys_contracts`` and ``recsys_serving``; never the trainer (it runs exported models).
+Lives here, its domain only: ``pipeline`` (Recommend/Rank/RecordInteractions, gRPC-free),
+``selection`` (running top-k, MMR), ``refill`` + ``fresh`` (refilling an empty Redis, fresh
+interactions without Redis), ``retrieval_client`` (the channel to retrieval), ``shadow`` and
+``arms`` (canary and shadow runs), ``display`` (titles, genres and history when asked),
+``batching`` (the DCN pass the kit's micro-batcher batches), ``features`` (the Redis read/record,
+and the kit's user view as DCN inputs), ``validation`` (the Ranking-only fields), and, in the same
+file shape as the retrieval service, ``config`` (env), ``metrics``, ``state`` (one loaded version),
+``servicer`` (gRPC translation), ``server`` (composition, ``create_server``) and the entry point
+``__main__``. The shared mechanics (wire validation, user view, RPC wrapper, micro-batcher, reload,
+admission) are ``recsys_serving``'s.
+May import ``recsys_contracts`` and ``recsys_serving``; never the trainer (it runs exported models)
+nor the retrieval service.
 """

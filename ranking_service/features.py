@@ -10,9 +10,8 @@ tries it. Recording interactions while the breaker is open fails at once (UNAVAI
 A known user whose keys are missing (Redis flushed) takes the same path and wakes the refiller.
 Without Redis, fresh interactions live in ``InProcessFreshStore`` (see ``ranking_service.fresh``).
 
-``build_user_view`` turns what was read into the DCN's user inputs: the row (overridden by
-request-time features), the history (artifact history + fresh interactions + request recent ids,
-oldest first, the last H known items, left-padded with 0) and the item ids to exclude.
+``build_user_view`` turns what was read into the DCN's user inputs with the user view both services
+share (``recsys_serving.features.user_view``: row, history, exclusions, degraded flags).
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,55 +29,13 @@ from ranking_service.fresh import InProcessFreshStore
 from ranking_service.state import ServingState
 from recsys_contracts import feature_store
 from recsys_contracts.feature_store import FreshInteraction, KeyFormat, UserRecord
-from recsys_contracts.feature_spec import FeatureSpec
-from recsys_contracts.ids import sorted_unique
 from recsys_contracts.v1 import common_pb2
+from recsys_serving import features
+from recsys_serving.features import UserOverrides, UserView
 from recsys_serving.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
 _EMPTY_IDS = np.zeros(0, dtype=np.int64)
-
-
-@dataclass(frozen=True, eq=False)
-class UserOverrides:
-    """Request-time user features, encoded: positions of the row to overwrite and their values."""
-
-    cat_positions: np.ndarray      # (c,) int64 positions in the (Cu,) categorical row
-    cat_values: np.ndarray         # (c,) int64 vocabulary indices
-    num_positions: np.ndarray      # (n,) int64 positions in the (Nu,) numeric row
-    num_values: np.ndarray         # (n,) float32 standardised values
-    recent_item_ids: np.ndarray    # (r,) int64 external item ids, oldest first
-
-    @property
-    def has_features(self) -> bool:
-        return bool(self.cat_positions.size or self.num_positions.size)
-
-
-NO_OVERRIDES = UserOverrides(_EMPTY_IDS, _EMPTY_IDS, _EMPTY_IDS, np.zeros(0, np.float32), _EMPTY_IDS)
-
-
-def encode_overrides(spec: FeatureSpec, categorical: Mapping[str, str], numeric: Mapping[str, float],
-                     recent_item_ids: Sequence[int]) -> UserOverrides:
-    """Encodes request-time features with the version's spec; ValueError names an unknown or bad feature."""
-    if not (categorical or numeric or len(recent_item_ids)):
-        return NO_OVERRIDES                          # the common request: nothing to encode
-    cat, num = spec.encode_user(categorical, numeric)
-    cat_pos = [i for i, column in enumerate(spec.user_categorical) if column.name in categorical]
-    num_pos = [i for i, column in enumerate(spec.user_numeric) if column.name in numeric]
-    return UserOverrides(np.asarray(cat_pos, np.int64), cat[cat_pos], np.asarray(num_pos, np.int64),
-                         num[num_pos], np.asarray(recent_item_ids, dtype=np.int64))
-
-
-@dataclass(frozen=True, eq=False)
-class UserView:
-    """The DCN's user inputs for one request and the items the user already interacted with."""
-
-    user_idx: int                  # 0 = not in the version's vocabulary
-    cat: np.ndarray                # (Cu,) int64
-    num: np.ndarray                # (Nu,) float32
-    history: np.ndarray            # (H,) int64 item indices, oldest first, left-padded with 0
-    exclude_ids: np.ndarray        # (e,) int64 sorted unique external item ids: seen + fresh + recent
-    degraded: frozenset[int]       # common_pb2.DegradedPath values
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,9 +60,7 @@ class FeatureStore:
         self.keys = KeyFormat(namespace)
         self.redis_url = redis_url
         self.timeout_s = timeout_ms / 1000
-        self.redis = None if redis_url is None else feature_store.redis_client(
-            redis_url, socket_timeout_s=max(self.timeout_s, 0.05), connect_timeout_s=max(self.timeout_s, 0.05),
-            retries=0, asyncio=True)
+        self.redis = features.redis_client(redis_url, self.timeout_s)
         self.local = local if local is not None else (InProcessFreshStore() if redis_url is None else None)
         self.refill_wanted = asyncio.Event()   # set when a read found a known user's keys missing
         self.breaker = breaker if breaker is not None else redis_breaker(
@@ -182,43 +136,7 @@ class StoreUnavailable(Exception):
     """Redis is configured but did not answer; the interactions were not stored."""
 
 
-def _stored_row(state: ServingState, record: UserRecord | None) -> tuple[np.ndarray, np.ndarray] | None:
-    if record is None or record.row is None:
-        return None
-    cat, num = record.row
-    if cat.shape != (state.spec.user_cat_dim,) or num.shape != (state.spec.user_num_dim,):
-        return None  # a row of another feature layout: not this version's, use the artifact's
-    return cat.copy(), num.copy()
-
-
 def build_user_view(state: ServingState, user_id: str, read: UserRead, overrides: UserOverrides) -> UserView:
-    """Combines the store's record, the artifact and the request's features into the DCN's user inputs."""
-    tables, spec = state.tables, state.spec
-    user_idx = state.user_index.get(user_id, 0)
-    flags: set[int] = set()
-    row = _stored_row(state, read.record)
-    if row is not None:
-        (cat, num), history_ids, seen_ids = row, read.record.history, read.record.seen
-    elif user_idx > 0:
-        cat, num = tables.user_cat[user_idx].copy(), tables.user_num[user_idx].copy()
-        history = tables.history[user_idx]
-        history_ids, seen_ids = tables.item_ids[history[history > 0]], tables.item_ids[tables.seen(user_idx)]
-    else:
-        (cat, num), history_ids, seen_ids = spec.default_user_row(), _EMPTY_IDS, _EMPTY_IDS
-    if read.from_redis and (read.record is None or (row is None and user_idx > 0)):
-        flags.add(common_pb2.DEGRADED_PATH_FEATURES_FROM_ARTIFACT)
-    if user_idx == 0:
-        flags.add(common_pb2.DEGRADED_PATH_COLD_START_USER)
-        if not overrides.has_features:
-            flags.add(common_pb2.DEGRADED_PATH_DEFAULT_FEATURES)
-    cat[overrides.cat_positions] = overrides.cat_values
-    num[overrides.num_positions] = overrides.num_values
-    fresh_ids = np.asarray([f.item_id for f in read.record.fresh] if read.record is not None else [], np.int64)
-    interacted = np.concatenate([history_ids, fresh_ids, overrides.recent_item_ids]).astype(np.int64)  # oldest first
-    known = state.items.indices(interacted)
-    known = known[known > 0][-spec.history_length:]
-    padded = np.zeros(spec.history_length, dtype=np.int64)
-    padded[spec.history_length - known.size:] = known
-    exclude = sorted_unique(np.concatenate([seen_ids, fresh_ids, overrides.recent_item_ids]).astype(np.int64))
-    return UserView(user_idx=user_idx, cat=cat, num=num, history=padded, exclude_ids=exclude,
-                    degraded=frozenset(flags))
+    """The DCN's user inputs: ``recsys_serving.features.user_view`` over this version and the read."""
+    return features.user_view(state.tables, state.user_index, state.items, user_id, read.record, read.from_redis,
+                              overrides)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from recsys_serving.admission import AdmissionMetrics
+from recsys_serving.admission import admission_metrics
+from recsys_serving.breaker import breaker_metrics
 
 _LATENCY_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
 
@@ -19,33 +20,19 @@ REQUEST_SECONDS = Histogram("ranking_request_seconds", "RPC latency by method", 
 STAGE_SECONDS = Histogram("ranking_stage_seconds", "Latency of one pipeline stage", ["stage"],
                           buckets=_LATENCY_BUCKETS_S)
 DEGRADED = Counter("ranking_degraded", "Answers that took a degraded path, by path", ["path"])
-IN_FLIGHT = Gauge("ranking_in_flight", "RPCs admitted now: running + queued for a slot")
-ADMISSION = AdmissionMetrics(
-    in_flight=IN_FLIGHT,
-    queued=Gauge("ranking_queued", "RPCs admitted and waiting for a slot"),
-    refused=Counter("ranking_refused", "RPCs refused at once with RESOURCE_EXHAUSTED, by reason "
-                    "(deadline: could not finish in time given the queue; full: max in flight)", ["reason"]),
-    expired=Counter("ranking_expired", "Queued RPCs dropped unstarted: their deadline passed"),
-    service_seconds=Gauge("ranking_service_seconds_estimate", "Moving average of the seconds an RPC holds a slot"),
-    queue_wait=Histogram("ranking_queue_wait_seconds", "Seconds admitted RPCs waited for a slot",
-                         buckets=_LATENCY_BUCKETS_S))
+ADMISSION = admission_metrics("ranking", "RPCs", _LATENCY_BUCKETS_S)
 MODEL_VERSION = Gauge("ranking_model_version", "Artifact version being served (0 = none yet)")
 RELOADS = Counter("ranking_reloads", "Version loads, by result (loaded, refused)", ["result"])
 REDIS_ERRORS = Counter("ranking_redis_errors", "Feature-store calls that failed or timed out, by operation",
                        ["operation"])
 REDIS_SKIPPED = Counter("ranking_redis_skipped",
                         "User reads that skipped Redis because its circuit breaker is open (artifact features)")
-REDIS_BREAKER_STATE = Gauge("ranking_redis_breaker_state",
-                            "Redis circuit breaker: 0 closed, 1 open (Redis skipped), 2 half-open (probing)")
-REDIS_BREAKER_TRANSITIONS = Counter("ranking_redis_breaker_transitions",
-                                    "Redis circuit breaker state changes, by the state entered", ["to"])
+REDIS_BREAKER_STATE, REDIS_BREAKER_TRANSITIONS = breaker_metrics("ranking_redis", "Redis", "Redis skipped")
 REDIS_REFILLS = Counter("ranking_redis_refills", "Times the service refilled an empty Redis from the artifact")
 RETRIEVAL_FAILURES = Counter("ranking_retrieval_failures", "Retrieve calls that failed, by gRPC status code "
                              "(CIRCUIT_OPEN: skipped, the retrieval breaker is open)", ["code"])
-RETRIEVAL_BREAKER_STATE = Gauge("ranking_retrieval_breaker_state",
-                                "Retrieval circuit breaker: 0 closed, 1 open (popular fallback), 2 half-open")
-RETRIEVAL_BREAKER_TRANSITIONS = Counter("ranking_retrieval_breaker_transitions",
-                                        "Retrieval circuit breaker state changes, by the state entered", ["to"])
+RETRIEVAL_BREAKER_STATE, RETRIEVAL_BREAKER_TRANSITIONS = breaker_metrics("ranking_retrieval", "Retrieval",
+                                                                         "popular fallback")
 DCN_BATCH_JOBS = Histogram("ranking_dcn_batch_jobs", "Scoring jobs merged into one DCN forward pass",
                            buckets=(1, 2, 4, 8, 16, 32, 64))
 ARM_ANSWERS = Counter("ranking_arm_answers", "Recommend answers by the arm that answered "
@@ -64,3 +51,9 @@ VERSION_MATCH = Counter("ranking_version_match",
                         "does not hold)", ["result"])
 MODEL_FALLBACK_ROWS = Counter("ranking_model_fallback_rows",
                               "Candidates whose model output was not finite (ranked last by retrieval score)")
+
+
+def count_request(method: str, code: str, seconds: float) -> None:
+    """One answered RPC (``recsys_serving.rpc``)."""
+    REQUESTS.labels(method, code).inc()
+    REQUEST_SECONDS.labels(method).observe(seconds)

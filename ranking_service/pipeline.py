@@ -23,8 +23,9 @@ previous or a retained one), its features read under that version. Both services
 loaded while the other still uses it (``VersionHolder.used``), so even when versions go live faster
 than the services load them (each skipping some), retrieval_version == ranking_version.
 
-A retrieval INVALID_ARGUMENT is the caller's error (retrieval validated a field we passed through),
-so it surfaces as INVALID_ARGUMENT, not as a fallback.
+A retrieval refusal of a field we passed through (``RetrievalRefused``, a ValueError) is the caller's
+error, so it surfaces as one, not as a fallback. No gRPC here: the retrieval client turns a failed
+call into ``RetrievalFailed`` (its status code's name), and the servicer maps exceptions to codes.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import grpc
 import numpy as np
 
 from ranking_service import metrics
 from ranking_service.batching import MAX_ROWS, MicroBatcher
-from ranking_service.features import FeatureStore, UserView
-from ranking_service.retrieval_client import CandidateSource
+from ranking_service.features import FeatureStore
+from recsys_serving.features import UserView
+from ranking_service.retrieval_client import CandidateSource, RetrievalFailed, RetrievalRefused
 from ranking_service.selection import RunningTopK, Scored, best_first, mmr_order
 from ranking_service.state import ServingState, ranker_inputs, retrieval_scores
 from ranking_service.validation import RankQuery, RecommendQuery
@@ -216,21 +217,21 @@ class Pipeline:
                         log.error("retrieval sent a chunk with %d item_ids but %d scores (expected equal "
                                   "lengths)", len(chunk.item_ids), len(chunk.scores), extra={"request_id": request_id})
                         self.breaker.record_failure()
-                        return retrieval_version, flags, grpc.StatusCode.DATA_LOSS.name
+                        return retrieval_version, flags, "DATA_LOSS"
                     pools[0].add(np.array(chunk.item_ids, dtype=np.int64), np.array(chunk.scores, dtype=np.float32))
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                self.breaker.record_success()          # retrieval answered: the request was bad
-                raise ValueError(f"retrieval refused the request: {error.details()}") from None
-            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                self.breaker.record_success()          # a fast, deliberate refusal: retrieval is alive
+        except RetrievalRefused:
+            self.breaker.record_success()          # retrieval answered: the request was bad
+            raise
+        except RetrievalFailed as error:
+            if error.code == "RESOURCE_EXHAUSTED":
+                self.breaker.record_success()      # a fast, deliberate refusal: retrieval is alive
             else:
                 self.breaker.record_failure(error)
-            return retrieval_version, flags, error.code().name
+            return retrieval_version, flags, error.code
         except TimeoutError as error:
             if budget_s >= BREAKER_MIN_BUDGET_S:   # a caller's tiny deadline is no evidence against retrieval
                 self.breaker.record_failure(error)
-            return retrieval_version, flags, grpc.StatusCode.DEADLINE_EXCEEDED.name
+            return retrieval_version, flags, "DEADLINE_EXCEEDED"
         self.breaker.record_success()
         metrics.STAGE_SECONDS.labels("retrieval_stream").observe(time.perf_counter() - started)
         return retrieval_version, flags, ""

@@ -11,7 +11,10 @@ does not propagate deadlines: every call gets the caller's remaining time as its
 the request id travels in the ``x-request-id`` metadata so both services' logs can be joined.
 
 ``CandidateSource`` is what the pipeline needs; ``RetrievalClient`` is the gRPC one, and the
-benchmark plugs an in-process one in to measure the pipeline without the network hop.
+benchmark plugs an in-process one in to measure the pipeline without the network hop. The client
+keeps gRPC on this side: a failed call surfaces as ``RetrievalFailed`` (its status code's name),
+or, when retrieval refused a field we passed through (INVALID_ARGUMENT: the caller's error, e.g. a
+``num_candidates`` above ``RETRIEVAL_MAX_CANDIDATES``), as ``RetrievalRefused``, a ``ValueError``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,18 @@ RETRY_MAX_ATTEMPTS = 3
 
 SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}],
                   **client_service_config(RETRIEVAL_SERVICE, max_attempts=RETRY_MAX_ATTEMPTS)}
+
+
+class RetrievalFailed(Exception):
+    """A Retrieve call failed; ``code`` is the gRPC status code's name (e.g. "UNAVAILABLE")."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"{code}: {details}")
+        self.code, self.details = code, details
+
+
+class RetrievalRefused(ValueError):
+    """Retrieval refused the request as invalid: the caller's error (INVALID_ARGUMENT)."""
 
 
 class CandidateSource(Protocol):
@@ -68,6 +83,10 @@ class RetrievalClient:
         try:
             async for response in call:
                 yield response
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise RetrievalRefused(f"retrieval refused the request: {error.details()}") from None
+            raise RetrievalFailed(error.code().name, error.details() or "") from None
         finally:
             call.cancel()   # no-op once finished; frees the stream when the consumer stops early
 

@@ -1,7 +1,11 @@
 """The contracts both sides of a boundary must agree on, and nothing else.
 
-Admission rule: code belongs here only when the trainer and a service (or the two services)
-would otherwise each need their own copy of it and must never disagree:
+Admission rule: formats and the code that reads or writes them, where the trainer (the producer)
+and the services (the consumers) must never disagree; plus ``rerank``, the one algorithm both apply
+(the ranking service serves it, the trainer evaluates it). Code that only the two services share
+belongs in ``recsys_serving``; the exceptions kept here sit beside the formats they read: ``ids``
+(lookups over a version's item table) and ``arms`` (a file on the artifact volume, which
+``artifacts``' retention reads too). ``codegen`` is the build step of ``v1``.
 
 - ``v1``: the generated gRPC stubs of ``protos/recsys/v1`` (build output; see ``codegen``).
 - ``artifacts``: the artifact volume's layout, manifest, publish, resolve, verify, retention.

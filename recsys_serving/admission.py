@@ -78,6 +78,21 @@ class AdmissionMetrics:
     queue_wait: Histogram     # seconds admitted requests waited for a slot
 
 
+def admission_metrics(prefix: str, calls: str, buckets: tuple[float, ...]) -> AdmissionMetrics:
+    """A service's admission metrics, named ``{prefix}_in_flight`` etc.; ``calls`` names what is admitted
+    in the help texts (e.g. "Retrieves", "RPCs")."""
+    return AdmissionMetrics(
+        in_flight=Gauge(f"{prefix}_in_flight", f"{calls} admitted now: running + queued for a slot"),
+        queued=Gauge(f"{prefix}_queued", f"{calls} admitted and waiting for a slot"),
+        refused=Counter(f"{prefix}_refused", f"{calls} refused at once with RESOURCE_EXHAUSTED, by reason "
+                        "(deadline: could not finish in time given the queue; full: max in flight)", ["reason"]),
+        expired=Counter(f"{prefix}_expired", f"Queued {calls} dropped unstarted: their deadline passed"),
+        service_seconds=Gauge(f"{prefix}_service_seconds_estimate",
+                              f"Moving average of the seconds one of the {calls} holds a slot"),
+        queue_wait=Histogram(f"{prefix}_queue_wait_seconds", f"Seconds admitted {calls} waited for a slot",
+                             buckets=buckets))
+
+
 class Admission:
     def __init__(self, max_concurrency: int, max_in_flight: int, metrics: AdmissionMetrics | None = None) -> None:
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:

@@ -223,3 +223,94 @@ def parse_specs(environ: Mapping[str, str], specs: Mapping[str, tuple[str, Parse
         elif defaults[attr] is dataclasses.MISSING:
             raise ValueError(f"{name} must be set (required: {attr.replace('_', ' ')}), got {raw!r}")
     return values
+
+
+# RECSYS_* names read by other programs of the project (trainer, test suite): not typos for a service.
+FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL", "RECSYS_SIGNING_KEY")
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """The settings both services have, each under its own prefix (``RETRIEVAL_`` / ``RANKING_``) or the
+    shared ``RECSYS_*`` names; a service's config adds its own fields and sets its own defaults."""
+
+    artifact_root: Path                      # the artifact volume (CURRENT, versions/)
+    # None = no Redis: features come from the artifact in process. Kept out of repr: may hold a password.
+    redis_url: str | None = dataclasses.field(default=None, repr=False)
+    redis_namespace: str = "recsys"
+    log_level: str = "INFO"
+    pinned_version: int | None = None        # serve this version instead of CURRENT
+    host: str = "127.0.0.1"                  # gRPC listen address (images and manifests set 0.0.0.0)
+    port: int = 0                            # gRPC; 0 = pick a free port (tests)
+    metrics_host: str = "127.0.0.1"          # Prometheus HTTP listen address
+    metrics_port: int = 0                    # Prometheus HTTP; 0 = disabled
+    poll_interval_s: float = 2.0             # how often CURRENT is checked for a new version
+    microbatch_max_size: int = 16            # requests batched into one forward pass
+    microbatch_max_wait_ms: float = 0.0      # extra wait for a batch to fill (0: run at once; requests
+                                             # arriving while a batch runs form the next one)
+    max_in_flight: int = 64                  # RPCs admitted (running + queued) before RESOURCE_EXHAUSTED
+    max_concurrency: int = 8                 # RPCs running at once; the rest queue (recsys_serving.admission)
+    default_deadline_ms: int = 200           # applied when the caller set no deadline
+    redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
+    redis_breaker_failures: int = 3          # consecutive Redis failures that open its circuit breaker
+    redis_breaker_cooldown_ms: int = 1000    # Redis is skipped this long before one probe request tries it
+    grace_s: float = 10.0                    # drain time for in-flight RPCs after SIGTERM
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC send/receive limit
+    tls: TlsConfig | None = None             # None = plaintext
+    trusted_keys: Path = DEFAULT_TRUSTED_KEYS  # public key(s) whose signatures make a version servable
+    allow_unsigned: bool = False             # serve unsigned versions (local experiments only; loud)
+
+
+def service_specs(prefix: str) -> dict[str, tuple[str, Parser]]:
+    """Environment name -> (``ServiceConfig`` field, parser) for the settings both services have."""
+    return {
+        "RECSYS_ARTIFACT_ROOT": ("artifact_root", directory),
+        "RECSYS_REDIS_URL": ("redis_url", redis_url_value),
+        "RECSYS_REDIS_NAMESPACE": ("redis_namespace", namespace),
+        "RECSYS_LOG_LEVEL": ("log_level", choice(LOG_LEVELS, upper=True)),
+        "RECSYS_PINNED_VERSION": ("pinned_version", int_in(1)),
+        **TRUST_SPECS,
+        f"{prefix}HOST": ("host", host),
+        f"{prefix}PORT": ("port", int_in(0, 65535)),
+        f"{prefix}METRICS_HOST": ("metrics_host", host),
+        f"{prefix}METRICS_PORT": ("metrics_port", int_in(0, 65535)),
+        f"{prefix}POLL_INTERVAL_S": ("poll_interval_s", float_in(0.0, 3600.0, lo_open=True)),
+        f"{prefix}MICROBATCH_MAX_SIZE": ("microbatch_max_size", int_in(1, 4096)),
+        f"{prefix}MICROBATCH_MAX_WAIT_MS": ("microbatch_max_wait_ms", float_in(0.0, 1000.0)),
+        f"{prefix}MAX_IN_FLIGHT": ("max_in_flight", int_in(1, 100_000)),
+        f"{prefix}MAX_CONCURRENCY": ("max_concurrency", int_in(1, 100_000)),
+        f"{prefix}DEFAULT_DEADLINE_MS": ("default_deadline_ms", int_in(1, 600_000)),
+        f"{prefix}REDIS_TIMEOUT_MS": ("redis_timeout_ms", int_in(1, 60_000)),
+        f"{prefix}REDIS_BREAKER_FAILURES": ("redis_breaker_failures", int_in(1, 1000)),
+        f"{prefix}REDIS_BREAKER_COOLDOWN_MS": ("redis_breaker_cooldown_ms", int_in(1, 3_600_000)),
+        f"{prefix}GRACE_S": ("grace_s", float_in(0.0, 300.0)),
+        f"{prefix}MAX_MESSAGE_BYTES": ("max_message_bytes", int_in(1024, 2**31 - 1)),
+    }
+
+
+def server_tls_vars(prefix: str) -> tuple[str, str, str]:
+    return f"{prefix}TLS_CERT_FILE", f"{prefix}TLS_KEY_FILE", f"{prefix}TLS_CLIENT_CA_FILE"
+
+
+def server_tls(environ: Mapping[str, str], prefix: str) -> TlsConfig | None:
+    """The server's TLS (cert + key, optionally a client CA for mTLS), or None for plaintext."""
+    cert_name, key_name, ca_name = server_tls_vars(prefix)
+    cert, key, client_ca = (pem_file(environ, name) for name in (cert_name, key_name, ca_name))
+    if (cert is None) != (key is None):
+        raise ValueError(f"{cert_name} and {key_name} must be set together, "
+                         f"got cert={environ.get(cert_name, '')!r}, key={environ.get(key_name, '')!r}")
+    if cert is None or key is None:
+        if client_ca is not None:
+            raise ValueError(f"{ca_name} requires {cert_name} and {key_name} (mTLS needs server TLS), "
+                             f"got {str(client_ca)!r}")
+        return None
+    return TlsConfig(cert_file=cert, key_file=key, client_ca_file=client_ca)
+
+
+def check_service(config: ServiceConfig, prefix: str) -> None:
+    """The relations between the shared settings; ValueError naming both settings."""
+    if config.metrics_port and config.metrics_port == config.port:
+        raise ValueError(f"{prefix}METRICS_PORT must differ from {prefix}PORT, got {config.metrics_port!r}")
+    if config.max_in_flight < config.max_concurrency:
+        raise ValueError(f"{prefix}MAX_IN_FLIGHT must be >= {prefix}MAX_CONCURRENCY ({config.max_concurrency}), "
+                         f"got {config.max_in_flight!r}")

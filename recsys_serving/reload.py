@@ -106,7 +106,9 @@ class VersionHolder(Generic[T]):
     """Holds the serving state of the current artifact version and replaces it when CURRENT moves.
 
     ``load(version_dir, version) -> T`` builds the state (blocking; it runs in a worker thread).
-    ``on_swap(state, version)`` / ``on_refuse(version, error)`` let the service update metrics.
+    ``on_swap(state, version)`` / ``on_refuse(version, error)`` let the service update metrics and
+    health; a service passes them when it builds its holder (``follow`` adopts a holder built
+    elsewhere without them, e.g. by a test that preloads versions).
     ``current`` / ``version`` serve new requests; ``previous`` / ``previous_version`` is the one
     swapped out last (None before the second swap).
     """
@@ -133,6 +135,12 @@ class VersionHolder(Generic[T]):
         self.stats = ReloadStats()
         self._task: asyncio.Task | None = None
         self._pointer_problem = ""      # the last CURRENT problem logged, so each is logged once
+
+    def follow(self, on_swap: Callable[[T, int], None], on_refuse: Callable[[int, Exception], None]) -> None:
+        """Gives a holder built without callbacks its service's; one that has callbacks refuses (ValueError)."""
+        if self.on_swap is not None or self.on_refuse is not None:
+            raise ValueError("this holder already has its callbacks (on_swap/on_refuse given when it was built)")
+        self.on_swap, self.on_refuse = on_swap, on_refuse
 
     @property
     def ready(self) -> bool:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from recsys_serving.admission import AdmissionMetrics
+from recsys_serving.admission import admission_metrics
+from recsys_serving.breaker import breaker_metrics
 
 # Seconds; fine buckets at the low end because the stages take well under 10 ms.
 _STAGE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -28,17 +29,11 @@ FEATURE_STORE_ERRORS = Counter("retrieval_feature_store_errors",
                                "Redis reads that failed or timed out (answered from the artifact)")
 FEATURE_STORE_SKIPPED = Counter("retrieval_feature_store_skipped",
                                 "Redis reads skipped because its circuit breaker is open (answered from the artifact)")
-REDIS_BREAKER_STATE = Gauge("retrieval_redis_breaker_state",
-                            "Redis circuit breaker: 0 closed, 1 open (Redis skipped), 2 half-open (probing)")
-REDIS_BREAKER_TRANSITIONS = Counter("retrieval_redis_breaker_transitions",
-                                    "Redis circuit breaker state changes, by the state entered", ["to"])
-ADMISSION = AdmissionMetrics(
-    in_flight=Gauge("retrieval_in_flight", "Retrieves admitted now: running + queued for a slot"),
-    queued=Gauge("retrieval_queued", "Retrieves admitted and waiting for a slot"),
-    refused=Counter("retrieval_refused", "Retrieves refused at once with RESOURCE_EXHAUSTED, by reason "
-                    "(deadline: could not finish in time given the queue; full: max in flight)", ["reason"]),
-    expired=Counter("retrieval_expired", "Queued Retrieves dropped unstarted: their deadline passed"),
-    service_seconds=Gauge("retrieval_service_seconds_estimate",
-                          "Moving average of the seconds a Retrieve holds a slot"),
-    queue_wait=Histogram("retrieval_queue_wait_seconds", "Seconds admitted Retrieves waited for a slot",
-                         buckets=_STAGE_BUCKETS))
+REDIS_BREAKER_STATE, REDIS_BREAKER_TRANSITIONS = breaker_metrics("retrieval_redis", "Redis", "Redis skipped")
+ADMISSION = admission_metrics("retrieval", "Retrieves", _STAGE_BUCKETS)
+
+
+def count_request(method: str, code: str, seconds: float) -> None:
+    """One answered Retrieve (``recsys_serving.rpc``; the only method, so not a label)."""
+    REQUESTS.labels(code).inc()
+    REQUEST_SECONDS.observe(seconds)

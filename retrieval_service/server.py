@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -18,7 +19,7 @@ from grpc_health.v1 import health as grpc_health
 
 from recsys_contracts import feature_store
 from recsys_contracts.v1 import retrieval_pb2
-from recsys_serving import env, runtime
+from recsys_serving import env, features, runtime
 from recsys_serving.admission import Admission
 from recsys_serving.reload import VersionHolder
 from retrieval_service import metrics
@@ -36,14 +37,33 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class App:
-    """What ``create_server`` assembled, for ``main`` and tests."""
+    """What ``create_server`` assembled, for ``main`` and tests. Builds its version holder with its
+    callbacks (metrics, SERVING after a swap), or adopts a preloaded one (tests) with them."""
 
     config: RetrievalConfig
     server: grpc.aio.Server
-    holder: VersionHolder[ServingState]
     generator: CandidateGenerator
     health: grpc_health.aio.HealthServicer
+    holder: VersionHolder[ServingState] | None = None
     _tasks: set[asyncio.Task] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.holder is None:
+            self.holder = default_holder(self.config, on_swap=self._swapped, on_refuse=self._refused)
+        else:
+            self.holder.follow(self._swapped, self._refused)
+
+    def _swapped(self, state: ServingState, version: int) -> None:
+        metrics.VERSION.set(version)
+        metrics.RELOADS.inc()
+        log.info("serving version %d (backend %s, device %s, index %s, build-time recall@100 %s)", version,
+                 state.backend, state.device, state.index_params.kind, state.build_recall, extra={"version": version})
+        task = asyncio.get_running_loop().create_task(self.set_serving(True))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refused(self, version: int, error: Exception) -> None:
+        metrics.REFUSALS.inc()
 
     async def set_serving(self, serving: bool) -> None:
         await runtime.set_serving(self.health, [SERVICE_NAME], serving)
@@ -59,63 +79,37 @@ class App:
 
 def _feature_store(config: RetrievalConfig) -> FeatureStore:
     timeout_s = config.redis_timeout_ms / 1000
-    client = None
-    if config.redis_url:
-        # No retries: one slow try already spends the budget; the artifact answers instead.
-        client = feature_store.redis_client(config.redis_url, socket_timeout_s=timeout_s,
-                                            connect_timeout_s=timeout_s, retries=0, asyncio=True)
+    client = features.redis_client(config.redis_url, timeout_s)
     breaker = redis_breaker(config.redis_breaker_failures, config.redis_breaker_cooldown_ms / 1000)
     return FeatureStore(client, feature_store.KeyFormat(config.redis_namespace), timeout_s, breaker)
 
 
-def default_holder(config: RetrievalConfig) -> VersionHolder[ServingState]:
+def default_holder(config: RetrievalConfig, *, on_swap: Callable[[ServingState, int], None],
+                   on_refuse: Callable[[int, Exception], None]) -> VersionHolder[ServingState]:
     """Watches ``config.artifact_root`` (or the pinned version) and loads states for the configured device."""
     device = resolve_device(config.device)
     load = functools.partial(load_state, device=device, open_backend=open_backend)
     return VersionHolder(config.artifact_root, load, trust=env.trust(config), pinned=config.pinned_version,
-                         poll_interval_s=config.poll_interval_s)
-
-
-def _follow_holder(app: App) -> None:
-    """Chains metrics and the first SERVING onto the holder's swap/refuse callbacks."""
-    holder, on_swap, on_refuse = app.holder, app.holder.on_swap, app.holder.on_refuse
-
-    def swapped(state: ServingState, version: int) -> None:
-        if on_swap is not None:
-            on_swap(state, version)
-        metrics.VERSION.set(version)
-        metrics.RELOADS.inc()
-        log.info("serving version %d (backend %s, device %s, index %s, build-time recall@100 %s)", version,
-                 state.backend, state.device, state.index_params.kind, state.build_recall, extra={"version": version})
-        task = asyncio.get_running_loop().create_task(app.set_serving(True))
-        app._tasks.add(task)
-        task.add_done_callback(app._tasks.discard)
-
-    def refused(version: int, error: Exception) -> None:
-        if on_refuse is not None:
-            on_refuse(version, error)
-        metrics.REFUSALS.inc()
-
-    holder.on_swap, holder.on_refuse = swapped, refused
+                         poll_interval_s=config.poll_interval_s, on_swap=on_swap, on_refuse=on_refuse)
 
 
 async def create_server(config: RetrievalConfig, *, holder: VersionHolder[ServingState] | None = None,
                         batching: bool = True) -> tuple[grpc.aio.Server, int, App]:
     """Builds and starts the server; returns (server, bound port, app). ``batching`` False = no micro-batching."""
-    holder = holder if holder is not None else default_holder(config)
     batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000, enabled=batching)
     generator = CandidateGenerator(_feature_store(config), batcher)
     server = grpc.aio.server(options=runtime.message_size_options(config.max_message_bytes))
+    health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
+    app = App(config, server, generator, health_servicer, holder)
+    holder = app.holder
     servicer = RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size,
-                                 Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION))
+                                 Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION),
+                                 config.default_deadline_ms / 1000)
     runtime.add_servicer(server, servicer, retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
                          on_malformed=lambda method: metrics.REQUESTS.labels("INVALID_ARGUMENT").inc())
-    health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
-    app = App(config, server, holder, generator, health_servicer)
     await app.set_serving(False)
     port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)
     await server.start()
-    _follow_holder(app)
     if holder.ready:
         metrics.VERSION.set(holder.version or 0)
         await app.set_serving(True)

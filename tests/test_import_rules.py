@@ -91,3 +91,13 @@ def test_loading_code_never_unpickles(package):
                     isinstance(node.value, ast.Name) and node.value.id == "torch":
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: torch.load")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("module", ["ranking_service/pipeline.py", "ranking_service/selection.py",
+                                    "ranking_service/refill.py", "retrieval_service/generator.py",
+                                    "recsys_serving/wire.py", "recsys_serving/features.py",
+                                    "recsys_serving/batching.py"])
+def test_domain_code_is_grpc_free(module):
+    """gRPC status codes are the servicers' (and ``recsys_serving.rpc``'s) business: the domain raises
+    its own exceptions, the servicer maps them."""
+    assert "grpc" not in _imported_top_level(ROOT / module)

@@ -146,7 +146,7 @@ def test_huge_bodies_are_413_declared_or_streamed(client):
 
 
 def test_request_id_goes_in_comes_out_and_is_what_ranking_logs(client, caplog):
-    caplog.set_level(logging.INFO, logger="ranking_service.server")
+    caplog.set_level(logging.INFO, logger="ranking_service.servicer")
     response = client.get("/v1/users/3/recommendations", headers={"X-Request-Id": "trace-me.42"})
     assert response.headers["x-request-id"] == "trace-me.42" and response.json()["request_id"] == "trace-me.42"
     # the ranking service writes a log line for each call it refuses (here: a feature name it does not know)

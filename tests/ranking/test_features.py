@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ranking_service.features import NO_OVERRIDES, FeatureStore, UserRead, build_user_view, encode_overrides
+from ranking_service.features import FeatureStore, UserRead, build_user_view
+from recsys_serving.features import NO_OVERRIDES, encode_overrides
 from recsys_contracts.feature_store import FreshInteraction, UserRecord
 from recsys_contracts.v1 import common_pb2
 
@@ -97,3 +98,33 @@ def test_recording_without_redis_goes_to_the_in_process_store():
         return (await store.read_user(1, "u")).record.fresh
 
     assert [f.item_id for f in asyncio.run(main())] == [3]
+
+
+def test_both_services_build_one_user_view_from_the_same_read(loaded, retrieval_loaded):
+    """One merge rule (``recsys_serving.features.user_view``): the same stored record and request give
+    ranking and retrieval the same row, history, exclusions and flags. Two former differences: a
+    stored row is used for a user outside the version in both (retrieval took the artifact's), and a
+    cold user whose tower runs on the default row is flagged DEFAULT_FEATURES by retrieval too."""
+    from recsys_serving import wire
+    from retrieval_service.features import resolve_user
+    from retrieval_service.validation import Query
+
+    tables = loaded.tables
+    recent = [int(tables.item_ids[4])]
+    fresh = [FreshInteraction(int(tables.item_ids[6]), 10)]
+    cases = [("1", record(loaded, loaded.user_index["1"], fresh)),          # known user, Redis row
+             ("1", None),                                                   # Redis failed
+             ("never-seen", record(loaded, loaded.user_index["1"], fresh)),  # a stored row for an unknown user
+             ("never-seen", UserRecord(row=None, history=np.zeros(0, np.int64), seen=np.zeros(0, np.int64),
+                                       fresh=fresh))]                       # cold, fresh items only
+    for user_id, stored in cases:
+        view = build_user_view(loaded, user_id, UserRead(stored, True), encode_overrides(loaded.spec, {}, {}, recent))
+        query = Query(user_id, 5, {}, {}, tuple(recent), wire.timestamp(0), False)
+        resolved = resolve_user(retrieval_loaded, query, stored, store_failed=stored is None)
+        assert set(resolved.degraded) == view.degraded, user_id
+        assert resolved.row is not None
+        np.testing.assert_array_equal(resolved.row.cat, view.cat)
+        np.testing.assert_array_equal(resolved.row.num, view.num)
+        np.testing.assert_array_equal(resolved.row.history, view.history)
+        assert resolved.seen.tolist() == sorted(loaded.items.indices(view.exclude_ids).tolist())
+    assert view.degraded == {COLD, DEFAULTS}

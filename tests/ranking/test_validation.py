@@ -40,7 +40,7 @@ def features(**fields) -> common_pb2.UserFeatures:
      "user_features.numeric must hold at most 32 entries, got 33"),
     (recommend(user_features=features(categorical={"g" * 129: "F"})), "user_features.categorical keys must be 1..128"),
     (recommend(user_features=features(categorical={"gender": ""})),
-     r"user_features.categorical\['gender'\] must be 1..128 bytes, got ''"),
+     r"user_features.categorical\['gender'\] must be 1..128 bytes, got 0 bytes: ''"),
     (recommend(user_features=features(numeric={"a" * 129: 1.0})), "user_features.numeric keys must be 1..128"),
     (recommend(user_features=features(numeric={"age": float("inf")})),
      r"user_features.numeric\['age'\] must be a finite float32 \(\|x\| <= 3.403e\+38\), got inf"),
@@ -120,3 +120,25 @@ def test_record_interactions_keeps_ratings_and_fills_the_time():
         interactions=[interaction(rating=4.5, timestamp_s=10), interaction(item_id=5)]))
     assert pairs[0] == ("u1", pairs[0][1]) and (pairs[0][1].rating, pairs[0][1].timestamp) == (4.5, 10)
     assert pairs[1][1].rating is None and abs(pairs[1][1].timestamp - time.time()) < 60
+
+
+@pytest.mark.parametrize("fields", [
+    {"user_id": "bell\x07"}, {"user_id": "é" * 65}, {"user_id": "a b"},
+    {"user_features": features(categorical={"gender": ""})},
+    {"user_features": features(numeric={"k" * 129: 1.0})},
+    {"user_features": features(numeric={"age": float("inf")})},
+    {"user_features": features(recent_item_ids=list(range(201)))},
+    {"user_features": features(recent_item_ids=[1, -7])},
+    {"context": common_pb2.Context(timestamp_s=2**40)},
+])
+def test_shared_fields_get_one_rule_at_both_doors(loaded, fields):
+    """Ranking refuses a shared field exactly as retrieval would (one rule: ``recsys_serving.wire``), so
+    nothing it accepts comes back from retrieval as INVALID_ARGUMENT for these fields."""
+    from recsys_contracts.v1 import retrieval_pb2
+    from retrieval_service.validation import validate
+
+    with pytest.raises(ValueError) as at_ranking:
+        validation.recommend_query(recommend(**fields), loaded.spec, CONFIG)
+    with pytest.raises(ValueError) as at_retrieval:
+        validate(retrieval_pb2.RetrieveRequest(**{"user_id": "1", "num_candidates": 5, **fields}), 100)
+    assert str(at_ranking.value) == str(at_retrieval.value)

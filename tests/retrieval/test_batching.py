@@ -91,7 +91,7 @@ def test_a_failing_batch_fails_its_requests_and_batching_goes_on(loaded):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"max_size": 0, "max_wait_s": 0.0}, "max_size must be >= 1, got 0"),
+    ({"max_size": 0, "max_wait_s": 0.0}, "max_jobs must be >= 1, got 0"),
     ({"max_size": 4, "max_wait_s": -0.001}, "max_wait_s must be >= 0, got -0.001"),
 ])
 def test_batcher_rejects_bad_bounds(kwargs, message):

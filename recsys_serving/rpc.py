@@ -1,0 +1,136 @@
+"""The RPC wrapper both services' servicers put around every call: deadline, admission, status, metrics.
+
+``Rpc.serve(method, context, handle)`` runs ``await handle(call)`` and owns what happens around it:
+
+- the deadline: the caller's, else the service's default deadline setting
+  (``RETRIEVAL_DEFAULT_DEADLINE_MS`` / ``RANKING_DEFAULT_DEADLINE_MS``); a call with less than
+  ``min_deadline_s`` left on arrival fails DEADLINE_EXCEEDED at once, before any work;
+- admission: ``call.admitted()`` takes a slot of the service's ``recsys_serving.admission``
+  (RESOURCE_EXHAUSTED at once with a ``grpc-retry-pushback-ms`` trailer, or DEADLINE_EXCEEDED
+  unstarted) and bounds the work by the deadline; the handler decides what runs before it
+  (validation that needs no slot) and inside it;
+- the status: ``RpcError(code, details)`` is sent as is; the service's ``errors`` map its own
+  exception types to codes (the exception's message is the details); a ``TimeoutError`` is
+  DEADLINE_EXCEEDED; anything else is INTERNAL (logged with its traceback, "internal error" on the
+  wire). A cancellation (or a failed write after the caller left) within ``DEADLINE_SLACK_S`` of the
+  deadline counts as DEADLINE_EXCEEDED (gRPC's timer and our estimate of the same instant differ by
+  scheduling noise, not by intent), else as CANCELLED;
+- metrics and logs: ``count(method, code, seconds)`` once per call; a failed call is logged at INFO
+  with its code and the request id (the caller's ``x-request-id``, else a fresh one), a successful
+  one at DEBUG.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from recsys_serving.admission import Admission, Expired, Refused
+from recsys_serving.runtime import request_id as request_id_of
+
+T = TypeVar("T")
+# A cancellation this close to the deadline is the deadline.
+DEADLINE_SLACK_S = 0.02
+
+
+class RpcError(Exception):
+    """Ends the call with ``code`` and ``details`` (a message naming what was wrong)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self.code, self.details = code, details
+
+
+@dataclass
+class Call:
+    """One call being served: its deadline (``loop.time()`` seconds), request id and admission."""
+
+    deadline: float
+    request_id: str
+    admission: Admission
+
+    @contextlib.asynccontextmanager
+    async def admitted(self) -> AsyncIterator[None]:
+        """Holds an admission slot and bounds the body by the deadline."""
+        async with self.admission.slot(self.deadline):
+            async with asyncio.timeout_at(self.deadline):
+                yield
+
+    def left_s(self) -> float:
+        return self.deadline - asyncio.get_running_loop().time()
+
+
+class Rpc:
+    """The wrapper of one service (see the module docstring)."""
+
+    def __init__(self, *, admission: Admission, default_deadline_s: float, log: logging.Logger,
+                 count: Callable[[str, str, float], None],
+                 errors: Mapping[type[BaseException], grpc.StatusCode] = {},
+                 min_deadline_s: float = 0.0) -> None:
+        self.admission, self.default_deadline_s, self.min_deadline_s = admission, default_deadline_s, min_deadline_s
+        self.log, self.count, self.errors = log, count, dict(errors)
+
+    def _status(self, error: Exception) -> tuple[grpc.StatusCode, str] | None:
+        for kind, code in self.errors.items():
+            if isinstance(error, kind):
+                return code, str(error)
+        return None
+
+    async def serve(self, method: str, context: grpc.aio.ServicerContext,
+                    handle: Callable[[Call], Awaitable[T]]) -> T | None:
+        loop = asyncio.get_running_loop()
+        started, code, details = time.perf_counter(), grpc.StatusCode.OK, ""
+        trailers: tuple[tuple[str, str], ...] = ()
+        rid = request_id_of(context) or uuid.uuid4().hex
+        remaining = context.time_remaining()
+        remaining = self.default_deadline_s if remaining is None else remaining
+        deadline = loop.time() + remaining      # the loop's clock is time.monotonic, as admission's
+        try:
+            if remaining < self.min_deadline_s:
+                raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"deadline must leave at least {self.min_deadline_s * 1000:.0f} ms, "
+                               f"got {remaining * 1000:.1f} ms")
+            return await handle(Call(deadline, rid, self.admission))
+        except RpcError as failure:
+            code, details = failure.code, failure.details
+        except Refused as refusal:
+            code, details, trailers = grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal), refusal.trailing_metadata
+        except Expired as expired:
+            code, details = grpc.StatusCode.DEADLINE_EXCEEDED, str(expired)
+        except asyncio.CancelledError:   # the caller went away, or gRPC's own deadline timer fired
+            code = self._ended(loop, deadline)
+            raise
+        except Exception as error:
+            mapped = self._status(error)
+            if mapped is not None:
+                code, details = mapped
+            elif isinstance(error, TimeoutError):
+                code, details = grpc.StatusCode.DEADLINE_EXCEEDED, f"deadline of {remaining * 1000:.0f} ms exceeded"
+            elif context.cancelled() or loop.time() >= deadline:
+                # The caller went away (cancelled, or its deadline passed) while we were writing:
+                # gRPC fails the write; that is the caller's decision, not a server error.
+                code, details = self._ended(loop, deadline), "the caller ended the call before the answer was sent"
+            else:
+                self.log.exception("%s failed", method, extra={"request_id": rid})
+                code, details = grpc.StatusCode.INTERNAL, "internal error"
+        finally:
+            self.count(method, code.name, time.perf_counter() - started)
+            if code != grpc.StatusCode.INTERNAL and (code != grpc.StatusCode.OK or self.log.isEnabledFor(logging.DEBUG)):
+                self.log.log(logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO, "%s -> %s: %s",
+                             method, code.name, details, extra={"request_id": rid, "code": code.name})
+        if context.cancelled() or context.done():   # the call already ended: nothing left to send
+            return None
+        await context.abort(code, details, trailing_metadata=trailers)
+
+    @staticmethod
+    def _ended(loop: asyncio.AbstractEventLoop, deadline: float) -> grpc.StatusCode:
+        expired = loop.time() >= deadline - DEADLINE_SLACK_S
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED

@@ -1,0 +1,73 @@
+"""Settings two programs must agree on, checked over every deployment the repository ships.
+
+``RANKING_DEFAULT_CANDIDATES`` is what ranking asks retrieval for when a Recommend says 0, and
+retrieval refuses more than ``RETRIEVAL_MAX_CANDIDATES`` (INVALID_ARGUMENT): each service's config
+can only check its own side, so this test checks the pair in docker-compose.yml and in every
+Kubernetes variant (base and overlays), a setting left unset counting as the code's default.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ranking_service import config as ranking_config
+from retrieval_service import config as retrieval_config
+from tests.deploy.test_k8s import K8S, OVERLAYS, container_env, pod_templates, render
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def disagreements(ranking_env: dict[str, str], retrieval_env: dict[str, str]) -> list[str]:
+    """What the pair of environments gets wrong, each naming both settings and their values."""
+    ranking = ranking_config.from_env({**ranking_env, "RECSYS_ARTIFACT_ROOT": str(REPO_ROOT)})
+    retrieval = retrieval_config.from_env({**retrieval_env, "RECSYS_ARTIFACT_ROOT": str(REPO_ROOT)})
+    if ranking.default_candidates > retrieval.max_candidates:
+        return [f"RANKING_DEFAULT_CANDIDATES ({ranking.default_candidates}) exceeds RETRIEVAL_MAX_CANDIDATES "
+                f"({retrieval.max_candidates}): a default Recommend would be refused by retrieval"]
+    return []
+
+
+def _settings(env: dict) -> dict[str, str]:
+    """The env without paths this machine lacks (the artifact root and key files are the images')."""
+    return {k: str(v) for k, v in env.items()
+            if k.startswith(("RANKING_", "RETRIEVAL_")) and not k.endswith(("_FILE",))}
+
+
+def compose_envs() -> tuple[dict[str, str], dict[str, str]]:
+    services = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())["services"]
+    return _settings(services["ranking"]["environment"]), _settings(services["retrieval"]["environment"])
+
+
+def k8s_envs(variant: str) -> tuple[dict[str, str], dict[str, str]]:
+    docs = render(K8S / variant)
+    envs = {}
+    for workload, pod in pod_templates(docs):
+        if workload in ("recsys-ranking", "recsys-retrieval"):
+            (container,) = pod["spec"]["containers"]
+            envs[workload] = _settings(container_env(docs, container))
+    return envs["recsys-ranking"], envs["recsys-retrieval"]
+
+
+def test_compose_ranking_never_asks_for_more_candidates_than_retrieval_serves():
+    assert disagreements(*compose_envs()) == []
+
+
+@pytest.mark.parametrize("variant", OVERLAYS)
+def test_k8s_ranking_never_asks_for_more_candidates_than_retrieval_serves(variant):
+    assert disagreements(*k8s_envs(variant)) == []
+
+
+def test_the_check_names_both_settings_and_values():
+    assert disagreements({"RANKING_DEFAULT_CANDIDATES": "800"}, {"RETRIEVAL_MAX_CANDIDATES": "600"}) == [
+        "RANKING_DEFAULT_CANDIDATES (800) exceeds RETRIEVAL_MAX_CANDIDATES (600): a default Recommend would be "
+        "refused by retrieval"]
+    assert disagreements({"RANKING_DEFAULT_CANDIDATES": "600"}, {"RETRIEVAL_MAX_CANDIDATES": "600"}) == []
+
+
+def test_ranking_refuses_default_candidates_above_its_max_rank_items_at_startup():
+    with pytest.raises(ValueError, match=r"^RANKING_DEFAULT_CANDIDATES must be <= RANKING_MAX_RANK_ITEMS \(400\), "
+                                         r"got 500"):
+        ranking_config.from_env({"RECSYS_ARTIFACT_ROOT": str(REPO_ROOT), "RANKING_MAX_RANK_ITEMS": "400"})
