@@ -228,8 +228,9 @@ class EaseSolver:
         return self._solve(l2)[0]
 
     def _solve(self, l2: float) -> tuple[EaseSolution, torch.Tensor | None]:
-        """The solution and, on the users side, (C X)^T (M, n), which scores any row without another
-        sparse product (``_scores_from``); None on the items side."""
+        """The solution and, on the users side, l2 (C X) / normaliser (n, M): a user's row of it less the
+        user's own items is minus their scores, so ``_costs`` needs no product per row; None on the
+        items side."""
         l2 = _check_l2(l2)
         inverse = _shifted_inverse(self.gram, l2)              # P (M, M) or C (n, n)
         if self.items_side:
@@ -237,21 +238,28 @@ class EaseSolver:
             inverse.diagonal().zero_()
             return EaseSolution(self, l2, inverse, None), None
         # diag(X^T C X)_j = sum_u X_uj (C X)_uj over the stored entries of X: (X^T (C X)) without the M x M.
-        cx_t = _sparse_product(self._xt_csr, inverse)          # (M, n) = (C X)^T, C symmetric
-        rows = np.repeat(np.arange(self.train.shape[0]), np.diff(self.train.indptr))
+        cx = _sparse_product(inverse, self._x_csr)             # (n, M) = C X
+        rows = torch.as_tensor(np.repeat(np.arange(self.train.shape[0]), np.diff(self.train.indptr)))
         values = torch.as_tensor(self.train.values, dtype=self.dtype)
+        items = torch.as_tensor(self.train.indices)
         quad = torch.zeros(self.train.shape[1], dtype=self.dtype)
-        quad.index_add_(0, torch.as_tensor(self.train.indices), values * cx_t[self.train.indices, rows])
-        return EaseSolution(self, l2, inverse, 1.0 - quad), cx_t
+        quad.index_add_(0, items, values * cx[rows, items])
+        normaliser = 1.0 - quad
+        cx.mul_((l2 / normaliser).unsqueeze(0))
+        return EaseSolution(self, l2, inverse, normaliser), cx
 
-    def _scores_from(self, solution: EaseSolution, cx_t: torch.Tensor | None, rows: np.ndarray) -> np.ndarray:
-        """``scores`` for a solution that ``_solve`` returned with its (C X)^T: the users side reads
-        the rows' columns of it instead of multiplying C's rows by X again."""
-        if cx_t is None:
-            return self.scores(solution, rows)
-        x_part = _torch_sparse(self.train.select_rows(rows), self.dtype, "csr").to_dense()      # (B, M)
-        cx = cx_t.index_select(1, torch.as_tensor(rows)).T                                     # (B, M) = C_rows X
-        return (x_part - solution.l2 * cx / solution.normaliser.unsqueeze(0)).to(torch.float32).numpy()
+    def _costs(self, solution: EaseSolution, scaled_cx: torch.Tensor | None, rows: np.ndarray) -> np.ndarray:
+        """(B, M) float32 minus the EASE scores of ``rows`` (``rank_topk``'s costs), from what ``_solve``
+        returned: on the users side rows of ``scaled_cx`` less the rows' own entries, no product."""
+        x_rows = self.train.select_rows(rows)
+        if scaled_cx is None:
+            cost = _sparse_product(_torch_sparse(x_rows, self.dtype, "csr"), solution.inverse)  # (B, M) = X_rows B
+            return np.negative(cost.numpy(), dtype=np.float32)
+        cost = scaled_cx.index_select(0, torch.as_tensor(rows))                                 # (B, M)
+        local = torch.as_tensor(np.repeat(np.arange(rows.shape[0]), np.diff(x_rows.indptr)))
+        cost.index_put_((local, torch.as_tensor(x_rows.indices)),
+                        -torch.as_tensor(x_rows.values, dtype=self.dtype), accumulate=True)
+        return cost.to(torch.float32).numpy()
 
     def scores(self, solution: EaseSolution, rows: np.ndarray) -> np.ndarray:
         """(B, M) float32 EASE scores of the training matrix's rows ``rows`` (B,)."""
@@ -337,11 +345,22 @@ def rank_topk(scores: np.ndarray, exclude: Any, k: int) -> np.ndarray:
     if scores.ndim != 2 or not (np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)):
         raise ValueError(f"scores must be a 2-D numeric array (B, M), got {scores.dtype} {scores.shape}")
     n_rows, n_items = scores.shape
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_items:
-        raise ValueError(f"k must be an integer in [1, {n_items}], got {k!r}")
+    _check_k(k, n_items)
     if np.isnan(scores).any():
         raise ValueError(f"scores must not be NaN, got NaN in row {int(np.argwhere(np.isnan(scores))[0, 0])}")
-    cost = -scores.astype(np.float64 if scores.dtype == np.float64 else np.float32)  # lower is better; a copy
+    # lower is better; a fresh array the masking below may write into (the caller's scores stay untouched)
+    cost = np.negative(scores, dtype=np.float64 if scores.dtype == np.float64 else np.float32)
+    return _rank_costs(cost, exclude, k)
+
+
+def _check_k(k: int, n_items: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n_items:
+        raise ValueError(f"k must be an integer in [1, {n_items}], got {k!r}")
+
+
+def _rank_costs(cost: np.ndarray, exclude: Any, k: int) -> np.ndarray:
+    """``rank_topk`` of the scores ``-cost`` (B, M), ``k`` already checked; masks ``exclude`` in ``cost`` itself."""
+    n_rows, n_items = cost.shape
     if exclude is not None:
         indptr, items = to_csr(exclude, n_rows, name="exclude")
         if items.size and items.max() >= n_items:
@@ -385,23 +404,24 @@ def tune_ease_solution(train_X: SparseMatrix, val_truth: Any, mask_X: Any, grid:
     users = np.flatnonzero(np.diff(val_indptr) > 0)  # only users with validation items count
     if users.size == 0:
         raise ValueError("val_truth must give at least one user a validation item, got none")
+    _check_k(k, train_X.shape[1])
     solver = EaseSolver(train_X)
     val_rows = [val_items[val_indptr[u] : val_indptr[u + 1]] for u in users]
     mask_rows = [mask_items[mask_indptr[u] : mask_indptr[u + 1]] for u in users]
     table: dict[float, float] = {}
     best: EaseSolution | None = None
     for l2 in grid:
-        solution, cx_t = solver._solve(l2)
+        solution, scaled_cx = solver._solve(l2)
         ranked = np.concatenate(
             [
-                rank_topk(solver._scores_from(solution, cx_t, users[s : s + SCORE_BATCH]),
-                          mask_rows[s : s + SCORE_BATCH], k)
+                _rank_costs(solver._costs(solution, scaled_cx, users[s : s + SCORE_BATCH]),
+                            mask_rows[s : s + SCORE_BATCH], k)
                 for s in range(0, users.shape[0], SCORE_BATCH)
             ]
         )
         table[l2] = ndcg_at_k(ranked, val_rows, k)
         if best is None or table[l2] > table[best.l2]:  # strictly better: ties keep the earlier value
             best = solution
-        del solution, cx_t
+        del solution, scaled_cx
     assert best is not None
     return best, table
