@@ -5,6 +5,7 @@ synthetic ~10k-item log; prints and writes bench_results/baselines_bench.json.
     .venv/bin/python benchmarks/baselines_bench.py                      # ml-100k + synthetic 10k / 100k
     .venv/bin/python benchmarks/baselines_bench.py --protocol temporal --repeats 3
     .venv/bin/python benchmarks/baselines_bench.py --old-ref 6af3393    # the code to compare against
+    .venv/bin/python benchmarks/baselines_bench.py --threads 1          # torch intra-op threads (run.threads)
 
 The old implementation is ``trainer/baselines.py`` at ``--old-ref`` (a git revision; default: the
 commit before the one-factorisation grid), loaded from git at run time. Each (dataset, code) pair runs
@@ -47,10 +48,13 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024    # Linux: KiB
 
 
-def child(code_path: Path, prepared: Path) -> dict:
+def child(code_path: Path, prepared: Path, threads: int) -> dict:
     """The baselines stage with the implementation in ``code_path``: returns times, metrics, peak RSS."""
     import numpy as np
     import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
 
     from trainer.metrics import ndcg_at_k
 
@@ -120,14 +124,16 @@ def main() -> int:
                         help="ml-100k (from the data directory) and/or synthetic:ITEMS:INTERACTIONS")
     parser.add_argument("--protocol", default="random")
     parser.add_argument("--old-ref", default=DEFAULT_OLD_REF, help="git revision of the old trainer/baselines.py")
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads; 0: torch's default")
     parser.add_argument("--repeats", type=int, default=1, help="old/new child runs per dataset, alternating")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "baselines_bench.json"))
     parser.add_argument("--child", nargs=2, metavar=("CODE", "PREPARED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(Path(args.child[0]), Path(args.child[1]))))
+        print(json.dumps(child(Path(args.child[0]), Path(args.child[1]), args.threads)))
         return 0
-    results = {"protocol": args.protocol, "old_ref": args.old_ref, "cpus": os.cpu_count(), "datasets": {}}
+    results = {"protocol": args.protocol, "old_ref": args.old_ref, "cpus": os.cpu_count(), "threads": args.threads,
+               "load_average_at_start": os.getloadavg(), "datasets": {}}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         old_code = tmp / "old_baselines.py"
@@ -141,7 +147,8 @@ def main() -> int:
             runs: dict[str, list[dict]] = {"old": [], "new": []}
             for _ in range(args.repeats):
                 for label, code in codes.items():
-                    proc = subprocess.run([sys.executable, __file__, "--child", str(code), str(prepared)],
+                    proc = subprocess.run([sys.executable, __file__, "--child", str(code), str(prepared),
+                                           "--threads", str(args.threads)],
                                           cwd=ROOT, capture_output=True, text=True,
                                           env={**os.environ, "PYTHONPATH": str(ROOT)})
                     if proc.returncode != 0:
