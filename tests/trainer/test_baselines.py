@@ -10,6 +10,7 @@ import pytest
 
 from trainer.baselines import (
     EASE,
+    FLOAT64_SIDE,
     MAX_DENSE_CELLS,
     MAX_EASE_ITEMS,
     Popularity,
@@ -18,6 +19,20 @@ from trainer.baselines import (
     tune_ease,
 )
 from trainer.metrics import ndcg_at_k, recall_at_k, topk_report
+
+
+def _dense_ease_table(dense: np.ndarray, val: list[np.ndarray], grid: tuple[float, ...], k: int) -> dict[float, float]:
+    """Validation NDCG@k of EASE per l2 straight from the definition, in float64 numpy: B = I - P / diag(P),
+    P = (X^T X + l2 I)^-1, scores X B, training items masked. The reference the fast grid must match."""
+    users = np.array([u for u in range(dense.shape[0]) if val[u].size])
+    seen = [np.flatnonzero(dense[u]) for u in users]
+    table = {}
+    for l2 in grid:
+        p = np.linalg.inv(dense.T @ dense + l2 * np.eye(dense.shape[1]))
+        weights = -p / np.diag(p)[None, :]
+        np.fill_diagonal(weights, 0.0)
+        table[l2] = ndcg_at_k(rank_topk(dense[users] @ weights, seen, k), [val[u] for u in users], k)
+    return table
 
 
 def _matrix(rows: list[list[int]], n_items: int) -> SparseMatrix:
@@ -229,6 +244,28 @@ def test_tune_ease_table_is_validation_ndcg_of_each_grid_value():
         assert table[l2] == pytest.approx(ndcg_at_k(ranked, [val[u] for u in users], 5))
 
 
+@pytest.mark.parametrize(("n_users", "n_items"),
+                         [(80, 30), (30, 80), (FLOAT64_SIDE + 60, FLOAT64_SIDE + 160),
+                          (FLOAT64_SIDE + 160, FLOAT64_SIDE + 60)])
+def test_tune_ease_matches_the_dense_definition_on_both_sides_and_precisions(n_users, n_items):
+    # Items side (users >= items) and users side, each in float64 and (beyond FLOAT64_SIDE) float32:
+    # the grid's NDCG per l2 and its choice are those of EASE computed densely from its definition.
+    # Planted clusters of ~10 items (user u and item i share one when u % c == i % c) give EASE real
+    # signal: a user takes most of their cluster and ~3 random items.
+    rng = np.random.default_rng(5)
+    n_clusters = n_items // 10
+    same = (np.arange(n_users)[:, None] % n_clusters) == (np.arange(n_items)[None, :] % n_clusters)
+    dense = rng.random((n_users, n_items)) < np.where(same, 0.6, 3 / n_items)
+    val = [np.flatnonzero(row)[:1] for row in dense]              # each user's first item held out
+    train = _matrix([np.setdiff1d(np.flatnonzero(row), v).tolist() for row, v in zip(dense, val)], n_items)
+    grid = (3.0, 30.0, 300.0)
+    best, table = tune_ease(train, val, train, grid=grid, k=10)
+    expected = _dense_ease_table(train.to_dense().astype(np.float64), val, grid, 10)
+    assert min(expected.values()) > 0.05                          # a real signal, not a floor of zeros
+    assert table == pytest.approx(expected, abs=5e-4)
+    assert best == max(grid, key=lambda l2: expected[l2])
+
+
 def test_tune_ease_breaks_ties_towards_the_earlier_grid_value():
     # From the hand-computed EASE case: user 3 (item 0) gets item 1 first for every l2
     # (B_01 > 0, all other weights of item 0 are 0), so validation NDCG@1 = 1 for the whole grid.
@@ -290,6 +327,12 @@ def test_ml100k_popularity_and_tuned_ease_reach_the_reference_ndcg(ml100k_dir: P
     # l2 is chosen on validation (train -> val), then refitted on train + val and scored on test.
     best_l2, table = tune_ease(train, val, train)
     assert table[best_l2] == max(table.values())
+    # The fast grid (one Cholesky + potri per l2, scores read from C X) is EASE's definition: the same
+    # validation NDCG to float tolerance and the same l2 as the dense float64 computation.
+    val_rows = [val.indices[val.indptr[u]:val.indptr[u + 1]] for u in range(shape[0])]
+    expected = _dense_ease_table(train.to_dense().astype(np.float64), val_rows, tuple(table), 10)
+    assert table == pytest.approx(expected, abs=1e-4)
+    assert best_l2 == max(expected, key=expected.get)
     ease = rank_topk(EASE(best_l2).fit(train_val).scores(every_user), train_val, 10)
     ndcg = ndcg_at_k(ease, test, 10)
     assert 0.31 <= ndcg <= 0.37, (best_l2, table, ndcg)
