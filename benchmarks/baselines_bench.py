@@ -11,7 +11,7 @@ The old implementation is ``trainer/baselines.py`` at ``--old-ref`` (a git revis
 commit before the one-factorisation grid), loaded from git at run time. Each (dataset, code) pair runs
 in its own child process, alternating old and new, so every peak RSS is that code's own: the stage's
 wall time and the child's peak RSS (which includes the prepared split, ``rss_before_mb``) are printed.
-Datasets are split once by ``trainer.pipeline.prepare`` (seed 0), outside the timings. ml-100k is read
+Datasets are split once by ``trainer.prepare.prepare`` (seed 0), outside the timings. ml-100k is read
 from the data directory (``RECSYS_DATA_DIR``) and left out when it is missing.
 """
 
@@ -90,9 +90,9 @@ def child(code_path: Path, prepared: Path, threads: int) -> dict:
 
 def prepare(name: str, protocol: str, tmp: Path) -> Path | None:
     """Splits the dataset as the trainer does and pickles what the stage needs; None if it is missing."""
-    from trainer import pipeline
+    from trainer import prepare as stages
     from trainer.config import load_config
-    from trainer.evaluation import interaction_matrix
+    from trainer.full_ranking import interaction_matrix
 
     overrides = ["run.progress=false", f"data.protocol={protocol}"]
     if name.startswith("synthetic"):
@@ -110,8 +110,8 @@ def prepare(name: str, protocol: str, tmp: Path) -> Path | None:
             return None
         overrides.append(f"data.dataset={data_dir_from_env() / name}")
     cfg = load_config(None, overrides)
-    dataset = pipeline.load_dataset(cfg)
-    prep = pipeline.prepare(cfg, dataset)
+    dataset = stages.load_dataset(cfg)
+    prep = stages.prepare(cfg, dataset)
     out = tmp / f"{name.replace(':', '_')}.pkl"
     out.write_bytes(pickle.dumps({"matrix": interaction_matrix(prep.vocab, [prep.split.train]), "val": prep.val,
                                   "test": prep.test, "grid": tuple(cfg.eval.ease_grid)}))
