@@ -72,3 +72,19 @@ def test_shadow_scores_the_candidate_off_the_answer_path(published, loaded, retr
     assert sample("ranking_shadow_overlap_at_k_count") - overlaps[0] == runs["scored"]
     # the candidate is a copy of the live version: the same lists, overlap 1 each
     assert sample("ranking_shadow_overlap_at_k_sum") - overlaps[1] == pytest.approx(runs["scored"])
+
+
+def test_the_shadow_has_its_own_batcher_and_breaker_and_never_falls_back(published, loaded):
+    """A shadow batch never joins or queues before a live one, a failing candidate cannot open the
+    live retrieval breaker, and a failed candidate retrieval is counted failed, not compared."""
+    root, _ = published
+
+    async def main():
+        async with serve(config(root), state=loaded) as (_, _, app):
+            live, shadow = app.pipeline, app.shadow.pipeline
+            for _ in range(live.breaker.failure_threshold):
+                shadow.breaker.record_failure(RuntimeError("candidate retrieval failed"))
+            return (shadow.batcher is not live.batcher, shadow.breaker is not live.breaker,
+                    shadow.breaker.state.name, live.breaker.state.name, shadow.fallback)
+
+    assert run(main()) == (True, True, "OPEN", "CLOSED", "unavailable")
