@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +49,7 @@ from recsys_contracts.feature_store import FreshInteraction
 from recsys_contracts.ids import in_sorted
 from recsys_contracts.v1 import common_pb2
 from recsys_serving.breaker import CircuitBreaker
+from recsys_serving.reload import VersionHolder
 
 log = logging.getLogger(__name__)
 CIRCUIT_OPEN = "CIRCUIT_OPEN"   # the failure code of a Recommend that skipped retrieval (breaker open)
@@ -129,15 +129,10 @@ class _Pool:
 
 class Pipeline:
     def __init__(self, *, features: FeatureStore, batcher: MicroBatcher, candidates: CandidateSource,
-                 fallback: str, breaker: CircuitBreaker,
-                 held: Callable[[int], ServingState | None] = lambda version: None,
-                 held_versions: Callable[[], list[int]] = list,
-                 used: Callable[[int], None] = lambda version: None) -> None:
+                 fallback: str, breaker: CircuitBreaker, holder: VersionHolder[ServingState]) -> None:
         self.features, self.batcher, self.candidates, self.fallback = features, batcher, candidates, fallback
         self.breaker = breaker
-        self.held = held               # version -> its loaded state when held (VersionHolder.held)
-        self.held_versions = held_versions   # the versions held, in order of preference (VersionHolder)
-        self.used = used               # notes a version retrieval answered from (VersionHolder.used)
+        self.holder = holder           # the versions this service holds (current, previous, candidate, retained)
 
     async def score(self, state: ServingState, view: UserView, timestamp: int, ids: np.ndarray,
                     retrieval_scores: np.ndarray, arrival: np.ndarray) -> Scored:
@@ -202,8 +197,9 @@ class Pipeline:
         started = time.perf_counter()
         # this request's own message: answer from our version, else from another one we hold
         query.retrieve.version = state.version
+        # (never the arms' candidate: only a canary request ranks with it, and asks for it)
         query.retrieve.fallback_versions[:] = [] if query.pinned_version else \
-            [v for v in self.held_versions() if v != state.version]
+            [v for v in self.holder.held_versions if v not in (state.version, self.holder.candidate_version)]
         try:
             async with asyncio.timeout_at(retrieval_deadline):
                 stream = self.candidates.stream(query.retrieve, max(retrieval_deadline - loop.time(), 0.001),
@@ -244,17 +240,17 @@ class Pipeline:
         if query.pinned_version and version != state.version:
             raise VersionNotHeld(f"version {query.pinned_version} is not held by the retrieval service "
                                  f"(it answered from version {version})")
-        matching = None if version == state.version else self.held(version)
+        matching = None if version == state.version else self.holder.held(version)
         if matching is not None and query.overrides.has_features and \
                 (matching.spec.user_categorical, matching.spec.user_numeric) != \
                 (state.spec.user_categorical, state.spec.user_numeric):
             matching = None
         if version == state.version:
             metrics.VERSION_MATCH.labels("same").inc()
-            self.used(version)
+            self.holder.used(version)
         elif matching is not None:
             metrics.VERSION_MATCH.labels("held").inc()
-            self.used(version)          # retrieval still answers from it: keep it loaded
+            self.holder.used(version)   # retrieval still answers from it: keep it loaded
             return _Pool(self, matching, query, await self.features.user_view(matching, query.user_id,
                                                                               query.overrides))
         else:

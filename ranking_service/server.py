@@ -65,8 +65,7 @@ class RankingApp:
                                      config.retrieval_breaker_cooldown_ms / 1000,
                                      state_gauge=metrics.RETRIEVAL_BREAKER_STATE,
                                      transitions=metrics.RETRIEVAL_BREAKER_TRANSITIONS),
-                                 held=self.holder.held,
-                                 held_versions=self._fallback_versions, used=self.holder.used)
+                                 holder=self.holder)
         self.admission = Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)
         # The shadow runs on its own DCN batcher (its batches never join or queue before a live
         # one) and its own retrieval breaker (a failing candidate must not open the live one).
@@ -76,14 +75,9 @@ class RankingApp:
                                       breaker=CircuitBreaker("ranking-shadow-retrieval",
                                                              config.retrieval_breaker_failures,
                                                              config.retrieval_breaker_cooldown_ms / 1000),
-                                      held=self.holder.held),
+                                      holder=self.holder),
                              config, self.holder, self._spawn)
         self._tasks: set[asyncio.Task] = set()
-
-    def _fallback_versions(self) -> list[int]:
-        """The held versions retrieval may answer from instead of the asked one: all but the arms'
-        candidate (only a canary request ranks with it, and asks for it)."""
-        return [v for v in self.holder.held_versions if v != self.holder.candidate_version]
 
     def _on_swap(self, state: ServingState, version: int) -> None:
         metrics.MODEL_VERSION.set(version)

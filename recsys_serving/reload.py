@@ -169,11 +169,9 @@ class VersionHolder(Generic[T]):
         self._last_used[version] = time.monotonic()
 
     def _retain(self, state: T | None, version: int | None) -> None:
-        """Keeps a version leaving current/previous when it was used within ``RETAIN_S``."""
-        if state is None or version is None or version in (self.version, self.previous_version):
-            return
-        last = self._last_used.get(version)
-        if last is not None and time.monotonic() - last <= RETAIN_S:
+        """Keeps a version leaving current/previous when it was ever used; ``_prune`` then keeps it only
+        while its last use is within ``RETAIN_S`` (and it is not current or previous again)."""
+        if state is not None and version in self._last_used:
             self.retained[version] = state
         self._prune()
 
