@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "trainer_bench.json"))
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"publish.artifact_root={tmp}/artifacts", f"run.output_dir={tmp}/run", "run.progress=false",
                      "publish.gate=false", *args.overrides]
@@ -84,7 +84,8 @@ def main() -> int:
               "protocol": report["data"]["protocol"], "n_items": report["data"]["n_items"],
               "ndcg@10": {"pipeline": report["pipeline"]["ndcg@10"], "two_tower": report["two_tower"]["ndcg@10"],
                           **{name: values["ndcg@10"] for name, values in report["baselines"].items()}},
-              "overrides": args.overrides, "cpus": os.cpu_count(), "generate_s": generate_s}
+              "overrides": args.overrides, "cpus": os.cpu_count(), "generate_s": generate_s,
+              "device": report.get("device", {"name": "cpu"})}
     return _write(result, Path(args.out))
 
 

@@ -73,6 +73,9 @@ def run(cfg: TrainConfig, dataset: Dataset | None = None) -> RunResult:
             prep = prepare(cfg, dataset)
         trained, histories = train_models(cfg, prep, device, ctx, timings)
         report = evaluate(cfg, prep, trained, timings, protocol=cfg.data.protocol, seed=cfg.data.seed)
+        if device.type == "cuda":      # the training stages' peak GPU memory (the report's device section)
+            report["device"] = {"name": torch.cuda.get_device_name(device),
+                                "peak_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
         version, refused = None, None
         root = Path(cfg.publish.artifact_root) if cfg.publish.artifact_root else None
         if ctx.is_main:
