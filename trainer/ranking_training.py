@@ -271,14 +271,32 @@ def _fold_histories(user_items, users: np.ndarray, kept: np.ndarray, kept_after:
     return out
 
 
+def _recent_fold(user_items, entry_user: np.ndarray, fold: int, share: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """(hidden, kept) entry masks of fold ``fold`` in time order: each user's ``fold``-th window of most
+    recent items is hidden (one item per window when ``share`` is None, else ``share`` of the user's
+    items, at least one), the items before it are kept; a user with fewer items keeps all of them."""
+    counts = np.diff(user_items.indptr)                                         # (n+1,)
+    from_end = user_items.indptr[1:][entry_user] - 1 - np.arange(entry_user.size)  # 0 = the user's last
+    window = np.ones_like(counts) if share is None else np.maximum(1, np.round(share * counts).astype(np.int64))
+    start = fold * window[entry_user]                                           # first hidden rank from the end
+    hidden = (from_end >= start) & (from_end < start + window[entry_user]) & (counts[entry_user] > start + window[entry_user])
+    kept = (from_end >= start + window[entry_user]) | (counts[entry_user] <= start + window[entry_user])
+    return hidden, kept
+
+
 @torch.no_grad()
 def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarray, rc, width: int,
-              rng: np.random.Generator, device: torch.device) -> Rows:
-    """Ranker examples from ``rc.folds`` folds of the training log (``ranking.folds``): each hides a
-    random ``rc.fold_share`` of the training items of up to ``rc.fold_users`` users, retrieves for them
-    with the history that remains (the visible items excluded, as seen items are when serving), and
-    turns the hidden items among the top ``rc.negative_pool`` into positives beside retrieved-not-hidden
-    negatives (``click_rows``). Each row carries its fold history's last ``width`` items."""
+              rng: np.random.Generator, device: torch.device, recent_share: float | None | bool = False) -> Rows:
+    """Ranker examples from ``rc.folds`` folds of the training log (``ranking.folds``): each hides part
+    of the training items of up to ``rc.fold_users`` users, retrieves for them with the history that
+    remains (every item not hidden excluded, as seen items are when serving), and turns the hidden
+    items among the top ``rc.negative_pool`` into positives beside retrieved-not-hidden negatives
+    (``click_rows``). Each row carries its fold history's last ``width`` items.
+
+    ``recent_share`` False: each fold hides a random ``rc.fold_share`` of the items. Otherwise fold f
+    hides each user's f-th most recent window (``_recent_fold``: one item when ``recent_share`` is
+    None, as leave-one-out tests, else that share, as the temporal protocol does) with the items
+    before it as the history: the next-item task."""
     item_emb = item_embeddings(two_tower, tables, device)                                      # (m+1, D)
     temperature = float(two_tower.temperature.detach())
     n_entries = user_items.items.size
@@ -287,9 +305,12 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
     length = tables.history.shape[1]
     width = min(width, length)           # as ``Rows.with_history`` slices the training history
     parts = []
-    for _ in range(rc.folds):
-        hidden = rng.random(n_entries) < rc.fold_share
-        kept = ~hidden
+    for fold in range(rc.folds):
+        if recent_share is False:
+            hidden = rng.random(n_entries) < rc.fold_share
+            kept = ~hidden
+        else:
+            hidden, kept = _recent_fold(user_items, entry_user, fold, recent_share)
         cum = np.cumsum(kept)
         last = np.maximum(user_items.indptr[1:] - 1, 0)                                     # each user's last entry
         kept_after = cum[last][entry_user] - cum                                             # kept entries after e
@@ -306,7 +327,7 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
             sims = (two_tower.user_tower(**inputs) @ item_emb.T).cpu().numpy()               # (B, m+1)
             sims[:, 0] = -np.inf
             spans = [slice(user_items.indptr[u], user_items.indptr[u + 1]) for u in batch]
-            visible = [user_items.items[span][kept[span]] for span in spans]                # excluded
+            visible = [user_items.items[span][~hidden[span]] for span in spans]             # excluded
             top = rank_topk(sims, visible, min(rc.negative_pool, tables.vocab.n_items))        # (B, pool)
             cand_items.append(np.where(top > 0, top, 0))
             cand_scores.append(np.where(top > 0, np.take_along_axis(sims, np.maximum(top, 0), axis=1) / temperature,

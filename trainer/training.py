@@ -33,6 +33,7 @@ from trainer.progress import Timings
 from trainer.publish import TrainedRun
 from trainer.ranking_training import Candidates, Rows, click_rows, fit_ranker, fold_rows
 from trainer.retrieval_training import UserItems, fit_retrieval, item_embeddings, user_embeddings
+from trainer.splits import DEFAULT_RATIOS
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,8 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
         folds = None
         if cfg.ranking.folds:
             folds = fold_rows(two_tower, prep.tables, UserItems.from_interactions(prep.train, prep.vocab.n_users),
-                              prep.eval_timestamps, cfg.ranking, DCNConfig.recent_items, rng, device)
+                              prep.eval_timestamps, cfg.ranking, DCNConfig.recent_items, rng, device,
+                              recent_share=_fold_recent_share(cfg))
             log.info("ranker examples: %d from the validation fitting half, %d from %d training-log folds",
                      fit_rows.users.size, folds.users.size, cfg.ranking.folds)
         stop_candidates = retrieve(two_tower, prep.tables, stop_target.users, stop_target,
@@ -105,6 +107,17 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                                              folds=folds)
     histories["ranking"] = ranking_history.epochs
     return _trained_run(cfg, prep, two_tower, ranker), histories
+
+
+def _fold_recent_share(cfg: TrainConfig) -> float | None | bool:
+    """``fold_rows``' ``recent_share`` for ``ranking.fold_order``: False (random folds), None (the most
+    recent item, as leave-one-out tests) or the temporal protocol's share of each user's items."""
+    order = cfg.ranking.fold_order
+    if order == "auto":
+        order = "random" if cfg.data.protocol == "random" else "recent"
+    if order == "random":
+        return False
+    return DEFAULT_RATIOS[2] if cfg.data.protocol == "temporal" else None
 
 
 def _halves(vocab: IdVocab, frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -601,6 +601,44 @@ def test_fold_rows_rank_hidden_training_items_against_candidates_with_the_rest_a
     assert wide.history.shape == (wide.users.size, 20)
 
 
+def test_recent_folds_hide_each_users_latest_items_with_only_earlier_items_as_history(prepared):
+    from trainer.config import load_config as _load
+    from trainer.models import build_two_tower
+    from trainer.ranking_training import _recent_fold, fold_rows
+    from trainer.retrieval_training import tower_config
+
+    user_items = UserItems.from_interactions(prepared.train, prepared.vocab.n_users)
+    entry_user = np.repeat(np.arange(user_items.indptr.size - 1), np.diff(user_items.indptr))
+    for fold in (0, 1):
+        hidden, kept = _recent_fold(user_items, entry_user, fold, None)
+        for user in np.flatnonzero(np.diff(user_items.indptr) >= 3)[:40]:
+            span = slice(user_items.indptr[user], user_items.indptr[user + 1])
+            # fold f hides exactly the user's (f+1)-th most recent item; the history is what came before it
+            assert np.flatnonzero(hidden[span]).tolist() == [span.stop - span.start - 1 - fold]
+            assert np.flatnonzero(kept[span]).tolist() == list(range(span.stop - span.start - 1 - fold))
+    hidden, kept = _recent_fold(user_items, entry_user, 0, 0.25)
+    counts = np.diff(user_items.indptr)
+    per_user = np.bincount(entry_user[hidden], minlength=counts.size)
+    busy = counts >= 8
+    assert (per_user[busy] == np.maximum(1, np.round(0.25 * counts[busy]))).all()
+    assert not (hidden & kept).any()
+
+    cfg = _load(None, ["features.history_length=20", "ranking.folds=2", "ranking.negative_pool=40"])
+    torch.manual_seed(0)
+    tower = build_two_tower(tower_config(cfg, prepared.spec, prepared.tables)).eval()
+    rows = fold_rows(tower, prepared.tables, user_items, prepared.eval_timestamps, cfg.ranking, 20,
+                     np.random.default_rng(0), torch.device("cpu"), recent_share=None)
+    positives = np.flatnonzero(rows.clicks == 1)
+    assert positives.size > 0
+    for row in positives[:50]:
+        user, item = rows.users[row], rows.items[row]
+        own = user_items.items[user_items.indptr[user]:user_items.indptr[user + 1]]
+        assert item in own[-2:]                            # one of the two most recent training items
+        history = rows.history[row][rows.history[row] > 0]
+        assert history.tolist() == own[:len(history)].tolist() or history.tolist() == \
+            own[:np.flatnonzero(own == item)[-1]][-len(history):].tolist()   # the items before it, in order
+
+
 def test_early_stop_counts_epochs_without_a_relative_gain():
     from trainer.retrieval_training import EarlyStop
 
