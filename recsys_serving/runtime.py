@@ -219,6 +219,30 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
 
 
+# RPCs besides the admitted ones a server may have running at once: health checks (probes,
+# clients' health watches) and reflection, which admission never counts.
+UNADMITTED_HEADROOM = 16
+
+
+def rpc_limit(max_in_flight: int) -> int:
+    """The server's ``maximum_concurrent_rpcs``: admission's ``max_in_flight`` plus the headroom.
+
+    gRPC refuses a call beyond this many active ones with RESOURCE_EXHAUSTED ("Concurrent RPC limit
+    exceeded!") as soon as its server loop takes the call from the core: before the request is read,
+    before any handler, interceptor-free. It trips only where admission would refuse "full" anyway:
+    of the calls gRPC counts, at most ``max_in_flight`` can hold admission and at most the headroom
+    are unadmitted ones, so with the limit reached, the calls already there would fill admission
+    before this one got its turn. Its refusals carry no pushback (clients back off on their own).
+    """
+    return max_in_flight + UNADMITTED_HEADROOM
+
+
+def new_server(config) -> grpc.aio.Server:
+    """A service's ``grpc.aio`` server: message size limits and ``rpc_limit`` from its config."""
+    return grpc.aio.server(options=message_size_options(config.max_message_bytes),
+                           maximum_concurrent_rpcs=rpc_limit(config.max_in_flight))
+
+
 async def serve_until_signalled(server: grpc.aio.Server, servicer: health.aio.HealthServicer,
                                 service_names: list[str], grace_s: float) -> None:
     """Waits for SIGTERM/SIGINT, then reports NOT_SERVING and drains in-flight RPCs for ``grace_s``."""

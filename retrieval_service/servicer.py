@@ -64,13 +64,14 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     async def Retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext):
         async def handle(call: Call) -> None:
-            query = validate(request, self.max_candidates)
-            # Read once: this stream stays on this version. The first asked version held (the
-            # caller ranks with it), else the current one; model_version tells the caller which.
-            state = choose_state(self.holder, query.versions)
-            if state is None:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
+            # Admission first: under overload a refusal costs no parsing or validation.
             async with call.admitted():
+                query = validate(request, self.max_candidates)
+                # Read once: this stream stays on this version. The first asked version held (the
+                # caller ranks with it), else the current one; model_version tells the caller which.
+                state = choose_state(self.holder, query.versions)
+                if state is None:
+                    raise RpcError(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
                 # generate() takes a time.monotonic() instant: the loop's clock
                 result = await self.generator.generate(state, query, call.deadline)
                 for response in chunks(result, self.chunk_size):
