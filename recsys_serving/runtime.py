@@ -227,12 +227,17 @@ UNADMITTED_HEADROOM = 16
 def rpc_limit(max_in_flight: int) -> int:
     """The server's ``maximum_concurrent_rpcs``: admission's ``max_in_flight`` plus the headroom.
 
-    gRPC refuses a call beyond this many active ones with RESOURCE_EXHAUSTED ("Concurrent RPC limit
-    exceeded!") as soon as its server loop takes the call from the core: before the request is read,
-    before any handler, interceptor-free. It trips only where admission would refuse "full" anyway:
-    of the calls gRPC counts, at most ``max_in_flight`` can hold admission and at most the headroom
-    are unadmitted ones, so with the limit reached, the calls already there would fill admission
-    before this one got its turn. Its refusals carry no pushback (clients back off on their own).
+    gRPC (``grpc.aio.server(maximum_concurrent_rpcs=...)``) refuses a call beyond this many active
+    ones with RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!") as soon as its server task takes
+    the call from the core: before the request message is read and before any servicer code, so a
+    server far behind sheds calls at the least cost it can. That still happens on the event loop
+    (grpc.aio has no earlier hook), so it is no faster than the loop; what it saves is the work of
+    reading, admitting and answering each call. Sized so that it trips only about where admission
+    would refuse "full" anyway: of the calls gRPC counts, at most ``max_in_flight`` hold admission,
+    health checks and reflection take at most the headroom, and the rest are calls not yet handled
+    (which admission would take only while it has room) or refusals still being sent. These
+    refusals carry no pushback trailer and are not in the services' metrics (the clients' retry
+    budget still caps their retries: tests/test_retry_policy.py).
     """
     return max_in_flight + UNADMITTED_HEADROOM
 
