@@ -102,8 +102,11 @@ class FeatureStore:
         return UserRead(record, True)
 
     async def user_view(self, state: ServingState, user_id: str, overrides: UserOverrides) -> UserView:
-        """One read, assembled; a known user missing from a reachable Redis wakes the refiller."""
-        read = await self.read_user(state.version, user_id)
+        """One read, assembled (``view``)."""
+        return self.view(state, user_id, await self.read_user(state.version, user_id), overrides)
+
+    def view(self, state: ServingState, user_id: str, read: UserRead, overrides: UserOverrides) -> UserView:
+        """``read`` assembled; a known user missing from a reachable Redis wakes the refiller."""
         view = build_user_view(state, user_id, read, overrides)
         if read.record is not None and read.from_redis and \
                 common_pb2.DEGRADED_PATH_FEATURES_FROM_ARTIFACT in view.degraded:

@@ -2,8 +2,10 @@
 
 Recommend, for one ``ServingState`` snapshot:
 
-1. the user's features are fetched (one Redis round trip) WHILE ``Retrieve`` is opened with the
-   remaining deadline minus a reserve kept for the fallback (``fallback_reserve_s``);
+1. the user's record is read (one Redis round trip), then ``Retrieve`` is opened with it
+   (``RetrieveRequest.stored_user``: retrieval uses it instead of reading Redis again, so a
+   Recommend reads the user once) and with the remaining deadline minus a reserve kept for the
+   fallback (``fallback_reserve_s``);
 2. each candidate chunk, as it arrives, is filtered (items already taken, and the user's seen +
    fresh + recent items unless ``include_seen``) and handed to the DCN micro-batcher; finished
    chunks are merged into a running top-k (the whole pool when MMR will re-rank it);
@@ -48,6 +50,7 @@ from ranking_service.validation import RankQuery, RecommendQuery
 from recsys_contracts.feature_store import FreshInteraction
 from recsys_contracts.ids import in_sorted
 from recsys_contracts.v1 import common_pb2
+from recsys_serving import wire
 from recsys_serving.breaker import CircuitBreaker
 from recsys_serving.reload import VersionHolder
 
@@ -160,13 +163,16 @@ class Pipeline:
     async def recommend(self, state: ServingState, query: RecommendQuery, deadline: float,
                         request_id: str) -> Answer:
         """``deadline`` is in ``loop.time()`` seconds; the caller bounds the whole call by it."""
-        view_task = asyncio.ensure_future(self.features.user_view(state, query.user_id, query.overrides))
+        read = await self.features.read_user(state.version, query.user_id)
+        view = self.features.view(state, query.user_id, read, query.overrides)
+        if read.from_redis:           # retrieval answering from this version takes our read
+            query.retrieve.stored_user.CopyFrom(wire.stored_user_message(state.version, read.record))
         pools: list[_Pool] = []       # at most one; a list so the finally clause sees it
         try:
             retrieval_version, flags, failure = await self._retrieve(state, query, deadline, request_id,
-                                                                     view_task, pools)
+                                                                     view, pools)
             if not pools:
-                pools.append(_Pool(self, state, query, await view_task))
+                pools.append(_Pool(self, state, query, view))
             pool = pools[0]
             state = pool.state                         # the version retrieval answered from, when held
             if failure:
@@ -174,7 +180,6 @@ class Pipeline:
                 flags.add(common_pb2.DEGRADED_PATH_POPULAR_FALLBACK)
             ranked = await pool.finish()
         finally:
-            view_task.cancel()
             for pool in pools:
                 pool.cancel()
         flags |= pool.view.degraded
@@ -186,7 +191,7 @@ class Pipeline:
                       retrieval_version=retrieval_version, degraded=frozenset(flags))
 
     async def _retrieve(self, state: ServingState, query: RecommendQuery, deadline: float, request_id: str,
-                        view_task: asyncio.Future, pools: list[_Pool]) -> tuple[int, set[int], str]:
+                        view: UserView, pools: list[_Pool]) -> tuple[int, set[int], str]:
         """Streams candidates into a pool; (retrieval version, its flags, failure code name or "")."""
         loop = asyncio.get_running_loop()
         retrieval_deadline = deadline - fallback_reserve_s(deadline - loop.time())
@@ -208,7 +213,7 @@ class Pipeline:
                     retrieval_version = chunk.model_version
                     flags.update(chunk.degraded)
                     if not pools:
-                        pools.append(await self._pool_for(state, retrieval_version, query, view_task))
+                        pools.append(await self._pool_for(state, retrieval_version, query, view))
                     if len(chunk.item_ids) != len(chunk.scores):   # a broken peer: treat as a failed retrieval
                         log.error("retrieval sent a chunk with %d item_ids but %d scores (expected equal "
                                   "lengths)", len(chunk.item_ids), len(chunk.scores), extra={"request_id": request_id})
@@ -232,8 +237,7 @@ class Pipeline:
         metrics.STAGE_SECONDS.labels("retrieval_stream").observe(time.perf_counter() - started)
         return retrieval_version, flags, ""
 
-    async def _pool_for(self, state: ServingState, version: int, query: RecommendQuery,
-                        view_task: asyncio.Future) -> _Pool:
+    async def _pool_for(self, state: ServingState, version: int, query: RecommendQuery, view: UserView) -> _Pool:
         """The pool ranked by ``version``'s state: ours, else the held one retrieval answered from
         (its user features read under that version), else ours (a mixed answer, counted). The
         request's features were encoded with our spec: another version's must encode them alike."""
@@ -255,8 +259,7 @@ class Pipeline:
                                                                               query.overrides))
         else:
             metrics.VERSION_MATCH.labels("mixed").inc()
-        # shield: a retrieval timeout must not cancel the feature read the fallback needs
-        return _Pool(self, state, query, await asyncio.shield(view_task))
+        return _Pool(self, state, query, view)
 
     def _fall_back(self, state: ServingState, pool: _Pool, failure: str, request_id: str) -> None:
         """Fills the pool up to num_candidates with popular items (chunks already scored stay); their

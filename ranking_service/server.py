@@ -124,7 +124,7 @@ async def create_server(config: RankingConfig, *, candidates: CandidateSource | 
     benchmark); ``holder`` replaces the default version holder (tests reuse a loaded state).
     """
     app = RankingApp(config, candidates, holder)
-    server = grpc.aio.server(options=runtime.message_size_options(config.max_message_bytes))
+    server = runtime.new_server(config)
     servicer = RankingServicer(config=config, holder=app.holder, pipeline=app.pipeline, features=app.features,
                                shadow=app.shadow, admission=app.admission)
     runtime.add_servicer(server, servicer, ranking_pb2.DESCRIPTOR.services_by_name["RankingService"],

@@ -9,7 +9,9 @@ request id), configured here with this service's settings and error types:
 - RESOURCE_EXHAUSTED at once when the RPC cannot finish within its deadline given the queue, or
   ``RANKING_MAX_IN_FLIGHT`` RPCs are already admitted (``recsys_serving.admission``; the refusal
   carries a ``grpc-retry-pushback-ms`` trailer); DEADLINE_EXCEEDED, unstarted, when its deadline
-  passes while it waits for one of the ``RANKING_MAX_CONCURRENCY`` slots;
+  passes while it waits for one of the ``RANKING_MAX_CONCURRENCY`` slots; past
+  ``recsys_serving.runtime.rpc_limit`` active calls gRPC itself refuses (no trailer, nothing counted
+  here), before this servicer runs;
 - UNAVAILABLE while no version is loaded, when retrieval fails with fallback disabled, or when
   Redis does not take recorded interactions;
 - INVALID_ARGUMENT with the ValueError's message naming the field and value (the request's, or one

@@ -219,6 +219,35 @@ def message_size_options(max_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
 
 
+# RPCs besides the admitted ones a server may have running at once: health checks (probes,
+# clients' health watches) and reflection, which admission never counts.
+UNADMITTED_HEADROOM = 16
+
+
+def rpc_limit(max_in_flight: int) -> int:
+    """The server's ``maximum_concurrent_rpcs``: admission's ``max_in_flight`` plus the headroom.
+
+    gRPC (``grpc.aio.server(maximum_concurrent_rpcs=...)``) refuses a call beyond this many active
+    ones with RESOURCE_EXHAUSTED ("Concurrent RPC limit exceeded!") as soon as its server task takes
+    the call from the core: before the request message is read and before any servicer code, so a
+    server far behind sheds calls at the least cost it can. That still happens on the event loop
+    (grpc.aio has no earlier hook), so it is no faster than the loop; what it saves is the work of
+    reading, admitting and answering each call. Sized so that it trips only about where admission
+    would refuse "full" anyway: of the calls gRPC counts, at most ``max_in_flight`` hold admission,
+    health checks and reflection take at most the headroom, and the rest are calls not yet handled
+    (which admission would take only while it has room) or refusals still being sent. These
+    refusals carry no pushback trailer and are not in the services' metrics (the clients' retry
+    budget still caps their retries: tests/test_retry_policy.py).
+    """
+    return max_in_flight + UNADMITTED_HEADROOM
+
+
+def new_server(config) -> grpc.aio.Server:
+    """A service's ``grpc.aio`` server: message size limits and ``rpc_limit`` from its config."""
+    return grpc.aio.server(options=message_size_options(config.max_message_bytes),
+                           maximum_concurrent_rpcs=rpc_limit(config.max_in_flight))
+
+
 async def serve_until_signalled(server: grpc.aio.Server, servicer: health.aio.HealthServicer,
                                 service_names: list[str], grace_s: float) -> None:
     """Waits for SIGTERM/SIGINT, then reports NOT_SERVING and drains in-flight RPCs for ``grace_s``."""

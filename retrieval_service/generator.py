@@ -1,7 +1,8 @@
 """The candidate generator: the domain object behind ``Retrieve`` (the servicer only translates).
 
 For one validated ``Query`` on one ``ServingState``: read the user's record from the feature
-store within the caller's deadline -> merge with the artifact and the request (``resolve_user``)
+store within the caller's deadline (or take the caller's read of it, ``Query.stored``, when it was
+read under this version: ranking passes its own, so a Recommend reads Redis once) -> merge with the artifact and the request (``resolve_user``)
 -> user tower + index search (micro-batched) over-fetching ``k + |seen|`` -> drop padding, index 0
 and seen items -> external item ids with scores ``dot / temperature``. Unknown users without any
 features get the version's popular items (score = log training count).
@@ -56,11 +57,16 @@ class CandidateGenerator:
         started = time.monotonic()
         if deadline <= started:
             raise DeadlineExceeded("no time left before the deadline")
-        record = await self.features.read(state.version, query.user_id,
-                                          (deadline - started) * REDIS_BUDGET_SHARE)
+        if query.stored is not None and query.stored.version == state.version:
+            record, store_failed = query.stored.record, query.stored.record is None
+            metrics.FEATURE_READS.labels("caller").inc()
+        else:
+            record = await self.features.read(state.version, query.user_id, (deadline - started) * REDIS_BUDGET_SHARE)
+            store_failed = self.features.configured and record is None
+            metrics.FEATURE_READS.labels("own").inc()
         fetched = time.monotonic()
         metrics.STAGE_SECONDS.labels("features").observe(fetched - started)
-        resolved = resolve_user(state, query, record, store_failed=self.features.configured and record is None)
+        resolved = resolve_user(state, query, record, store_failed=store_failed)
         stages = {"features": fetched - started}
         degraded = resolved.degraded
         if resolved.row is None:

@@ -29,6 +29,9 @@ FEATURE_STORE_ERRORS = Counter("retrieval_feature_store_errors",
                                "Redis reads that failed or timed out (answered from the artifact)")
 FEATURE_STORE_SKIPPED = Counter("retrieval_feature_store_skipped",
                                 "Redis reads skipped because its circuit breaker is open (answered from the artifact)")
+FEATURE_READS = Counter("retrieval_user_records", "Where each Retrieve's user record came from: caller (the "
+                        "caller's read, RetrieveRequest.stored_user) or own (this service read the store, or has none)",
+                        ["source"])
 REDIS_BREAKER_STATE, REDIS_BREAKER_TRANSITIONS = breaker_metrics("retrieval_redis", "Redis", "Redis skipped")
 ADMISSION = admission_metrics("retrieval", "Retrieves", _STAGE_BUCKETS)
 

@@ -98,7 +98,7 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     """Builds and starts the server; returns (server, bound port, app). ``batching`` False = no micro-batching."""
     batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000, enabled=batching)
     generator = CandidateGenerator(_feature_store(config), batcher)
-    server = grpc.aio.server(options=runtime.message_size_options(config.max_message_bytes))
+    server = runtime.new_server(config)
     health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
     app = App(config, server, generator, health_servicer, holder)
     holder = app.holder

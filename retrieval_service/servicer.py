@@ -4,7 +4,9 @@ The call goes through ``recsys_serving.rpc`` (deadline: the caller's, else
 ``RETRIEVAL_DEFAULT_DEADLINE_MS``; admission; status mapping; metrics; request id). Status codes:
 INVALID_ARGUMENT (a field out of range, named with its value), UNAVAILABLE (no version loaded yet),
 RESOURCE_EXHAUSTED (refused at once by ``recsys_serving.admission``: it could not finish within its
-deadline given the queue, or too many are in flight; with a ``grpc-retry-pushback-ms`` trailer),
+deadline given the queue, or too many are in flight; with a ``grpc-retry-pushback-ms`` trailer; the
+decision comes before validation, so under overload a bad request is refused, not examined; past
+``recsys_serving.runtime.rpc_limit`` active calls gRPC itself refuses, before this servicer runs),
 DEADLINE_EXCEEDED (no time left, the deadline passed while it was queued, or the work outran the
 caller's deadline), CANCELLED (the caller went away: the work stops at the next await), INTERNAL
 (a bug: logged with its traceback, a plain message on the wire).
@@ -64,13 +66,14 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     async def Retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext):
         async def handle(call: Call) -> None:
-            query = validate(request, self.max_candidates)
-            # Read once: this stream stays on this version. The first asked version held (the
-            # caller ranks with it), else the current one; model_version tells the caller which.
-            state = choose_state(self.holder, query.versions)
-            if state is None:
-                raise RpcError(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
+            # Admission first: under overload a refusal costs no parsing or validation.
             async with call.admitted():
+                query = validate(request, self.max_candidates)
+                # Read once: this stream stays on this version. The first asked version held (the
+                # caller ranks with it), else the current one; model_version tells the caller which.
+                state = choose_state(self.holder, query.versions)
+                if state is None:
+                    raise RpcError(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
                 # generate() takes a time.monotonic() instant: the loop's clock
                 result = await self.generator.generate(state, query, call.deadline)
                 for response in chunks(result, self.chunk_size):

@@ -2,7 +2,8 @@
 
 The shared fields (user id, user features, context) are checked by ``recsys_serving.wire`` with the
 limits ranking applies too; the Retrieve-only ones here: ``num_candidates`` (``max_candidates``,
-``RETRIEVAL_MAX_CANDIDATES``), ``version`` and ``fallback_versions``. Checks that need the served
+``RETRIEVAL_MAX_CANDIDATES``), ``version``, ``fallback_versions`` and ``stored_user`` (the caller's
+read of the user's record, checked by ``recsys_serving.wire.stored_user``). Checks that need the served
 version (feature names) happen in the user view, which raises ``InvalidRequest`` too. Every message
 names the field and the bad value.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from recsys_contracts.v1 import retrieval_pb2
 from recsys_serving import wire
-from recsys_serving.wire import InvalidRequest
+from recsys_serving.wire import InvalidRequest, StoredUser
 
 __all__ = ["InvalidRequest", "MAX_FALLBACK_VERSIONS", "Query", "validate"]
 MAX_FALLBACK_VERSIONS = 8     # RetrieveRequest.fallback_versions entries
@@ -32,6 +33,7 @@ class Query:
     include_seen: bool
     version: int = 0               # the artifact version asked for (0 = current), answered when held
     fallback_versions: tuple[int, ...] = ()   # else the first of these held (RetrieveRequest.fallback_versions)
+    stored: StoredUser | None = None          # the caller's read of the user's record (None: read it here)
 
     @property
     def versions(self) -> tuple[int, ...]:
@@ -58,6 +60,8 @@ def validate(request: retrieval_pb2.RetrieveRequest, max_candidates: int) -> Que
                              f"got {len(fallbacks)}")
     if any(v < 1 for v in fallbacks):
         raise InvalidRequest(f"fallback_versions must be versions >= 1, got {min(fallbacks)!r}")
+    stored = wire.stored_user(request.stored_user) if request.HasField("stored_user") else None
     return Query(user_id=user_id, k=request.num_candidates, categorical=features.categorical,
                  numeric=features.numeric, recent_item_ids=features.recent_item_ids, timestamp=timestamp,
-                 include_seen=request.include_seen, version=request.version, fallback_versions=fallbacks)
+                 include_seen=request.include_seen, version=request.version, fallback_versions=fallbacks,
+                 stored=stored)

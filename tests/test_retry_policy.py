@@ -86,3 +86,68 @@ def test_without_retry_the_load_generator_counts_every_refusal():
     servicer = Refusing("1", refusals=1)
     codes = asyncio.run(_calls(servicer, loadtest_options(False), 2))
     assert codes == ["RESOURCE_EXHAUSTED", "OK"] and len(servicer.attempts) == 2
+
+
+class Counting(grpc.aio.ServerInterceptor):
+    """Counts every attempt that reaches the server: interceptors run before gRPC's concurrent-RPC
+    limit is applied, so attempts the limit refuses are counted too."""
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method.endswith("/Retrieve"):
+            self.attempts += 1
+        return await continuation(handler_call_details)
+
+
+class Holding(retrieval_pb2_grpc.RetrievalServiceServicer):
+    """Holds every call until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release, self.started = asyncio.Event(), asyncio.Event()
+
+    async def Retrieve(self, request, context):
+        self.started.set()
+        await self.release.wait()
+        yield retrieval_pb2.RetrieveResponse(item_ids=[7], scores=[1.0], model_version=1)
+
+
+@pytest.mark.parametrize("client", CLIENTS)
+def test_refusals_by_grpcs_own_limit_carry_no_pushback_and_retries_stay_within_the_budget(client):
+    # The servers' gRPC limit (recsys_serving.runtime.rpc_limit) refuses before any servicer code,
+    # so without a pushback trailer: the client backs off on its own, and its retry budget still
+    # caps the retries (20 refused calls, at most 3 retries as in the test above).
+    async def main():
+        counting, holding = Counting(), Holding()
+        server = grpc.aio.server(interceptors=[counting], maximum_concurrent_rpcs=1)
+        retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(holding, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        codes, details, trailers = [], set(), set()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=CLIENTS[client]()) as channel:
+                stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+                held = stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id="1"), timeout=30)
+                await holding.started.wait()
+                before = counting.attempts
+                for _ in range(20):
+                    call = stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id="1"), timeout=5)
+                    try:
+                        [reply async for reply in call]
+                        codes.append("OK")
+                    except grpc.aio.AioRpcError as error:
+                        codes.append(error.code().name)
+                        details.add(error.details())
+                        trailers.add(tuple(key for key, _ in (error.trailing_metadata() or ())))
+                attempts = counting.attempts - before
+                holding.release.set()
+                [reply async for reply in held]
+        finally:
+            await server.stop(0)
+        return codes, details, trailers, attempts
+
+    codes, details, trailers, attempts = asyncio.run(main())
+    assert codes == ["RESOURCE_EXHAUSTED"] * 20 and details == {"Concurrent RPC limit exceeded!"}
+    assert all(PUSHBACK_KEY not in keys for keys in trailers)
+    assert 20 <= attempts <= 25

@@ -4,6 +4,11 @@
 retrieval refuses more than ``RETRIEVAL_MAX_CANDIDATES`` (INVALID_ARGUMENT): each service's config
 can only check its own side, so this test checks the pair in docker-compose.yml and in every
 Kubernetes variant (base and overlays), a setting left unset counting as the code's default.
+Likewise ranking runs up to ``RANKING_MAX_CONCURRENCY`` Recommends at once, each with one Retrieve
+in flight: a ``RETRIEVAL_MAX_IN_FLIGHT`` below that refuses ranking's own admitted work.
+
+The overload settings (admission, default deadline, Redis budget and breakers) are spelled out in
+every deployment, with the same values in docker-compose.yml and each Kubernetes variant.
 """
 
 from __future__ import annotations
@@ -24,10 +29,14 @@ def disagreements(ranking_env: dict[str, str], retrieval_env: dict[str, str]) ->
     """What the pair of environments gets wrong, each naming both settings and their values."""
     ranking = ranking_config.from_env({**ranking_env, "RECSYS_ARTIFACT_ROOT": str(REPO_ROOT)})
     retrieval = retrieval_config.from_env({**retrieval_env, "RECSYS_ARTIFACT_ROOT": str(REPO_ROOT)})
+    found = []
     if ranking.default_candidates > retrieval.max_candidates:
-        return [f"RANKING_DEFAULT_CANDIDATES ({ranking.default_candidates}) exceeds RETRIEVAL_MAX_CANDIDATES "
-                f"({retrieval.max_candidates}): a default Recommend would be refused by retrieval"]
-    return []
+        found.append(f"RANKING_DEFAULT_CANDIDATES ({ranking.default_candidates}) exceeds RETRIEVAL_MAX_CANDIDATES "
+                     f"({retrieval.max_candidates}): a default Recommend would be refused by retrieval")
+    if ranking.max_concurrency > retrieval.max_in_flight:
+        found.append(f"RANKING_MAX_CONCURRENCY ({ranking.max_concurrency}) exceeds RETRIEVAL_MAX_IN_FLIGHT "
+                     f"({retrieval.max_in_flight}): retrieval would refuse Recommends ranking admitted")
+    return found
 
 
 def _settings(env: dict) -> dict[str, str]:
@@ -51,6 +60,29 @@ def k8s_envs(variant: str) -> tuple[dict[str, str], dict[str, str]]:
     return envs["recsys-ranking"], envs["recsys-retrieval"]
 
 
+OVERLOAD_VARS = {
+    "ranking": ("RANKING_MAX_CONCURRENCY", "RANKING_MAX_IN_FLIGHT", "RANKING_DEFAULT_DEADLINE_MS",
+                "RANKING_MIN_DEADLINE_MS", "RANKING_REDIS_TIMEOUT_MS", "RANKING_REDIS_BREAKER_FAILURES",
+                "RANKING_REDIS_BREAKER_COOLDOWN_MS", "RANKING_RETRIEVAL_BREAKER_FAILURES",
+                "RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS"),
+    "retrieval": ("RETRIEVAL_MAX_CONCURRENCY", "RETRIEVAL_MAX_IN_FLIGHT", "RETRIEVAL_DEFAULT_DEADLINE_MS",
+                  "RETRIEVAL_REDIS_TIMEOUT_MS", "RETRIEVAL_REDIS_BREAKER_FAILURES",
+                  "RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS"),
+}
+
+
+def overload_settings(ranking_env: dict[str, str], retrieval_env: dict[str, str]) -> dict[str, str | None]:
+    return {name: env.get(name) for env, names in ((ranking_env, OVERLOAD_VARS["ranking"]),
+                                                   (retrieval_env, OVERLOAD_VARS["retrieval"])) for name in names}
+
+
+@pytest.mark.parametrize("variant", OVERLAYS)
+def test_every_deployment_spells_out_the_same_overload_settings(variant):
+    compose, k8s = overload_settings(*compose_envs()), overload_settings(*k8s_envs(variant))
+    assert [name for name, value in compose.items() if value is None] == []
+    assert k8s == compose
+
+
 def test_compose_ranking_never_asks_for_more_candidates_than_retrieval_serves():
     assert disagreements(*compose_envs()) == []
 
@@ -65,6 +97,10 @@ def test_the_check_names_both_settings_and_values():
         "RANKING_DEFAULT_CANDIDATES (800) exceeds RETRIEVAL_MAX_CANDIDATES (600): a default Recommend would be "
         "refused by retrieval"]
     assert disagreements({"RANKING_DEFAULT_CANDIDATES": "600"}, {"RETRIEVAL_MAX_CANDIDATES": "600"}) == []
+    assert disagreements({"RANKING_MAX_CONCURRENCY": "16"},
+                         {"RETRIEVAL_MAX_IN_FLIGHT": "12", "RETRIEVAL_MAX_CONCURRENCY": "4"}) == [
+        "RANKING_MAX_CONCURRENCY (16) exceeds RETRIEVAL_MAX_IN_FLIGHT (12): retrieval would refuse Recommends "
+        "ranking admitted"]
 
 
 def test_ranking_refuses_default_candidates_above_its_max_rank_items_at_startup():

@@ -8,7 +8,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from recsys_serving.admission import PUSHBACK_KEY, Admission, AdmissionMetrics, Expired, Refused
+from recsys_serving.admission import PUSHBACK_KEY, QUEUE_WAIT_SLACK, Admission, AdmissionMetrics, Expired, Refused
 
 
 @pytest.fixture
@@ -168,3 +168,28 @@ def test_with_a_slot_free_but_work_running_a_request_shorter_than_the_service_ti
 
     refused = asyncio.run(main())
     assert refused.reason == "deadline" and "expected 0 ms queued" in str(refused)
+
+
+def test_the_queue_wait_counts_twice_so_a_request_whose_mean_finish_just_fits_is_refused(registry):
+    # One slot, busy; a service time of 100 ms: a newcomer waits 100 ms on average, then serves
+    # 100 ms. With 250 ms left its mean finish (200 ms) fits, but not with the wait counted twice
+    # (300 ms): refused. With 350 ms left it queues.
+    async def main():
+        gate = admission(registry)
+        release, holder = await occupied(gate)
+        gate.service_s = 0.1
+        with pytest.raises(Refused) as refused:
+            async with gate.slot(time.monotonic() + 0.25):
+                raise AssertionError("a refused request must not run")
+        late = asyncio.ensure_future(hold(gate, asyncio.Event(), deadline_s=0.35))
+        await asyncio.sleep(0.01)
+        queued = gate.queued
+        late.cancel()
+        release.set()
+        await asyncio.gather(holder, late, return_exceptions=True)
+        return refused.value, queued
+
+    refused, queued = asyncio.run(main())
+    assert QUEUE_WAIT_SLACK == 2.0
+    assert refused.reason == "deadline" and "expected 100 ms queued (x2) + 100 ms serving" in str(refused)
+    assert queued == 1

@@ -9,10 +9,11 @@ import socket
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ranking_service.state import ranker_inputs, retrieval_scores, run_ranker
 from recsys_contracts.v1 import common_pb2, ranking_pb2
-from recsys_serving.runtime import REQUEST_ID_KEY
+from recsys_serving.runtime import REQUEST_ID_KEY, UNADMITTED_HEADROOM, rpc_limit
 from tests.ranking.harness import config, free_port, health_status, run, sample, serve
 
 SERVING = 1
@@ -132,6 +133,60 @@ def test_overload_gets_resource_exhausted_at_once(published, loaded):
 
         error = run(main())
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "too many requests in flight" in error.details()
+
+
+def test_grpc_refuses_calls_beyond_admission_plus_headroom_before_the_servicer(published, loaded):
+    # gRPC's own limit (runtime.rpc_limit) is admission's max_in_flight plus room for unadmitted
+    # RPCs. Fill it: health watches (never admitted) take the headroom, a Recommend waiting on a
+    # silent retrieval holds admission's only place. The next call is refused by gRPC itself
+    # (its message, no servicer, nothing counted); once a watch ends, admission answers again
+    # and counts its refusal.
+    root, _ = published
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        cfg = config(root, max_in_flight=1, max_concurrency=1,
+                     retrieval_target=f"127.0.0.1:{silent.getsockname()[1]}")
+        assert rpc_limit(cfg.max_in_flight) == 1 + UNADMITTED_HEADROOM
+
+        async def main():
+            async with serve(cfg, state=loaded) as (stub, channel, app):
+                health = health_pb2_grpc.HealthStub(channel)
+                watches = [health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                           for _ in range(UNADMITTED_HEADROOM)]
+                for watch in watches:
+                    await watch.read()                     # each watch is active on the server
+                held = asyncio.ensure_future(stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3),
+                                                            timeout=1))
+                while app.admission.in_flight < 1:
+                    await asyncio.sleep(0.01)
+                seen = sample("ranking_requests_total", method="Rank", code="RESOURCE_EXHAUSTED")
+                full = sample("ranking_refused_total", reason="full")
+                with pytest.raises(grpc.aio.AioRpcError) as by_grpc:
+                    await stub.Rank(ranking_pb2.RankRequest(user_id="1", item_ids=[1]), timeout=3)
+                unseen = (sample("ranking_requests_total", method="Rank", code="RESOURCE_EXHAUSTED") == seen
+                          and sample("ranking_refused_total", reason="full") == full)
+                watches[0].cancel()
+                while True:                                # until gRPC has counted the watch out
+                    try:
+                        await stub.Rank(ranking_pb2.RankRequest(user_id="1", item_ids=[1]), timeout=3)
+                    except grpc.aio.AioRpcError as error:
+                        if "Concurrent RPC limit" in (error.details() or ""):
+                            await asyncio.sleep(0.01)
+                            continue
+                        by_admission = error
+                        break
+                counted = sample("ranking_refused_total", reason="full") - full
+                for watch in watches[1:]:
+                    watch.cancel()
+                await held
+                return by_grpc.value, unseen, by_admission, counted
+
+        by_grpc, unseen, by_admission, counted = run(main())
+    assert by_grpc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert by_grpc.details() == "Concurrent RPC limit exceeded!" and unseen
+    assert by_admission.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many requests in flight" in by_admission.details() and counted == 1
 
 
 def test_admission_drops_expired_queued_work_and_refuses_what_cannot_finish_in_time(published, loaded):
