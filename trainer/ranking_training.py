@@ -77,7 +77,8 @@ class Rows:
 
     def with_history(self, tables: FeatureTables, width: int) -> "Rows":
         """These rows with an explicit (R, width) history: their own, else the users' training history."""
-        history = self.history if self.history is not None else tables.history[self.users][:, -width:]
+        # Sliced before the gather: only the last ``width`` of the H stored columns are copied.
+        history = self.history if self.history is not None else tables.history[:, -width:][self.users]
         return Rows(*(getattr(self, f) for f in ROW_FIELDS), history=history[:, -width:])
 
     @staticmethod
@@ -197,12 +198,10 @@ def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: in
 
 
 def ranker_inputs(tables: FeatureTables, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
-    inputs = {**user_inputs(tables, rows.users, rows.timestamps, device),
-              **item_inputs(tables, rows.items, device),
-              "retrieval_score": torch.as_tensor(rows.scores, dtype=torch.float32, device=device)}
-    if rows.history is not None:
-        inputs["history"] = torch.as_tensor(rows.history, device=device)
-    return inputs
+    """The ranker's inputs for ``rows``: their own history where they carry one, else the users' stored one."""
+    return {**user_inputs(tables, rows.users, rows.timestamps, device, history=rows.history),
+            **item_inputs(tables, rows.items, device),
+            "retrieval_score": torch.as_tensor(rows.scores, dtype=torch.float32, device=device)}
 
 
 def final_score(ctr_logit: torch.Tensor, rating: torch.Tensor, score_mode: str, rating_weight: float,
@@ -332,12 +331,13 @@ def score_candidates(ranker: DCNRanker, tables: FeatureTables, candidates: Candi
     n_users, n = candidates.items.shape
     out = np.zeros((3, n_users, n), dtype=np.float32)
     users_per_batch = max(1, rows_per_batch // max(n, 1))
+    recent = tables.history[:, -ranker.recent_items:]            # (n+1, R): all the ranker reads of a history
     for start in range(0, n_users, users_per_batch):
         sl = slice(start, start + users_per_batch)
         users = np.repeat(candidates.users[sl], n)
         rows = Rows(users, candidates.items[sl].reshape(-1), np.repeat(timestamps[sl], n),
                     candidates.scores[sl].reshape(-1), np.zeros(users.size, np.float32),
-                    np.zeros(users.size, np.float32))
+                    np.zeros(users.size, np.float32), history=np.repeat(recent[candidates.users[sl]], n, axis=0))
         ctr_logit, rating = ranker(**ranker_inputs(tables, rows, device))
         score = final_score(ctr_logit, rating, score_mode, rating_weight, rating_max)
         for k, values in enumerate((score, torch.sigmoid(ctr_logit), rating)):
