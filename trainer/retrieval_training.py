@@ -411,8 +411,8 @@ def make_optimizer(model: TwoTower, rc, ctx: Distributed):
     rows = sum(table.num_embeddings for table in id_tables(model))
     if rows > rc.lazy_adam_above and rc.weight_decay == 0 and not ctx.enabled:
         return LazyAdam(model, rc.learning_rate)
-    # foreach: one kernel per step for all parameters, bit-identical to the per-tensor loop that is
-    # torch's default on CPU (ml-100k: ~1.7 ms of python per step).
+    # foreach: each of Adam's operations applied to every parameter in one call, bit-identical to the
+    # per-tensor loop that is torch's default on CPU (that loop cost ~1.7 ms a step on ml-100k, profiled).
     return torch.optim.Adam(model.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay, foreach=True)
 
 
