@@ -14,14 +14,18 @@ ITEM_KEYS = ("item_idx", "item_cat", "item_num")
 
 
 def user_inputs(tables, user_idx: np.ndarray, timestamp: np.ndarray,
-                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """Inputs of the user tower for users ``user_idx`` (B,) at times ``timestamp`` (B,) seconds."""
+                device: torch.device | str = "cpu", history: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Inputs of the user tower for users ``user_idx`` (B,) at times ``timestamp`` (B,) seconds.
+
+    A given ``history`` (B, W) is used instead of the users' stored (B, H) one, which is then not
+    gathered (the ranker reads only the last few items of a long history)."""
     user_idx = np.asarray(user_idx, dtype=np.int64)
+    history = tables.history[user_idx] if history is None else history
     return {
         "user_idx": torch.as_tensor(user_idx, device=device),
         "user_cat": torch.as_tensor(tables.user_cat[user_idx], device=device),    # (B, Cu)
         "user_num": torch.as_tensor(tables.user_num[user_idx], device=device),    # (B, Nu)
-        "history": torch.as_tensor(tables.history[user_idx], device=device),      # (B, H)
+        "history": torch.as_tensor(history, device=device),                       # (B, H) or (B, W)
         "timestamp": torch.as_tensor(np.asarray(timestamp, dtype=np.int64), device=device),
     }
 

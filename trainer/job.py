@@ -87,6 +87,6 @@ def run(cfg: TrainConfig, dataset: Dataset | None = None) -> RunResult:
                 with timings.stage("export_index_publish_go_live"):
                     version = publish_evaluated(cfg, root, trained, report, out, signer)
             report["timings"] = dict(timings.seconds)
-            write_report(report, histories, out)
+            write_report(report, histories, out, with_plots=False)    # the plots are written above
         ctx.barrier()
         return RunResult(report, trained, prep, version, refused)

@@ -89,9 +89,12 @@ def plots(report: dict[str, Any], histories: dict[str, list[dict[str, float]]], 
     return paths
 
 
-def write_report(report: dict[str, Any], histories: dict, out: Path) -> None:
+def write_report(report: dict[str, Any], histories: dict, out: Path, with_plots: bool = True) -> None:
+    """Writes report.json and report.md into ``out``, and the PNG plots unless ``with_plots`` is False
+    (a rewrite that only adds stage times: the plots do not show them)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps({**report, "histories": histories}, indent=2,
                                                 sort_keys=True, default=float) + "\n")
     (out / "report.md").write_text(markdown(report))
-    plots(report, histories, out)
+    if with_plots:
+        plots(report, histories, out)

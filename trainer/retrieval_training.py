@@ -128,7 +128,9 @@ class UserItems:
         offsets = np.cumsum(counts) - counts                                    # each user's first slot
         local = np.repeat(np.arange(users.size), counts)                        # (T,) row of each slot
         position = np.arange(local.size) + np.repeat(starts - offsets, counts)  # (T,) index into items
-        order = np.lexsort((rng.random(local.size), local))                     # random order within a row
+        # Random order within a row: one sort of row + a uniform key in [0, 1). The keys are distinct
+        # (almost surely), so this is lexsort((key, row))'s order at about a tenth of its cost.
+        order = np.argsort(local + rng.random(local.size))
         rank = np.arange(local.size) - offsets[local]                           # slot within its row
         keep = rank < per_user
         picks, rows, cols = position[order][keep], local[keep], rank[keep]
@@ -361,7 +363,8 @@ class LazyAdam:
         for table in tables:
             table.sparse = True
         self.sparse = torch.optim.SparseAdam([t.weight for t in tables], lr=lr)
-        self.dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in sparse_ids], lr=lr)
+        self.dense = torch.optim.Adam([p for p in model.parameters() if id(p) not in sparse_ids], lr=lr,
+                                      foreach=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.sparse.zero_grad(set_to_none=set_to_none)
@@ -382,8 +385,8 @@ class LazyAdam:
 @torch.no_grad()
 def update_average(averaged: TwoTower, model: TwoTower, decay: float) -> None:
     """averaged <- decay * averaged + (1 - decay) * model, parameter by parameter (buffers copied)."""
-    for mean, param in zip(averaged.parameters(), model.parameters()):
-        mean.lerp_(param, 1.0 - decay)
+    # One foreach call instead of a lerp per parameter (the same arithmetic, element by element).
+    torch._foreach_lerp_(list(averaged.parameters()), list(model.parameters()), 1.0 - decay)
     for mean, buffer in zip(averaged.buffers(), model.buffers()):
         mean.copy_(buffer)
 
@@ -408,7 +411,9 @@ def make_optimizer(model: TwoTower, rc, ctx: Distributed):
     rows = sum(table.num_embeddings for table in id_tables(model))
     if rows > rc.lazy_adam_above and rc.weight_decay == 0 and not ctx.enabled:
         return LazyAdam(model, rc.learning_rate)
-    return torch.optim.Adam(model.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
+    # foreach: each of Adam's operations applied to every parameter in one call, bit-identical to the
+    # per-tensor loop that is torch's default on CPU (that loop cost ~1.7 ms a step on ml-100k, profiled).
+    return torch.optim.Adam(model.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay, foreach=True)
 
 
 @dataclass

@@ -13,7 +13,7 @@ from torch import nn
 from trainer.losses import ranking_losses, sampled_softmax_loss
 from trainer.models import (CrossNetV2, DCNConfig, DCNRanker, ItemTower, TowerConfig, TwoTower, UserTower,
                             build_two_tower, calendar_features)
-from trainer.models.layers import CategoricalEmbedding
+from trainer.models.layers import CategoricalEmbedding, masked_mean, padded_mean
 from trainer.models.two_tower import MIN_TEMPERATURE, make_item_embedding
 
 N_USERS, N_ITEMS, HISTORY = 30, 40, 6
@@ -431,3 +431,25 @@ def test_ranker_genre_cross_is_the_history_profile_times_the_candidates_flags():
     assert ctr.shape == rating.shape == (6,) and torch.isfinite(ctr).all()
     with pytest.raises(ValueError, match=f"n_genres must be <= n_item_num={N_ITEM_NUM}, got {N_ITEM_NUM + 1}"):
         dcn_config(n_genres=N_ITEM_NUM + 1)
+
+
+def test_padded_mean_is_the_masked_mean_bit_for_bit_gradients_included():
+    torch.manual_seed(0)
+    table = nn.Embedding(50, 8, padding_idx=0)
+    ids = torch.randint(0, 50, (64, 30))
+    ids[ids % 3 == 0] = 0                              # padding spread through the rows
+    ids[5] = 0                                         # an all-padding row pools to zeros
+    pooled = {}
+    for name, pool in (("masked", lambda: masked_mean(table(ids), ids != 0)), ("padded", lambda: padded_mean(table, ids))):
+        table.zero_grad()
+        out = pool()
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        pooled[name] = (out.detach(), table.weight.grad.clone())
+    assert torch.equal(pooled["masked"][0], pooled["padded"][0])
+    assert torch.equal(pooled["masked"][1], pooled["padded"][1])
+    assert torch.equal(pooled["padded"][0][5], torch.zeros(8))
+
+
+def test_padded_mean_rejects_a_table_whose_row_0_is_not_padding():
+    with pytest.raises(ValueError, match="padding_idx 0, got None"):
+        padded_mean(nn.Embedding(5, 3), torch.zeros(2, 4, dtype=torch.int64))

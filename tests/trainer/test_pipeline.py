@@ -47,6 +47,10 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
                  "training_curves.png", "recall_at_k.png", "popularity.png"):
         assert name in manifest.files
     assert manifest.metrics["pipeline"]["ndcg@10"] == pytest.approx(result.report["pipeline"]["ndcg@10"])
+    # The report is written again after publishing (plots left as they are) with the publish stage's time.
+    written = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "export_index_publish_go_live" in written["timings"]
+    assert (tmp_path / "run" / "training_curves.png").stat().st_size > 0
     assert manifest.extra["index"]["recall@100"] == 1.0          # flat index below the size threshold
     assert set(manifest.extra["index_seconds"]) == {"build", "recall"}
     assert set(result.report["retrieval"]) == {"recall@10", "recall@20", "recall@50"}

@@ -3,6 +3,7 @@ seen-item lookup, positive sampling, the ranker's click rows and the lazily scor
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -124,6 +125,59 @@ def test_sample_draws_distinct_items_of_each_user_and_repeats_with_the_seed(prep
     rng = np.random.default_rng(2)
     drawn = {int(i) for _ in range(200) for i in user_items.sample(np.array([user]), 2, rng)[0][0]}
     assert drawn == set(user_items.items[lo:hi].tolist())
+
+
+def test_sample_keeps_the_order_of_a_random_key_sorted_within_each_user(prepared):
+    """The one-sort draw picks exactly what sorting by (user row, uniform key) picks from the same keys."""
+    user_items = UserItems.from_interactions(prepared.train, prepared.vocab.n_users)
+    users = user_items.users_with_items()[:40]
+    positives, timestamps = user_items.sample(users, 3, np.random.default_rng(7))
+    counts = user_items.indptr[users + 1] - user_items.indptr[users]
+    keys = np.random.default_rng(7).random(counts.sum())                    # the same draws, row after row
+    offsets = np.cumsum(counts) - counts
+    for row, user in enumerate(users):
+        lo = user_items.indptr[user]
+        order = np.lexsort((keys[offsets[row]:offsets[row] + counts[row]],))[:3]
+        expected = user_items.items[lo + order]
+        assert np.array_equal(positives[row][:expected.size], expected)
+        assert timestamps[row] == user_items.timestamps[lo + order[0]]
+
+
+def test_score_candidates_reads_only_the_history_the_ranker_pools(prepared):
+    from trainer.ranking_training import dcn_config, ranker_inputs, score_candidates, Rows
+    from trainer.models.dcn import DCNRanker
+
+    cfg = load_config(None, ["features.history_length=20", "ranking.affinity=none"])
+    tables = prepared.tables
+    torch.manual_seed(0)
+    ranker = DCNRanker(dataclasses.replace(dcn_config(cfg, prepared.spec, tables), recent_items=5)).eval()
+    rng = np.random.default_rng(0)
+    users = np.arange(1, 9)
+    items = rng.integers(1, tables.vocab.n_items + 1, size=(users.size, 6))
+    candidates = Candidates(users, items, rng.standard_normal(items.shape).astype(np.float32))
+    timestamps = np.full(users.size, 10**9)
+    score, ctr, rating = score_candidates(ranker, tables, candidates, timestamps, "ctr", 0.0, 5.0,
+                                          torch.device("cpu"), rows_per_batch=12)
+    # The rows with the users' whole stored history, as served rows are built.
+    rows = Rows(np.repeat(users, 6), items.reshape(-1), np.repeat(timestamps, 6), candidates.scores.reshape(-1),
+                np.zeros(48, np.float32), np.zeros(48, np.float32))
+    with torch.no_grad():
+        full = ranker_inputs(tables, rows, torch.device("cpu"))
+        assert full["history"].shape[1] == tables.history.shape[1] > 5
+        ctr_logit, full_rating = ranker(**full)
+    assert torch.equal(torch.as_tensor(ctr), torch.sigmoid(ctr_logit).reshape(8, 6))
+    assert torch.equal(torch.as_tensor(rating), full_rating.reshape(8, 6))
+
+
+def test_user_inputs_take_a_given_history_instead_of_the_stored_one(prepared):
+    from trainer.inputs import user_inputs
+
+    users = np.array([1, 2, 3])
+    given = np.arange(12).reshape(3, 4)
+    inputs = user_inputs(prepared.tables, users, np.zeros(3), history=given)
+    assert np.array_equal(inputs["history"].numpy(), given)
+    assert np.array_equal(user_inputs(prepared.tables, users, np.zeros(3))["history"].numpy(),
+                          prepared.tables.history[users])
 
 
 def _click_rows_by_loop(positives, candidates, per_positive, depth):

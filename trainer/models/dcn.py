@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from trainer.models.layers import (CategoricalEmbedding, check_dropout, check_feature_sizes, check_finite,
-                                   check_int, check_int_tuple, init_embedding, masked_mean, mlp)
+                                   check_int, check_int_tuple, init_embedding, masked_mean, mlp,
+                                   padded_mean)
 from trainer.models.temporal import CalendarEmbedding
 
 STRUCTURES = ("stacked", "parallel")
@@ -199,8 +200,7 @@ class DCNRanker(nn.Module):
             user_num,  # (N, Nu)
             # Only the most recent items (history is oldest first): the ranker scores ~500 rows per
             # request and pooling the full history per row dominated its cost.
-            masked_mean(self.item_embedding(history[:, -self.recent_items:]),
-                        history[:, -self.recent_items:] != 0),  # (N, R, E) -> (N, E)
+            padded_mean(self.item_embedding, history[:, -self.recent_items:]),  # (N, R) -> (N, E)
             self.calendar(timestamp),  # (N, 2E + 1)
             self.item_embedding(item_idx),  # (N, E)
             self.item_categorical(item_cat),  # (N, Ci * E)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from trainer.models.layers import (CategoricalEmbedding, check_dropout, check_feature_sizes, check_int,
-                                   check_int_tuple, init_embedding, masked_mean, mlp)
+                                   check_int_tuple, init_embedding, mlp, padded_mean)
 from trainer.models.sequential import SequentialUserTower
 from trainer.models.temporal import CalendarEmbedding
 
@@ -144,8 +144,10 @@ class UserTower(nn.Module):
 
     def forward(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor,
                 timestamp: Tensor) -> Tensor:
-        rows, mask = self.history_embedding(history), history != 0       # (B, H, D), (B, H)
-        pooled = masked_mean(rows, mask) if self.attention is None else self.attention(rows, mask)  # (B, D)
+        if self.attention is None:
+            pooled = padded_mean(self.history_embedding, history)          # (B, H) -> (B, D)
+        else:
+            pooled = self.attention(self.history_embedding(history), history != 0)  # (B, H, D) -> (B, D)
         features = torch.cat([
             self.user_embedding(user_idx),  # (B, D)
             self.categorical(user_cat),  # (B, Cu * D)
