@@ -417,12 +417,15 @@ def test_distillation_moves_the_tower_toward_the_teacher_and_repeats(prepared, i
     from trainer.distributed import Distributed
     from trainer.losses import distillation_loss
     from trainer.retrieval_training import distillation_teacher, fit_retrieval, item_embeddings
+    from trainer.training import deterministic_kernels
 
     def train(*overrides):
         cfg = load_config(None, ["features.history_length=20", "run.threads=1", "run.progress=false",
                                  "retrieval.epochs=3", "retrieval.patience=3", *overrides])
-        model, history = fit_retrieval(cfg, prepared.spec, prepared.tables, prepared.train, prepared.val,
-                                       prepared.eval_timestamps, torch.device("cpu"), Distributed())
+        # as the job trains: deterministic kernels, so the repeat below is bit-identical under any load
+        with deterministic_kernels(torch.device("cpu")):
+            model, history = fit_retrieval(cfg, prepared.spec, prepared.tables, prepared.train, prepared.val,
+                                           prepared.eval_timestamps, torch.device("cpu"), Distributed())
         users = np.arange(1, prepared.tables.vocab.n_users + 1)
         logits = user_embeddings(model, prepared.tables, users, prepared.eval_timestamps[users],
                                  torch.device("cpu")) @ item_embeddings(model, prepared.tables,
