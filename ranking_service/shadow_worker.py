@@ -14,7 +14,9 @@ never waits behind shadow work. Then it:
   pipeline on the candidate: features from Redis under the service's namespace, its own Retrieve
   asking for the candidate with the live versions as fallbacks, the DCN on its own ONNX Runtime
   session (one intra-op thread, ``recsys_contracts.programs``) behind its own micro-batcher and
-  retrieval breaker; it never falls back to popular items (a failed retrieval fails the run);
+  retrieval breaker; it never falls back to popular items (a failed retrieval fails the run).
+  Without Redis the worker does not see the interactions recorded in the serving process's memory
+  (``ranking_service.fresh``): its runs then use the artifact's features only;
 - sends back one ``Outcome`` per job (scored with overlap@k and Kendall's tau, not_candidate when
   retrieval did not answer from the candidate, failed, or skipped when it does not hold the job's
   candidate yet) and a ``Status`` when it starts and whenever the candidate it holds changes.
