@@ -4,7 +4,7 @@
 and loader; it is also the ``Pipeline``'s holder, so a run asks retrieval for the candidate with
 the job's live versions as fallbacks. ``ShadowRunner.run`` scores one job into an ``Outcome``;
 ``serve`` is the worker's event loop: it polls the arms file and takes at most ``MAX_IN_FLIGHT``
-jobs at once from the queue until a ``None`` job (or the process's end).
+jobs at once from the queue until a ``None`` job, or exits when the serving process is gone.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Callable
@@ -139,6 +140,7 @@ async def serve(config: RankingConfig, jobs, outcomes, policy: str) -> None:
     candidates = RetrievalClient(config)
     runner = ShadowRunner(config, holder, build_pipeline(config, holder, candidates))
     outcomes.put(Status(os.getpid(), policy, None))
+    _leave_with_the_parent()
     follow = asyncio.create_task(_follow(holder, outcomes, policy, config.poll_interval_s))
     slots = asyncio.Semaphore(MAX_IN_FLIGHT)
     runs: set[asyncio.Task] = set()
@@ -164,6 +166,20 @@ async def serve(config: RankingConfig, jobs, outcomes, policy: str) -> None:
         await candidates.close()
         await runner.pipeline.batcher.close()
         await runner.pipeline.features.close()
+
+
+def _leave_with_the_parent() -> None:
+    """Exits this process at once when the serving process is gone (SIGKILLed, it never stopped us):
+    its queue would never close, and an orphan would keep a copy of the candidate loaded."""
+    parent = multiprocessing.parent_process()
+    if parent is None:                 # run outside a multiprocessing child (tests call serve directly)
+        return
+
+    def gone() -> None:
+        log.warning("shadow worker: the serving process is gone; exiting")
+        os._exit(0)                    # a thread may be blocked on the queue: no orderly shutdown to wait for
+
+    asyncio.get_running_loop().add_reader(parent.sentinel, gone)
 
 
 async def _follow(holder: CandidateHolder, outcomes, policy: str, poll_interval_s: float) -> None:

@@ -1,7 +1,8 @@
 """Shadow scoring: the comparison metrics by hand; a live answer unchanged while the candidate scores
 every request off the answer path in the shadow worker process (both services in process, the arms
 file at 100 % shadow); the worker's idle CPU priority, its restart after a kill, a full queue skipped,
-and the worker's pipeline that never falls back to popular items."""
+the worker's own exit when the service is killed, and the worker's pipeline that never falls back to
+popular items."""
 
 from __future__ import annotations
 
@@ -11,22 +12,27 @@ import dataclasses
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import grpc
 import pytest
 
 from recsys_contracts.arms import Arms, write_arms
-from recsys_contracts.v1 import ranking_pb2
+from recsys_contracts.v1 import ranking_pb2, ranking_pb2_grpc
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.shadow import QUEUE_SIZE, kendall_tau, overlap_at_k
 from ranking_service.shadow_runner import CandidateHolder, ShadowRunner, build_pipeline
 from ranking_service.shadow_worker import POLICY_IDLE, POLICY_NICE, Job
 from retrieval_service.server import create_server as create_retrieval_server
-from tests.ranking.harness import config, run, sample, serve
+from tests.ranking.harness import REPO_ROOT, config, free_port, run, sample, serve
 from tests.ranking.test_pinning import _holder
 from tests.ranking.test_recommend import recommend
 from tests.ranking.test_untrusted_versions import publish_copy
 from tests.retrieval.harness import config as retrieval_config
-from tests.signing_keys import TRUST
+from tests.signing_keys import SIGNING_ENV, TRUST
 
 RESULTS = ("scored", "skipped", "failed", "not_candidate")
 WORKER_WAIT_S = 180.0     # the worker loads the candidate at idle priority: slow on a busy machine
@@ -190,3 +196,60 @@ def test_the_worker_pipeline_has_its_own_breaker_and_never_falls_back(published,
     assert changed and held[0] == candidate
     assert set(results) == {"failed"} and breaker == "OPEN" and fallback == "unavailable"
     assert other == "skipped"                        # a job for a candidate the worker does not hold
+
+
+def _worker_pids(pid: int) -> list[int]:
+    """The shadow worker processes among ``pid``'s children (multiprocessing's resource tracker aside)."""
+    found = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in children.read_text().split():
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (a reparented orphan may be left unreaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_the_worker_exits_when_the_service_is_killed(published, tmp_path):
+    """A SIGKILLed service never stops its worker: the worker notices and exits by itself (no orphan
+    left holding the candidate). Retrieval is down here: the popular fallback answers, and is shadowed."""
+    root, candidate = _armed_root(published, tmp_path)
+    write_arms(root, Arms(candidate=candidate, canary_percent=0.0, shadow_percent=100.0))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))}
+    env |= SIGNING_ENV | {"PYTHONPATH": str(REPO_ROOT), "RECSYS_ARTIFACT_ROOT": str(root), "RANKING_PORT": str(port),
+                          "RANKING_METRICS_PORT": "0", "RANKING_RETRIEVAL_TARGET": f"127.0.0.1:{free_port()}"}
+    proc = subprocess.Popen([sys.executable, "-m", "ranking_service"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            end = time.monotonic() + WORKER_WAIT_S
+            while not workers:                     # each answer is sampled; the first one starts the worker
+                assert proc.poll() is None and time.monotonic() < end, "no shadow worker started"
+                try:
+                    stub.Recommend(recommend("1", k=5), timeout=5)
+                except grpc.RpcError:              # not serving yet
+                    pass
+                workers = _worker_pids(proc.pid)
+                time.sleep(0.2)
+        proc.kill()
+        proc.wait(timeout=30)
+        end = time.monotonic() + WORKER_WAIT_S
+        while any(_running(pid) for pid in workers) and time.monotonic() < end:
+            time.sleep(0.1)
+        left = [pid for pid in workers if _running(pid)]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for pid in left:                               # do not leave an orphan behind a failed test
+        os.kill(pid, signal.SIGKILL)
+    assert len(workers) == 1 and left == []
