@@ -43,8 +43,8 @@ SHADOW_RUNS = Counter("ranking_shadow_runs", "Shadow runs of the candidate versi
 SHADOW_WORKER_PRIORITY = Gauge("ranking_shadow_worker_priority", "1 for the CPU priority the shadow worker "
                                "process took (idle: SCHED_IDLE, nice19: nice 19 where SCHED_IDLE is refused)",
                                ["policy"])
-SHADOW_WORKER_EXITS = Counter("ranking_shadow_worker_exits", "Times the shadow worker process died (each is "
-                              "restarted after a backoff)")
+SHADOW_WORKER_EXITS = Counter("ranking_shadow_worker_exits", "Times the shadow worker process died or could "
+                              "not be started (each is restarted after a backoff)")
 SHADOW_OVERLAP = Histogram("ranking_shadow_overlap_at_k", "Share of the served top k also in the candidate's top k",
                            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.999, 1.0))
 SHADOW_RANK_CORRELATION = Histogram("ranking_shadow_rank_correlation",

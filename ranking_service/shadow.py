@@ -199,14 +199,18 @@ class Shadow:
         backoff_s = RESTART_BACKOFF_S[0]
         while True:
             started = loop.time()
-            self.worker = _Worker(self.config, self.queue_size, loop, self._on_message)
-            code = await self.worker.exited()
-            self.worker.release()
+            try:
+                self.worker = _Worker(self.config, self.queue_size, loop, self._on_message)
+            except Exception as error:  # cannot start a process now (e.g. out of memory): try again later
+                code = repr(error)
+            else:
+                code = await self.worker.exited()
+                self.worker.release()
             self.worker, self.worker_pid, self.worker_candidate, self.pending = None, None, None, 0
             metrics.SHADOW_WORKER_EXITS.inc()
             if loop.time() - started >= STABLE_S:
                 backoff_s = RESTART_BACKOFF_S[0]
-            log.warning("shadow worker exited with code %s; restarting it in %.1f s", code, backoff_s)
+            log.warning("shadow worker exited (%s); restarting it in %.1f s", code, backoff_s)
             await asyncio.sleep(backoff_s)
             backoff_s = min(2 * backoff_s, RESTART_BACKOFF_S[1])
 
