@@ -81,13 +81,35 @@ async def _stage_candidate(stack: Stack) -> int:
 AB_PATTERN = (False, True, True, False)
 
 
+def _cpu_s(stack: Stack) -> dict[str, float]:
+    """CPU seconds so far of ranking, its shadow worker (its children), retrieval and Redis."""
+    ranking, retrieval, redis_cpu = stack.ranking.cpu_s(), stack.retrieval.cpu_s(), stack.redis.cpu_s()
+    return {"ranking": ranking["self"], "shadow_worker": ranking["children"], "retrieval": retrieval["self"],
+            "redis": redis_cpu["self"]}
+
+
+async def _window_usage(stack: Stack) -> tuple[dict[str, float], dict[str, float]]:
+    """(CPU seconds by process, shadow runs by result) so far; a scrape that fails gives no runs."""
+    try:
+        runs = await asyncio.to_thread(stack.ranking_counter, "ranking_shadow_runs", "result")
+    except OSError:
+        runs = {}
+    return _cpu_s(stack), runs
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {name: after[name] - before.get(name, 0.0) for name in after}
+
+
 async def shadow_ab(stack: Stack, shadow_percent: float, load_wait_s: float, window_s: float,
                     windows: int, guard_s: float = SHADOW_GUARD_S) -> dict:
     """Stages a candidate (a copy of the live version) with no traffic, waits ``load_wait_s`` for both
     services to load it, then switches the shadow sample between 0 and ``shadow_percent`` % every
     ``window_s`` seconds for ``windows`` windows (``AB_PATTERN``), and switches it off at the end.
     Returns the windows as loop times (``_inject`` makes them seconds after the load's start) and
-    ``guard_s``, the seconds at each window's start its figures leave out (``arm_windows``)."""
+    ``guard_s``, the seconds at each window's start its figures leave out (``arm_windows``). Each
+    window also carries, over the same part (after its guard), the CPU seconds of each process
+    (``cpu_s``) and the ranking service's shadow runs by result (``shadow_runs``)."""
     candidate = await _stage_candidate(stack)
     write_arms(stack.root, Arms(candidate=candidate, canary_percent=0.0, shadow_percent=0.0))
     await asyncio.sleep(load_wait_s)
@@ -97,8 +119,13 @@ async def shadow_ab(stack: Stack, shadow_percent: float, load_wait_s: float, win
         write_arms(stack.root, Arms(candidate=candidate, canary_percent=0.0,
                                     shadow_percent=shadow_percent if shadow else 0.0))
         start = loop.time()
-        await asyncio.sleep(window_s)
-        spans.append({"shadow": shadow, "start": start, "end": loop.time()})
+        await asyncio.sleep(min(guard_s, window_s))
+        cpu_before, runs_before = await _window_usage(stack)
+        measured_from = loop.time()
+        await asyncio.sleep(max(0.0, start + window_s - loop.time()))
+        cpu_after, runs_after = await _window_usage(stack)
+        spans.append({"shadow": shadow, "start": start, "end": loop.time(), "measured_s": loop.time() - measured_from,
+                      "cpu_s": _delta(cpu_after, cpu_before), "shadow_runs": _delta(runs_after, runs_before)})
     write_arms(stack.root, Arms(candidate=candidate, canary_percent=0.0, shadow_percent=0.0))
     return {"candidate": candidate, "shadow_percent": shadow_percent, "load_wait_s": load_wait_s,
             "guard_s": guard_s, "windows": spans}
@@ -119,11 +146,26 @@ def arm_windows(outcomes: list[Outcome], spans: list[dict], guard_s: float) -> d
                       "failed": sum(1 for o in pooled if o.code != "OK"),
                       "latency_ms": latency_stats([o.latency_s for o in pooled]),
                       "window_p99_ms": p99s,
-                      "median_window_p99_ms": statistics.median(p99s) if p99s else math.nan}
+                      "median_window_p99_ms": statistics.median(p99s) if p99s else math.nan,
+                      "cpu_s_per_s": _per_second(mine, "cpu_s"), "shadow_runs": _summed(mine, "shadow_runs")}
     off, on = arms["off"], arms["on"]
     return {"guard_s": guard_s, **arms,
             "p99_ratio": on["latency_ms"]["p99"] / off["latency_ms"]["p99"],
             "median_window_p99_ratio": on["median_window_p99_ms"] / off["median_window_p99_ms"]}
+
+
+def _per_second(spans: list[dict], key: str) -> dict[str, float]:
+    """The spans' ``key`` figures summed, per second of their measured time (cores busy, for CPU)."""
+    seconds = sum(span.get("measured_s", 0.0) for span in spans)
+    return {name: value / seconds for name, value in _summed(spans, key).items()} if seconds > 0 else {}
+
+
+def _summed(spans: list[dict], key: str) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for span in spans:
+        for name, value in span.get(key, {}).items():
+            total[name] = total.get(name, 0.0) + value
+    return total
 
 
 async def redis_kill(stack: Stack, down_s: float) -> dict:
@@ -298,8 +340,14 @@ def shadow_ab_line(ab: dict) -> str:
         return (f"{name}: {figures['requests']} requests in {figures['windows']} windows, "
                 f"{figures['failed']} failed, p50 {figures['latency_ms']['p50']:.1f} ms, "
                 f"p99 {figures['latency_ms']['p99']:.1f} ms, median window p99 {figures['median_window_p99_ms']:.1f} ms")
+    def cpu() -> str:
+        off, on = ab["off"].get("cpu_s_per_s", {}), ab["on"].get("cpu_s_per_s", {})
+        return ", ".join(f"{name} {off[name]:.3f} -> {on.get(name, 0.0):.3f}" for name in off)
+
+    runs = ", ".join(f"{result} {count:g}" for result, count in sorted(ab["on"].get("shadow_runs", {}).items()))
     return (f"shadow {arm('off')}; {arm('on')}; on/off p99 {ab['p99_ratio']:.3f}x, "
-            f"median window p99 {ab['median_window_p99_ratio']:.3f}x")
+            f"median window p99 {ab['median_window_p99_ratio']:.3f}x; CPU s/s off -> on: {cpu()}; "
+            f"shadow runs in the on windows: {runs or 'none'}")
 
 
 def fault_row(document: dict) -> str:

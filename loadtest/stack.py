@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import grpc
 import redis
 import redis.asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from recsys_contracts import artifacts, feature_store
 
@@ -35,6 +37,29 @@ _OWN_PREFIXES = ("RECSYS_", "RETRIEVAL_", "RANKING_")
 TRUST_VARS = ("RECSYS_TRUSTED_KEYS", "RECSYS_ALLOW_UNSIGNED")
 # Kept from this process's environment for every child: the publisher signs, the services trust.
 SIGNING_VARS = ("RECSYS_SIGNING_KEY", *TRUST_VARS)
+
+
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (Linux ``/proc``); 0.0 once it is gone or elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S     # utime, stime (stat fields 14, 15)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux ``/proc``; [] elsewhere)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(child) for child in task.read_text().split()]
+        except OSError:
+            continue
+    return children
 
 
 def free_port() -> int:
@@ -109,6 +134,14 @@ class Process:
         except subprocess.TimeoutExpired:
             self.kill()
             return self.proc.returncode
+
+    def cpu_s(self) -> dict[str, float]:
+        """CPU seconds so far of the process (``self``) and of its live children together (``children``:
+        the ranking service's shadow worker)."""
+        if not self.alive():
+            return {"self": 0.0, "children": 0.0}
+        return {"self": cpu_seconds(self.proc.pid),
+                "children": sum(cpu_seconds(child) for child in child_pids(self.proc.pid))}
 
     def log_tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -185,17 +218,26 @@ class Stack:
         shared = {"RECSYS_ARTIFACT_ROOT": str(self.root), "RECSYS_REDIS_URL": self.redis.url,
                   "RECSYS_REDIS_NAMESPACE": NAMESPACE, "RECSYS_LOG_LEVEL": "WARNING",
                   **(service_env or {})}
-        retrieval_port, ranking_port = free_port(), free_port()
+        retrieval_port, ranking_port, self.ranking_metrics_port = free_port(), free_port(), free_port()
         self.retrieval = Service("retrieval_service", retrieval_port, {
             **shared, "RETRIEVAL_PORT": str(retrieval_port), "RETRIEVAL_METRICS_PORT": "0"}, self.workdir)
         self.ranking = Service("ranking_service", ranking_port, {
-            **shared, "RANKING_PORT": str(ranking_port), "RANKING_METRICS_PORT": "0",
+            **shared, "RANKING_PORT": str(ranking_port),
+            "RANKING_METRICS_PORT": str(self.ranking_metrics_port),
             "RANKING_RETRIEVAL_TARGET": self.retrieval.target}, self.workdir)
         self._published = 0
 
     @property
     def target(self) -> str:
         return self.ranking.target
+
+    def ranking_counter(self, name: str, label: str) -> dict[str, float]:
+        """The ranking service's counter ``name`` (without ``_total``) by the value of ``label``, scraped
+        from its Prometheus endpoint (blocking: call it in a thread)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ranking_metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+        return {sample.labels[label]: sample.value for family in text_string_to_metric_families(text)
+                if family.name == name for sample in family.samples if sample.name == f"{name}_total"}
 
     async def publish(self, count: int, interval_s: float = 0.0, features: bool = False) -> None:
         """Publishes ``count`` versions from a child process at low CPU priority (as if the trainer ran

@@ -2,8 +2,8 @@
 
 Lives here, its domain only: ``pipeline`` (Recommend/Rank/RecordInteractions, gRPC-free),
 ``selection`` (running top-k, MMR), ``refill`` + ``fresh`` (refilling an empty Redis, fresh
-interactions without Redis), ``retrieval_client`` (the channel to retrieval), ``shadow`` and
-``arms`` (canary and shadow runs), ``display`` (titles, genres and history when asked),
+interactions without Redis), ``retrieval_client`` (the channel to retrieval), ``arms`` (canary),
+``shadow`` (shadow sampling) with ``shadow_worker`` + ``shadow_runner`` (the shadow's own process), ``display`` (titles, genres and history when asked),
 ``batching`` (the DCN pass the kit's micro-batcher batches), ``features`` (the Redis read/record,
 and the kit's user view as DCN inputs), ``validation`` (the Ranking-only fields), and, in the same
 file shape as the retrieval service, ``config`` (env), ``metrics``, ``state`` (one loaded version),

@@ -38,7 +38,13 @@ DCN_BATCH_JOBS = Histogram("ranking_dcn_batch_jobs", "Scoring jobs merged into o
 ARM_ANSWERS = Counter("ranking_arm_answers", "Recommend answers by the arm that answered "
                       "(ARM_LIVE, ARM_CANARY, ARM_PINNED)", ["arm"])
 SHADOW_RUNS = Counter("ranking_shadow_runs", "Shadow runs of the candidate version, by result (scored, "
-                      "skipped: too many in flight, not_candidate: retrieval did not hold it, failed)", ["result"])
+                      "skipped: the worker's queue was full, it was down or still loading the candidate, "
+                      "not_candidate: retrieval did not hold it, failed)", ["result"])
+SHADOW_WORKER_PRIORITY = Gauge("ranking_shadow_worker_priority", "1 for the CPU priority the shadow worker "
+                               "process took (idle: SCHED_IDLE, nice19: nice 19 where SCHED_IDLE is refused)",
+                               ["policy"])
+SHADOW_WORKER_EXITS = Counter("ranking_shadow_worker_exits", "Times the shadow worker process died or could "
+                              "not be started (each is restarted after a backoff)")
 SHADOW_OVERLAP = Histogram("ranking_shadow_overlap_at_k", "Share of the served top k also in the candidate's top k",
                            buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.999, 1.0))
 SHADOW_RANK_CORRELATION = Histogram("ranking_shadow_rank_correlation",

@@ -1,8 +1,8 @@
 """The ranking service's composition: ``RankingApp`` and ``create_server``.
 
 ``RankingApp`` builds, once per process, what the servicer (``ranking_service.servicer``) needs:
-version holder, feature store, refiller, DCN batcher, retrieval channel, pipeline, shadow runs and
-admission; ``create_server`` binds, starts, loads the first version, then reports SERVING.
+version holder, feature store, refiller, DCN batcher, retrieval channel, pipeline, shadow sampling
+(its worker process) and admission; ``create_server`` binds, starts, loads the first version, then reports SERVING.
 """
 
 from __future__ import annotations
@@ -67,16 +67,9 @@ class RankingApp:
                                      transitions=metrics.RETRIEVAL_BREAKER_TRANSITIONS),
                                  holder=self.holder)
         self.admission = Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)
-        # The shadow runs on its own DCN batcher (its batches never join or queue before a live
-        # one) and its own retrieval breaker (a failing candidate must not open the live one).
-        self.shadow_batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000)
-        self.shadow = Shadow(Pipeline(features=self.features, batcher=self.shadow_batcher,
-                                      candidates=self.candidates, fallback="unavailable",
-                                      breaker=CircuitBreaker("ranking-shadow-retrieval",
-                                                             config.retrieval_breaker_failures,
-                                                             config.retrieval_breaker_cooldown_ms / 1000),
-                                      holder=self.holder),
-                             config, self.holder, self._spawn)
+        # The shadow runs in its own process at idle CPU priority (ranking_service.shadow_worker);
+        # this process only samples and enqueues.
+        self.shadow = Shadow(config, self.holder)
         self._tasks: set[asyncio.Task] = set()
 
     def _on_swap(self, state: ServingState, version: int) -> None:
@@ -109,8 +102,8 @@ class RankingApp:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.shadow.close()
         await self.batcher.close()
-        await self.shadow_batcher.close()
         await self.candidates.close()
         await self.features.close()
 

@@ -62,6 +62,11 @@ def test_shadow_scaled_down_alternates_the_arm_and_changes_no_answer(published, 
     assert set(document["summary"]["versions"]["ranking"]) == {"1"}      # the shadow never answers
     assert ab["p99_ratio"] == pytest.approx(ab["on"]["latency_ms"]["p99"] / ab["off"]["latency_ms"]["p99"])
     assert "on/off p99" in shadow_ab_line(ab)
+    # each window's CPU by process and shadow runs by result, over its measured part
+    assert all(span["measured_s"] > 0 and set(span["cpu_s"]) == {"ranking", "shadow_worker", "retrieval", "redis"}
+               for span in fault["windows"])
+    assert ab["on"]["cpu_s_per_s"]["ranking"] > 0 < ab["on"]["cpu_s_per_s"]["retrieval"]
+    assert sum(ab["on"]["shadow_runs"].values()) > 0          # sampled: skipped while the worker loads, or run
 
 
 def test_arm_windows_pools_each_arm_after_its_guard():
