@@ -20,7 +20,7 @@ from typing import Callable
 from ranking_service import validation
 from ranking_service.batching import MicroBatcher
 from ranking_service.config import RankingConfig
-from ranking_service.features import FeatureStore, redis_breaker
+from ranking_service.features import FeatureStore
 from ranking_service.pipeline import Pipeline
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient
 from ranking_service.shadow import kendall_tau, overlap_at_k
@@ -32,13 +32,14 @@ from recsys_contracts.signing import Trust
 from recsys_contracts.v1 import ranking_pb2
 from recsys_serving import env
 from recsys_serving.breaker import CircuitBreaker
+from recsys_serving.reload import load_verified
 
 log = logging.getLogger(__name__)
 
 
 class CandidateHolder:
-    """The arms file's candidate version, loaded as the service loads versions; None while no arm
-    names one. Offers the part of ``VersionHolder`` the pipeline reads (``held``, ``held_versions``,
+    """The arms file's candidate version, loaded as the service loads versions (``load_verified``);
+    None while no arm names one. Offers the part of ``VersionHolder`` the pipeline reads (``held``, ``held_versions``,
     ``candidate_version``, ``used``)."""
 
     def __init__(self, root: Path, load: Callable[[Path, int], ServingState], trust: Trust) -> None:
@@ -77,7 +78,7 @@ class CandidateHolder:
             self.state = None
             return True
         try:
-            state = await asyncio.to_thread(self._load_sync, wanted)
+            state = await asyncio.to_thread(load_verified, self.root, wanted, self.trust, self.load)
         except artifacts.IncompleteVersionError:
             return False                             # retried on the next poll
         except Exception as error:  # a refused candidate is never retried; the service refuses it too
@@ -87,17 +88,10 @@ class CandidateHolder:
         self.state = state
         return True
 
-    def _load_sync(self, version: int) -> ServingState:
-        artifacts.verify(self.root, version, self.trust)    # the signature first, then every checksum
-        return self.load(artifacts.version_dir(self.root, version), version)
-
 
 def build_pipeline(config: RankingConfig, holder: CandidateHolder, candidates: CandidateSource) -> Pipeline:
     """The shadow's pipeline: its own DCN batcher, Redis client and retrieval breaker; no popular fallback."""
-    features = FeatureStore(config.redis_url, config.redis_namespace, config.redis_timeout_ms,
-                            breaker=redis_breaker(config.redis_breaker_failures,
-                                                  config.redis_breaker_cooldown_ms / 1000))
-    return Pipeline(features=features,
+    return Pipeline(features=FeatureStore.from_config(config),
                     batcher=MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000),
                     candidates=candidates, fallback="unavailable",
                     breaker=CircuitBreaker("ranking-shadow-retrieval", config.retrieval_breaker_failures,

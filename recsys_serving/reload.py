@@ -60,6 +60,13 @@ VERSION_REFUSED = Counter("recsys_version_refused_total",
                           ["reason"])
 
 
+def load_verified(root: Path, version: int, trust: Trust, load: Callable[[Path, int], T]) -> T:
+    """Version ``version`` of ``root`` built by ``load(version_dir, version)`` once its signature and
+    then every checksum check out (``artifacts.verify``); blocking."""
+    artifacts.verify(root, version, trust)
+    return load(artifacts.version_dir(root, version), version)
+
+
 def refusal_reason(error: Exception) -> str:
     """The ``reason`` label for a refused version."""
     if isinstance(error, artifacts.UntrustedVersionError):
@@ -208,8 +215,7 @@ class VersionHolder(Generic[T]):
         return target
 
     def _load_sync(self, version: int) -> T:
-        artifacts.verify(self.root, version, self.trust)    # the signature first, then every checksum
-        return self.load(artifacts.version_dir(self.root, version), version)
+        return load_verified(self.root, version, self.trust, self.load)
 
     async def refresh(self) -> bool:
         """Loads and swaps in the target version if it changed, then follows the arms file (a
