@@ -66,6 +66,12 @@ class FeatureStore:
         self.breaker = breaker if breaker is not None else redis_breaker(
             RankingConfig.redis_breaker_failures, RankingConfig.redis_breaker_cooldown_ms / 1000)
 
+    @classmethod
+    def from_config(cls, config: RankingConfig) -> "FeatureStore":
+        """The store ``config`` names (Redis URL, namespace, timeout) behind its own Redis breaker."""
+        return cls(config.redis_url, config.redis_namespace, config.redis_timeout_ms,
+                   breaker=redis_breaker(config.redis_breaker_failures, config.redis_breaker_cooldown_ms / 1000))
+
     def mark_down(self, operation: str, error: BaseException) -> None:
         metrics.REDIS_ERRORS.labels(operation).inc()
         self.breaker.record_failure(error)

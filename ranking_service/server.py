@@ -17,7 +17,7 @@ import grpc
 from ranking_service import metrics
 from ranking_service.batching import MicroBatcher
 from ranking_service.config import RankingConfig
-from ranking_service.features import FeatureStore, redis_breaker
+from ranking_service.features import FeatureStore
 from ranking_service.pipeline import Pipeline
 from ranking_service.refill import run_refiller
 from ranking_service.retrieval_client import CandidateSource, RetrievalClient
@@ -54,9 +54,7 @@ class RankingApp:
         else:
             holder.follow(self._on_swap, self._on_refuse)     # a preloaded holder (tests)
         self.holder = holder
-        self.features = FeatureStore(config.redis_url, config.redis_namespace, config.redis_timeout_ms,
-                                     breaker=redis_breaker(config.redis_breaker_failures,
-                                                           config.redis_breaker_cooldown_ms / 1000))
+        self.features = FeatureStore.from_config(config)
         self.batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000)
         self.candidates = candidates if candidates is not None else RetrievalClient(config)
         self.pipeline = Pipeline(features=self.features, batcher=self.batcher, candidates=self.candidates,
