@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import socket
 
@@ -108,20 +109,31 @@ def test_deadline_too_short_on_arrival_fails_before_any_retrieval_or_redis_call(
     assert "deadline must leave at least 1000 ms" in error.details()
 
 
-def test_overload_gets_resource_exhausted_at_once(published, loaded):
-    root, _ = published
-    # A retrieval that accepts connections and never answers: the first Recommend holds its slot.
+@contextlib.contextmanager
+def silent_retrieval_config(root, **settings):
+    """A config with ``settings`` whose retrieval accepts connections and never answers."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
-        cfg = config(root, max_in_flight=1, max_concurrency=1,
-                     retrieval_target=f"127.0.0.1:{silent.getsockname()[1]}")
+        yield config(root, retrieval_target=f"127.0.0.1:{silent.getsockname()[1]}", **settings)
+
+
+async def hold_the_slot(stub, app) -> asyncio.Future:
+    """A Recommend that waits on the silent retrieval, once admission counts it in flight."""
+    held = asyncio.ensure_future(stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3), timeout=1))
+    while app.admission.in_flight < 1:
+        await asyncio.sleep(0.01)
+    return held
+
+
+def test_overload_gets_resource_exhausted_at_once(published, loaded):
+    root, _ = published
+    # The first Recommend holds the only slot.
+    with silent_retrieval_config(root, max_in_flight=1, max_concurrency=1) as cfg:
 
         async def main():
             async with serve(cfg, state=loaded) as (stub, _, app):
-                first = asyncio.ensure_future(stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3), timeout=1))
-                while app.admission.in_flight < 1:
-                    await asyncio.sleep(0.01)
+                first = await hold_the_slot(stub, app)
                 before = sample("ranking_requests_total", method="Rank", code="RESOURCE_EXHAUSTED")
                 with pytest.raises(grpc.aio.AioRpcError) as error:
                     await stub.Rank(ranking_pb2.RankRequest(user_id="1", item_ids=[1]), timeout=3)
@@ -142,11 +154,7 @@ def test_grpc_refuses_calls_beyond_admission_plus_headroom_before_the_servicer(p
     # (its message, no servicer, nothing counted); once a watch ends, admission answers again
     # and counts its refusal.
     root, _ = published
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        cfg = config(root, max_in_flight=1, max_concurrency=1,
-                     retrieval_target=f"127.0.0.1:{silent.getsockname()[1]}")
+    with silent_retrieval_config(root, max_in_flight=1, max_concurrency=1) as cfg:
         assert rpc_limit(cfg.max_in_flight) == 1 + UNADMITTED_HEADROOM
 
         async def main():
@@ -156,10 +164,7 @@ def test_grpc_refuses_calls_beyond_admission_plus_headroom_before_the_servicer(p
                            for _ in range(UNADMITTED_HEADROOM)]
                 for watch in watches:
                     await watch.read()                     # each watch is active on the server
-                held = asyncio.ensure_future(stub.Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3),
-                                                            timeout=1))
-                while app.admission.in_flight < 1:
-                    await asyncio.sleep(0.01)
+                held = await hold_the_slot(stub, app)
                 seen = sample("ranking_requests_total", method="Rank", code="RESOURCE_EXHAUSTED")
                 full = sample("ranking_refused_total", reason="full")
                 with pytest.raises(grpc.aio.AioRpcError) as by_grpc:
@@ -192,11 +197,7 @@ def test_grpc_refuses_calls_beyond_admission_plus_headroom_before_the_servicer(p
 def test_admission_drops_expired_queued_work_and_refuses_what_cannot_finish_in_time(published, loaded):
     root, _ = published
     # A retrieval that never answers: each Recommend holds the only slot until its popular fallback.
-    with socket.socket() as silent:
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        cfg = config(root, max_concurrency=1, max_in_flight=64, default_deadline_ms=300,
-                     retrieval_target=f"127.0.0.1:{silent.getsockname()[1]}")
+    with silent_retrieval_config(root, max_concurrency=1, max_in_flight=64, default_deadline_ms=300) as cfg:
 
         async def holding(stub, app, timeout_s: float) -> asyncio.Future:
             held = asyncio.ensure_future(
