@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -25,22 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.program_bench import inputs, models  # noqa: E402
+from benchmarks.program_bench import inputs, median_ms, models  # noqa: E402
 from recsys_contracts.programs import RANKER, load_program  # noqa: E402
 from trainer.export import export_ranker  # noqa: E402
-
-
-def median_ms(call, repeats: int, sync=lambda: None) -> float:
-    for _ in range(3):
-        call()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,13 +66,17 @@ def inputs(tables, rows: int, ranker_history: int | None) -> dict[str, torch.Ten
             "retrieval_score": torch.as_tensor(rng.normal(size=rows).astype(np.float32))}
 
 
-def median_ms(call, repeats: int) -> float:
+def median_ms(call, repeats: int, sync=lambda: None) -> float:
+    """Median milliseconds of ``call`` over ``repeats`` after a warm-up; ``sync`` waits for
+    asynchronous work (a CUDA stream) before each clock read."""
     for _ in range(max(3, repeats // 10)):
         call()
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         call()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
 
