@@ -280,18 +280,18 @@ async def _open_loop(target: str, users: list[str], rate: float, duration_s: flo
 
 def thread_cpu_ms(pid: int) -> dict[str, float]:
     """CPU ms (user + system) each thread of ``pid`` has used so far, by thread id; {} off Linux."""
+    from loadtest.stack import stat_cpu_seconds
+
     out: dict[str, float] = {}
-    tick_ms = 1000.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 10.0
     try:
         tids = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return out
     for tid in tids:
         try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[tid] = 1000.0 * stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
         except OSError:
             continue                                                 # the thread ended meanwhile
-        out[tid] = (int(fields[11]) + int(fields[12])) * tick_ms     # utime, stime
     return out
 
 

@@ -42,13 +42,19 @@ SIGNING_VARS = ("RECSYS_SIGNING_KEY", *TRUST_VARS)
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
+def stat_cpu_seconds(stat_path: str | Path) -> float:
+    """User + system CPU seconds in a Linux ``/proc/.../stat`` file (a process's or a thread's);
+    OSError when it cannot be read (the process or thread is gone, or not Linux)."""
+    fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S     # utime, stime (stat fields 14, 15)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a live process (Linux ``/proc``); 0.0 once it is gone or elsewhere."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return stat_cpu_seconds(f"/proc/{pid}/stat")
     except (OSError, IndexError):
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S     # utime, stime (stat fields 14, 15)
 
 
 def child_pids(pid: int) -> list[int]:
