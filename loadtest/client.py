@@ -31,6 +31,7 @@ from loadtest.schedule import constant_arrivals, ramp_rates
 from loadtest.users import Population, UserSampler, load_population
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from recsys_serving.admission import client_service_config
+from recsys_serving.aio import within
 
 # A restarted server should get traffic within ~1 s, not after gRPC's default backoff of up to 2 min.
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
@@ -161,7 +162,7 @@ async def ramp(caller: Caller, sampler: UserSampler, config: LoadConfig,
 
 async def wait_connected(channel: grpc.aio.Channel, target: str, timeout_s: float) -> None:
     try:
-        await asyncio.wait_for(channel.channel_ready(), timeout_s)
+        await within(channel.channel_ready(), timeout_s)
     except TimeoutError:
         raise ConnectionError(f"target {target!r} did not accept a connection within {timeout_s:g} s") from None
 

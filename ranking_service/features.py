@@ -32,6 +32,7 @@ from recsys_contracts.feature_store import FreshInteraction, KeyFormat, UserReco
 from recsys_contracts.v1 import common_pb2
 from recsys_serving import features
 from recsys_serving.features import UserOverrides, UserView
+from recsys_serving.aio import within
 from recsys_serving.breaker import CircuitBreaker
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class FeatureStore:
         try:
             pipe = self.redis.pipeline(transaction=False)
             count = feature_store.queue_record_interactions(pipe, self.keys, pairs)
-            await asyncio.wait_for(pipe.execute(), timeout_s)
+            await within(pipe.execute(), timeout_s)
         except (Exception, TimeoutError) as error:
             self.mark_down("record", error)
             raise StoreUnavailable(f"the feature store did not take the interactions: {error!r}") from error

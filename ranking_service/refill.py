@@ -18,6 +18,7 @@ from ranking_service import metrics
 from ranking_service.features import FeatureStore
 from ranking_service.state import ServingState
 from recsys_contracts import feature_store
+from recsys_serving.aio import within
 from recsys_serving.reload import gil_shared_with_the_loop
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ async def refill_if_empty(store: FeatureStore, state: ServingState) -> bool:
     try:
         pipe = store.redis.pipeline(transaction=False)
         feature_store.queue_is_complete(pipe, store.keys, state.version)
-        (marker,) = await asyncio.wait_for(pipe.execute(), _BULK_TIMEOUT_S)
+        (marker,) = await within(pipe.execute(), _BULK_TIMEOUT_S)
     except (Exception, TimeoutError) as error:
         log.debug("refill check: Redis unreachable: %r", error)
         return False
@@ -57,7 +58,7 @@ async def run_refiller(store: FeatureStore, current: Callable[[], ServingState |
     """Loops forever (cancel to stop): refill checks every ``interval_s`` s or when a read asks for one."""
     while True:
         try:
-            await asyncio.wait_for(store.refill_wanted.wait(), interval_s)
+            await within(store.refill_wanted.wait(), interval_s)
         except TimeoutError:
             pass
         store.refill_wanted.clear()

@@ -26,6 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from recsys_serving.aio import within
+
 J = TypeVar("J")
 R = TypeVar("R")
 
@@ -73,7 +75,7 @@ class MicroBatcher(Generic[J, R]):
         while not self._queue:
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), timeout_s)
+                await within(self._arrived.wait(), timeout_s)
             except TimeoutError:
                 return bool(self._queue)
         return True
@@ -86,8 +88,12 @@ class MicroBatcher(Generic[J, R]):
         while len(batch) < self.max_jobs:
             if not self._queue:
                 left = give_up - time.monotonic()
-                if left <= 0 or not await self._wait_for_job(left):
-                    break
+                try:
+                    if left <= 0 or not await self._wait_for_job(left):
+                        break
+                except asyncio.CancelledError:          # closing: the jobs go back, ``close`` fails them
+                    self._queue.extendleft(reversed(batch))
+                    raise
             pending = self._queue[0]
             if self.key(pending.job) is not key or (self.max_rows is not None and rows + pending.rows > self.max_rows):
                 break

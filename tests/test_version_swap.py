@@ -45,7 +45,9 @@ async def _stream_through_publish(root: Path, new: int, redis_url: str, namespac
     outcomes: list[tuple[str, int, int, tuple[int, ...]]] = []
     try:
         loop = asyncio.get_running_loop()
+        ready_by = loop.time() + 60
         while not (retrieval.holder.ready and ranking.holder.ready):
+            assert loop.time() < ready_by, (retrieval.holder.stats, ranking.holder.stats)
             await asyncio.sleep(0.05)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{ranking_port}") as channel:
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
