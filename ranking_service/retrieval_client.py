@@ -29,7 +29,7 @@ from ranking_service.config import RankingConfig
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
 from recsys_serving.admission import client_service_config
 from recsys_serving import runtime
-from recsys_serving.runtime import REQUEST_ID_KEY, message_size_options
+from recsys_serving.runtime import BACKGROUND, PRIORITY_KEY, REQUEST_ID_KEY, message_size_options
 
 RETRIEVAL_SERVICE = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 RETRY_MAX_ATTEMPTS = 3
@@ -68,7 +68,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, object]]:
 class RetrievalClient:
     """``stream(request, timeout_s, request_id)``: the Retrieve response chunks, as they arrive."""
 
-    def __init__(self, config: RankingConfig) -> None:
+    def __init__(self, config: RankingConfig, *, background: bool = False) -> None:
+        """``background``: every call is marked background work (the shadow worker's): retrieval runs it
+        only in moments without live requests (``recsys_serving.admission.Admission.background``)."""
+        self.metadata: tuple[tuple[str, str], ...] = ((PRIORITY_KEY, BACKGROUND),) if background else ()
         options = channel_options(config.max_message_bytes)
         if config.retrieval_tls is None:
             self.channel = grpc.aio.insecure_channel(config.retrieval_target, options=options)
@@ -79,7 +82,7 @@ class RetrievalClient:
 
     async def stream(self, request: retrieval_pb2.RetrieveRequest, timeout_s: float,
                      request_id: str) -> AsyncIterator[retrieval_pb2.RetrieveResponse]:
-        call = self.stub.Retrieve(request, timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id),))
+        call = self.stub.Retrieve(request, timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id), *self.metadata))
         try:
             async for response in call:
                 yield response

@@ -131,7 +131,7 @@ async def serve(config: RankingConfig, jobs, outcomes, policy: str) -> None:
     runs the queue's jobs, at most ``MAX_IN_FLIGHT`` at once, until a ``None`` job."""
     holder = CandidateHolder(config.artifact_root, functools.partial(load_state, default_score_mode=config.score_mode),
                              env.trust(config))
-    candidates = RetrievalClient(config)
+    candidates = RetrievalClient(config, background=True)   # retrieval runs it in quiet moments only
     runner = ShadowRunner(config, holder, build_pipeline(config, holder, candidates))
     outcomes.put(Status(os.getpid(), policy, None))
     _leave_with_the_parent()

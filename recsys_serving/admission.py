@@ -35,6 +35,15 @@ than its deadline runs out), and retrying what cannot fit only adds load.
 ``client_service_config`` is the matching client side: a gRPC retry policy that honours pushback
 and a retry budget (``retryThrottling``) so retries stay a small share of the traffic.
 
+Background calls (``background(deadline)``; a call marked with ``recsys_serving.runtime.PRIORITY_KEY``,
+such as the shadow worker's Retrieve of a candidate version) are the service's spare-time work: one
+at a time, each starts only when no live request runs or waits for a slot, and waits (up to
+``MAX_BACKGROUND_QUEUED`` of them; more are refused at once) until then, or is dropped unstarted
+(``Expired``) when its deadline passes first. It takes no live slot and no part in the service-time
+estimate, so live admission never sees it; a live request that arrives while it runs starts at
+once beside it. Live traffic is never queued behind background work, only shares the CPU with the
+one call that started in a quiet moment.
+
 One object per process, used from one event loop (no locks).
 """
 
@@ -54,6 +63,7 @@ PUSHBACK_KEY = "grpc-retry-pushback-ms"   # gRPC's trailer: wait this long befor
 EWMA_WEIGHT = 0.1                         # weight of the newest service time in the moving average
 QUEUE_WAIT_SLACK = 2.0                    # the expected queue wait counts this many times at admission
 _CLOCK_SLACK_S = 0.002
+MAX_BACKGROUND_QUEUED = 16                # background calls waiting for a quiet moment; more are refused
 
 
 class Refused(Exception):
@@ -82,6 +92,7 @@ class AdmissionMetrics:
     expired: Counter          # dropped from the queue, deadline passed
     service_seconds: Gauge    # the moving average ``s``
     queue_wait: Histogram     # seconds admitted requests waited for a slot
+    background: Counter | None = None   # background calls by result: ran | expired | refused
 
 
 def admission_metrics(prefix: str, calls: str, buckets: tuple[float, ...]) -> AdmissionMetrics:
@@ -96,7 +107,10 @@ def admission_metrics(prefix: str, calls: str, buckets: tuple[float, ...]) -> Ad
         service_seconds=Gauge(f"{prefix}_service_seconds_estimate",
                               f"Moving average of the seconds one of the {calls} holds a slot"),
         queue_wait=Histogram(f"{prefix}_queue_wait_seconds", f"Seconds admitted {calls} waited for a slot",
-                             buckets=buckets))
+                             buckets=buckets),
+        background=Counter(f"{prefix}_background", f"Background {calls} (the shadow's), by result: ran (in a "
+                           "moment without live work), expired (deadline passed waiting), refused (too many waiting)",
+                           ["result"]))
 
 
 class Admission:
@@ -110,6 +124,8 @@ class Admission:
         self.running = 0
         self.service_s = 0.0          # EWMA of slot-holding seconds; 0 until the first completion
         self._waiters: deque[asyncio.Future] = deque()
+        self.background_running = False
+        self._background_waiters: deque[asyncio.Future] = deque()
 
     @property
     def queued(self) -> int:
@@ -167,6 +183,59 @@ class Admission:
             self._release()
             self._record(time.monotonic() - started)
 
+    @property
+    def quiet(self) -> bool:
+        """No live request runs or waits, and no background call runs: a background call may start."""
+        return self.running == 0 and not self._waiters and not self.background_running
+
+    @contextlib.asynccontextmanager
+    async def background(self, deadline: float) -> AsyncIterator[None]:
+        """Runs the body as background work (see the module docstring): ``Refused`` at once when
+        ``MAX_BACKGROUND_QUEUED`` already wait, ``Expired`` when the deadline passes before a quiet moment."""
+        if not self.quiet or self._background_waiters:
+            if len(self._background_waiters) >= MAX_BACKGROUND_QUEUED:
+                self._count_background("refused")
+                raise Refused(f"too many background calls waiting (max {MAX_BACKGROUND_QUEUED})", "background", -1)
+            waiter = asyncio.get_running_loop().create_future()
+            self._background_waiters.append(waiter)
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await waiter                      # ``_wake_background`` set background_running for us
+            except BaseException as error:
+                if waiter.done() and not waiter.cancelled():
+                    self._background_done()           # it was handed the turn as it gave up: pass it on
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._background_waiters.remove(waiter)
+                if isinstance(error, TimeoutError):
+                    self._count_background("expired")
+                    raise Expired("the deadline passed while the background call waited for a quiet moment") from None
+                raise
+        else:
+            self.background_running = True
+        self._count_background("ran")
+        try:
+            yield
+        finally:
+            self._background_done()
+
+    def _background_done(self) -> None:
+        self.background_running = False
+        self._wake_background()
+
+    def _wake_background(self) -> None:
+        """Hands the turn to the first background waiter when the service is quiet."""
+        while self.quiet and self._background_waiters:
+            waiter = self._background_waiters.popleft()
+            if not waiter.done():
+                self.background_running = True
+                waiter.set_result(None)
+                return
+
+    def _count_background(self, result: str) -> None:
+        if self.metrics is not None and self.metrics.background is not None:
+            self.metrics.background.labels(result).inc()
+
     async def _wait(self, deadline: float) -> None:
         """Queues until ``_release`` hands this request a slot; Expired when the deadline passes first."""
         waiter = asyncio.get_running_loop().create_future()
@@ -204,6 +273,8 @@ class Admission:
                 return
         self.running -= 1
         self._gauges()
+        if self._background_waiters:
+            self._wake_background()
 
     def _record(self, seconds: float) -> None:
         self.service_s = seconds if self.service_s == 0.0 else (

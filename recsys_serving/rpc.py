@@ -8,7 +8,8 @@
 - admission: ``call.admitted()`` takes a slot of the service's ``recsys_serving.admission``
   (RESOURCE_EXHAUSTED at once with a ``grpc-retry-pushback-ms`` trailer, or DEADLINE_EXCEEDED
   unstarted) and bounds the work by the deadline; the handler decides what runs before it
-  (validation that needs no slot) and inside it;
+  (validation that needs no slot) and inside it. A call marked background
+  (``recsys_serving.runtime.PRIORITY_KEY``) waits for a quiet moment instead (``Admission.background``);
 - the status: ``RpcError(code, details)`` is sent as is; the service's ``errors`` map its own
   exception types to codes (the exception's message is the details); a ``TimeoutError`` is
   DEADLINE_EXCEEDED; anything else is INTERNAL (logged with its traceback, "internal error" on the
@@ -34,7 +35,7 @@ from typing import TypeVar
 import grpc
 
 from recsys_serving.admission import Admission, Expired, Refused
-from recsys_serving.runtime import request_id as request_id_of
+from recsys_serving.runtime import is_background, request_id as request_id_of
 
 T = TypeVar("T")
 # A cancellation this close to the deadline is the deadline.
@@ -56,11 +57,13 @@ class Call:
     deadline: float
     request_id: str
     admission: Admission
+    background: bool = False
 
     @contextlib.asynccontextmanager
     async def admitted(self) -> AsyncIterator[None]:
-        """Holds an admission slot and bounds the body by the deadline."""
-        async with self.admission.slot(self.deadline):
+        """Holds an admission slot (a background call: the background turn) and bounds the body by the deadline."""
+        gate = self.admission.background if self.background else self.admission.slot
+        async with gate(self.deadline):
             async with asyncio.timeout_at(self.deadline):
                 yield
 
@@ -98,7 +101,7 @@ class Rpc:
                 raise RpcError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"deadline must leave at least {self.min_deadline_s * 1000:.0f} ms, "
                                f"got {remaining * 1000:.1f} ms")
-            return await handle(Call(deadline, rid, self.admission))
+            return await handle(Call(deadline, rid, self.admission, is_background(context)))
         except RpcError as failure:
             code, details = failure.code, failure.details
         except Refused as refusal:

@@ -21,6 +21,9 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram, start_http_server
 
 REQUEST_ID_KEY = "x-request-id"   # gRPC metadata key carrying the request id across services
+# gRPC metadata marking a call as background work (the shadow's): it runs only in quiet moments
+# (``recsys_serving.admission.Admission.background``).
+PRIORITY_KEY, BACKGROUND = "x-recsys-priority", "background"
 
 MALFORMED_REQUESTS = Counter("recsys_malformed_requests", "Requests whose bytes did not decode as the method's "
                              "message (corrupt wire data, non-UTF-8 strings), answered INVALID_ARGUMENT",
@@ -107,6 +110,11 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
         if key == REQUEST_ID_KEY:
             return str(value)[:128]
     return ""
+
+
+def is_background(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the caller marked the call as background work (``PRIORITY_KEY`` = ``BACKGROUND``)."""
+    return any(key == PRIORITY_KEY and value == BACKGROUND for key, value in context.invocation_metadata() or ())
 
 
 class Malformed:

@@ -44,6 +44,7 @@ class App:
     server: grpc.aio.Server
     generator: CandidateGenerator
     health: grpc_health.aio.HealthServicer
+    admission: Admission
     holder: VersionHolder[ServingState] | None = None
     _tasks: set[asyncio.Task] = field(default_factory=set, repr=False)
 
@@ -100,10 +101,10 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     generator = CandidateGenerator(_feature_store(config), batcher)
     server = runtime.new_server(config)
     health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
-    app = App(config, server, generator, health_servicer, holder)
+    admission = Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)
+    app = App(config, server, generator, health_servicer, admission, holder)
     holder = app.holder
-    servicer = RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size,
-                                 Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION),
+    servicer = RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size, admission,
                                  config.default_deadline_ms / 1000)
     runtime.add_servicer(server, servicer, retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
                          on_malformed=lambda method: metrics.REQUESTS.labels("INVALID_ARGUMENT").inc())

@@ -8,7 +8,8 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from recsys_serving.admission import PUSHBACK_KEY, QUEUE_WAIT_SLACK, Admission, AdmissionMetrics, Expired, Refused
+from recsys_serving.admission import (MAX_BACKGROUND_QUEUED, PUSHBACK_KEY, QUEUE_WAIT_SLACK, Admission,
+                                      AdmissionMetrics, Expired, Refused)
 
 
 @pytest.fixture
@@ -22,7 +23,8 @@ def admission(registry, concurrency: int = 1, in_flight: int = 10) -> Admission:
         refused=Counter("t_refused", "", ["reason"], registry=registry),
         expired=Counter("t_expired", "", registry=registry),
         service_seconds=Gauge("t_service_seconds", "", registry=registry),
-        queue_wait=Histogram("t_queue_wait_seconds", "", registry=registry))
+        queue_wait=Histogram("t_queue_wait_seconds", "", registry=registry),
+        background=Counter("t_background", "", ["result"], registry=registry))
     return Admission(concurrency, in_flight, metrics)
 
 
@@ -193,3 +195,107 @@ def test_the_queue_wait_counts_twice_so_a_request_whose_mean_finish_just_fits_is
     assert QUEUE_WAIT_SLACK == 2.0
     assert refused.reason == "deadline" and "expected 100 ms queued (x2) + 100 ms serving" in str(refused)
     assert queued == 1
+
+
+async def background_job(gate: Admission, log: list, name: str, deadline_s: float = 30.0,
+                         release: asyncio.Event | None = None) -> None:
+    async with gate.background(time.monotonic() + deadline_s):
+        log.append(f"{name} started")
+        if release is not None:
+            await release.wait()
+    log.append(f"{name} done")
+
+
+def test_background_work_waits_for_a_quiet_moment_one_at_a_time(registry):
+    async def main():
+        gate = admission(registry, concurrency=2)
+        log: list[str] = []
+        release, live = await occupied(gate)
+        held = asyncio.Event()
+        first = asyncio.ensure_future(background_job(gate, log, "bg1", release=held))
+        second = asyncio.ensure_future(background_job(gate, log, "bg2"))
+        await asyncio.sleep(0.02)
+        while_live = list(log)                    # nothing started while a live request runs
+        release.set()
+        await live
+        await asyncio.sleep(0.01)
+        after_live = list(log)                    # bg1 runs, bg2 waits for it
+        # A live request arriving while bg1 runs is admitted at once, beside it.
+        async with gate.slot(time.monotonic() + 1):
+            log.append("live ran")
+        held.set()
+        await asyncio.gather(first, second)
+        return while_live, after_live, log, gate.running, gate.background_running
+
+    while_live, after_live, log, running, background_running = asyncio.run(main())
+    assert while_live == []
+    assert after_live == ["bg1 started"]
+    assert log == ["bg1 started", "live ran", "bg1 done", "bg2 started", "bg2 done"]
+    assert (running, background_running) == (0, False)
+    assert value(registry, "t_background_total", result="ran") == 2
+
+
+def test_background_work_takes_no_live_slot_and_no_part_in_the_estimate(registry):
+    async def main():
+        gate = admission(registry, concurrency=1)
+        started = asyncio.Event()
+        job = asyncio.ensure_future(background_job(gate, [], "bg", release=started))
+        await asyncio.sleep(0.05)                 # the background call runs for >= 50 ms
+        async with gate.slot(time.monotonic() + 1):   # the only live slot is free: admitted at once
+            slot_taken = gate.running
+        started.set()
+        await job
+        return slot_taken, gate.service_s
+
+    slot_taken, service_s = asyncio.run(main())
+    assert slot_taken == 1
+    assert service_s < 0.05                       # only the live request's time, not the background's
+
+
+def test_background_work_whose_deadline_passes_waiting_never_starts(registry):
+    async def main():
+        gate = admission(registry)
+        log: list[str] = []
+        release, live = await occupied(gate)
+        with pytest.raises(Expired, match="quiet moment"):
+            await background_job(gate, log, "bg", deadline_s=0.05)
+        release.set()
+        await live
+        return log, gate.background_running
+
+    assert asyncio.run(main()) == ([], False)
+    assert value(registry, "t_background_total", result="expired") == 1
+
+
+def test_too_many_background_calls_waiting_are_refused_at_once(registry):
+    async def main():
+        gate = admission(registry)
+        release, live = await occupied(gate)
+        waiting = [asyncio.ensure_future(background_job(gate, [], f"bg{i}")) for i in range(MAX_BACKGROUND_QUEUED)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Refused) as refused:
+            await background_job(gate, [], "one too many")
+        release.set()
+        await asyncio.gather(live, *waiting)
+        return refused.value
+
+    refused = asyncio.run(main())
+    assert refused.reason == "background" and refused.pushback_ms == -1
+    assert value(registry, "t_background_total", result="refused") == 1
+    assert value(registry, "t_background_total", result="ran") == MAX_BACKGROUND_QUEUED
+
+
+def test_a_cancelled_background_waiter_passes_its_turn_on(registry):
+    async def main():
+        gate = admission(registry)
+        log: list[str] = []
+        release, live = await occupied(gate)
+        cancelled = asyncio.ensure_future(background_job(gate, log, "cancelled"))
+        kept = asyncio.ensure_future(background_job(gate, log, "kept"))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        release.set()
+        await asyncio.gather(live, kept)
+        return log, gate.background_running
+
+    assert asyncio.run(main()) == (["kept started", "kept done"], False)

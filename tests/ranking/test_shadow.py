@@ -114,8 +114,11 @@ def test_shadow_scores_the_candidate_off_the_answer_path(published, loaded, retr
     write_arms(root, Arms(candidate=candidate, canary_percent=0.0, shadow_percent=100.0))
     before = _runs()
     overlaps = (sample("ranking_shadow_overlap_at_k_count"), sample("ranking_shadow_overlap_at_k_sum"))
+    background = sample("retrieval_background_total", result="ran")
     shadowed = run(_serve_with_shadow(root, loaded, retrieval_loaded, users, candidate))
     runs = {r: value - before[r] for r, value in _runs().items()}
+    # every scored run's Retrieve reached retrieval marked as background work (its quiet-moment lane)
+    assert sample("retrieval_background_total", result="ran") - background >= runs["scored"]
     assert shadowed == plain                                    # the answers are unchanged
     assert {arm for arm, *_ in shadowed} == {ranking_pb2.ARM_LIVE}
     assert runs["scored"] + runs["skipped"] == len(users) and runs["scored"] > 0, runs

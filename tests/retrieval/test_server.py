@@ -23,6 +23,7 @@ from retrieval_service.generator import CandidateGenerator, DeadlineExceeded
 from retrieval_service.server import SERVICE_NAME, create_server
 from retrieval_service.state import embed, table_row
 from retrieval_service.validation import Query
+from recsys_serving.runtime import BACKGROUND, PRIORITY_KEY
 from tests.retrieval.harness import cached_holder, config, health_status, items, retrieve, sample, serve
 
 COLD = common_pb2.DEGRADED_PATH_COLD_START_USER
@@ -239,3 +240,35 @@ def test_a_bug_is_internal_without_a_traceback_and_logged_with_the_request_id(pu
     assert error.code() == grpc.StatusCode.INTERNAL and error.details() == "internal error"
     logged = [r for r in caplog.records if r.getMessage() == "Retrieve failed"]
     assert logged and logged[0].request_id == "req-42" and "queries must have shape" in logged[0].exc_text
+
+
+def test_a_background_retrieve_waits_for_a_quiet_moment_and_expires_unstarted(published, loaded):
+    """A Retrieve marked background (the shadow worker's) runs only when no live Retrieve runs or waits."""
+    root, version = published
+    background = ((PRIORITY_KEY, BACKGROUND),)
+
+    async def body():
+        async with serve(config(root), holder=cached_holder(root, loaded)) as (stub, _, app):
+            admission = app.admission
+            request = retrieval_pb2.RetrieveRequest(user_id=known_user(loaded), num_candidates=5)
+            before = {r: sample("retrieval_background_total", result=r) for r in ("ran", "expired")}
+            async with admission.slot(time.monotonic() + 30):           # a live Retrieve in progress
+                with pytest.raises(grpc.aio.AioRpcError) as expired:
+                    await _collect(stub.Retrieve(request, timeout=0.2, metadata=background))
+                waiting = asyncio.ensure_future(_collect(stub.Retrieve(request, timeout=10, metadata=background)))
+                await asyncio.sleep(0.2)
+                done_while_live = waiting.done()
+                live = await _collect(stub.Retrieve(request, timeout=5))   # live work is never held back
+            chunks = await waiting                                         # the slot is free: it runs
+            after = {r: sample("retrieval_background_total", result=r) - before[r] for r in before}
+            return expired.value.code(), done_while_live, live, chunks, after
+
+    code, done_while_live, live, chunks, after = asyncio.run(body())
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert not done_while_live
+    assert items(chunks) == items(live) and {c.model_version for c in chunks} == {version}
+    assert after == {"ran": 1, "expired": 1}
+
+
+async def _collect(call) -> list:
+    return [chunk async for chunk in call]
