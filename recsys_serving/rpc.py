@@ -18,7 +18,7 @@
   scheduling noise, not by intent), else as CANCELLED;
 - metrics and logs: ``count(method, code, seconds)`` once per call; a failed call is logged at INFO
   with its code and the request id (the caller's ``x-request-id``, else a fresh one), a successful
-  one at DEBUG.
+  one and a refusal (RESOURCE_EXHAUSTED: counted, but a line each would cost CPU under overload) at DEBUG.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ from recsys_serving.runtime import is_background, request_id as request_id_of
 T = TypeVar("T")
 # A cancellation this close to the deadline is the deadline.
 DEADLINE_SLACK_S = 0.02
+# Logged at DEBUG only (the request metrics count them): successes, and refusals, which come by the
+# thousand per second under overload, when a log line each is CPU spent on the requests being refused.
+_COUNTED_NOT_LOGGED = (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class RpcError(Exception):
@@ -126,8 +129,9 @@ class Rpc:
                 code, details = grpc.StatusCode.INTERNAL, "internal error"
         finally:
             self.count(method, code.name, time.perf_counter() - started)
-            if code != grpc.StatusCode.INTERNAL and (code != grpc.StatusCode.OK or self.log.isEnabledFor(logging.DEBUG)):
-                self.log.log(logging.DEBUG if code == grpc.StatusCode.OK else logging.INFO, "%s -> %s: %s",
+            quiet = code in _COUNTED_NOT_LOGGED
+            if code != grpc.StatusCode.INTERNAL and (not quiet or self.log.isEnabledFor(logging.DEBUG)):
+                self.log.log(logging.DEBUG if quiet else logging.INFO, "%s -> %s: %s",
                              method, code.name, details, extra={"request_id": rid, "code": code.name})
         if context.cancelled() or context.done():   # the call already ended: nothing left to send
             return None
