@@ -72,6 +72,19 @@ def republish(root: Path, source_root: Path, count: int, interval_s: float,
     if source_version is None:
         raise ValueError(f"source_root must hold a published version (CURRENT), got {str(source_root)!r}")
     manifest = artifacts.verify(source_root, source_version, None)   # the copies are signed anew below
+    versions = []
+    for i in range(count):
+        if i and interval_s:
+            time.sleep(interval_s)
+        versions.append(_go_live(root, publish_copy(root, source_root, source_version, manifest, signer=signer),
+                                 features))
+    return versions
+
+
+def publish_copy(root: Path, source_root: Path, source_version: int, manifest: artifacts.Manifest, *,
+                 signer: Signer | None) -> int:
+    """Publishes into ``root`` a copy of ``source_root``'s version ``source_version`` (its files as
+    ``manifest`` lists them), signed by ``signer``, not current; returns the new version's number."""
     source_dir = artifacts.version_dir(source_root, source_version)
 
     def copy_files(staging: Path) -> None:
@@ -79,15 +92,8 @@ def republish(root: Path, source_root: Path, count: int, interval_s: float,
             (staging / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source_dir / rel, staging / rel)
 
-    versions = []
-    for i in range(count):
-        if i and interval_s:
-            time.sleep(interval_s)
-        version = artifacts.publish(root, copy_files, data=manifest.data, config=manifest.config,
-                                    metrics=manifest.metrics, extra=manifest.extra, make_current=False,
-                                    signer=signer)
-        versions.append(_go_live(root, version, features))
-    return versions
+    return artifacts.publish(root, copy_files, data=manifest.data, config=manifest.config, metrics=manifest.metrics,
+                             extra=manifest.extra, make_current=False, signer=signer)
 
 
 def publish_tiny(root: Path, data_dir: Path | None, count: int, interval_s: float, seed: int,

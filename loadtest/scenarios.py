@@ -36,6 +36,7 @@ from loadtest.client import channel_options, drive, wait_connected, warm_up
 from loadtest.collector import measured_window
 from loadtest.config import LoadConfig, validate
 from loadtest.output import save_run
+from loadtest.publish import publish_copy
 from loadtest.results import Outcome, elapsed_s, latency_stats, summarize, window
 from loadtest.stack import Stack
 from loadtest.users import load_population
@@ -64,16 +65,7 @@ async def _stage_candidate(stack: Stack) -> int:
     """Publishes a copy of the live version (signed, not current) and returns its number."""
     live = artifacts.current_version(stack.root)
     manifest = artifacts.read_manifest(stack.root, live)
-    source = artifacts.version_dir(stack.root, live)
-
-    def copy(staging: Path) -> None:
-        for rel in manifest.files:
-            (staging / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / rel, staging / rel)
-
-    return await asyncio.to_thread(artifacts.publish, stack.root, copy, data=manifest.data,
-                                   config=manifest.config, metrics=manifest.metrics, extra=manifest.extra,
-                                   make_current=False, signer=signer_for())
+    return await asyncio.to_thread(publish_copy, stack.root, stack.root, live, manifest, signer=signer_for())
 
 
 # Shadow switched on in the middle two of every four windows (off, on, on, off, ...): a drift of the
