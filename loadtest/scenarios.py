@@ -30,9 +30,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 
-from loadtest.client import channel_options, drive, wait_connected, warm_up
+from loadtest.client import ChannelPool, channel_options, drive, wait_connected, warm_up
 from loadtest.collector import measured_window
 from loadtest.config import LoadConfig, validate
 from loadtest.output import save_run
@@ -82,7 +81,8 @@ AB_PATTERN = (False, True, True, False)
 
 
 def _cpu_s(stack: Stack) -> dict[str, float]:
-    """CPU seconds so far of ranking, its shadow worker (its children), retrieval and Redis."""
+    """CPU seconds so far of ranking, its shadow worker (its descendants: with RANKING_WORKERS > 1
+    the worker processes too, so the shadow A/B split assumes 1), retrieval and Redis."""
     ranking, retrieval, redis_cpu = stack.ranking.cpu_s(), stack.retrieval.cpu_s(), stack.redis.cpu_s()
     return {"ranking": ranking["self"], "shadow_worker": ranking["children"], "retrieval": retrieval["self"],
             "redis": redis_cpu["self"]}
@@ -309,7 +309,7 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
     async with Stack(workdir, data_dir, source_root, seed, service_env) as stack:
         config = validate(dataclasses.replace(config, target=stack.target, mode=scenario.mode,
                                               duration_s=scenario.duration_s))
-        async with grpc.aio.insecure_channel(stack.target, options=channel_options(config.retry)) as channel:
+        async with ChannelPool(stack.target, channel_options(config.retry), config.channels) as channel:
             await wait_connected(channel, stack.target, config.connect_timeout_s)
             await warm_up(channel, config, population)
             with measured_window() as collector:
