@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.client import run_load
@@ -29,7 +28,7 @@ from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service import config as retrieval_config
 from tests.conftest import REPO_ROOT
 from tests.factories import publish_tiny_version
-from tests.processes import free_port
+from tests.processes import free_port, wait_serving
 from tests.signing_keys import SIGNING_ENV
 
 pytestmark = pytest.mark.slow
@@ -64,18 +63,8 @@ class Service:
                                          env=_env(**settings))
 
     def wait_serving(self) -> None:
-        end = time.monotonic() + START_TIMEOUT_S
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < end:
-                assert self.proc.poll() is None, f"the service exited: {self.stderr()[-2000:]}"
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
-        raise AssertionError(f"not SERVING within {START_TIMEOUT_S} s")
+            wait_serving(channel, self.proc, START_TIMEOUT_S, lambda: self.stderr()[-2000:])
 
     def wait_all_serving(self, gauge: str) -> set[int]:
         """Waits until every worker holds the version (its per-pid ``gauge``; health checks reach one
