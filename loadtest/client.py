@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from loadtest.schedule import constant_arrivals, ramp_rates
 from loadtest.users import Population, UserSampler, load_population
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from recsys_serving.admission import client_service_config
+from recsys_serving.channels import ChannelPool
 from recsys_serving.aio import within
 
 # A restarted server should get traffic within ~1 s, not after gRPC's default backoff of up to 2 min.
@@ -49,43 +49,6 @@ def channel_options(retry: bool) -> list[tuple[str, object]]:
         return list(CHANNEL_OPTIONS)
     return [*CHANNEL_OPTIONS, ("grpc.enable_retries", 1),
             ("grpc.service_config", json.dumps(client_service_config(*_SERVICES)))]
-
-
-class ChannelPool:
-    """``count`` channels to one target, each on its own connection (a local subchannel pool; gRPC
-    otherwise shares one connection between equal channels of a process), which stubs use in turn.
-
-    A service with N worker processes behind one port (``<PREFIX>WORKERS``) gets connections spread
-    over its workers by the kernel, never the calls of one connection: one channel loads one worker.
-    Offers what the stubs, ``wait_connected`` and ``async with`` use of a ``grpc.aio.Channel``."""
-
-    def __init__(self, target: str, options: list[tuple[str, object]], count: int = 1) -> None:
-        if count > 1:
-            options = [*options, ("grpc.use_local_subchannel_pool", 1)]
-        self.channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
-        self._turn = itertools.count()
-
-    def _in_turn(self, method: str, args: tuple, kwargs: dict):
-        calls = [getattr(channel, method)(*args, **kwargs) for channel in self.channels]
-        return lambda *call_args, **call_kwargs: calls[next(self._turn) % len(calls)](*call_args, **call_kwargs)
-
-    def unary_unary(self, *args, **kwargs):
-        return self._in_turn("unary_unary", args, kwargs)
-
-    def unary_stream(self, *args, **kwargs):
-        return self._in_turn("unary_stream", args, kwargs)
-
-    async def channel_ready(self) -> None:
-        await asyncio.gather(*(channel.channel_ready() for channel in self.channels))
-
-    async def close(self) -> None:
-        await asyncio.gather(*(channel.close() for channel in self.channels))
-
-    async def __aenter__(self) -> ChannelPool:
-        return self
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.close()
 
 
 def _flags(degraded: Sequence[int]) -> tuple[str, ...]:
@@ -239,7 +202,7 @@ async def run_load(config: LoadConfig, population: Population | None = None) -> 
     loadavg_before = list(os.getloadavg())   # other work on the machine skews every figure
     cpu_before = time.process_time()
     population = population if population is not None else load_population(config.users_from)
-    async with ChannelPool(config.target, channel_options(config.retry), config.channels) as channel:
+    async with ChannelPool.insecure(config.target, channel_options(config.retry), config.channels) as channel:
         await wait_connected(channel, config.target, config.connect_timeout_s)
         await warm_up(channel, config, population)
         with measured_window() as collector:

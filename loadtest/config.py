@@ -37,7 +37,7 @@ class LoadConfig:
     allow_remote: bool = False        # permit a non-loopback target
     retry: bool = False               # retry UNAVAILABLE / RESOURCE_EXHAUSTED with pushback, under a budget
     channels: int = 1                 # connections to the target, used in turn (N worker processes share
-                                      # connections, not calls: see client.ChannelPool)
+                                      # connections, not calls: recsys_serving.channels)
 
 
 def _require(name: str, value: float, ok: bool, expected: str) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from loadtest.client import ChannelPool, channel_options, drive, wait_connected, warm_up
+from loadtest.client import channel_options, drive, wait_connected, warm_up
 from loadtest.collector import measured_window
 from loadtest.config import LoadConfig, validate
 from loadtest.output import save_run
@@ -41,6 +41,7 @@ from loadtest.users import load_population
 from recsys_contracts import artifacts
 from recsys_contracts.arms import Arms, write_arms
 from recsys_contracts.signing import signer_for
+from recsys_serving.channels import ChannelPool
 
 # Users of the synthetic tiny dataset (trainer.tiny.tiny_dataset): "1".."80".
 SYNTHETIC_USERS = "80"
@@ -309,7 +310,7 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
     async with Stack(workdir, data_dir, source_root, seed, service_env) as stack:
         config = validate(dataclasses.replace(config, target=stack.target, mode=scenario.mode,
                                               duration_s=scenario.duration_s))
-        async with ChannelPool(stack.target, channel_options(config.retry), config.channels) as channel:
+        async with ChannelPool.insecure(stack.target, channel_options(config.retry), config.channels) as channel:
             await wait_connected(channel, stack.target, config.connect_timeout_s)
             await warm_up(channel, config, population)
             with measured_window() as collector:

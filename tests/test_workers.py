@@ -219,9 +219,11 @@ def test_a_killed_worker_is_replaced_and_a_killed_supervisor_takes_its_workers_a
         service.stop()
 
 
-def test_ranking_with_two_workers_answers_from_both_under_the_load_generators_channels(root):
+def test_two_ranking_workers_answer_the_load_generators_channels_and_reach_both_retrieval_workers(root):
     retrieval = Service("retrieval_service", "RETRIEVAL_", root, 2)
-    ranking = Service("ranking_service", "RANKING_", root, 2, RANKING_RETRIEVAL_TARGET=f"127.0.0.1:{retrieval.port}")
+    # 2 ranking workers x 8 connections to retrieval, used in turn: both retrieval workers get calls.
+    ranking = Service("ranking_service", "RANKING_", root, 2, RANKING_RETRIEVAL_TARGET=f"127.0.0.1:{retrieval.port}",
+                      RANKING_RETRIEVAL_CHANNELS="8")
     try:
         retrieval.wait_all_serving("retrieval_model_version")
         ranking.wait_all_serving("ranking_model_version")
@@ -233,6 +235,9 @@ def test_ranking_with_two_workers_answers_from_both_under_the_load_generators_ch
         metrics = ranking.metrics()
         served = _per_pid(metrics["ranking_service_seconds_estimate"], "ranking_service_seconds_estimate")
         assert set(served) == ranking.workers() and all(seconds > 0 for seconds in served.values()), served
+        metrics = retrieval.metrics()
+        served = _per_pid(metrics["retrieval_service_seconds_estimate"], "retrieval_service_seconds_estimate")
+        assert set(served) == retrieval.workers() and all(seconds > 0 for seconds in served.values()), served
         for service in (ranking, retrieval):
             service.proc.send_signal(signal.SIGTERM)
             assert service.proc.wait(timeout=60) == 0

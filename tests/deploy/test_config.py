@@ -216,6 +216,7 @@ BAD_RANKING = [
     ("RANKING_MICROBATCH_MAX_SIZE", "5000", "an integer in [1, 4096]"),
     ("RANKING_MICROBATCH_MAX_WAIT_MS", "1001", "a number in [0.0, 1000.0]"),
     ("RANKING_WORKERS", "65", "an integer in [1, 64]"),
+    ("RANKING_RETRIEVAL_CHANNELS", "0", "an integer in [1, 64]"),
 ]
 CASES = ([("retrieval", *case) for case in BAD_SHARED + BAD_RETRIEVAL]
          + [("ranking", *case) for case in BAD_SHARED + BAD_RANKING])
