@@ -24,6 +24,7 @@ from loadtest.config import MODES, RPCS, LoadConfig
 from loadtest.output import save_run
 from loadtest.publish import FeatureTarget, publish_tiny, republish
 from recsys_contracts.signing import signer_for
+from recsys_serving.env import MAX_WORKERS
 from loadtest.results import format_summary, read_results
 from loadtest.scenarios import SCENARIOS, SYNTHETIC_USERS, fault_row, run_and_save, shadow_ab_line
 
@@ -167,9 +168,14 @@ def service_env(pairs: list[str]) -> dict[str, str]:
 
 
 def workers_env(args: argparse.Namespace) -> dict[str, str]:
-    """``--ranking-workers`` / ``--retrieval-workers`` as the services' settings (they validate the values)."""
-    chosen = {"RANKING_WORKERS": args.ranking_workers, "RETRIEVAL_WORKERS": args.retrieval_workers}
-    return {name: str(value) for name, value in chosen.items() if value is not None}
+    """``--ranking-workers`` / ``--retrieval-workers`` as the services' settings; ValueError naming the
+    flag for a value the services would refuse (before a stack is started)."""
+    chosen = {"RANKING_WORKERS": ("--ranking-workers", args.ranking_workers),
+              "RETRIEVAL_WORKERS": ("--retrieval-workers", args.retrieval_workers)}
+    for flag, value in chosen.values():
+        if value is not None and not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"{flag} must be an integer in [1, {MAX_WORKERS}], got {value!r}")
+    return {name: str(value) for name, (_, value) in chosen.items() if value is not None}
 
 
 def _scenario(args: argparse.Namespace) -> int:

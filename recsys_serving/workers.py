@@ -114,7 +114,8 @@ class Supervisor:
         try:
             self._start_metrics()
             for slot in self.slots:
-                self._start(slot)
+                if self.stopping_since is None:       # a signal during start-up starts no more workers
+                    self._start(slot)
             return self._supervise()
         finally:
             for slot in self.slots:
@@ -175,6 +176,8 @@ class Supervisor:
                 failed |= self._reap(running[sentinel])
             now = time.monotonic()
             if self.stopping_since is not None:
+                for slot in self.slots:
+                    slot.restart_at = None            # no restarts once stopping (nor a zero wait for one)
                 if now - self.stopping_since > self.config.grace_s + KILL_MARGIN_S:
                     for slot in self.slots:
                         if slot.process is not None and slot.process.is_alive():
