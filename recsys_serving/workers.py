@@ -35,6 +35,7 @@ Port 0 ("any free port") cannot be shared by N processes: ``env.check_service`` 
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import logging
 import multiprocessing
@@ -80,8 +81,6 @@ def serve_worker(name: str, config, index: int) -> None:
     leave_with_the_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     log.info("%s worker %d (pid %d) starting", name, index, os.getpid())
     serve = importlib.import_module(f"{name}.__main__").serve
-    import asyncio
-
     asyncio.run(serve(config))
 
 
