@@ -24,6 +24,7 @@ from loadtest.config import MODES, RPCS, LoadConfig
 from loadtest.output import save_run
 from loadtest.publish import FeatureTarget, publish_tiny, republish
 from recsys_contracts.signing import signer_for
+from recsys_serving.env import MAX_WORKERS
 from loadtest.results import format_summary, read_results
 from loadtest.scenarios import SCENARIOS, SYNTHETIC_USERS, fault_row, run_and_save, shadow_ab_line
 
@@ -61,6 +62,9 @@ def _load_options(parser: argparse.ArgumentParser, default_warmup_s: float) -> N
     parser.add_argument("--out", type=Path, help="output directory (default runs/loadtest/<name>-<time>)")
     parser.add_argument("--retry", action="store_true",
                         help="retry UNAVAILABLE / RESOURCE_EXHAUSTED after the server's pushback, under a retry budget")
+    parser.add_argument("--channels", type=int, default=1,
+                        help="connections to the target, used in turn (a service's N worker processes share "
+                             "connections, not calls: give several, the same number in runs compared)")
 
 
 def _config(args: argparse.Namespace, **fields) -> LoadConfig:
@@ -69,7 +73,7 @@ def _config(args: argparse.Namespace, **fields) -> LoadConfig:
                       unknown_share=args.unknown_share, seed=args.seed, p99_target_ms=args.p99_ms,
                       ramp_step=args.ramp_step, step_duration_s=args.step_duration,
                       max_error_share=args.max_error_share, max_requests=args.max_requests,
-                      warmup_s=args.warmup, retry=args.retry, **fields)
+                      warmup_s=args.warmup, retry=args.retry, channels=args.channels, **fields)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -100,6 +104,10 @@ def parser() -> argparse.ArgumentParser:
     scenario.add_argument("--duration", type=float, default=None, help="seconds of load (default: the scenario's)")
     scenario.add_argument("--fault-at", type=float, default=None, help="seconds into the load the fault starts")
     scenario.add_argument("--fault-s", type=float, default=None, help="how long a kill or freeze lasts (seconds)")
+    scenario.add_argument("--ranking-workers", type=int, default=None, metavar="N",
+                          help="RANKING_WORKERS: ranking worker processes behind its port (default: the service's, 1)")
+    scenario.add_argument("--retrieval-workers", type=int, default=None, metavar="N",
+                          help="RETRIEVAL_WORKERS: retrieval worker processes behind its port (default 1)")
     scenario.add_argument("--service-env", action="append", default=[], metavar="NAME=VALUE",
                           help="extra environment for both services, e.g. RANKING_DEFAULT_CANDIDATES=100 "
                                "(repeatable)")
@@ -159,12 +167,23 @@ def service_env(pairs: list[str]) -> dict[str, str]:
     return env
 
 
+def workers_env(args: argparse.Namespace) -> dict[str, str]:
+    """``--ranking-workers`` / ``--retrieval-workers`` as the services' settings; ValueError naming the
+    flag for a value the services would refuse (before a stack is started)."""
+    chosen = {"RANKING_WORKERS": ("--ranking-workers", args.ranking_workers),
+              "RETRIEVAL_WORKERS": ("--retrieval-workers", args.retrieval_workers)}
+    for flag, value in chosen.values():
+        if value is not None and not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"{flag} must be an integer in [1, {MAX_WORKERS}], got {value!r}")
+    return {name: str(value) for name, (_, value) in chosen.items() if value is not None}
+
+
 def _scenario(args: argparse.Namespace) -> int:
     data = None if args.synthetic else (args.data_dir or data_dir() / "ml-100k")
     config = _config(args, users_from=SYNTHETIC_USERS if data is None else str(data))
     out = args.out or _default_out(f"scenario-{args.name}")
     document = run_and_save(args.name, config, data, out, source_root=args.from_root, seed=args.seed,
-                            service_env=service_env(args.service_env),
+                            service_env={**service_env(args.service_env), **workers_env(args)},
                             lengths={"duration_s": args.duration, "fault_at_s": args.fault_at,
                                      "fault_s": args.fault_s})
     print(format_summary(document["summary"], f"{args.name} overall: "))

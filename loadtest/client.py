@@ -31,6 +31,7 @@ from loadtest.schedule import constant_arrivals, ramp_rates
 from loadtest.users import Population, UserSampler, load_population
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from recsys_serving.admission import client_service_config
+from recsys_serving.channels import ChannelPool
 from recsys_serving.aio import within
 
 # A restarted server should get traffic within ~1 s, not after gRPC's default backoff of up to 2 min.
@@ -201,7 +202,7 @@ async def run_load(config: LoadConfig, population: Population | None = None) -> 
     loadavg_before = list(os.getloadavg())   # other work on the machine skews every figure
     cpu_before = time.process_time()
     population = population if population is not None else load_population(config.users_from)
-    async with grpc.aio.insecure_channel(config.target, options=channel_options(config.retry)) as channel:
+    async with ChannelPool.insecure(config.target, channel_options(config.retry), config.channels) as channel:
         await wait_connected(channel, config.target, config.connect_timeout_s)
         await warm_up(channel, config, population)
         with measured_window() as collector:

@@ -36,6 +36,8 @@ class LoadConfig:
     max_error_share: float = 0.01     # ramp: a step with more failed requests than this share is not held
     allow_remote: bool = False        # permit a non-loopback target
     retry: bool = False               # retry UNAVAILABLE / RESOURCE_EXHAUSTED with pushback, under a budget
+    channels: int = 1                 # connections to the target, used in turn (N worker processes share
+                                      # connections, not calls: recsys_serving.channels)
 
 
 def _require(name: str, value: float, ok: bool, expected: str) -> None:
@@ -56,7 +58,7 @@ def validate(config: LoadConfig) -> LoadConfig:
     for name, value in positive.items():
         _require(name, value, math.isfinite(value) and value > 0, "a finite number > 0")
     counts = {"concurrency": config.concurrency, "max_requests": config.max_requests, "k": config.k,
-              "num_candidates": config.num_candidates, "rank_items": config.rank_items}
+              "num_candidates": config.num_candidates, "rank_items": config.rank_items, "channels": config.channels}
     for name, value in counts.items():
         _require(name, value, isinstance(value, int) and value >= 1, "an integer >= 1")
     _require("warmup_s", config.warmup_s, math.isfinite(config.warmup_s) and config.warmup_s >= 0,

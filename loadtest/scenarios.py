@@ -30,7 +30,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 
 from loadtest.client import channel_options, drive, wait_connected, warm_up
 from loadtest.collector import measured_window
@@ -43,6 +42,7 @@ from loadtest.users import load_population
 from recsys_contracts import artifacts
 from recsys_contracts.arms import Arms, write_arms
 from recsys_contracts.signing import signer_for
+from recsys_serving.channels import ChannelPool
 
 # Users of the synthetic tiny dataset (trainer.tiny.tiny_dataset): "1".."80".
 SYNTHETIC_USERS = "80"
@@ -74,7 +74,8 @@ AB_PATTERN = (False, True, True, False)
 
 
 def _cpu_s(stack: Stack) -> dict[str, float]:
-    """CPU seconds so far of ranking, its shadow worker (its children), retrieval and Redis."""
+    """CPU seconds so far of ranking, its shadow worker (its descendants: with RANKING_WORKERS > 1
+    the worker processes too, so the shadow A/B split assumes 1), retrieval and Redis."""
     ranking, retrieval, redis_cpu = stack.ranking.cpu_s(), stack.retrieval.cpu_s(), stack.redis.cpu_s()
     return {"ranking": ranking["self"], "shadow_worker": ranking["children"], "retrieval": retrieval["self"],
             "redis": redis_cpu["self"]}
@@ -301,7 +302,7 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
     async with Stack(workdir, data_dir, source_root, seed, service_env) as stack:
         config = validate(dataclasses.replace(config, target=stack.target, mode=scenario.mode,
                                               duration_s=scenario.duration_s))
-        async with grpc.aio.insecure_channel(stack.target, options=channel_options(config.retry)) as channel:
+        async with ChannelPool.insecure(stack.target, channel_options(config.retry), config.channels) as channel:
             await wait_connected(channel, stack.target, config.connect_timeout_s)
             await warm_up(channel, config, population)
             with measured_window() as collector:

@@ -68,6 +68,16 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """The live children of ``pid``, their children, and so on (Linux ``/proc``; [] elsewhere)."""
+    found, todo = [], child_pids(pid)
+    while todo:
+        child = todo.pop()
+        found.append(child)
+        todo += child_pids(child)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -142,12 +152,13 @@ class Process:
             return self.proc.returncode
 
     def cpu_s(self) -> dict[str, float]:
-        """CPU seconds so far of the process (``self``) and of its live children together (``children``:
-        the ranking service's shadow worker)."""
+        """CPU seconds so far of the process (``self``) and of its live descendants together
+        (``children``: the ranking service's shadow worker; with ``<PREFIX>WORKERS`` > 1 the worker
+        processes, which do the serving, and their shadow workers)."""
         if not self.alive():
             return {"self": 0.0, "children": 0.0}
         return {"self": cpu_seconds(self.proc.pid),
-                "children": sum(cpu_seconds(child) for child in child_pids(self.proc.pid))}
+                "children": sum(cpu_seconds(child) for child in descendant_pids(self.proc.pid))}
 
     def log_tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -54,6 +54,7 @@ class RankingConfig(ServiceConfig):
     retrieval_breaker_failures: int = 5      # consecutive Retrieve failures/timeouts that open its breaker
     retrieval_breaker_cooldown_ms: int = 1000  # retrieval is skipped (popular fallback) this long, then probed
     retrieval_tls: RetrievalClientTls | None = None  # None = plaintext channel to retrieval
+    retrieval_channels: int = 1              # connections to retrieval, used in turn (RETRIEVAL_WORKERS > 1)
 
 
 def _target(name: str, raw: str) -> str:
@@ -76,6 +77,7 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "RANKING_SCORE_MODE": ("score_mode", choice(SCORE_MODES)),
     "RANKING_RETRIEVAL_BREAKER_FAILURES": ("retrieval_breaker_failures", int_in(1, 1000)),
     "RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS": ("retrieval_breaker_cooldown_ms", int_in(1, 3_600_000)),
+    "RANKING_RETRIEVAL_CHANNELS": ("retrieval_channels", int_in(1, 64)),
 }
 _RETRIEVAL_TLS_VARS = ("RANKING_RETRIEVAL_TLS_CA_FILE", "RANKING_RETRIEVAL_TLS_CERT_FILE",
                        "RANKING_RETRIEVAL_TLS_KEY_FILE")

@@ -21,7 +21,8 @@ STAGE_SECONDS = Histogram("ranking_stage_seconds", "Latency of one pipeline stag
                           buckets=_LATENCY_BUCKETS_S)
 DEGRADED = Counter("ranking_degraded", "Answers that took a degraded path, by path", ["path"])
 ADMISSION = admission_metrics("ranking", "RPCs", _LATENCY_BUCKETS_S)
-MODEL_VERSION = Gauge("ranking_model_version", "Artifact version being served (0 = none yet)")
+MODEL_VERSION = Gauge("ranking_model_version", "Artifact version being served (0 = none yet)",
+                      multiprocess_mode="liveall")
 RELOADS = Counter("ranking_reloads", "Version loads, by result (loaded, refused)", ["result"])
 REDIS_ERRORS = Counter("ranking_redis_errors", "Feature-store calls that failed or timed out, by operation",
                        ["operation"])
@@ -42,7 +43,7 @@ SHADOW_RUNS = Counter("ranking_shadow_runs", "Shadow runs of the candidate versi
                       "not_candidate: retrieval did not hold it, failed)", ["result"])
 SHADOW_WORKER_PRIORITY = Gauge("ranking_shadow_worker_priority", "1 for the CPU priority the shadow worker "
                                "process took (idle: SCHED_IDLE, nice19: nice 19 where SCHED_IDLE is refused)",
-                               ["policy"])
+                               ["policy"], multiprocess_mode="liveall")
 SHADOW_WORKER_EXITS = Counter("ranking_shadow_worker_exits", "Times the shadow worker process died or could "
                               "not be started (each is restarted after a backoff)")
 SHADOW_OVERLAP = Histogram("ranking_shadow_overlap_at_k", "Share of the served top k also in the candidate's top k",

@@ -6,7 +6,9 @@ refusal by retrieval's admission) before any response arrived: at most ``RETRY_M
 attempts, 10..100 ms backoff or the server's ``grpc-retry-pushback-ms`` (-1: no retry), always
 inside the call's deadline, under a retry budget so retries cannot amplify an overload
 (``recsys_serving.admission.client_service_config``),
-reconnects within ~1 s after retrieval comes back, and uses TLS / mTLS when configured. gRPC Python
+reconnects within ~1 s after retrieval comes back, and uses TLS / mTLS when configured. It opens
+``RANKING_RETRIEVAL_CHANNELS`` connections and uses them in turn (``recsys_serving.channels``), so
+retrieval's worker processes (``RETRIEVAL_WORKERS``), which the kernel gives connections, all get calls. gRPC Python
 does not propagate deadlines: every call gets the caller's remaining time as its own timeout, and
 the request id travels in the ``x-request-id`` metadata so both services' logs can be joined.
 
@@ -29,6 +31,7 @@ from ranking_service.config import RankingConfig
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
 from recsys_serving.admission import client_service_config
 from recsys_serving import runtime
+from recsys_serving.channels import ChannelPool
 from recsys_serving.runtime import BACKGROUND, PRIORITY_KEY, REQUEST_ID_KEY, message_size_options
 
 RETRIEVAL_SERVICE = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
@@ -72,12 +75,17 @@ class RetrievalClient:
         """``background``: every call is marked background work (the shadow worker's): retrieval runs it
         only in moments without live requests (``recsys_serving.admission.Admission.background``)."""
         self.metadata: tuple[tuple[str, str], ...] = ((PRIORITY_KEY, BACKGROUND),) if background else ()
-        options = channel_options(config.max_message_bytes)
         if config.retrieval_tls is None:
-            self.channel = grpc.aio.insecure_channel(config.retrieval_target, options=options)
+            def make(options):
+                return grpc.aio.insecure_channel(config.retrieval_target, options=options)
         else:
-            self.channel = grpc.aio.secure_channel(config.retrieval_target,
-                                                   runtime.channel_credentials(config.retrieval_tls), options=options)
+            credentials = runtime.channel_credentials(config.retrieval_tls)
+
+            def make(options):
+                return grpc.aio.secure_channel(config.retrieval_target, credentials, options=options)
+        # RANKING_RETRIEVAL_CHANNELS connections, used in turn: retrieval's worker processes
+        # (RETRIEVAL_WORKERS) share connections, not calls (recsys_serving.channels).
+        self.channel = ChannelPool(make, channel_options(config.max_message_bytes), config.retrieval_channels)
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
 
     async def stream(self, request: retrieval_pb2.RetrieveRequest, timeout_s: float,

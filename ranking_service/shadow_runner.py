@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import multiprocessing
 import os
 from pathlib import Path
 from typing import Callable
@@ -33,6 +32,7 @@ from recsys_contracts.v1 import ranking_pb2
 from recsys_serving import env
 from recsys_serving.breaker import CircuitBreaker
 from recsys_serving.reload import load_verified
+from recsys_serving.workers import leave_with_the_parent
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +164,13 @@ async def serve(config: RankingConfig, jobs, outcomes, policy: str) -> None:
 
 def _leave_with_the_parent() -> None:
     """Exits this process at once when the serving process is gone (SIGKILLed, it never stopped us):
-    its queue would never close, and an orphan would keep a copy of the candidate loaded."""
-    parent = multiprocessing.parent_process()
-    if parent is None:                 # run outside a multiprocessing child (tests call serve directly)
-        return
-
+    its queue would never close, and an orphan would keep a copy of the candidate loaded. Nothing is
+    watched outside a multiprocessing child (tests call serve directly)."""
     def gone() -> None:
         log.warning("shadow worker: the serving process is gone; exiting")
         os._exit(0)                    # a thread may be blocked on the queue: no orderly shutdown to wait for
 
-    asyncio.get_running_loop().add_reader(parent.sentinel, gone)
+    leave_with_the_parent(gone)
 
 
 async def _follow(holder: CandidateHolder, outcomes, policy: str, poll_interval_s: float) -> None:

@@ -85,6 +85,9 @@ def main(config, jobs, outcomes) -> None:
     """The worker's entry point: ``config`` is the service's ``RankingConfig``, ``jobs`` and
     ``outcomes`` the two multiprocessing queues; returns when a ``None`` job arrives."""
     policy = lower_priority()
+    # Behind N service workers (recsys_serving.workers) this names their shared metrics folder: the
+    # shadow's own pipeline metrics must not be summed into the service's.
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
     # Imported here, below live work (module docstring).
     from ranking_service.shadow_runner import serve
 

@@ -7,7 +7,8 @@ wrapper around every RPC: deadline, admission, status mapping, metrics, request 
 (the micro-batcher), ``admission`` (deadline-aware admission and the matching client retry policy),
 ``breaker`` (the circuit breaker in front of Redis and retrieval); and the process's --
 ``reload`` (hot reload of artifact versions), ``runtime`` (gRPC server kit: JSON logging,
-Prometheus endpoint, health + reflection, TLS, graceful shutdown), ``env`` (environment parsers),
+Prometheus endpoint, health + reflection, TLS, graceful shutdown), ``workers`` (N worker processes
+behind one port, their supervisor and metrics), ``env`` (environment parsers),
 ``ctl`` (the operators' version-lifecycle command).
 
 Admission rule: code both services need and only the services need; it takes contract types and

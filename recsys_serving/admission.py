@@ -99,13 +99,16 @@ def admission_metrics(prefix: str, calls: str, buckets: tuple[float, ...]) -> Ad
     """A service's admission metrics, named ``{prefix}_in_flight`` etc.; ``calls`` names what is admitted
     in the help texts (e.g. "Retrieves", "RPCs")."""
     return AdmissionMetrics(
-        in_flight=Gauge(f"{prefix}_in_flight", f"{calls} admitted now: running + queued for a slot"),
-        queued=Gauge(f"{prefix}_queued", f"{calls} admitted and waiting for a slot"),
+        # multiprocess_mode: how the one metrics port of N worker processes shows them (recsys_serving.workers).
+        in_flight=Gauge(f"{prefix}_in_flight", f"{calls} admitted now: running + queued for a slot",
+                        multiprocess_mode="livesum"),
+        queued=Gauge(f"{prefix}_queued", f"{calls} admitted and waiting for a slot", multiprocess_mode="livesum"),
         refused=Counter(f"{prefix}_refused", f"{calls} refused at once with RESOURCE_EXHAUSTED, by reason "
                         "(deadline: could not finish in time given the queue; full: max in flight)", ["reason"]),
         expired=Counter(f"{prefix}_expired", f"Queued {calls} dropped unstarted: their deadline passed"),
         service_seconds=Gauge(f"{prefix}_service_seconds_estimate",
-                              f"Moving average of the seconds one of the {calls} holds a slot"),
+                              f"Moving average of the seconds one of the {calls} holds a slot",
+                              multiprocess_mode="liveall"),
         queue_wait=Histogram(f"{prefix}_queue_wait_seconds", f"Seconds admitted {calls} waited for a slot",
                              buckets=buckets),
         background=Counter(f"{prefix}_background", f"Background {calls} (the shadow's), by result: ran (in a "

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def breaker_metrics(prefix: str, what: str, when_open: str) -> tuple[Gauge, Counter]:
     """(state gauge, transitions counter) named ``{prefix}_breaker_state`` / ``_transitions``."""
     return (Gauge(f"{prefix}_breaker_state", f"{what} circuit breaker: 0 closed, 1 open ({when_open}), 2 half-open "
-                  "(probing)"),
+                  "(probing)", multiprocess_mode="liveall"),
             Counter(f"{prefix}_breaker_transitions", f"{what} circuit breaker state changes, by the state entered",
                     ["to"]))
 

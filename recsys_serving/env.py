@@ -259,6 +259,10 @@ class ServiceConfig:
     tls: TlsConfig | None = None             # None = plaintext
     trusted_keys: Path = DEFAULT_TRUSTED_KEYS  # public key(s) whose signatures make a version servable
     allow_unsigned: bool = False             # serve unsigned versions (local experiments only; loud)
+    workers: int = 1                         # worker processes behind the one port (recsys_serving.workers)
+
+
+MAX_WORKERS = 64
 
 
 def service_specs(prefix: str) -> dict[str, tuple[str, Parser]]:
@@ -285,6 +289,7 @@ def service_specs(prefix: str) -> dict[str, tuple[str, Parser]]:
         f"{prefix}REDIS_BREAKER_COOLDOWN_MS": ("redis_breaker_cooldown_ms", int_in(1, 3_600_000)),
         f"{prefix}GRACE_S": ("grace_s", float_in(0.0, 300.0)),
         f"{prefix}MAX_MESSAGE_BYTES": ("max_message_bytes", int_in(1024, 2**31 - 1)),
+        f"{prefix}WORKERS": ("workers", int_in(1, MAX_WORKERS)),
     }
 
 
@@ -311,6 +316,10 @@ def check_service(config: ServiceConfig, prefix: str) -> None:
     """The relations between the shared settings; ValueError naming both settings."""
     if config.metrics_port and config.metrics_port == config.port:
         raise ValueError(f"{prefix}METRICS_PORT must differ from {prefix}PORT, got {config.metrics_port!r}")
+    if config.workers > 1 and config.port == 0:
+        raise ValueError(f"{prefix}PORT must be a fixed port (1..65535) when {prefix}WORKERS > 1 "
+                         f"({config.workers} worker processes share it), got 0 (any free port: each worker would "
+                         f"get its own)")
     if config.max_in_flight < config.max_concurrency:
         raise ValueError(f"{prefix}MAX_IN_FLIGHT must be >= {prefix}MAX_CONCURRENCY ({config.max_concurrency}), "
                          f"got {config.max_in_flight!r}")

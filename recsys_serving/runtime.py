@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -73,27 +76,64 @@ def tame_garbage_collector() -> None:
     gc.freeze()
     if _observe_gc not in gc.callbacks:
         gc.callbacks.append(_observe_gc)
+    if os.environ.get(MULTIPROC_ENV) and _deferred_pauses is None:
+        _defer_gc_pauses()
 
 
 _gc_started = [0.0]
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+GC_FLUSH_INTERVAL_S = 1.0
+# Pauses waiting for the flusher thread, behind N worker processes (None: observed at once).
+_deferred_pauses: collections.deque | None = None
 
 
 def _observe_gc(phase: str, info: dict) -> None:
     if phase == "start":
         _gc_started[0] = time.perf_counter()
+        return
+    pause = (str(info["generation"]), time.perf_counter() - _gc_started[0])
+    if _deferred_pauses is not None:
+        _deferred_pauses.append(pause)
     else:
-        GC_PAUSE_SECONDS.labels(str(info["generation"])).observe(time.perf_counter() - _gc_started[0])
+        GC_PAUSE_SECONDS.labels(pause[0]).observe(pause[1])
+
+
+def _defer_gc_pauses() -> None:
+    """In prometheus_client's multiprocess mode (N workers, ``recsys_serving.workers``) every metric
+    of a process shares ONE non-reentrant lock, and a collection can start inside any metric update
+    (the update allocates): observing the pause from the collector's callback would then wait on the
+    lock its own thread holds, forever. So the callback only queues the pause and a thread observes
+    the queue once a second."""
+    global _deferred_pauses
+    _deferred_pauses = pending = collections.deque(maxlen=10_000)
+
+    def flush() -> None:
+        while True:
+            time.sleep(GC_FLUSH_INTERVAL_S)
+            while pending:
+                generation, seconds = pending.popleft()
+                GC_PAUSE_SECONDS.labels(generation).observe(seconds)
+
+    threading.Thread(target=flush, name="gc-pause-metrics", daemon=True).start()
 
 
 def run_main(name: str, from_env: Callable[[], Any], serve: Callable[[Any], Awaitable[None]]) -> int:
     """A service's ``python -m`` entry: config from the environment (exit 2 naming the variable when
-    it is invalid), JSON logs, the metrics endpoint, then ``serve(config)`` until it returns (0)."""
+    it is invalid), JSON logs, the metrics endpoint, then ``serve(config)`` until it returns (0).
+
+    With ``config.workers`` > 1 this process supervises that many worker processes instead, each
+    running ``<name>.__main__.serve`` on the same port (``recsys_serving.workers``; ``serve`` must be
+    that module's function, so a worker can import it)."""
     try:
         config = from_env()
     except ValueError as error:
         print(f"{name}: invalid configuration: {error}", file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    if config.workers > 1:
+        from recsys_serving.workers import Supervisor
+
+        return Supervisor(name, config).run()
     start_metrics(config.metrics_host, config.metrics_port)
     asyncio.run(serve(config))
     return 0
@@ -251,9 +291,12 @@ def rpc_limit(max_in_flight: int) -> int:
 
 
 def new_server(config) -> grpc.aio.Server:
-    """A service's ``grpc.aio`` server: message size limits and ``rpc_limit`` from its config."""
-    return grpc.aio.server(options=message_size_options(config.max_message_bytes),
-                           maximum_concurrent_rpcs=rpc_limit(config.max_in_flight))
+    """A service's ``grpc.aio`` server: message size limits and ``rpc_limit`` from its config; with
+    ``config.workers`` > 1, ``grpc.so_reuseport`` so every worker process binds the same port."""
+    options = message_size_options(config.max_message_bytes)
+    if config.workers > 1:
+        options.append(("grpc.so_reuseport", 1))
+    return grpc.aio.server(options=options, maximum_concurrent_rpcs=rpc_limit(config.max_in_flight))
 
 
 async def serve_until_signalled(server: grpc.aio.Server, servicer: health.aio.HealthServicer,

@@ -21,7 +21,8 @@ STAGE_SECONDS = Histogram("retrieval_stage_seconds",
                           ["stage"], buckets=_STAGE_BUCKETS)
 BATCH_SIZE = Histogram("retrieval_batch_size", "Requests per user-tower forward / index search",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-VERSION = Gauge("retrieval_model_version", "Artifact version currently served (0 = none)")
+VERSION = Gauge("retrieval_model_version", "Artifact version currently served (0 = none)",
+                multiprocess_mode="liveall")
 RELOADS = Counter("retrieval_reloads", "Versions loaded and swapped in")
 REFUSALS = Counter("retrieval_refusals", "Versions refused (corrupt or failed their checks)")
 DEGRADED = Counter("retrieval_degraded", "Requests answered on a degraded path", ["path"])

@@ -6,6 +6,25 @@ import os
 import signal
 import socket
 import subprocess
+import time
+
+
+def wait_serving(channel, proc: subprocess.Popen, timeout_s: float = 30.0, log=lambda: "") -> None:
+    """Polls ``grpc.health.v1`` over ``channel`` until SERVING; fails when ``proc`` exits first (with
+    ``log()``, e.g. its stderr's tail) or after ``timeout_s``."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub, end = health_pb2_grpc.HealthStub(channel), time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        assert proc.poll() is None, f"the service exited with {proc.returncode}: {log()}"
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"server never became SERVING within {timeout_s} s (exit code {proc.poll()})")
 
 
 def free_port() -> int:

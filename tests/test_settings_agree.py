@@ -7,8 +7,9 @@ Kubernetes variant (base and overlays), a setting left unset counting as the cod
 Likewise ranking runs up to ``RANKING_MAX_CONCURRENCY`` Recommends at once, each with one Retrieve
 in flight: a ``RETRIEVAL_MAX_IN_FLIGHT`` below that refuses ranking's own admitted work.
 
-The overload settings (admission, default deadline, Redis budget and breakers) are spelled out in
-every deployment, with the same values in docker-compose.yml and each Kubernetes variant.
+The overload settings (admission, default deadline, Redis budget and breakers) and the worker
+processes per service are spelled out in every deployment, with the same values in
+docker-compose.yml and each Kubernetes variant.
 """
 
 from __future__ import annotations
@@ -64,10 +65,10 @@ OVERLOAD_VARS = {
     "ranking": ("RANKING_MAX_CONCURRENCY", "RANKING_MAX_IN_FLIGHT", "RANKING_DEFAULT_DEADLINE_MS",
                 "RANKING_MIN_DEADLINE_MS", "RANKING_REDIS_TIMEOUT_MS", "RANKING_REDIS_BREAKER_FAILURES",
                 "RANKING_REDIS_BREAKER_COOLDOWN_MS", "RANKING_RETRIEVAL_BREAKER_FAILURES",
-                "RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS"),
+                "RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS", "RANKING_WORKERS", "RANKING_RETRIEVAL_CHANNELS"),
     "retrieval": ("RETRIEVAL_MAX_CONCURRENCY", "RETRIEVAL_MAX_IN_FLIGHT", "RETRIEVAL_DEFAULT_DEADLINE_MS",
                   "RETRIEVAL_REDIS_TIMEOUT_MS", "RETRIEVAL_REDIS_BREAKER_FAILURES",
-                  "RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS"),
+                  "RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS", "RETRIEVAL_WORKERS"),
 }
 
 

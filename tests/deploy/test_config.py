@@ -85,7 +85,7 @@ def test_every_value_is_parsed(root, pem):
         "RETRIEVAL_REDIS_TIMEOUT_MS": "20", "RETRIEVAL_REDIS_BREAKER_FAILURES": "5",
         "RETRIEVAL_MAX_IN_FLIGHT": "40", "RETRIEVAL_MAX_CONCURRENCY": "4",
         "RETRIEVAL_REDIS_BREAKER_COOLDOWN_MS": "250", "RETRIEVAL_GRACE_S": "3.5",
-        "RETRIEVAL_MAX_MESSAGE_BYTES": "1048576", "RETRIEVAL_DEFAULT_DEADLINE_MS": "5000",
+        "RETRIEVAL_MAX_MESSAGE_BYTES": "1048576", "RETRIEVAL_DEFAULT_DEADLINE_MS": "5000", "RETRIEVAL_WORKERS": "3",
         "RETRIEVAL_TLS_CERT_FILE": pem("cert.pem"), "RETRIEVAL_TLS_KEY_FILE": pem("key.pem"),
         "RETRIEVAL_TLS_CLIENT_CA_FILE": pem("ca.pem"),
         "RANKING_PORT": "1",  # the other service's names are ignored
@@ -99,6 +99,7 @@ def test_every_value_is_parsed(root, pem):
         poll_interval_s=0.5, device="cuda", microbatch_max_size=8, microbatch_max_wait_ms=0.0,
         redis_timeout_ms=20, redis_breaker_failures=5, max_in_flight=40, max_concurrency=4,
         redis_breaker_cooldown_ms=250, grace_s=3.5, max_message_bytes=1048576, default_deadline_ms=5000, host="::",
+        workers=3,
         metrics_host="0.0.0.0", trusted_keys=Path("/keys/trusted"), allow_unsigned=False,
         tls=retrieval_config.TlsConfig(Path(env["RETRIEVAL_TLS_CERT_FILE"]), Path(env["RETRIEVAL_TLS_KEY_FILE"]),
                                        Path(env["RETRIEVAL_TLS_CLIENT_CA_FILE"])))
@@ -184,6 +185,8 @@ BAD_RETRIEVAL = [
     ("RETRIEVAL_GRACE_S", "-0.5", "a number in [0.0, 300.0]"),
     ("RETRIEVAL_MAX_MESSAGE_BYTES", "100", "an integer in [1024, 2147483647]"),
     ("RETRIEVAL_DEFAULT_DEADLINE_MS", "0", "an integer in [1, 600000]"),
+    ("RETRIEVAL_WORKERS", "0", "an integer in [1, 64]"),
+    ("RETRIEVAL_WORKERS", "two", "an integer in [1, 64]"),
 ]
 BAD_RANKING = [
     ("RANKING_HOST", "a b", "an IP address or host name to listen on"),
@@ -212,6 +215,8 @@ BAD_RANKING = [
     ("RANKING_MAX_MESSAGE_BYTES", "1023", "an integer in [1024, 2147483647]"),
     ("RANKING_MICROBATCH_MAX_SIZE", "5000", "an integer in [1, 4096]"),
     ("RANKING_MICROBATCH_MAX_WAIT_MS", "1001", "a number in [0.0, 1000.0]"),
+    ("RANKING_WORKERS", "65", "an integer in [1, 64]"),
+    ("RANKING_RETRIEVAL_CHANNELS", "0", "an integer in [1, 64]"),
 ]
 CASES = ([("retrieval", *case) for case in BAD_SHARED + BAD_RETRIEVAL]
          + [("ranking", *case) for case in BAD_SHARED + BAD_RANKING])

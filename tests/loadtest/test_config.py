@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from loadtest.__main__ import main, service_env
+from loadtest.__main__ import main, parser, service_env, workers_env
 from loadtest.config import LoadConfig, check_target, is_loopback, target_host, validate
 
 
@@ -75,3 +75,17 @@ def test_service_env_parses_name_value_pairs():
 def test_service_env_rejects_other_names_and_missing_values(pair):
     with pytest.raises(ValueError, match="service_env must be NAME=VALUE"):
         service_env([pair])
+
+
+def test_workers_flags_become_the_services_settings_and_bad_ones_exit_2(capsys):
+    args = parser().parse_args(["scenario", "steady", "--ranking-workers", "2", "--retrieval-workers", "3"])
+    assert workers_env(args) == {"RANKING_WORKERS": "2", "RETRIEVAL_WORKERS": "3"}
+    assert workers_env(parser().parse_args(["scenario", "steady"])) == {}
+    assert main(["scenario", "steady", "--synthetic", "--retrieval-workers", "65"]) == 2
+    assert "--retrieval-workers must be an integer in [1, 64], got 65" in capsys.readouterr().err
+
+
+def test_channels_must_be_a_count():
+    assert validate(LoadConfig(channels=8)).channels == 8
+    with pytest.raises(ValueError, match=r"^channels must be an integer >= 1, got 0$"):
+        validate(LoadConfig(channels=0))

@@ -8,19 +8,18 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ranking_service.config import RetrievalClientTls, TlsConfig
 from ranking_service.server import create_server
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 from recsys_serving.runtime import REQUEST_ID_KEY
 from retrieval_service.config import TlsConfig as RetrievalTls
+from tests.processes import wait_serving
 from tests.ranking.harness import REPO_ROOT, cached_holder, config, free_port, run, serve_retrieval
 from tests.signing_keys import SIGNING_ENV
 
@@ -46,15 +45,7 @@ def test_process_serves_exports_metrics_logs_json_and_stops_on_sigterm(published
                                                 RANKING_RETRIEVAL_TARGET=f"127.0.0.1:{free_port()}"))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            for _ in range(600):
-                assert proc.poll() is None, "the service exited"
-                try:
-                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        break
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.1)
+            wait_serving(channel, proc, 60.0)
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
             assert stub.Rank(ranking_pb2.RankRequest(user_id="1", item_ids=[1, 2]), timeout=5).ranking_version == version
             with pytest.raises(grpc.RpcError) as error:

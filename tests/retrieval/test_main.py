@@ -7,15 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
 from tests.conftest import REPO_ROOT
-from tests.processes import free_port
+from tests.processes import free_port, wait_serving
 from tests.signing_keys import SIGNING_ENV
 
 
@@ -23,18 +21,6 @@ def _env(**names: str) -> dict[str, str]:
     """The parent environment without project variables, plus ``names``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RECSYS_", "RETRIEVAL_", "RANKING_"))} | SIGNING_ENV
     return {**env, **names}
-
-
-def _wait_serving(channel: grpc.Channel, proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
-    stub, end = health_pb2_grpc.HealthStub(channel), time.monotonic() + timeout_s
-    while time.monotonic() < end and proc.poll() is None:
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"server never became SERVING (exit code {proc.poll()})")
 
 
 @pytest.mark.slow
@@ -47,7 +33,7 @@ def test_sigterm_drains_and_exits_cleanly(published):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            _wait_serving(channel, proc)
+            wait_serving(channel, proc)
             stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
             chunks = list(stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id="1", num_candidates=5), timeout=5))
         proc.send_signal(signal.SIGTERM)
