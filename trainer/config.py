@@ -50,6 +50,10 @@ class RetrievalConfig:
     sequence_heads: int = 2
     temperature: float = 0.05          # initial softmax temperature
     learn_temperature: bool = True
+    # Catalogs of at most this many items train the tower with a full softmax: every item the user
+    # has not seen is a negative (the item tower embeds the whole catalog each step), no sampler and
+    # no logQ correction; larger catalogs keep the sampled softmax below. 0 = always sampled.
+    full_softmax_below: int = 0
     negative_sampling_strategy: str = "mixed"   # random | hard | mixed
     num_negatives: int = 256           # sampler negatives per batch (shared by its rows)
     # Held-out items predicted per user per step (denoising). ml-100k validation NDCG@10, seeds 0-2:
@@ -137,6 +141,10 @@ class RankingConfig:
     # ran 15 epochs (ranker stage ~17 -> ~33 s) for gains that do not hold up (0.1965 -> 0.1992 at
     # learning rate 1e-3, none at 2e-3); 2 stops after two epochs (0.1965/0.2083/0.2061).
     patience: int = 2
+    # The CTR head's loss: "pointwise" (binary cross-entropy per row, batches of random rows) or
+    # "listwise" (each positive's softmax against the negatives of its own candidate list, batches
+    # of whole lists: one user's rows of the validation fitting half or of one training-log fold).
+    loss: str = "pointwise"
     score_mode: str = "ctr"            # ctr | ctr_x_rating
     # After the CTR selection, refit the rating head alone (trunk frozen) on this many training
     # ratings (0 = off; only with score_mode ctr, where it cannot change the order). The kept ranker
@@ -253,6 +261,7 @@ _CHOICES = {
     "retrieval.distill_items": ("all", "candidates"),
     "ranking.structure": ("stacked", "parallel"),
     "ranking.score_mode": ("ctr", "ctr_x_rating"),
+    "ranking.loss": ("pointwise", "listwise"),
     "ranking.affinity": ("none", "ease"),
     "multitask.mode": ("separate", "retrieval_only", "joint"),
     "run.device": ("cpu", "cuda", "auto"),
@@ -264,7 +273,8 @@ _UNIT_INTERVAL = {"ranking.fold_share", "retrieval.dropout", "retrieval.hard_fra
 _NON_NEGATIVE = {"retrieval.min_improvement", "retrieval.weight_decay", "ranking.weight_decay", "multitask.rating_weight",
                  "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",
                  "run.threads", "retrieval.num_negatives", "eval.max_users", "retrieval.lazy_adam_above",
-                 "ranking.rating_refit_rows", "retrieval.distill_weight", "ranking.folds"}
+                 "ranking.rating_refit_rows", "retrieval.distill_weight", "ranking.folds",
+                 "retrieval.full_softmax_below"}
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
