@@ -103,6 +103,7 @@ def validation_figures(histories: dict) -> dict:
     if ranking:
         out["pipeline_start"] = round(ranking[0]["val_ndcg@10"], 4)
         out["pipeline"] = round(max(r["val_ndcg@10"] for r in ranking), 4)
+        out["pipeline_by_epoch"] = [round(r["val_ndcg@10"], 4) for r in ranking]
     return out
 
 
