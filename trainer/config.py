@@ -52,7 +52,10 @@ class RetrievalConfig:
     learn_temperature: bool = True
     # Catalogs of at most this many items train the tower with a full softmax: every item the user
     # has not seen is a negative (the item tower embeds the whole catalog each step), no sampler and
-    # no logQ correction; larger catalogs keep the sampled softmax below. 0 = always sampled.
+    # no logQ correction; larger catalogs keep the sampled softmax below. 0 = always sampled. Off
+    # by default: validation NDCG@10 of the tower, EASE help off, seed 0, sampled -> full: ml-100k
+    # random 0.2436 -> 0.2488, ml-100k temporal 0.1371 -> 0.1313, synthetic 10k-item log random
+    # 0.1319 -> 0.1294 (and its retrieval training 45 -> 109 s).
     full_softmax_below: int = 0
     negative_sampling_strategy: str = "mixed"   # random | hard | mixed
     num_negatives: int = 256           # sampler negatives per batch (shared by its rows)
@@ -144,6 +147,11 @@ class RankingConfig:
     # The CTR head's loss: "pointwise" (binary cross-entropy per row, batches of random rows) or
     # "listwise" (each positive's softmax against the negatives of its own candidate list, batches
     # of whole lists: one user's rows of the validation fitting half or of one training-log fold).
+    # Separate mode only (joint training keeps its per-row loss).
+    # Pipeline NDCG@10 on the stopping half, EASE help off, seed 0, pointwise -> listwise with 16
+    # negatives per positive: ml-100k random 0.1753 -> 0.1741, ml-100k temporal 0.1012 -> 0.1012
+    # (both keep the start), synthetic 10k-item log random 0.1216 -> 0.1247; seed 1: ml-100k random
+    # 0.1852 -> 0.1828, synthetic 0.1268 -> 0.1236.
     loss: str = "pointwise"
     score_mode: str = "ctr"            # ctr | ctr_x_rating
     # After the CTR selection, refit the rating head alone (trunk frozen) on this many training
