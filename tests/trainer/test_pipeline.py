@@ -168,3 +168,27 @@ def test_listwise_ranker_loss_trains_on_whole_candidate_lists(tmp_path, dataset)
 def test_an_unknown_ranker_loss_is_refused_by_name():
     with pytest.raises(ValueError, match=r"ranking.loss must be one of \('pointwise', 'listwise'\), got 'pairwise'"):
         load_config(None, ["ranking.loss=pairwise"])
+
+
+def test_validated_fold_order_keeps_the_ranker_with_the_better_stopping_half_score(tmp_path, dataset, caplog):
+    """ranking.fold_order=validated under temporal: the ranker trained with random folds and the one
+    trained with recent folds, each exactly as its own fold order trains it, and the run keeps the
+    one with the higher stopping-half NDCG@10 (random on a tie). Under random: one ranker."""
+    def ranking_history(order, protocol="temporal"):
+        out = tmp_path / f"{order}-{protocol}"
+        job.run(small_config(tmp_path, f"data.protocol={protocol}", f"ranking.fold_order={order}",
+                             f"run.output_dir={out}"), dataset)
+        return json.loads((out / "report.json").read_text())["histories"]["ranking"]
+
+    by_random, by_recent = ranking_history("random"), ranking_history("recent")
+    assert by_random != by_recent                          # two different rankers to choose from
+    with caplog.at_level("INFO", logger="trainer.training"):
+        validated = ranking_history("validated")
+    best = {name: max(e["val_ndcg@10"] for e in h) for name, h in (("random", by_random), ("recent", by_recent))}
+    expected = by_recent if best["recent"] > best["random"] else by_random
+    assert validated == expected
+    assert caplog.text.count("fold order by validation") == 1
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer.training"):
+        ranking_history("validated", "random")
+    assert "fold order by validation" not in caplog.text
