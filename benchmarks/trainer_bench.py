@@ -84,9 +84,27 @@ def main() -> int:
               "protocol": report["data"]["protocol"], "n_items": report["data"]["n_items"],
               "ndcg@10": {"pipeline": report["pipeline"]["ndcg@10"], "two_tower": report["two_tower"]["ndcg@10"],
                           **{name: values["ndcg@10"] for name, values in report["baselines"].items()}},
+              "validation": validation_figures(report.get("histories", {})),
               "overrides": args.overrides, "cpus": os.cpu_count(), "generate_s": generate_s,
               "device": report.get("device", {"name": "cpu"})}
     return _write(result, Path(args.out))
+
+
+def validation_figures(histories: dict) -> dict:
+    """Validation NDCG@10 from the run's training histories (what defaults are chosen by, never test):
+    the tower's best epoch on the validation split, and the pipeline on the ranker's stopping half of
+    validation at its start (epoch -1: retrieval's order, or the affinity's fit) and at its kept epoch."""
+    out = {}
+    retrieval = [r["val_ndcg@10"] for r in histories.get("retrieval", [])]
+    if retrieval:
+        out["two_tower"] = round(max(retrieval), 4)
+        out["two_tower_epochs"] = len(retrieval)
+    ranking = histories.get("ranking", [])
+    if ranking:
+        out["pipeline_start"] = round(ranking[0]["val_ndcg@10"], 4)
+        out["pipeline"] = round(max(r["val_ndcg@10"] for r in ranking), 4)
+        out["pipeline_by_epoch"] = [round(r["val_ndcg@10"], 4) for r in ranking]
+    return out
 
 
 def _write(result: dict, out: Path) -> int:

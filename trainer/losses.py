@@ -171,6 +171,37 @@ def grouped_sampled_softmax_loss(user_emb: Tensor, row_user: Tensor, pos_emb: Te
     return (torch.logaddexp(log_z[row_user], pos_logit) - pos_logit).mean()
 
 
+def full_softmax_loss(user_emb: Tensor, row_user: Tensor, item_emb: Tensor, temperature: Tensor | float,
+                      pos_idx: Tensor, user_seen: Tensor) -> Tensor:
+    """Mean over rows of -log softmax(positive) over the WHOLE catalog, rows grouped by user.
+
+    user_emb (U, D); row_user (B,) each row's user; item_emb (M, D) every item in index order (row 0
+    the padding item); pos_idx (B,) each row's positive item index in [1, M); ``user_seen`` (U, M)
+    bool, True where the user has the item in training. Row r (user u) loses
+    ``log(Z_u + exp(l_ur)) - l_ur`` with ``Z_u`` the sum of ``exp(logit)`` over the items u has not
+    seen (padding excluded), as ``grouped_sampled_softmax_loss`` with every item a candidate: no
+    sampling, so no logQ correction."""
+    if user_emb.dim() != 2 or item_emb.dim() != 2 or item_emb.shape[1] != user_emb.shape[1]:
+        raise ValueError(f"user_emb (U, D) and item_emb (M, D) must share D, got {tuple(user_emb.shape)} "
+                         f"and {tuple(item_emb.shape)}")
+    n_users, n_items = user_emb.shape[0], item_emb.shape[0]
+    batch = pos_idx.shape[0]
+    _check_shape("row_user", row_user, (batch,))
+    _check_shape("user_seen", user_seen, (n_users, n_items))
+    if batch and (int(pos_idx.min()) < 1 or int(pos_idx.max()) >= n_items):
+        raise ValueError(f"pos_idx must hold item indices in [1, {n_items}), got range "
+                         f"[{int(pos_idx.min())}, {int(pos_idx.max())}]")
+    temperature_value = float(temperature.detach()) if isinstance(temperature, Tensor) else float(temperature)
+    if not temperature_value > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature_value!r}")
+    logits = user_emb @ item_emb.T / temperature                                    # (U, D) @ (D, M) -> (U, M)
+    masked = user_seen.to(torch.bool).clone()
+    masked[:, 0] = True                                                             # the padding item
+    log_z = torch.logsumexp(logits.masked_fill(masked, torch.finfo(logits.dtype).min), dim=1)  # (U,)
+    pos_logit = logits[row_user, pos_idx]                                           # (B,)
+    return (torch.logaddexp(log_z[row_user], pos_logit) - pos_logit).mean()
+
+
 def distillation_loss(logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """Mean over rows of the cross-entropy -sum_i p_i log q_i between the teacher's softmax p of
     ``teacher_logits`` (U, M) and the student's softmax q of ``logits`` (U, M), both over the items

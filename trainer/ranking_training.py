@@ -442,6 +442,53 @@ def fit_rating_head(ranker: DCNRanker, tables: FeatureTables, rows: Rows, device
     return before, before
 
 
+def list_starts(rows: Rows) -> np.ndarray:
+    """The first row of each candidate list in ``rows`` (``click_rows`` output, and concatenations of
+    it: each list is one user's rows, its positives first), then ``rows``' length: a list starts where
+    the user changes or where a positive follows a negative."""
+    users, clicks = rows.users, rows.clicks
+    if users.size == 0:
+        return np.zeros(1, dtype=np.int64)
+    new = np.r_[True, (users[1:] != users[:-1]) | ((clicks[1:] > 0) & (clicks[:-1] == 0))]
+    return np.r_[np.flatnonzero(new), users.size].astype(np.int64)
+
+
+def list_batches(starts: np.ndarray, rows_per_batch: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices of whole lists, in a random list order, cut into batches of about ``rows_per_batch``
+    rows (a batch ends at the first list that reaches it; a longer list is a batch of its own)."""
+    order = rng.permutation(starts.size - 1)
+    sizes = np.diff(starts)[order]
+    ends = np.cumsum(sizes)
+    batches, first, taken = [], 0, 0
+    for i, end in enumerate(ends):
+        if end - taken >= rows_per_batch or i == order.size - 1:
+            lists = order[first:i + 1]
+            batches.append(np.concatenate([np.arange(starts[l], starts[l + 1]) for l in lists]))
+            first, taken = i + 1, end
+    return batches
+
+
+def listwise_loss(logits: torch.Tensor, clicks: torch.Tensor, list_id: torch.Tensor) -> torch.Tensor:
+    """Mean over positive rows of -log softmax of the positive among itself and its list's negatives:
+    the candidate lists' own sampled softmax. logits, clicks (N,); list_id (N,) 0..L-1, each list's
+    rows contiguous. A list without a negative gives its positives a loss of 0."""
+    n_lists = int(list_id.max()) + 1 if list_id.numel() else 0
+    negative = clicks <= 0
+    first = torch.zeros(n_lists + 1, dtype=torch.long, device=logits.device)
+    first[1:] = torch.cumsum(torch.bincount(list_id, minlength=n_lists), 0)
+    slot = torch.arange(logits.numel(), device=logits.device) - first[list_id]
+    width = int(slot.max()) + 1 if slot.numel() else 1
+    lowest = torch.finfo(logits.dtype).min
+    dense = torch.full((n_lists, width), lowest, dtype=logits.dtype, device=logits.device)
+    dense = dense.index_put((list_id, slot), logits.masked_fill(~negative, lowest))
+    neg_lse = torch.logsumexp(dense, dim=1)                                          # (L,)
+    pos = ~negative
+    if not bool(pos.any()):
+        return logits.sum() * 0.0
+    s = logits[pos]
+    return (torch.logaddexp(neg_lse[list_id[pos]], s) - s).mean()
+
+
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
                device: torch.device, ctx: Distributed,
@@ -501,6 +548,8 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score})
     best_state = copy.deepcopy(ranker.state_dict())
     scored = np.zeros(rating_rows.users.size, dtype=bool)
+    listwise = rc.loss == "listwise"
+    starts = list_starts(fit_rows)
 
     def fill_rating_scores(index: np.ndarray) -> None:
         """Retrieval scores for the rating rows ``index`` not scored yet (once per row)."""
@@ -514,14 +563,27 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         rating_order = rng.choice(rating_rows.users.size, size=order.size, replace=rating_rows.users.size < order.size)
         fill_rating_scores(np.unique(rating_order))
         losses = []
-        for start in range(0, order.size, rc.batch_size):
-            batch = fit_rows.take(order[start:start + rc.batch_size])
-            rated = rating_rows.take(rating_order[start:start + rc.batch_size]).with_history(tables, width)
+        if listwise:
+            # Whole candidate lists per batch, in a random order; each rank takes its share of the batches.
+            every = list_batches(starts, rc.batch_size, rng)
+            batches = [every[i] for i in ctx.shard(np.arange(len(every)))]
+        else:
+            batches = [order[start:start + rc.batch_size] for start in range(0, order.size, rc.batch_size)]
+        offset = 0
+        for index in batches:
+            batch = fit_rows.take(index)
+            rated = rating_rows.take(rating_order[offset:offset + index.size]).with_history(tables, width)
+            offset += index.size
             both = Rows.concat([batch, rated])
             ctr_logit, rating_pred = ddp_ranker(**ranker_inputs(tables, both, device))  # one pass (DDP)
             n = batch.users.size
             l_ctr, _ = ranking_losses(ctr_logit[:n], torch.as_tensor(batch.clicks, device=device), rating_pred[:n],
                                       torch.zeros_like(rating_pred[:n]), torch.zeros(n, dtype=torch.bool, device=device))
+            if listwise:
+                local = np.searchsorted(starts, index, side="right") - 1                 # each row's list
+                list_id = np.cumsum(np.r_[0, local[1:] != local[:-1]])
+                l_ctr = listwise_loss(ctr_logit[:n], torch.as_tensor(batch.clicks, device=device),
+                                      torch.as_tensor(list_id, device=device))
             target = torch.as_tensor(rated.ratings, device=device)
             _, l_rating = ranking_losses(ctr_logit[n:], torch.zeros_like(target), rating_pred[n:], target,
                                          torch.isfinite(target))

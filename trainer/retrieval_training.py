@@ -30,7 +30,7 @@ from trainer.distributed import Distributed
 from trainer.full_ranking import EvalTarget, rank_users
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
-from trainer.losses import distillation_loss, grouped_sampled_softmax_loss, optimizer_step
+from trainer.losses import distillation_loss, full_softmax_loss, grouped_sampled_softmax_loss, optimizer_step
 from trainer.models.two_tower import TowerConfig, TwoTower, build_two_tower
 from trainer.negatives import make_sampler
 from trainer.progress import progress_bar
@@ -258,6 +258,7 @@ class SamplingSetup:
     active_users: np.ndarray           # users with training items
     passes: int                        # permutations of active_users per epoch
     seen: SeenItems
+    full_catalog: bool = False         # the loss is a softmax over every item (retrieval.full_softmax_below)
 
     @classmethod
     def build(cls, cfg: TrainConfig, tables: FeatureTables, train: Interactions,
@@ -273,7 +274,8 @@ class SamplingSetup:
         # An epoch draws about as many positives as there are training interactions.
         passes = max(1, round(train.users.size / max(active_users.size, 1) / rc.positives_per_user))
         return cls(pos_log_q_table, sampler, user_items, active_users, passes,
-                   SeenItems.from_tables(tables, device))
+                   SeenItems.from_tables(tables, device),
+                   full_catalog=tables.vocab.n_items <= rc.full_softmax_below)
 
     def epoch_order(self, rng: np.random.Generator, ctx: Distributed) -> np.ndarray:
         """This rank's users for one epoch, in a fresh random order."""
@@ -310,6 +312,9 @@ def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, posi
     pos = torch.as_tensor(positives, device=device)                                   # (U, P)
     row_user, row_slot = torch.nonzero(pos > 0, as_tuple=True)                        # R rows
     pos_idx = pos[row_user, row_slot]                                                 # (R,)
+    if setup.full_catalog:
+        return _full_catalog_step(ddp_model, temperature, users, inputs, row_user, pos_idx, setup, tables, cfg,
+                                  device, teacher)
     neg_idx = None
     n_negatives = max(rc.num_negatives, min_negatives)
     if n_negatives:
@@ -339,6 +344,23 @@ def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, posi
         loss = loss + rc.distill_weight * distillation_loss(
             logits, teacher[torch.as_tensor(users, device=device)][:, unique])
     return RetrievalStep(loss, inputs, user_emb, row_user, pos_idx, unique, inverse, unique_emb, user_seen)
+
+
+def _full_catalog_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, inputs: dict[str, torch.Tensor],
+                       row_user: torch.Tensor, pos_idx: torch.Tensor, setup: SamplingSetup, tables: FeatureTables,
+                       cfg: TrainConfig, device: torch.device, teacher: torch.Tensor | None) -> RetrievalStep:
+    """``retrieval_step`` with the whole catalog as candidates (``retrieval.full_softmax_below``): the
+    item tower embeds every item, each positive competes with every item its user has not seen, and
+    the distillation (if any) covers the whole catalog too."""
+    unique = torch.arange(tables.vocab.n_items + 1, device=device)                    # every item, by index
+    user_emb, unique_emb = ddp_model(**inputs, **item_inputs(tables, unique.cpu().numpy(), device))
+    user_seen = setup.seen.lookup(users, unique)                                      # (U, m+1)
+    loss = full_softmax_loss(user_emb, row_user, unique_emb, temperature, pos_idx, user_seen)
+    if teacher is not None:
+        logits = user_emb @ unique_emb.T / temperature                                # (U, m+1)
+        loss = loss + cfg.retrieval.distill_weight * distillation_loss(
+            logits, teacher[torch.as_tensor(users, device=device)])
+    return RetrievalStep(loss, inputs, user_emb, row_user, pos_idx, unique, pos_idx, unique_emb, user_seen)
 
 
 def id_tables(model: TwoTower) -> list[torch.nn.Embedding]:

@@ -10,6 +10,7 @@ Nothing here evaluates on the test split, gates or publishes.
 
 from __future__ import annotations
 
+import copy
 import logging
 from contextlib import contextmanager
 from dataclasses import replace
@@ -92,19 +93,32 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
         rng = np.random.default_rng(cfg.run.seed)
         fit_rows = click_rows(fit_pos, candidates, cfg.ranking.negatives_per_positive, rng,
                               cfg.ranking.negative_pool)
-        folds = None
-        if cfg.ranking.folds:
-            folds = fold_rows(two_tower, prep.tables, UserItems.from_interactions(prep.train, prep.vocab.n_users),
-                              prep.eval_timestamps, cfg.ranking, DCNConfig.recent_items, rng, device,
-                              recent_share=_fold_recent_share(cfg))
-            log.info("ranker examples: %d from the validation fitting half, %d from %d training-log folds",
-                     fit_rows.users.size, folds.users.size, cfg.ranking.folds)
         stop_candidates = retrieve(two_tower, prep.tables, stop_target.users, stop_target,
                                    cfg.ranking.candidates, prep.eval_timestamps, device)
-        ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
-                                             stop_candidates, stop_target, prep.eval_timestamps, device, ctx,
-                                             rating_scores=_retrieval_scorer(two_tower, prep, device),
-                                             folds=folds)
+        kept = None
+        # One ranker per fold order tried (one unless ranking.fold_order is "validated"), each from the
+        # same random state; the first of the best stopping-half NDCG@10 is kept.
+        for recent_share in _fold_recent_shares(cfg):
+            order_rng = copy.deepcopy(rng)
+            folds = None
+            if cfg.ranking.folds:
+                folds = fold_rows(two_tower, prep.tables, UserItems.from_interactions(prep.train, prep.vocab.n_users),
+                                  prep.eval_timestamps, cfg.ranking, DCNConfig.recent_items, order_rng, device,
+                                  recent_share=recent_share)
+                log.info("ranker examples: %d from the validation fitting half, %d from %d training-log folds "
+                         "(%s)", fit_rows.users.size, folds.users.size, cfg.ranking.folds,
+                         "random" if recent_share is False else "recent")
+            ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
+                                                 stop_candidates, stop_target, prep.eval_timestamps, device, ctx,
+                                                 rating_scores=_retrieval_scorer(two_tower, prep, device),
+                                                 folds=folds)
+            if kept is not None:
+                log.info("fold order by validation: stopping-half NDCG@10 %.4f random, %.4f recent; kept %s",
+                         kept[1].best_score, ranking_history.best_score,
+                         "recent" if ranking_history.best_score > kept[1].best_score else "random")
+            if kept is None or ranking_history.best_score > kept[1].best_score:
+                kept = (ranker, ranking_history)
+        ranker, ranking_history = kept
     histories["ranking"] = ranking_history.epochs
     return _trained_run(cfg, prep, two_tower, ranker), histories
 
@@ -113,11 +127,19 @@ def _fold_recent_share(cfg: TrainConfig) -> float | None | bool:
     """``fold_rows``' ``recent_share`` for ``ranking.fold_order``: False (random folds), None (the most
     recent item, as leave-one-out tests) or the temporal protocol's share of each user's items."""
     order = cfg.ranking.fold_order
-    if order == "auto":
+    if order in ("auto", "validated"):
         order = "random" if cfg.data.protocol == "random" else "recent"
     if order == "random":
         return False
     return DEFAULT_RATIOS[2] if cfg.data.protocol == "temporal" else None
+
+
+def _fold_recent_shares(cfg: TrainConfig) -> list[float | None | bool]:
+    """The fold orders a run trains a ranker with, as ``fold_rows``' ``recent_share``: the configured
+    one; for "validated" under temporal or leave-one-out, random folds and then recent ones."""
+    if cfg.ranking.fold_order == "validated" and cfg.data.protocol != "random" and cfg.ranking.folds:
+        return [False, _fold_recent_share(cfg)]
+    return [_fold_recent_share(cfg)]
 
 
 def _halves(vocab: IdVocab, frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -15,7 +15,7 @@ from trainer.progress import Timings
 from trainer.config import load_config
 from trainer.data.synthetic import generate
 from trainer.losses import grouped_sampled_softmax_loss, sampled_softmax_loss
-from trainer.ranking_training import Candidates, click_rows
+from trainer.ranking_training import Candidates, Rows, click_rows
 from trainer.retrieval_training import SeenItems, UserItems, user_embeddings
 
 
@@ -705,3 +705,145 @@ def test_early_stop_counts_epochs_without_a_relative_gain():
     stop = EarlyStop(patience=2, min_improvement=0.01)
     # 0.203 (+1.5%) restarts the count; 0.0 first scores still set a reference (no division by 0).
     assert [stop.update(s) for s in (0.0, 0.200, 0.201, 0.203, 0.2031, 0.2032)] == [False] * 5 + [True]
+
+
+def test_full_softmax_loss_by_hand_covers_every_unseen_item_and_never_the_padding():
+    # One user, D = 1, user vector 1: each item scores its own embedding value. Items 1..4; the user
+    # has items 1 and 3 (the rows' positives); items 2 and 4 are the negatives; item 0 is padding.
+    from trainer.losses import full_softmax_loss
+
+    item_emb = torch.tensor([[9.0], [0.5], [0.2], [0.3], [0.1]])
+    seen = torch.tensor([[False, True, False, True, False]])
+    loss = full_softmax_loss(torch.ones(1, 1), torch.tensor([0, 0]), item_emb, 1.0, torch.tensor([1, 3]), seen)
+    e = math.exp
+    negatives = e(0.2) + e(0.1)
+    expected = ((math.log(negatives + e(0.5)) - 0.5) + (math.log(negatives + e(0.3)) - 0.3)) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_full_softmax_loss_is_the_grouped_loss_with_every_item_a_sampled_negative(seed):
+    """With no logQ, the whole catalog as the sampler's negatives and every seen item masked (which
+    masks the in-batch columns: one user, so they are all its own positives),
+    the grouped sampled softmax and the full softmax are one loss, gradients included."""
+    from trainer.losses import full_softmax_loss
+
+    torch.manual_seed(seed)
+    n_items, per_user = 10, 3
+    item_emb = torch.randn(n_items + 1, 4, requires_grad=True)
+    user_emb = torch.randn(1, 4, requires_grad=True)
+    pos_idx = torch.randperm(n_items)[:per_user] + 1
+    seen = torch.rand(1, n_items + 1) < 0.3
+    seen[0, pos_idx] = True
+    seen[0, 0] = False
+    row_user = torch.zeros(per_user, dtype=torch.long)
+    full = full_softmax_loss(user_emb, row_user, item_emb, 0.3, pos_idx, seen)
+    full_grads = torch.autograd.grad(full, [user_emb, item_emb])
+    negatives = torch.arange(1, n_items + 1)
+    grouped = grouped_sampled_softmax_loss(user_emb, row_user, item_emb[pos_idx], item_emb[negatives], 0.3,
+                                           torch.zeros(per_user), torch.zeros(n_items), pos_idx, negatives,
+                                           seen[:, torch.cat([pos_idx, negatives])])
+    grouped_grads = torch.autograd.grad(grouped, [user_emb, item_emb])
+    assert full.item() == pytest.approx(grouped.item(), abs=1e-5)
+    for a, b in zip(full_grads, grouped_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(pos_idx=torch.tensor([0, 2])), r"pos_idx must hold item indices in \[1, 5\)"),
+    (dict(pos_idx=torch.tensor([1, 5])), r"pos_idx must hold item indices in \[1, 5\)"),
+    (dict(user_seen=torch.zeros(2, 4, dtype=torch.bool)), r"user_seen must have shape \(2, 5\)"),
+    (dict(item_emb=torch.zeros(5, 2)), "must share D"),
+    (dict(temperature=0.0), "temperature must be > 0"),
+])
+def test_full_softmax_loss_rejects(change, message):
+    from trainer.losses import full_softmax_loss
+
+    args = dict(user_emb=torch.zeros(2, 3), row_user=torch.tensor([0, 1]), item_emb=torch.zeros(5, 3),
+                temperature=0.1, pos_idx=torch.tensor([1, 2]), user_seen=torch.zeros(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=message):
+        full_softmax_loss(**(args | change))
+
+
+@pytest.mark.parametrize("tower", ["pooled", "sequential"])
+def test_full_softmax_training_learns_repeats_and_only_below_its_catalog_size(prepared, tower):
+    """retrieval.full_softmax_below: a catalog at or below it trains on the full softmax (the setup
+    says so; the tower beats its untrained start on validation and repeats bit for bit); one item
+    more keeps the sampled path."""
+    from trainer.distributed import Distributed
+    from trainer.retrieval_training import SamplingSetup, fit_retrieval, validate
+    from trainer.training import deterministic_kernels
+
+    n_items = prepared.tables.vocab.n_items
+    device = torch.device("cpu")
+    sampled = _tiny_cfg(f"retrieval.full_softmax_below={n_items - 1}", f"retrieval.user_tower={tower}")
+    full = _tiny_cfg(f"retrieval.full_softmax_below={n_items}", f"retrieval.user_tower={tower}",
+                     "retrieval.epochs=3", "retrieval.patience=3")
+    assert not SamplingSetup.build(sampled, prepared.tables, prepared.train, device).full_catalog
+    assert SamplingSetup.build(full, prepared.tables, prepared.train, device).full_catalog
+
+    def train():
+        with deterministic_kernels(device):
+            return fit_retrieval(full, prepared.spec, prepared.tables, prepared.train, prepared.val,
+                                 prepared.eval_timestamps, device, Distributed())
+
+    (model, history), (again, _) = train(), train()
+    assert all(np.isfinite(r["loss"]) for r in history.epochs)
+    assert history.epochs[-1]["loss"] < history.epochs[0]["loss"]
+    from trainer.models.two_tower import build_two_tower
+    from trainer.retrieval_training import tower_config
+
+    torch.manual_seed(full.run.seed)
+    untrained = build_two_tower(tower_config(full, prepared.spec, prepared.tables),
+                                init_temperature=full.retrieval.temperature)
+    start = validate(untrained, prepared.tables, prepared.val, prepared.eval_timestamps, device)
+    assert history.best_score > start
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+
+
+def _click_list_rows(users, clicks):
+    n = len(users)
+    return Rows(np.asarray(users, np.int64), np.arange(1, n + 1), np.zeros(n, np.int64), np.zeros(n, np.float32),
+                np.asarray(clicks, np.float32), np.full(n, np.nan, np.float32))
+
+
+def test_list_starts_split_at_a_new_user_or_a_positive_after_a_negative():
+    from trainer.ranking_training import list_starts
+
+    # user 1 (2 positives, 2 negatives), user 2, then user 3's lists of two folds back to back.
+    rows = _click_list_rows([1, 1, 1, 1, 2, 2, 3, 3, 3, 3], [1, 1, 0, 0, 1, 0, 1, 0, 1, 0])
+    assert list_starts(rows).tolist() == [0, 4, 6, 8, 10]
+    assert list_starts(_click_list_rows([], [])).tolist() == [0]
+
+
+def test_list_batches_hold_whole_lists_and_every_row_once():
+    from trainer.ranking_training import list_batches
+
+    starts = np.array([0, 3, 5, 12, 13, 20])
+    batches = list_batches(starts, 6, np.random.default_rng(0))
+    joined = np.concatenate(batches)
+    assert sorted(joined.tolist()) == list(range(20))
+    for batch in batches:
+        for a, b in zip(starts[:-1], starts[1:]):
+            inside = np.isin(np.arange(a, b), batch)
+            assert inside.all() or not inside.any()         # a list is never split
+    # each batch but the last reaches the row target; none holds more lists than it needs
+    assert all(b.size >= 6 for b in batches[:-1])
+
+
+def test_listwise_loss_by_hand_and_its_gradient_moves_positives_up():
+    from trainer.ranking_training import listwise_loss
+
+    logits = torch.tensor([0.5, 0.2, -0.1, 1.0, 0.3], requires_grad=True)
+    clicks = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    list_id = torch.tensor([0, 0, 0, 1, 1])
+    loss = listwise_loss(logits, clicks, list_id)
+    e = math.exp
+    expected = ((math.log(e(0.5) + e(0.2) + e(-0.1)) - 0.5) + (math.log(e(1.0) + e(0.3)) - 1.0)) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    loss.backward()
+    assert (logits.grad[clicks > 0] < 0).all() and (logits.grad[clicks == 0] > 0).all()
+    # A shift of every logit of a list changes nothing (softmax), unlike a pointwise loss.
+    shifted = listwise_loss(logits.detach() + torch.tensor([3.0, 3.0, 3.0, -2.0, -2.0]), clicks, list_id)
+    assert shifted.item() == pytest.approx(expected, abs=1e-5)
