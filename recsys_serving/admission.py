@@ -37,7 +37,8 @@ and a retry budget (``retryThrottling``) so retries stay a small share of the tr
 
 Background calls (``background(deadline)``; a call marked with ``recsys_serving.runtime.PRIORITY_KEY``,
 such as the shadow worker's Retrieve of a candidate version) are the service's spare-time work: one
-at a time, each starts only when no live request runs or waits for a slot, and waits (up to
+at a time, each starts only when no live request runs or waits for a slot (and, between its steps,
+``pause_for_live`` waits again while live requests run), and waits (up to
 ``MAX_BACKGROUND_QUEUED`` of them; more are refused at once) until then, or is dropped unstarted
 (``Expired``) when its deadline passes first. It takes no live slot and no part in the service-time
 estimate, so live admission never sees it; a live request that arrives while it runs starts at
@@ -129,6 +130,7 @@ class Admission:
         self._waiters: deque[asyncio.Future] = deque()
         self.background_running = False
         self._background_waiters: deque[asyncio.Future] = deque()
+        self._paused: list[asyncio.Future] = []     # background calls paused for live work (``pause_for_live``)
 
     @property
     def queued(self) -> int:
@@ -210,8 +212,9 @@ class Admission:
                 else:
                     with contextlib.suppress(ValueError):
                         self._background_waiters.remove(waiter)
-                if isinstance(error, TimeoutError):
+                if _expired(error, deadline):
                     self._count_background("expired")
+                if isinstance(error, TimeoutError):
                     raise Expired("the deadline passed while the background call waited for a quiet moment") from None
                 raise
         else:
@@ -221,6 +224,34 @@ class Admission:
             yield
         finally:
             self._background_done()
+
+    async def pause_for_live(self, deadline: float) -> None:
+        """Inside a background call, between two steps of its work: returns at once when no live request
+        runs or waits, else when the last one ends (``Expired`` when the deadline passes first), so a
+        live request that arrived meanwhile shares the process with at most one step of it."""
+        while self.running or self._waiters:
+            waiter = asyncio.get_running_loop().create_future()
+            self._paused.append(waiter)
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    await waiter
+            except BaseException as error:
+                if _expired(error, deadline):
+                    self._count_background("expired")
+                if isinstance(error, TimeoutError):
+                    raise Expired("the deadline passed while the background call was paused for live work") from None
+                raise
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._paused.remove(waiter)
+
+    def _live_idle(self) -> None:
+        """No live request runs or waits any more: paused background work goes on, or the next starts."""
+        for waiter in self._paused:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._paused.clear()
+        self._wake_background()
 
     def _background_done(self) -> None:
         self.background_running = False
@@ -252,10 +283,7 @@ class Admission:
                 self._release()           # the slot came as we gave up: pass it on
             else:
                 self._drop(waiter)
-            # gRPC cancels a call at the caller's deadline, the instant this timeout would fire (within
-            # the clock reads between them): such a cancellation is an expiry too.
-            expired = isinstance(error, TimeoutError) or time.monotonic() >= deadline - _CLOCK_SLACK_S
-            if expired and self.metrics is not None:
+            if _expired(error, deadline) and self.metrics is not None:
                 self.metrics.expired.inc()
             if isinstance(error, TimeoutError):
                 raise Expired("the deadline passed while the request waited for a slot") from None
@@ -276,8 +304,8 @@ class Admission:
                 return
         self.running -= 1
         self._gauges()
-        if self._background_waiters:
-            self._wake_background()
+        if self.running == 0 and (self._paused or self._background_waiters):
+            self._live_idle()
 
     def _record(self, seconds: float) -> None:
         self.service_s = seconds if self.service_s == 0.0 else (
@@ -294,6 +322,13 @@ class Admission:
         if self.metrics is not None:
             self.metrics.in_flight.set(self.in_flight)
             self.metrics.queued.set(len(self._waiters))
+
+
+def _expired(error: BaseException, deadline: float) -> bool:
+    """Whether a wait that ended with ``error`` ended by its deadline: its own timeout, or gRPC's
+    cancellation of the call at the caller's deadline, the instant that timeout would fire (within the
+    clock reads between them)."""
+    return isinstance(error, TimeoutError) or time.monotonic() >= deadline - _CLOCK_SLACK_S
 
 
 def client_service_config(*services: str, max_attempts: int = 3, codes: tuple[str, ...] = (

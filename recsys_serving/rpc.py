@@ -70,6 +70,11 @@ class Call:
             async with asyncio.timeout_at(self.deadline):
                 yield
 
+    async def pause_for_live(self) -> None:
+        """A background call waits here, between steps, while live requests run; a live call goes on."""
+        if self.background:
+            await self.admission.pause_for_live(self.deadline)
+
     def left_s(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
 

@@ -11,6 +11,7 @@ features get the version's popular items (score = log training count).
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,8 +53,11 @@ class CandidateGenerator:
     def __init__(self, features: FeatureStore, batcher: MicroBatcher) -> None:
         self.features, self.batcher = features, batcher
 
-    async def generate(self, state: ServingState, query: Query, deadline: float) -> Candidates:
-        """Candidates for ``query``; ``deadline`` is a ``time.monotonic()`` instant."""
+    async def generate(self, state: ServingState, query: Query, deadline: float,
+                       pause: Callable[[], Awaitable[None]] | None = None) -> Candidates:
+        """Candidates for ``query``; ``deadline`` is a ``time.monotonic()`` instant. ``pause`` is awaited
+        between the steps (after the feature read, after the search): a background call waits there
+        while live requests run (``recsys_serving.rpc.Call.pause_for_live``)."""
         started = time.monotonic()
         if deadline <= started:
             raise DeadlineExceeded("no time left before the deadline")
@@ -66,6 +70,8 @@ class CandidateGenerator:
             metrics.FEATURE_READS.labels("own").inc()
         fetched = time.monotonic()
         metrics.STAGE_SECONDS.labels("features").observe(fetched - started)
+        if pause is not None:
+            await pause()
         resolved = resolve_user(state, query, record, store_failed=store_failed)
         stages = {"features": fetched - started}
         degraded = resolved.degraded
@@ -73,6 +79,8 @@ class CandidateGenerator:
             item_idx, scores = self._popular(state, query, resolved)
         else:
             item_idx, scores = await self._search(state, query, resolved, stages)
+            if pause is not None:
+                await pause()
             if not np.isfinite(scores).all():      # a non-finite user embedding: never stream NaN scores
                 item_idx, scores = self._popular(state, query, resolved)
                 degraded = (*degraded, common_pb2.DEGRADED_PATH_MODEL_FALLBACK)

@@ -75,8 +75,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 if state is None:
                     raise RpcError(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
                 # generate() takes a time.monotonic() instant: the loop's clock
-                result = await self.generator.generate(state, query, call.deadline)
+                result = await self.generator.generate(state, query, call.deadline,
+                                                       call.pause_for_live if call.background else None)
                 for response in chunks(result, self.chunk_size):
+                    await call.pause_for_live()         # background work steps aside for live requests
                     await context.write(response)
 
         await self.rpc.serve("Retrieve", context, handle)

@@ -299,3 +299,49 @@ def test_a_cancelled_background_waiter_passes_its_turn_on(registry):
         return log, gate.background_running
 
     assert asyncio.run(main()) == (["kept started", "kept done"], False)
+
+
+def test_a_background_call_pauses_between_steps_while_live_work_runs(registry):
+    async def main():
+        gate = admission(registry, concurrency=2)
+        log: list[str] = []
+        step_two = asyncio.Event()
+
+        async def background():
+            async with gate.background(time.monotonic() + 30):
+                log.append("step 1")
+                await step_two.wait()
+                await gate.pause_for_live(time.monotonic() + 30)    # a live request arrived meanwhile
+                log.append("step 2")
+
+        job = asyncio.ensure_future(background())
+        await asyncio.sleep(0.01)
+        release, live = await occupied(gate)
+        step_two.set()
+        await asyncio.sleep(0.02)
+        while_live = list(log)
+        release.set()
+        await asyncio.gather(live, job)
+        return while_live, log
+
+    while_live, log = asyncio.run(main())
+    assert while_live == ["step 1"]
+    assert log == ["step 1", "step 2"]
+
+
+def test_a_background_call_paused_past_its_deadline_expires(registry):
+    async def main():
+        gate = admission(registry)
+        async with gate.background(time.monotonic() + 30):
+            release, live = await occupied(gate)
+            try:
+                with pytest.raises(Expired, match="paused for live work"):
+                    await gate.pause_for_live(time.monotonic() + 0.05)
+            finally:
+                release.set()
+                await live
+            await gate.pause_for_live(time.monotonic() + 0.05)          # no live work: returns at once
+        return gate.background_running, gate._paused
+
+    assert asyncio.run(main()) == (False, [])
+    assert value(registry, "t_background_total", result="expired") == 1

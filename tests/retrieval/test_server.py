@@ -248,13 +248,14 @@ def test_a_background_retrieve_waits_for_a_quiet_moment_and_expires_unstarted(pu
     background = ((PRIORITY_KEY, BACKGROUND),)
 
     async def body():
-        async with serve(config(root), holder=cached_holder(root, loaded)) as (stub, _, app):
+        # No caller deadline on the expiring call: the server's default (200 ms) ends it, not a racing cancel.
+        async with serve(config(root, default_deadline_ms=200), holder=cached_holder(root, loaded)) as (stub, _, app):
             admission = app.admission
             request = retrieval_pb2.RetrieveRequest(user_id=known_user(loaded), num_candidates=5)
             before = {r: sample("retrieval_background_total", result=r) for r in ("ran", "expired")}
             async with admission.slot(time.monotonic() + 30):           # a live Retrieve in progress
                 with pytest.raises(grpc.aio.AioRpcError) as expired:
-                    await _collect(stub.Retrieve(request, timeout=0.2, metadata=background))
+                    await _collect(stub.Retrieve(request, metadata=background))
                 waiting = asyncio.ensure_future(_collect(stub.Retrieve(request, timeout=10, metadata=background)))
                 await asyncio.sleep(0.2)
                 done_while_live = waiting.done()
