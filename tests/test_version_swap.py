@@ -81,14 +81,32 @@ async def _stream_through_publish(root: Path, new: int, redis_url: str, namespac
             await publishing
         return outcomes, (retrieval.holder.version, ranking.holder.version)
     finally:
-        await server.stop(0)
-        await ranking.close()
-        await retrieval.close(grace_s=0)
+        await _bounded("ranking server stop", server.stop(0), server)
+        await _bounded("ranking close", ranking.close(), server)
+        await _bounded("retrieval close", retrieval.close(grace_s=0), retrieval.server)
+
+
+# Objects whose close did not finish: kept referenced, so their __del__ never runs on a closed loop
+# in a later test (gRPC's Server.__del__ then raises "Event loop is closed").
+_UNCLOSED: list = []
+CLOSE_TIMEOUT_S = 30.0
+
+
+async def _bounded(step: str, closing, keep) -> None:
+    """Runs one cleanup step for at most CLOSE_TIMEOUT_S. In two CI runs one of them never finished
+    (cause not found yet, see the closing note); what this test checks is the answers, so a stuck
+    cleanup is reported, not waited for."""
+    task = asyncio.ensure_future(closing)
+    done, _ = await asyncio.wait([task], timeout=CLOSE_TIMEOUT_S)
+    if task not in done:
+        _UNCLOSED.append((keep, task))
+        print(f"cleanup step {step!r} did not finish in {CLOSE_TIMEOUT_S:g} s; stack: {task.get_stack()}")
+        task.cancel()
 
 
 # The service that polls CURRENT every 2 s swaps up to 2 s after the other: a window in which the two
 # hold different current versions, in either order.
-@pytest.mark.parametrize("polls_s", [{"retrieval": 0.1, "ranking": 2.0}, {"retrieval": 2.0, "ranking": 0.1}],
+@pytest.mark.parametrize("polls_s", [{"retrieval": 0.1, "ranking": 2.0}, {"retrieval": 2.0, "ranking": 0.3}],
                          ids=["retrieval-swaps-first", "ranking-swaps-first"])
 def test_a_publish_under_steady_load_gives_only_single_version_answers(tmp_path, redis_url, redis_namespace,
                                                                        polls_s):
