@@ -212,10 +212,7 @@ class Admission:
                 else:
                     with contextlib.suppress(ValueError):
                         self._background_waiters.remove(waiter)
-                if _expired(error, deadline):
-                    self._count_background("expired")
-                if isinstance(error, TimeoutError):
-                    raise Expired("the deadline passed while the background call waited for a quiet moment") from None
+                self._background_wait_ended(error, deadline, "waited for a quiet moment")
                 raise
         else:
             self.background_running = True
@@ -236,14 +233,19 @@ class Admission:
                 async with asyncio.timeout(deadline - time.monotonic()):
                     await waiter
             except BaseException as error:
-                if _expired(error, deadline):
-                    self._count_background("expired")
-                if isinstance(error, TimeoutError):
-                    raise Expired("the deadline passed while the background call was paused for live work") from None
+                self._background_wait_ended(error, deadline, "was paused for live work")
                 raise
             finally:
                 with contextlib.suppress(ValueError):
                     self._paused.remove(waiter)
+
+    def _background_wait_ended(self, error: BaseException, deadline: float, waiting: str) -> None:
+        """After a background call's wait ended with ``error``: counts it expired when its deadline ended
+        it, and raises ``Expired`` when its own timeout did (the caller re-raises anything else)."""
+        if _expired(error, deadline):
+            self._count_background("expired")
+        if isinstance(error, TimeoutError):
+            raise Expired(f"the deadline passed while the background call {waiting}") from None
 
     def _live_idle(self) -> None:
         """No live request runs or waits any more: paused background work goes on, or the next starts."""
