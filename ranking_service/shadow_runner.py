@@ -1,9 +1,10 @@
 """Inside the shadow worker process (``ranking_service.shadow_worker``): the candidate it holds and the runs.
 
 ``CandidateHolder`` follows the arms file and loads only its candidate, with the service's check
-and loader; it is also the ``Pipeline``'s holder, so a run asks retrieval for the candidate with
-the job's live versions as fallbacks. ``ShadowRunner.run`` scores one job into an ``Outcome``;
-``serve`` is the worker's event loop: it polls the arms file and takes at most ``MAX_IN_FLIGHT``
+and both stages' loaders (``shadow_retrieval.load_candidate``); it is also the ``Pipeline``'s
+holder. A run retrieves from the candidate in this process (``shadow_retrieval.LocalCandidates``:
+the retrieval service never sees shadow work) and ranks with it. ``ShadowRunner.run`` scores one
+job into an ``Outcome``; ``serve`` is the worker's event loop: it polls the arms file and takes at most ``MAX_IN_FLIGHT``
 jobs at once from the queue until a ``None`` job, or exits when the serving process is gone.
 """
 
@@ -21,10 +22,11 @@ from ranking_service.batching import MicroBatcher
 from ranking_service.config import RankingConfig
 from ranking_service.features import FeatureStore
 from ranking_service.pipeline import Pipeline
-from ranking_service.retrieval_client import CandidateSource, RetrievalClient
+from ranking_service.retrieval_client import CandidateSource
 from ranking_service.shadow import kendall_tau, overlap_at_k
+from ranking_service.shadow_retrieval import CandidateStates, LocalCandidates, load_candidate
 from ranking_service.shadow_worker import MAX_IN_FLIGHT, SHADOW_DEADLINE_S, Job, Outcome, Status
-from ranking_service.state import ServingState, load_state
+from ranking_service.state import ServingState
 from recsys_contracts import artifacts
 from recsys_contracts.arms import read_arms
 from recsys_contracts.signing import Trust
@@ -40,11 +42,13 @@ log = logging.getLogger(__name__)
 class CandidateHolder:
     """The arms file's candidate version, loaded as the service loads versions (``load_verified``);
     None while no arm names one. Offers the part of ``VersionHolder`` the pipeline reads (``held``, ``held_versions``,
-    ``candidate_version``, ``used``)."""
+    ``candidate_version``, ``used``). ``load`` builds a ``shadow_retrieval.CandidateStates``: ``state`` is
+    its ranking state, ``retrieval`` its retrieval state."""
 
-    def __init__(self, root: Path, load: Callable[[Path, int], ServingState], trust: Trust) -> None:
+    def __init__(self, root: Path, load: Callable[[Path, int], CandidateStates], trust: Trust) -> None:
         self.root, self.load, self.trust = Path(root), load, trust
         self.state: ServingState | None = None
+        self.retrieval = None                     # retrieval_service.state.ServingState of the candidate
         self.refused: set[int] = set()
         self.fallback_versions: list[int] = []    # the live versions of the job being run
 
@@ -75,17 +79,17 @@ class CandidateHolder:
         if wanted == self.candidate_version or wanted in self.refused:
             return False
         if wanted is None:
-            self.state = None
+            self.state = self.retrieval = None
             return True
         try:
-            state = await asyncio.to_thread(load_verified, self.root, wanted, self.trust, self.load)
+            loaded = await asyncio.to_thread(load_verified, self.root, wanted, self.trust, self.load)
         except artifacts.IncompleteVersionError:
             return False                             # retried on the next poll
         except Exception as error:  # a refused candidate is never retried; the service refuses it too
             self.refused.add(wanted)
             log.warning("shadow worker refused candidate %d: %s", wanted, str(error)[:300])
             return False
-        self.state = state
+        self.state, self.retrieval = loaded.ranking, loaded.retrieval
         return True
 
 
@@ -129,9 +133,9 @@ class ShadowRunner:
 async def serve(config: RankingConfig, jobs, outcomes, policy: str) -> None:
     """The worker's loop (``shadow_worker.main``): follows the arms file every ``poll_interval_s`` and
     runs the queue's jobs, at most ``MAX_IN_FLIGHT`` at once, until a ``None`` job."""
-    holder = CandidateHolder(config.artifact_root, functools.partial(load_state, default_score_mode=config.score_mode),
-                             env.trust(config))
-    candidates = RetrievalClient(config, background=True)   # retrieval runs it in quiet moments only
+    holder = CandidateHolder(config.artifact_root,
+                             functools.partial(load_candidate, default_score_mode=config.score_mode), env.trust(config))
+    candidates = LocalCandidates(holder)     # the candidate's retrieval, here at idle priority
     runner = ShadowRunner(config, holder, build_pipeline(config, holder, candidates))
     outcomes.put(Status(os.getpid(), policy, None))
     _leave_with_the_parent()

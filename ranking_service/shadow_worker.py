@@ -6,13 +6,14 @@ it, else nice 19), so the OS runs it only on CPU time the live service leaves ov
 never waits behind shadow work. Then it:
 
 - follows the artifact root's arms file and holds ONLY the candidate (``CandidateHolder``: the same
-  signature and checksum check, ``artifacts.verify``, and loader, ``state.load_state``, as the
-  service's ``VersionHolder``). This is one more copy of the candidate in memory, beside the one the
-  serving process holds for its canary share;
+  signature and checksum check, ``artifacts.verify``, and loaders, ``state.load_state`` and
+  retrieval's, as the services' ``VersionHolder``). This is one more copy of the candidate in memory
+  (its user tower and index included), beside the ones the services hold for the canary share;
 - takes jobs (``Job``: the request's bytes, the served ids, the request id, the candidate and the
   live versions) from a bounded queue, at most ``MAX_IN_FLIGHT`` at once, and runs the Recommend
-  pipeline on the candidate: features from Redis under the service's namespace, its own Retrieve
-  asking for the candidate with the live versions as fallbacks, the DCN on its own ONNX Runtime
+  pipeline on the candidate: features from Redis under the service's namespace, the candidate's
+  retrieval in this process (``shadow_retrieval``: the retrieval service never sees shadow work,
+  and all of it runs at this process's idle priority), the DCN on its own ONNX Runtime
   session (one intra-op thread, ``recsys_contracts.programs``) behind its own micro-batcher and
   retrieval breaker; it never falls back to popular items (a failed retrieval fails the run).
   Without Redis the worker does not see the interactions recorded in the serving process's memory

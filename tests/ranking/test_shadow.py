@@ -15,15 +15,17 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import grpc
 import pytest
 
 from recsys_contracts.arms import Arms, write_arms
-from recsys_contracts.v1 import ranking_pb2, ranking_pb2_grpc
-from ranking_service.retrieval_client import RetrievalClient
+from recsys_contracts.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2
+from ranking_service.retrieval_client import RetrievalClient, RetrievalFailed
 from ranking_service.shadow import QUEUE_SIZE, kendall_tau, overlap_at_k
+from ranking_service.shadow_retrieval import CandidateStates, LocalCandidates
 from ranking_service.shadow_runner import CandidateHolder, ShadowRunner, build_pipeline
 from ranking_service.shadow_worker import POLICY_IDLE, POLICY_NICE, Job
 from retrieval_service.server import create_server as create_retrieval_server
@@ -114,11 +116,11 @@ def test_shadow_scores_the_candidate_off_the_answer_path(published, loaded, retr
     write_arms(root, Arms(candidate=candidate, canary_percent=0.0, shadow_percent=100.0))
     before = _runs()
     overlaps = (sample("ranking_shadow_overlap_at_k_count"), sample("ranking_shadow_overlap_at_k_sum"))
-    background = sample("retrieval_background_total", result="ran")
+    retrieves = sample("retrieval_requests_total", code="OK")
     shadowed = run(_serve_with_shadow(root, loaded, retrieval_loaded, users, candidate))
     runs = {r: value - before[r] for r, value in _runs().items()}
-    # every scored run's Retrieve reached retrieval marked as background work (its quiet-moment lane)
-    assert sample("retrieval_background_total", result="ran") - background >= runs["scored"]
+    # the worker retrieved from the candidate itself: the retrieval service served the live requests only
+    assert sample("retrieval_requests_total", code="OK") - retrieves == len(users)
     assert shadowed == plain                                    # the answers are unchanged
     assert {arm for arm, *_ in shadowed} == {ranking_pb2.ARM_LIVE}
     assert runs["scored"] + runs["skipped"] == len(users) and runs["scored"] > 0, runs
@@ -179,7 +181,8 @@ def test_the_worker_pipeline_has_its_own_breaker_and_never_falls_back(published,
     cfg = config(root)                                  # a retrieval target that refuses connections
 
     async def main():
-        holder = CandidateHolder(root, lambda directory, v: dataclasses.replace(loaded, version=v), TRUST)
+        holder = CandidateHolder(root, lambda directory, v: CandidateStates(dataclasses.replace(loaded, version=v), None),
+                                 TRUST)
         changed = await holder.refresh()
         candidates = RetrievalClient(cfg)
         pipeline = build_pipeline(cfg, holder, candidates)
@@ -199,6 +202,54 @@ def test_the_worker_pipeline_has_its_own_breaker_and_never_falls_back(published,
     assert changed and held[0] == candidate
     assert set(results) == {"failed"} and breaker == "OPEN" and fallback == "unavailable"
     assert other == "skipped"                        # a job for a candidate the worker does not hold
+
+
+def test_the_workers_own_retrieval_answers_as_the_retrieval_service_does(published, loaded, retrieval_loaded):
+    """``LocalCandidates`` (the worker's in-process retrieval of the candidate) streams the same chunks
+    as the retrieval service answering from the same version; it refuses a version it does not hold
+    (UNAVAILABLE) and a bad field as the service does (the caller's error)."""
+    root, version = published
+    holder = types.SimpleNamespace(retrieval=retrieval_loaded)
+    users = [str(u) for u in loaded.tables.user_ids[1:6]] + ["never-seen-user"]
+
+    def request(user: str, **fields) -> retrieval_pb2.RetrieveRequest:
+        return retrieval_pb2.RetrieveRequest(**({"user_id": user, "num_candidates": 120, "version": version} | fields))
+
+    async def collect(source, message) -> tuple:
+        """(versions, item ids, scores, flags) over the stream's chunks (chunk sizes may differ)."""
+        chunks = [c async for c in source.stream(message, 10.0, "local-test")]
+        return ({c.model_version for c in chunks}, [i for c in chunks for i in c.item_ids],
+                [x for c in chunks for x in c.scores], {tuple(c.degraded) for c in chunks})
+
+    async def main():
+        retrieval_holder = await _holder(root, retrieval_loaded, [version])
+        _, port, retrieval = await create_retrieval_server(retrieval_config(root), holder=retrieval_holder)
+        local, remote = LocalCandidates(holder), RetrievalClient(config(root, retrieval_target=f"127.0.0.1:{port}"))
+        try:
+            pairs = [(await collect(local, request(u)), await collect(remote, request(u))) for u in users]
+            errors = []
+            for message in (request(users[0], version=version + 7), request(users[0], num_candidates=0)):
+                try:
+                    await collect(local, message)
+                except Exception as error:             # noqa: BLE001 -- the type is what is checked
+                    errors.append(error)
+            holder.retrieval = None
+            try:
+                await collect(local, request(users[0]))
+            except RetrievalFailed as error:
+                errors.append(error)
+        finally:
+            await local.close()
+            await remote.close()
+            await retrieval.close(grace_s=0)
+        return pairs, errors
+
+    pairs, errors = run(main())
+    for ours, theirs in pairs:
+        assert ours == theirs and ours[0] == {version} and len(ours[1]) > 0
+    assert [type(e).__name__ for e in errors] == ["RetrievalFailed", "RetrievalRefused", "RetrievalFailed"]
+    assert errors[0].code == errors[2].code == "UNAVAILABLE"
+    assert "num_candidates must be in [1, " in str(errors[1])
 
 
 def _worker_pids(pid: int) -> list[int]:
