@@ -7,7 +7,9 @@ writes bench_results/dcn_gpu_bench.json.
     python benchmarks/dcn_gpu_bench.py [--device cuda] [--batches 500,4096,65536]
 
 The model has the trainer's default config over a catalog of MovieLens 100K's size (see
-``benchmarks/program_bench.py``): call time does not depend on what the weights learned.
+``benchmarks/program_bench.py``): call time does not depend on what the weights learned. Every row
+here has its own user, so the CPU side runs the aligned-rows program (``RANKER_ROWS``: the grouped
+one, with as many user rows as candidate rows, does the same work).
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.program_bench import inputs, median_ms, models  # noqa: E402
-from recsys_contracts.programs import RANKER, load_program  # noqa: E402
-from trainer.export import export_ranker  # noqa: E402
+from recsys_contracts.programs import RANKER_ROWS, load_program  # noqa: E402
+from trainer.export import export_ranker_rows  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     rows_out = []
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ranker.onnx"
-        export_ranker(ranker, inputs(tables, 64, history), path)
-        program = load_program(path, RANKER)
+        export_ranker_rows(ranker, inputs(tables, 64, history), path)
+        program = load_program(path, RANKER_ROWS)
         on_device = ranker.to(device)
         for rows in (int(b) for b in args.batches.split(",")):
             x = inputs(tables, rows, history)

@@ -5,6 +5,9 @@
 - ``onnxruntime``: the ONNX program through ``recsys_contracts.programs`` (what serves now),
 
 for the user tower and the ranker at 1 and 500 rows, one intra-op thread each (the services' setting).
+The ranker's three run the aligned-rows layout (every input one row per candidate: ``RANKER_ROWS``,
+as served until 2026-12-05); a fourth column, ``onnxruntime_grouped``, runs the grouped program that
+serves now (``RANKER``: ONE user row and the candidate rows naming it), same weights, same candidates.
 The models have the default trainer config over a catalog of MovieLens 100K's size (943 users, 1,682
 items, synthetic log): call time does not depend on what the weights learned. Prints a table and
 writes bench_results/program_bench.json. Medians of ``--repeats`` calls after a warm-up, all in one run.
@@ -29,10 +32,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from recsys_contracts.programs import RANKER, USER_TOWER, load_program  # noqa: E402
+from recsys_contracts.programs import RANKER, RANKER_ROWS, USER_TOWER, load_program  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 from trainer.data.synthetic import generate  # noqa: E402
-from trainer.export import export_ranker, export_user_tower  # noqa: E402
+from trainer.export import export_ranker, export_ranker_rows, export_user_tower  # noqa: E402
 from trainer.features import build_tables, fit_feature_spec, fit_id_vocab  # noqa: E402
 from trainer.inputs import item_inputs, user_inputs  # noqa: E402
 from trainer.models.dcn import DCNRanker  # noqa: E402
@@ -92,20 +95,43 @@ def measure(name: str, module, example: dict, signature, path: Path, repeats: in
         names = list(example)
         positional = torch.jit.trace(lambda *xs: exported(**dict(zip(names, xs))), tuple(example.values()),
                                      check_trace=False)
-    (export_user_tower if signature is USER_TOWER else export_ranker)(module, example, path)
+    (export_user_tower if signature is USER_TOWER else export_ranker_rows)(module, example, path)
     program = load_program(path, signature)
+    grouped = None
+    if signature is RANKER_ROWS:
+        grouped_path = path.with_name("grouped.onnx")
+        export_ranker(module, _grouped(example, len(example["user_idx"])), grouped_path)
+        grouped = load_program(grouped_path, RANKER)
     rows_out = []
     for rows in (1, 500):
+        # one user's request: the user row repeated per candidate (aligned), or given once (grouped)
         x = {k: v[torch.arange(rows) % next(iter(example.values())).shape[0]] for k, v in example.items()}
+        if signature is RANKER_ROWS:
+            x = {k: (v[:1].expand(rows, *v.shape[1:]).contiguous() if k in USER_KEYS else v) for k, v in x.items()}
         xs, xn = tuple(x.values()), {k: v.numpy() for k, v in x.items()}
         with torch.inference_mode():
             timings = {"torch.export": median_ms(lambda: exported(**x), repeats),
                        "torchscript": median_ms(lambda: positional(*xs), repeats),
                        "onnxruntime": median_ms(lambda: program(**xn), repeats)}
+            if grouped is not None:
+                xg = {k: v.numpy() for k, v in _grouped(x, 1).items()}
+                timings["onnxruntime_grouped"] = median_ms(lambda: grouped(**xg), repeats)
         rows_out.append({"program": name, "rows": rows, **{k: round(v, 4) for k, v in timings.items()},
                          "speedup_vs_torchscript": round(timings["torchscript"] / timings["onnxruntime"], 2),
                          "speedup_vs_export": round(timings["torch.export"] / timings["onnxruntime"], 2)})
+        if grouped is not None:
+            rows_out[-1]["speedup_grouped_vs_rows"] = round(timings["onnxruntime"] / timings["onnxruntime_grouped"], 2)
     return rows_out
+
+
+USER_KEYS = ("user_idx", "user_cat", "user_num", "history", "timestamp")
+
+
+def _grouped(aligned: dict[str, torch.Tensor], users: int) -> dict[str, torch.Tensor]:
+    """Aligned rows as grouped inputs: the first ``users`` rows' user inputs, row r naming user r % users."""
+    rows = aligned["item_idx"].shape[0]
+    return ({k: aligned[k][:users] for k in USER_KEYS} | {"row_user": torch.arange(rows) % users}
+            | {k: v for k, v in aligned.items() if k not in USER_KEYS})
 
 
 def main() -> int:
@@ -118,12 +144,14 @@ def main() -> int:
     history = min(ranker.recent_items, spec.history_length)
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure("user tower", tower, inputs(tables, 64, None), USER_TOWER, Path(tmp) / "t.onnx", args.repeats)
-        rows += measure("ranker", ranker, inputs(tables, 64, history), RANKER, Path(tmp) / "r.onnx", args.repeats)
+        rows += measure("ranker", ranker, inputs(tables, 64, history), RANKER_ROWS, Path(tmp) / "r.onnx", args.repeats)
     print(f"{'program':<11} {'rows':>5} {'torch.export ms':>16} {'torchscript ms':>15} {'onnxruntime ms':>15} "
-          f"{'x vs trace':>10} {'x vs export':>11}")
+          f"{'x vs trace':>10} {'x vs export':>11} {'grouped ms':>11} {'x grouped':>10}")
     for r in rows:
+        grouped = (f" {r['onnxruntime_grouped']:>11.4f} {r['speedup_grouped_vs_rows']:>10.2f}"
+                   if "onnxruntime_grouped" in r else "")
         print(f"{r['program']:<11} {r['rows']:>5} {r['torch.export']:>16.4f} {r['torchscript']:>15.4f} "
-              f"{r['onnxruntime']:>15.4f} {r['speedup_vs_torchscript']:>10.2f} {r['speedup_vs_export']:>11.2f}")
+              f"{r['onnxruntime']:>15.4f} {r['speedup_vs_torchscript']:>10.2f} {r['speedup_vs_export']:>11.2f}{grouped}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": 1, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")

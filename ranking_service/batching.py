@@ -1,9 +1,10 @@
 """DCN micro-batching: concurrent scoring jobs share one forward pass (``recsys_serving.batching``).
 
-Each job is the aligned rows of one request's chunk (``state.ranker_inputs``); a batch holds at most
-``max_jobs`` jobs and ``max_rows`` rows, all scored by the same ranker (jobs of different versions,
-during a hot swap, are never mixed). ``forward`` concatenates them, runs ONE forward pass in the
-batcher's worker thread and hands each job its slice. ``max_jobs == 1`` turns batching off: every
+Each job is one request's chunk: its user row and candidate rows (``state.ranker_inputs``); a
+batch holds at most ``max_jobs`` jobs and ``max_rows`` candidate rows, all scored by the same ranker
+(jobs of different versions, during a hot swap, are never mixed). ``forward`` stacks them
+(``state.concat_inputs``), runs ONE forward pass in the batcher's worker thread and hands each job
+its slice. ``max_jobs == 1`` turns batching off: every
 job is its own forward pass, still off the event loop.
 """
 
@@ -14,7 +15,7 @@ import time
 import numpy as np
 
 from ranking_service import metrics
-from ranking_service.state import run_ranker
+from ranking_service.state import concat_inputs, run_ranker
 from recsys_contracts.programs import Program
 from recsys_serving import batching
 
@@ -36,9 +37,7 @@ def forward(jobs: list[Job]) -> list[tuple[np.ndarray, np.ndarray]]:
         if len(jobs) == 1:
             ctr, rating = run_ranker(ranker, jobs[0][1])
         else:
-            names = jobs[0][1].keys()
-            ctr, rating = run_ranker(ranker, {name: np.concatenate([inputs[name] for _, inputs in jobs])
-                                              for name in names})                          # (sum N, ...)
+            ctr, rating = run_ranker(ranker, concat_inputs([inputs for _, inputs in jobs]))   # (sum N,)
     except Exception as error:
         raise RuntimeError(f"DCN forward pass failed: {error!r}") from error
     metrics.DCN_BATCH_JOBS.observe(len(jobs))

@@ -20,7 +20,7 @@ import numpy as np
 from recsys_contracts import item_metadata
 from recsys_contracts.bundle import ScoreRule, VersionTables, verify_bundle
 from recsys_contracts.ids import ItemLookup
-from recsys_contracts.programs import Program
+from recsys_contracts.programs import RANKER_ROWS, Program, aligned_rows
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,7 +28,7 @@ class ServingState:
     """One version, ready to serve; requests read ``holder.current`` once and keep this object."""
 
     version: int
-    ranker: Program                         # exported DCN: aligned rows -> (ctr_logit (N,), rating (N,))
+    ranker: Program                         # exported DCN: user rows + candidate rows -> (ctr_logit (N,), rating (N,))
     user_tower: Program                     # exported user tower: Rank computes retrieval scores itself
     tables: VersionTables
     user_index: dict[str, int]              # external user id -> user index (absent = unknown)
@@ -45,9 +45,13 @@ class ServingState:
 
 
 def run_ranker(ranker: Program, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """One forward pass over aligned rows: (ctr (N,) float32 in [0, 1], rating (N,) float32)."""
-    # the broadcast user rows of ``ranker_inputs`` are copied into place here (contiguous)
-    logit, rating = ranker(**{name: np.ascontiguousarray(value) for name, value in inputs.items()})
+    """One forward pass over grouped inputs (``ranker_inputs``, or several concatenated by
+    ``concat_inputs``): (ctr (N,) float32 in [0, 1], rating (N,) float32), one per candidate row. A
+    version published before the grouped ranker (``RANKER_ROWS``) gets its user rows repeated per
+    candidate here, in the DCN thread."""
+    if ranker.signature is RANKER_ROWS:
+        inputs = aligned_rows(inputs)
+    logit, rating = ranker(**inputs)
     with np.errstate(over="ignore", invalid="ignore"):   # exp(-logit) = inf for logit << 0: ctr 0
         ctr = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32, copy=False)                  # (N,)
     return ctr, rating
@@ -56,24 +60,33 @@ def run_ranker(ranker: Program, inputs: dict[str, np.ndarray]) -> tuple[np.ndarr
 def ranker_inputs(state: ServingState, *, user_idx: int, user_cat: np.ndarray, user_num: np.ndarray,
                   history: np.ndarray, timestamp: int, item_idx: np.ndarray,
                   retrieval_score: np.ndarray) -> dict[str, np.ndarray]:
-    """The program's keyword inputs for one user against N items: the user row repeated N times
-    (the history cut to the ranker's most recent ``state.ranker_history`` items). The repeated rows
-    are read-only broadcast views: ``run_ranker`` (or the batcher's concatenation) copies them into
-    place in the DCN thread, so the event loop never does."""
+    """The program's keyword inputs for one user against N items, grouped (``recsys_contracts.programs.RANKER``):
+    one user row (the history cut to the ranker's most recent ``state.ranker_history`` items) and N
+    candidate rows that all name it (``row_user`` 0), so the DCN computes the user's side once."""
     n = item_idx.size
     tables = state.tables
     history = history[-state.ranker_history:]
     return {
-        "user_idx": np.full(n, user_idx, dtype=np.int64),                               # (N,)
-        "user_cat": np.broadcast_to(user_cat.astype(np.int64), (n, user_cat.size)),     # (N, Cu) view
-        "user_num": np.broadcast_to(user_num.astype(np.float32), (n, user_num.size)),   # (N, Nu) view
-        "history": np.broadcast_to(history.astype(np.int64), (n, history.size)),        # (N, H) view
-        "timestamp": np.full(n, timestamp, dtype=np.int64),                             # (N,)
+        "user_idx": np.array([user_idx], dtype=np.int64),                               # (1,)
+        "user_cat": user_cat.astype(np.int64).reshape(1, -1),                           # (1, Cu)
+        "user_num": user_num.astype(np.float32).reshape(1, -1),                         # (1, Nu)
+        "history": history.astype(np.int64).reshape(1, -1),                             # (1, H)
+        "timestamp": np.array([timestamp], dtype=np.int64),                             # (1,)
+        "row_user": np.zeros(n, dtype=np.int64),                                        # (N,)
         "item_idx": item_idx.astype(np.int64, copy=False),                              # (N,)
         "item_cat": tables.item_cat[item_idx],                                          # (N, Ci)
         "item_num": tables.item_num[item_idx],                                          # (N, Ni)
         "retrieval_score": retrieval_score.astype(np.float32, copy=False),              # (N,)
     }
+
+
+def concat_inputs(jobs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several requests' grouped inputs as one: user rows and candidate rows stacked, each job's
+    ``row_user`` shifted past the user rows of the jobs before it."""
+    offsets = np.cumsum([0] + [job["user_idx"].shape[0] for job in jobs[:-1]])
+    merged = {name: np.concatenate([job[name] for job in jobs]) for name in jobs[0] if name != "row_user"}
+    merged["row_user"] = np.concatenate([job["row_user"] + offset for job, offset in zip(jobs, offsets)])
+    return merged
 
 
 def retrieval_scores(state: ServingState, *, user_idx: int, user_cat: np.ndarray, user_num: np.ndarray,

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from recsys_contracts import artifacts, feature_store, item_metadata
 from recsys_contracts.ann import Index, IndexParams, read_index
 from recsys_contracts.feature_spec import FeatureSpec
-from recsys_contracts.programs import RANKER, USER_TOWER, Program, load_program
+from recsys_contracts.programs import RANKER_ROWS, USER_TOWER, Program, aligned_rows, load_program, load_ranker
 from recsys_contracts.signing import Trust
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class Bundle:
     version: int
     tables: VersionTables
     user_tower: Program                 # user rows -> (B, D) L2-normalised embeddings
-    ranker: Program                     # aligned user + item rows -> (ctr_logit (B,), rating (B,))
+    ranker: Program                     # user rows + candidate rows -> (ctr_logit (N,), rating (N,)) (RANKER, or RANKER_ROWS)
     item_embeddings: np.ndarray         # (m+1, D) float32, row 0 = padding
     index: Index                        # ANN over item indices 1..m, inner product, dimension D
     index_params: IndexParams
@@ -265,13 +265,13 @@ def check_ranker(ranker, tables: VersionTables, ranker_history: int) -> None:
     items = np.arange(1, min(_SMOKE_ITEMS, tables.n_items) + 1, dtype=np.int64)
     n = items.size
     for user in sorted({0, min(1, tables.n_users)}):
-        inputs = {"user_idx": np.full(n, user, dtype=np.int64),
-                  "user_cat": np.repeat(tables.user_cat[user][None], n, axis=0),                # (N, Cu)
-                  "user_num": np.repeat(tables.user_num[user][None], n, axis=0),                # (N, Nu)
-                  "history": np.repeat(tables.history[user][None, -ranker_history:], n, axis=0),  # (N, h)
-                  "timestamp": np.zeros(n, dtype=np.int64), "item_idx": items,
-                  "item_cat": tables.item_cat[items], "item_num": tables.item_num[items],
+        inputs = {"user_idx": np.array([user], dtype=np.int64), "user_cat": tables.user_cat[user][None],  # (1, Cu)
+                  "user_num": tables.user_num[user][None], "history": tables.history[user][None, -ranker_history:],
+                  "timestamp": np.zeros(1, dtype=np.int64), "row_user": np.zeros(n, dtype=np.int64),
+                  "item_idx": items, "item_cat": tables.item_cat[items], "item_num": tables.item_num[items],
                   "retrieval_score": np.zeros(n, dtype=np.float32)}
+        if ranker.signature is RANKER_ROWS:      # a version published before the grouped ranker
+            inputs = aligned_rows(inputs)
         logit, rating = ranker(**inputs)
         if logit.shape != items.shape or rating.shape != items.shape:
             raise ValueError(f"ranker must return ({n},) ctr and rating, got {logit.shape} and {rating.shape}")
@@ -314,7 +314,7 @@ def verify_bundle(directory: str | Path, version: int, *, device: str = "cpu") -
     if not np.isfinite(users).all():
         raise ValueError("user_tower.onnx smoke query gave NaN or infinity")
     check_search(index, users, tables.n_items)
-    ranker = load_program(directory / RANKER_FILE, RANKER)
+    ranker = load_ranker(directory / RANKER_FILE)
     check_ranker(ranker, tables, tables.serving.ranker_history_length)
     # display files too: a version one service would refuse for them, the other must refuse as well
     metadata = item_metadata.load(directory, tables.item_ids)

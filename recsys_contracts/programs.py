@@ -12,12 +12,20 @@ refused by ``check_model`` before onnxruntime sees the bytes:
   tensor can sit (initializers, sparse initializers, node attributes, subgraphs);
 - operator domains other than the standard ``ai.onnx`` one (custom operators would need a native
   library registered with onnxruntime; contrib ops we do not need), and model-local functions;
-- a graph whose inputs and outputs are not the contract's (``USER_TOWER`` / ``RANKER`` below).
+- a graph whose inputs and outputs are not the contract's (``USER_TOWER`` / ``RANKER`` below, or
+  ``RANKER_ROWS``, the ranker's layout before ``RANKER``, still served for versions published then).
 
 The checked bytes are the bytes handed to onnxruntime (read once), so nothing can swap the file in
 between. Inputs are checked in plain Python on every call (names, dtypes, fixed sizes, one shared
-batch size) and a mismatch raises ``ValueError`` naming the input; onnxruntime's own errors on a bad
-input are less clear and cost more.
+batch size, or for the ranker one per group and row_user inside the users) and a mismatch raises
+``ValueError`` naming the input; onnxruntime's own errors on a bad input are less clear and cost more.
+
+The ranker takes its inputs in two groups (``RANKER``): U user rows (``user_*``, ``history``,
+``timestamp``) and N candidate rows (``row_user``, the index of each candidate's user among the U,
+then ``item_*`` and ``retrieval_score``), and gives one CTR logit and rating per candidate row. A
+request's user side (embeddings, history pooling, genre profile) is computed once, not once per
+candidate. ``RANKER_ROWS`` is the earlier layout, every input one row per candidate; ``load_ranker``
+tells the two apart by their inputs and ``aligned_rows`` turns grouped inputs into that layout.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ ALLOWED_DOMAINS = frozenset({"", "ai.onnx"})
 # protobuf's own limit for one message; a bigger program needs external data, which is refused.
 MAX_PROGRAM_BYTES = 2 * 1024**3 - 1
 BATCH = "batch"   # the name of the one dynamic dimension every input and output shares
+USERS, ROWS = "users", "rows"   # the grouped ranker's two: its user inputs', and its row inputs' and outputs'
 
 _ONNX_DTYPES = {onnx.TensorProto.INT64: np.dtype(np.int64), onnx.TensorProto.FLOAT: np.dtype(np.float32)}
 
@@ -62,6 +71,16 @@ class Signature:
     kind: str
     inputs: tuple[tuple[str, np.dtype], ...]
     outputs: tuple[str, ...]
+    # Grouped programs: the inputs whose first dimension is ROWS (the others' is USERS, the outputs'
+    # ROWS), and the row input holding each row's index into the users. Empty: one BATCH for all.
+    row_inputs: tuple[str, ...] = ()
+    row_index: str | None = None
+
+    def first_dim(self, name: str, output: bool = False) -> str:
+        """The name of ``name``'s first (dynamic) dimension."""
+        if not self.row_inputs:
+            return BATCH
+        return ROWS if output or name in self.row_inputs else USERS
 
 
 _I64, _F32 = np.dtype(np.int64), np.dtype(np.float32)
@@ -71,8 +90,13 @@ _USER_INPUTS = (("user_idx", _I64), ("user_cat", _I64), ("user_num", _F32), ("hi
 # embeddings; the ranker maps aligned user + item rows and the retrieval score to (B,) CTR logits
 # and (B,) predicted ratings.
 USER_TOWER = Signature("user tower", _USER_INPUTS, ("user_vector",))
-RANKER = Signature("ranker", _USER_INPUTS + (("item_idx", _I64), ("item_cat", _I64), ("item_num", _F32),
-                                             ("retrieval_score", _F32)), ("ctr_logit_out", "rating_out"))
+_ITEM_INPUTS = (("item_idx", _I64), ("item_cat", _I64), ("item_num", _F32), ("retrieval_score", _F32))
+_RANKER_OUTPUTS = ("ctr_logit_out", "rating_out")
+# U user rows and N candidate rows, row_user (N,) in [0, U) naming each candidate's user.
+RANKER = Signature("ranker", _USER_INPUTS + (("row_user", _I64),) + _ITEM_INPUTS, _RANKER_OUTPUTS,
+                   row_inputs=("row_user",) + tuple(name for name, _ in _ITEM_INPUTS), row_index="row_user")
+# The layout before RANKER (versions published until 2026-12-05): every input one row per candidate.
+RANKER_ROWS = Signature("ranker (aligned rows)", _USER_INPUTS + _ITEM_INPUTS, _RANKER_OUTPUTS)
 
 
 def _tensor_problem(tensor: onnx.TensorProto) -> str | None:
@@ -146,10 +170,11 @@ def check_model(model: onnx.ModelProto, signature: Signature) -> tuple[tuple[Ten
     if tuple(s.name for s in outputs) != signature.outputs or any(s.dtype != _F32 for s in outputs):
         raise ValueError(f"{signature.kind} program outputs must be float32 {list(signature.outputs)}, "
                          f"got {[(s.name, str(s.dtype)) for s in outputs]}")
-    for spec in inputs + outputs:
-        if not spec.dims or spec.dims[0] != BATCH or any(not isinstance(d, int) for d in spec.dims[1:]):
+    for spec, output in [(s, False) for s in inputs] + [(s, True) for s in outputs]:
+        first = signature.first_dim(spec.name, output)
+        if not spec.dims or spec.dims[0] != first or any(not isinstance(d, int) for d in spec.dims[1:]):
             raise ValueError(f"{signature.kind} program value {spec.name!r} must have shape "
-                             f"({BATCH}, fixed sizes...), got {spec.shape_text()}")
+                             f"({first}, fixed sizes...), got {spec.shape_text()}")
     return inputs, outputs
 
 
@@ -179,7 +204,8 @@ def providers(device: str = "cpu") -> list[str]:
 class Program:
     """A checked ONNX program: ``program(**inputs)`` -> tuple of float32 arrays, in output order.
 
-    Inputs are numpy arrays; every input's first dimension is the same batch size B >= 1.
+    Inputs are numpy arrays; every input's first dimension is the same batch size B >= 1 (for the
+    grouped ranker: U >= 1 for its user inputs, N >= 1 for its row inputs).
     onnxruntime releases the GIL while it runs, so a worker thread scoring does not stall the loop.
     """
 
@@ -207,7 +233,7 @@ class Program:
         if len(inputs) != len(self.inputs) or any(spec.name not in inputs for spec in self.inputs):
             raise ValueError(f"{self.signature.kind} inputs must be {sorted(s.name for s in self.inputs)}, "
                              f"got {sorted(inputs)}")
-        batch = None
+        sizes: dict[str, int] = {}         # first dimension name -> its size in this call
         for spec in self.inputs:
             value = inputs[spec.name]
             if not isinstance(value, np.ndarray):
@@ -216,10 +242,16 @@ class Program:
                 raise ValueError(f"input {spec.name!r} must have dtype {spec.dtype}, got {value.dtype}")
             if value.ndim != len(spec.dims) or value.shape[1:] != spec.dims[1:]:
                 raise ValueError(f"input {spec.name!r} must have shape {spec.shape_text()}, got {value.shape}")
-            if value.shape[0] < 1 or (batch is not None and value.shape[0] != batch):
-                raise ValueError(f"input {spec.name!r} batch size must be >= 1 and equal across inputs "
-                                 f"({batch}), got {value.shape[0]}")
-            batch = value.shape[0]
+            first = spec.dims[0]
+            if value.shape[0] < 1 or value.shape[0] != sizes.setdefault(first, value.shape[0]):
+                raise ValueError(f"input {spec.name!r} {first} size must be >= 1 and equal across inputs "
+                                 f"({sizes[first]}), got {value.shape[0]}")
+        index = self.signature.row_index
+        if index is not None:
+            rows = inputs[index]
+            if rows.min() < 0 or rows.max() >= sizes[USERS]:
+                raise ValueError(f"input {index!r} must index the {sizes[USERS]} user rows, got values in "
+                                 f"[{rows.min()}, {rows.max()}]")
 
     def __call__(self, **inputs: np.ndarray) -> tuple[np.ndarray, ...]:
         self.check(inputs)
@@ -230,3 +262,25 @@ def load_program(path: str | os.PathLike[str], signature: Signature, *, threads:
                  device: str = "cpu") -> Program:
     """The program at ``path`` (checked: see the module docstring); ValueError names what is wrong."""
     return Program(_read_regular_file(Path(path)), signature, threads=threads, device=device)
+
+
+def load_ranker(path: str | os.PathLike[str], *, threads: int = 1, device: str = "cpu") -> Program:
+    """The ranker at ``path``: ``RANKER_ROWS`` when its graph takes exactly that layout's inputs (a
+    version published before the grouped ranker), else ``RANKER`` (so any other file is refused with
+    the current contract's message); checked as ``load_program`` checks."""
+    data = _read_regular_file(Path(path))
+    try:
+        graph = onnx.load_model_from_string(data).graph
+        names = [value.name for value in graph.input if value.name not in {t.name for t in graph.initializer}]
+    except Exception:        # not ONNX: Program says so
+        names = []
+    signature = RANKER_ROWS if names == [name for name, _ in RANKER_ROWS.inputs] else RANKER
+    return Program(data, signature, threads=threads, device=device)
+
+
+def aligned_rows(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``RANKER`` inputs as ``RANKER_ROWS`` inputs: each user input gathered to one row per candidate."""
+    rows = inputs[RANKER.row_index]
+    users = {name for name, _ in _USER_INPUTS}
+    return {name: (value[rows] if name in users else value) for name, value in inputs.items()
+            if name != RANKER.row_index}

@@ -70,14 +70,17 @@ def all_item_embeddings(two_tower, tables: FeatureTables, batch_size: int = 8192
 
 def _export_examples(tables: FeatureTables, ranker_history: int) -> tuple[dict, dict]:
     """Example inputs; the ranker's history is only its ``ranker_history`` most recent items (the
-    service sends no more per candidate row)."""
+    service sends no more per user row). The ranker's are grouped: the user rows, then twice as many
+    candidate rows, row r naming user row r % U."""
     # Up to 8 real rows (row 0, the unknown user / item, first): the export traces them and the
     # parity check replays them at several batch sizes.
     users = np.arange(min(8, tables.vocab.n_users + 1), dtype=np.int64)
-    items = np.arange(users.size, dtype=np.int64) % (tables.vocab.n_items + 1)
+    rows = np.arange(2 * users.size, dtype=np.int64)
+    items = rows % (tables.vocab.n_items + 1)
     user = user_inputs(tables, users, np.full(users.size, 10**9, dtype=np.int64))
-    ranker = {**user, "history": user["history"][:, -ranker_history:], **item_inputs(tables, items),
-              "retrieval_score": torch.linspace(-1.0, 1.0, users.size)}
+    ranker = {**user, "history": user["history"][:, -ranker_history:],
+              "row_user": torch.as_tensor(rows % users.size), **item_inputs(tables, items),
+              "retrieval_score": torch.linspace(-1.0, 1.0, rows.size)}
     return user, ranker
 
 

@@ -35,11 +35,11 @@ def test_tame_garbage_collector_freezes_what_is_alive_and_observes_pauses():
 _PROBE = """
 import gc, sys
 import ranking_service.server, retrieval_service.server
-from recsys_contracts.programs import RANKER, load_program
+from recsys_contracts.programs import load_ranker
 from recsys_serving import runtime
 runtime.tame_garbage_collector()
 frozen = gc.get_freeze_count()
-program = load_program(sys.argv[1], RANKER)
+program = load_ranker(sys.argv[1])
 gc.collect()
 print(frozen, len(gc.get_objects()), "torch" in sys.modules)
 """

@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ranking_service.state import ranker_inputs, retrieval_scores, run_ranker
+from recsys_contracts.programs import RANKER
 from recsys_contracts.v1 import common_pb2, ranking_pb2
 from recsys_serving.runtime import REQUEST_ID_KEY, UNADMITTED_HEADROOM, rpc_limit
 from tests.ranking.harness import config, free_port, health_status, run, sample, serve
@@ -271,6 +272,8 @@ def test_redis_refusing_recorded_interactions_is_unavailable(published, loaded):
 
 
 class _BrokenRanker:
+    signature = RANKER
+
     def __call__(self, item_idx, **_):
         raise RuntimeError("a bug deep inside the model")
 

@@ -16,6 +16,7 @@ from ranking_service.selection import RunningTopK, Scored, mmr_order
 from ranking_service.state import ItemLookup, load_state, ranker_inputs, run_ranker
 from recsys_contracts.bundle import ScoreRule, ServingConfig, check_ranker
 from recsys_contracts.feature_store import FreshInteraction
+from recsys_contracts.programs import RANKER, RANKER_ROWS, aligned_rows
 from tests.factories import publish_tiny_version, tiny_run
 from tests.ranking.harness import sample
 
@@ -161,6 +162,8 @@ def test_microbatcher_rejects_an_oversized_job(loaded):
 class _Ranker:
     """A callable standing in for a broken program: constant float32 outputs of a chosen shape."""
 
+    signature = RANKER
+
     def __init__(self, ctr_logit: float, rating: float, drop_row: bool = False) -> None:
         self.ctr_logit, self.rating, self.drop_row = ctr_logit, rating, drop_row
 
@@ -193,10 +196,11 @@ def test_ranker_takes_only_its_recent_history_and_scores_as_the_eager_model(tmp_
     inputs = ranker_inputs(state, user_idx=user, user_cat=tables.user_cat[user], user_num=tables.user_num[user],
                            history=tables.history[user], timestamp=1_700_000_000, item_idx=items,
                            retrieval_score=scores)
-    assert inputs["history"].shape == (items.size, 20)
+    assert inputs["history"].shape == (1, 20) and inputs["row_user"].tolist() == [0] * items.size
     np.testing.assert_array_equal(inputs["history"][0], tables.history[user][-20:])
     ctr, rating = run_ranker(state.ranker, inputs)
-    eager = {**inputs, "history": np.broadcast_to(tables.history[user], (items.size, 30)).copy()}
+    # the eager model on aligned rows, each with the user's whole history: it pools only the recent 20
+    eager = {**aligned_rows(inputs), "history": np.broadcast_to(tables.history[user], (items.size, 30)).copy()}
     with torch.no_grad():
         logit, eager_rating = run.ranker(**{name: torch.from_numpy(np.array(value)) for name, value in eager.items()})
     np.testing.assert_allclose(ctr, torch.sigmoid(logit).numpy(), atol=1e-6)
@@ -209,3 +213,47 @@ def test_ranker_history_length_outside_the_history_is_refused(width):
     with pytest.raises(ValueError, match=r"ranker_history_length must be an integer in \[1, 10\], got"):
         ServingConfig.from_dict({**serving, "ranker_history_length": width}, 10)
     assert ServingConfig.from_dict(serving, 10).ranker_history_length == 10
+
+
+def test_a_version_published_with_the_earlier_aligned_rows_ranker_scores_the_same(tmp_path):
+    """Versions published before the grouped ranker hold an aligned-rows program (RANKER_ROWS): the
+    service loads them (the bundle's check included) and scores as with the grouped program of the
+    same model, alone and in a batch of several users."""
+    from tests.ranking.test_untrusted_versions import publish_copy
+    from trainer.export import export_ranker_rows
+    from trainer.publish import _export_examples
+
+    run = tiny_run(4)
+    grouped_version = publish_tiny_version(tmp_path, run=run)
+    _, example = _export_examples(run.tables, run.ranker.recent_items)
+    aligned = aligned_rows({name: value.numpy() for name, value in example.items()})
+    legacy_version = publish_copy(tmp_path, grouped_version, lambda staging: export_ranker_rows(
+        run.ranker.eval(), {name: torch.from_numpy(value) for name, value in aligned.items()},
+        staging / "ranker.onnx"), signed=True)
+    grouped = load_state(tmp_path / "versions" / str(grouped_version), grouped_version)
+    legacy = load_state(tmp_path / "versions" / str(legacy_version), legacy_version)
+    assert (grouped.ranker.signature, legacy.ranker.signature) == (RANKER, RANKER_ROWS)
+    tables = grouped.tables
+
+    def inputs(user: int) -> dict[str, np.ndarray]:
+        items = np.arange(1, 12, dtype=np.int64) + user
+        return ranker_inputs(grouped, user_idx=user, user_cat=tables.user_cat[user], user_num=tables.user_num[user],
+                             history=tables.history[user], timestamp=1_000_000, item_idx=items,
+                             retrieval_score=np.linspace(-1, 1, items.size).astype(np.float32))
+
+    jobs = [inputs(u) for u in (0, 1, 2)]
+    for job in jobs:
+        for got, want in zip(run_ranker(legacy.ranker, job), run_ranker(grouped.ranker, job)):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+
+    async def batched(state):
+        batcher = MicroBatcher(max_jobs=8, max_wait_s=0.05)
+        try:
+            return await asyncio.gather(*(batcher.score(state.ranker, job) for job in jobs))
+        finally:
+            await batcher.close()
+
+    for (got_ctr, got_rating), (want_ctr, want_rating) in zip(asyncio.run(batched(legacy)),
+                                                              asyncio.run(batched(grouped))):
+        np.testing.assert_allclose(got_ctr, want_ctr, atol=1e-6)
+        np.testing.assert_allclose(got_rating, want_rating, atol=1e-5)

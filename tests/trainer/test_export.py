@@ -10,11 +10,11 @@ import onnx
 import pytest
 import torch
 
-from tests.trainer.test_models import (HISTORY, _affinity_ranker, dcn_config, item_inputs, ranker_inputs, tower_config,
-                                       user_inputs)
-from recsys_contracts.programs import RANKER, USER_TOWER, Program
-from trainer.export import (RANKER_INPUTS, USER_TOWER_INPUTS, ProgramParityError, check_parity, export_ranker,
-                            export_user_tower, load_program)
+from tests.trainer.test_models import (HISTORY, _affinity_ranker, dcn_config, grouped_inputs, item_inputs,
+                                       ranker_inputs, tower_config, user_inputs)
+from recsys_contracts.programs import RANKER, RANKER_ROWS, USER_TOWER, Program, aligned_rows, load_ranker
+from trainer.export import (RANKER_INPUTS, RANKER_ROWS_INPUTS, USER_TOWER_INPUTS, ProgramParityError, check_parity,
+                            export_ranker, export_ranker_rows, export_user_tower, load_program)
 from trainer.models import DCNRanker, build_two_tower
 
 MAX_BATCH = 512
@@ -46,8 +46,10 @@ def ranker_export(request, tmp_path_factory):
     else:
         ranker = DCNRanker(dcn_config(structure=structure, low_rank=low_rank))
     path = tmp_path_factory.mktemp("export") / "ranker.onnx"
-    export_ranker(ranker, ranker_inputs(5), path, max_batch=MAX_BATCH)
-    return ranker.eval(), path
+    ranker.eval()
+    export_ranker(ranker, grouped_inputs(8, 3)[0], path, max_batch=MAX_BATCH)
+    assert not ranker.training                   # the export leaves the module in the mode it found
+    return ranker, path
 
 
 @pytest.mark.parametrize("batch", [1, 7, 500])
@@ -59,15 +61,46 @@ def test_user_tower_program_equals_eager(user_tower_export, batch):
         np.testing.assert_allclose(served, tower(**inputs).numpy(), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("batch", [1, 7, 500])
-def test_ranker_program_equals_eager(ranker_export, batch):
+@pytest.mark.parametrize(("batch", "users"), [(1, 1), (7, 1), (7, 3), (500, 1), (500, 4)])
+def test_ranker_program_equals_eager(ranker_export, batch, users):
+    """The grouped program (``users`` user rows, ``batch`` candidates) equals the eager module on the
+    same candidates as aligned rows."""
     ranker, path = ranker_export
-    inputs = ranker_inputs(batch, seed=batch)
-    served = load_program(path, RANKER)(**_numpy(inputs))
+    grouped, aligned = grouped_inputs(batch, users, seed=batch)
+    program = load_ranker(path)
+    assert program.signature is RANKER
+    served = program(**_numpy(grouped))
     with torch.no_grad():
-        for got, eager in zip(served, ranker(**inputs), strict=True):
+        for got, eager in zip(served, ranker(**aligned), strict=True):
             assert got.shape == (batch,) and got.dtype == np.float32
             np.testing.assert_allclose(got, eager.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_ranker_in_the_earlier_aligned_rows_layout_loads_and_scores_the_same(ranker_export, tmp_path):
+    """Versions published before the grouped ranker hold an aligned-rows program (RANKER_ROWS):
+    ``load_ranker`` tells it apart, and ``aligned_rows`` of the grouped inputs scores as the grouped one."""
+    ranker, grouped_path = ranker_export
+    path = tmp_path / "rows.onnx"
+    export_ranker_rows(ranker, ranker_inputs(5), path, max_batch=MAX_BATCH)
+    rows, grouped = load_ranker(path), load_ranker(grouped_path)
+    assert (rows.signature, grouped.signature) == (RANKER_ROWS, RANKER)
+    inputs = _numpy(grouped_inputs(9, 2, seed=3)[0])
+    for got, want in zip(rows(**aligned_rows(inputs)), grouped(**inputs), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="ranker program inputs must be"):
+        load_program(path, RANKER)
+
+
+def test_the_grouped_ranker_checks_its_two_groups(ranker_export):
+    _, path = ranker_export
+    program = load_ranker(path)
+    inputs = _numpy(grouped_inputs(6, 2)[0])
+    with pytest.raises(ValueError, match=r"input 'row_user' must index the 2 user rows, got values in \[0, 2\]"):
+        program(**inputs | {"row_user": np.array([0, 1, 2, 0, 1, 0])})
+    with pytest.raises(ValueError, match=r"input 'timestamp' users size must be >= 1 and equal across inputs \(2\), got 3"):
+        program(**inputs | {"timestamp": np.zeros(3, dtype=np.int64)})
+    with pytest.raises(ValueError, match=r"input 'item_num' rows size must be >= 1 and equal across inputs \(6\), got 5"):
+        program(**inputs | {"item_num": inputs["item_num"][:5]})
 
 
 def test_history_length_is_fixed(user_tower_export):
@@ -208,5 +241,9 @@ def test_export_rejects(tmp_path, example, path, message):
 
 def test_input_names_follow_the_contract():
     assert USER_TOWER_INPUTS == ("user_idx", "user_cat", "user_num", "history", "timestamp")
-    assert RANKER_INPUTS == USER_TOWER_INPUTS + ("item_idx", "item_cat", "item_num", "retrieval_score")
-    assert set(ranker_inputs(2)) == set(RANKER_INPUTS) and set(item_inputs(2)) < set(RANKER_INPUTS)
+    assert RANKER_ROWS_INPUTS == USER_TOWER_INPUTS + ("item_idx", "item_cat", "item_num", "retrieval_score")
+    assert RANKER_INPUTS == USER_TOWER_INPUTS + ("row_user", "item_idx", "item_cat", "item_num", "retrieval_score")
+    assert set(ranker_inputs(2)) == set(RANKER_ROWS_INPUTS) and set(item_inputs(2)) < set(RANKER_INPUTS)
+    assert set(grouped_inputs(3, 2)[0]) == set(RANKER_INPUTS)
+    assert [name for name, _ in RANKER.inputs] == list(RANKER_INPUTS)
+    assert [name for name, _ in RANKER_ROWS.inputs] == list(RANKER_ROWS_INPUTS)

@@ -63,6 +63,19 @@ def ranker_inputs(rows: int, seed: int = 2) -> dict[str, torch.Tensor]:
     return user_inputs(rows, seed) | item_inputs(rows, seed + 1) | {"retrieval_score": torch.rand(rows, generator=g)}
 
 
+USER_KEYS = ("user_idx", "user_cat", "user_num", "history", "timestamp")
+
+
+def grouped_inputs(rows: int, users: int, seed: int = 2) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(grouped, aligned): ``users`` user rows and ``rows`` candidate rows, row r naming user r % users
+    (the served ranker's layout), and the same rows aligned (each candidate beside its user's inputs)."""
+    aligned = ranker_inputs(rows, seed)
+    row_user = torch.arange(rows) % users
+    grouped = {name: aligned[name][:users] for name in USER_KEYS} | {"row_user": row_user} | \
+              {name: value for name, value in aligned.items() if name not in USER_KEYS}
+    return grouped, {name: (grouped[name][row_user] if name in USER_KEYS else value) for name, value in aligned.items()}
+
+
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -415,6 +428,18 @@ def test_ranker_parameter_count_with_affinity():
     assert n_params(with_affinity) - n_params(plain) == 3 * (2 * d0 + 2) + 16 + 1   # W and b per cross layer
 
 
+def test_the_grouped_ranker_scores_as_the_aligned_rows_do():
+    """``forward_grouped`` (U user rows, each candidate naming its user) equals ``forward`` on the same
+    rows aligned, with genres and affinities on."""
+    ranker = DCNRanker(dcn_config(n_genres=2, affinity_rank=3)).eval()
+    ranker.set_item_genres(torch.rand(N_ITEMS + 1, 2).round())
+    grouped, rows = grouped_inputs(7, 3)
+    with torch.no_grad():
+        want, got = ranker(**rows), ranker.forward_grouped(**grouped)
+    for w, g in zip(want, got):
+        assert g.shape == (7,) and torch.allclose(w, g, atol=1e-6)
+
+
 def test_ranker_genre_cross_is_the_history_profile_times_the_candidates_flags():
     ranker = DCNRanker(dcn_config(n_genres=2)).eval()
     flags = torch.zeros(N_ITEMS + 1, 2)
@@ -426,7 +451,11 @@ def test_ranker_genre_cross_is_the_history_profile_times_the_candidates_flags():
     recent = torch.tensor([[0, 1, 2]])
     item_num = torch.zeros(1, N_ITEM_NUM)
     item_num[0, :2] = torch.tensor([0.0, 1.0])
-    assert torch.allclose(ranker.genre_cross(recent, item_num), torch.tensor([[0.0, 0.5, 0.5]]))
+    inputs = ranker_inputs(1)
+    _, profile = ranker.user_side(inputs["user_idx"], inputs["user_cat"], inputs["user_num"], recent,
+                                  inputs["timestamp"])
+    assert torch.allclose(profile, torch.tensor([[1.0, 0.5]]))
+    assert torch.allclose(ranker.genre_cross(profile, item_num), torch.tensor([[0.0, 0.5, 0.5]]))
     ctr, rating = ranker(**ranker_inputs(6))
     assert ctr.shape == rating.shape == (6,) and torch.isfinite(ctr).all()
     with pytest.raises(ValueError, match=f"n_genres must be <= n_item_num={N_ITEM_NUM}, got {N_ITEM_NUM + 1}"):

@@ -185,30 +185,55 @@ class DCNRanker(nn.Module):
             raise RuntimeError("set_item_genres on a ranker built with n_genres 0")
         self.item_genres.copy_(flags)
 
-    def genre_cross(self, recent: Tensor, item_num: Tensor) -> Tensor:
-        """The history's genre profile times the candidate's genre flags: (N, G) per genre and (N, 1) summed."""
-        profile = masked_mean(self.item_genres[recent], recent != 0)           # (N, R, G) -> (N, G)
+    def genre_cross(self, profile: Tensor, item_num: Tensor) -> Tensor:
+        """The history's genre profile (N, G) times the candidate's genre flags: (N, G) per genre and (N, 1) summed."""
         cross = profile * item_num[:, :self.n_genres]                          # (N, G)
         return torch.cat([cross, cross.sum(dim=1, keepdim=True)], dim=1)       # (N, G + 1)
+
+    def user_side(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor,
+                  timestamp: Tensor) -> tuple[Tensor, Tensor | None]:
+        """What depends on the user only, for U user rows: the user block of x0 (U, du) and the genre
+        profile of the recent history (U, G), None without genres."""
+        recent = history[:, -self.recent_items:]   # history is oldest first: only the most recent items
+        user = torch.cat([
+            self.user_embedding(user_idx),  # (U, E)
+            self.user_categorical(user_cat),  # (U, Cu * E)
+            user_num,  # (U, Nu)
+            padded_mean(self.item_embedding, recent),  # (U, R) -> (U, E)
+            self.calendar(timestamp),  # (U, 2E + 1)
+        ], dim=1)  # (U, du)
+        profile = masked_mean(self.item_genres[recent], recent != 0) if self.n_genres else None  # (U, R, G) -> (U, G)
+        return user, profile
 
     def forward(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor, timestamp: Tensor,
                 item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
                 retrieval_score: Tensor) -> tuple[Tensor, Tensor]:
+        """Aligned rows: row n holds candidate n and its user's inputs (training's layout)."""
+        user, profile = self.user_side(user_idx, user_cat, user_num, history, timestamp)
+        return self.rows(user, profile, user_idx, item_idx, item_cat, item_num, retrieval_score)
+
+    def forward_grouped(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor,
+                        timestamp: Tensor, row_user: Tensor, item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
+                        retrieval_score: Tensor) -> tuple[Tensor, Tensor]:
+        """The same scores from U user rows and N candidate rows, ``row_user`` (N,) naming each candidate's
+        user: the user side runs once per user, not once per candidate (the served program's layout,
+        ``recsys_contracts.programs.RANKER``)."""
+        user, profile = self.user_side(user_idx, user_cat, user_num, history, timestamp)
+        return self.rows(user[row_user], None if profile is None else profile[row_user], user_idx[row_user],
+                         item_idx, item_cat, item_num, retrieval_score)
+
+    def rows(self, user: Tensor, profile: Tensor | None, user_idx: Tensor, item_idx: Tensor, item_cat: Tensor,
+             item_num: Tensor, retrieval_score: Tensor) -> tuple[Tensor, Tensor]:
+        """The scores of N candidate rows from their users' ``user_side`` rows (N, du), (N, G)."""
         x0 = torch.cat([
-            self.user_embedding(user_idx),  # (N, E)
-            self.user_categorical(user_cat),  # (N, Cu * E)
-            user_num,  # (N, Nu)
-            # Only the most recent items (history is oldest first): the ranker scores ~500 rows per
-            # request and pooling the full history per row dominated its cost.
-            padded_mean(self.item_embedding, history[:, -self.recent_items:]),  # (N, R) -> (N, E)
-            self.calendar(timestamp),  # (N, 2E + 1)
+            user,  # (N, du)
             self.item_embedding(item_idx),  # (N, E)
             self.item_categorical(item_cat),  # (N, Ci * E)
             item_num,  # (N, Ni)
             retrieval_score.unsqueeze(1),  # (N, 1)
         ], dim=1)  # (N, d)
         if self.n_genres:
-            x0 = torch.cat([x0, self.genre_cross(history[:, -self.recent_items:], item_num)], dim=1)
+            x0 = torch.cat([x0, self.genre_cross(profile, item_num)], dim=1)
         wide = self.retrieval_skip(retrieval_score.unsqueeze(1))  # (N, 1)
         if self.affinity_rank:
             affinity = self.affinity(user_idx, item_idx)  # (N, C)
