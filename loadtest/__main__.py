@@ -3,6 +3,8 @@
     python -m loadtest run --target 127.0.0.1:50052 --mode open --rate 100 --duration 10 --k 10 \\
         --deadline-ms 200 --users-from ../shared/data --skew 1.0 --unknown-share 0.05 --out runs/lt
     python -m loadtest compare runs/a/results.json runs/b/results.json
+    python -m loadtest curve --run before=runs/a-100 --run before=runs/a-300 --run after=runs/b-100 ... \
+        --out docs/img/load_curve.png
     python -m loadtest scenario redis-kill --out runs/redis-kill
     python -m loadtest scenario retrieval-freeze --rate 200 --duration 12 --fault-at 3 --fault-s 3
 
@@ -21,6 +23,7 @@ from pathlib import Path
 from loadtest.client import run_load
 from loadtest.compare import compare, format_rows
 from loadtest.config import MODES, RPCS, LoadConfig
+from loadtest.curve import format_points, run_curve
 from loadtest.output import save_run
 from loadtest.publish import FeatureTarget, publish_tiny, republish
 from recsys_contracts.signing import signer_for
@@ -94,6 +97,12 @@ def parser() -> argparse.ArgumentParser:
     cmp.add_argument("a", type=Path)
     cmp.add_argument("b", type=Path)
 
+    curve = commands.add_parser("curve", help="plot latency and goodput against offered load, per variant")
+    curve.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
+                       help="a saved run (its directory) and its variant's label; repeat for each run")
+    curve.add_argument("--out", type=Path, required=True, help="the PNG (its table goes beside it as .json)")
+    curve.add_argument("--title", default="")
+
     scenario = commands.add_parser("scenario", help="start a loopback stack, load it, inject a fault")
     scenario.add_argument("name", choices=sorted(SCENARIOS))
     scenario.add_argument("--data-dir", type=Path, default=None, help="the ml-100k folder (default: the data dir's)")
@@ -155,6 +164,14 @@ def client_line(document: dict) -> str:
             f"{gc_['longest_ms']:.1f} ms ({gc_['full_collections']} full of {gc_['collections']})")
 
 
+def service_cpu_line(figures: dict) -> str:
+    """CPU milliseconds per answered request by process over the load window."""
+    per_ok = ", ".join(f"{name} {ms:.2f}" for name, ms in figures["cpu_ms_per_ok"].items() if ms is not None)
+    total = figures["services_cpu_ms_per_ok"]
+    return (f"service CPU ms per OK answer: {per_ok}" +
+            (f"; both services {total:.2f}" if total is not None else " (no OK answer)"))
+
+
 def service_env(pairs: list[str]) -> dict[str, str]:
     """NAME=VALUE strings as a dict; the services themselves validate names and values at start-up."""
     env = {}
@@ -203,7 +220,14 @@ def _scenario(args: argparse.Namespace) -> int:
     if "ramp" in document:
         print(f"highest rate held at p99 <= {document['ramp']['p99_target_ms']:g} ms: "
               f"{document['ramp']['highest_rate_held']}")
+    print(service_cpu_line(document["service_cpu"]))
     print(f"{client_line(document)}; results in {out}")
+    return 0
+
+
+def _curve(args: argparse.Namespace) -> int:
+    print(format_points(run_curve(args.run, args.out, args.title)))
+    print(f"plot in {args.out}, table in {args.out.with_suffix('.json')}")
     return 0
 
 
@@ -228,7 +252,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    handlers = {"run": _run, "compare": _compare, "scenario": _scenario, "publish": _publish}
+    handlers = {"run": _run, "compare": _compare, "curve": _curve, "scenario": _scenario, "publish": _publish}
     try:
         return handlers[args.command](args)
     except ValueError as error:

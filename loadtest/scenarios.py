@@ -26,7 +26,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +79,16 @@ def _cpu_s(stack: Stack) -> dict[str, float]:
     ranking, retrieval, redis_cpu = stack.ranking.cpu_s(), stack.retrieval.cpu_s(), stack.redis.cpu_s()
     return {"ranking": ranking["self"], "shadow_worker": ranking["children"], "retrieval": retrieval["self"],
             "redis": redis_cpu["self"]}
+
+
+def service_cpu_figures(cpu_s: dict[str, float], outcomes: Sequence[Outcome]) -> dict:
+    """Each process's CPU seconds over the load window and its CPU milliseconds per answered (OK)
+    request: the cost a capacity plan needs (a refusal costs little, so per OK answer, not per call)."""
+    ok = sum(1 for o in outcomes if o.code == "OK")
+    per_ok = {name: (1000 * seconds / ok if ok else None) for name, seconds in cpu_s.items()}
+    services = ("ranking", "shadow_worker", "retrieval")
+    return {"cpu_s": cpu_s, "ok": ok, "cpu_ms_per_ok": per_ok,
+            "services_cpu_ms_per_ok": (1000 * sum(cpu_s[n] for n in services) / ok) if ok else None}
 
 
 async def _window_usage(stack: Stack) -> tuple[dict[str, float], dict[str, float]]:
@@ -308,15 +318,18 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
             with measured_window() as collector:
                 loop = asyncio.get_running_loop()
                 origin = loop.time()
+                service_cpu_before = _cpu_s(stack)
                 injecting = loop.create_task(_inject(scenario, stack, origin)) if scenario.fault else None
                 outcomes, extra = await drive(channel, config, population, origin)
                 fault = await injecting if injecting is not None else None
+                service_cpu = _delta(_cpu_s(stack), service_cpu_before)
     total_s = elapsed_s(outcomes, scenario.duration_s if scenario.mode == "open" else 1e-9)
     document = {"scenario": scenario.name, "description": scenario.description,
                 "config": dataclasses.asdict(config), "service_env": service_env or {},
                 "loadavg_before": loadavg_before,
                 "client_cpu_s": time.process_time() - cpu_before, "client_gc": collector.as_dict(),
-                "summary": summarize(outcomes, total_s), **extra}
+                "summary": summarize(outcomes, total_s), "service_cpu": service_cpu_figures(service_cpu, outcomes),
+                **extra}
     if fault is not None:
         document["fault"] = fault
         document["phases"] = phases(outcomes, fault, total_s)

@@ -18,7 +18,7 @@ import pytest
 from loadtest.config import LoadConfig
 from loadtest.results import Outcome
 from loadtest.scenarios import (SCENARIOS, arm_windows, fault_row, phases, recovery, run_and_save, run_scenario,
-                                shadow_ab, shadow_ab_line, shortened)
+                                service_cpu_figures, shadow_ab, shadow_ab_line, shortened)
 from recsys_contracts.arms import Arms, read_arms
 
 pytestmark = pytest.mark.slow
@@ -41,6 +41,11 @@ def test_redis_freeze_scaled_down(published, ml100k_dir, tmp_path):
     assert document["client_gc"]["collections"] >= 1
     assert document["recovery"]["deadline_ms"] == 2000 and "recovery_s" in document["recovery"]
     assert fault_row(document).startswith("| redis-freeze | 20 | 100 | ")
+    # The services' CPU over the load window, per answered request: both ran, so both spent some.
+    cpu = document["service_cpu"]
+    assert cpu["ok"] == document["summary"]["ok"] > 0
+    assert cpu["cpu_s"]["ranking"] > 0 and cpu["cpu_s"]["retrieval"] > 0
+    assert cpu["services_cpu_ms_per_ok"] >= cpu["cpu_ms_per_ok"]["ranking"] > 0
 
 
 def test_shadow_scaled_down_alternates_the_arm_and_changes_no_answer(published, ml100k_dir, tmp_path):
@@ -90,6 +95,19 @@ def test_phases_split_by_intended_time():
     assert split["during"]["duration_s"] == 2.0
     # A fault undone after the load ended leaves no "after" phase.
     assert phases(outcomes, {"start_s": 1.0, "end_s": 6.0, "settle_s": 0.5}, total_s=5.0)["after"] is None
+
+
+def test_service_cpu_figures_are_per_answered_request():
+    outcomes = [Outcome(0.0, 0.01, "OK")] * 4 + [Outcome(0.0, 0.001, "RESOURCE_EXHAUSTED")] * 6
+    figures = service_cpu_figures({"ranking": 0.02, "shadow_worker": 0.0, "retrieval": 0.008, "redis": 0.004},
+                                  outcomes)
+    assert figures["ok"] == 4
+    assert figures["cpu_ms_per_ok"] == pytest.approx({"ranking": 5.0, "shadow_worker": 0.0, "retrieval": 2.0,
+                                                      "redis": 1.0})
+    assert figures["services_cpu_ms_per_ok"] == pytest.approx(7.0)   # ranking, its shadow worker, retrieval
+    nothing = service_cpu_figures({"ranking": 0.02, "shadow_worker": 0.0, "retrieval": 0.0, "redis": 0.0},
+                                  outcomes[4:])
+    assert nothing["services_cpu_ms_per_ok"] is None and nothing["cpu_ms_per_ok"]["ranking"] is None
 
 
 def test_run_and_save_rejects_an_unknown_scenario(tmp_path):

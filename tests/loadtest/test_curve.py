@@ -1,0 +1,60 @@
+"""``python -m loadtest curve``: saved runs grouped by variant and rate, medians, the plot and its table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loadtest.__main__ import main
+from loadtest.curve import format_points, parse_run_arguments, points
+from loadtest.output import save_run
+from loadtest.results import Outcome, summarize
+
+
+def _run(tmp_path, name: str, rate: float, ok_ms: float, refused: int, cpu_ms: float | None = None):
+    """A saved open-loop run: 10 answers taking ``ok_ms`` and ``refused`` refusals of 2 ms, over 1 s."""
+    outcomes = [Outcome(i / 10, ok_ms / 1000, "OK") for i in range(10)]
+    outcomes += [Outcome(0.5, 0.002, "RESOURCE_EXHAUSTED") for _ in range(refused)]
+    document = {"config": {"rate": rate}, "summary": summarize(outcomes, 1.0)}
+    if cpu_ms is not None:
+        document["service_cpu"] = {"services_cpu_ms_per_ok": cpu_ms}
+    save_run(tmp_path / name, document, outcomes, name)
+    return tmp_path / name
+
+
+def test_points_are_medians_per_variant_and_rate(tmp_path):
+    dirs = {"a1": _run(tmp_path, "a1", 100, 5, 0, 6.0), "a2": _run(tmp_path, "a2", 100, 9, 0, 5.0),
+            "a3": _run(tmp_path, "a3", 100, 7, 0, 4.0), "b": _run(tmp_path, "b", 300, 50, 10)}
+    runs = [("before", json.loads((dirs[n] / "results.json").read_text())) for n in ("a1", "a2", "a3", "b")]
+    curve = points(runs)
+    assert [(p.label, p.offered_rps, p.runs) for p in curve] == [("before", 100.0, 3), ("before", 300.0, 1)]
+    low, high = curve
+    assert low.p99_ms == pytest.approx(7.0) and low.goodput_rps == pytest.approx(10.0)
+    assert low.services_cpu_ms_per_ok == pytest.approx(5.0)
+    assert low.refused_share == 0 and low.refused_p99_ms is None       # no refusal: no refusal latency
+    assert high.refused_share == pytest.approx(0.5) and high.refused_p99_ms == pytest.approx(2.0)
+    assert high.services_cpu_ms_per_ok is None                         # an older run without CPU figures
+    assert "| before | 300 | 1 | 10.0 | 50.0 / 50.0 | 50 % | 2.0 | - |" in format_points(curve)
+
+
+def test_curve_command_writes_the_plot_and_its_table(tmp_path, capsys):
+    old, new = _run(tmp_path, "old", 200, 20, 5), _run(tmp_path, "new", 200, 10, 0)
+    out = tmp_path / "img" / "curve.png"
+    assert main(["curve", "--run", f"old={old}", "--run", f"new={new}", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = json.loads(out.with_suffix(".json").read_text())
+    assert {row["label"]: row["p99_ms"] for row in table} == {"new": pytest.approx(10.0), "old": pytest.approx(20.0)}
+    assert "| old | 200 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pair, message", [("nolabel", "LABEL=DIR"), ("x=", "LABEL=DIR"),
+                                           ("x=/nonexistent/run", "no results.json")])
+def test_a_bad_run_argument_is_named(pair, message):
+    with pytest.raises(ValueError, match=message):
+        parse_run_arguments([pair])
+
+
+def test_the_command_exits_2_on_a_bad_run(tmp_path, capsys):
+    assert main(["curve", "--run", "x=" + str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
+    assert "no results.json" in capsys.readouterr().err
