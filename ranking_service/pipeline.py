@@ -268,7 +268,9 @@ class Pipeline:
         metrics.RETRIEVAL_FAILURES.labels(failure).inc()
         if self.fallback == "unavailable":
             raise RetrievalUnavailable(f"the retrieval service failed ({failure}) and fallback is disabled")
-        if failure != CIRCUIT_OPEN:    # the breaker logs when it opens; not once per skipped request
+        # Not logged when the breaker is open (it logs when it opens) or retrieval refused (overload:
+        # a line per request would be CPU spent under overload); both are counted above.
+        if failure not in (CIRCUIT_OPEN, "RESOURCE_EXHAUSTED"):
             log.warning("retrieval failed (%s): answering from popular items", failure,
                         extra={"request_id": request_id})
         popular = state.tables.popular_items                       # (m,) item indices, most popular first

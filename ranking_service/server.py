@@ -64,7 +64,7 @@ class RankingApp:
                                      state_gauge=metrics.RETRIEVAL_BREAKER_STATE,
                                      transitions=metrics.RETRIEVAL_BREAKER_TRANSITIONS),
                                  holder=self.holder)
-        self.admission = Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)
+        self.admission = Admission.for_service(config, metrics.ADMISSION)
         # The shadow runs in its own process at idle CPU priority (ranking_service.shadow_worker);
         # this process only samples and enqueues.
         self.shadow = Shadow(config, self.holder)
@@ -87,6 +87,7 @@ class RankingApp:
 
     async def start(self, health) -> None:
         self.health = health
+        self.admission.start()
         await self.holder.refresh()
         if self.holder.ready:
             await runtime.set_serving(health, [SERVICE_NAME], True)
@@ -104,6 +105,7 @@ class RankingApp:
         await self.batcher.close()
         await self.candidates.close()
         await self.features.close()
+        await self.admission.close()
 
 
 async def create_server(config: RankingConfig, *, candidates: CandidateSource | None = None,

@@ -23,6 +23,12 @@ Each service puts every RPC through one ``Admission``::
   slot busy (throughput is set by the slots, not the queue). An idle service (nothing running) admits whatever the estimate says: the
   estimate only changes when requests complete, so refusing on it then could refuse everything
   forever after one slow spell.
+- ``Refused`` (reason ``lag``) is also raised while the event loop stands behind by more than
+  ``max_lag_s`` (``recsys_serving.looplag``: the smallest lag of its probe over the last 100 ms), and
+  that lag counts in the expected finish: on a loop that is behind, the request's own steps and its
+  reply wait behind every ready callback, which the service time (measured while a slot is held)
+  does not see. Past ~2x capacity on two cores the loop itself was the queue: refusals took ~195 ms
+  and admitted work missed its deadline; refusing until the loop catches up keeps both short.
 - ``Expired`` is raised when a queued request's deadline passes before it got a slot: it is dropped
   without starting (the servicer answers DEADLINE_EXCEEDED). Estimates are averages, so some
   admitted requests still wait too long; this catches them before they spend CPU.
@@ -60,6 +66,8 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from recsys_serving.looplag import LoopLag
+
 PUSHBACK_KEY = "grpc-retry-pushback-ms"   # gRPC's trailer: wait this long before a retry; < 0 = don't retry
 EWMA_WEIGHT = 0.1                         # weight of the newest service time in the moving average
 QUEUE_WAIT_SLACK = 2.0                    # the expected queue wait counts this many times at admission
@@ -94,6 +102,7 @@ class AdmissionMetrics:
     service_seconds: Gauge    # the moving average ``s``
     queue_wait: Histogram     # seconds admitted requests waited for a slot
     background: Counter | None = None   # background calls by result: ran | expired | refused
+    loop_lag: Gauge | None = None       # the loop-lag probe's latest sample (recsys_serving.looplag)
 
 
 def admission_metrics(prefix: str, calls: str, buckets: tuple[float, ...]) -> AdmissionMetrics:
@@ -105,7 +114,8 @@ def admission_metrics(prefix: str, calls: str, buckets: tuple[float, ...]) -> Ad
                         multiprocess_mode="livesum"),
         queued=Gauge(f"{prefix}_queued", f"{calls} admitted and waiting for a slot", multiprocess_mode="livesum"),
         refused=Counter(f"{prefix}_refused", f"{calls} refused at once with RESOURCE_EXHAUSTED, by reason "
-                        "(deadline: could not finish in time given the queue; full: max in flight)", ["reason"]),
+                        "(deadline: could not finish in time given the queue; full: max in flight; lag: the "
+                        "event loop stood further behind than the limit)", ["reason"]),
         expired=Counter(f"{prefix}_expired", f"Queued {calls} dropped unstarted: their deadline passed"),
         service_seconds=Gauge(f"{prefix}_service_seconds_estimate",
                               f"Moving average of the seconds one of the {calls} holds a slot",
@@ -114,23 +124,36 @@ def admission_metrics(prefix: str, calls: str, buckets: tuple[float, ...]) -> Ad
                              buckets=buckets),
         background=Counter(f"{prefix}_background", f"Background {calls} (the shadow's), by result: ran (in a "
                            "moment without live work), expired (deadline passed waiting), refused (too many waiting)",
-                           ["result"]))
+                           ["result"]),
+        loop_lag=Gauge(f"{prefix}_loop_lag_seconds", "How late the event loop ran its lag probe (latest sample)",
+                       multiprocess_mode="liveall"))
 
 
 class Admission:
-    def __init__(self, max_concurrency: int, max_in_flight: int, metrics: AdmissionMetrics | None = None) -> None:
+    def __init__(self, max_concurrency: int, max_in_flight: int, metrics: AdmissionMetrics | None = None,
+                 lag: LoopLag | None = None, max_lag_s: float = 0.0) -> None:
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < max_concurrency:
             raise ValueError(f"max_in_flight must be an integer >= max_concurrency ({max_concurrency}), "
                              f"got {max_in_flight!r}")
+        if not (isinstance(max_lag_s, (int, float)) and 0 <= max_lag_s < math.inf):
+            raise ValueError(f"max_lag_s must be a number of seconds >= 0 (0 = off), got {max_lag_s!r}")
         self.max_concurrency, self.max_in_flight, self.metrics = max_concurrency, max_in_flight, metrics
+        self.lag, self.max_lag_s = lag, float(max_lag_s)    # the loop's standing lag and its limit (0 = off)
         self.running = 0
         self.service_s = 0.0          # EWMA of slot-holding seconds; 0 until the first completion
         self._waiters: deque[asyncio.Future] = deque()
         self.background_running = False
         self._background_waiters: deque[asyncio.Future] = deque()
         self._paused: list[asyncio.Future] = []     # background calls paused for live work (``pause_for_live``)
+
+    @classmethod
+    def for_service(cls, config, metrics: AdmissionMetrics) -> Admission:
+        """A service's admission from its settings (``recsys_serving.env.ServiceConfig``): slots, the
+        in-flight cap and the loop-lag limit with its probe (``start`` it on the serving loop)."""
+        return cls(config.max_concurrency, config.max_in_flight, metrics,
+                   lag=LoopLag(gauge=metrics.loop_lag), max_lag_s=config.max_loop_lag_ms / 1000)
 
     @property
     def queued(self) -> int:
@@ -146,15 +169,32 @@ class Admission:
             return 0.0
         return self.service_s * (len(self._waiters) + 1) / self.max_concurrency
 
+    def start(self) -> None:
+        """Starts the loop-lag probe (when there is one) on the running loop: its gauge shows the lag
+        even when no limit is set."""
+        if self.lag is not None:
+            self.lag.start()
+
+    async def close(self) -> None:
+        if self.lag is not None:
+            await self.lag.close()
+
     def check(self, remaining_s: float) -> None:
         """Raises ``Refused`` when a request with ``remaining_s`` left should not be admitted now."""
         wait_s = self.expected_wait_s()
         if self.in_flight >= self.max_in_flight:
             self._refuse("full", f"too many requests in flight (max {self.max_in_flight})", wait_s, remaining_s)
-        if self.running > 0 and QUEUE_WAIT_SLACK * wait_s + self.service_s > remaining_s:
+        if self.running == 0:
+            return                      # an idle service admits: nothing of its own is making it late
+        lag_s = self.lag.standing_s() if self.lag is not None and self.max_lag_s > 0 else 0.0
+        if lag_s > self.max_lag_s > 0:
+            self._refuse("lag", f"the server is behind: its event loop runs {lag_s * 1000:.0f} ms late "
+                         f"(limit {self.max_lag_s * 1000:g} ms)", wait_s, remaining_s)
+        if QUEUE_WAIT_SLACK * wait_s + self.service_s + lag_s > remaining_s:
             self._refuse("deadline", f"cannot finish within the deadline: {remaining_s * 1000:.0f} ms left, "
                          f"expected {wait_s * 1000:.0f} ms queued (x{QUEUE_WAIT_SLACK:g}) + "
-                         f"{self.service_s * 1000:.0f} ms serving", wait_s, remaining_s)
+                         f"{self.service_s * 1000:.0f} ms serving + {lag_s * 1000:.0f} ms loop lag",
+                         wait_s, remaining_s)
 
     def _refuse(self, reason: str, message: str, wait_s: float, remaining_s: float) -> None:
         # A retry after the wait could still finish here only if time would be left for the work.

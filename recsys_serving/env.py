@@ -250,6 +250,7 @@ class ServiceConfig:
                                              # arriving while a batch runs form the next one)
     max_in_flight: int = 64                  # RPCs admitted (running + queued) before RESOURCE_EXHAUSTED
     max_concurrency: int = 8                 # RPCs running at once; the rest queue (recsys_serving.admission)
+    max_loop_lag_ms: float = 0.0             # refuse new RPCs while the event loop stands this far behind; 0 = off
     default_deadline_ms: int = 200           # applied when the caller set no deadline
     redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
     redis_breaker_failures: int = 3          # consecutive Redis failures that open its circuit breaker
@@ -283,6 +284,7 @@ def service_specs(prefix: str) -> dict[str, tuple[str, Parser]]:
         f"{prefix}MICROBATCH_MAX_WAIT_MS": ("microbatch_max_wait_ms", float_in(0.0, 1000.0)),
         f"{prefix}MAX_IN_FLIGHT": ("max_in_flight", int_in(1, 100_000)),
         f"{prefix}MAX_CONCURRENCY": ("max_concurrency", int_in(1, 100_000)),
+        f"{prefix}MAX_LOOP_LAG_MS": ("max_loop_lag_ms", float_in(0.0, 60_000.0)),
         f"{prefix}DEFAULT_DEADLINE_MS": ("default_deadline_ms", int_in(1, 600_000)),
         f"{prefix}REDIS_TIMEOUT_MS": ("redis_timeout_ms", int_in(1, 60_000)),
         f"{prefix}REDIS_BREAKER_FAILURES": ("redis_breaker_failures", int_in(1, 1000)),

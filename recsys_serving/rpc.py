@@ -140,7 +140,14 @@ class Rpc:
                              method, code.name, details, extra={"request_id": rid, "code": code.name})
         if context.cancelled() or context.done():   # the call already ended: nothing left to send
             return None
-        await context.abort(code, details, trailing_metadata=trailers)
+        # The status is set and the handler returns no message (gRPC sends none with a non-OK code).
+        # Not ``context.abort``: it raises through gRPC's handler machinery, which under overload cost
+        # ~15 % of the ranking process's event-loop time on refusals alone (py-spy, 3x capacity).
+        context.set_code(code)
+        context.set_details(details)
+        if trailers:
+            context.set_trailing_metadata(trailers)
+        return None
 
     @staticmethod
     def _ended(loop: asyncio.AbstractEventLoop, deadline: float) -> grpc.StatusCode:

@@ -76,6 +76,7 @@ class App:
         await self.server.stop(self.config.grace_s if grace_s is None else grace_s)
         await self.generator.batcher.close()
         await self.generator.features.close()
+        await self.admission.close()
 
 
 def _feature_store(config: RetrievalConfig) -> FeatureStore:
@@ -101,7 +102,7 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     generator = CandidateGenerator(_feature_store(config), batcher)
     server = runtime.new_server(config)
     health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
-    admission = Admission(config.max_concurrency, config.max_in_flight, metrics.ADMISSION)
+    admission = Admission.for_service(config, metrics.ADMISSION)
     app = App(config, server, generator, health_servicer, admission, holder)
     holder = app.holder
     servicer = RetrievalServicer(holder, generator, config.max_candidates, config.chunk_size, admission,
@@ -111,6 +112,7 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     await app.set_serving(False)
     port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)
     await server.start()
+    admission.start()
     if holder.ready:
         metrics.VERSION.set(holder.version or 0)
         await app.set_serving(True)

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from recsys_serving.admission import (MAX_BACKGROUND_QUEUED, PUSHBACK_KEY, QUEUE_WAIT_SLACK, Admission,
                                       AdmissionMetrics, Expired, Refused)
+from recsys_serving.looplag import LoopLag
 
 
 @pytest.fixture
@@ -345,3 +346,71 @@ def test_a_background_call_paused_past_its_deadline_expires(registry):
 
     assert asyncio.run(main()) == (False, [])
     assert value(registry, "t_background_total", result="expired") == 1
+
+
+# --- the event loop's lag (recsys_serving.looplag) -------------------------------------------------------
+
+
+def test_standing_lag_is_the_smallest_of_the_window_and_a_silent_probe_counts_as_late():
+    lag = LoopLag(interval_s=0.005, window_s=0.1)
+    assert lag.standing_s(now=0.0) == 0.0                           # no sample yet: no evidence of lag
+    for when, late in ((1.00, 0.030), (1.04, 0.012), (1.08, 0.050)):
+        lag.record(when, late)
+    assert lag.standing_s(now=1.09) == pytest.approx(0.012)        # one spike does not make a standing lag
+    assert lag.standing_s(now=1.15) == pytest.approx(0.050)        # 1.00 and 1.04 left the window
+    # Nothing woke for 0.3 s: the pending probe is 0.3 - 0.005 s late, whatever the last sample said.
+    assert lag.standing_s(now=1.38) == pytest.approx(0.295)
+    with pytest.raises(ValueError, match="interval_s"):
+        LoopLag(interval_s=0.2, window_s=0.1)
+
+
+def test_the_probe_measures_a_loop_that_is_blocked():
+    async def main():
+        lag = LoopLag(interval_s=0.005, window_s=0.1)
+        lag.start()
+        await asyncio.sleep(0.05)
+        quiet = lag.standing_s()
+        for _ in range(8):                    # blocking callbacks: 30 ms each, back to back
+            time.sleep(0.03)
+            await asyncio.sleep(0)
+        busy = lag.standing_s()
+        await lag.close()
+        return quiet, busy
+
+    quiet, busy = asyncio.run(main())
+    assert quiet < 0.02 and busy >= 0.02
+
+
+def test_a_loop_standing_behind_refuses_new_work_while_something_runs_and_counts_in_the_deadline(registry):
+    async def main():
+        lag = LoopLag(interval_s=0.005, window_s=0.1)
+        gate = admission(registry, concurrency=4)
+        gate.lag, gate.max_lag_s = lag, 0.010
+        now = asyncio.get_running_loop().time()
+        lag.record(now, 0.025)                                        # 25 ms behind > the 10 ms limit
+        async with gate.slot(time.monotonic() + 1):                   # idle: admitted whatever the lag
+            with pytest.raises(Refused) as refused:                   # busy and behind: refused
+                async with gate.slot(time.monotonic() + 1):
+                    raise AssertionError("must not run")
+            assert refused.value.reason == "lag" and "25 ms late" in str(refused.value)
+            assert refused.value.pushback_ms == -1
+            gate.max_lag_s = 0.030                                     # within the limit: the lag still
+            with pytest.raises(Refused) as refused:                   # counts in the expected finish
+                async with gate.slot(time.monotonic() + 0.02):
+                    raise AssertionError("must not run")
+            assert refused.value.reason == "deadline" and "25 ms loop lag" in str(refused.value)
+            async with gate.slot(time.monotonic() + 1):               # 1 s left: fits
+                pass
+
+    asyncio.run(main())
+    assert value(registry, "t_refused_total", reason="lag") == 1
+    assert value(registry, "t_refused_total", reason="deadline") == 1
+
+
+def test_a_lag_limit_of_zero_is_off_and_a_bad_one_is_named(registry):
+    gate = Admission(2, 4, lag=LoopLag(), max_lag_s=0.0)
+    gate.lag.record(0.0, 5.0)
+    gate.running = 1
+    gate.check(10.0)                                                  # off: a 5 s lag refuses nothing
+    with pytest.raises(ValueError, match="max_lag_s"):
+        Admission(2, 4, max_lag_s=-1)
