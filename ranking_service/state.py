@@ -20,7 +20,7 @@ import numpy as np
 from recsys_contracts import item_metadata
 from recsys_contracts.bundle import ScoreRule, VersionTables, verify_bundle
 from recsys_contracts.ids import ItemLookup
-from recsys_contracts.programs import RANKER_ROWS, Program, aligned_rows
+from recsys_contracts.programs import Program, run_ranker_program
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,9 +49,7 @@ def run_ranker(ranker: Program, inputs: dict[str, np.ndarray]) -> tuple[np.ndarr
     ``concat_inputs``): (ctr (N,) float32 in [0, 1], rating (N,) float32), one per candidate row. A
     version published before the grouped ranker (``RANKER_ROWS``) gets its user rows repeated per
     candidate here, in the DCN thread."""
-    if ranker.signature is RANKER_ROWS:
-        inputs = aligned_rows(inputs)
-    logit, rating = ranker(**inputs)
+    logit, rating = run_ranker_program(ranker, inputs)
     with np.errstate(over="ignore", invalid="ignore"):   # exp(-logit) = inf for logit << 0: ctr 0
         ctr = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32, copy=False)                  # (N,)
     return ctr, rating

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 from recsys_contracts import artifacts, feature_store, item_metadata
 from recsys_contracts.ann import Index, IndexParams, read_index
 from recsys_contracts.feature_spec import FeatureSpec
-from recsys_contracts.programs import RANKER_ROWS, USER_TOWER, Program, aligned_rows, load_program, load_ranker
+from recsys_contracts.programs import USER_TOWER, Program, load_program, load_ranker, run_ranker_program
 from recsys_contracts.signing import Trust
 
 log = logging.getLogger(__name__)
@@ -270,9 +270,7 @@ def check_ranker(ranker, tables: VersionTables, ranker_history: int) -> None:
                   "timestamp": np.zeros(1, dtype=np.int64), "row_user": np.zeros(n, dtype=np.int64),
                   "item_idx": items, "item_cat": tables.item_cat[items], "item_num": tables.item_num[items],
                   "retrieval_score": np.zeros(n, dtype=np.float32)}
-        if ranker.signature is RANKER_ROWS:      # a version published before the grouped ranker
-            inputs = aligned_rows(inputs)
-        logit, rating = ranker(**inputs)
+        logit, rating = run_ranker_program(ranker, inputs)
         if logit.shape != items.shape or rating.shape != items.shape:
             raise ValueError(f"ranker must return ({n},) ctr and rating, got {logit.shape} and {rating.shape}")
         low, high = tables.spec.rating_min, tables.spec.rating_max

@@ -278,6 +278,14 @@ def load_ranker(path: str | os.PathLike[str], *, threads: int = 1, device: str =
     return Program(data, signature, threads=threads, device=device)
 
 
+def run_ranker_program(ranker: Program, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
+    """(ctr_logit (N,), rating (N,)) of a ranker from grouped (``RANKER``) inputs, whichever layout the
+    program was published in: a ``RANKER_ROWS`` one gets each user input gathered per candidate first."""
+    if ranker.signature is RANKER_ROWS:
+        inputs = aligned_rows(inputs)
+    return ranker(**inputs)
+
+
 def aligned_rows(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """``RANKER`` inputs as ``RANKER_ROWS`` inputs: each user input gathered to one row per candidate."""
     rows = inputs[RANKER.row_index]
