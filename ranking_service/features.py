@@ -1,7 +1,8 @@
 """User features for one request: Redis (one pipelined round trip) or the artifact, plus request overrides.
 
-``FeatureStore`` owns the feature-store connection. With Redis configured, a user read is the
-4-command pipeline of ``recsys_contracts.feature_store.queue_user_read`` under
+``FeatureStore`` owns the feature-store connection. With Redis configured, a user read is one
+command (``recsys_serving.features.UserReader``: the four reads of ``recsys_contracts.feature_store``'s
+user record in one script) under
 ``RANKING_REDIS_TIMEOUT_MS``; an error or timeout answers the request from the served version's
 in-memory tables, flagged FEATURES_FROM_ARTIFACT, and counts towards the circuit breaker
 (``recsys_serving.breaker``): after ``RANKING_REDIS_BREAKER_FAILURES`` in a row, requests skip Redis
@@ -45,6 +46,7 @@ class UserRead:
 
     record: UserRecord | None
     from_redis: bool               # False = no Redis configured (fresh from the in-process store)
+    replies: list | None = None    # Redis's raw replies that gave ``record`` (passed on to retrieval as is)
 
 
 def redis_breaker(failures: int, cool_down_s: float) -> CircuitBreaker:
@@ -62,6 +64,7 @@ class FeatureStore:
         self.redis_url = redis_url
         self.timeout_s = timeout_ms / 1000
         self.redis = features.redis_client(redis_url, self.timeout_s)
+        self.read_command = None if self.redis is None else features.UserReader(self.redis, self.keys)
         self.local = local if local is not None else (InProcessFreshStore() if redis_url is None else None)
         self.refill_wanted = asyncio.Event()   # set when a read found a known user's keys missing
         self.breaker = breaker if breaker is not None else redis_breaker(
@@ -90,10 +93,8 @@ class FeatureStore:
             return UserRead(None, True)
         started = time.perf_counter()
         try:
-            pipe = self.redis.pipeline(transaction=False)
-            feature_store.queue_user_read(pipe, self.keys, version, user_id)
             async with asyncio.timeout(self.timeout_s):        # no extra task, unlike wait_for
-                results = await pipe.execute()
+                results = await self.read_command(version, user_id)
         except (Exception, TimeoutError) as error:  # any store failure degrades, never fails the request
             self.mark_down("read", error)
             return UserRead(None, True)
@@ -106,7 +107,7 @@ class FeatureStore:
             metrics.REDIS_ERRORS.labels("read").inc()
             log.warning("feature store record unreadable, using the artifact: %s", error)
             return UserRead(None, True)
-        return UserRead(record, True)
+        return UserRead(record, True, results)
 
     async def user_view(self, state: ServingState, user_id: str, overrides: UserOverrides) -> UserView:
         """One read, assembled (``view``)."""

@@ -1,7 +1,12 @@
 """The channel to the retrieval service and the candidate stream the Recommend pipeline consumes.
 
+Candidates come from ``RetrieveAll``: the whole answer in one message (a one-message ``Retrieve``
+stream cost about a third more of gRPC's CPU per call at both ends, and ranking scores each
+retrieval chunk as one DCN pass anyway). A retrieval service that predates it answers UNIMPLEMENTED
+(mid rolling upgrade): the client then streams ``Retrieve`` and asks again after ``UNARY_RETRY_S``.
+
 The channel balances over every address the target resolves to (``round_robin``), retries a
-``Retrieve`` that fails with UNAVAILABLE (a restarting or dead replica) or RESOURCE_EXHAUSTED (a
+call that fails with UNAVAILABLE (a restarting or dead replica) or RESOURCE_EXHAUSTED (a
 refusal by retrieval's admission) before any response arrived: at most ``RETRY_MAX_ATTEMPTS``
 attempts, 10..100 ms backoff or the server's ``grpc-retry-pushback-ms`` (-1: no retry), always
 inside the call's deadline, under a retry budget so retries cannot amplify an overload
@@ -22,6 +27,8 @@ or, when retrieval refused a field we passed through (INVALID_ARGUMENT: the call
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -36,6 +43,9 @@ from recsys_serving.runtime import BACKGROUND, PRIORITY_KEY, REQUEST_ID_KEY, mes
 
 RETRIEVAL_SERVICE = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 RETRY_MAX_ATTEMPTS = 3
+UNARY_RETRY_S = 60.0     # after an UNIMPLEMENTED RetrieveAll, stream Retrieve this long before asking again
+
+log = logging.getLogger(__name__)
 
 SERVICE_CONFIG = {"loadBalancingConfig": [{"round_robin": {}}],
                   **client_service_config(RETRIEVAL_SERVICE, max_attempts=RETRY_MAX_ATTEMPTS)}
@@ -51,6 +61,13 @@ class RetrievalFailed(Exception):
 
 class RetrievalRefused(ValueError):
     """Retrieval refused the request as invalid: the caller's error (INVALID_ARGUMENT)."""
+
+
+def _failure(error: grpc.aio.AioRpcError) -> Exception:
+    """A failed call as the pipeline sees it: the caller's error (INVALID_ARGUMENT) or a failure."""
+    if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        return RetrievalRefused(f"retrieval refused the request: {error.details()}")
+    return RetrievalFailed(error.code().name, error.details() or "")
 
 
 class CandidateSource(Protocol):
@@ -75,6 +92,10 @@ class RetrievalClient:
         """``background``: every call is marked background work (the shadow worker's): retrieval runs it
         only in moments without live requests (``recsys_serving.admission.Admission.background``)."""
         self.metadata: tuple[tuple[str, str], ...] = ((PRIORITY_KEY, BACKGROUND),) if background else ()
+        # True while retrieval answers RetrieveAll; False for UNARY_RETRY_S after it answered
+        # UNIMPLEMENTED (a retrieval build from before it, e.g. mid rolling upgrade): Retrieve is streamed.
+        self.unary = True
+        self._unary_again_at = 0.0
         if config.retrieval_tls is None:
             def make(options):
                 return grpc.aio.insecure_channel(config.retrieval_target, options=options)
@@ -90,14 +111,30 @@ class RetrievalClient:
 
     async def stream(self, request: retrieval_pb2.RetrieveRequest, timeout_s: float,
                      request_id: str) -> AsyncIterator[retrieval_pb2.RetrieveResponse]:
-        call = self.stub.Retrieve(request, timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id), *self.metadata))
+        """The candidates: ``RetrieveAll``'s one message, or the ``Retrieve`` stream's chunks from a
+        retrieval service that predates ``RetrieveAll`` (see ``unary``)."""
+        metadata = ((REQUEST_ID_KEY, request_id), *self.metadata)
+        deadline = time.monotonic() + timeout_s
+        if self.unary or time.monotonic() >= self._unary_again_at:
+            try:
+                response = await self.stub.RetrieveAll(request, timeout=timeout_s, metadata=metadata)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise _failure(error) from None
+                if self.unary:
+                    log.warning("retrieval does not serve RetrieveAll (an older build): streaming Retrieve "
+                                "instead, asking again in %.0f s", UNARY_RETRY_S)
+                self.unary, self._unary_again_at = False, time.monotonic() + UNARY_RETRY_S
+            else:
+                self.unary = True
+                yield response
+                return
+        call = self.stub.Retrieve(request, timeout=max(deadline - time.monotonic(), 0.0), metadata=metadata)
         try:
             async for response in call:
                 yield response
         except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise RetrievalRefused(f"retrieval refused the request: {error.details()}") from None
-            raise RetrievalFailed(error.code().name, error.details() or "") from None
+            raise _failure(error) from None
         finally:
             call.cancel()   # no-op once finished; frees the stream when the consumer stops early
 

@@ -40,6 +40,9 @@ it (``pipe.execute()`` or ``await pipe.execute()``), ``parse_*`` functions read 
     pipe = client.pipeline(transaction=False)
     queue_user_read(pipe, keys, version, user_id)
     record = parse_user_read(pipe.execute())
+
+The services read a user with one command instead (``USER_READ_SCRIPT``, through
+``recsys_serving.features.UserReader``); its replies parse the same way.
 """
 
 from __future__ import annotations
@@ -287,12 +290,27 @@ class UserRecord:
 _USER_READ_COMMANDS = 4
 
 
+def user_read_keys(keys: KeyFormat, version: int, user_id: str) -> list[str]:
+    """The keys of a user read, in ``parse_user_read``'s order: features, history, seen, fresh."""
+    return [keys.user_features(version, user_id), keys.user_history(version, user_id),
+            keys.user_seen(version, user_id), keys.user_fresh(user_id)]
+
+
 def queue_user_read(pipe: Pipeline, keys: KeyFormat, version: int, user_id: str) -> None:
     """Queue the 4 commands of a user read (one slot thanks to the hash tag, one round trip)."""
-    pipe.get(keys.user_features(version, user_id))
-    pipe.get(keys.user_history(version, user_id))
-    pipe.get(keys.user_seen(version, user_id))
-    pipe.lrange(keys.user_fresh(user_id), 0, -1)
+    feat, hist, seen, fresh = user_read_keys(keys, version, user_id)
+    pipe.get(feat)
+    pipe.get(hist)
+    pipe.get(seen)
+    pipe.lrange(fresh, 0, -1)
+
+
+# The same read as ONE command (EVALSHA of this script, KEYS = ``user_read_keys``): the four replies
+# of ``queue_user_read``, in its order, for ``parse_user_read``. The services' per-request read: redis-py's
+# asyncio client spends about a third less CPU on one command than on a 4-command pipeline (~150 against
+# ~230 us a read, measured). Read-only, and its keys share the user's hash tag (one Cluster slot).
+USER_READ_SCRIPT = ("return {redis.call('GET', KEYS[1]), redis.call('GET', KEYS[2]), "
+                    "redis.call('GET', KEYS[3]), redis.call('LRANGE', KEYS[4], 0, -1)}")
 
 
 def parse_user_read(results: Sequence[Any]) -> UserRecord:

@@ -49,6 +49,19 @@ def redis_client(url: str | None, timeout_s: float) -> redis.asyncio.Redis | Non
                                       retries=0, asyncio=True)
 
 
+class UserReader:
+    """``await reader(version, user_id)``: the replies of one user read (``feature_store.parse_user_read``
+    parses them) in ONE Redis command, ``feature_store.USER_READ_SCRIPT`` by EVALSHA. redis-py's
+    registered script loads it again when Redis answers NOSCRIPT (a restarted or flushed script cache)."""
+
+    def __init__(self, client: redis.asyncio.Redis, keys: feature_store.KeyFormat) -> None:
+        self.script = client.register_script(feature_store.USER_READ_SCRIPT)
+        self.keys = keys
+
+    async def __call__(self, version: int, user_id: str) -> list:
+        return await self.script(keys=feature_store.user_read_keys(self.keys, version, user_id))
+
+
 @dataclass(frozen=True, eq=False)
 class UserOverrides:
     """Request-time user features, encoded: positions of the row to overwrite and their values."""

@@ -1,6 +1,7 @@
 """A user's tower inputs and seen items: Redis first, the artifact's in-memory tables as the fallback.
 
-``FeatureStore.read`` makes ONE pipelined round trip per user (features, history, seen, fresh),
+``FeatureStore.read`` makes ONE Redis command per user (features, history, seen, fresh in one script:
+``recsys_serving.features.UserReader``),
 bounded by ``min(redis_timeout, the caller's budget)``; a failure or timeout returns ``None`` and
 the caller answers from the artifact (flag FEATURES_FROM_ARTIFACT). A circuit breaker
 (``recsys_serving.breaker``) in front of it skips Redis after a few consecutive failures, so a
@@ -26,7 +27,7 @@ from recsys_contracts import feature_store
 from recsys_contracts.ids import sorted_unique
 from recsys_contracts.v1 import common_pb2
 from recsys_serving.breaker import CircuitBreaker
-from recsys_serving.features import encode_overrides, user_view
+from recsys_serving.features import UserReader, encode_overrides, user_view
 from retrieval_service import metrics
 from retrieval_service.config import RetrievalConfig
 from retrieval_service.state import ServingState, UserRow
@@ -52,6 +53,7 @@ class FeatureStore:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         self.client, self.keys, self.timeout_s = client, keys, timeout_s
+        self.read_command = None if client is None else UserReader(client, keys)
         self.breaker = breaker if breaker is not None else redis_breaker(
             RetrievalConfig.redis_breaker_failures, RetrievalConfig.redis_breaker_cooldown_ms / 1000)
 
@@ -66,11 +68,9 @@ class FeatureStore:
         if not self.breaker.allow():
             metrics.FEATURE_STORE_SKIPPED.inc()
             return None
-        pipe = self.client.pipeline(transaction=False)
-        feature_store.queue_user_read(pipe, self.keys, version, user_id)
         try:
             async with asyncio.timeout(min(self.timeout_s, budget_s)):
-                results = await pipe.execute()
+                results = await self.read_command(version, user_id)
         except (redis.RedisError, OSError, TimeoutError) as error:
             self.breaker.record_failure(error)
             metrics.FEATURE_STORE_ERRORS.inc()

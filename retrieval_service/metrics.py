@@ -38,6 +38,7 @@ ADMISSION = admission_metrics("retrieval", "Retrieves", _STAGE_BUCKETS)
 
 
 def count_request(method: str, code: str, seconds: float) -> None:
-    """One answered Retrieve (``recsys_serving.rpc``; the only method, so not a label)."""
+    """One answered Retrieve or RetrieveAll (``recsys_serving.rpc``): the same work in one or several
+    messages, so one count, not a method label."""
     REQUESTS.labels(code).inc()
     REQUEST_SECONDS.observe(seconds)

@@ -1,4 +1,8 @@
-"""The ``recsys.v1.RetrievalService`` servicer: validate, call the generator, stream the reply.
+"""The ``recsys.v1.RetrievalService`` servicer: validate, call the generator, answer.
+
+``Retrieve`` streams the candidates in chunks of ``RETRIEVAL_CHUNK_SIZE``; ``RetrieveAll`` (what the
+ranking service calls) answers the same candidates in one message. Both share admission, checks and
+errors.
 
 The call goes through ``recsys_serving.rpc`` (deadline: the caller's, else
 ``RETRIEVAL_DEFAULT_DEADLINE_MS``; admission; status mapping; metrics; request id). Status codes:
@@ -64,21 +68,35 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         self.rpc = Rpc(admission=admission, default_deadline_s=default_deadline_s, log=log,
                        count=metrics.count_request, errors=ERRORS)
 
+    async def _candidates(self, request: retrieval_pb2.RetrieveRequest, call: Call) -> Candidates:
+        """Validated, on one version, generated: what both methods answer with."""
+        query = validate(request, self.max_candidates)
+        # Read once: this call stays on this version. The first asked version held (the caller
+        # ranks with it), else the current one; model_version tells the caller which.
+        state = choose_state(self.holder, query.versions)
+        if state is None:
+            raise RpcError(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
+        # generate() takes a time.monotonic() instant: the loop's clock
+        return await self.generator.generate(state, query, call.deadline,
+                                             call.pause_for_live if call.background else None)
+
     async def Retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext):
         async def handle(call: Call) -> None:
             # Admission first: under overload a refusal costs no parsing or validation.
             async with call.admitted():
-                query = validate(request, self.max_candidates)
-                # Read once: this stream stays on this version. The first asked version held (the
-                # caller ranks with it), else the current one; model_version tells the caller which.
-                state = choose_state(self.holder, query.versions)
-                if state is None:
-                    raise RpcError(grpc.StatusCode.UNAVAILABLE, "no model version loaded yet")
-                # generate() takes a time.monotonic() instant: the loop's clock
-                result = await self.generator.generate(state, query, call.deadline,
-                                                       call.pause_for_live if call.background else None)
+                result = await self._candidates(request, call)
                 for response in chunks(result, self.chunk_size):
                     await call.pause_for_live()         # background work steps aside for live requests
                     await context.write(response)
 
         await self.rpc.serve("Retrieve", context, handle)
+
+    async def RetrieveAll(self, request: retrieval_pb2.RetrieveRequest,
+                          context: grpc.aio.ServicerContext) -> retrieval_pb2.RetrieveResponse | None:
+        async def handle(call: Call) -> retrieval_pb2.RetrieveResponse:
+            async with call.admitted():
+                result = await self._candidates(request, call)
+                await call.pause_for_live()
+            return chunks(result, max(len(result.item_ids), 1))[0]
+
+        return await self.rpc.serve("RetrieveAll", context, handle)

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class RetrievalServiceStub:
-    """Streams candidate items for a user. Served by the retrieval service.
+    """Candidate items for a user, streamed or in one message. Served by the retrieval service.
     """
 
     def __init__(self, channel):
@@ -40,16 +40,31 @@ class RetrievalServiceStub:
                 request_serializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
+        self.RetrieveAll = channel.unary_unary(
+                '/recsys.v1.RetrievalService/RetrieveAll',
+                request_serializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveResponse.FromString,
+                _registered_method=True)
 
 
 class RetrievalServiceServicer:
-    """Streams candidate items for a user. Served by the retrieval service.
+    """Candidate items for a user, streamed or in one message. Served by the retrieval service.
     """
 
     def Retrieve(self, request, context):
         """Candidates best first, in chunks, so the caller can score while the rest arrives.
         Errors: INVALID_ARGUMENT (a field out of range, named in the message),
         UNAVAILABLE (no model version loaded yet), DEADLINE_EXCEEDED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetrieveAll(self, request, context):
+        """The same candidates in one message, whatever the chunk size: what the ranking service calls.
+        A stream of one message costs a second send and a second receive at both ends (about a third
+        more of gRPC's CPU per call, measured); streaming pays only when the caller scores while the
+        rest arrives. Same request, same checks, same errors as Retrieve.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -63,6 +78,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     request_deserializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveRequest.FromString,
                     response_serializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveResponse.SerializeToString,
             ),
+            'RetrieveAll': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrieveAll,
+                    request_deserializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'recsys.v1.RetrievalService', rpc_method_handlers)
@@ -72,7 +92,7 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class RetrievalService:
-    """Streams candidate items for a user. Served by the retrieval service.
+    """Candidate items for a user, streamed or in one message. Served by the retrieval service.
     """
 
     @staticmethod
@@ -90,6 +110,33 @@ class RetrievalService:
             request,
             target,
             '/recsys.v1.RetrievalService/Retrieve',
+            recsys_dot_v1_dot_retrieval__pb2.RetrieveRequest.SerializeToString,
+            recsys_dot_v1_dot_retrieval__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrieveAll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.RetrievalService/RetrieveAll',
             recsys_dot_v1_dot_retrieval__pb2.RetrieveRequest.SerializeToString,
             recsys_dot_v1_dot_retrieval__pb2.RetrieveResponse.FromString,
             options,

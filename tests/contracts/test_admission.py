@@ -414,3 +414,17 @@ def test_a_lag_limit_of_zero_is_off_and_a_bad_one_is_named(registry):
     gate.check(10.0)                                                  # off: a 5 s lag refuses nothing
     with pytest.raises(ValueError, match="max_lag_s"):
         Admission(2, 4, max_lag_s=-1)
+
+
+def test_the_lag_probe_wakes_often_only_when_admission_reads_it(registry):
+    """``for_service``: a 5 ms probe when a lag limit is set, a 50 ms one that only feeds the gauge when off."""
+    from types import SimpleNamespace
+
+    from recsys_serving.looplag import GAUGE_INTERVAL_S, PROBE_INTERVAL_S
+
+    metrics = admission(registry).metrics
+    on = Admission.for_service(SimpleNamespace(max_concurrency=2, max_in_flight=8, max_loop_lag_ms=10), metrics)
+    off = Admission.for_service(SimpleNamespace(max_concurrency=2, max_in_flight=8, max_loop_lag_ms=0), metrics)
+    assert (on.lag.interval_s, on.max_lag_s) == (PROBE_INTERVAL_S, 0.010)
+    assert (off.lag.interval_s, off.max_lag_s) == (GAUGE_INTERVAL_S, 0.0)
+    assert PROBE_INTERVAL_S < GAUGE_INTERVAL_S <= off.lag.window_s

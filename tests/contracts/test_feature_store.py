@@ -5,6 +5,7 @@ against a frozen Redis."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 
@@ -16,6 +17,7 @@ from recsys_contracts.ids import excerpt
 from recsys_contracts.feature_store import (
     FreshInteraction,
     KeyFormat,
+    USER_READ_SCRIPT,
     UserRecord,
     decode_fresh,
     decode_ids,
@@ -460,3 +462,42 @@ def test_configured_client_fails_fast_on_frozen_redis(frozen_redis):
     with pytest.raises((redis.TimeoutError, redis.ConnectionError)):
         asyncio.run(read())
     assert time.monotonic() - start < 3.0
+
+
+def test_the_services_one_command_read_equals_the_pipeline_read_after_a_restart_too():
+    """``UserReader`` (one EVALSHA) gives the pipeline's replies, for a user with and without data and
+    one never written; a Redis that lost its script cache (restarted) is answered NOSCRIPT, and the
+    reader loads the script again instead of failing. Its own redis-server: the test restarts it."""
+    from recsys_serving.features import UserReader
+
+    keys = KeyFormat("onecmd")
+
+    def pipeline_read(client, user_id):
+        pipe = client.pipeline(transaction=False)
+        queue_user_read(pipe, keys, 1, user_id)
+        return pipe.execute()
+
+    async def one_command_reads(url, users):
+        aclient = redis_client(url, asyncio=True)
+        try:
+            reader = UserReader(aclient, keys)
+            return [await reader(1, user_id) for user_id in users]
+        finally:
+            await aclient.aclose()
+
+    users = ["alice", "bob", "nobody"]
+    with private_redis_server() as server:
+        client = server.client()
+        write_version(client, keys, 1, users=_users(), items=_items())
+        pipe = client.pipeline(transaction=False)
+        queue_record_interactions(pipe, keys, [("alice", FreshInteraction(5, 99, 3.5)), ("alice", FreshInteraction(9, 100))])
+        pipe.execute()
+        expected = [pipeline_read(client, user_id) for user_id in users]
+        assert asyncio.run(one_command_reads(server.url, users)) == expected
+        assert parse_user_read(expected[0]).fresh == [FreshInteraction(5, 99, 3.5), FreshInteraction(9, 100)]
+
+        client.script_flush()              # what a restart does to the script cache
+        sha = hashlib.sha1(USER_READ_SCRIPT.encode()).hexdigest()
+        assert client.script_exists(sha) == [False]
+        assert asyncio.run(one_command_reads(server.url, users)) == expected
+        assert client.script_exists(sha) == [True]

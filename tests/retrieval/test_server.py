@@ -54,6 +54,38 @@ def test_happy_path_streams_external_ids_best_first(published, loaded):
     assert max(abs(s) for s in scores) <= 1.0 / loaded.temperature + 1e-4
 
 
+def test_retrieve_all_answers_the_whole_stream_in_one_message(published, loaded):
+    """RetrieveAll (what ranking calls) = the Retrieve stream's chunks joined, whatever the chunk size."""
+    root, version = published
+
+    async def body():
+        async with serve(config(root, chunk_size=7), holder=cached_holder(root, loaded)) as (stub, _, _):
+            fields = {"user_id": known_user(loaded, 2), "num_candidates": 30, "context": common_pb2.Context(timestamp_s=WHEN)}
+            chunks = await retrieve(stub, **fields)
+            whole = await stub.RetrieveAll(retrieval_pb2.RetrieveRequest(**fields), timeout=5)
+            return chunks, whole
+
+    chunks, whole = asyncio.run(body())
+    assert len(chunks) == 5 and len(whole.item_ids) == 30
+    assert list(whole.item_ids) == items(chunks)
+    assert list(whole.scores) == pytest.approx([s for chunk in chunks for s in chunk.scores])
+    assert whole.model_version == version and list(whole.degraded) == list(chunks[0].degraded)
+
+
+def test_retrieve_all_refuses_what_retrieve_refuses(published, loaded):
+    root, _ = published
+
+    async def body():
+        async with serve(config(root, max_candidates=50), holder=cached_holder(root, loaded)) as (stub, _, _):
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.RetrieveAll(retrieval_pb2.RetrieveRequest(user_id="u1", num_candidates=51), timeout=5)
+            return error.value
+
+    error = asyncio.run(body())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "num_candidates" in error.details() and "51" in error.details()
+
+
 def test_answers_equal_exact_search_minus_seen(published, loaded):
     root, _ = published
     user = known_user(loaded, 3)
