@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer import cli_output, job
 
     if args.command == "baselines":
+        job.apply_threads(cfg)      # the EASE grid's factorisations are most of its time
         print(cli_output.baselines_table(cfg))
         return 0
     result = job.run(cfg)

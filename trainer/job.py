@@ -40,14 +40,19 @@ class RunResult:
     refused: str | None
 
 
+def apply_threads(cfg: TrainConfig) -> None:
+    """torch's intra-op threads = ``run.threads`` (0 leaves torch's default: every core)."""
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+
+
 @contextmanager
 def session(cfg: TrainConfig) -> Iterator[tuple[Distributed, torch.device]]:
     """The distributed context and device for training (threads and seed set); shut down after."""
     ctx = init_distributed(torch.device("cuda") if cfg.run.device == "cuda" else torch.device("cpu"))
     try:
         device = resolve_device(cfg.run.device, ctx.local_rank)
-        if cfg.run.threads:
-            torch.set_num_threads(cfg.run.threads)
+        apply_threads(cfg)
         torch.manual_seed(cfg.run.seed)
         yield ctx, device
     finally:

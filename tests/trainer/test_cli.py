@@ -23,3 +23,23 @@ def test_an_unknown_protocol_is_refused_with_the_choices():
     with pytest.raises(ValueError, match=r"data.protocol must be one of \('random', 'temporal', 'leave_one_out'\), "
                                          r"got 'loo'"):
         config_from(parse_args(["--set", "data.protocol=loo"]), environ={})
+
+
+def test_the_baselines_command_runs_on_run_threads(tmp_path, capsys):
+    """``run.threads`` bounds torch's threads for ``baselines`` as for training (it was ignored there:
+    on a shared machine two MKL threads against a busy core made each EASE factorisation ~8x slower)."""
+    import torch
+
+    from trainer.__main__ import main
+    from trainer.data.synthetic import generate, write_movielens_like
+
+    folder = write_movielens_like(generate(60, 80, 600, seed=7), tmp_path / "ml", "1m")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["baselines", "--set", "run.threads=1", "--set", f"data.dataset={folder}"]) == 0
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    assert threads == 1
+    assert "Protocol random" in capsys.readouterr().out
