@@ -40,7 +40,10 @@ class RetrievalConfig:
     # ranking.affinity=none), seed 0: ml-100k random 0.2403 -> 0.2475, ml-100k temporal 0.1358 ->
     # 0.1388, synthetic 10k-item log random 0.1305 -> 0.1372; with EASE help on, ml-100k random
     # 0.2587 -> 0.2650. Either change alone on ml-100k random: widths 0.2434, dropout 0.2460;
-    # embedding_dim 128 (widths as they were) 0.2410.
+    # embedding_dim 128 (widths as they were) 0.2410. With run seed 1: synthetic 0.1308 -> 0.1360,
+    # ml-100k random 0.2398 -> 0.2431, but ml-100k temporal 0.1407 -> 0.1381 (within one seed's
+    # spread); the ranker's stopping half with EASE help off moved -0.7 / -5.6 / -1.3 % (seed 0),
+    # with EASE help on +1.2 %. docs/RESULTS.md, "Wider towers".
     user_tower_dims: tuple[int, ...] = (256, 128)
     item_tower_dims: tuple[int, ...] = (256, 128)
     dropout: float = 0.1
