@@ -1,14 +1,11 @@
-"""The per-request costs the 2026-12-05 afternoon changes removed, each measured against what it replaced:
+"""Two per-request costs the 2026-12-05 afternoon changes removed, each measured against what it replaced:
 
 - ``grpc``: one Retrieve-sized answer (500 candidates) as a unary call (``RetrieveAll``) against a
   server-streaming call of one message (``Retrieve`` with one chunk): client CPU, server CPU (the
   server runs in its own process), wall time per call, 8 calls in flight, on loopback;
 - ``redis``: one user's read as one EVALSHA (``recsys_contracts.feature_store.USER_READ_SCRIPT``, what
   both services run) against the 4-command pipeline (``queue_user_read``): redis-py asyncio client
-  CPU per read ($RECSYS_TEST_REDIS_URL or the local default, a private namespace deleted afterwards);
-- ``stored_user``: ranking's record handed to retrieval as the store's bytes (``StoredBytes``) against
-  the typed id lists: build + serialise on ranking's side, parse + check on retrieval's, for 100 and
-  700 seen items (MovieLens 100K users hold 20-737).
+  CPU per read ($RECSYS_TEST_REDIS_URL or the local default, a private namespace deleted afterwards).
 
 Medians of ``--rounds`` rounds, the variants' order alternating; prints a table and writes bench_results/wire_bench.json.
 
@@ -37,7 +34,6 @@ import numpy as np  # noqa: E402
 from recsys_contracts import feature_store  # noqa: E402
 from recsys_contracts.feature_store import KeyFormat, UserRecord  # noqa: E402
 from recsys_contracts.v1 import retrieval_pb2  # noqa: E402
-from recsys_serving import wire  # noqa: E402
 from recsys_serving.features import UserReader  # noqa: E402
 
 SERVICE = "bench.Wire"
@@ -164,25 +160,6 @@ async def _redis_round(url: str, reads: int, flip: bool) -> dict[str, float]:
         sync.close()
 
 
-def stored_user_costs(repeats: int) -> dict[str, dict[str, float]]:
-    figures = {}
-    for seen in (100, 700):
-        record = _record(seen)
-        replies = [feature_store.encode_row(*record.row), feature_store.encode_ids(record.history),
-                   feature_store.encode_ids(record.seen), []]
-        for name, passed in (("typed", None), ("bytes", replies)):
-            started = time.perf_counter()
-            for _ in range(repeats):
-                data = wire.stored_user_message(3, record, passed).SerializeToString()
-            built = time.perf_counter()
-            for _ in range(repeats):
-                wire.stored_user(retrieval_pb2.StoredUser.FromString(data))
-            parsed = time.perf_counter()
-            figures[f"{name}_{seen}_seen"] = {"build_serialise_us": (built - started) / repeats * 1e6,
-                                              "parse_check_us": (parsed - built) / repeats * 1e6, "bytes": len(data)}
-    return figures
-
-
 def _medians(runs: list[dict]) -> dict:
     first = runs[0]
     if isinstance(first, dict):
@@ -206,7 +183,6 @@ def main() -> None:
         "grpc": _medians(grpc_costs(args.rounds, args.calls)),
         "redis_client_cpu_us": _medians([asyncio.run(_redis_round(redis_url, args.reads, flip=i % 2 == 1))
                                          for i in range(args.rounds)]),
-        "stored_user": _medians([stored_user_costs(2000) for _ in range(args.rounds)]),
         "rounds": args.rounds, "cpus": os.cpu_count(),
     }
     print(json.dumps(result, indent=2))

@@ -46,7 +46,6 @@ class UserRead:
 
     record: UserRecord | None
     from_redis: bool               # False = no Redis configured (fresh from the in-process store)
-    replies: list | None = None    # Redis's raw replies that gave ``record`` (passed on to retrieval as is)
 
 
 def redis_breaker(failures: int, cool_down_s: float) -> CircuitBreaker:
@@ -107,7 +106,7 @@ class FeatureStore:
             metrics.REDIS_ERRORS.labels("read").inc()
             log.warning("feature store record unreadable, using the artifact: %s", error)
             return UserRead(None, True)
-        return UserRead(record, True, results)
+        return UserRead(record, True)
 
     async def user_view(self, state: ServingState, user_id: str, overrides: UserOverrides) -> UserView:
         """One read, assembled (``view``)."""

@@ -166,7 +166,7 @@ class Pipeline:
         read = await self.features.read_user(state.version, query.user_id)
         view = self.features.view(state, query.user_id, read, query.overrides)
         if read.from_redis:           # retrieval answering from this version takes our read
-            query.retrieve.stored_user.CopyFrom(wire.stored_user_message(state.version, read.record, read.replies))
+            query.retrieve.stored_user.CopyFrom(wire.stored_user_message(state.version, read.record))
         pools: list[_Pool] = []       # at most one; a list so the finally clause sees it
         try:
             retrieval_version, flags, failure = await self._retrieve(state, query, deadline, request_id,

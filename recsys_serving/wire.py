@@ -104,26 +104,10 @@ class StoredUser:
     record: UserRecord | None
 
 
-def stored_user_message(version: int, record: UserRecord | None,
-                        replies: list | None = None) -> retrieval_pb2.StoredUser:
-    """The wire form of what a read under ``version`` gave (``record`` None: the store failed). With the
-    read's raw ``replies`` (``feature_store.parse_user_read``'s input, which gave ``record``), they go
-    as they are (``stored_bytes``): no id list is converted on either side."""
+def stored_user_message(version: int, record: UserRecord | None) -> retrieval_pb2.StoredUser:
+    """The wire form of what a read under ``version`` gave (``record`` None: the store failed)."""
     message = retrieval_pb2.StoredUser(version=version, store_failed=record is None)
     if record is None:
-        return message
-    if replies is not None:
-        row, history, seen, fresh = replies
-        message.stored_bytes.SetInParent()
-        encoded = message.stored_bytes
-        if row:
-            encoded.row = row
-        if history:
-            encoded.history = history
-        if seen:
-            encoded.seen = seen
-        if fresh:
-            encoded.fresh.extend(fresh)
         return message
     if record.row is not None:
         cat, num = record.row
@@ -175,44 +159,16 @@ def _fresh(items, field: str) -> list[FreshInteraction]:
     return fresh
 
 
-def _stored_bytes(encoded: retrieval_pb2.StoredBytes, field: str) -> UserRecord:
-    """The record in the store's codecs, checked as the typed fields are (limits, ids >= 0, finite values)."""
-    for name, limit in (("history", MAX_STORED_ITEMS), ("seen", MAX_STORED_ITEMS)):
-        size = len(getattr(encoded, name))
-        if size > 8 * limit:
-            raise InvalidRequest(f"{field}.{name} must hold at most {limit} ids ({8 * limit} bytes), got {size} bytes")
-    if len(encoded.fresh) > MAX_FRESH:
-        raise InvalidRequest(f"{field}.fresh must hold at most {MAX_FRESH} entries, got {len(encoded.fresh)}")
-    try:
-        record = feature_store.parse_user_read([encoded.row or None, encoded.history or None,
-                                                encoded.seen or None, list(encoded.fresh)])
-    except ValueError as error:     # a codec's message: what it expected and what came
-        raise InvalidRequest(f"{field}: {error}") from None
-    if record.row is not None and not np.isfinite(record.row[1]).all():
-        bad = record.row[1][~np.isfinite(record.row[1])][0]
-        raise InvalidRequest(f"{field}.row numeric values must be finite, got {float(bad)!r}")
-    for name in ("history", "seen"):
-        ids = getattr(record, name)
-        if ids.size and int(ids.min()) < 0:
-            raise InvalidRequest(f"{field}.{name} must be item ids >= 0, got {int(ids.min())}")
-    return UserRecord(row=record.row, history=record.history, seen=np.sort(record.seen), fresh=record.fresh)
-
-
 def stored_user(message: retrieval_pb2.StoredUser, field: str = "stored_user") -> StoredUser:
     """The checked record, or ``InvalidRequest`` naming the first bad field and its value."""
     if message.version < 1:
         raise InvalidRequest(f"{field}.version must be >= 1, got {message.version}")
-    typed = [name for name in ("row", "history_item_ids", "seen_item_ids", "fresh")
-             if (message.HasField(name) if name == "row" else len(getattr(message, name)))]
     if message.store_failed:
-        filled = typed + (["stored_bytes"] if message.HasField("stored_bytes") else [])
+        filled = [name for name in ("row", "history_item_ids", "seen_item_ids", "fresh")
+                  if (message.HasField(name) if name == "row" else len(getattr(message, name)))]
         if filled:
             raise InvalidRequest(f"{field}.{filled[0]} must be empty when {field}.store_failed is true")
         return StoredUser(message.version, None)
-    if message.HasField("stored_bytes"):
-        if typed:
-            raise InvalidRequest(f"{field}.{typed[0]} must be empty when {field}.stored_bytes is set")
-        return StoredUser(message.version, _stored_bytes(message.stored_bytes, f"{field}.stored_bytes"))
     row = _row(message.row, f"{field}.row") if message.HasField("row") else None
     history = _item_ids(f"{field}.history_item_ids", message.history_item_ids, MAX_STORED_ITEMS)
     seen = _item_ids(f"{field}.seen_item_ids", message.seen_item_ids, MAX_STORED_ITEMS)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recsys_contracts.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xfd\x01\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0enum_candidates\x18\x02 \x01(\x05\x12.\n\ruser_features\x18\x03 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\x12#\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x12.recsys.v1.Context\x12\x14\n\x0cinclude_seen\x18\x05 \x01(\x08\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x19\n\x11\x66\x61llback_versions\x18\x07 \x03(\x03\x12*\n\x0bstored_user\x18\x08 \x01(\x0b\x32\x15.recsys.v1.StoredUser\"\xdb\x01\n\nStoredUser\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x14\n\x0cstore_failed\x18\x02 \x01(\x08\x12\"\n\x03row\x18\x03 \x01(\x0b\x32\x15.recsys.v1.FeatureRow\x12\x18\n\x10history_item_ids\x18\x04 \x03(\x03\x12\x15\n\rseen_item_ids\x18\x05 \x03(\x03\x12#\n\x05\x66resh\x18\x06 \x03(\x0b\x32\x14.recsys.v1.FreshItem\x12,\n\x0cstored_bytes\x18\x07 \x01(\x0b\x32\x16.recsys.v1.StoredBytes\"H\n\x0bStoredBytes\x12\x0b\n\x03row\x18\x01 \x01(\x0c\x12\x0f\n\x07history\x18\x02 \x01(\x0c\x12\x0c\n\x04seen\x18\x03 \x01(\x0c\x12\r\n\x05\x66resh\x18\x04 \x03(\x0c\"2\n\nFeatureRow\x12\x13\n\x0b\x63\x61tegorical\x18\x01 \x03(\x03\x12\x0f\n\x07numeric\x18\x02 \x03(\x02\"Q\n\tFreshItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x13\n\x0btimestamp_s\x18\x02 \x01(\x03\x12\x13\n\x06rating\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_rating\"\x88\x01\n\x10RetrieveResponse\x12\x10\n\x08item_ids\x18\x04 \x03(\x03\x12\x0e\n\x06scores\x18\x05 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x03 \x03(\x0e\x32\x17.recsys.v1.DegradedPathJ\x04\x08\x01\x10\x02R\ncandidates2\xa1\x01\n\x10RetrievalService\x12\x45\n\x08Retrieve\x12\x1a.recsys.v1.RetrieveRequest\x1a\x1b.recsys.v1.RetrieveResponse0\x01\x12\x46\n\x0bRetrieveAll\x12\x1a.recsys.v1.RetrieveRequest\x1a\x1b.recsys.v1.RetrieveResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xfd\x01\n\x0fRetrieveRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x16\n\x0enum_candidates\x18\x02 \x01(\x05\x12.\n\ruser_features\x18\x03 \x01(\x0b\x32\x17.recsys.v1.UserFeatures\x12#\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x12.recsys.v1.Context\x12\x14\n\x0cinclude_seen\x18\x05 \x01(\x08\x12\x0f\n\x07version\x18\x06 \x01(\x03\x12\x19\n\x11\x66\x61llback_versions\x18\x07 \x03(\x03\x12*\n\x0bstored_user\x18\x08 \x01(\x0b\x32\x15.recsys.v1.StoredUser\"\xad\x01\n\nStoredUser\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x14\n\x0cstore_failed\x18\x02 \x01(\x08\x12\"\n\x03row\x18\x03 \x01(\x0b\x32\x15.recsys.v1.FeatureRow\x12\x18\n\x10history_item_ids\x18\x04 \x03(\x03\x12\x15\n\rseen_item_ids\x18\x05 \x03(\x03\x12#\n\x05\x66resh\x18\x06 \x03(\x0b\x32\x14.recsys.v1.FreshItem\"2\n\nFeatureRow\x12\x13\n\x0b\x63\x61tegorical\x18\x01 \x03(\x03\x12\x0f\n\x07numeric\x18\x02 \x03(\x02\"Q\n\tFreshItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x13\n\x0btimestamp_s\x18\x02 \x01(\x03\x12\x13\n\x06rating\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\t\n\x07_rating\"\x88\x01\n\x10RetrieveResponse\x12\x10\n\x08item_ids\x18\x04 \x03(\x03\x12\x0e\n\x06scores\x18\x05 \x03(\x02\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12)\n\x08\x64\x65graded\x18\x03 \x03(\x0e\x32\x17.recsys.v1.DegradedPathJ\x04\x08\x01\x10\x02R\ncandidates2\xa1\x01\n\x10RetrievalService\x12\x45\n\x08Retrieve\x12\x1a.recsys.v1.RetrieveRequest\x1a\x1b.recsys.v1.RetrieveResponse0\x01\x12\x46\n\x0bRetrieveAll\x12\x1a.recsys.v1.RetrieveRequest\x1a\x1b.recsys.v1.RetrieveResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RETRIEVEREQUEST']._serialized_start=65
   _globals['_RETRIEVEREQUEST']._serialized_end=318
   _globals['_STOREDUSER']._serialized_start=321
-  _globals['_STOREDUSER']._serialized_end=540
-  _globals['_STOREDBYTES']._serialized_start=542
-  _globals['_STOREDBYTES']._serialized_end=614
-  _globals['_FEATUREROW']._serialized_start=616
-  _globals['_FEATUREROW']._serialized_end=666
-  _globals['_FRESHITEM']._serialized_start=668
-  _globals['_FRESHITEM']._serialized_end=749
-  _globals['_RETRIEVERESPONSE']._serialized_start=752
-  _globals['_RETRIEVERESPONSE']._serialized_end=888
-  _globals['_RETRIEVALSERVICE']._serialized_start=891
-  _globals['_RETRIEVALSERVICE']._serialized_end=1052
+  _globals['_STOREDUSER']._serialized_end=494
+  _globals['_FEATUREROW']._serialized_start=496
+  _globals['_FEATUREROW']._serialized_end=546
+  _globals['_FRESHITEM']._serialized_start=548
+  _globals['_FRESHITEM']._serialized_end=629
+  _globals['_RETRIEVERESPONSE']._serialized_start=632
+  _globals['_RETRIEVERESPONSE']._serialized_end=768
+  _globals['_RETRIEVALSERVICE']._serialized_start=771
+  _globals['_RETRIEVALSERVICE']._serialized_end=932
 # @@protoc_insertion_point(module_scope)

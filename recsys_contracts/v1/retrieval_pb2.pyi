@@ -28,34 +28,20 @@ class RetrieveRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., num_candidates: _Optional[int] = ..., user_features: _Optional[_Union[_common_pb2.UserFeatures, _Mapping]] = ..., context: _Optional[_Union[_common_pb2.Context, _Mapping]] = ..., include_seen: _Optional[bool] = ..., version: _Optional[int] = ..., fallback_versions: _Optional[_Iterable[int]] = ..., stored_user: _Optional[_Union[StoredUser, _Mapping]] = ...) -> None: ...
 
 class StoredUser(_message.Message):
-    __slots__ = ("version", "store_failed", "row", "history_item_ids", "seen_item_ids", "fresh", "stored_bytes")
+    __slots__ = ("version", "store_failed", "row", "history_item_ids", "seen_item_ids", "fresh")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STORE_FAILED_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     SEEN_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     FRESH_FIELD_NUMBER: _ClassVar[int]
-    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: int
     store_failed: bool
     row: FeatureRow
     history_item_ids: _containers.RepeatedScalarFieldContainer[int]
     seen_item_ids: _containers.RepeatedScalarFieldContainer[int]
     fresh: _containers.RepeatedCompositeFieldContainer[FreshItem]
-    stored_bytes: StoredBytes
-    def __init__(self, version: _Optional[int] = ..., store_failed: _Optional[bool] = ..., row: _Optional[_Union[FeatureRow, _Mapping]] = ..., history_item_ids: _Optional[_Iterable[int]] = ..., seen_item_ids: _Optional[_Iterable[int]] = ..., fresh: _Optional[_Iterable[_Union[FreshItem, _Mapping]]] = ..., stored_bytes: _Optional[_Union[StoredBytes, _Mapping]] = ...) -> None: ...
-
-class StoredBytes(_message.Message):
-    __slots__ = ("row", "history", "seen", "fresh")
-    ROW_FIELD_NUMBER: _ClassVar[int]
-    HISTORY_FIELD_NUMBER: _ClassVar[int]
-    SEEN_FIELD_NUMBER: _ClassVar[int]
-    FRESH_FIELD_NUMBER: _ClassVar[int]
-    row: bytes
-    history: bytes
-    seen: bytes
-    fresh: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, row: _Optional[bytes] = ..., history: _Optional[bytes] = ..., seen: _Optional[bytes] = ..., fresh: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., store_failed: _Optional[bool] = ..., row: _Optional[_Union[FeatureRow, _Mapping]] = ..., history_item_ids: _Optional[_Iterable[int]] = ..., seen_item_ids: _Optional[_Iterable[int]] = ..., fresh: _Optional[_Iterable[_Union[FreshItem, _Mapping]]] = ...) -> None: ...
 
 class FeatureRow(_message.Message):
     __slots__ = ("categorical", "numeric")

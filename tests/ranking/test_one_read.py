@@ -8,13 +8,10 @@ fresh interactions), so LRANGE calls count user reads.
 
 from __future__ import annotations
 
-import struct
-
 import grpc
 import numpy as np
 import pytest
 
-from recsys_contracts import feature_store
 from recsys_contracts.feature_store import FreshInteraction, UserRecord
 from recsys_contracts.v1 import common_pb2, ranking_pb2, retrieval_pb2, retrieval_pb2_grpc
 from recsys_serving import wire
@@ -73,12 +70,7 @@ def test_a_recommend_reads_the_user_once_and_retrieval_answers_as_from_its_own_r
                     with_read = retrieval_pb2.RetrieveRequest()
                     with_read.CopyFrom(request)
                     with_read.stored_user.CopyFrom(wire.stored_user_message(version, read.record))
-                    as_bytes = retrieval_pb2.RetrieveRequest()      # what ranking sends: Redis's own bytes
-                    as_bytes.CopyFrom(request)
-                    as_bytes.stored_user.CopyFrom(wire.stored_user_message(version, read.record, read.replies))
-                    assert as_bytes.stored_user.HasField("stored_bytes")
-                    pairs.append((await retrieve(retrieval, request), await retrieve(retrieval, with_read),
-                                  await retrieve(retrieval, as_bytes)))
+                    pairs.append((await retrieve(retrieval, request), await retrieve(retrieval, with_read)))
                 return replies, counts, pairs, fresh_item
 
     replies, counts, pairs, fresh_item = run(main())
@@ -86,8 +78,8 @@ def test_a_recommend_reads_the_user_once_and_retrieval_answers_as_from_its_own_r
     assert all(reply.retrieval_version == reply.ranking_version for reply in replies)
     assert fresh_item not in [item.item_id for item in replies[0].items]        # the fresh one is excluded
     assert common_pb2.DEGRADED_PATH_COLD_START_USER in replies[-1].degraded
-    for own_read, callers_read, callers_bytes in pairs:
-        assert own_read == callers_read == callers_bytes and len(own_read[0]) == 50
+    for own_read, callers_read in pairs:
+        assert own_read == callers_read and len(own_read[0]) == 50
     assert fresh_item not in pairs[0][1][0]
 
 
@@ -129,71 +121,6 @@ def test_stored_user_round_trips_through_the_wire():
     assert wire.stored_user(wire.stored_user_message(3, None)).record is None
     no_row = wire.stored_user(_message(history_item_ids=[1]))
     assert no_row.record.row is None and no_row.record.fresh == []
-
-
-def _replies(record: UserRecord) -> list:
-    """What a Redis read of ``record`` answers (``feature_store.parse_user_read``'s input)."""
-    return [None if record.row is None else feature_store.encode_row(*record.row),
-            feature_store.encode_ids(record.history) if record.history.size else None,
-            feature_store.encode_ids(record.seen) if record.seen.size else None,
-            [feature_store.encode_fresh(f) for f in record.fresh]]
-
-
-def test_stored_bytes_round_trip_through_the_wire_as_the_typed_fields_do():
-    record = UserRecord(row=(np.array([1, 0, 7], np.int64), np.array([0.5, -1.25], np.float32)),
-                        history=np.array([5, 9, 2], np.int64), seen=np.array([2, 5, 9], np.int64),
-                        fresh=[FreshInteraction(11, 100, 4.5), FreshInteraction(12, 101)])
-    empty = UserRecord(row=None, history=np.zeros(0, np.int64), seen=np.zeros(0, np.int64), fresh=[])
-    for sent in (record, empty):
-        message = wire.stored_user_message(3, sent, _replies(sent))
-        assert message.HasField("stored_bytes") and not message.history_item_ids and not message.HasField("row")
-        back = wire.stored_user(retrieval_pb2.StoredUser.FromString(message.SerializeToString()))
-        typed = wire.stored_user(wire.stored_user_message(3, sent))
-        assert back.version == typed.version == 3
-        for got in (back.record, typed.record):
-            assert (got.row is None) == (sent.row is None)
-            if sent.row is not None:
-                np.testing.assert_array_equal(got.row[0], sent.row[0])
-                np.testing.assert_array_equal(got.row[1], sent.row[1])
-                assert got.row[0].dtype == np.int64 and got.row[1].dtype == np.float32
-            np.testing.assert_array_equal(got.history, sent.history)
-            np.testing.assert_array_equal(got.seen, sent.seen)
-            assert got.history.dtype == got.seen.dtype == np.int64 and got.fresh == sent.fresh
-    unsorted = wire.stored_user(_message(stored_bytes=retrieval_pb2.StoredBytes(seen=feature_store.encode_ids([9, 2]))))
-    np.testing.assert_array_equal(unsorted.record.seen, [2, 9])        # exclusions search it: sorted here
-    assert wire.stored_user_message(3, None, None).store_failed
-
-
-def _encoded(**fields) -> retrieval_pb2.StoredUser:
-    return _message(stored_bytes=retrieval_pb2.StoredBytes(**fields))
-
-
-_FRESH_NEGATIVE = struct.pack("<qqf", -1, 5, 1.0)
-
-
-@pytest.mark.parametrize("message, error", [
-    (_message(history_item_ids=[1], stored_bytes=retrieval_pb2.StoredBytes()),
-     "stored_user.history_item_ids must be empty when stored_user.stored_bytes is set"),
-    (_message(store_failed=True, stored_bytes=retrieval_pb2.StoredBytes()),
-     "stored_user.stored_bytes must be empty when stored_user.store_failed is true"),
-    (_encoded(row=b"X" * 6), "stored_user.stored_bytes: row magic must be b'R', got b'X'"),
-    (_encoded(history=b"\0" * 9), "stored_user.stored_bytes: ids length must be a multiple of 8 bytes, got 9"),
-    (_encoded(seen=b"\0" * 8 * 100_001), "stored_user.stored_bytes.seen must hold at most 100000 ids (800000 bytes), got 800008 bytes"),
-    (_encoded(history=struct.pack("<2q", 3, -4)), "stored_user.stored_bytes.history must be item ids >= 0, got -4"),
-    (_encoded(row=struct.pack("<cBHHf", b"R", 1, 0, 1, float("nan"))),
-     "stored_user.stored_bytes.row numeric values must be finite, got nan"),
-    (_encoded(fresh=[b"\0" * 19]), "stored_user.stored_bytes: fresh interaction must be 20 bytes, got 19"),
-    (_encoded(fresh=[b"\0" * 20] * 1001), "stored_user.stored_bytes.fresh must hold at most 1000 entries, got 1001"),
-])
-def test_bad_stored_bytes_are_refused_naming_the_field_and_value(message, error):
-    with pytest.raises(wire.InvalidRequest) as refused:
-        wire.stored_user(message)
-    assert str(refused.value) == error
-
-
-def test_a_negative_fresh_item_in_stored_bytes_is_refused_naming_it():
-    with pytest.raises(wire.InvalidRequest, match=r"^stored_user\.stored_bytes: .*item_id.*-1"):
-        wire.stored_user(_encoded(fresh=[_FRESH_NEGATIVE]))
 
 
 @pytest.mark.parametrize("message, error", [
