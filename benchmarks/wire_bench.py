@@ -21,6 +21,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -103,7 +104,7 @@ async def _grpc_round(port: int, server_pid: int, calls: int, flip: bool) -> dic
 
 
 def grpc_costs(rounds: int, calls: int) -> list[dict[str, dict[str, float]]]:
-    port_file = Path(f"/tmp/wire_bench_{uuid.uuid4().hex}")
+    port_file = Path(tempfile.gettempdir()) / f"wire_bench_{uuid.uuid4().hex}"
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port_file)])
     try:
         while not port_file.exists() or not port_file.read_text():
