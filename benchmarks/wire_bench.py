@@ -33,7 +33,7 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 
 from recsys_contracts import feature_store  # noqa: E402
-from recsys_contracts.feature_store import KeyFormat, UserRecord  # noqa: E402
+from recsys_contracts.feature_store import KeyFormat  # noqa: E402
 from recsys_contracts.v1 import retrieval_pb2  # noqa: E402
 from recsys_serving.features import UserReader  # noqa: E402
 
@@ -117,20 +117,16 @@ def grpc_costs(rounds: int, calls: int) -> list[dict[str, dict[str, float]]]:
         port_file.unlink(missing_ok=True)
 
 
-def _record(seen: int) -> UserRecord:
-    rng = np.random.default_rng(seen)
-    return UserRecord(row=(np.arange(3, dtype=np.int64), np.ones(4, np.float32)),
-                      history=rng.integers(1, 1_682, 200).astype(np.int64),
-                      seen=np.sort(rng.choice(np.arange(1, 1_683), seen, replace=False)).astype(np.int64), fresh=[])
-
-
 async def _redis_round(url: str, reads: int, flip: bool) -> dict[str, float]:
     import redis
 
     keys = KeyFormat(f"wirebench{uuid.uuid4().hex[:8]}")
-    record = _record(300)
+    rng = np.random.default_rng(0)    # a MovieLens-sized user: 200 history items, 300 seen
+    history = rng.integers(1, 1_682, 200).astype(np.int64)
+    seen = np.sort(rng.choice(np.arange(1, 1_683), 300, replace=False)).astype(np.int64)
     sync = redis.Redis.from_url(url)
-    feature_store.write_version(sync, keys, 1, users=[("u1", *record.row, record.history, record.seen)], items=[])
+    feature_store.write_version(sync, keys, 1, users=[("u1", np.arange(3, dtype=np.int64), np.ones(4, np.float32),
+                                                       history, seen)], items=[])
     client = feature_store.redis_client(url, asyncio=True)
     reader = UserReader(client, keys)
 

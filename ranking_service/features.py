@@ -1,4 +1,4 @@
-"""User features for one request: Redis (one pipelined round trip) or the artifact, plus request overrides.
+"""User features for one request: Redis (one command) or the artifact, plus request overrides.
 
 ``FeatureStore`` owns the feature-store connection. With Redis configured, a user read is one
 command (``recsys_serving.features.UserReader``: the four reads of ``recsys_contracts.feature_store``'s
