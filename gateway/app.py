@@ -24,7 +24,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException
 
 from gateway import problems, schemas
@@ -32,8 +32,11 @@ from gateway.config import GatewayConfig
 from gateway.edge import Edge
 from gateway.ranking import RankingClient
 from recsys_contracts.v1 import common_pb2, ranking_pb2
+from recsys_serving.throttle import Throttled
 
 STATIC_DIR = FilePath(__file__).resolve().parent / "static"
+RANKING_THROTTLED = Counter("gateway_ranking_throttled", "Ranking calls the gateway's adaptive throttle answered "
+                            "itself (never sent: ranking had been refusing), by method", ["method"])
 RANKING_SECONDS = Histogram("gateway_ranking_seconds", "gRPC round trip to the ranking service, by method and code",
                             ["method", "code"], buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0))
 
@@ -84,14 +87,15 @@ def create_app(config: GatewayConfig) -> FastAPI:
         rpc = {"Recommend": app.state.ranking.recommend, "Rank": app.state.ranking.rank,
                "RecordInteractions": app.state.ranking.record}[method]
         started = time.perf_counter()
-        code = "OK"
         try:
             reply = await rpc(message, timeout_s, request.state.request_id)
-        except grpc.aio.AioRpcError as error:
-            code = error.code().name
+        except Throttled as error:           # never sent: no round trip to time
+            RANKING_THROTTLED.labels(method).inc()
             raise RankingFailed(error) from None
-        finally:
-            RANKING_SECONDS.labels(method, code).observe(time.perf_counter() - started)
+        except grpc.aio.AioRpcError as error:
+            RANKING_SECONDS.labels(method, error.code().name).observe(time.perf_counter() - started)
+            raise RankingFailed(error) from None
+        RANKING_SECONDS.labels(method, "OK").observe(time.perf_counter() - started)
         return reply, round((time.perf_counter() - started) * 1000, 3)
 
     # async: FastAPI runs a plain ``def`` dependency in a worker thread, a hand-off per request

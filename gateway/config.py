@@ -34,7 +34,16 @@ class GatewayConfig:
     max_candidates: int = 1000                 # largest num_candidates / Rank item count (RANKING_MAX_RANK_ITEMS)
     retry_after_s: int = 1                     # Retry-After sent with 429 (ranking RESOURCE_EXHAUSTED)
     grace_s: float = 10.0                      # after SIGTERM: in-flight requests get this long to finish
+    throttle_k: float = 2.0                    # adaptive throttle towards ranking (recsys_serving.throttle):
+                                               # sends at most ~K x what ranking accepts; 0 = off
     ranking_tls: RankingTls | None = None      # None = plaintext channel to ranking
+
+
+def _throttle_k(name: str, raw: str) -> float:
+    value = float_in(0.0)(name, raw)
+    if 0 < value <= 1:
+        raise ValueError(f"{name} must be 0 (off) or a number > 1, got {raw!r}")
+    return value
 
 
 def _target(name: str, raw: str) -> str:
@@ -61,6 +70,7 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "GATEWAY_MAX_CANDIDATES": ("max_candidates", int_in(1, 100_000)),
     "GATEWAY_RETRY_AFTER_S": ("retry_after_s", int_in(0, 3600)),
     "GATEWAY_GRACE_S": ("grace_s", float_in(0.0, 300.0)),
+    "GATEWAY_THROTTLE_K": ("throttle_k", _throttle_k),
 }
 _TLS_VARS = ("GATEWAY_RANKING_TLS_CA_FILE", "GATEWAY_RANKING_TLS_CERT_FILE", "GATEWAY_RANKING_TLS_KEY_FILE")
 

@@ -5,6 +5,12 @@ every address the target resolves to (``round_robin``), retries Recommend and Ra
 they fail UNAVAILABLE before an answer, reconnects within ~1 s after ranking comes back, and uses TLS
 or mTLS when ``GATEWAY_RANKING_TLS_*`` is set. Every call carries the HTTP request's deadline as its
 gRPC timeout and its request id in the ``x-request-id`` metadata the services log.
+
+Recommend and Rank pass through the client-side adaptive throttle (``GATEWAY_THROTTLE_K``,
+``recsys_serving.throttle``): while ranking refuses (overload, not ready, down), the gateway answers
+most of those calls itself with RESOURCE_EXHAUSTED (-> 429) in microseconds instead of adding them
+to ranking's queue of refusals. RecordInteractions (cheap writes a caller should not lose) is not
+throttled.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from gateway.config import GatewayConfig
 from recsys_contracts.v1 import ranking_pb2, ranking_pb2_grpc
 from recsys_serving import runtime
 from recsys_serving.runtime import REQUEST_ID_KEY
+from recsys_serving.throttle import AdaptiveThrottle
 
 RANKING_SERVICE = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 SERVICE_CONFIG = {
@@ -43,13 +50,28 @@ class RankingClient:
                                                    options=_OPTIONS)
         self.stub = ranking_pb2_grpc.RankingServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.throttle = AdaptiveThrottle(config.throttle_k) if config.throttle_k else None
+
+    async def _throttled(self, method, request, timeout_s: float, request_id: str):
+        """``method(request)`` under the adaptive throttle; raises ``Throttled`` (an ``AioRpcError``) when it
+        rejects the call before it leaves."""
+        if self.throttle is None:
+            return await method(request, timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id),))
+        self.throttle.check()
+        try:
+            reply = await method(request, timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id),))
+        except grpc.aio.AioRpcError as error:
+            self.throttle.record(error.code())
+            raise
+        self.throttle.record(grpc.StatusCode.OK)
+        return reply
 
     async def recommend(self, request: ranking_pb2.RecommendRequest, timeout_s: float,
                         request_id: str) -> ranking_pb2.RecommendResponse:
-        return await self.stub.Recommend(request, timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id),))
+        return await self._throttled(self.stub.Recommend, request, timeout_s, request_id)
 
     async def rank(self, request: ranking_pb2.RankRequest, timeout_s: float, request_id: str) -> ranking_pb2.RankResponse:
-        return await self.stub.Rank(request, timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id),))
+        return await self._throttled(self.stub.Rank, request, timeout_s, request_id)
 
     async def record(self, request: ranking_pb2.RecordInteractionsRequest, timeout_s: float,
                      request_id: str) -> ranking_pb2.RecordInteractionsResponse:

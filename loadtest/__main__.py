@@ -68,6 +68,9 @@ def _load_options(parser: argparse.ArgumentParser, default_warmup_s: float) -> N
     parser.add_argument("--channels", type=int, default=1,
                         help="connections to the target, used in turn (a service's N worker processes share "
                              "connections, not calls: give several, the same number in runs compared)")
+    parser.add_argument("--throttle", type=float, default=0.0, metavar="K",
+                        help="client-side adaptive throttling with this K > 1 (recsys_serving.throttle): requests "
+                             "rejected before they leave are counted as THROTTLED; 0 (default) sends every request")
 
 
 def _config(args: argparse.Namespace, **fields) -> LoadConfig:
@@ -76,7 +79,8 @@ def _config(args: argparse.Namespace, **fields) -> LoadConfig:
                       unknown_share=args.unknown_share, seed=args.seed, p99_target_ms=args.p99_ms,
                       ramp_step=args.ramp_step, step_duration_s=args.step_duration,
                       max_error_share=args.max_error_share, max_requests=args.max_requests,
-                      warmup_s=args.warmup, retry=args.retry, channels=args.channels, **fields)
+                      warmup_s=args.warmup, retry=args.retry, channels=args.channels,
+                      throttle_k=args.throttle, **fields)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -26,13 +26,14 @@ import numpy as np
 
 from loadtest.collector import measured_window
 from loadtest.config import LoadConfig, validate
-from loadtest.results import Outcome, elapsed_s, summarize
+from loadtest.results import THROTTLED, Outcome, elapsed_s, summarize
 from loadtest.schedule import constant_arrivals, ramp_rates
 from loadtest.users import Population, UserSampler, load_population
 from recsys_contracts.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from recsys_serving.admission import client_service_config
 from recsys_serving.channels import ChannelPool
 from recsys_serving.aio import within
+from recsys_serving.throttle import AdaptiveThrottle
 
 # A restarted server should get traffic within ~1 s, not after gRPC's default backoff of up to 2 min.
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 1000)]
@@ -51,15 +52,26 @@ def channel_options(retry: bool) -> list[tuple[str, object]]:
             ("grpc.service_config", json.dumps(client_service_config(*_SERVICES)))]
 
 
+def throttle_for(config: LoadConfig) -> AdaptiveThrottle | None:
+    """The client's adaptive throttle (``--throttle K``), shared by the warm-up and the measured run so
+    the run starts from a client that has been sending; None when off."""
+    return AdaptiveThrottle(config.throttle_k) if config.throttle_k else None
+
+
 def _flags(degraded: Sequence[int]) -> tuple[str, ...]:
     return tuple(common_pb2.DegradedPath.Name(flag) for flag in degraded)
 
 
 class Caller:
-    """Sends one request of the configured RPC for a user id; returns (code, degraded flags, versions)."""
+    """Sends one request of the configured RPC for a user id; returns (code, degraded flags, versions).
 
-    def __init__(self, channel: grpc.aio.Channel, config: LoadConfig, population: Population) -> None:
+    With a ``throttle``, a request it rejects is not sent and comes back as the code ``THROTTLED``.
+    """
+
+    def __init__(self, channel: grpc.aio.Channel, config: LoadConfig, population: Population,
+                 throttle: AdaptiveThrottle | None = None) -> None:
         self.config = config
+        self.throttle = throttle
         self.timeout_s = config.deadline_ms / 1000
         self.items = population.item_ids
         self.rng = np.random.default_rng(config.seed + 1)   # item draws apart from the user stream
@@ -67,6 +79,15 @@ class Caller:
         self.retrieval = retrieval_pb2_grpc.RetrievalServiceStub(channel)
 
     async def __call__(self, user_id: str) -> tuple[str, tuple[str, ...], tuple[tuple[str, int], ...]]:
+        if self.throttle is None:
+            return await self._send(user_id)
+        if not self.throttle.admit():
+            return THROTTLED, (), ()
+        answer = await self._send(user_id)
+        self.throttle.record(grpc.StatusCode[answer[0]])
+        return answer
+
+    async def _send(self, user_id: str) -> tuple[str, tuple[str, ...], tuple[tuple[str, int], ...]]:
         try:
             if self.config.rpc == "recommend":
                 reply = await self.ranking.Recommend(
@@ -168,11 +189,12 @@ async def wait_connected(channel: grpc.aio.Channel, target: str, timeout_s: floa
         raise ConnectionError(f"target {target!r} did not accept a connection within {timeout_s:g} s") from None
 
 
-async def warm_up(channel: grpc.aio.Channel, config: LoadConfig, population: Population) -> int:
+async def warm_up(channel: grpc.aio.Channel, config: LoadConfig, population: Population,
+                  throttle: AdaptiveThrottle | None = None) -> int:
     """Open-loop load at ``config.rate`` for ``config.warmup_s`` (first calls, connections); returns requests sent."""
     if config.warmup_s == 0:
         return 0
-    caller = Caller(channel, config, population)
+    caller = Caller(channel, config, population, throttle)
     sampler = UserSampler(population.user_ids, config.skew, config.unknown_share, config.seed + 2)
     arrivals = constant_arrivals(config.rate, config.warmup_s, config.max_requests)
     await open_loop(caller, sampler.sample(len(arrivals)), arrivals, asyncio.get_running_loop().time())
@@ -180,9 +202,9 @@ async def warm_up(channel: grpc.aio.Channel, config: LoadConfig, population: Pop
 
 
 async def drive(channel: grpc.aio.Channel, config: LoadConfig, population: Population,
-                origin: float) -> tuple[list[Outcome], dict]:
+                origin: float, throttle: AdaptiveThrottle | None = None) -> tuple[list[Outcome], dict]:
     """Runs the configured mode over an open channel; returns (outcomes, extra result fields)."""
-    caller = Caller(channel, config, population)
+    caller = Caller(channel, config, population, throttle)
     sampler = UserSampler(population.user_ids, config.skew, config.unknown_share, config.seed)
     if config.mode == "open":
         arrivals = constant_arrivals(config.rate, config.duration_s, config.max_requests)
@@ -204,10 +226,11 @@ async def run_load(config: LoadConfig, population: Population | None = None) -> 
     population = population if population is not None else load_population(config.users_from)
     async with ChannelPool.insecure(config.target, channel_options(config.retry), config.channels) as channel:
         await wait_connected(channel, config.target, config.connect_timeout_s)
-        await warm_up(channel, config, population)
+        throttle = throttle_for(config)
+        await warm_up(channel, config, population, throttle)
         with measured_window() as collector:
             origin = asyncio.get_running_loop().time()
-            outcomes, extra = await drive(channel, config, population, origin)
+            outcomes, extra = await drive(channel, config, population, origin, throttle)
     # Throughput is over the schedule's span (open loop) or until the last reply, whichever is longer.
     span_s = min(config.duration_s, config.max_requests / config.rate) if config.mode == "open" else 1e-9
     duration_s = elapsed_s(outcomes, span_s)

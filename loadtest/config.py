@@ -38,6 +38,8 @@ class LoadConfig:
     retry: bool = False               # retry UNAVAILABLE / RESOURCE_EXHAUSTED with pushback, under a budget
     channels: int = 1                 # connections to the target, used in turn (N worker processes share
                                       # connections, not calls: recsys_serving.channels)
+    throttle_k: float = 0.0           # > 1: the client's adaptive throttle with this K
+                                      # (recsys_serving.throttle); 0 = off, every request is sent
 
 
 def _require(name: str, value: float, ok: bool, expected: str) -> None:
@@ -67,6 +69,8 @@ def validate(config: LoadConfig) -> LoadConfig:
     for name in ("unknown_share", "max_error_share"):
         value = getattr(config, name)
         _require(name, value, 0 <= value <= 1, "in [0, 1]")
+    _require("throttle_k", config.throttle_k,
+             config.throttle_k == 0 or (math.isfinite(config.throttle_k) and config.throttle_k > 1), "0 (off) or > 1")
     check_target(config.target, config.allow_remote)
     return config
 

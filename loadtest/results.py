@@ -18,13 +18,14 @@ from pathlib import Path
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
 SCHEMA = "recsys.loadtest.v1"
+THROTTLED = "THROTTLED"     # the code of a request the client's own throttle kept (never sent; not a gRPC code)
 
 
 @dataclass(frozen=True)
 class Outcome:
     intended_s: float                       # when it was due, seconds after the run started
     latency_s: float                        # reply (or failure) time minus the intended time
-    code: str                               # gRPC status name; "OK" on success
+    code: str                               # gRPC status name; "OK" on success; THROTTLED: not sent
     degraded: tuple[str, ...] = ()          # DegradedPath names the server reported
     versions: tuple[tuple[str, int], ...] = ()  # (model role, artifact version), e.g. ("ranking", 3)
 
@@ -71,6 +72,9 @@ def summarize(outcomes: Sequence[Outcome], duration_s: float) -> dict:
         "ok_latency_ms": latency_stats([o.latency_s for o in ok]),
         # how fast the server said no (admission's RESOURCE_EXHAUSTED); a refusal should cost no wait
         "refused_latency_ms": latency_stats([o.latency_s for o in outcomes if o.code == "RESOURCE_EXHAUSTED"]),
+        # every "no" the caller got: the server's refusals and its own throttle's (which never left it)
+        "rejected_latency_ms": latency_stats([o.latency_s for o in outcomes
+                                              if o.code in ("RESOURCE_EXHAUSTED", THROTTLED)]),
         "codes": dict(sorted(Counter(o.code for o in outcomes).items())),
         "degraded": dict(sorted(Counter(flag for o in outcomes for flag in o.degraded).items())),
         "versions": {role: dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
@@ -145,6 +149,10 @@ def format_summary(summary: dict, title: str = "") -> str:
     refused = summary.get("refused_latency_ms")     # absent from results written before it existed
     if codes.get("RESOURCE_EXHAUSTED") and refused:
         lines.append(f"  refused in ms: p50={refused['p50']:.1f} p99={refused['p99']:.1f} max={refused['max']:.1f}")
+    rejected = summary.get("rejected_latency_ms")
+    if codes.get(THROTTLED) and rejected:
+        lines.append(f"  refused or throttled in ms: p50={rejected['p50']:.2f} p99={rejected['p99']:.1f} "
+                     f"max={rejected['max']:.1f}")
     if summary["degraded"]:
         lines.append("  degraded: " + ", ".join(f"{flag}={n}" for flag, n in summary["degraded"].items()))
     if summary["versions"]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from loadtest.client import channel_options, drive, wait_connected, warm_up
+from loadtest.client import channel_options, drive, throttle_for, wait_connected, warm_up
 from loadtest.collector import measured_window
 from loadtest.config import LoadConfig, validate
 from loadtest.output import save_run
@@ -314,13 +314,14 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
                                               duration_s=scenario.duration_s))
         async with ChannelPool.insecure(stack.target, channel_options(config.retry), config.channels) as channel:
             await wait_connected(channel, stack.target, config.connect_timeout_s)
-            await warm_up(channel, config, population)
+            throttle = throttle_for(config)
+            await warm_up(channel, config, population, throttle)
             with measured_window() as collector:
                 loop = asyncio.get_running_loop()
                 origin = loop.time()
                 service_cpu_before = _cpu_s(stack)
                 injecting = loop.create_task(_inject(scenario, stack, origin)) if scenario.fault else None
-                outcomes, extra = await drive(channel, config, population, origin)
+                outcomes, extra = await drive(channel, config, population, origin, throttle)
                 fault = await injecting if injecting is not None else None
                 service_cpu = _delta(_cpu_s(stack), service_cpu_before)
     total_s = elapsed_s(outcomes, scenario.duration_s if scenario.mode == "open" else 1e-9)

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway import problems
-from recsys_contracts.v1 import ranking_pb2_grpc
+from recsys_contracts.v1 import ranking_pb2, ranking_pb2_grpc
 from tests.gateway.harness import running
 
 PROBLEM = "application/problem+json"
@@ -210,7 +210,8 @@ def test_too_many_in_flight_is_429_with_retry_after(published, loaded, retrieval
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.headers["retry-after"] == "1"
     detail = _problem(refused, 429)["detail"]     # ranking's admission: full, or not within the deadline
-    assert "too many requests in flight" in detail or "cannot finish within the deadline" in detail, detail
+    assert ("too many requests in flight" in detail or "cannot finish within the deadline" in detail
+            or "adaptive throttle" in detail), detail   # or the gateway's throttle, once ranking refused some
 
 
 class _Refusing(ranking_pb2_grpc.RankingServiceServicer):
@@ -219,6 +220,60 @@ class _Refusing(ranking_pb2_grpc.RankingServiceServicer):
 
     async def Recommend(self, request, context):
         await context.abort(grpc.StatusCode[request.user_id], f"{request.user_id.lower()} on purpose")
+
+
+class _CountingRefusal(ranking_pb2_grpc.RankingServiceServicer):
+    """Refuses every Recommend with the code its user id names; counts the calls that reached it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def Recommend(self, request, context):
+        self.calls += 1
+        context.set_code(grpc.StatusCode[request.user_id])
+        context.set_details("refused on purpose")
+        return ranking_pb2.RecommendResponse()
+
+
+@pytest.mark.parametrize("code, status", [("RESOURCE_EXHAUSTED", 429), ("UNAVAILABLE", 503)])
+@pytest.mark.parametrize("throttle_k", [2.0, 0.0])
+def test_while_ranking_refuses_the_gateway_answers_most_calls_itself(tmp_path, code, status, throttle_k):
+    """With the adaptive throttle (the default) about 60 of 150 calls reach a ranking that refuses them
+    all, and the rest get the same HTTP status from the gateway at once; with it off every call goes."""
+    servicer = _CountingRefusal()
+
+    async def serve():
+        server = grpc.aio.server()
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, server)
+        return server, server.add_insecure_port("127.0.0.1:0")
+
+    loop = asyncio.new_event_loop()
+    server, port = loop.run_until_complete(serve())
+    loop.run_until_complete(server.start())
+    gateway = {"ranking_target": f"127.0.0.1:{port}", "throttle_k": throttle_k}
+    try:
+        with running(tmp_path, gateway=gateway) as stack:
+            def calls():
+                with httpx.Client(base_url=stack.base_url, timeout=10) as session:
+                    return [session.get(f"/v1/users/{code}/recommendations") for _ in range(150)]
+            before = _throttled_count()
+            responses = loop.run_until_complete(loop.run_in_executor(None, calls))
+            counted = _throttled_count() - before
+    finally:
+        loop.run_until_complete(server.stop(0))
+        loop.close()
+    assert {r.status_code for r in responses} == {status}
+    throttled = [r for r in responses if "adaptive throttle" in _problem(r, status)["detail"]]
+    if throttle_k:
+        # no call accepted: the first 50 go (the floor), then 1 in 10 (p capped at 0.9): ~60 expected
+        assert 50 <= servicer.calls <= 90 and len(throttled) == 150 - servicer.calls
+        assert counted == 150 - servicer.calls
+    else:
+        assert servicer.calls == 150 and not throttled and counted == 0
+
+
+def _throttled_count() -> float:
+    return REGISTRY.get_sample_value("gateway_ranking_throttled_total", {"method": "Recommend"}) or 0.0
 
 
 @pytest.mark.parametrize("code, status", [*problems.STATUS_FOR_CODE.items(), (grpc.StatusCode.INTERNAL, 502),
