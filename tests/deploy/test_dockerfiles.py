@@ -304,7 +304,7 @@ def test_the_gateway_image_installs_no_torch():
              for line in (REPO_ROOT / name).read_text().splitlines()]
     kept = {line.partition("==")[0] for line in lines if re.search(pattern.group(1), line)}
     assert kept == {"grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "prometheus-client",
-                    "fastapi", "uvicorn", "swagger-ui-bundle"}
+                    "fastapi", "uvicorn", "swagger-ui-bundle", "Jinja2"}
     assert "TORCH_INDEX_URL" not in (DEPLOY / "Dockerfile.gateway").read_text()
 
 
