@@ -25,7 +25,7 @@ matplotlib.use("Agg")  # files only
 
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 
-from loadtest.results import read_results  # noqa: E402
+from loadtest.results import THROTTLED, read_results  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class Point:
     refused_share: float
     refused_p99_ms: float | None
     services_cpu_ms_per_ok: float | None
+    throttled_share: float = 0.0            # rejected by the client's own throttle (never sent)
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -67,7 +68,8 @@ def points(runs: Sequence[tuple[str, dict]]) -> list[Point]:
             refused_share=_median(s["codes"].get("RESOURCE_EXHAUSTED", 0) / max(s["requests"], 1) for s in summaries),
             refused_p99_ms=_median(s["refused_latency_ms"].get("p99") for s in summaries),
             services_cpu_ms_per_ok=_median(d.get("service_cpu", {}).get("services_cpu_ms_per_ok")
-                                           for d in documents)))
+                                           for d in documents),
+            throttled_share=_median(s["codes"].get(THROTTLED, 0) / max(s["requests"], 1) for s in summaries)))
     return out
 
 
@@ -126,9 +128,11 @@ def format_points(curve: Sequence[Point]) -> str:
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
 
-    rows = ["| variant | offered | runs | goodput | p50 / p99 ms | refused | refusal p99 ms | services CPU ms/answer |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| variant | offered | runs | goodput | p50 / p99 ms | refused | refusal p99 ms | throttled "
+            "| services CPU ms/answer |",
+            "|---|---|---|---|---|---|---|---|---|"]
     rows += [f"| {p.label} | {p.offered_rps:g} | {p.runs} | {p.goodput_rps:.1f} | {ms(p.p50_ms)} / {ms(p.p99_ms)} | "
-             f"{100 * p.refused_share:.0f} % | {ms(p.refused_p99_ms)} | {ms(p.services_cpu_ms_per_ok)} |"
+             f"{100 * p.refused_share:.0f} % | {ms(p.refused_p99_ms)} | {100 * p.throttled_share:.0f} % | "
+             f"{ms(p.services_cpu_ms_per_ok)} |"
              for p in curve]
     return "\n".join(rows)

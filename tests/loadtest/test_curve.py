@@ -9,13 +9,16 @@ import pytest
 from loadtest.__main__ import main
 from loadtest.curve import format_points, parse_run_arguments, points
 from loadtest.output import save_run
-from loadtest.results import Outcome, summarize
+from loadtest.results import THROTTLED, Outcome, summarize
 
 
-def _run(tmp_path, name: str, rate: float, ok_ms: float, refused: int, cpu_ms: float | None = None):
-    """A saved open-loop run: 10 answers taking ``ok_ms`` and ``refused`` refusals of 2 ms, over 1 s."""
+def _run(tmp_path, name: str, rate: float, ok_ms: float, refused: int, cpu_ms: float | None = None,
+         throttled: int = 0):
+    """A saved open-loop run: 10 answers taking ``ok_ms``, ``refused`` refusals of 2 ms and ``throttled``
+    requests the client kept (0.1 ms), over 1 s."""
     outcomes = [Outcome(i / 10, ok_ms / 1000, "OK") for i in range(10)]
     outcomes += [Outcome(0.5, 0.002, "RESOURCE_EXHAUSTED") for _ in range(refused)]
+    outcomes += [Outcome(0.6, 0.0001, THROTTLED) for _ in range(throttled)]
     document = {"config": {"rate": rate}, "summary": summarize(outcomes, 1.0)}
     if cpu_ms is not None:
         document["service_cpu"] = {"services_cpu_ms_per_ok": cpu_ms}
@@ -25,7 +28,7 @@ def _run(tmp_path, name: str, rate: float, ok_ms: float, refused: int, cpu_ms: f
 
 def test_points_are_medians_per_variant_and_rate(tmp_path):
     dirs = {"a1": _run(tmp_path, "a1", 100, 5, 0, 6.0), "a2": _run(tmp_path, "a2", 100, 9, 0, 5.0),
-            "a3": _run(tmp_path, "a3", 100, 7, 0, 4.0), "b": _run(tmp_path, "b", 300, 50, 10)}
+            "a3": _run(tmp_path, "a3", 100, 7, 0, 4.0), "b": _run(tmp_path, "b", 300, 50, 5, throttled=5)}
     runs = [("before", json.loads((dirs[n] / "results.json").read_text())) for n in ("a1", "a2", "a3", "b")]
     curve = points(runs)
     assert [(p.label, p.offered_rps, p.runs) for p in curve] == [("before", 100.0, 3), ("before", 300.0, 1)]
@@ -33,9 +36,10 @@ def test_points_are_medians_per_variant_and_rate(tmp_path):
     assert low.p99_ms == pytest.approx(7.0) and low.goodput_rps == pytest.approx(10.0)
     assert low.services_cpu_ms_per_ok == pytest.approx(5.0)
     assert low.refused_share == 0 and low.refused_p99_ms is None       # no refusal: no refusal latency
-    assert high.refused_share == pytest.approx(0.5) and high.refused_p99_ms == pytest.approx(2.0)
+    assert high.refused_share == pytest.approx(0.25) and high.refused_p99_ms == pytest.approx(2.0)
+    assert low.throttled_share == 0 and high.throttled_share == pytest.approx(0.25)   # 5 of 20, apart from refusals
     assert high.services_cpu_ms_per_ok is None                         # an older run without CPU figures
-    assert "| before | 300 | 1 | 10.0 | 50.0 / 50.0 | 50 % | 2.0 | - |" in format_points(curve)
+    assert "| before | 300 | 1 | 10.0 | 50.0 / 50.0 | 25 % | 2.0 | 25 % | - |" in format_points(curve)
 
 
 def test_curve_command_writes_the_plot_and_its_table(tmp_path, capsys):
