@@ -210,9 +210,10 @@ class Program:
     """
 
     def __init__(self, model_bytes: bytes, signature: Signature, *, threads: int = 1,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", parsed: onnx.ModelProto | None = None) -> None:
+        """``parsed``: ``model_bytes`` already parsed by the caller (checked here all the same)."""
         try:
-            model = onnx.load_model_from_string(model_bytes)
+            model = parsed if parsed is not None else onnx.load_model_from_string(model_bytes)
         except Exception as error:   # protobuf's DecodeError and friends: not an ONNX file
             raise ValueError(f"{signature.kind} program must be an ONNX model, got bytes that do not "
                              f"parse ({type(error).__name__})") from None
@@ -270,12 +271,13 @@ def load_ranker(path: str | os.PathLike[str], *, threads: int = 1, device: str =
     the current contract's message); checked as ``load_program`` checks."""
     data = _read_regular_file(Path(path))
     try:
-        graph = onnx.load_model_from_string(data).graph
+        model = onnx.load_model_from_string(data)       # parsed once: Program checks this same model
+        graph = model.graph
         names = [value.name for value in graph.input if value.name not in {t.name for t in graph.initializer}]
     except Exception:        # not ONNX: Program says so
-        names = []
+        model, names = None, []
     signature = RANKER_ROWS if names == [name for name, _ in RANKER_ROWS.inputs] else RANKER
-    return Program(data, signature, threads=threads, device=device)
+    return Program(data, signature, threads=threads, device=device, parsed=model)
 
 
 def run_ranker_program(ranker: Program, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
