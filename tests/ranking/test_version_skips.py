@@ -128,6 +128,13 @@ def test_services_that_skip_different_versions_still_answer_from_one(root_with_c
             retrieval_config(root, poll_interval_s=60, chunk_size=50), holder=retrieval_holder)
         answers, held = [], []
         try:
+            # retrieval loads v1 in the background: the first question must not race it (ranking would
+            # answer from popular items, retrieval version 0)
+            for _ in range(3000):
+                if retrieval_holder.ready:
+                    break
+                await asyncio.sleep(0.01)
+            assert retrieval_holder.ready, "retrieval never loaded v1"
             async with serve(config(root, retrieval_target=f"127.0.0.1:{port}", poll_interval_s=60),
                              holder=ranking_holder) as (stub, _, _):
                 async def ask():
