@@ -23,6 +23,11 @@ Each service puts every RPC through one ``Admission``::
   slot busy (throughput is set by the slots, not the queue). An idle service (nothing running) admits whatever the estimate says: the
   estimate only changes when requests complete, so refusing on it then could refuse everything
   forever after one slow spell.
+- ``Refused`` (reason ``queue``) is also raised when the expected wait for a slot is longer than
+  ``max_queue_s`` (``*_MAX_QUEUE_MS``; 0 = off), whatever the deadline: the deadline alone lets the
+  queue grow until admitted work just fits it, so past capacity every answer waits ~half the
+  deadline in the queue while the slots run no faster than with a short queue. A limit of a few
+  service times keeps the slots busy and the answers' latency near their own work.
 - ``Refused`` (reason ``lag``) is also raised while the event loop stands behind by more than
   ``max_lag_s`` (``recsys_serving.looplag``: the smallest lag of its probe over the last 100 ms), and
   that lag counts in the expected finish: on a loop that is behind, the request's own steps and its
@@ -131,7 +136,7 @@ def admission_metrics(prefix: str, calls: str, buckets: tuple[float, ...]) -> Ad
 
 class Admission:
     def __init__(self, max_concurrency: int, max_in_flight: int, metrics: AdmissionMetrics | None = None,
-                 lag: LoopLag | None = None, max_lag_s: float = 0.0) -> None:
+                 lag: LoopLag | None = None, max_lag_s: float = 0.0, max_queue_s: float = 0.0) -> None:
         if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
             raise ValueError(f"max_concurrency must be an integer >= 1, got {max_concurrency!r}")
         if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < max_concurrency:
@@ -139,6 +144,9 @@ class Admission:
                              f"got {max_in_flight!r}")
         if not (isinstance(max_lag_s, (int, float)) and 0 <= max_lag_s < math.inf):
             raise ValueError(f"max_lag_s must be a number of seconds >= 0 (0 = off), got {max_lag_s!r}")
+        if not (isinstance(max_queue_s, (int, float)) and 0 <= max_queue_s < math.inf):
+            raise ValueError(f"max_queue_s must be a number of seconds >= 0 (0 = off), got {max_queue_s!r}")
+        self.max_queue_s = float(max_queue_s)      # the longest expected wait for a slot admitted (0 = off)
         self.max_concurrency, self.max_in_flight, self.metrics = max_concurrency, max_in_flight, metrics
         self.lag, self.max_lag_s = lag, float(max_lag_s)    # the loop's standing lag and its limit (0 = off)
         self.running = 0
@@ -156,7 +164,8 @@ class Admission:
         # (200 wake-ups a second cost ~3 % of retrieval's event-loop time at 200 req/s, py-spy).
         interval_s = PROBE_INTERVAL_S if config.max_loop_lag_ms else GAUGE_INTERVAL_S
         return cls(config.max_concurrency, config.max_in_flight, metrics,
-                   lag=LoopLag(interval_s, gauge=metrics.loop_lag), max_lag_s=config.max_loop_lag_ms / 1000)
+                   lag=LoopLag(interval_s, gauge=metrics.loop_lag), max_lag_s=config.max_loop_lag_ms / 1000,
+                   max_queue_s=config.max_queue_ms / 1000)
 
     @property
     def queued(self) -> int:
@@ -189,6 +198,9 @@ class Admission:
             self._refuse("full", f"too many requests in flight (max {self.max_in_flight})", wait_s, remaining_s)
         if self.running == 0:
             return                      # an idle service admits: nothing of its own is making it late
+        if wait_s > self.max_queue_s > 0:
+            self._refuse("queue", f"the queue is too long: {wait_s * 1000:.0f} ms expected wait for a slot "
+                         f"(limit {self.max_queue_s * 1000:g} ms)", wait_s, remaining_s)
         lag_s = self.lag.standing_s() if self.lag is not None and self.max_lag_s > 0 else 0.0
         if lag_s > self.max_lag_s > 0:
             self._refuse("lag", f"the server is behind: its event loop runs {lag_s * 1000:.0f} ms late "
@@ -201,7 +213,7 @@ class Admission:
 
     def _refuse(self, reason: str, message: str, wait_s: float, remaining_s: float) -> None:
         # A retry after the wait could still finish here only if time would be left for the work.
-        fits_after_wait = remaining_s - wait_s >= self.service_s and reason == "full"
+        fits_after_wait = remaining_s - wait_s >= self.service_s and reason in ("full", "queue")
         # At least 1 ms: grpcio 1.85's client never retries a call given a pushback of 0 (it waits out
         # its deadline instead; tests/test_retry_policy.py shows the 1 ms case).
         pushback_ms = max(1, math.ceil(wait_s * 1000)) if fits_after_wait else -1

@@ -251,6 +251,8 @@ class ServiceConfig:
     max_in_flight: int = 64                  # RPCs admitted (running + queued) before RESOURCE_EXHAUSTED
     max_concurrency: int = 8                 # RPCs running at once; the rest queue (recsys_serving.admission)
     max_loop_lag_ms: float = 0.0             # refuse new RPCs while the event loop stands this far behind; 0 = off
+    max_queue_ms: float = 25.0               # refuse new RPCs expected to wait longer than this for a slot;
+                                             # 0 = off (only the deadline limits the wait)
     default_deadline_ms: int = 200           # applied when the caller set no deadline
     redis_timeout_ms: int = 50               # per Redis round trip before degrading to artifact features
     redis_breaker_failures: int = 3          # consecutive Redis failures that open its circuit breaker
@@ -285,6 +287,7 @@ def service_specs(prefix: str) -> dict[str, tuple[str, Parser]]:
         f"{prefix}MAX_IN_FLIGHT": ("max_in_flight", int_in(1, 100_000)),
         f"{prefix}MAX_CONCURRENCY": ("max_concurrency", int_in(1, 100_000)),
         f"{prefix}MAX_LOOP_LAG_MS": ("max_loop_lag_ms", float_in(0.0, 60_000.0)),
+        f"{prefix}MAX_QUEUE_MS": ("max_queue_ms", float_in(0.0, 60_000.0)),
         f"{prefix}DEFAULT_DEADLINE_MS": ("default_deadline_ms", int_in(1, 600_000)),
         f"{prefix}REDIS_TIMEOUT_MS": ("redis_timeout_ms", int_in(1, 60_000)),
         f"{prefix}REDIS_BREAKER_FAILURES": ("redis_breaker_failures", int_in(1, 1000)),

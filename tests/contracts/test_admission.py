@@ -423,8 +423,47 @@ def test_the_lag_probe_wakes_often_only_when_admission_reads_it(registry):
     from recsys_serving.looplag import GAUGE_INTERVAL_S, PROBE_INTERVAL_S
 
     metrics = admission(registry).metrics
-    on = Admission.for_service(SimpleNamespace(max_concurrency=2, max_in_flight=8, max_loop_lag_ms=10), metrics)
-    off = Admission.for_service(SimpleNamespace(max_concurrency=2, max_in_flight=8, max_loop_lag_ms=0), metrics)
+    on = Admission.for_service(SimpleNamespace(max_concurrency=2, max_in_flight=8, max_loop_lag_ms=10,
+                                               max_queue_ms=0), metrics)
+    off = Admission.for_service(SimpleNamespace(max_concurrency=2, max_in_flight=8, max_loop_lag_ms=0,
+                                                max_queue_ms=25), metrics)
+    assert (on.max_queue_s, off.max_queue_s) == (0.0, 0.025)
     assert (on.lag.interval_s, on.max_lag_s) == (PROBE_INTERVAL_S, 0.010)
     assert (off.lag.interval_s, off.max_lag_s) == (GAUGE_INTERVAL_S, 0.0)
     assert PROBE_INTERVAL_S < GAUGE_INTERVAL_S <= off.lag.window_s
+
+
+def test_a_request_expected_to_queue_longer_than_the_limit_is_refused_with_a_pushback(registry):
+    """Service time 100 ms, one slot taken: the next request expects 100 ms in the queue. With a 250 ms
+    limit it is admitted; with a 50 ms limit it is refused at once (its deadline of 30 s would have
+    let it wait), with the expected wait as pushback; a limit of 0 is off."""
+    async def main():
+        gate = admission(registry)
+        async with gate.slot(time.monotonic() + 5):
+            await asyncio.sleep(0.1)              # one completion: the service time is now >= 100 ms
+        release, holder = await occupied(gate)
+        service_s = gate.service_s                # the expected wait: one service time (one slot, none queued)
+        outcomes = {}
+        for limit_s in (0.0, 0.25, 0.05):
+            gate.max_queue_s = limit_s
+            try:
+                gate.check(30.0)
+                outcomes[limit_s] = "admitted"
+            except Refused as refused:
+                outcomes[limit_s] = refused
+        release.set()
+        await holder
+        return service_s, outcomes
+
+    service_s, outcomes = asyncio.run(main())
+    assert outcomes[0.0] == "admitted" and outcomes[0.25] == "admitted"
+    refused = outcomes[0.05]
+    assert refused.reason == "queue" and "the queue is too long" in str(refused) and "limit 50 ms" in str(refused)
+    assert refused.pushback_ms == pytest.approx(1000 * service_s, abs=1)   # a retry after the wait fits
+    assert value(registry, "t_refused_total", reason="queue") == 1
+
+
+def test_a_bad_queue_limit_is_named():
+    for bad in (-1, float("inf"), "5"):
+        with pytest.raises(ValueError, match="max_queue_s must be a number of seconds >= 0"):
+            Admission(2, 4, max_queue_s=bad)

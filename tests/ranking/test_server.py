@@ -198,7 +198,9 @@ def test_grpc_refuses_calls_beyond_admission_plus_headroom_before_the_servicer(p
 def test_admission_drops_expired_queued_work_and_refuses_what_cannot_finish_in_time(published, loaded):
     root, _ = published
     # A retrieval that never answers: each Recommend holds the only slot until its popular fallback.
-    with silent_retrieval_config(root, max_concurrency=1, max_in_flight=64, default_deadline_ms=300) as cfg:
+    # No queue limit: the deadline alone decides here (the limit has its own test in test_admission.py).
+    with silent_retrieval_config(root, max_concurrency=1, max_in_flight=64, default_deadline_ms=300,
+                                 max_queue_ms=0) as cfg:
 
         async def holding(stub, app, timeout_s: float) -> asyncio.Future:
             held = asyncio.ensure_future(
@@ -241,6 +243,32 @@ def test_admission_drops_expired_queued_work_and_refuses_what_cannot_finish_in_t
     assert "cannot finish within the deadline" in refusal.details() and at_once
     assert trailers["grpc-retry-pushback-ms"] == "-1"
     assert [item.item_id for item in answered.items] == [1]
+
+
+def test_a_request_expected_to_queue_longer_than_the_limit_is_refused_though_its_deadline_is_far(published, loaded):
+    """RANKING_MAX_QUEUE_MS: with a ~1 s service time and the only slot taken, a Rank with 10 s left
+    (which the deadline alone would queue and answer) is refused at once, reason ``queue``, with the
+    expected wait as its retry pushback."""
+    root, _ = published
+    with silent_retrieval_config(root, max_concurrency=1, max_in_flight=64, max_queue_ms=50) as cfg:
+
+        async def main():
+            async with serve(cfg, state=loaded) as (stub, _, app):
+                await (await hold_the_slot(stub, app))     # ~1 s in the slot: the service-time estimate
+                before = sample("ranking_refused_total", reason="queue")
+                held = await hold_the_slot(stub, app)
+                call = stub.Rank(ranking_pb2.RankRequest(user_id="1", item_ids=[1]), timeout=10)
+                with pytest.raises(grpc.aio.AioRpcError) as refusal:
+                    await call
+                at_once = not held.done()
+                trailers = dict(await call.trailing_metadata())
+                await held
+                return refusal.value, at_once, trailers, sample("ranking_refused_total", reason="queue") - before
+
+        refusal, at_once, trailers, counted = run(main())
+    assert refusal.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and at_once and counted == 1
+    assert "the queue is too long" in refusal.details() and "limit 50 ms" in refusal.details()
+    assert 500 <= int(trailers["grpc-retry-pushback-ms"]) <= 2000     # ~ the 1 s wait for the slot
 
 
 def test_retrieval_down_with_fallback_disabled_is_unavailable(published, loaded):
