@@ -54,8 +54,8 @@ class Throttled(grpc.aio.AioRpcError):
         code = grpc.StatusCode.UNAVAILABLE if last_rejection == grpc.StatusCode.UNAVAILABLE \
             else grpc.StatusCode.RESOURCE_EXHAUSTED
         super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                         details=f"rejected by the client's adaptive throttle (the server's recent answers were "
-                                 f"mostly {last_rejection.name}: reject probability {probability:.2f})")
+                         details=f"rejected by the client's adaptive throttle (the server has been rejecting "
+                                 f"calls, latest {last_rejection.name}: reject probability {probability:.2f})")
 
 
 class AdaptiveThrottle:
@@ -85,7 +85,7 @@ class AdaptiveThrottle:
         self._slot_s = window_s / buckets
         self._requests = [0] * buckets      # per slot, slot i covers [t, t + slot_s) for t = index * slot_s
         self._accepts = [0] * buckets
-        self._index = None                  # the absolute slot number the last count went to
+        self._index: int | None = None      # the absolute slot number the last count went to
         self._rng = rng or random.Random()
         self._clock = clock
         self.rejected = 0                   # calls rejected here since construction (for metrics and runs)
