@@ -40,12 +40,19 @@ GC_PAUSE_SECONDS = Histogram("recsys_gc_pause_seconds", "Cyclic garbage collecto
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and request_id when set."""
+    """One JSON object per line: time, level, logger, message, request_id when set, and the worker's
+    index when the process is one of N workers behind one port (``recsys_serving.workers``)."""
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) +
                  f".{int(record.msecs):03d}Z", "level": record.levelname, "logger": record.name,
                  "msg": record.getMessage()}
+        if self.worker is not None:
+            entry["worker"] = self.worker
         for key in ("request_id", "version", "code"):
             if hasattr(record, key):
                 entry[key] = getattr(record, key)
@@ -54,9 +61,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, worker: int | None = None) -> None:
+    """JSON lines on stderr at ``level``; ``worker``: this process's index among N workers (logged)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(JsonFormatter(worker))
     logging.basicConfig(level=level, handlers=[handler], force=True)
 
 

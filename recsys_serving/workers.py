@@ -28,7 +28,11 @@ N = 1 (the default) runs the service in the ``python -m`` process itself, as bef
   serves the one metrics port with a ``MultiProcessCollector`` over the folder: counters and
   histograms are summed over the workers (including those of workers that died), gauges are per
   worker (a ``pid`` label) or summed, by each gauge's ``multiprocess_mode``. Its own:
-  ``recsys_worker_restarts_total`` and ``recsys_workers_alive``. The folder is removed on exit.
+  ``recsys_worker_restarts_total`` and ``recsys_workers_alive``. The folder is removed on exit. A
+  supervisor that was SIGKILLed cannot remove it, so each supervisor holds an flock on a file in its
+  folder for its whole life and, on start, removes the folders of its name whose lock nobody holds
+  (``sweep_stale_metrics``: the kernel drops a dead process's locks; a PID could be reused, a lock
+  cannot), so restarts in one pod do not fill its /tmp.
 
 Port 0 ("any free port") cannot be shared by N processes: ``env.check_service`` refuses it with N > 1.
 """
@@ -36,6 +40,8 @@ Port 0 ("any free port") cannot be shared by N processes: ``env.check_service`` 
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import glob
 import importlib
 import logging
 import multiprocessing
@@ -54,6 +60,27 @@ log = logging.getLogger(__name__)
 RESTART_BACKOFF_S = (0.5, 30.0)    # the first and the longest wait before restarting a dead worker
 STABLE_S = 30.0                    # a worker up this long resets its backoff
 KILL_MARGIN_S = 10.0               # after GRACE_S, workers still alive after a stop signal are SIGKILLed
+OWNER_LOCK = ".supervisor.lock"    # in a metrics folder: flocked by the supervisor that made it
+
+
+def sweep_stale_metrics(parent: str, prefix: str) -> list[str]:
+    """Removes the folders ``parent/prefix*`` whose ``OWNER_LOCK`` no live process holds; returns them.
+    A folder without the lock file (another program's, or one being made) is left alone."""
+    removed = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*"))):
+        try:
+            fd = os.open(os.path.join(path, OWNER_LOCK), os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue                    # its supervisor is alive
+        finally:
+            os.close(fd)                # closing drops our lock too
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
 
 
 def leave_with_the_parent(on_gone: Callable[[], None]) -> bool:
@@ -77,7 +104,7 @@ def serve_worker(name: str, config, index: int) -> None:
     until SIGTERM/SIGINT, or until the supervisor is gone (then it drains as on SIGTERM)."""
     from recsys_serving import runtime
 
-    runtime.configure_logging(config.log_level)
+    runtime.configure_logging(config.log_level, worker=index)
     leave_with_the_parent(lambda: os.kill(os.getpid(), signal.SIGTERM))
     log.info("%s worker %d (pid %d) starting", name, index, os.getpid())
     serve = importlib.import_module(f"{name}.__main__").serve
@@ -104,6 +131,7 @@ class Supervisor:
         self.slots = [_Slot(i) for i in range(config.workers)]
         self.stopping_since: float | None = None
         self.metrics_dir: str | None = None
+        self._owner_fd: int | None = None      # the flocked OWNER_LOCK of metrics_dir, held until exit
         self.restarts = self.alive = None
 
     def run(self) -> int:
@@ -123,6 +151,8 @@ class Supervisor:
                     slot.process.join()
             if self.metrics_dir is not None:
                 shutil.rmtree(self.metrics_dir, ignore_errors=True)
+            if self._owner_fd is not None:
+                os.close(self._owner_fd)
 
     def _start_metrics(self) -> None:
         if not self.config.metrics_port:
@@ -130,7 +160,12 @@ class Supervisor:
         # Set before any worker starts: a spawned worker imports prometheus_client afresh and reads it.
         from recsys_serving import runtime
 
-        self.metrics_dir = tempfile.mkdtemp(prefix=f"{self.name}-metrics-")
+        prefix = f"{self.name}-metrics-"
+        for path in sweep_stale_metrics(tempfile.gettempdir(), prefix):
+            log.info("%s: removed the metrics folder %s of a supervisor that is gone", self.name, path)
+        self.metrics_dir = tempfile.mkdtemp(prefix=prefix)
+        self._owner_fd = os.open(os.path.join(self.metrics_dir, OWNER_LOCK), os.O_RDONLY | os.O_CREAT, 0o600)
+        fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
         os.environ[runtime.MULTIPROC_ENV] = self.metrics_dir
         from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
         from prometheus_client.multiprocess import MultiProcessCollector

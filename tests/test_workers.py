@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import glob
+import json
 import os
 import signal
 import subprocess
@@ -25,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loadtest.client import run_load
 from loadtest.config import LoadConfig
 from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
+from recsys_serving.workers import OWNER_LOCK, sweep_stale_metrics
 from retrieval_service import config as retrieval_config
 from tests.conftest import REPO_ROOT
 from tests.factories import publish_tiny_version
@@ -183,14 +187,26 @@ def test_two_workers_share_the_port_both_answer_and_sigterm_stops_them_all(root)
         stderr = service.stderr()
         assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
         assert stderr.count("NOT_SERVING, draining") == 2 and "every worker has exited" in stderr
+        # each worker's lines carry its index; the supervisor's carry none
+        lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+        draining = sorted(line.get("worker", -1) for line in lines if "NOT_SERVING, draining" in line["msg"])
+        assert draining == [0, 1], draining
+        assert all("worker" not in line for line in lines if "every worker has exited" in line["msg"])
     finally:
         service.stop()
 
 
+def _metrics_folders(parent: Path) -> set[str]:
+    return set(glob.glob(os.path.join(parent, "retrieval_service-metrics-*")))
+
+
 def test_a_killed_worker_is_replaced_and_a_killed_supervisor_takes_its_workers_along(root):
+    before = _metrics_folders(root.parent)                    # the services' TMPDIR here
     service = Service("retrieval_service", "RETRIEVAL_", root, 2)
     try:
         first = service.wait_all_serving("retrieval_model_version")
+        (folder,) = _metrics_folders(root.parent) - before     # this supervisor's
+        assert folder not in sweep_stale_metrics(str(root.parent), "retrieval_service-metrics-")
         victim = min(first)
         os.kill(victim, signal.SIGKILL)
         # The port keeps answering: a new connection lands on the live worker (or on the dead one's
@@ -215,8 +231,33 @@ def test_a_killed_worker_is_replaced_and_a_killed_supervisor_takes_its_workers_a
         service.proc.wait()
         _wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in replaced), 30,
               "workers outlived their supervisor")
+        # SIGKILLed, it could not remove its metrics folder; the next supervisor's sweep does
+        assert os.path.isdir(folder)
+        assert folder in sweep_stale_metrics(str(root.parent), "retrieval_service-metrics-")
+        assert not os.path.exists(folder)
     finally:
         service.stop()
+
+
+def test_the_sweep_removes_only_unlocked_folders_of_its_prefix(tmp_path):
+    def folder(name: str, lock: bool) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "counter_1.db").write_bytes(b"x")
+        if lock:
+            (path / OWNER_LOCK).touch()
+        return path
+
+    stale, alive = folder("svc-metrics-a", lock=True), folder("svc-metrics-b", lock=True)
+    unowned, other = folder("svc-metrics-c", lock=False), folder("other-metrics-d", lock=True)
+    held = os.open(alive / OWNER_LOCK, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)                       # a live supervisor's lock
+        assert sweep_stale_metrics(str(tmp_path), "svc-metrics-") == [str(stale)]
+    finally:
+        os.close(held)
+    assert not stale.exists() and alive.exists() and unowned.exists() and other.exists()
+    assert sweep_stale_metrics(str(tmp_path), "svc-metrics-") == [str(alive)]     # its owner is gone now
 
 
 def test_two_ranking_workers_answer_the_load_generators_channels_and_reach_both_retrieval_workers(root):
