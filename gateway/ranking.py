@@ -8,8 +8,8 @@ gRPC timeout and its request id in the ``x-request-id`` metadata the services lo
 
 Recommend and Rank pass through the client-side adaptive throttle (``GATEWAY_THROTTLE_K``,
 ``recsys_serving.throttle``): while ranking refuses (overload, not ready, down), the gateway answers
-most of those calls itself with RESOURCE_EXHAUSTED (-> 429) in microseconds instead of adding them
-to ranking's queue of refusals. RecordInteractions (cheap writes a caller should not lose) is not
+most of those calls itself in microseconds, 429 while ranking is overloaded and 503 while it is down,
+instead of adding them to ranking's queue of refusals. RecordInteractions (cheap writes a caller should not lose) is not
 throttled.
 """
 
