@@ -101,22 +101,30 @@ class AdaptiveThrottle:
         self._index = index
         return index % size
 
-    def probability(self) -> float:
-        """The chance that the next call is rejected here, from the window's counts."""
-        self._advance()
+    def _window(self) -> tuple[int, float]:
+        """(the current slot, the chance that the next call is rejected here) from the window's counts."""
+        slot = self._advance()
         requests, accepts = sum(self._requests), sum(self._accepts)
         if requests < self.min_requests:
-            return 0.0
-        return min(self.max_probability, max(0.0, (requests - self.k * accepts) / (requests + 1)))
+            return slot, 0.0
+        return slot, min(self.max_probability, max(0.0, (requests - self.k * accepts) / (requests + 1)))
+
+    def probability(self) -> float:
+        """The chance that the next call is rejected here, from the window's counts."""
+        return self._window()[1]
+
+    def _decide(self) -> tuple[bool, float]:
+        """Counts a call the application wants; (send it, the probability it was rejected with)."""
+        slot, p = self._window()
+        self._requests[slot] += 1
+        if p > 0 and self._rng.random() < p:
+            self.rejected += 1
+            return False, p
+        return True, p
 
     def admit(self) -> bool:
         """Counts a call the application wants; False means reject it here (do not send it)."""
-        p = self.probability()
-        self._requests[self._index % len(self._requests)] += 1
-        if p > 0 and self._rng.random() < p:
-            self.rejected += 1
-            return False
-        return True
+        return self._decide()[0]
 
     def record(self, code: grpc.StatusCode) -> None:
         """Counts a sent call's outcome: accepted unless its code is one of ``REJECTED_CODES``."""
@@ -127,5 +135,6 @@ class AdaptiveThrottle:
 
     def check(self) -> None:
         """``admit()`` for code that expects a gRPC error: raises ``Throttled`` when the call is rejected."""
-        if not self.admit():
-            raise Throttled(self.probability(), self.last_rejection)
+        admitted, p = self._decide()
+        if not admitted:
+            raise Throttled(p, self.last_rejection)
