@@ -20,7 +20,11 @@ async def serve(config: RankingConfig) -> None:
     from ranking_service.server import SERVICE_NAME, create_server
     
     runtime.tame_garbage_collector()
-    server, port, app = await create_server(config)
+    try:
+        server, port, app = await create_server(config)
+    except runtime.StoppedBeforeReady:
+        log.info("stopped before the first version loaded")
+        return
     log.info("ranking service listening on port %d (retrieval at %s, version %s)", port,
              config.retrieval_target, app.holder.version)
     try:

@@ -307,6 +307,36 @@ def new_server(config) -> grpc.aio.Server:
     return grpc.aio.server(options=options, maximum_concurrent_rpcs=rpc_limit(config.max_in_flight))
 
 
+class StoppedBeforeReady(Exception):
+    """A stop signal arrived while a worker waited for its first version (``first_version_before_bind``)."""
+
+
+async def first_version_before_bind(ready: Callable[[], bool], poll_s: float = 0.05) -> None:
+    """Waits until ``ready()`` (the worker holds a version), polling every ``poll_s``; raises
+    ``StoppedBeforeReady`` when SIGTERM/SIGINT arrives first.
+
+    For N > 1 worker processes on one port (``recsys_serving.workers``): the kernel hands each new
+    connection to any process listening on the port, and a readiness probe reaches one of them, so a
+    worker that listened before loading would take connections (and answer probes) it cannot serve
+    while its siblings report SERVING. Such a worker binds only after this returns: every process
+    listening on the port holds a version. A single process binds first instead and reports
+    NOT_SERVING until its first load (the probe then sees the truth)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        while not ready():
+            try:
+                await asyncio.wait_for(stop.wait(), poll_s)
+            except TimeoutError:
+                continue
+            raise StoppedBeforeReady("stopped before the first version loaded")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
 async def serve_until_signalled(server: grpc.aio.Server, servicer: health.aio.HealthServicer,
                                 service_names: list[str], grace_s: float) -> None:
     """Waits for SIGTERM/SIGINT, then reports NOT_SERVING and drains in-flight RPCs for ``grace_s``."""

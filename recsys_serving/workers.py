@@ -8,6 +8,8 @@ holder and hot reload, feature store, breakers, admission, micro-batcher; rankin
 too, started by the worker on its first sampled request), each binding the SAME port with
 ``grpc.so_reuseport`` = 1, so the kernel spreads incoming CONNECTIONS over them (not requests: a
 client with one long-lived channel talks to one worker; see docs/ARCHITECTURE.md, "Worker processes").
+Each worker binds only once it holds a version (``runtime.first_version_before_bind``), so a
+connection or a readiness probe never lands on a worker that cannot serve yet.
 N = 1 (the default) runs the service in the ``python -m`` process itself, as before: no supervisor.
 
 - Start: the "spawn" start method (fork + exec of a fresh interpreter). gRPC Python supports ``fork``

@@ -18,7 +18,11 @@ log = logging.getLogger("retrieval_service")
 
 async def serve(config: RetrievalConfig) -> None:
     runtime.tame_garbage_collector()
-    server, port, app = await create_server(config)
+    try:
+        server, port, app = await create_server(config)
+    except runtime.StoppedBeforeReady:
+        log.info("stopped before the first version loaded")
+        return
     log.info("retrieval service listening on port %d", port)
     try:
         await runtime.serve_until_signalled(server, app.health, [SERVICE_NAME], config.grace_s)

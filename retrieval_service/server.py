@@ -3,7 +3,9 @@
 ``create_server(config)`` binds ``config.host:config.port`` (port 0 = a free port, for tests; the
 host defaults to loopback, and the images, compose and Kubernetes set 0.0.0.0 to be reachable on the
 pod's address), starts serving with health NOT_SERVING, and starts watching the artifact volume; health turns
-SERVING once the first version is loaded and warm. ``App.close`` is the graceful stop.
+SERVING once the first version is loaded and warm. One of N worker processes on a shared port
+(``RETRIEVAL_WORKERS``) loads its first version before it binds instead
+(``runtime.first_version_before_bind``). ``App.close`` is the graceful stop.
 """
 
 from __future__ import annotations
@@ -110,6 +112,17 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     runtime.add_servicer(server, servicer, retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
                          on_malformed=lambda method: metrics.REQUESTS.labels("INVALID_ARGUMENT").inc())
     await app.set_serving(False)
+    if config.workers > 1:     # one of N on a shared port: listen only once it holds a version
+        admission.start()
+        holder.start()
+        try:
+            await runtime.first_version_before_bind(lambda: holder.ready)
+        except BaseException:
+            await app.close(0)
+            raise
+        port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)
+        await server.start()
+        return server, port, app
     port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)
     await server.start()
     admission.start()

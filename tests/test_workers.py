@@ -15,6 +15,7 @@ import glob
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -70,13 +71,13 @@ class Service:
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             wait_serving(channel, self.proc, START_TIMEOUT_S, lambda: self.stderr()[-2000:])
 
-    def wait_all_serving(self, gauge: str) -> set[int]:
-        """Waits until every worker holds the version (its per-pid ``gauge``; health checks reach one
+    def wait_all_serving(self, gauge: str, version: int = 1) -> set[int]:
+        """Waits until every worker holds ``version`` (its per-pid ``gauge``; health checks reach one
         worker per connection); returns the workers' pids."""
         def loaded() -> set[int] | None:
             workers = self.workers()
             versions = _per_pid(self.metrics().get(gauge.removesuffix("_total"), []), gauge)
-            return workers if len(workers) == self.count and all(versions.get(pid) == 1.0 for pid in workers) else None
+            return workers if len(workers) == self.count and all(versions.get(pid) == version for pid in workers) else None
 
         self.wait_serving()
         return _wait(loaded, START_TIMEOUT_S, "not every worker loaded the version")
@@ -194,6 +195,51 @@ def test_two_workers_share_the_port_both_answer_and_sigterm_stops_them_all(root)
         assert all("worker" not in line for line in lines if "every worker has exited" in line["msg"])
     finally:
         service.stop()
+
+
+def test_a_worker_listens_only_once_it_holds_a_version(tmp_path):
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    refused = publish_tiny_version(root, 0, signer=None)          # unsigned: every worker refuses it
+    service = Service("retrieval_service", "RETRIEVAL_", root, 2, RETRIEVAL_POLL_INTERVAL_S="0.2")
+    try:
+        _wait(lambda: service.stderr().count(f"refused version {refused}") == 2, START_TIMEOUT_S,
+              "both workers did not refuse the unsigned version")
+        assert len(service.workers()) == 2
+        # Nobody listens: a connection (or a readiness probe) is refused rather than reaching a
+        # worker with nothing to serve.
+        assert _listening_pids(service.port) == {}
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", service.port), timeout=5).close()
+
+        good = publish_tiny_version(root, 0)
+        workers = service.wait_all_serving("retrieval_model_version", good)
+        _wait(lambda: _listening_pids(service.port) == {pid: 1 for pid in workers}, 30,
+              "a worker holding the version does not listen")
+        _retrieve_on_new_connections(service.port, 8)
+        service.proc.send_signal(signal.SIGTERM)
+        assert service.proc.wait(timeout=60) == 0
+    finally:
+        service.stop()
+
+
+def test_workers_stopped_before_their_first_version_exit_cleanly(tmp_path):
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    refused = publish_tiny_version(root, 0, signer=None)
+    ranking = Service("ranking_service", "RANKING_", root, 2, RANKING_POLL_INTERVAL_S="0.2",
+                      RANKING_RETRIEVAL_TARGET=f"127.0.0.1:{free_port()}")
+    try:
+        _wait(lambda: ranking.stderr().count(f"refused version {refused}") == 2, START_TIMEOUT_S,
+              "both workers did not refuse the unsigned version")
+        assert _listening_pids(ranking.port) == {}
+        ranking.proc.send_signal(signal.SIGTERM)
+        assert ranking.proc.wait(timeout=60) == 0
+        stderr = ranking.stderr()
+        assert stderr.count("stopped before the first version loaded") == 2, stderr[-3000:]
+        assert "every worker has exited" in stderr
+    finally:
+        ranking.stop()
 
 
 def _metrics_folders(parent: Path) -> set[str]:
