@@ -15,6 +15,7 @@ throttled.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import grpc
@@ -62,6 +63,9 @@ class RankingClient:
             reply = await method(request, timeout=timeout_s, metadata=((REQUEST_ID_KEY, request_id),))
         except grpc.aio.AioRpcError as error:
             self.throttle.record(error.code())
+            raise
+        except asyncio.CancelledError:          # the HTTP caller left: not a refusal, so not counted as one
+            self.throttle.record(grpc.StatusCode.CANCELLED)
             raise
         self.throttle.record(grpc.StatusCode.OK)
         return reply

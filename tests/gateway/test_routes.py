@@ -319,3 +319,40 @@ def test_mtls_to_ranking_when_configured(tmp_path, published, loaded, retrieval_
     with running(root, loaded, retrieval_loaded, ranking={"tls": server_tls},
                  gateway={"ranking_tls": RankingTls(certs["ca.pem"])}) as no_cert:
         _problem(httpx.get(f"{no_cert.base_url}/v1/users/1/recommendations", timeout=10), 503)
+
+
+class _Hanging(ranking_pb2_grpc.RankingServiceServicer):
+    """Holds every Recommend until the caller goes away."""
+
+    async def Recommend(self, request, context):
+        await asyncio.sleep(30)
+        return ranking_pb2.RecommendResponse()
+
+
+def test_a_call_its_caller_abandons_counts_as_accepted_not_refused():
+    """An HTTP caller that leaves cancels the gateway's call to ranking: the throttle must not count it
+    as a call ranking refused (that would throttle a healthy ranking after many impatient callers)."""
+    from gateway.config import GatewayConfig
+    from gateway.ranking import RankingClient
+
+    async def scenario() -> tuple[int, int]:
+        server = grpc.aio.server()
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(_Hanging(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        client = RankingClient(GatewayConfig(ranking_target=f"127.0.0.1:{port}", throttle_k=2.0))
+        try:
+            for _ in range(3):
+                call = asyncio.ensure_future(client.recommend(ranking_pb2.RecommendRequest(user_id="1", k=3),
+                                                              timeout_s=20, request_id="r"))
+                await asyncio.sleep(0.3)       # the call has left and waits on the server
+                call.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+            return sum(client.throttle._requests), sum(client.throttle._accepts)
+        finally:
+            await client.channel.close()
+            await server.stop(0)
+
+    requests, accepts = asyncio.run(scenario())
+    assert (requests, accepts) == (3, 3)
