@@ -23,6 +23,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram, start_http_server
 
+from recsys_serving.aio import within
+
 REQUEST_ID_KEY = "x-request-id"   # gRPC metadata key carrying the request id across services
 # gRPC metadata marking a call as background work (the shadow's): it runs only in quiet moments
 # (``recsys_serving.admission.Admission.background``).
@@ -328,7 +330,7 @@ async def first_version_before_bind(ready: Callable[[], bool], poll_s: float = 0
     try:
         while not ready():
             try:
-                await asyncio.wait_for(stop.wait(), poll_s)
+                await within(stop.wait(), poll_s)
             except TimeoutError:
                 continue
             raise StoppedBeforeReady("stopped before the first version loaded")
