@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from recsys_serving.env import (LOG_LEVELS, ClientTls, Parser, choice, client_tls, float_in, int_in, parse_specs,
-                               reject_unknown)
+                               reject_unknown, throttle_k)
 
 PREFIX = "GATEWAY_"
 
@@ -37,13 +37,6 @@ class GatewayConfig:
     throttle_k: float = 2.0                    # adaptive throttle towards ranking (recsys_serving.throttle):
                                                # sends at most ~K x what ranking accepts; 0 = off
     ranking_tls: RankingTls | None = None      # None = plaintext channel to ranking
-
-
-def _throttle_k(name: str, raw: str) -> float:
-    value = float_in(0.0)(name, raw)
-    if 0 < value <= 1:
-        raise ValueError(f"{name} must be 0 (off) or a number > 1, got {raw!r}")
-    return value
 
 
 def _target(name: str, raw: str) -> str:
@@ -70,7 +63,7 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "GATEWAY_MAX_CANDIDATES": ("max_candidates", int_in(1, 100_000)),
     "GATEWAY_RETRY_AFTER_S": ("retry_after_s", int_in(0, 3600)),
     "GATEWAY_GRACE_S": ("grace_s", float_in(0.0, 300.0)),
-    "GATEWAY_THROTTLE_K": ("throttle_k", _throttle_k),
+    "GATEWAY_THROTTLE_K": ("throttle_k", throttle_k),
 }
 _TLS_VARS = ("GATEWAY_RANKING_TLS_CA_FILE", "GATEWAY_RANKING_TLS_CERT_FILE", "GATEWAY_RANKING_TLS_KEY_FILE")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from recsys_serving.env import (FOREIGN_SHARED_VARS, ClientTls, Parser, ServiceConfig, TlsConfig, check_service,
                                 choice, client_tls, float_in, int_in, parse_specs, reject_unknown, server_tls,
-                                server_tls_vars, service_specs)
+                                server_tls_vars, service_specs, throttle_k)
 
 __all__ = ["ENV_VARS", "RankingConfig", "RetrievalClientTls", "TlsConfig", "from_env"]
 PREFIX = "RANKING_"
@@ -55,6 +55,9 @@ class RankingConfig(ServiceConfig):
     retrieval_breaker_cooldown_ms: int = 1000  # retrieval is skipped (popular fallback) this long, then probed
     retrieval_tls: RetrievalClientTls | None = None  # None = plaintext channel to retrieval
     retrieval_channels: int = 1              # connections to retrieval, used in turn (RETRIEVAL_WORKERS > 1)
+    # Adaptive throttle on the calls to retrieval (recsys_serving.throttle): while retrieval refuses,
+    # send at most ~K x what it accepts and answer the rest from popular items at once; 0 = off.
+    retrieval_throttle_k: float = 2.0
 
 
 def _target(name: str, raw: str) -> str:
@@ -78,6 +81,7 @@ _SPECS: dict[str, tuple[str, Parser]] = {
     "RANKING_RETRIEVAL_BREAKER_FAILURES": ("retrieval_breaker_failures", int_in(1, 1000)),
     "RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS": ("retrieval_breaker_cooldown_ms", int_in(1, 3_600_000)),
     "RANKING_RETRIEVAL_CHANNELS": ("retrieval_channels", int_in(1, 64)),
+    "RANKING_RETRIEVAL_THROTTLE_K": ("retrieval_throttle_k", throttle_k),
 }
 _RETRIEVAL_TLS_VARS = ("RANKING_RETRIEVAL_TLS_CA_FILE", "RANKING_RETRIEVAL_TLS_CERT_FILE",
                        "RANKING_RETRIEVAL_TLS_KEY_FILE")

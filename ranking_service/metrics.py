@@ -31,7 +31,8 @@ REDIS_SKIPPED = Counter("ranking_redis_skipped",
 REDIS_BREAKER_STATE, REDIS_BREAKER_TRANSITIONS = breaker_metrics("ranking_redis", "Redis", "Redis skipped")
 REDIS_REFILLS = Counter("ranking_redis_refills", "Times the service refilled an empty Redis from the artifact")
 RETRIEVAL_FAILURES = Counter("ranking_retrieval_failures", "Retrieve calls that failed, by gRPC status code "
-                             "(CIRCUIT_OPEN: skipped, the retrieval breaker is open)", ["code"])
+                             "(CIRCUIT_OPEN: skipped, the retrieval breaker is open; THROTTLED: not sent, the "
+                             "adaptive throttle rejected it while retrieval refuses)", ["code"])
 RETRIEVAL_BREAKER_STATE, RETRIEVAL_BREAKER_TRANSITIONS = breaker_metrics("ranking_retrieval", "Retrieval",
                                                                          "popular fallback")
 DCN_BATCH_JOBS = Histogram("ranking_dcn_batch_jobs", "Scoring jobs merged into one DCN forward pass",

@@ -15,7 +15,8 @@ Recommend, for one ``ServingState`` snapshot:
    (``recsys_serving.breaker``) skips retrieval for ``RANKING_RETRIEVAL_BREAKER_COOLDOWN_MS`` and
    goes straight to that fallback (failure code CIRCUIT_OPEN), then lets one probe through: a
    frozen retrieval would otherwise hold every Recommend for most of its deadline, and its
-   admission slot with it. A refusal (RESOURCE_EXHAUSTED) is fast and does not count;
+   admission slot with it. A refusal (RESOURCE_EXHAUSTED) is fast and does not count, nor does a
+   call the client's adaptive throttle did not send while retrieval refuses (THROTTLED);
 4. the best k come out in score order, or in MMR order over the item embeddings.
 
 Every answer comes from one version: the Retrieve call asks for the version this request started
@@ -43,7 +44,7 @@ from ranking_service import metrics
 from ranking_service.batching import MAX_ROWS, MicroBatcher
 from ranking_service.features import FeatureStore
 from recsys_serving.features import UserView
-from ranking_service.retrieval_client import CandidateSource, RetrievalFailed, RetrievalRefused
+from ranking_service.retrieval_client import THROTTLED, CandidateSource, RetrievalFailed, RetrievalRefused
 from ranking_service.selection import RunningTopK, Scored, best_first, mmr_order
 from ranking_service.state import ServingState, ranker_inputs, retrieval_scores
 from ranking_service.validation import RankQuery, RecommendQuery
@@ -226,6 +227,8 @@ class Pipeline:
         except RetrievalFailed as error:
             if error.code == "RESOURCE_EXHAUSTED":
                 self.breaker.record_success()      # a fast, deliberate refusal: retrieval is alive
+            elif error.code == THROTTLED:
+                pass                               # not sent: no evidence either way
             else:
                 self.breaker.record_failure(error)
             return retrieval_version, flags, error.code
@@ -270,7 +273,7 @@ class Pipeline:
             raise RetrievalUnavailable(f"the retrieval service failed ({failure}) and fallback is disabled")
         # Not logged when the breaker is open (it logs when it opens) or retrieval refused (overload:
         # a line per request would be CPU spent under overload); both are counted above.
-        if failure not in (CIRCUIT_OPEN, "RESOURCE_EXHAUSTED"):
+        if failure not in (CIRCUIT_OPEN, "RESOURCE_EXHAUSTED", THROTTLED):
             log.warning("retrieval failed (%s): answering from popular items", failure,
                         extra={"request_id": request_id})
         popular = state.tables.popular_items                       # (m,) item indices, most popular first

@@ -17,6 +17,13 @@ retrieval's worker processes (``RETRIEVAL_WORKERS``), which the kernel gives con
 does not propagate deadlines: every call gets the caller's remaining time as its own timeout, and
 the request id travels in the ``x-request-id`` metadata so both services' logs can be joined.
 
+While retrieval refuses calls (RESOURCE_EXHAUSTED, UNAVAILABLE, DEADLINE_EXCEEDED), the client-side
+adaptive throttle (``RANKING_RETRIEVAL_THROTTLE_K``, default 2; ``recsys_serving.throttle``) sends at
+most about K times what it accepts and fails the rest at once with ``THROTTLED``, before they cost
+either side a call: retrieval's CPU then goes to the calls it can answer, and the pipeline answers the
+throttled ones from popular items as it does a refusal (neither counts against the retrieval breaker).
+The shadow worker's background calls are not throttled.
+
 ``CandidateSource`` is what the pipeline needs; ``RetrievalClient`` is the gRPC one, and the
 benchmark plugs an in-process one in to measure the pipeline without the network hop. The client
 keeps gRPC on this side: a failed call surfaces as ``RetrievalFailed`` (its status code's name),
@@ -26,6 +33,7 @@ or, when retrieval refused a field we passed through (INVALID_ARGUMENT: the call
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -39,9 +47,11 @@ from recsys_contracts.v1 import retrieval_pb2, retrieval_pb2_grpc
 from recsys_serving.admission import client_service_config
 from recsys_serving import runtime
 from recsys_serving.channels import ChannelPool
+from recsys_serving.throttle import AdaptiveThrottle
 from recsys_serving.runtime import BACKGROUND, PRIORITY_KEY, REQUEST_ID_KEY, message_size_options
 
 RETRIEVAL_SERVICE = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+THROTTLED = "THROTTLED"   # RetrievalFailed.code of a call the adaptive throttle did not send
 RETRY_MAX_ATTEMPTS = 3
 UNARY_RETRY_S = 60.0     # after an UNIMPLEMENTED RetrieveAll, stream Retrieve this long before asking again
 
@@ -108,11 +118,43 @@ class RetrievalClient:
         # (RETRIEVAL_WORKERS) share connections, not calls (recsys_serving.channels).
         self.channel = ChannelPool(make, channel_options(config.max_message_bytes), config.retrieval_channels)
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
+        self.throttle = AdaptiveThrottle(config.retrieval_throttle_k) \
+            if config.retrieval_throttle_k and not background else None
 
     async def stream(self, request: retrieval_pb2.RetrieveRequest, timeout_s: float,
                      request_id: str) -> AsyncIterator[retrieval_pb2.RetrieveResponse]:
-        """The candidates: ``RetrieveAll``'s one message, or the ``Retrieve`` stream's chunks from a
-        retrieval service that predates ``RetrieveAll`` (see ``unary``)."""
+        """The candidates (see ``_candidates``), under the adaptive throttle when it is on: raises
+        ``RetrievalFailed(THROTTLED)`` for a call it rejects, and counts each sent call's outcome."""
+        if self.throttle is None:
+            async for response in self._candidates(request, timeout_s, request_id):
+                yield response
+            return
+        if not self.throttle.admit():
+            raise RetrievalFailed(THROTTLED, "not sent: the adaptive throttle rejected it while retrieval "
+                                             f"refuses (probability {self.throttle.probability():.2f})")
+        deadline = time.monotonic() + timeout_s
+        outcome = grpc.StatusCode.CANCELLED       # the caller stopped early or went away: not a refusal
+        try:
+            async for response in self._candidates(request, timeout_s, request_id):
+                yield response
+            outcome = grpc.StatusCode.OK
+        except RetrievalFailed as error:
+            outcome = grpc.StatusCode[error.code] if error.code in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
+            raise
+        except RetrievalRefused:                  # retrieval answered: the request was bad
+            outcome = grpc.StatusCode.INVALID_ARGUMENT
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            if time.monotonic() >= deadline:      # the caller's timeout at our deadline: retrieval was too slow
+                outcome = grpc.StatusCode.DEADLINE_EXCEEDED
+            raise
+        finally:
+            self.throttle.record(outcome)
+
+    async def _candidates(self, request: retrieval_pb2.RetrieveRequest, timeout_s: float,
+                          request_id: str) -> AsyncIterator[retrieval_pb2.RetrieveResponse]:
+        """``RetrieveAll``'s one message, or the ``Retrieve`` stream's chunks from a retrieval service
+        that predates ``RetrieveAll`` (see ``unary``)."""
         metadata = ((REQUEST_ID_KEY, request_id), *self.metadata)
         deadline = time.monotonic() + timeout_s
         if self.unary or time.monotonic() >= self._unary_again_at:

@@ -61,6 +61,14 @@ def int_in(lo: int, hi: int | None = None) -> Parser:
     return parse
 
 
+def throttle_k(name: str, raw: str) -> float:
+    """An adaptive throttle's K (``recsys_serving.throttle``): 0 = off, else a number > 1."""
+    value = float_in(0.0)(name, raw)
+    if 0 < value <= 1:
+        raise ValueError(f"{name} must be 0 (off) or a number > 1, got {raw!r}")
+    return value
+
+
 def float_in(lo: float, hi: float | None = None, *, lo_open: bool = False) -> Parser:
     low = f"({lo}" if lo_open else f"[{lo}"
     expected = f"a number in {low}, {hi}]" if hi is not None else f"a number in {low}, inf)"

@@ -224,6 +224,8 @@ BAD_RANKING = [
     ("RANKING_MICROBATCH_MAX_WAIT_MS", "1001", "a number in [0.0, 1000.0]"),
     ("RANKING_WORKERS", "65", "an integer in [1, 64]"),
     ("RANKING_RETRIEVAL_CHANNELS", "0", "an integer in [1, 64]"),
+    ("RANKING_RETRIEVAL_THROTTLE_K", "1", "0 (off) or a number > 1"),
+    ("RANKING_RETRIEVAL_THROTTLE_K", "-1", "a number in [0.0, inf)"),
 ]
 CASES = ([("retrieval", *case) for case in BAD_SHARED + BAD_RETRIEVAL]
          + [("ranking", *case) for case in BAD_SHARED + BAD_RANKING])
@@ -377,3 +379,11 @@ def test_config_is_frozen(root, service):
     config = MODULES[service].from_env({"RECSYS_ARTIFACT_ROOT": str(root)})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.port = 1  # type: ignore[misc]
+
+
+def test_the_retrieval_throttle_defaults_to_2_and_0_turns_it_off(root):
+    assert MODULES["ranking"].from_env({"RECSYS_ARTIFACT_ROOT": str(root)}).retrieval_throttle_k == 2.0
+    assert MODULES["ranking"].from_env({"RECSYS_ARTIFACT_ROOT": str(root),
+                                        "RANKING_RETRIEVAL_THROTTLE_K": "0"}).retrieval_throttle_k == 0.0
+    assert MODULES["ranking"].from_env({"RECSYS_ARTIFACT_ROOT": str(root),
+                                        "RANKING_RETRIEVAL_THROTTLE_K": "1.3"}).retrieval_throttle_k == 1.3

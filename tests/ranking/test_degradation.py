@@ -343,3 +343,35 @@ def test_misaligned_chunk_from_retrieval_is_a_retrieval_failure_answered_from_po
     assert reply.retrieval_version == 1                     # the version the peer's first (good) chunk named
     ids = [item.item_id for item in reply.items]
     assert len(ids) == len(set(ids)) == 5
+
+
+def test_an_overloaded_retrieval_is_throttled_popular_items_answer_and_its_breaker_stays_closed(published, loaded):
+    """Retrieval refuses every call (RESOURCE_EXHAUSTED, pushback -1): every Recommend is answered from
+    popular items, most without a call to retrieval (THROTTLED), and none counts against the breaker."""
+    from tests.ranking.test_retrieval_client import Methods, Refusing
+
+    root, _ = published
+    failures = "ranking_retrieval_failures_total"
+
+    async def main():
+        methods = Methods()
+        retrieval = grpc.aio.server(interceptors=(methods,))
+        retrieval.add_generic_rpc_handlers((Refusing().handlers(),))
+        port = retrieval.add_insecure_port("127.0.0.1:0")
+        await retrieval.start()
+        try:
+            cfg = config(root, retrieval_target=f"127.0.0.1:{port}", retrieval_breaker_failures=2)
+            async with serve(cfg, state=loaded) as (stub, _, _):
+                before = {code: sample(failures, code=code) for code in ("RESOURCE_EXHAUSTED", "THROTTLED")}
+                replies = [await _recommend(stub, timeout=5) for _ in range(200)]
+                after = {code: sample(failures, code=code) for code in before}
+                return replies, len(methods.seen), {code: after[code] - before[code] for code in before}, \
+                    sample("ranking_retrieval_breaker_state")
+        finally:
+            await retrieval.stop(0)
+
+    replies, reached, counted, breaker = run(main())
+    assert all(POPULAR in reply.degraded and len(reply.items) == 5 for reply in replies)
+    assert 50 <= reached <= 100, reached
+    assert counted == {"RESOURCE_EXHAUSTED": reached, "THROTTLED": 200 - reached}
+    assert breaker == 0

@@ -118,3 +118,67 @@ def test_an_unreachable_retrieval_is_a_failure_not_a_fallback_to_the_stream(tmp_
 
     failure, unary = asyncio.run(body())
     assert failure.code in {"UNAVAILABLE", "DEADLINE_EXCEEDED"} and unary is True
+
+
+class Refusing:
+    """Refuses every call RESOURCE_EXHAUSTED with pushback -1 (no retry), as an overloaded retrieval does."""
+
+    async def retrieve_all(self, request, context):
+        context.set_trailing_metadata((("grpc-retry-pushback-ms", "-1"),))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "overloaded on purpose")
+
+    def handlers(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(SERVICE, {"RetrieveAll": grpc.unary_unary_rpc_method_handler(
+            self.retrieve_all, request_deserializer=retrieval_pb2.RetrieveRequest.FromString,
+            response_serializer=retrieval_pb2.RetrieveResponse.SerializeToString)})
+
+
+async def _against_refusing(tmp_path, calls: int, **client_options) -> tuple[list[str], int]:
+    """The failure code of each of ``calls`` calls, and how many reached the server."""
+    methods = Methods()
+    server = grpc.aio.server(interceptors=(methods,))
+    server.add_generic_rpc_handlers((Refusing().handlers(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    background = client_options.pop("background", False)
+    client = RetrievalClient(config(tmp_path, retrieval_target=f"127.0.0.1:{port}", **client_options),
+                             background=background)
+    codes = []
+    try:
+        for _ in range(calls):
+            with pytest.raises(RetrievalFailed) as info:
+                await _collect(client)
+            codes.append(info.value.code)
+    finally:
+        await client.close()
+        await server.stop(0)
+    return codes, len(methods.seen)
+
+
+def test_while_retrieval_refuses_most_calls_are_throttled_here_and_never_sent(tmp_path):
+    # K = 2 (the default) against a server that accepts nothing: the first 50 calls go (the floor),
+    # then each goes with probability 1 - 0.9 (the cap): ~75 of 300 reach the server.
+    codes, reached = asyncio.run(_against_refusing(tmp_path, 300))
+    assert 50 <= reached <= 110, reached
+    assert codes.count("RESOURCE_EXHAUSTED") == reached
+    assert codes.count(retrieval_client.THROTTLED) == 300 - reached
+
+
+@pytest.mark.parametrize("options", [{"retrieval_throttle_k": 0.0}, {"background": True}], ids=["off", "background"])
+def test_with_the_throttle_off_or_for_background_calls_every_call_is_sent(tmp_path, options):
+    codes, reached = asyncio.run(_against_refusing(tmp_path, 150, **options))
+    assert reached == 150 and set(codes) == {"RESOURCE_EXHAUSTED"}
+
+
+def test_the_throttle_counts_answers_refusals_and_abandoned_streams(tmp_path):
+    async def body(client):
+        await _collect(client)                                   # answered: accepted
+        with pytest.raises(RetrievalRefused):
+            await _collect(client, "bad")                        # the caller's error: accepted
+        stream = client.stream(retrieval_pb2.RetrieveRequest(user_id="7"), 5.0, "rid")
+        await stream.__anext__()
+        await stream.aclose()                                    # the caller stopped early: accepted
+        return sum(client.throttle._requests), sum(client.throttle._accepts)
+
+    (requests, accepts), _, _ = asyncio.run(_with_server(tmp_path, True, body))
+    assert (requests, accepts) == (3, 3)
