@@ -34,6 +34,7 @@ or, when retrieval refused a field we passed through (INVALID_ARGUMENT: the call
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -126,8 +127,9 @@ class RetrievalClient:
         """The candidates (see ``_candidates``), under the adaptive throttle when it is on: raises
         ``RetrievalFailed(THROTTLED)`` for a call it rejects, and counts each sent call's outcome."""
         if self.throttle is None:
-            async for response in self._candidates(request, timeout_s, request_id):
-                yield response
+            async with contextlib.aclosing(self._candidates(request, timeout_s, request_id)) as candidates:
+                async for response in candidates:
+                    yield response
             return
         if not self.throttle.admit():
             raise RetrievalFailed(THROTTLED, "not sent: the adaptive throttle rejected it while retrieval "
@@ -135,11 +137,12 @@ class RetrievalClient:
         deadline = time.monotonic() + timeout_s
         outcome = grpc.StatusCode.CANCELLED       # the caller stopped early or went away: not a refusal
         try:
-            async for response in self._candidates(request, timeout_s, request_id):
-                yield response
+            async with contextlib.aclosing(self._candidates(request, timeout_s, request_id)) as candidates:
+                async for response in candidates:
+                    yield response
             outcome = grpc.StatusCode.OK
         except RetrievalFailed as error:
-            outcome = grpc.StatusCode[error.code] if error.code in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
+            outcome = getattr(grpc.StatusCode, error.code, grpc.StatusCode.UNKNOWN)
             raise
         except RetrievalRefused:                  # retrieval answered: the request was bad
             outcome = grpc.StatusCode.INVALID_ARGUMENT
