@@ -227,8 +227,8 @@ class Pipeline:
         except RetrievalFailed as error:
             if error.code == "RESOURCE_EXHAUSTED":
                 self.breaker.record_success()      # a fast, deliberate refusal: retrieval is alive
-            elif error.code == THROTTLED:
-                pass                               # not sent: no evidence either way
+            elif error.code == THROTTLED:          # not sent: no evidence either way
+                self.breaker.release_probe()       # (if it was the half-open probe, the next call probes)
             else:
                 self.breaker.record_failure(error)
             return retrieval_version, flags, error.code

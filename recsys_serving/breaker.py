@@ -12,7 +12,8 @@ States and transitions::
 flight) ``allow()`` is False at once: callers take their fallback without waiting out a timeout,
 so a frozen Redis costs ``failure_threshold`` timeouts, then one probe per cool-down. A probe
 whose caller never reports (its task was cancelled) is written off after another cool-down and a
-new probe is let through, so the breaker cannot stick half-open.
+new probe is let through, so the breaker cannot stick half-open; one that never left (a client-side
+throttle stopped it) is handed back with ``release_probe()`` and the next caller probes at once.
 
 One breaker object per dependency per process, used from one event loop (no locks). The state is
 exported through the gauge and counter the owner passes in (each service names its own metrics).
@@ -90,6 +91,13 @@ class CircuitBreaker:
             self._failures += 1
             if self._failures >= self.failure_threshold:
                 self._open(error)
+
+    def release_probe(self) -> None:
+        """The call ``allow()`` just let through as the half-open probe did not touch the dependency (a
+        client-side throttle stopped it before it left): the next caller probes instead, at once, rather
+        than after the cool-down that writes off a probe that never reports. A no-op in other states."""
+        if self.state is State.HALF_OPEN:
+            self._probe_at = None
 
     def reset(self) -> None:
         """Closes at once: something else proved the dependency healthy (e.g. a bulk refill went through)."""

@@ -87,6 +87,24 @@ def test_a_probe_that_never_reports_is_written_off_after_a_cool_down(parts):
     assert breaker.allow() and breaker.state is State.HALF_OPEN
 
 
+def test_a_probe_that_never_left_is_released_and_the_next_caller_probes_at_once(parts):
+    breaker, clock, _ = parts
+    breaker.release_probe()             # closed: nothing to release
+    assert breaker.state is State.CLOSED and breaker.allow()
+    for _ in range(3):
+        breaker.record_failure()
+    breaker.release_probe()             # open: nothing to release either
+    assert not breaker.allow()
+    clock.now += 2.0
+    assert breaker.allow()              # the probe, stopped before it left (a client-side throttle)
+    assert not breaker.allow()
+    breaker.release_probe()
+    assert breaker.allow() and breaker.state is State.HALF_OPEN     # no cool-down to wait out
+    assert not breaker.allow()          # that one is the probe now
+    breaker.record_success()
+    assert breaker.state is State.CLOSED
+
+
 def test_late_reports_from_calls_started_before_opening_change_nothing(parts):
     breaker, clock, _ = parts
     for _ in range(3):
