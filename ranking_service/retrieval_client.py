@@ -131,9 +131,10 @@ class RetrievalClient:
                 async for response in candidates:
                     yield response
             return
-        if not self.throttle.admit():
+        admitted, p = self.throttle.decide()
+        if not admitted:
             raise RetrievalFailed(THROTTLED, "not sent: the adaptive throttle rejected it while retrieval "
-                                             f"refuses (probability {self.throttle.probability():.2f})")
+                                             f"refuses (probability {p:.2f})")
         deadline = time.monotonic() + timeout_s
         outcome = grpc.StatusCode.CANCELLED       # the caller stopped early or went away: not a refusal
         try:

@@ -125,17 +125,16 @@ async def create_server(config: RankingConfig, *, candidates: CandidateSource | 
                          on_malformed=lambda method: metrics.REQUESTS.labels(method, "INVALID_ARGUMENT").inc())
     health = runtime.add_health_and_reflection(server, [SERVICE_NAME])
     await runtime.set_serving(health, [SERVICE_NAME], False)   # readiness is earned by the first load
-    if config.workers > 1:     # one of N on a shared port: listen only once it holds a version
+    shared_port = config.workers > 1     # one of N on a shared port: listen only once it holds a version
+    if shared_port:
         try:
             await app.start(health)
             await runtime.first_version_before_bind(lambda: app.holder.ready)
         except BaseException:
             await app.close()
             raise
-        port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)
-        await server.start()
-        return server, port, app
     port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)
     await server.start()
-    await app.start(health)
+    if not shared_port:
+        await app.start(health)
     return server, port, app

@@ -113,8 +113,9 @@ class AdaptiveThrottle:
         """The chance that the next call is rejected here, from the window's counts."""
         return self._window()[1]
 
-    def _decide(self) -> tuple[bool, float]:
-        """Counts a call the application wants; (send it, the probability it was rejected with)."""
+    def decide(self) -> tuple[bool, float]:
+        """Counts a call the application wants; (send it, the probability it was decided with), from
+        one look at the window."""
         slot, p = self._window()
         self._requests[slot] += 1
         if p > 0 and self._rng.random() < p:
@@ -124,7 +125,7 @@ class AdaptiveThrottle:
 
     def admit(self) -> bool:
         """Counts a call the application wants; False means reject it here (do not send it)."""
-        return self._decide()[0]
+        return self.decide()[0]
 
     def record(self, code: grpc.StatusCode) -> None:
         """Counts a sent call's outcome: accepted unless its code is one of ``REJECTED_CODES``."""
@@ -135,6 +136,6 @@ class AdaptiveThrottle:
 
     def check(self) -> None:
         """``admit()`` for code that expects a gRPC error: raises ``Throttled`` when the call is rejected."""
-        admitted, p = self._decide()
+        admitted, p = self.decide()
         if not admitted:
             raise Throttled(p, self.last_rejection)

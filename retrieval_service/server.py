@@ -112,7 +112,8 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
     runtime.add_servicer(server, servicer, retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"],
                          on_malformed=lambda method: metrics.REQUESTS.labels("INVALID_ARGUMENT").inc())
     await app.set_serving(False)
-    if config.workers > 1:     # one of N on a shared port: listen only once it holds a version
+    shared_port = config.workers > 1     # one of N on a shared port: listen only once it holds a version
+    if shared_port:
         admission.start()
         holder.start()
         try:
@@ -120,11 +121,10 @@ async def create_server(config: RetrievalConfig, *, holder: VersionHolder[Servin
         except BaseException:
             await app.close(0)
             raise
-        port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)
-        await server.start()
-        return server, port, app
     port = runtime.bind(server, env.host_port(config.host, config.port), config.tls)
     await server.start()
+    if shared_port:
+        return server, port, app     # serving already: the first load's swap reported SERVING
     admission.start()
     if holder.ready:
         metrics.VERSION.set(holder.version or 0)
