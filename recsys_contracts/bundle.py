@@ -107,8 +107,9 @@ class ServingConfig:
         if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= history_length:
             raise ValueError(f"serving.json ranker_history_length must be an integer in [1, {history_length}], "
                              f"got {width!r}")
-        if not (math.isfinite(self.rating_min) and self.rating_min < self.rating_max):
-            raise ValueError(f"serving.json rating_min must be finite and below rating_max {self.rating_max!r}, "
+        # Equal bounds: a log with one rating value (implicit feedback), which the rating head predicts.
+        if not (math.isfinite(self.rating_min) and self.rating_min <= self.rating_max):
+            raise ValueError(f"serving.json rating_min must be finite and at most rating_max {self.rating_max!r}, "
                              f"got {self.rating_min!r}")
         self.score_rule("ctr")   # validates score_mode, rating_weight and rating_max
 

@@ -86,6 +86,8 @@ BAD_VERSIONS = {
     "index over part of the catalog": (_index_over_99_items, r"index.faiss must hold 150 items \(item_ids.npy\)"),
     "temperature 0": (_serving(temperature=0.0), "serving.json temperature must be a finite number > 0"),
     "unknown score mode": (_serving(score_mode="clicks"), "score_mode must be one of"),
+    "rating range upside down": (_serving(rating_min=5.0, rating_max=1.0),
+                                 "serving.json rating_min must be finite and at most rating_max 1.0, got 5.0"),
     "ranker history longer than the history": (_serving(ranker_history_length=11),
                                                 r"ranker_history_length must be an integer in \[1, 10\]"),
     "item table one row short": (_short_table, r"item_num.npy must have shape \(151, "),

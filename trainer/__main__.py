@@ -61,12 +61,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     from trainer import cli_output, job
+    from trainer.data import DataError
 
-    if args.command == "baselines":
-        job.apply_threads(cfg)      # the EASE grid's factorisations are most of its time
-        print(cli_output.baselines_table(cfg))
-        return 0
-    result = job.run(cfg)
+    try:
+        if args.command == "baselines":
+            job.apply_threads(cfg)      # the EASE grid's factorisations are most of its time
+            print(cli_output.baselines_table(cfg))
+            return 0
+        result = job.run(cfg)
+    except DataError as error:      # the log itself: its message names the file, line and column
+        print(f"data error: {error}", file=sys.stderr)
+        return 2
     print(cli_output.summary(result, show_users=args.show))
     return 0 if result.refused is None else 3
 

@@ -36,6 +36,9 @@ class Prepared:
     eval_timestamps: np.ndarray  # (n+1,) each user's last training timestamp: the context at evaluation
 
 
+SEPARATORS = {"auto": "auto", "comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|"}
+
+
 def load_dataset(cfg: TrainConfig) -> Dataset:
     """The configured log: a path (MovieLens folder or generic CSV/Parquet) or a name under the data dir."""
     name = cfg.data.dataset
@@ -47,7 +50,7 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
             path = ensure_movielens(name, data_dir)
     if path.is_dir():
         return load_movielens(path)
-    return load_interactions(path, columns=cfg.data.column_map or None)
+    return load_interactions(path, columns=cfg.data.column_map or None, sep=SEPARATORS[cfg.data.sep])
 
 
 def interactions(vocab: IdVocab, frame: pd.DataFrame) -> Interactions:

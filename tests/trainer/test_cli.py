@@ -43,3 +43,22 @@ def test_the_baselines_command_runs_on_run_threads(tmp_path, capsys):
         torch.set_num_threads(before)
     assert threads == 1
     assert "Protocol random" in capsys.readouterr().out
+
+
+def test_a_bad_log_is_a_one_line_data_error_not_a_traceback(tmp_path, capsys):
+    """Both commands print the loader's message (file, line, column) and exit 2."""
+    from trainer.__main__ import main
+
+    path = tmp_path / "log.csv"
+    path.write_text("user_id,item_id,timestamp\na,1,2024-01-01\nb,2,yesterday\n")
+    for command in ("train", "baselines"):
+        assert main([command, "--set", "run.threads=1", "--dataset", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("data error: ") and "Traceback" not in err
+        assert "log.csv, line 3, column 'timestamp'" in err
+
+
+def test_the_separator_setting_names_its_choices():
+    assert config_from(parse_args(["--set", "data.sep=tab"]), environ={}).data.sep == "tab"
+    with pytest.raises(ValueError, match=r"data.sep must be one of \('auto', 'comma', 'tab', 'semicolon', 'pipe'\)"):
+        config_from(parse_args(["--set", "data.sep=;"]), environ={})

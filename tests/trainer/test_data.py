@@ -19,6 +19,8 @@ from trainer.data import (
     validate_interactions, write_movielens_like,
 )
 from trainer.data.dataset import make_dataset, read_table, to_int64
+from trainer.data.generic import detect_separator
+from trainer.splits import split_by_name
 from trainer.data.download import MOVIELENS_MD5, safe_extract, verify_md5
 
 GENRES_100K = "unknown|0\nAction|1\nComedy|2\n\n"
@@ -306,6 +308,53 @@ def test_generic_errors_name_file_line_and_column(tmp_path):
     pd.DataFrame({"user_id": ["a", "b"], "item_id": [1, 2], "timestamp": [1, None]}).to_parquet(parquet)
     with pytest.raises(DataError, match=r"bad.parquet, row 2, column 'timestamp': timestamp is missing"):
         load_interactions(parquet)
+
+
+def test_generic_csv_without_timestamps_takes_the_file_order_as_time(tmp_path):
+    """A log with no timestamp column loads (it used to be refused): row i happens at second i, so the
+    time-ordered protocols follow the file; the report says so."""
+    path = tmp_path / "plays.csv"
+    path.write_text("user_id,item_id,rating\nb,9,4\na,8,3\na,7,5\n\na,3,2\nb,9,1\n")
+    data = load_interactions(path)
+    rows = data.interactions
+    assert rows[["user_id", "item_id", "timestamp"]].values.tolist() == [
+        ["b", 9, 0], ["a", 8, 1], ["a", 7, 2], ["a", 3, 3], ["b", 9, 4]]
+    assert rows["rating"].tolist() == [4.0, 3.0, 5.0, 2.0, 1.0]
+    assert any("file's order is the time order" in w for w in data.report.warnings)
+    assert data.report.dropped == {"blank line": 1}
+    split = split_by_name("leave_one_out", rows, seed=0)
+    assert split.test[["user_id", "item_id"]].values.tolist() == [["a", 3]]      # a's last row in the file
+    assert split.val[["user_id", "item_id"]].values.tolist() == [["a", 7]]
+
+
+def test_generic_string_item_ids_are_coded_and_keep_their_original_as_title(tmp_path):
+    """SKU-like ids (and ids with leading zeros, which are not the same item as without them) become
+    codes 1..n in sorted order; the items table maps each code back to the original id."""
+    path = tmp_path / "orders.csv"
+    path.write_text("user_id,item_id,timestamp\nu1,B00X,10\nu2,007,11\nu1,7,12\nu2,B00X,13\n")
+    data = load_interactions(path)
+    assert data.items[["item_id", "title"]].values.tolist() == [[1, "007"], [2, "7"], [3, "B00X"]]
+    assert data.interactions["item_id"].tolist() == [3, 1, 2, 3]
+    warning = next(w for w in data.report.warnings if "not all plain non-negative integers" in w)
+    assert "'B00X' at " in warning and "line 2, column 'item_id'" in warning and "1..3" in warning
+    plain = tmp_path / "plain.csv"
+    plain.write_text("user_id,item_id,timestamp\nu1,5,10\nu2,6.0,11\n")   # integers as text pass through
+    data = load_interactions(plain)
+    assert data.items is None and data.interactions["item_id"].tolist() == [5, 6]
+    gap = tmp_path / "gap.csv"
+    gap.write_text("user_id,item_id,timestamp\nu1,B1,10\nu2,,11\n")
+    with pytest.raises(DataError, match=r"gap.csv, line 3, column 'item_id': item_id is missing"):
+        load_interactions(gap)
+
+
+@pytest.mark.parametrize("name,sep", [("log.tsv", "\t"), ("log.txt", ";"), ("log.csv", "|"), ("log.csv", ",")])
+def test_generic_separator_is_detected_from_the_suffix_or_the_header(tmp_path, name, sep):
+    path = tmp_path / name
+    path.write_text(sep.join(["user_id", "item_id", "rating", "timestamp"]) + "\n" + sep.join(["u", "4", "3.5", "9"])
+                    + "\n")
+    assert detect_separator(path) == sep
+    assert load_interactions(path).interactions["item_id"].tolist() == [4]
+    assert detect_separator(path, ",") == ","           # an explicit separator is taken as given
 
 
 # --- download ------------------------------------------------------------------------------------

@@ -229,7 +229,7 @@ def test_tower_config_rejects(field, value, message):
     ("structure", "wide", "structure must be one of"),
     ("rating_min", float("nan"), "rating_min must be a finite float"),
     ("rating_max", "5", "rating_max must be a finite float"),
-    ("rating_max", 1.0, "rating_max must be > rating_min"),
+    ("rating_max", 0.5, "rating_max must be >= rating_min"),
     ("affinity_rank", -1, "affinity_rank must be an int >= 0"),
 ])
 def test_dcn_config_rejects(field, value, message):

@@ -7,11 +7,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import redis
 import torch
 
-from recsys_contracts import artifacts, feature_store
+from ranking_service.state import load_state as load_ranking
+from recsys_contracts import artifacts, feature_store, item_metadata
+from retrieval_service.backends import open_backend
+from retrieval_service.state import load_state as load_retrieval
 from tests.signing_keys import SIGNER, TRUST
 from recsys_contracts.programs import USER_TOWER, load_program
 from trainer import job
@@ -66,6 +70,34 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
     with torch.no_grad():
         eager = result.run.two_tower.user_tower(**inputs).numpy()
     assert np.allclose(tower(**{k: v.numpy() for k, v in inputs.items()})[0], eager, atol=1e-5)
+
+
+def test_an_implicit_log_with_sku_ids_and_no_timestamps_trains_and_publishes(tmp_path, dataset):
+    """The commonest generic log (user, item pairs only; items named by SKU) runs the whole job: it
+    used to stop at the ranker, whose rating range was empty with every rating 1.0. The served item
+    titles are the original SKUs, and the rating head predicts the one rating there is."""
+    frame = dataset.interactions.sort_values("timestamp", kind="stable")
+    path = tmp_path / "pairs.csv"
+    pd.DataFrame({"customer": frame["user_id"], "sku": "SKU-" + frame["item_id"].astype(str)}).to_csv(path, index=False)
+    root = tmp_path / "artifacts"
+    cfg = small_config(tmp_path, f"data.dataset={path}", "data.column_map=user_id:customer,item_id:sku",
+                       f"publish.artifact_root={root}", "publish.gate=false")
+    result = job.run(cfg)
+    assert result.refused is None and result.version == 1
+    artifacts.verify(root, 1, TRUST)
+    assert result.report["pipeline"]["ndcg@10"] > result.report["baselines"]["popularity"]["ndcg@10"] * 0.8
+    vocab = result.run.tables.vocab
+    metadata = item_metadata.load(artifacts.version_dir(root, 1), vocab.item_ids)
+    titles = metadata.describe(np.arange(1, vocab.n_items + 1))
+    assert all(title.startswith("SKU-") for title, _genres in titles)
+    assert sorted(title for title, _ in titles) == [title for title, _ in titles]     # codes in sorted order
+    ranker = result.run.ranker
+    assert ranker.rating_min == 1.0 and ranker.rating_range == 0.0
+    # Both services load the version (serving.json's rating range is one point).
+    directory = artifacts.version_dir(root, 1)
+    retrieval_state = load_retrieval(directory, 1, "cpu", open_backend=open_backend)
+    ranking_state = load_ranking(directory, 1)
+    assert retrieval_state.version == ranking_state.version == 1
 
 
 def test_models_learn_the_planted_preferences(tmp_path, dataset):

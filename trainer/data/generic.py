@@ -3,7 +3,13 @@
 ``columns`` maps the contract names (user_id, item_id, rating, timestamp) to the file's column
 names, e.g. ``{"user_id": "uid", "item_id": "sku"}``; unmapped names are looked up as is.
 Timestamps may be Unix seconds or ISO 8601 date-times (naive ones are taken as UTC); without a
-rating column every interaction is implicit feedback with rating 1.0. No side tables.
+rating column every interaction is implicit feedback with rating 1.0; without a timestamp column the
+file's order is the time order (row i at i seconds after the epoch: the temporal and leave-one-out
+protocols follow the file, and the calendar features carry nothing). Item ids that are not all plain
+non-negative integers (SKUs, ASINs, ids with leading zeros) are served as integer codes 1..n in the
+ids' sorted order, and the original id becomes the item's title, the one side table such a log
+gets. ``sep="auto"`` takes a tab for .tsv/.tab files, else the most frequent of , ; tab | in the
+header line.
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ from trainer.data.dataset import (
 )
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+TAB_SUFFIXES = (".tsv", ".tab")
+SEPARATORS = (",", "\t", ";", "|")
 IMPLICIT_RATING = 1.0
+# A plain non-negative integer as text: no sign, no leading zero (so "007" and "7" stay two items).
+_PLAIN_INTEGER = r"(?:0|[1-9][0-9]*)(?:\.0*)?"
 
 
-def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = None, sep: str = ",") -> Dataset:
+def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = None, sep: str = "auto") -> Dataset:
     """Load a CSV (with a header line) or Parquet interaction log into a Dataset named after the file."""
     path = Path(path)
     mapping = dict(columns or {})
@@ -31,12 +41,17 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
         if name not in INTERACTION_COLUMNS:
             raise ValueError(f"columns keys must be among {list(INTERACTION_COLUMNS)}, got {name!r}")
     source_names = {name: mapping.get(name, name) for name in INTERACTION_COLUMNS}
-    raw, blank = _read(path, sep, source_names["user_id"])
+    raw, blank = _read(path, sep, (source_names["user_id"], source_names["item_id"]))
     notes = []
     if source_names["rating"] not in raw.columns and "rating" not in mapping:
         notes.append(f"no 'rating' column: implicit feedback, every rating is {IMPLICIT_RATING}")
         raw = raw.assign(rating=np.float32(IMPLICIT_RATING))
         source_names["rating"] = "rating"
+    if source_names["timestamp"] not in raw.columns and "timestamp" not in mapping:
+        notes.append("no 'timestamp' column: the file's order is the time order (row i at i seconds after "
+                     "the epoch); the calendar features carry no information")
+        raw = raw.assign(timestamp=np.arange(len(raw), dtype=np.int64))
+        source_names["timestamp"] = "timestamp"
     where = f"{path}, line 1" if raw.index.name == "line" else str(path)
     require_columns(raw, list(source_names.values()), where)
     ignored = [str(c) for c in raw.columns if c not in source_names.values()]
@@ -44,15 +59,60 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
         notes.append(f"ignored columns {ignored}")
     frame = pd.DataFrame({name: raw[column] for name, column in source_names.items()}, index=raw.index)
     frame["timestamp"] = _unix_seconds(frame["timestamp"], str(path))
+    frame["item_id"], items = _item_codes(frame["item_id"], str(path), notes)
     interactions = validate_interactions(frame, str(path))
     return make_dataset(path.stem, interactions, source=str(path), rows_read=len(raw) + blank,
-                        dropped={"blank line": blank}, warnings=notes)
+                        items=items, dropped={"blank line": blank}, warnings=notes)
 
 
-def _read(path: Path, sep: str, user_column: str) -> tuple[pd.DataFrame, int]:
+def detect_separator(path: Path, sep: str = "auto") -> str:
+    """``sep`` itself, or for "auto": a tab for .tsv/.tab files, else the most frequent of ``SEPARATORS``
+    in the first non-blank line (a comma when none is there)."""
+    if sep != "auto":
+        return sep
+    if path.suffix.lower() in TAB_SUFFIXES:
+        return "\t"
+    try:
+        with path.open(encoding="utf-8", errors="replace") as lines:
+            header = next((line for line in lines if line.strip()), "")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    counts = [header.count(candidate) for candidate in SEPARATORS]
+    return SEPARATORS[int(np.argmax(counts))] if max(counts) else ","
+
+
+def _item_codes(values: pd.Series, source: str, notes: list[str]) -> tuple[pd.Series, pd.DataFrame | None]:
+    """The item ids as the contract's non-negative integers, and the items table when they had to be coded.
+
+    Plain non-negative integers (numbers, or text such as "42") pass through for ``validate_interactions``
+    to check. Any other id makes every distinct text an item, numbered 1..n in sorted order; the items
+    table (item_id, title = the original id, genres = "") keeps the original for display."""
+    if values.dtype.kind in "iuf":
+        return values, None
+    text = values.astype("str").str.strip()
+    missing = (values.isna() | (text == "")).to_numpy()
+    if missing.any():
+        pos = int(np.argmax(missing))
+        raise DataError(f"{location(values, pos, source, 'item_id')}: item_id is missing "
+                        "(too few fields? check the separator)")
+    plain = text.str.fullmatch(_PLAIN_INTEGER).to_numpy()
+    if plain.all():
+        return values, None
+    pos = int(np.argmax(~plain))
+    codes, originals = pd.factorize(text, sort=True)
+    notes.append(f"item ids are not all plain non-negative integers (e.g. {values.iloc[pos]!r} at "
+                 f"{location(values, pos, source, 'item_id')}): each of the {originals.size:,} distinct ids "
+                 f"is served as an integer code 1..{originals.size} in sorted order, and the original id "
+                 "is the item's title")
+    items = pd.DataFrame({"item_id": np.arange(1, originals.size + 1, dtype=np.int64),
+                          "title": np.asarray(originals, dtype=object), "genres": ""}).astype({"title": "str", "genres": "str"})
+    return pd.Series(codes.astype(np.int64) + 1, index=values.index), items
+
+
+def _read(path: Path, sep: str, id_columns: tuple[str, str]) -> tuple[pd.DataFrame, int]:
     """The raw table indexed by line (CSV) or row (Parquet), and the number of blank lines."""
     if path.suffix.lower() not in PARQUET_SUFFIXES:
-        return read_table(path, sep=sep, str_columns=(user_column,), quoted=True)
+        return read_table(path, sep=detect_separator(path, sep), str_columns=id_columns, quoted=True)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     raw = pd.read_parquet(path)

@@ -74,8 +74,8 @@ class DCNConfig:
             raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
         low = check_finite("rating_min", self.rating_min)
         high = check_finite("rating_max", self.rating_max)
-        if not low < high:
-            raise ValueError(f"rating_max must be > rating_min ({low!r}), got {high!r}")
+        if not low <= high:        # equal: one rating value (implicit feedback), which the head then predicts
+            raise ValueError(f"rating_max must be >= rating_min ({low!r}), got {high!r}")
 
 
 class CrossNetV2(nn.Module):
