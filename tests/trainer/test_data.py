@@ -347,6 +347,21 @@ def test_generic_string_item_ids_are_coded_and_keep_their_original_as_title(tmp_
         load_interactions(gap)
 
 
+@pytest.mark.parametrize("scale,unit", [(1, None), (10**3, "milliseconds"), (10**6, "microseconds"),
+                                        (10**9, "nanoseconds")])
+def test_generic_epoch_numbers_in_smaller_units_are_read_as_seconds(tmp_path, scale, unit):
+    """Logs in milliseconds (and finer) used to crash the report (year 55,000) and skew every time feature."""
+    seconds = [1_704_067_200, 1_704_067_201, 86_400]
+    path = tmp_path / "log.parquet"
+    pd.DataFrame({"user_id": ["a", "b", "c"], "item_id": [1, 2, 3],
+                  "timestamp": [t * scale + scale // 2 for t in seconds]}).to_parquet(path)
+    data = load_interactions(path)
+    assert sorted(data.interactions["timestamp"].tolist()) == sorted(seconds)
+    notes = [w for w in data.report.warnings if "since the epoch" in w]
+    assert (notes[0].startswith(f"timestamps read as {unit}") if unit else notes == [])
+    assert "1970-01-02 .. 2024-01-01" in data.report.summary()
+
+
 @pytest.mark.parametrize("name,sep", [("log.tsv", "\t"), ("log.txt", ";"), ("log.csv", "|"), ("log.csv", ",")])
 def test_generic_separator_is_detected_from_the_suffix_or_the_header(tmp_path, name, sep):
     path = tmp_path / name

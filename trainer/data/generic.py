@@ -29,6 +29,8 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 TAB_SUFFIXES = (".tsv", ".tab")
 SEPARATORS = (",", "\t", ";", "|")
 IMPLICIT_RATING = 1.0
+# Epoch numbers from 1e11 on are not seconds (that is the year 5138): milliseconds from there.
+SECONDS_LIMIT = 10**11
 # A plain non-negative integer as text: no sign, no leading zero (so "007" and "7" stay two items).
 _PLAIN_INTEGER = r"(?:0|[1-9][0-9]*)(?:\.0*)?"
 
@@ -58,7 +60,7 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
     if ignored:
         notes.append(f"ignored columns {ignored}")
     frame = pd.DataFrame({name: raw[column] for name, column in source_names.items()}, index=raw.index)
-    frame["timestamp"] = _unix_seconds(frame["timestamp"], str(path))
+    frame["timestamp"] = _unix_seconds(frame["timestamp"], str(path), notes)
     frame["item_id"], items = _item_codes(frame["item_id"], str(path), notes)
     interactions = validate_interactions(frame, str(path))
     return make_dataset(path.stem, interactions, source=str(path), rows_read=len(raw) + blank,
@@ -79,6 +81,18 @@ def detect_separator(path: Path, sep: str = "auto") -> str:
         raise DataError(f"{path}: file not found") from None
     counts = [header.count(candidate) for candidate in SEPARATORS]
     return SEPARATORS[int(np.argmax(counts))] if max(counts) else ","
+
+
+def _scaled_to_seconds(numbers: pd.Series, notes: list[str]) -> pd.Series:
+    """Epoch numbers in seconds: a column whose largest magnitude is past the year 5138 in seconds
+    (1e11) is read as milliseconds, past 1e14 as microseconds, past 1e17 as nanoseconds."""
+    largest = float(numbers.abs().max()) if numbers.notna().any() else 0.0
+    for unit, per_second in (("nanoseconds", 10**9), ("microseconds", 10**6), ("milliseconds", 10**3)):
+        if largest >= SECONDS_LIMIT * per_second / 1000:
+            notes.append(f"timestamps read as {unit} since the epoch (the largest is {largest:.0f}), "
+                         f"divided by {per_second:,} and floored to seconds")
+            return numbers // per_second
+    return numbers
 
 
 def _item_codes(values: pd.Series, source: str, notes: list[str]) -> tuple[pd.Series, pd.DataFrame | None]:
@@ -120,15 +134,16 @@ def _read(path: Path, sep: str, id_columns: tuple[str, str]) -> tuple[pd.DataFra
     return raw, 0
 
 
-def _unix_seconds(values: pd.Series, source: str) -> pd.Series:
-    """Timestamps as Unix seconds: numbers pass through, date-times and ISO strings are converted."""
+def _unix_seconds(values: pd.Series, source: str, notes: list[str]) -> pd.Series:
+    """Timestamps as Unix seconds: numbers pass through (milli-, micro- or nanoseconds, told apart by their
+    size, are scaled down), date-times and ISO strings are converted."""
     kind = values.dtype.kind
     if kind in "iuf":
-        return values
+        return _scaled_to_seconds(values, notes)
     if kind != "M":
         numbers = pd.to_numeric(values, errors="coerce")
         if (numbers.notna() | values.isna()).all():  # numbers as text; gaps are reported later
-            return numbers
+            return _scaled_to_seconds(numbers, notes)
     parsed = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
     bad = (parsed.isna() & values.notna()).to_numpy()
     if bad.any():
