@@ -51,7 +51,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"publish.artifact_root={tmp}/artifacts", f"run.output_dir={tmp}/run", "run.progress=false",
                      "publish.gate=false", *args.overrides]
-        name, generate_s = "ml-100k", None
+        given = [o.split("=", 1)[1] for o in args.overrides if o.startswith("data.dataset=")]
+        name, generate_s = (given[-1] if given else "ml-100k"), None
         if args.synthetic:
             from trainer.data.synthetic import generate, write_movielens_like
 
