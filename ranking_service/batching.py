@@ -49,13 +49,13 @@ def forward(jobs: list[Job]) -> list[tuple[np.ndarray, np.ndarray]]:
 class MicroBatcher(batching.MicroBatcher[Job, tuple[np.ndarray, np.ndarray]]):
     """``await score(ranker, inputs) -> (ctr (N,), rating (N,))``, batched across concurrent callers."""
 
-    def __init__(self, max_jobs: int, max_wait_s: float, max_rows: int = MAX_ROWS) -> None:
+    def __init__(self, max_jobs: int, max_wait_s: float, max_rows: int = MAX_ROWS, thread_nice: int = 0) -> None:
         if not 0 <= max_wait_s <= 1:
             raise ValueError(f"max_wait_s must be in [0, 1] seconds, got {max_wait_s!r}")
         if not 1 <= max_rows <= MAX_ROWS:
             raise ValueError(f"max_rows must be in [1, {MAX_ROWS}], got {max_rows!r}")
         super().__init__(forward, max_jobs=max_jobs, max_wait_s=max_wait_s, name="dcn",
-                         key=lambda job: job[0], rows=_rows, max_rows=max_rows)
+                         key=lambda job: job[0], rows=_rows, max_rows=max_rows, thread_nice=thread_nice)
 
     async def score(self, ranker: Program, inputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         rows = int(inputs["item_idx"].shape[0])

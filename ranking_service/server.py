@@ -56,7 +56,8 @@ class RankingApp:
             holder.follow(self._on_swap, self._on_refuse)     # a preloaded holder (tests)
         self.holder = holder
         self.features = FeatureStore.from_config(config)
-        self.batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000)
+        self.batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000,
+                                    thread_nice=config.compute_nice)
         self.candidates = candidates if candidates is not None else RetrievalClient(config)
         self.pipeline = Pipeline(features=self.features, batcher=self.batcher, candidates=self.candidates,
                                  fallback=config.fallback, breaker=CircuitBreaker(

@@ -7,6 +7,11 @@ per job, in order) in a dedicated thread, so the event loop keeps serving meanwh
 default ``max_wait_s`` of 0 a job never waits for company: an idle worker starts at once, and the
 jobs that arrive while a batch runs form the next one (batches grow with load, latency does not).
 
+``thread_nice`` > 0 lowers the worker thread's CPU priority (its nice value; Linux, per thread) so
+that, when the cores are short, the event loop (admission, refusals, I/O) runs before the model: a
+refusal then waits for no forward pass. A thread already at a lower priority (the shadow worker's
+idle class) is left as it is.
+
 Jobs with different ``key(job)`` (e.g. two versions during a hot swap) never share a batch. A job
 whose caller was cancelled before its batch started is dropped from it. A failing ``run`` fails
 the jobs of its batch with its exception and the worker goes on. ``enabled=False`` runs every job
@@ -20,6 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +38,21 @@ from recsys_serving.aio import within
 
 J = TypeVar("J")
 R = TypeVar("R")
+log = logging.getLogger(__name__)
+MAX_NICE = 19
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Raises the calling thread's nice value to ``nice`` (never lowers it). Linux only: there
+    PRIO_PROCESS with who = 0 names the calling thread; elsewhere it would be the whole process."""
+    if not sys.platform.startswith("linux"):
+        log.warning("thread priorities are per thread only on Linux; the compute thread keeps its priority")
+        return
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) < nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as error:             # e.g. a seccomp profile that forbids it: serve all the same
+        log.warning("could not set the compute thread's nice value to %d: %s", nice, error)
 
 
 @dataclass
@@ -45,18 +68,22 @@ class MicroBatcher(Generic[J, R]):
     def __init__(self, run: Callable[[list[J]], Sequence[R]], *, max_jobs: int, max_wait_s: float,
                  name: str, key: Callable[[J], object] = lambda job: None,
                  rows: Callable[[J], int] = lambda job: 1, max_rows: int | None = None,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, thread_nice: int = 0) -> None:
         if max_jobs < 1:
             raise ValueError(f"max_jobs must be >= 1, got {max_jobs!r}")
         if max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s!r}")
+        if isinstance(thread_nice, bool) or not isinstance(thread_nice, int) or not 0 <= thread_nice <= MAX_NICE:
+            raise ValueError(f"thread_nice must be an int in [0, {MAX_NICE}], got {thread_nice!r}")
         self.run, self.name, self.key, self.rows, self.enabled = run, name, key, rows, enabled
         self.max_jobs, self.max_wait_s, self.max_rows = max_jobs, max_wait_s, max_rows
         # A deque plus an event rather than asyncio.Queue: waiting with a timeout on an event can
         # never lose a job, whereas cancelling a pending Queue.get() can race with a put.
         self._queue: collections.deque[_Pending[J]] = collections.deque()
         self._arrived = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
+                                            initializer=lower_thread_priority if thread_nice else None,
+                                            initargs=(thread_nice,) if thread_nice else ())
         self._worker: asyncio.Task | None = None
 
     async def submit(self, job: J) -> R:

@@ -237,6 +237,12 @@ def parse_specs(environ: Mapping[str, str], specs: Mapping[str, tuple[str, Parse
 FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL", "RECSYS_SIGNING_KEY")
 
 
+# 10: side by side on the shared 2-core machine (docs/RESULTS.md, "The event loop before the model"),
+# goodput at ~3x capacity 137-230 req/s against 29-112 at 0 (deadline misses: 0-1,150 against
+# thousands per run), refusals 2-7x faster; near capacity 3 % less goodput (median 272 against 281).
+COMPUTE_NICE_DEFAULT = 10
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """The settings both services have, each under its own prefix (``RETRIEVAL_`` / ``RANKING_``) or the
@@ -271,6 +277,9 @@ class ServiceConfig:
     trusted_keys: Path = DEFAULT_TRUSTED_KEYS  # public key(s) whose signatures make a version servable
     allow_unsigned: bool = False             # serve unsigned versions (local experiments only; loud)
     workers: int = 1                         # worker processes behind the one port (recsys_serving.workers)
+    # The nice value of the model's thread (recsys_serving.batching): above 0 the event loop (admission,
+    # refusals, I/O) runs first when the cores are short; 0 = the same priority as the loop.
+    compute_nice: int = COMPUTE_NICE_DEFAULT
 
 
 MAX_WORKERS = 64
@@ -303,6 +312,7 @@ def service_specs(prefix: str) -> dict[str, tuple[str, Parser]]:
         f"{prefix}GRACE_S": ("grace_s", float_in(0.0, 300.0)),
         f"{prefix}MAX_MESSAGE_BYTES": ("max_message_bytes", int_in(1024, 2**31 - 1)),
         f"{prefix}WORKERS": ("workers", int_in(1, MAX_WORKERS)),
+        f"{prefix}COMPUTE_NICE": ("compute_nice", int_in(0, 19)),
     }
 
 

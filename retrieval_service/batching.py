@@ -51,9 +51,9 @@ def run_batch(state: ServingState, rows: list[UserRow], k: int) -> BatchResult:
 class MicroBatcher(batching.MicroBatcher[tuple[ServingState, UserRow, int], tuple[np.ndarray, np.ndarray, BatchResult]]):
     """Shares tower forwards and index searches between concurrent requests (see the module docstring)."""
 
-    def __init__(self, max_size: int, max_wait_s: float, enabled: bool = True) -> None:
+    def __init__(self, max_size: int, max_wait_s: float, enabled: bool = True, thread_nice: int = 0) -> None:
         super().__init__(_search_batch, max_jobs=max_size, max_wait_s=max_wait_s, name="tower",
-                         key=lambda job: job[0], enabled=enabled)
+                         key=lambda job: job[0], enabled=enabled, thread_nice=thread_nice)
 
     async def search(self, state: ServingState, row: UserRow, k: int) -> tuple[np.ndarray, np.ndarray, BatchResult]:
         """(scores (k',), item indices (k',), the batch it ran in) for one user; k' = min(k, index size)."""

@@ -100,7 +100,8 @@ def default_holder(config: RetrievalConfig, *, on_swap: Callable[[ServingState, 
 async def create_server(config: RetrievalConfig, *, holder: VersionHolder[ServingState] | None = None,
                         batching: bool = True) -> tuple[grpc.aio.Server, int, App]:
     """Builds and starts the server; returns (server, bound port, app). ``batching`` False = no micro-batching."""
-    batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000, enabled=batching)
+    batcher = MicroBatcher(config.microbatch_max_size, config.microbatch_max_wait_ms / 1000, enabled=batching,
+                           thread_nice=config.compute_nice)
     generator = CandidateGenerator(_feature_store(config), batcher)
     server = runtime.new_server(config)
     health_servicer = runtime.add_health_and_reflection(server, [SERVICE_NAME])
