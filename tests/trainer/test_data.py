@@ -347,6 +347,38 @@ def test_generic_string_item_ids_are_coded_and_keep_their_original_as_title(tmp_
         load_interactions(gap)
 
 
+def test_generic_csv_without_a_header_line_is_read_in_contract_order(tmp_path):
+    """Dumps such as Amazon's reviews (user,item,rating,timestamp, no header) load as they are."""
+    dump = tmp_path / "ratings_Books.csv"
+    dump.write_text("AX1,0312,5.0,1341100800\nBY2,0312,3.0,1341100900\nAX1,0451,4.0,1341101000\n")
+    data = load_interactions(dump)
+    assert data.interactions[["user_id", "rating", "timestamp"]].values.tolist() == [
+        ["AX1", 5.0, 1341100800], ["BY2", 3.0, 1341100900], ["AX1", 4.0, 1341101000]]
+    assert data.items["title"].tolist() == ["0312", "0451"]               # leading zeros kept: coded ids
+    assert data.report.rows_read == 3
+    assert any(w.startswith("no header line (the first line is data: ['AX1', '0312', '5.0', '1341100800'])")
+               for w in data.report.warnings)
+    three = tmp_path / "three.csv"
+    three.write_text("u1,7,4\nu2,8,2\n")                                 # a small third field: a rating
+    assert load_interactions(three).interactions["rating"].tolist() == [4.0, 2.0]
+    three.write_text("u1,7,1341100800\nu2,8,1341100900\n")               # epoch seconds: a timestamp
+    loaded = load_interactions(three)
+    assert loaded.interactions["timestamp"].tolist() == [1341100800, 1341100900]
+    assert loaded.interactions["rating"].tolist() == [1.0, 1.0]
+
+
+def test_a_header_with_other_names_is_not_taken_for_data(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("uid,iid,score,ts\nu1,7,4,10\n")
+    with pytest.raises(DataError, match=r"log.csv, line 1: missing column 'user_id'"):
+        load_interactions(path)
+    data = load_interactions(path, columns={"user_id": "uid", "item_id": "iid", "rating": "score", "timestamp": "ts"})
+    assert data.interactions["item_id"].tolist() == [7]
+    path.write_text("u1,7,4,10\nu2,8,2,11\n")                            # a mapping says a header is there
+    with pytest.raises(DataError, match=r"missing column 'uid'"):
+        load_interactions(path, columns={"user_id": "uid"})
+
+
 @pytest.mark.parametrize("scale,unit", [(1, None), (10**3, "milliseconds"), (10**6, "microseconds"),
                                         (10**9, "nanoseconds")])
 def test_generic_epoch_numbers_in_smaller_units_are_read_as_seconds(tmp_path, scale, unit):

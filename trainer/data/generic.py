@@ -43,8 +43,9 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
         if name not in INTERACTION_COLUMNS:
             raise ValueError(f"columns keys must be among {list(INTERACTION_COLUMNS)}, got {name!r}")
     source_names = {name: mapping.get(name, name) for name in INTERACTION_COLUMNS}
-    raw, blank = _read(path, sep, (source_names["user_id"], source_names["item_id"]))
-    notes = []
+    notes: list[str] = []
+    raw, blank = _read(path, sep, (source_names["user_id"], source_names["item_id"]), headerless_ok=not mapping,
+                       notes=notes)
     if source_names["rating"] not in raw.columns and "rating" not in mapping:
         notes.append(f"no 'rating' column: implicit feedback, every rating is {IMPLICIT_RATING}")
         raw = raw.assign(rating=np.float32(IMPLICIT_RATING))
@@ -81,6 +82,14 @@ def detect_separator(path: Path, sep: str = "auto") -> str:
         raise DataError(f"{path}: file not found") from None
     counts = [header.count(candidate) for candidate in SEPARATORS]
     return SEPARATORS[int(np.argmax(counts))] if max(counts) else ","
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _scaled_to_seconds(numbers: pd.Series, notes: list[str]) -> pd.Series:
@@ -123,10 +132,29 @@ def _item_codes(values: pd.Series, source: str, notes: list[str]) -> tuple[pd.Se
     return pd.Series(codes.astype(np.int64) + 1, index=values.index), items
 
 
-def _read(path: Path, sep: str, id_columns: tuple[str, str]) -> tuple[pd.DataFrame, int]:
-    """The raw table indexed by line (CSV) or row (Parquet), and the number of blank lines."""
+def _read(path: Path, sep: str, id_columns: tuple[str, str], *, headerless_ok: bool = False,
+          notes: list[str] | None = None) -> tuple[pd.DataFrame, int]:
+    """The raw table indexed by line (CSV) or row (Parquet), and the number of blank lines.
+
+    ``headerless_ok``: a CSV whose first line is data (3 or 4 fields, the third and fourth numbers, no
+    ``user_id`` / ``item_id`` among them, e.g. the Amazon review dumps' ``user,item,rating,timestamp``)
+    is read as user_id, item_id, rating[, timestamp]; with 3 fields the third is a timestamp when every
+    value is past 1e8 (epoch seconds after 1973), else a rating. ``notes`` gets what was assumed."""
     if path.suffix.lower() not in PARQUET_SUFFIXES:
-        return read_table(path, sep=detect_separator(path, sep), str_columns=id_columns, quoted=True)
+        sep = detect_separator(path, sep)
+        raw, blank = read_table(path, sep=sep, str_columns=id_columns, quoted=True)
+        first = [str(c) for c in raw.columns]
+        if not (headerless_ok and 3 <= len(first) <= 4 and not {"user_id", "item_id"} & set(first)
+                and all(_is_number(c) for c in first[2:])):
+            return raw, blank
+        names = list(INTERACTION_COLUMNS[:len(first)])
+        raw, blank = read_table(path, sep=sep, names=names, str_columns=("user_id", "item_id"), quoted=True)
+        if len(first) == 3 and (pd.to_numeric(raw["rating"], errors="coerce").abs() >= 1e8).all():
+            raw = raw.rename(columns={"rating": "timestamp"})
+        if notes is not None:
+            notes.append(f"no header line (the first line is data: {first}): the columns are read as "
+                         f"{list(raw.columns)}")
+        return raw, blank
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     raw = pd.read_parquet(path)
