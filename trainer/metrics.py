@@ -143,6 +143,13 @@ def _per_user(name: str, hits: np.ndarray, n_true: np.ndarray, k: int) -> np.nda
     return (n_hits > 0).astype(np.float64)
 
 
+def per_user(name: str, ranked: np.ndarray, truth: Any, k: int) -> np.ndarray:
+    """One top-k metric (a name of ``TOPK_METRICS``) for each user (U,), float64."""
+    k = _check_k(k)
+    hits, n_true = _hit_matrix(ranked, truth)
+    return _per_user(name, hits, n_true, k)
+
+
 def _topk_metric(name: str, ranked: np.ndarray, truth: Any, k: int) -> float:
     k = _check_k(k)
     hits, n_true = _hit_matrix(ranked, truth)

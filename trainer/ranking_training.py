@@ -376,6 +376,13 @@ def rerank(candidates: Candidates, scores: np.ndarray, k: int) -> np.ndarray:
 
 def pipeline_ndcg(ranker, tables, candidates: Candidates, target: EvalTarget, timestamps: np.ndarray,
                   cfg: TrainConfig, rating_max: float, device: torch.device, k: int = 10) -> float:
+    return float(pipeline_ndcg_per_user(ranker, tables, candidates, target, timestamps, cfg, rating_max, device,
+                                        k).mean())
+
+
+def pipeline_ndcg_per_user(ranker, tables, candidates: Candidates, target: EvalTarget, timestamps: np.ndarray,
+                           cfg: TrainConfig, rating_max: float, device: torch.device, k: int = 10) -> np.ndarray:
+    """The pipeline's NDCG@k of each of ``target``'s users (U,), the ranker reordering ``candidates``."""
     ranker.eval()
     scores, _, _ = score_candidates(ranker, tables, candidates, timestamps, cfg.ranking.score_mode,
                                     cfg.multitask.rating_weight, rating_max, device)
@@ -384,7 +391,18 @@ def pipeline_ndcg(ranker, tables, candidates: Candidates, target: EvalTarget, ti
     rows = np.array([row_of[u] for u in target.users])
     ranked = rerank(Candidates(candidates.users[rows], candidates.items[rows], candidates.scores[rows]),
                     scores[rows], k)
-    return metrics.ndcg_at_k(ranked, target.truth_rows(), k)
+    return metrics.per_user("ndcg", ranked, target.truth_rows(), k)
+
+
+def paired_t(scores: np.ndarray, start: np.ndarray) -> float:
+    """Mean per-user gain of ``scores`` over ``start`` in standard errors of that mean (0 when there is
+    no spread to judge by and no gain; +inf for a gain without spread)."""
+    diff = np.asarray(scores, np.float64) - np.asarray(start, np.float64)
+    if diff.size < 2:
+        return 0.0
+    se = float(diff.std(ddof=1)) / np.sqrt(diff.size)
+    mean = float(diff.mean())
+    return mean / se if se > 0 else (np.inf if mean > 0 else 0.0)
 
 
 @torch.no_grad()
@@ -516,6 +534,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     fit_rows = held_out if folds is None else Rows.concat([held_out, folds])
     calibrate_start(ranker, fit_rows)
     start_score = None          # the stopping-half NDCG@10 of the start, where already measured
+    start_users = None          # and per user
     if ranker.affinity_rank and held_out.users.size and fit_affinity(
             ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device):
         retrieval_order = copy.deepcopy(ranker.state_dict())       # affinity weights still 0
@@ -523,12 +542,16 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         # The logistic start mixes in EASE's affinity; where retrieval alone ranks better on the stopping
         # half (ml-100k leave-one-out with the sequential tower: EASE is far weaker there), start from it.
         stop_ts = eval_timestamps[stop_candidates.users]
-        mixed = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg, spec.rating_max, device)
+        mixed_users = pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
+                                             spec.rating_max, device)
         wide = copy.deepcopy(ranker.state_dict())
         ranker.load_state_dict(retrieval_order)
-        alone = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg, spec.rating_max, device)
+        alone_users = pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
+                                             spec.rating_max, device)
+        mixed, alone = float(mixed_users.mean()), float(alone_users.mean())
         if mixed >= alone:
             ranker.load_state_dict(wide)
+        start_users = mixed_users if mixed >= alone else alone_users
         start_score = max(mixed, alone)
         log.info("ranker start: stopping-half NDCG@10 %.4f with the affinity's logistic fit, %.4f by retrieval "
                  "alone; kept the %s", mixed, alone, "logistic fit" if mixed >= alone else "retrieval order")
@@ -542,9 +565,12 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     # score is the one measured when the start was chosen (eval mode: the same weights, the same
     # number), else measured now.
     if start_score is None:
-        start_score = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
-                                    spec.rating_max, device)
-    history.best_score = start_score
+        start_users = pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
+                                             spec.rating_max, device)
+        start_score = float(start_users.mean())
+    # Patience follows the best score seen; the ranker kept is the best epoch whose per-user gain over
+    # the start is at least ranking.keep_min_t standard errors (config.py says why).
+    history.best_score = seen_best = start_score
     history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score})
     best_state = copy.deepcopy(ranker.state_dict())
     scored = np.zeros(rating_rows.users.size, dtype=bool)
@@ -592,12 +618,16 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                 f"ranking loss became {value} at epoch {epoch}; lower ranking.learning_rate "
                 f"(now {rc.learning_rate})"))
             losses.append(loss.item())
-        ndcg = pipeline_ndcg(ranker, tables, stop_candidates, stop_target, stop_ts, cfg, spec.rating_max, device)
+        per_user = pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
+                                          spec.rating_max, device)
+        ndcg, t = float(per_user.mean()), paired_t(per_user, start_users)
         history.epochs.append({"epoch": epoch, "loss": ctx.all_reduce_mean(float(np.mean(losses))),
-                               "val_ndcg@10": ndcg})
-        if ndcg > history.best_score:
-            history.best_score, history.best_epoch, stale = ndcg, epoch, 0
+                               "val_ndcg@10": ndcg, "t_vs_start": t})
+        if ndcg > history.best_score and t >= rc.keep_min_t:
+            history.best_score, history.best_epoch = ndcg, epoch
             best_state = copy.deepcopy(ranker.state_dict())
+        if ndcg > seen_best:
+            seen_best, stale = ndcg, 0
         else:
             stale += 1
             if stale >= rc.patience:

@@ -337,3 +337,24 @@ def test_rmse_hand_computed():
 def test_rmse_rejects_bad_input(y, yhat, match):
     with pytest.raises(ValueError, match=match):
         rmse(y, yhat)
+
+
+def test_per_user_metric_is_the_mean_metric_user_by_user():
+    from trainer import metrics
+
+    ranked = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
+    truth = [[2], [9], [7, 8]]
+    values = metrics.per_user("ndcg", ranked, truth, 3)
+    assert values.shape == (3,) and values[1] == 0.0 and values[2] == pytest.approx(1.0)
+    assert values.mean() == pytest.approx(metrics.ndcg_at_k(ranked, truth, 3))
+
+
+def test_paired_t_is_the_mean_gain_in_standard_errors():
+    from trainer.ranking_training import paired_t
+
+    start = np.array([0.0, 0.5, 1.0, 0.0])
+    gain = np.array([0.1, 0.3, 0.2, 0.2])
+    assert paired_t(start + gain, start) == pytest.approx(gain.mean() / (gain.std(ddof=1) / 2))
+    assert paired_t(start + 0.25, start) == np.inf                      # a gain with no spread
+    assert paired_t(start, start) == 0.0 and paired_t(np.ones(1), np.zeros(1)) == 0.0
+    assert paired_t(start - gain, start) < 0

@@ -100,6 +100,27 @@ def test_an_implicit_log_with_sku_ids_and_no_timestamps_trains_and_publishes(tmp
     assert retrieval_state.version == ranking_state.version == 1
 
 
+def test_the_ranker_replaces_its_start_only_by_a_gain_of_keep_min_t_standard_errors(tmp_path, dataset):
+    """ranking.keep_min_t decides what is kept, never how training runs: the same epochs with the same
+    stopping-half scores either way; a threshold no epoch reaches serves the start, here retrieval's
+    own order (EASE help off), so the pipeline scores exactly as the tower."""
+    def run(threshold):
+        out = tmp_path / f"t{threshold}"
+        result = job.run(small_config(tmp_path, "retrieval.distill_weight=0", "ranking.affinity=none",
+                                      "ranking.epochs=4", f"ranking.keep_min_t={threshold}",
+                                      f"run.output_dir={out}"), dataset)
+        return result.report, json.loads((out / "report.json").read_text())["histories"]["ranking"]
+
+    any_gain, any_gain_history = run(0)
+    never, never_history = run(1e9)
+    assert [e["val_ndcg@10"] for e in never_history] == [e["val_ndcg@10"] for e in any_gain_history]
+    assert len(never_history) >= 2 and all(not np.isnan(e["t_vs_start"]) for e in never_history[1:])
+    assert never["pipeline"]["ndcg@10"] == pytest.approx(never["two_tower"]["ndcg@10"], abs=1e-12)
+    start, trained = never_history[0]["val_ndcg@10"], [e["val_ndcg@10"] for e in never_history[1:]]
+    if max(trained) > start:         # with 0, an epoch above the start is served instead of the start
+        assert any_gain["pipeline"]["ndcg@10"] != never["pipeline"]["ndcg@10"]
+
+
 def test_models_learn_the_planted_preferences(tmp_path, dataset):
     result = job.run(small_config(tmp_path, "retrieval.epochs=6"), dataset)
     report = result.report
@@ -216,7 +237,8 @@ def test_validated_fold_order_keeps_the_ranker_with_the_better_stopping_half_sco
     assert by_random != by_recent                          # two different rankers to choose from
     with caplog.at_level("INFO", logger="trainer.training"):
         validated = ranking_history("validated")
-    best = {name: max(e["val_ndcg@10"] for e in h) for name, h in (("random", by_random), ("recent", by_recent))}
+    best = {name: max([h[0]["val_ndcg@10"]] + [e["val_ndcg@10"] for e in h[1:] if e["t_vs_start"] >= 1.0])
+            for name, h in (("random", by_random), ("recent", by_recent))}     # what each would keep
     expected = by_recent if best["recent"] > best["random"] else by_random
     assert validated == expected
     assert caplog.text.count("fold order by validation") == 1
