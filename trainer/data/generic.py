@@ -8,8 +8,9 @@ file's order is the time order (row i at i seconds after the epoch: the temporal
 protocols follow the file, and the calendar features carry nothing). Item ids that are not all plain
 non-negative integers (SKUs, ASINs, ids with leading zeros) are served as integer codes 1..n in the
 ids' sorted order, and the original id becomes the item's title, the one side table such a log
-gets. ``sep="auto"`` takes a tab for .tsv/.tab files, else the most frequent of , ; tab | in the
-header line.
+gets. Epoch numbers of 1e11 and more are milli-, micro- or nanoseconds and are scaled to seconds.
+``sep="auto"`` takes a tab for .tsv/.tab files, else the most frequent of , ; tab | in the header
+line. Every such step is a warning in the load report.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ _PLAIN_INTEGER = r"(?:0|[1-9][0-9]*)(?:\.0*)?"
 
 
 def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = None, sep: str = "auto") -> Dataset:
-    """Load a CSV (with a header line) or Parquet interaction log into a Dataset named after the file."""
+    """Load a CSV (with a header line, or none for a user,item,rating[,timestamp] dump) or Parquet
+    interaction log into a Dataset named after the file."""
     path = Path(path)
     mapping = dict(columns or {})
     for name in mapping:
@@ -132,8 +134,8 @@ def _item_codes(values: pd.Series, source: str, notes: list[str]) -> tuple[pd.Se
     return pd.Series(codes.astype(np.int64) + 1, index=values.index), items
 
 
-def _read(path: Path, sep: str, id_columns: tuple[str, str], *, headerless_ok: bool = False,
-          notes: list[str] | None = None) -> tuple[pd.DataFrame, int]:
+def _read(path: Path, sep: str, id_columns: tuple[str, str], *, headerless_ok: bool,
+          notes: list[str]) -> tuple[pd.DataFrame, int]:
     """The raw table indexed by line (CSV) or row (Parquet), and the number of blank lines.
 
     ``headerless_ok``: a CSV whose first line is data (3 or 4 fields, the third and fourth numbers, no
@@ -151,9 +153,8 @@ def _read(path: Path, sep: str, id_columns: tuple[str, str], *, headerless_ok: b
         raw, blank = read_table(path, sep=sep, names=names, str_columns=("user_id", "item_id"), quoted=True)
         if len(first) == 3 and (pd.to_numeric(raw["rating"], errors="coerce").abs() >= 1e8).all():
             raw = raw.rename(columns={"rating": "timestamp"})
-        if notes is not None:
-            notes.append(f"no header line (the first line is data: {first}): the columns are read as "
-                         f"{list(raw.columns)}")
+        notes.append(f"no header line (the first line is data: {first}): the columns are read as "
+                     f"{list(raw.columns)}")
         return raw, blank
     if not path.is_file():
         raise DataError(f"{path}: file not found")
