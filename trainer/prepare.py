@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from trainer.config import TrainConfig
-from trainer.data import Dataset, data_dir_from_env, ensure_movielens, load_interactions, load_movielens
+from trainer.data import DataError, Dataset, data_dir_from_env, ensure_movielens, load_interactions, load_movielens
 from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab
 from trainer.full_ranking import EvalTarget, make_target, sample_users
 from trainer.retrieval_training import Interactions
@@ -36,6 +36,11 @@ class Prepared:
     eval_timestamps: np.ndarray  # (n+1,) each user's last training timestamp: the context at evaluation
 
 
+# Every run is judged (and its ranker stopped) by NDCG@10, so a catalog needs at least 10 items.
+HEADLINE_K = 10
+# Fewer validation or test users than this: the log is too small to stop training on or to evaluate
+# (the ranker splits the validation users' items in two halves).
+MIN_EVAL_USERS = 2
 SEPARATORS = {"auto": "auto", "comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|"}
 
 
@@ -69,17 +74,30 @@ def held_out(vocab: IdVocab, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
 
 
 def prepare(cfg: TrainConfig, dataset: Dataset, split: Split | None = None) -> Prepared:
-    """Splits (unless a split is given), fits the features on train, builds the evaluation targets."""
+    """Splits (unless a split is given), fits the features on train, builds the evaluation targets.
+    DataError for a log too small to train and judge on, when the split is the run's own (the notebook
+    API gives its own split, may leave test empty and checks its validation frame itself)."""
+    own_split = split is None
     split = split if split is not None else split_by_name(cfg.data.protocol, dataset.interactions,
                                                           seed=cfg.data.seed)
     vocab = fit_id_vocab(split.train)
+    need = max(HEADLINE_K, *cfg.eval.ks)
+    if own_split and vocab.n_items < need:
+        raise DataError(f"{dataset.name}: the {cfg.data.protocol} split's training part holds {vocab.n_items} "
+                        f"item(s); every model is judged on its top {need} (NDCG@{HEADLINE_K}, eval.ks "
+                        f"{list(cfg.eval.ks)}), so the catalog needs at least {need} items")
     spec = fit_feature_spec(split.train, dataset.users, dataset.items,
                             history_length=cfg.features.history_length)
     tables = build_tables(spec, vocab, split.train, dataset.users, dataset.items)
     train = interactions(vocab, split.train)
     eval_ts = np.zeros(vocab.n_users + 1, dtype=np.int64)
     np.maximum.at(eval_ts, train.users, train.timestamps)
-    return Prepared(dataset, split, vocab, spec, tables, train,
-                    sample_users(make_target(vocab, split.val, [split.train]), cfg.eval.max_users, cfg.run.seed),
-                    sample_users(make_target(vocab, split.test, [split.train, split.val]), cfg.eval.max_users,
-                                 cfg.run.seed + 1), eval_ts)
+    val = sample_users(make_target(vocab, split.val, [split.train]), cfg.eval.max_users, cfg.run.seed)
+    test = sample_users(make_target(vocab, split.test, [split.train, split.val]), cfg.eval.max_users, cfg.run.seed + 1)
+    for name, target in (("validation", val), ("test", test)) if own_split else ():
+        if target.users.size < MIN_EVAL_USERS:
+            raise DataError(f"{dataset.name}: the {cfg.data.protocol} split leaves {target.users.size} user(s) with a "
+                            f"{name} item the training split knows, from {len(dataset.interactions):,} interactions of "
+                            f"{dataset.interactions['user_id'].nunique():,} users; at least {MIN_EVAL_USERS} are needed "
+                            "to train and evaluate (users need several interactions each)")
+    return Prepared(dataset, split, vocab, spec, tables, train, val, test, eval_ts)

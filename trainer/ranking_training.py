@@ -289,7 +289,7 @@ def _recent_fold(user_items, entry_user: np.ndarray, fold: int, share: float | N
 
 @torch.no_grad()
 def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarray, rc, width: int,
-              rng: np.random.Generator, device: torch.device, recent_share: float | None | bool = False) -> Rows:
+              rng: np.random.Generator, device: torch.device, recent_share: float | None | bool = False) -> Rows | None:
     """Ranker examples from ``rc.folds`` folds of the training log (``ranking.folds``): each hides part
     of the training items of up to ``rc.fold_users`` users, retrieves for them with the history that
     remains (every item not hidden excluded, as seen items are when serving), and turns the hidden
@@ -305,6 +305,8 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
     n_entries = user_items.items.size
     entry_user = np.repeat(np.arange(user_items.indptr.size - 1), np.diff(user_items.indptr))  # (T,)
     eligible = np.flatnonzero(np.diff(user_items.indptr) >= 3)
+    if eligible.size == 0:           # a tiny log: no user has enough training items to hide some
+        return None
     length = tables.history.shape[1]
     width = min(width, length)           # as ``Rows.with_history`` slices the training history
     parts = []

@@ -22,6 +22,7 @@ import torch
 
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig
+from trainer.data import DataError
 from trainer.distributed import Distributed
 from trainer.evaluation import retrieve
 from trainer.features import IdVocab, temporal_features
@@ -85,6 +86,10 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
         stop_target = sample_users(make_target(prep.vocab, stop_frame, [prep.split.train, fit_frame]),
                                    cfg.eval.max_users, cfg.run.seed + 2)
         fit_pos = held_out(prep.vocab, fit_frame)
+        if stop_target.users.size == 0 or fit_pos[0].size == 0:
+            raise DataError(f"{prep.dataset.name}: its {len(prep.split.val)} validation interaction(s) leave "
+                            f"{fit_pos[0].size} to fit the ranker on and {stop_target.users.size} user(s) to stop "
+                            "it on; a larger log is needed")
         if cfg.eval.max_users:
             fit_pos = tuple(a[np.isin(fit_pos[0], prep.val.users)] for a in fit_pos)
         wanted = np.union1d(np.unique(fit_pos[0]), stop_target.users)
@@ -106,7 +111,7 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                                   prep.eval_timestamps, cfg.ranking, DCNConfig.recent_items, order_rng, device,
                                   recent_share=recent_share)
                 log.info("ranker examples: %d from the validation fitting half, %d from %d training-log folds "
-                         "(%s)", fit_rows.users.size, folds.users.size, cfg.ranking.folds,
+                         "(%s)", fit_rows.users.size, 0 if folds is None else folds.users.size, cfg.ranking.folds,
                          "random" if recent_share is False else "recent")
             ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
                                                  stop_candidates, stop_target, prep.eval_timestamps, device, ctx,

@@ -62,3 +62,18 @@ def test_the_separator_setting_names_its_choices():
     assert config_from(parse_args(["--set", "data.sep=tab"]), environ={}).data.sep == "tab"
     with pytest.raises(ValueError, match=r"data.sep must be one of \('auto', 'comma', 'tab', 'semicolon', 'pipe'\)"):
         config_from(parse_args(["--set", "data.sep=;"]), environ={})
+
+
+def test_a_log_too_small_to_split_is_a_data_error_naming_what_is_missing(tmp_path, capsys):
+    """Tiny logs used to end in a traceback deep in training (an empty candidate list, k above the catalog)."""
+    from trainer.__main__ import main
+
+    path = tmp_path / "tiny.csv"
+    path.write_text("user_id,item_id,rating,timestamp\n" + "".join(
+        f"{u},{3 * u + k},{1 + (u + k) % 5},{1000 + k}\n" for u in range(8) for k in range(3)))   # 24 items
+    for protocol, message in (("random", "split leaves 0 user(s) with a validation item"),
+                              ("leave_one_out", "so the catalog needs at least 20 items")):
+        assert main(["--set", "run.threads=1", "--set", f"data.protocol={protocol}", "--dataset", str(path),
+                     "--output-dir", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("data error: tiny: ") and message in err and "Traceback" not in err
