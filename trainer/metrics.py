@@ -151,9 +151,7 @@ def per_user(name: str, ranked: np.ndarray, truth: Any, k: int) -> np.ndarray:
 
 
 def _topk_metric(name: str, ranked: np.ndarray, truth: Any, k: int) -> float:
-    k = _check_k(k)
-    hits, n_true = _hit_matrix(ranked, truth)
-    return float(_per_user(name, hits, n_true, k).mean())
+    return float(per_user(name, ranked, truth, k).mean())
 
 
 def recall_at_k(ranked: np.ndarray, truth: Any, k: int) -> float:

@@ -41,7 +41,7 @@ HEADLINE_K = 10
 # Fewer validation or test users than this: the log is too small to stop training on or to evaluate
 # (the ranker splits the validation users' items in two halves).
 MIN_EVAL_USERS = 2
-SEPARATORS = {"auto": "auto", "comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|"}
+SEPARATOR_NAMES = {"auto": "auto", "comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|"}
 
 
 def load_dataset(cfg: TrainConfig) -> Dataset:
@@ -55,7 +55,7 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
             path = ensure_movielens(name, data_dir)
     if path.is_dir():
         return load_movielens(path)
-    return load_interactions(path, columns=cfg.data.column_map or None, sep=SEPARATORS[cfg.data.sep])
+    return load_interactions(path, columns=cfg.data.column_map or None, sep=SEPARATOR_NAMES[cfg.data.sep])
 
 
 def interactions(vocab: IdVocab, frame: pd.DataFrame) -> Interactions:

@@ -535,15 +535,14 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     held_out = fit_rows.with_history(tables, width)
     fit_rows = held_out if folds is None else Rows.concat([held_out, folds])
     calibrate_start(ranker, fit_rows)
-    start_score = None          # the stopping-half NDCG@10 of the start, where already measured
-    start_users = None          # and per user
+    start_users = None          # the stopping-half NDCG@10 of the start per user, where already measured
+    stop_ts = eval_timestamps[stop_candidates.users]
     if ranker.affinity_rank and held_out.users.size and fit_affinity(
             ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device):
         retrieval_order = copy.deepcopy(ranker.state_dict())       # affinity weights still 0
         fit_wide(ranker, held_out, device)
         # The logistic start mixes in EASE's affinity; where retrieval alone ranks better on the stopping
         # half (ml-100k leave-one-out with the sequential tower: EASE is far weaker there), start from it.
-        stop_ts = eval_timestamps[stop_candidates.users]
         mixed_users = pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
                                              spec.rating_max, device)
         wide = copy.deepcopy(ranker.state_dict())
@@ -554,25 +553,22 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         if mixed >= alone:
             ranker.load_state_dict(wide)
         start_users = mixed_users if mixed >= alone else alone_users
-        start_score = max(mixed, alone)
         log.info("ranker start: stopping-half NDCG@10 %.4f with the affinity's logistic fit, %.4f by retrieval "
                  "alone; kept the %s", mixed, alone, "logistic fit" if mixed >= alone else "retrieval order")
     ddp_ranker = ctx.wrap(ranker, device)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
     rng = np.random.default_rng(cfg.run.seed + 1)
     history, stale = FitHistory(), 0
-    stop_ts = eval_timestamps[stop_candidates.users]
     epochs = 0 if cfg.multitask.mode == "retrieval_only" else rc.epochs
     # Epoch -1 is the untrained ranker, which keeps retrieval's order: training must beat it. Its
     # score is the one measured when the start was chosen (eval mode: the same weights, the same
     # number), else measured now.
-    if start_score is None:
+    if start_users is None:
         start_users = pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
                                              spec.rating_max, device)
-        start_score = float(start_users.mean())
     # Patience follows the best score seen; the ranker kept is the best epoch whose per-user gain over
     # the start is at least ranking.keep_min_t standard errors (config.py says why).
-    history.best_score = seen_best = start_score
+    history.best_score = seen_best = float(start_users.mean())
     history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score})
     best_state = copy.deepcopy(ranker.state_dict())
     scored = np.zeros(rating_rows.users.size, dtype=bool)
