@@ -1,0 +1,135 @@
+"""Quality grid (issue 17's table): datasets x protocols x user towers x EASE help on/off, one
+``benchmarks/trainer_bench.py`` run per cell at the current commit, so every figure of the table comes
+from one code version and each row carries its own baselines (popularity, EASE) from the same run.
+
+    .venv/bin/python benchmarks/quality_grid.py                       # ml-100k + a ~10k-item synthetic log
+    .venv/bin/python benchmarks/quality_grid.py --datasets ml-100k --protocols random --jobs 1
+
+Writes bench_results/quality_grid.json (every cell's trainer_bench result) and quality_grid.md (the
+table); prints each cell as it finishes. ``--jobs 2`` runs two cells at once, each trainer on one
+thread (``run.threads=1``): on a 2-core machine the wall times are then those of two jobs sharing it,
+comparable within the grid. "EASE help off" = ``retrieval.distill_weight=0`` and ``ranking.affinity=none``.
+NDCG@10 on the test split; validation figures (what defaults are chosen by) are in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOLS = ("random", "temporal", "leave_one_out")
+TOWERS = ("pooled", "sequential")
+EASE_OFF = ("retrieval.distill_weight=0", "ranking.affinity=none")
+SYNTHETIC = "synthetic"          # the --datasets name of the generated ~10k-item MovieLens-1M-layout log
+
+
+def cell_overrides(protocol: str, tower: str, ease_help: bool) -> list[str]:
+    return [f"data.protocol={protocol}", f"retrieval.user_tower={tower}", *(() if ease_help else EASE_OFF)]
+
+
+def run_cell(dataset: str, dataset_path: str | None, protocol: str, tower: str, ease_help: bool,
+             out_dir: Path, threads: int) -> dict:
+    """One trainer_bench run; returns its JSON result with the cell's coordinates added."""
+    name = f"{dataset}-{protocol}-{tower}-{'ease' if ease_help else 'noease'}"
+    out = out_dir / f"{name}.json"
+    overrides = [f"run.threads={threads}", "publish.unsigned=true", *cell_overrides(protocol, tower, ease_help)]
+    if dataset_path:
+        overrides.append(f"data.dataset={dataset_path}")
+    argv = [sys.executable, str(ROOT / "benchmarks" / "trainer_bench.py"), "--out", str(out),
+            *itertools.chain.from_iterable(("--set", o) for o in overrides)]
+    log = out_dir / f"{name}.log"
+    with open(log, "w") as handle:
+        proc = subprocess.run(argv, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        return {"cell": name, "dataset": dataset, "protocol": protocol, "tower": tower, "ease_help": ease_help,
+                "error": f"exit {proc.returncode}, see {log.name}"}
+    result = json.loads(out.read_text())
+    return {"cell": name, "dataset": dataset, "protocol": protocol, "tower": tower, "ease_help": ease_help,
+            "overrides": overrides, **{k: v for k, v in result.items() if k != "overrides"}}
+
+
+def table(cells: list[dict]) -> str:
+    """A markdown table, one row per cell: baselines, tower, pipeline (x tower, x EASE), wall, peak RSS."""
+    lines = ["| data, protocol | tower | EASE help | popularity | EASE | tower (x EASE) | pipeline (x tower, x EASE) "
+             "| wall / peak RSS |", "|---|---|---|---|---|---|---|---|"]
+    for c in cells:
+        head = f"| {c['dataset']}, {c['protocol'].replace('_', '-')} | {c['tower']} | {'on' if c['ease_help'] else 'off'} |"
+        if "error" in c:
+            lines.append(f"{head} {c['error']} | | | | |")
+            continue
+        ndcg = c["ndcg@10"]
+        ease, tower, pipe = ndcg.get("ease", float("nan")), ndcg["two_tower"], ndcg["pipeline"]
+        lines.append(f"{head} {ndcg.get('popularity', float('nan')):.4f} | {ease:.4f} | {tower:.4f} ({tower / ease:.3f}) "
+                     f"| {pipe:.4f} ({pipe / tower:.3f}, {pipe / ease:.3f}) "
+                     f"| {c['wall_s']:.0f} s / {c['peak_rss_mb'] / 1024:.2f} GB |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default=f"ml-100k,{SYNTHETIC}",
+                        help=f"comma-separated: data.dataset values, or {SYNTHETIC!r} (10k items, 100k ratings)")
+    parser.add_argument("--protocols", default=",".join(PROTOCOLS))
+    parser.add_argument("--towers", default=",".join(TOWERS))
+    parser.add_argument("--ease-help", default="on,off", help="on, off or on,off")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once (each trainer on --threads)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "bench_results" / "quality_grid.json"))
+    args = parser.parse_args()
+    protocols, towers = args.protocols.split(","), args.towers.split(",")
+    for value, allowed, flag in ((protocols, PROTOCOLS, "--protocols"), (towers, TOWERS, "--towers")):
+        if bad := [v for v in value if v not in allowed]:
+            parser.error(f"{flag}: {bad} not among {list(allowed)}")
+    ease_options = {"on": True, "off": False}
+    if bad := [v for v in args.ease_help.split(",") if v not in ease_options]:
+        parser.error(f"--ease-help: {bad} not among ['on', 'off']")
+    ease = [ease_options[v] for v in args.ease_help.split(",")]
+    out = Path(args.out)
+    cells_dir = out.parent / (out.stem + "_cells")
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        paths: dict[str, str | None] = {}
+        for dataset in args.datasets.split(","):
+            if dataset == SYNTHETIC:
+                sys.path.insert(0, str(ROOT))
+                from trainer.data.synthetic import generate, write_movielens_like
+
+                paths[dataset] = str(write_movielens_like(generate(5000, 10000, 100000, seed=0),
+                                                          Path(tmp) / "synthetic", "1m"))
+            else:
+                paths[dataset] = None if dataset == "ml-100k" else dataset
+        grid = list(itertools.product(paths, protocols, towers, ease))
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = [pool.submit(run_cell, d, paths[d], p, t, e, cells_dir, args.threads) for d, p, t, e in grid]
+            cells = []
+            for future in futures:
+                cells.append(future.result())
+                print(table(cells[-1:]).splitlines()[-1], flush=True)
+    document = {"commit": _commit(), "cpus": os.cpu_count(), "jobs": args.jobs, "threads": args.threads,
+                "total_wall_s": round(time.perf_counter() - started, 1), "cells": cells}
+    out.write_text(json.dumps(document, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table(cells))
+    print(table(cells))
+    return 0 if all("error" not in c for c in cells) else 1
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
