@@ -53,8 +53,10 @@ def run_cell(dataset: str, dataset_path: str | None, protocol: str, tower: str, 
         return {"cell": name, "dataset": dataset, "protocol": protocol, "tower": tower, "ease_help": ease_help,
                 "error": f"exit {proc.returncode}, see {log.name}"}
     result = json.loads(out.read_text())
-    return {"cell": name, "dataset": dataset, "protocol": protocol, "tower": tower, "ease_help": ease_help,
-            "overrides": overrides, **{k: v for k, v in result.items() if k != "overrides"}}
+    # trainer_bench's "dataset" is the path it was given; the grid's name for it comes last and wins
+    return {**{k: v for k, v in result.items() if k != "overrides"}, "dataset_path": result.get("dataset"),
+            "cell": name, "dataset": dataset, "protocol": protocol, "tower": tower, "ease_help": ease_help,
+            "overrides": overrides}
 
 
 def table(cells: list[dict]) -> str:

@@ -1,0 +1,26 @@
+"""benchmarks/quality_grid.py: the settings of a cell and the table a grid prints (no training here;
+the grid's runs are the trainer's own, tested in test_pipeline)."""
+
+from __future__ import annotations
+
+from benchmarks.quality_grid import EASE_OFF, cell_overrides, table
+
+
+def test_a_cell_names_its_protocol_and_tower_and_switches_both_ease_helps_off():
+    assert cell_overrides("temporal", "sequential", True) == ["data.protocol=temporal",
+                                                              "retrieval.user_tower=sequential"]
+    off = cell_overrides("random", "pooled", False)
+    assert set(EASE_OFF) <= set(off)
+    assert "retrieval.distill_weight=0" in off and "ranking.affinity=none" in off
+
+
+def test_the_table_gives_each_model_against_ease_and_the_pipeline_against_its_tower():
+    cell = {"dataset": "ml-100k", "protocol": "leave_one_out", "tower": "pooled", "ease_help": False,
+            "ndcg@10": {"pipeline": 0.33, "two_tower": 0.30, "ease": 0.32, "popularity": 0.1},
+            "wall_s": 61.4, "peak_rss_mb": 870.4}
+    failed = {"dataset": "synthetic", "protocol": "random", "tower": "sequential", "ease_help": True,
+              "error": "exit 1, see x.log"}
+    rows = table([cell, failed]).splitlines()
+    assert rows[2] == ("| ml-100k, leave-one-out | pooled | off | 0.1000 | 0.3200 | 0.3000 (0.938) "
+                       "| 0.3300 (1.100, 1.031) | 61 s / 0.85 GB |")
+    assert rows[3].startswith("| synthetic, random | sequential | on | exit 1, see x.log |")
