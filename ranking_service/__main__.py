@@ -20,6 +20,7 @@ async def serve(config: RankingConfig) -> None:
     from ranking_service.server import SERVICE_NAME, create_server
     
     runtime.tame_garbage_collector()
+    runtime.set_gil_switch_interval(config.gil_switch_ms)
     try:
         server, port, app = await create_server(config)
     except runtime.StoppedBeforeReady:

@@ -241,6 +241,10 @@ FOREIGN_SHARED_VARS = ("RECSYS_DATA_DIR", "RECSYS_TEST_REDIS_URL", "RECSYS_SIGNI
 # goodput at ~3x capacity 137-230 req/s against 29-112 at 0 (deadline misses: 0-1,150 against
 # thousands per run), refusals 2-7x faster; near capacity 3 % less goodput (median 272 against 281).
 COMPUTE_NICE_DEFAULT = 10
+# 1 ms (Python's default is 5): side by side at 300 req/s (~1x capacity, docs/RESULTS.md, "A shorter GIL
+# switch interval"), p99 median 42 against 51 ms over eight pairs (<= 50 ms in 8 of 8 runs against 3 of
+# 8), fewer refusals; no difference at 3x.
+GIL_SWITCH_MS_DEFAULT = 1.0
 
 
 @dataclass(frozen=True)
@@ -280,6 +284,10 @@ class ServiceConfig:
     # The nice value of the model's thread (recsys_serving.batching): above 0 the event loop (admission,
     # refusals, I/O) runs first when the cores are short; 0 = the same priority as the loop.
     compute_nice: int = COMPUTE_NICE_DEFAULT
+    # How long a thread may hold the GIL before the interpreter hands it on (sys.setswitchinterval):
+    # the event loop needs it for every callback, so while the model's thread runs Python (batch
+    # assembly, post-processing) the loop, admission and refusals wait up to this long for it.
+    gil_switch_ms: float = GIL_SWITCH_MS_DEFAULT
 
 
 MAX_WORKERS = 64
@@ -313,6 +321,7 @@ def service_specs(prefix: str) -> dict[str, tuple[str, Parser]]:
         f"{prefix}MAX_MESSAGE_BYTES": ("max_message_bytes", int_in(1024, 2**31 - 1)),
         f"{prefix}WORKERS": ("workers", int_in(1, MAX_WORKERS)),
         f"{prefix}COMPUTE_NICE": ("compute_nice", int_in(0, 19)),
+        f"{prefix}GIL_SWITCH_MS": ("gil_switch_ms", float_in(0.05, 100.0)),
     }
 
 

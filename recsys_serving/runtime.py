@@ -90,6 +90,16 @@ def tame_garbage_collector() -> None:
         _defer_gc_pauses()
 
 
+def set_gil_switch_interval(milliseconds: float) -> None:
+    """How long a thread may hold the GIL before the interpreter hands it to another that waits
+    (``sys.setswitchinterval``; ``<PREFIX>GIL_SWITCH_MS``). The event loop needs the GIL for every
+    callback; while the model's thread runs Python between its native calls, the loop (and so
+    admission and every refusal) waits up to this long. Call it once at start; a version load
+    shortens it further for its duration (``recsys_serving.reload``) and then restores this value."""
+    sys.setswitchinterval(milliseconds / 1000)
+    log.info("GIL switch interval %g ms", milliseconds)
+
+
 _gc_started = [0.0]
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 GC_FLUSH_INTERVAL_S = 1.0

@@ -18,6 +18,7 @@ log = logging.getLogger("retrieval_service")
 
 async def serve(config: RetrievalConfig) -> None:
     runtime.tame_garbage_collector()
+    runtime.set_gil_switch_interval(config.gil_switch_ms)
     try:
         server, port, app = await create_server(config)
     except runtime.StoppedBeforeReady:

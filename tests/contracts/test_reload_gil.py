@@ -64,3 +64,17 @@ def test_an_error_inside_restores_the_setting():
         with gil_shared_with_the_loop():
             raise RuntimeError("load failed")
     assert sys.getswitchinterval() == before
+
+
+def test_the_services_switch_interval_setting_holds_outside_loads_and_comes_back_after_one():
+    from recsys_serving import runtime
+
+    before = sys.getswitchinterval()
+    try:
+        runtime.set_gil_switch_interval(0.5)                     # <PREFIX>GIL_SWITCH_MS=0.5
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        with gil_shared_with_the_loop():
+            assert sys.getswitchinterval() == pytest.approx(LOADING_SWITCH_INTERVAL_S)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)   # the service's value, not Python's default
+    finally:
+        sys.setswitchinterval(before)

@@ -194,6 +194,8 @@ BAD_RETRIEVAL = [
     ("RETRIEVAL_WORKERS", "two", "an integer in [1, 64]"),
     ("RETRIEVAL_COMPUTE_NICE", "-1", "an integer in [0, 19]"),
     ("RETRIEVAL_COMPUTE_NICE", "20", "an integer in [0, 19]"),
+    ("RETRIEVAL_GIL_SWITCH_MS", "0", "a number in [0.05, 100.0]"),
+    ("RETRIEVAL_GIL_SWITCH_MS", "nan", "a number in [0.05, 100.0]"),
 ]
 BAD_RANKING = [
     ("RANKING_HOST", "a b", "an IP address or host name to listen on"),
@@ -210,6 +212,7 @@ BAD_RANKING = [
     ("RANKING_MAX_LOOP_LAG_MS", "soon", "a number in [0.0, 60000.0]"),
     ("RANKING_MAX_QUEUE_MS", "-5", "a number in [0.0, 60000.0]"),
     ("RANKING_COMPUTE_NICE", "low", "an integer in [0, 19]"),
+    ("RANKING_GIL_SWITCH_MS", "101", "a number in [0.05, 100.0]"),
     ("RANKING_MIN_DEADLINE_MS", "-5", "an integer in [0, 60000]"),
     ("RANKING_DEFAULT_DEADLINE_MS", "0", "an integer in [1, 600000]"),
     ("RANKING_DIVERSITY", "1.01", "a number in [0.0, 1.0]"),

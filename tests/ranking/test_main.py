@@ -64,6 +64,7 @@ def test_process_serves_exports_metrics_logs_json_and_stops_on_sigterm(published
     tagged = [line for line in lines if line.get("request_id") == "log-me-1"]
     assert tagged and tagged[0]["code"] == "INVALID_ARGUMENT" and tagged[0]["level"] == "INFO"
     assert any("shutting down" in line["msg"] for line in lines)
+    assert any(line["msg"] == "GIL switch interval 1 ms" for line in lines)   # RANKING_GIL_SWITCH_MS's default
 
 
 def _certificates(directory: Path) -> dict[str, Path]:

@@ -29,7 +29,8 @@ def test_sigterm_drains_and_exits_cleanly(published):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "retrieval_service"], cwd=REPO_ROOT,
                             env=_env(RECSYS_ARTIFACT_ROOT=str(root), RETRIEVAL_PORT=str(port),
-                                     RETRIEVAL_METRICS_PORT="0", RETRIEVAL_GRACE_S="5"),
+                                     RETRIEVAL_METRICS_PORT="0", RETRIEVAL_GRACE_S="5",
+                                     RETRIEVAL_GIL_SWITCH_MS="0.5"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -46,6 +47,7 @@ def test_sigterm_drains_and_exits_cleanly(published):
     assert proc.returncode == 0, stderr
     messages = [json.loads(line)["msg"] for line in stderr.splitlines() if line.startswith("{")]
     assert any("NOT_SERVING" in m for m in messages) and messages[-1] == "retrieval service stopped"
+    assert "GIL switch interval 0.5 ms" in messages                      # RETRIEVAL_GIL_SWITCH_MS applied
 
 
 def test_bad_configuration_exits_2_naming_the_variable(tmp_path):
