@@ -6,7 +6,7 @@ from one code version and each row carries its own baselines (popularity, EASE) 
     .venv/bin/python benchmarks/quality_grid.py --datasets ml-100k --protocols random --jobs 1
 
 Writes bench_results/quality_grid.json (every cell's trainer_bench result) and quality_grid.md (the
-table); prints each cell as it finishes. ``--jobs 2`` runs two cells at once, each trainer on one
+table); prints each cell in grid order as the runs finish. ``--jobs 2`` runs two cells at once, each trainer on one
 thread (``run.threads=1``): on a 2-core machine the wall times are then those of two jobs sharing it,
 comparable within the grid. "EASE help off" = ``retrieval.distill_weight=0`` and ``ranking.affinity=none``.
 NDCG@10 on the test split; validation figures (what defaults are chosen by) are in the JSON.
@@ -30,6 +30,8 @@ PROTOCOLS = ("random", "temporal", "leave_one_out")
 TOWERS = ("pooled", "sequential")
 EASE_OFF = ("retrieval.distill_weight=0", "ranking.affinity=none")
 SYNTHETIC = "synthetic"          # the --datasets name of the generated ~10k-item MovieLens-1M-layout log
+# What the results record for the generated log instead of its temporary folder.
+SYNTHETIC_RECIPE = "trainer.data.synthetic.generate(5000, 10000, 100000, seed=0), MovieLens-1M layout"
 
 
 def cell_overrides(protocol: str, tower: str, ease_help: bool) -> list[str]:
@@ -53,10 +55,12 @@ def run_cell(dataset: str, dataset_path: str | None, protocol: str, tower: str, 
         return {"cell": name, "dataset": dataset, "protocol": protocol, "tower": tower, "ease_help": ease_help,
                 "error": f"exit {proc.returncode}, see {log.name}"}
     result = json.loads(out.read_text())
-    # trainer_bench's "dataset" is the path it was given; the grid's name for it comes last and wins
-    return {**{k: v for k, v in result.items() if k != "overrides"}, "dataset_path": result.get("dataset"),
+    # trainer_bench's "dataset" is the path it was given; the grid's name for it comes last and wins,
+    # and a generated log is recorded by its recipe, not by the temporary folder it lived in.
+    recorded = SYNTHETIC_RECIPE if dataset == SYNTHETIC else dataset_path
+    return {**{k: v for k, v in result.items() if k != "overrides"}, "dataset_path": recorded,
             "cell": name, "dataset": dataset, "protocol": protocol, "tower": tower, "ease_help": ease_help,
-            "overrides": overrides}
+            "overrides": [f"data.dataset={recorded}" if o.startswith("data.dataset=") else o for o in overrides]}
 
 
 def table(cells: list[dict]) -> str:
