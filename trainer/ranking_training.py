@@ -537,18 +537,22 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     calibrate_start(ranker, fit_rows)
     start_users = None          # the stopping-half NDCG@10 of the start per user, where already measured
     stop_ts = eval_timestamps[stop_candidates.users]
+
+    def stopping_half() -> np.ndarray:
+        """The ranker's current weights scored on the stopping half: NDCG@10 per user."""
+        return pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg, spec.rating_max,
+                                      device)
+
     if ranker.affinity_rank and held_out.users.size and fit_affinity(
             ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device):
         retrieval_order = copy.deepcopy(ranker.state_dict())       # affinity weights still 0
         fit_wide(ranker, held_out, device)
         # The logistic start mixes in EASE's affinity; where retrieval alone ranks better on the stopping
         # half (ml-100k leave-one-out with the sequential tower: EASE is far weaker there), start from it.
-        mixed_users = pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
-                                             spec.rating_max, device)
+        mixed_users = stopping_half()
         wide = copy.deepcopy(ranker.state_dict())
         ranker.load_state_dict(retrieval_order)
-        alone_users = pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
-                                             spec.rating_max, device)
+        alone_users = stopping_half()
         mixed, alone = float(mixed_users.mean()), float(alone_users.mean())
         if mixed >= alone:
             ranker.load_state_dict(wide)
@@ -564,8 +568,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     # score is the one measured when the start was chosen (eval mode: the same weights, the same
     # number), else measured now.
     if start_users is None:
-        start_users = pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
-                                             spec.rating_max, device)
+        start_users = stopping_half()
     # Patience follows the best score seen; the ranker kept is the best epoch whose per-user gain over
     # the start is at least ranking.keep_min_t standard errors (config.py says why).
     history.best_score = seen_best = float(start_users.mean())
@@ -616,8 +619,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                 f"ranking loss became {value} at epoch {epoch}; lower ranking.learning_rate "
                 f"(now {rc.learning_rate})"))
             losses.append(loss.item())
-        per_user = pipeline_ndcg_per_user(ranker, tables, stop_candidates, stop_target, stop_ts, cfg,
-                                          spec.rating_max, device)
+        per_user = stopping_half()
         ndcg, t = float(per_user.mean()), paired_t(per_user, start_users)
         history.epochs.append({"epoch": epoch, "loss": ctx.all_reduce_mean(float(np.mean(losses))),
                                "val_ndcg@10": ndcg, "t_vs_start": t})
