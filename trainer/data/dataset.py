@@ -88,13 +88,14 @@ class Dataset:
 
 def read_table(path: Path, *, sep: str, names: Sequence[str] | None = None, encoding: str = "utf-8",
                text: bool = False, str_columns: Sequence[str] = (), quoted: bool = False,
-               ) -> tuple[pd.DataFrame, int]:
+               nrows: int | None = None) -> tuple[pd.DataFrame, int]:
     """Read a delimited text file; returns (frame indexed by line number, blank lines dropped).
 
     ``names``: the fields of a headerless file, whose first line must have exactly that many;
     ``None``: the first line is the header. ``text``: every column as str with empty fields as "";
     otherwise pandas infers numbers except for ``str_columns``. ``quoted``: honour "..." (CSV);
-    the MovieLens tab, "|" and "::" files are unquoted, so a quote is part of a title.
+    the MovieLens tab, "|" and "::" files are unquoted, so a quote is part of a title. ``nrows``: read
+    at most this many data lines (0: the header's columns only).
     """
     source: Path | io.StringIO = path
     if len(sep) > 1:
@@ -109,7 +110,7 @@ def read_table(path: Path, *, sep: str, names: Sequence[str] | None = None, enco
         frame = pd.read_csv(
             source, sep=_UNIT_SEPARATOR if len(sep) > 1 else sep, header=None if names else 0,
             index_col=False, skip_blank_lines=False, encoding=encoding,
-            quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE, **options)
+            quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE, nrows=nrows, **options)
     except (FileNotFoundError, UnicodeDecodeError, pd.errors.ParserError,
             pd.errors.EmptyDataError) as error:
         raise _read_error(path, sep, encoding, error) from error

@@ -144,11 +144,11 @@ def _read(path: Path, sep: str, id_columns: tuple[str, str], *, headerless_ok: b
     value is past 1e8 (epoch seconds after 1973), else a rating. ``notes`` gets what was assumed."""
     if path.suffix.lower() not in PARQUET_SUFFIXES:
         sep = detect_separator(path, sep)
-        raw, blank = read_table(path, sep=sep, str_columns=id_columns, quoted=True)
-        first = [str(c) for c in raw.columns]
+        # The first line alone decides between a header and data, so the file is read once either way.
+        first = [str(c) for c in read_table(path, sep=sep, str_columns=id_columns, quoted=True, nrows=0)[0].columns]
         if not (headerless_ok and 3 <= len(first) <= 4 and not {"user_id", "item_id"} & set(first)
                 and all(_is_number(c) for c in first[2:])):
-            return raw, blank
+            return read_table(path, sep=sep, str_columns=id_columns, quoted=True)
         names = list(INTERACTION_COLUMNS[:len(first)])
         raw, blank = read_table(path, sep=sep, names=names, str_columns=("user_id", "item_id"), quoted=True)
         if len(first) == 3 and (pd.to_numeric(raw["rating"], errors="coerce").abs() >= 1e8).all():
