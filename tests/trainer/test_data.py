@@ -370,13 +370,47 @@ def test_generic_csv_without_a_header_line_is_read_in_contract_order(tmp_path):
 def test_a_header_with_other_names_is_not_taken_for_data(tmp_path):
     path = tmp_path / "log.csv"
     path.write_text("uid,iid,score,ts\nu1,7,4,10\n")
-    with pytest.raises(DataError, match=r"log.csv, line 1: missing column 'user_id'"):
+    data = load_interactions(path)                                      # usual spellings: read as a header
+    assert data.interactions[["user_id", "item_id", "rating", "timestamp"]].values.tolist() == [["u1", 7, 4.0, 10]]
+    path.write_text("who,what,score,ts\nu1,7,4,10\n")
+    with pytest.raises(DataError, match=r"log.csv, line 1: no user_id column .* the file's columns are "
+                                        r"\['who', 'what', 'score', 'ts'\]: name yours with --set data.column_map="):
         load_interactions(path)
-    data = load_interactions(path, columns={"user_id": "uid", "item_id": "iid", "rating": "score", "timestamp": "ts"})
+    data = load_interactions(path, columns={"user_id": "who", "item_id": "what", "rating": "score", "timestamp": "ts"})
     assert data.interactions["item_id"].tolist() == [7]
     path.write_text("u1,7,4,10\nu2,8,2,11\n")                            # a mapping says a header is there
     with pytest.raises(DataError, match=r"missing column 'uid'"):
         load_interactions(path, columns={"user_id": "uid"})
+
+
+def test_usual_column_spellings_are_read_as_the_contract_names(tmp_path):
+    """MovieLens' ratings.csv, Amazon's review columns, a retail export: each loads without a column map,
+    and the load report says which column was read as what."""
+    movielens = tmp_path / "ratings.csv"
+    movielens.write_text("userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,1029,3.0,1260759179\n")
+    data = load_interactions(movielens)
+    assert data.interactions[["user_id", "item_id", "rating", "timestamp"]].values.tolist() == [
+        ["1", 31, 2.5, 1260759144], ["1", 1029, 3.0, 1260759179]]
+    assert "column 'userId' read as user_id (a usual spelling; set data.column_map to choose)" in data.report.warnings
+    assert "column 'movieId' read as item_id (a usual spelling; set data.column_map to choose)" in data.report.warnings
+    amazon = tmp_path / "reviews.csv"
+    amazon.write_text("reviewerID,asin,overall,unixReviewTime,summary\nAX1,0312,5.0,1341100800,good\n"
+                      "BY2,0451,4.0,1341100900,fine\n")
+    data = load_interactions(amazon)
+    assert data.items["title"].tolist() == ["0312", "0451"]            # read as text: leading zeros kept
+    assert data.interactions["rating"].tolist() == [5.0, 4.0]
+    assert data.interactions["timestamp"].tolist() == [1341100800, 1341100900]
+    assert any("ignored columns ['summary']" in w for w in data.report.warnings)
+    retail = tmp_path / "orders.csv"
+    retail.write_text("Customer ID,Product ID,Date\nc1,p1,2024-01-01\nc2,p1,2024-01-02\n")
+    data = load_interactions(retail)
+    assert data.interactions["timestamp"].tolist() == [1_704_067_200, 1_704_153_600]
+    assert data.interactions["rating"].tolist() == [1.0, 1.0]            # no rating column: implicit
+    # A column map still decides: here "score" is not the rating, and no alias replaces a mapped name.
+    both = tmp_path / "both.csv"
+    both.write_text("user,item,score,stars\nu1,7,0.5,4\n")
+    assert load_interactions(both, columns={"rating": "stars"}).interactions["rating"].tolist() == [4.0]
+    assert load_interactions(both).interactions["rating"].tolist() == [0.5]
 
 
 @pytest.mark.parametrize("scale,unit", [(1, None), (10**3, "milliseconds"), (10**6, "microseconds"),

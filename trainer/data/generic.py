@@ -30,6 +30,18 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 TAB_SUFFIXES = (".tsv", ".tab")
 SEPARATORS = (",", "\t", ";", "|")
 IMPLICIT_RATING = 1.0
+# Other spellings of the four columns in public logs (MovieLens' userId / movieId, Amazon's reviewerID /
+# asin / overall / unixReviewTime, retail exports' customer_id / product_id, ...), compared in lower case
+# with everything but letters and digits dropped ("User ID" -> "userid"). A contract name missing from
+# the header and not in ``columns`` takes the first alias found among the columns not taken yet.
+COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
+    "user_id": ("userid", "user", "uid", "customerid", "customer", "reviewerid", "visitorid", "memberid",
+                "clientid", "accountid"),
+    "item_id": ("itemid", "item", "iid", "movieid", "movie", "productid", "product", "sku", "asin", "articleid",
+                "trackid", "songid", "bookid", "isbn", "businessid", "animeid", "contentid"),
+    "rating": ("rating", "ratings", "score", "stars", "overall", "rate", "preference"),
+    "timestamp": ("timestamp", "unixreviewtime", "time", "ts", "datetime", "date", "eventtime", "createdat"),
+}
 # Epoch numbers from 1e11 on are not seconds (that is the year 5138): milliseconds from there.
 SECONDS_LIMIT = 10**11
 # A plain non-negative integer as text: no sign, no leading zero (so "007" and "7" stay two items).
@@ -46,8 +58,17 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
             raise ValueError(f"columns keys must be among {list(INTERACTION_COLUMNS)}, got {name!r}")
     source_names = {name: mapping.get(name, name) for name in INTERACTION_COLUMNS}
     notes: list[str] = []
-    raw, blank = _read(path, sep, (source_names["user_id"], source_names["item_id"]), headerless_ok=not mapping,
-                       notes=notes)
+    raw, blank = _read(path, sep, source_names, mapping, notes=notes)
+    if source_names["user_id"] not in raw.columns or source_names["item_id"] not in raw.columns:
+        where = f"{path}, line 1" if raw.index.name == "line" else str(path)
+        missing = "user_id" if source_names["user_id"] not in raw.columns else "item_id"
+        found = [str(c) for c in raw.columns]
+        if missing in mapping:
+            raise DataError(f"{where}: missing column {mapping[missing]!r} (data.column_map's {missing}); the "
+                            f"file's columns are {found}")
+        raise DataError(f"{where}: no {missing} column (looked for {missing!r} and the usual spellings "
+                        f"{list(COLUMN_ALIASES[missing][:4])}...); the file's columns are {found}: name yours "
+                        f"with --set data.column_map=user_id:COLUMN,item_id:COLUMN[,rating:COLUMN,timestamp:COLUMN]")
     if source_names["rating"] not in raw.columns and "rating" not in mapping:
         notes.append(f"no 'rating' column: implicit feedback, every rating is {IMPLICIT_RATING}")
         raw = raw.assign(rating=np.float32(IMPLICIT_RATING))
@@ -68,6 +89,26 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
     interactions = validate_interactions(frame, str(path))
     return make_dataset(path.stem, interactions, source=str(path), rows_read=len(raw) + blank,
                         items=items, dropped={"blank line": blank}, warnings=notes)
+
+
+def _normalised(name: object) -> str:
+    return "".join(ch for ch in str(name).lower() if ch.isalnum())
+
+
+def _resolve_aliases(raw: pd.DataFrame, source_names: dict[str, str], mapping: Mapping[str, str],
+                     notes: list[str]) -> None:
+    """Points each contract name that is neither mapped nor in the header at its first alias among the
+    header's free columns (``COLUMN_ALIASES``), noting each choice; names without one are left as they are."""
+    taken = {source_names[name] for name in INTERACTION_COLUMNS if source_names[name] in raw.columns}
+    for name in INTERACTION_COLUMNS:
+        if name in mapping or source_names[name] in raw.columns:
+            continue
+        free = {_normalised(c): c for c in raw.columns if c not in taken}
+        found = next((free[alias] for alias in COLUMN_ALIASES[name] if alias in free), None)
+        if found is not None:
+            source_names[name] = found
+            taken.add(found)
+            notes.append(f"column {str(found)!r} read as {name} (a usual spelling; set data.column_map to choose)")
 
 
 def detect_separator(path: Path, sep: str = "auto") -> str:
@@ -134,21 +175,26 @@ def _item_codes(values: pd.Series, source: str, notes: list[str]) -> tuple[pd.Se
     return pd.Series(codes.astype(np.int64) + 1, index=values.index), items
 
 
-def _read(path: Path, sep: str, id_columns: tuple[str, str], *, headerless_ok: bool,
+def _read(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[str, str], *,
           notes: list[str]) -> tuple[pd.DataFrame, int]:
-    """The raw table indexed by line (CSV) or row (Parquet), and the number of blank lines.
+    """The raw table indexed by line (CSV) or row (Parquet), and the number of blank lines; points
+    ``source_names`` at the header's usual spellings of missing names (``_resolve_aliases``, before the
+    CSV is read, so that alias id columns are read as text too).
 
-    ``headerless_ok``: a CSV whose first line is data (3 or 4 fields, the third and fourth numbers, no
+    Without a ``mapping``, a CSV whose first line is data (3 or 4 fields, the third and fourth numbers, no
     ``user_id`` / ``item_id`` among them, e.g. the Amazon review dumps' ``user,item,rating,timestamp``)
     is read as user_id, item_id, rating[, timestamp]; with 3 fields the third is a timestamp when every
     value is past 1e8 (epoch seconds after 1973), else a rating. ``notes`` gets what was assumed."""
     if path.suffix.lower() not in PARQUET_SUFFIXES:
         sep = detect_separator(path, sep)
         # The first line alone decides between a header and data, so the file is read once either way.
-        first = [str(c) for c in read_table(path, sep=sep, str_columns=id_columns, quoted=True, nrows=0)[0].columns]
-        if not (headerless_ok and 3 <= len(first) <= 4 and not {"user_id", "item_id"} & set(first)
+        header = read_table(path, sep=sep, quoted=True, nrows=0)[0]
+        first = [str(c) for c in header.columns]
+        if not (not mapping and 3 <= len(first) <= 4 and not {"user_id", "item_id"} & set(first)
                 and all(_is_number(c) for c in first[2:])):
-            return read_table(path, sep=sep, str_columns=id_columns, quoted=True)
+            _resolve_aliases(header, source_names, mapping, notes)
+            return read_table(path, sep=sep, str_columns=(source_names["user_id"], source_names["item_id"]),
+                              quoted=True)
         names = list(INTERACTION_COLUMNS[:len(first)])
         raw, blank = read_table(path, sep=sep, names=names, str_columns=("user_id", "item_id"), quoted=True)
         if len(first) == 3 and (pd.to_numeric(raw["rating"], errors="coerce").abs() >= 1e8).all():
@@ -160,6 +206,7 @@ def _read(path: Path, sep: str, id_columns: tuple[str, str], *, headerless_ok: b
         raise DataError(f"{path}: file not found")
     raw = pd.read_parquet(path)
     raw.index = pd.RangeIndex(1, len(raw) + 1, name="row")
+    _resolve_aliases(raw, source_names, mapping, notes)
     return raw, 0
 
 
