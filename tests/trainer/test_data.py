@@ -177,6 +177,21 @@ def test_1m_layout_decodes_latin1_and_maps_occupation_codes(tmp_path):
         load_movielens(folder)
 
 
+def test_movielens_folders_without_their_movies_file_load_with_a_warning(tmp_path):
+    latest = tmp_path / "latest"
+    latest.mkdir()
+    (latest / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,2,0.5,964982224\n")
+    data = load_movielens(latest)
+    assert data.items is None and data.interactions["item_id"].tolist() == [2, 1]
+    assert "no movies.csv: the items have no titles or genres" in data.report.warnings
+    dat = tmp_path / "ten"
+    dat.mkdir()
+    (dat / "ratings.dat").write_text("1::5::3.5::978300760\n2::5::4::978300761\n")
+    data = load_movielens(dat)
+    assert data.items is None and data.users is None and data.interactions["rating"].tolist() == [3.5, 4.0]
+    assert "no movies.dat: the items have no titles or genres" in data.report.warnings
+
+
 def test_latest_layout_checks_the_header_and_reads_quoted_titles(tmp_path):
     folder = tmp_path / "ml-latest-small"
     folder.mkdir()

@@ -35,6 +35,9 @@ _LATIN1 = "latin-1"
 _BLANK = "blank line"
 
 
+_NO_MOVIES = "no {name}: the items have no titles or genres"
+
+
 def load_movielens(path: Path | str) -> Dataset:
     """Load a MovieLens folder (100K, 1M/10M or latest/20M/25M layout) into a Dataset."""
     path = Path(path)
@@ -77,14 +80,18 @@ def _load_dat(path: Path) -> Dataset:
                             str_columns=("user_id",))
     interactions = validate_interactions(raw, str(ratings))
     movies = path / "movies.dat"
-    raw_items, _ = read_table(movies, sep="::", names=("item_id", "title", "genres"), encoding=_LATIN1, text=True)
-    items = _items(raw_items, str(movies), _clean_genres(raw_items["genres"]), None)
+    items, notes = None, []
+    if movies.is_file():
+        raw_items, _ = read_table(movies, sep="::", names=("item_id", "title", "genres"), encoding=_LATIN1, text=True)
+        items = _items(raw_items, str(movies), _clean_genres(raw_items["genres"]), None)
+    else:
+        notes.append(_NO_MOVIES.format(name="movies.dat"))
     users_file = path / "users.dat"
     users = None
     if users_file.is_file():
         users = _read_users(users_file, "::", ("user_id", "gender", "age", "occupation", "zip"))
     return make_dataset(path.name, interactions, source=str(path), rows_read=len(raw) + blank,
-                        users=users, items=items, dropped={_BLANK: blank})
+                        users=users, items=items, dropped={_BLANK: blank}, warnings=notes)
 
 
 def _load_csv(path: Path) -> Dataset:
@@ -94,12 +101,16 @@ def _load_csv(path: Path) -> Dataset:
     raw = raw.rename(columns={"userId": "user_id", "movieId": "item_id"})
     interactions = validate_interactions(raw, str(ratings))
     movies = path / "movies.csv"
-    raw_items, _ = read_table(movies, sep=",", text=True, quoted=True)
-    require_columns(raw_items, ("movieId", "title", "genres"), f"{movies}, line 1")
-    raw_items = raw_items.rename(columns={"movieId": "item_id"})
-    items = _items(raw_items, str(movies), _clean_genres(raw_items["genres"]), None)
+    items, notes = None, []
+    if movies.is_file():
+        raw_items, _ = read_table(movies, sep=",", text=True, quoted=True)
+        require_columns(raw_items, ("movieId", "title", "genres"), f"{movies}, line 1")
+        raw_items = raw_items.rename(columns={"movieId": "item_id"})
+        items = _items(raw_items, str(movies), _clean_genres(raw_items["genres"]), None)
+    else:
+        notes.append(_NO_MOVIES.format(name="movies.csv"))
     return make_dataset(path.name, interactions, source=str(path), rows_read=len(raw) + blank,
-                        items=items, dropped={_BLANK: blank})
+                        items=items, dropped={_BLANK: blank}, warnings=notes)
 
 
 def _items(raw: pd.DataFrame, source: str, genres: pd.Series, release_date: pd.Series | None) -> pd.DataFrame:
