@@ -421,6 +421,14 @@ def test_usual_column_spellings_are_read_as_the_contract_names(tmp_path):
     data = load_interactions(retail)
     assert data.interactions["timestamp"].tolist() == [1_704_067_200, 1_704_153_600]
     assert data.interactions["rating"].tolist() == [1.0, 1.0]            # no rating column: implicit
+    # A column found by its spelling whose values are not ratings or times is left out again, with a note.
+    us = tmp_path / "us.csv"
+    us.write_text("user,item,score,date\nu1,7,good,12/31/2020\nu2,7,bad,01/01/2021\n")
+    data = load_interactions(us)
+    assert data.interactions["rating"].tolist() == [1.0, 1.0] and data.interactions["timestamp"].tolist() == [0, 1]
+    assert "column 'score' not read as rating: it holds values that are not numbers" in data.report.warnings
+    assert any(w.startswith("column 'date' not read as timestamp: ") and "got '12/31/2020'" in w
+               for w in data.report.warnings)
     # A column map still decides: here "score" is not the rating, and no alias replaces a mapped name.
     both = tmp_path / "both.csv"
     both.write_text("user,item,score,stars\nu1,7,0.5,4\n")

@@ -69,6 +69,7 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
         raise DataError(f"{where}: no {missing} column (looked for {missing!r} and the usual spellings "
                         f"{list(COLUMN_ALIASES[missing][:4])}...); the file's columns are {found}: name yours "
                         f"with --set data.column_map=user_id:COLUMN,item_id:COLUMN[,rating:COLUMN,timestamp:COLUMN]")
+    _drop_unreadable_aliases(raw, source_names, mapping, str(path), notes)
     if source_names["rating"] not in raw.columns and "rating" not in mapping:
         notes.append(f"no 'rating' column: implicit feedback, every rating is {IMPLICIT_RATING}")
         raw = raw.assign(rating=np.float32(IMPLICIT_RATING))
@@ -109,6 +110,25 @@ def _resolve_aliases(raw: pd.DataFrame, source_names: dict[str, str], mapping: M
             source_names[name] = found
             taken.add(found)
             notes.append(f"column {str(found)!r} read as {name} (a usual spelling; set data.column_map to choose)")
+
+
+def _drop_unreadable_aliases(raw: pd.DataFrame, source_names: dict[str, str], mapping: Mapping[str, str],
+                             source: str, notes: list[str]) -> None:
+    """A rating or timestamp column found by its spelling alone is dropped again, with a note, when its
+    values are not ratings (numbers) or times: the log then loads as it did without that column
+    (implicit feedback; the file's order), where a column named in ``columns`` would be an error."""
+    rating, timestamp = source_names["rating"], source_names["timestamp"]
+    if "rating" not in mapping and rating != "rating" and rating in raw.columns:
+        values = raw[rating]
+        if (pd.to_numeric(values, errors="coerce").isna() & values.notna()).any():
+            notes.append(f"column {str(rating)!r} not read as rating: it holds values that are not numbers")
+            source_names["rating"] = "rating"
+    if "timestamp" not in mapping and timestamp != "timestamp" and timestamp in raw.columns:
+        try:
+            _unix_seconds(raw[timestamp], source, [])
+        except DataError as error:
+            notes.append(f"column {str(timestamp)!r} not read as timestamp: {error}")
+            source_names["timestamp"] = "timestamp"
 
 
 def detect_separator(path: Path, sep: str = "auto") -> str:
