@@ -177,6 +177,23 @@ def test_1m_layout_decodes_latin1_and_maps_occupation_codes(tmp_path):
         load_movielens(folder)
 
 
+def test_compressed_generic_logs_are_sniffed_through_their_decompressor(tmp_path):
+    import bz2
+    import gzip
+    text = "user_id;item_id;rating\nu1;7;4\nu2;8;2\n"
+    for name, opener in (("log.csv.gz", gzip.open), ("log.csv.bz2", bz2.open)):
+        with opener(tmp_path / name, "wt") as out:
+            out.write(text)
+        data = load_interactions(tmp_path / name)
+        assert data.name == "log" and data.interactions["item_id"].tolist() == [7, 8]
+    with gzip.open(tmp_path / "log.tsv.gz", "wt") as out:
+        out.write(text.replace(";", "\t"))
+    assert load_interactions(tmp_path / "log.tsv.gz").interactions["rating"].tolist() == [4.0, 2.0]
+    (tmp_path / "broken.csv.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match=r"broken.csv.gz: cannot be read as a .gz file"):
+        load_interactions(tmp_path / "broken.csv.gz")
+
+
 def test_movielens_folders_without_their_movies_file_load_with_a_warning(tmp_path):
     latest = tmp_path / "latest"
     latest.mkdir()

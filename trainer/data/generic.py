@@ -10,11 +10,14 @@ non-negative integers (SKUs, ASINs, ids with leading zeros) are served as intege
 ids' sorted order, and the original id becomes the item's title, the one side table such a log
 gets. Epoch numbers of 1e11 and more are milli-, micro- or nanoseconds and are scaled to seconds.
 ``sep="auto"`` takes a tab for .tsv/.tab files, else the most frequent of , ; tab | in the header
-line. Every such step is a warning in the load report.
+line (.gz, .bz2 and .xz files are read through their decompressor). Every such step is a warning in the load report.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,6 +31,7 @@ from trainer.data.dataset import (
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TAB_SUFFIXES = (".tsv", ".tab")
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 SEPARATORS = (",", "\t", ";", "|")
 IMPLICIT_RATING = 1.0
 # Other spellings of the four columns in public logs (MovieLens' userId / movieId, Amazon's reviewerID /
@@ -88,7 +92,8 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
     frame["timestamp"] = _unix_seconds(frame["timestamp"], str(path), notes)
     frame["item_id"], items = _item_codes(frame["item_id"], str(path), notes)
     interactions = validate_interactions(frame, str(path))
-    return make_dataset(path.stem, interactions, source=str(path), rows_read=len(raw) + blank,
+    name = (path.with_suffix("") if path.suffix.lower() in COMPRESSED else path).stem    # ratings.csv.gz: ratings
+    return make_dataset(name, interactions, source=str(path), rows_read=len(raw) + blank,
                         items=items, dropped={"blank line": blank}, warnings=notes)
 
 
@@ -136,13 +141,17 @@ def detect_separator(path: Path, sep: str = "auto") -> str:
     in the first non-blank line (a comma when none is there)."""
     if sep != "auto":
         return sep
-    if path.suffix.lower() in TAB_SUFFIXES:
+    compressed = COMPRESSED.get(path.suffix.lower())
+    if (path.with_suffix("") if compressed else path).suffix.lower() in TAB_SUFFIXES:
         return "\t"
     try:
-        with path.open(encoding="utf-8", errors="replace") as lines:
+        # A compressed log (.gz, .bz2, .xz, which pandas reads as such) is sniffed through its decompressor.
+        with (compressed or open)(path, "rt", encoding="utf-8", errors="replace") as lines:
             header = next((line for line in lines if line.strip()), "")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
+    except (OSError, EOFError, lzma.LZMAError) as error:
+        raise DataError(f"{path}: cannot be read as a {path.suffix} file: {error}") from None
     counts = [header.count(candidate) for candidate in SEPARATORS]
     return SEPARATORS[int(np.argmax(counts))] if max(counts) else ","
 
