@@ -189,6 +189,15 @@ def test_compressed_generic_logs_are_sniffed_through_their_decompressor(tmp_path
     with gzip.open(tmp_path / "log.tsv.gz", "wt") as out:
         out.write(text.replace(";", "\t"))
     assert load_interactions(tmp_path / "log.tsv.gz").interactions["rating"].tolist() == [4.0, 2.0]
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "log.zip", "w") as archive:
+        archive.writestr("export/log.csv", text)
+    assert load_interactions(tmp_path / "log.zip").interactions["user_id"].tolist() == ["u1", "u2"]
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as archive:
+        archive.writestr("a.csv", text)
+        archive.writestr("b.csv", text)
+    with pytest.raises(DataError, match=r"two.zip: a zipped log must hold exactly one file, found 2: \['a.csv', 'b.csv'\]"):
+        load_interactions(tmp_path / "two.zip")
     (tmp_path / "broken.csv.gz").write_bytes(b"not gzip at all")
     with pytest.raises(DataError, match=r"broken.csv.gz: cannot be read as a .gz file"):
         load_interactions(tmp_path / "broken.csv.gz")

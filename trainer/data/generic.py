@@ -10,14 +10,16 @@ non-negative integers (SKUs, ASINs, ids with leading zeros) are served as intege
 ids' sorted order, and the original id becomes the item's title, the one side table such a log
 gets. Epoch numbers of 1e11 and more are milli-, micro- or nanoseconds and are scaled to seconds.
 ``sep="auto"`` takes a tab for .tsv/.tab files, else the most frequent of , ; tab | in the header
-line (.gz, .bz2 and .xz files are read through their decompressor). Every such step is a warning in the load report.
+line (.gz, .bz2, .xz and one-file .zip logs are read through their decompressor). Every such step is a warning in the load report.
 """
 
 from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import lzma
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,7 +33,21 @@ from trainer.data.dataset import (
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 TAB_SUFFIXES = (".tsv", ".tab")
-COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def _open_zip(path: Path, mode: str, encoding: str, errors: str) -> io.StringIO:
+    """The start (64 KiB) of the one file of a zip archive as text, enough to sniff its header (pandas
+    reads such an archive as that file)."""
+    with zipfile.ZipFile(path) as archive:
+        members = [info for info in archive.infolist() if not info.is_dir()]
+        if len(members) != 1:
+            raise DataError(f"{path}: a zipped log must hold exactly one file, found {len(members)}: "
+                            f"{[m.filename for m in members][:5]}")
+        with archive.open(members[0]) as member:
+            return io.StringIO(member.read(1 << 16).decode(encoding, errors=errors))
+
+
+COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zip": _open_zip}
 SEPARATORS = (",", "\t", ";", "|")
 IMPLICIT_RATING = 1.0
 # Other spellings of the four columns in public logs (MovieLens' userId / movieId, Amazon's reviewerID /
@@ -145,12 +161,13 @@ def detect_separator(path: Path, sep: str = "auto") -> str:
     if (path.with_suffix("") if compressed else path).suffix.lower() in TAB_SUFFIXES:
         return "\t"
     try:
-        # A compressed log (.gz, .bz2, .xz, which pandas reads as such) is sniffed through its decompressor.
+        # A compressed log (.gz, .bz2, .xz, a one-file .zip: pandas reads them as such) is sniffed through
+        # its decompressor.
         with (compressed or open)(path, "rt", encoding="utf-8", errors="replace") as lines:
             header = next((line for line in lines if line.strip()), "")
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (OSError, EOFError, lzma.LZMAError) as error:
+    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as error:
         raise DataError(f"{path}: cannot be read as a {path.suffix} file: {error}") from None
     counts = [header.count(candidate) for candidate in SEPARATORS]
     return SEPARATORS[int(np.argmax(counts))] if max(counts) else ","
