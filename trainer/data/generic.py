@@ -79,8 +79,8 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
     source_names = {name: mapping.get(name, name) for name in INTERACTION_COLUMNS}
     notes: list[str] = []
     raw, blank = _read(path, sep, source_names, mapping, notes=notes)
+    where = f"{path}, line 1" if raw.index.name == "line" else str(path)
     if source_names["user_id"] not in raw.columns or source_names["item_id"] not in raw.columns:
-        where = f"{path}, line 1" if raw.index.name == "line" else str(path)
         missing = "user_id" if source_names["user_id"] not in raw.columns else "item_id"
         found = [str(c) for c in raw.columns]
         if missing in mapping:
@@ -89,7 +89,7 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
         raise DataError(f"{where}: no {missing} column (looked for {missing!r} and the usual spellings "
                         f"{list(COLUMN_ALIASES[missing][:4])}...); the file's columns are {found}: name yours "
                         f"with --set data.column_map=user_id:COLUMN,item_id:COLUMN[,rating:COLUMN,timestamp:COLUMN]")
-    _drop_unreadable_aliases(raw, source_names, mapping, str(path), notes)
+    raw = _drop_unreadable_aliases(raw, source_names, mapping, str(path), notes)
     if source_names["rating"] not in raw.columns and "rating" not in mapping:
         notes.append(f"no 'rating' column: implicit feedback, every rating is {IMPLICIT_RATING}")
         raw = raw.assign(rating=np.float32(IMPLICIT_RATING))
@@ -99,7 +99,6 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
                      "the epoch); the calendar features carry no information")
         raw = raw.assign(timestamp=np.arange(len(raw), dtype=np.int64))
         source_names["timestamp"] = "timestamp"
-    where = f"{path}, line 1" if raw.index.name == "line" else str(path)
     require_columns(raw, list(source_names.values()), where)
     ignored = [str(c) for c in raw.columns if c not in source_names.values()]
     if ignored:
@@ -134,10 +133,11 @@ def _resolve_aliases(raw: pd.DataFrame, source_names: dict[str, str], mapping: M
 
 
 def _drop_unreadable_aliases(raw: pd.DataFrame, source_names: dict[str, str], mapping: Mapping[str, str],
-                             source: str, notes: list[str]) -> None:
+                             source: str, notes: list[str]) -> pd.DataFrame:
     """A rating or timestamp column found by its spelling alone is dropped again, with a note, when its
     values are not ratings (numbers) or times: the log then loads as it did without that column
-    (implicit feedback; the file's order), where a column named in ``columns`` would be an error."""
+    (implicit feedback; the file's order), where a column named in ``columns`` would be an error.
+    Returns ``raw``, with such a timestamp column already in Unix seconds (parsed once)."""
     rating, timestamp = source_names["rating"], source_names["timestamp"]
     if "rating" not in mapping and rating != "rating" and rating in raw.columns:
         values = raw[rating]
@@ -146,10 +146,11 @@ def _drop_unreadable_aliases(raw: pd.DataFrame, source_names: dict[str, str], ma
             source_names["rating"] = "rating"
     if "timestamp" not in mapping and timestamp != "timestamp" and timestamp in raw.columns:
         try:
-            _unix_seconds(raw[timestamp], source, [])
+            return raw.assign(**{timestamp: _unix_seconds(raw[timestamp], source, notes)})
         except DataError as error:
             notes.append(f"column {str(timestamp)!r} not read as timestamp: {error}")
             source_names["timestamp"] = "timestamp"
+    return raw
 
 
 def detect_separator(path: Path, sep: str = "auto") -> str:
