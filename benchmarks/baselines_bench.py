@@ -78,14 +78,16 @@ def child(code_path: Path, prepared: Path, threads: int) -> dict:
     t0 = time.perf_counter()
     popularity = test_ndcg(impl.Popularity().fit(train).scores)
     t1 = time.perf_counter()
-    best, table = impl.tune_ease_solution(train, val.truth, val.exclude, grid)
+    search = {"search": data["search"]} if hasattr(impl, "climb_order") else {}    # older code: the whole grid
+    best, table = impl.tune_ease_solution(train, val.truth, val.exclude, grid, **search)
     t2 = time.perf_counter()
     ease = test_ndcg(impl.EASE.from_solution(best).scores)
     t3 = time.perf_counter()
     return {"wall_s": round(t3 - t0, 2), "popularity_s": round(t1 - t0, 2), "grid_s": round(t2 - t1, 2),
             "ease_test_s": round(t3 - t2, 2), "rss_before_mb": round(rss_before, 1), "peak_rss_mb": round(_rss_mb(), 1),
             "l2": best.l2, "val_ndcg@10": {str(k): v for k, v in table.items()},
-            "test_ndcg@10": {"popularity": popularity, "ease": ease}, "threads": torch.get_num_threads()}
+            "test_ndcg@10": {"popularity": popularity, "ease": ease}, "threads": torch.get_num_threads(),
+            "search": search.get("search", "grid")}
 
 
 def prepare(name: str, protocol: str, tmp: Path) -> Path | None:
@@ -114,7 +116,8 @@ def prepare(name: str, protocol: str, tmp: Path) -> Path | None:
     prep = stages.prepare(cfg, dataset)
     out = tmp / f"{name.replace(':', '_')}.pkl"
     out.write_bytes(pickle.dumps({"matrix": interaction_matrix(prep.vocab, [prep.split.train]), "val": prep.val,
-                                  "test": prep.test, "grid": tuple(cfg.eval.ease_grid)}))
+                                  "test": prep.test, "grid": tuple(cfg.eval.ease_grid),
+                                  "search": cfg.eval.ease_search}))
     return out
 
 

@@ -381,27 +381,66 @@ def _rank_costs(cost: np.ndarray, exclude: Any, k: int) -> np.ndarray:
     return ranked.astype(np.int64)
 
 
+EASE_SEARCHES = ("grid", "climb")
+
+
 def tune_ease(
     train_X: SparseMatrix,
     val_truth: Any,
     mask_X: Any,
     grid: Sequence[float] = (10, 50, 100, 200, 500, 1000, 2000),
     k: int = 10,
+    search: str = "grid",
 ) -> tuple[float, dict[float, float]]:
     """Pick EASE's l2 by NDCG@k on validation; returns ``(best_l2, {l2: ndcg@k})``.
 
     ``val_truth`` holds each user's validation items and ``mask_X`` the items to exclude when
     ranking for validation (usually the training items); both have one row per row of
     ``train_X``. Test data must never be passed here. Ties go to the earlier grid value.
+    ``search="grid"`` tries every value; ``"climb"`` only those ``climb_order`` visits (the table then
+    holds just those).
     """
-    best, table = tune_ease_solution(train_X, val_truth, mask_X, grid, k)
+    best, table = tune_ease_solution(train_X, val_truth, mask_X, grid, k, search)
     return best.l2, table
 
 
+def climb_order(grid: Sequence[float], score) -> list[float]:
+    """The l2 values a hill climb over the sorted grid visits, ``score(l2)`` called once each, in order.
+
+    It starts at the middle value and steps up while validation improves strictly; if the first step up
+    does not improve, it steps down instead, again while strictly improving. On a curve with one peak
+    (EASE's validation NDCG against l2: too little shrinkage overfits, too much forgets) it ends on the
+    grid's best value after 3 of 5 evaluations in the usual case, where a full grid pays for all 5 (each
+    one a Cholesky factorisation and inverse of an S x S matrix: ~2 s at S = 4,937)."""
+    values = sorted(set(grid))
+    seen: dict[float, float] = {}
+
+    def visit(i: int) -> float:
+        seen[values[i]] = score(values[i])
+        return seen[values[i]]
+
+    here = len(values) // 2
+    current = visit(here)
+    for step in (1, -1):
+        moved = False
+        i = here + step
+        while 0 <= i < len(values):
+            value = visit(i)
+            if not value > current:
+                break
+            current, here, moved = value, i, True
+            i += step
+        if moved:
+            break
+    return list(seen)
+
+
 def tune_ease_solution(train_X: SparseMatrix, val_truth: Any, mask_X: Any, grid: Sequence[float],
-                       k: int = 10) -> tuple[EaseSolution, dict[float, float]]:
+                       k: int = 10, search: str = "grid") -> tuple[EaseSolution, dict[float, float]]:
     """``tune_ease`` that returns the best l2's solution itself (``EASE.from_solution`` scores with it),
     so the chosen model needs no second factorisation. One Gram matrix serves the whole grid."""
+    if search not in EASE_SEARCHES:
+        raise ValueError(f"search must be one of {EASE_SEARCHES}, got {search!r}")
     grid = [_check_l2(l2) for l2 in grid]
     if not grid:
         raise ValueError(f"grid must hold at least one l2, got {grid!r}")
@@ -416,8 +455,13 @@ def tune_ease_solution(train_X: SparseMatrix, val_truth: Any, mask_X: Any, grid:
     val_rows = [val_items[val_indptr[u] : val_indptr[u + 1]] for u in users]
     mask_rows = [mask_items[mask_indptr[u] : mask_indptr[u + 1]] for u in users]
     table: dict[float, float] = {}
-    best: EaseSolution | None = None
-    for l2 in grid:
+    solutions: dict[float, EaseSolution] = {}
+    position = {l2: i for i, l2 in enumerate(dict.fromkeys(grid))}
+
+    def rank(l2: float) -> tuple[float, int]:                            # ties go to the earlier grid value
+        return table[l2], -position[l2]
+
+    def score(l2: float) -> float:
         solution, scaled_cx = solver._solve(l2)
         ranked = np.concatenate(
             [
@@ -427,8 +471,16 @@ def tune_ease_solution(train_X: SparseMatrix, val_truth: Any, mask_X: Any, grid:
             ]
         )
         table[l2] = ndcg_at_k(ranked, val_rows, k)
-        if best is None or table[l2] > table[best.l2]:  # strictly better: ties keep the earlier value
-            best = solution
-        del solution, scaled_cx
-    assert best is not None
-    return best, table
+        solutions[l2] = solution
+        best = max(solutions, key=rank)                  # keep only the best solution so far alive
+        for other in [other for other in solutions if other != best]:
+            del solutions[other]
+        return table[l2]
+
+    if search == "grid":
+        for l2 in grid:
+            score(l2)
+    else:
+        climb_order(grid, score)
+    (best,) = solutions.values()
+    return best, {l2: table[l2] for l2 in position if l2 in table}      # in the grid's order

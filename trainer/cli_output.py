@@ -62,7 +62,7 @@ def baselines_table(cfg: TrainConfig) -> str:
         prep = prepare(replace(cfg, data={"protocol": protocol}), dataset)
         vectors = diversity_vectors(prep.tables, len(prep.spec.item_genres))
         reports = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val, prep.test,
-                                   cfg.eval.ks, cfg.eval.ease_grid, vectors)
+                                   cfg.eval.ks, cfg.eval.ease_grid, vectors, cfg.eval.ease_search)
         lines.append(f"Protocol {protocol} (seed {cfg.data.seed}), test split, {prep.test.users.size} users:")
         lines.append(f"  {'model':<12} {'recall@10':>10} {'ndcg@10':>10} {'precision@10':>13} "
                      f"{'map@10':>8} {'mrr@10':>8} {'hit@10':>8} {'recall@20':>10} {'ndcg@20':>9}")

@@ -241,6 +241,7 @@ class EvalConfig:
     ks: tuple[int, ...] = (10, 20)
     retrieval_ks: tuple[int, ...] = (10, 20, 50, 100, 200, 500)
     ease_grid: tuple[float, ...] = (50.0, 100.0, 200.0, 500.0, 1000.0)
+    ease_search: str = "climb"         # "climb": a hill climb over the sorted grid (3 of 5 values, usually); "grid": all
     diversity_strengths: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)
     max_users: int = 0                 # evaluate (and fit the ranker) on at most this many users; 0 = all
 
@@ -302,6 +303,7 @@ _CHOICES = {
     "multitask.mode": ("separate", "retrieval_only", "joint"),
     "run.device": ("cpu", "cuda", "auto"),
     "publish.index": ("auto", "flat", "ivf", "hnsw"),
+    "eval.ease_search": ("climb", "grid"),
 }
 _UNIT_INTERVAL = {"ranking.fold_share", "retrieval.dropout", "retrieval.hard_fraction", "retrieval.id_dropout",
                   "retrieval.history_dropout", "retrieval.weight_average",

@@ -72,7 +72,8 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
         report["diversity_tradeoff"] = _diversity_tradeoff(cfg, prep, run, top_n, scores, vectors)
     with timings.stage("baselines"):
         report["baselines"] = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val,
-                                               prep.test, ks, cfg.eval.ease_grid, vectors)
+                                               prep.test, ks, cfg.eval.ease_grid, vectors,
+                                               cfg.eval.ease_search)
     report["recommended_popularity"] = _popularity_profile(ranked, prep.tables)
     return report
 

@@ -105,13 +105,14 @@ def list_report(ranked: np.ndarray, target: EvalTarget, ks: tuple[int, ...],
 
 def baseline_reports(train_matrix: SparseMatrix, val: EvalTarget, test: EvalTarget,
                      ks: tuple[int, ...], grid: tuple[float, ...],
-                     item_vectors: np.ndarray) -> dict[str, dict[str, float]]:
-    """Popularity and EASE (l2 tuned on validation NDCG@10) evaluated on the test target."""
+                     item_vectors: np.ndarray, search: str = "climb") -> dict[str, dict[str, float]]:
+    """Popularity and EASE (l2 tuned on validation NDCG@10, ``search`` as in ``tune_ease``) evaluated on the
+    test target."""
     reports = {}
     popularity = Popularity().fit(train_matrix)
     reports["popularity"] = list_report(rank_users(popularity.scores, test, max(ks)), test, ks, item_vectors)
     if train_matrix.shape[1] <= MAX_EASE_ITEMS:
-        best, _table = tune_ease_solution(train_matrix, val.truth, val.exclude, grid)
+        best, _table = tune_ease_solution(train_matrix, val.truth, val.exclude, grid, search=search)
         ease = EASE.from_solution(best)
         reports["ease"] = list_report(rank_users(ease.scores, test, max(ks)), test, ks, item_vectors)
         reports["ease"]["l2"] = float(best.l2)

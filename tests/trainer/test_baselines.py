@@ -15,6 +15,7 @@ from trainer.baselines import (
     MAX_EASE_ITEMS,
     Popularity,
     SparseMatrix,
+    climb_order,
     rank_topk,
     tune_ease,
 )
@@ -277,6 +278,55 @@ def test_tune_ease_breaks_ties_towards_the_earlier_grid_value():
 
 
 @pytest.mark.parametrize(
+    ("curve", "visits"),
+    [
+        ({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.5}, [3, 4, 5]),       # rising: up from the middle to the end
+        ({1: 0.5, 2: 0.4, 3: 0.3, 4: 0.2, 5: 0.1}, [3, 4, 2, 1]),    # falling: one step up fails, then down
+        ({1: 0.1, 2: 0.3, 3: 0.5, 4: 0.3, 5: 0.1}, [3, 4, 2]),       # peak in the middle: both sides once
+        ({1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.2}, [3, 4, 5]),       # peak one above the middle
+        ({1: 0.1, 2: 0.4, 3: 0.3, 4: 0.2, 5: 0.1}, [3, 4, 2, 1]),    # peak one below: down until it falls
+        ({1: 0.3, 2: 0.3, 3: 0.3, 4: 0.3, 5: 0.3}, [3, 4, 2]),       # flat: ties never move it
+        ({7: 0.2}, [7]),
+        ({2: 0.1, 1: 0.2}, [2, 1]),                                   # unsorted grid: climbs the sorted values
+    ],
+)
+def test_climb_order_walks_up_or_down_from_the_middle_while_validation_improves(curve, visits):
+    calls = []
+    order = climb_order(list(curve), lambda l2: calls.append(l2) or curve[l2])
+    assert order == calls == visits
+    assert max(curve, key=curve.get) in order or len(set(curve.values())) == 1
+
+
+@pytest.mark.parametrize(("n_users", "n_items"), [(80, 30), (FLOAT64_SIDE + 160, FLOAT64_SIDE + 60)])
+def test_the_climb_picks_the_grids_l2_and_scores_when_validation_has_one_peak(n_users, n_items):
+    # The planted-cluster data of the test above: every value the climb visits has the grid's NDCG, and it
+    # ends on the grid's choice. Ties (equal NDCG at two l2) go to the earlier grid value under both.
+    rng = np.random.default_rng(6)
+    n_clusters = n_items // 10
+    same = (np.arange(n_users)[:, None] % n_clusters) == (np.arange(n_items)[None, :] % n_clusters)
+    dense = rng.random((n_users, n_items)) < np.where(same, 0.6, 3 / n_items)
+    val = [np.flatnonzero(row)[:1] for row in dense]
+    train = _matrix([np.setdiff1d(np.flatnonzero(row), v).tolist() for row, v in zip(dense, val)], n_items)
+    grid = (1000.0, 1.0, 10.0, 100.0, 3000.0)
+    best, table = tune_ease(train, val, train, grid=grid, k=10, search="grid")
+    climbed, visited = tune_ease(train, val, train, grid=grid, k=10, search="climb")
+    ordered = [table[l2] for l2 in sorted(grid)]
+    peak = int(np.argmax(ordered))
+    assert all(a <= b for a, b in zip(ordered[:peak], ordered[1:peak + 1]))       # one peak on this data
+    assert all(a >= b for a, b in zip(ordered[peak:], ordered[peak + 1:]))
+    assert 3 <= len(visited) < len(grid)
+    assert list(visited) == [l2 for l2 in grid if l2 in visited]                   # reported in the grid's order
+    assert visited == {l2: table[l2] for l2 in visited}
+    assert climbed == best
+
+
+def test_tune_ease_rejects_an_unknown_search():
+    train = _matrix([[0, 1], [0, 1], [2], [0]], 3)
+    with pytest.raises(ValueError, match=r"search must be one of \('grid', 'climb'\), got 'golden'"):
+        tune_ease(train, [np.array([1])] * 4, train, grid=(10,), k=1, search="golden")
+
+
+@pytest.mark.parametrize(
     ("val", "grid", "match"),
     [
         ([np.array([1])] * 4, (), "grid must hold at least one l2"),
@@ -327,6 +377,7 @@ def test_ml100k_popularity_and_tuned_ease_reach_the_reference_ndcg(ml100k_dir: P
     # l2 is chosen on validation (train -> val), then refitted on train + val and scored on test.
     best_l2, table = tune_ease(train, val, train)
     assert table[best_l2] == max(table.values())
+    assert tune_ease(train, val, train, search="climb")[0] == best_l2           # the trainer's default search
     # The fast grid (one Cholesky + potri per l2, scores read from C X) is EASE's definition: the same
     # validation NDCG to float tolerance and the same l2 as the dense float64 computation.
     val_rows = [val.indices[val.indptr[u]:val.indptr[u + 1]] for u in range(shape[0])]

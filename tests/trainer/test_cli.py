@@ -25,6 +25,13 @@ def test_an_unknown_protocol_is_refused_with_the_choices():
         config_from(parse_args(["--set", "data.protocol=loo"]), environ={})
 
 
+def test_the_ease_search_defaults_to_the_climb_and_refuses_other_names():
+    assert config_from(parse_args([]), environ={}).eval.ease_search == "climb"
+    assert config_from(parse_args(["--set", "eval.ease_search=grid"]), environ={}).eval.ease_search == "grid"
+    with pytest.raises(ValueError, match=r"eval.ease_search must be one of \('climb', 'grid'\), got 'golden'"):
+        config_from(parse_args(["--set", "eval.ease_search=golden"]), environ={})
+
+
 def test_the_baselines_command_runs_on_run_threads(tmp_path, capsys):
     """``run.threads`` bounds torch's threads for ``baselines`` as for training (it was ignored there:
     on a shared machine two MKL threads against a busy core made each EASE factorisation ~8x slower)."""
