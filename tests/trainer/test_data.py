@@ -477,6 +477,20 @@ def test_generic_epoch_numbers_in_smaller_units_are_read_as_seconds(tmp_path, sc
     assert "1970-01-02 .. 2024-01-01" in data.report.summary()
 
 
+def test_generic_epoch_seconds_with_fractions_are_floored_with_a_note(tmp_path):
+    """Unix seconds with a fraction (``time.time()`` dumps, event exports) were refused: "timestamp must be
+    an integer, got 1600000037.25". They are floored to whole seconds, as milliseconds and ISO times are."""
+    path = tmp_path / "events.csv"
+    path.write_text("user_id,item_id,timestamp\nu1,4,1600000037.25\nu2,5,1600000038\nu1,6,-0.5\n")
+    data = load_interactions(path)
+    assert sorted(data.interactions["timestamp"].tolist()) == [-1, 1600000037, 1600000038]
+    assert [w for w in data.report.warnings if "fractions of a second" in w] == [
+        "2 timestamps have fractions of a second (e.g. 1600000037.25): floored to whole seconds"]
+    whole = tmp_path / "whole.csv"
+    whole.write_text("user_id,item_id,timestamp\nu1,4,1600000037.0\n")
+    assert not [w for w in load_interactions(whole).report.warnings if "fractions" in w]
+
+
 @pytest.mark.parametrize("name,sep", [("log.tsv", "\t"), ("log.txt", ";"), ("log.csv", "|"), ("log.csv", ",")])
 def test_generic_separator_is_detected_from_the_suffix_or_the_header(tmp_path, name, sep):
     path = tmp_path / name

@@ -191,6 +191,13 @@ def _scaled_to_seconds(numbers: pd.Series, notes: list[str]) -> pd.Series:
             notes.append(f"timestamps read as {unit} since the epoch (the largest is {largest:.0f}), "
                          f"divided by {per_second:,} and floored to seconds")
             return numbers // per_second
+    if numbers.dtype.kind == "f":
+        array = numbers.to_numpy()
+        fractional = np.isfinite(array) & (array != np.floor(array))
+        if fractional.any():
+            notes.append(f"{int(fractional.sum()):,} timestamps have fractions of a second (e.g. "
+                         f"{float(array[np.argmax(fractional)])!r}): floored to whole seconds")
+            return np.floor(numbers)
     return numbers
 
 
