@@ -55,7 +55,8 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
             path = ensure_movielens(name, data_dir)
     if path.is_dir():
         return load_movielens(path)
-    return load_interactions(path, columns=cfg.data.column_map or None, sep=SEPARATOR_NAMES[cfg.data.sep])
+    return load_interactions(path, columns=cfg.data.column_map or None, sep=SEPARATOR_NAMES[cfg.data.sep],
+                             bad_rows=cfg.data.bad_rows)
 
 
 def interactions(vocab: IdVocab, frame: pd.DataFrame) -> Interactions:

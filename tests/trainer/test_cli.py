@@ -32,6 +32,20 @@ def test_the_ease_search_defaults_to_the_climb_and_refuses_other_names():
         config_from(parse_args(["--set", "eval.ease_search=golden"]), environ={})
 
 
+def test_data_bad_rows_reaches_the_generic_loader(tmp_path):
+    from trainer.data.dataset import DataError
+    from trainer.prepare import load_dataset
+
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,rating\nu1,1,4\nu2,2,\n")
+    dropping = config_from(parse_args(["--dataset", str(log), "--set", "data.bad_rows=drop"]), environ={})
+    assert load_dataset(dropping).report.dropped == {"missing rating": 1}
+    with pytest.raises(DataError, match=r"line 3, column 'rating': rating is missing"):
+        load_dataset(config_from(parse_args(["--dataset", str(log)]), environ={}))
+    with pytest.raises(ValueError, match=r"data.bad_rows must be one of \('error', 'drop'\), got 'skip'"):
+        config_from(parse_args(["--set", "data.bad_rows=skip"]), environ={})
+
+
 def test_the_baselines_command_runs_on_run_threads(tmp_path, capsys):
     """``run.threads`` bounds torch's threads for ``baselines`` as for training (it was ignored there:
     on a shared machine two MKL threads against a busy core made each EASE factorisation ~8x slower)."""

@@ -477,6 +477,59 @@ def test_generic_epoch_numbers_in_smaller_units_are_read_as_seconds(tmp_path, sc
     assert "1970-01-02 .. 2024-01-01" in data.report.summary()
 
 
+def test_unreadable_rows_stop_the_load_with_a_hint_or_are_dropped_and_counted(tmp_path):
+    """``data.bad_rows``: by default the first row with a missing or unreadable value stops the load (its line
+    and column, and the setting that drops such rows); with ``drop`` every such row is dropped, counted by
+    reason in the load report, and nothing else is lost."""
+    path = tmp_path / "dirty.csv"
+    long_user = "u" * 200
+    path.write_text("user_id,item_id,rating,timestamp\n"
+                    "u1,1,4,1600000000\n"
+                    ",2,4,1600000001\n"             # line 3: no user
+                    "u2,3,,1600000002\n"            # line 4: no rating
+                    "u2,4,good,1600000003\n"        # line 5: a word for a rating
+                    "u3,5,inf,1600000004\n"         # line 6: not finite
+                    "u3,6,3,yesterday\n"            # line 7: a word in a numeric time column
+                    f"{long_user},7,3,1600000006\n"  # line 8: an id too long to serve
+                    "u4,8,5,1600000007\n")
+    with pytest.raises(DataError, match=r"dirty.csv, line 7, column 'timestamp': timestamp must be Unix seconds or "
+                                        r"an ISO 8601 date-time, got 'yesterday'; or drop every such row \(counted "
+                                        r"in the load report\) with --set data.bad_rows=drop"):
+        load_interactions(path)
+    path.with_name("no_user.csv").write_text("user_id,item_id\nu1,1\n,2\n")
+    with pytest.raises(DataError, match=r"no_user.csv, line 3, column 'user_id': user_id is missing .*data.bad_rows=drop"):
+        load_interactions(path.with_name("no_user.csv"))
+    data = load_interactions(path, bad_rows="drop")
+    assert data.interactions.sort_values("timestamp")[["user_id", "item_id", "rating"]].values.tolist() == [
+        ["u1", 1, 4.0], ["u4", 8, 5.0]]
+    assert data.report.rows_read == 8 and data.report.rows_kept == 2
+    assert data.report.dropped == {"missing user_id": 1, "unreadable user_id": 1, "missing rating": 1,
+                                   "unreadable rating": 2, "unreadable timestamp": 1}
+    notes = [w for w in data.report.warnings if w.startswith("dropped")]
+    assert notes[0] == f"dropped 1 row(s): missing user_id (data.bad_rows=drop); the first at {path}, line 3, column 'user_id': nan"
+    assert any("unreadable rating" in n and "line 5" in n and "'good'" in n for n in notes)
+    assert any("unreadable timestamp" in n and "line 7" in n and "'yesterday'" in n for n in notes)
+
+
+def test_dropping_bad_rows_reads_a_date_column_as_dates_and_a_number_column_as_numbers(tmp_path):
+    dates = tmp_path / "dates.csv"
+    dates.write_text("user_id,item_id,timestamp\nu1,1,2024-01-01T10:00:00Z\nu1,2,17\nu2,3,2024-01-02\n")
+    data = load_interactions(dates, bad_rows="drop")
+    assert data.report.dropped == {"unreadable timestamp": 1} and len(data.interactions) == 2
+    numeric_items = tmp_path / "items.parquet"
+    pd.DataFrame({"user_id": ["a", "b", "c", "d"], "item_id": [1.0, -2.0, 3.5, np.nan]}).to_parquet(numeric_items)
+    data = load_interactions(numeric_items, bad_rows="drop")
+    assert data.report.dropped == {"missing item_id": 1, "unreadable item_id": 2}
+    assert data.interactions["item_id"].tolist() == [1]
+    everything = tmp_path / "nothing.csv"
+    everything.write_text("user_id,item_id,rating\nu1,1,x\nu2,2,y\n")
+    with pytest.raises(DataError, match=r"nothing.csv: no interactions left after dropping \{'blank line': 0, "
+                                        r"'unreadable rating': 2\}"):
+        load_interactions(everything, bad_rows="drop")
+    with pytest.raises(ValueError, match=r"bad_rows must be one of \('error', 'drop'\), got 'skip'"):
+        load_interactions(everything, bad_rows="skip")
+
+
 def test_generic_epoch_seconds_with_fractions_are_floored_with_a_note(tmp_path):
     """Unix seconds with a fraction (``time.time()`` dumps, event exports) were refused: "timestamp must be
     an integer, got 1600000037.25". They are floored to whole seconds, as milliseconds and ISO times are."""

@@ -11,6 +11,8 @@ ids' sorted order, and the original id becomes the item's title, the one side ta
 gets. Epoch numbers of 1e11 and more are milli-, micro- or nanoseconds and are scaled to seconds.
 ``sep="auto"`` takes a tab for .tsv/.tab files, else the most frequent of , ; tab | in the header
 line (.gz, .bz2, .xz and one-file .zip logs are read through their decompressor). Every such step is a warning in the load report.
+A row with a missing or unreadable value stops the load (``bad_rows="error"``) or is dropped and counted
+(``bad_rows="drop"``, the trainer's ``data.bad_rows``).
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import numpy as np
 import pandas as pd
 
 from trainer.data.dataset import (
-    INTERACTION_COLUMNS, DataError, Dataset, location, make_dataset, read_table, require_columns,
-    validate_interactions,
+    INTERACTION_COLUMNS, MAX_USER_ID_BYTES, DataError, Dataset, location, make_dataset, read_table,
+    require_columns, validate_interactions,
 )
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -68,9 +70,19 @@ SECONDS_LIMIT = 10**11
 _PLAIN_INTEGER = r"(?:0|[1-9][0-9]*)(?:\.0*)?"
 
 
-def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = None, sep: str = "auto") -> Dataset:
+BAD_ROWS = ("error", "drop")
+
+
+def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = None, sep: str = "auto",
+                      bad_rows: str = "error") -> Dataset:
     """Load a CSV (with a header line, or none for a user,item,rating[,timestamp] dump) or Parquet
-    interaction log into a Dataset named after the file."""
+    interaction log into a Dataset named after the file.
+
+    ``bad_rows="error"`` stops at the first row with a missing or unreadable value (its line and column
+    in the DataError); ``"drop"`` drops every such row instead, each counted by reason in the load report
+    with the first one's line (``_unreadable``)."""
+    if bad_rows not in BAD_ROWS:
+        raise ValueError(f"bad_rows must be one of {BAD_ROWS}, got {bad_rows!r}")
     path = Path(path)
     mapping = dict(columns or {})
     for name in mapping:
@@ -104,12 +116,74 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
     if ignored:
         notes.append(f"ignored columns {ignored}")
     frame = pd.DataFrame({name: raw[column] for name, column in source_names.items()}, index=raw.index)
-    frame["timestamp"] = _unix_seconds(frame["timestamp"], str(path), notes)
-    frame["item_id"], items = _item_codes(frame["item_id"], str(path), notes)
-    interactions = validate_interactions(frame, str(path))
+    dropped = {"blank line": blank}
+    if bad_rows == "drop":
+        frame = _drop_unreadable(frame, str(path), dropped, notes)
+    try:
+        frame["timestamp"] = _unix_seconds(frame["timestamp"], str(path), notes)
+        frame["item_id"], items = _item_codes(frame["item_id"], str(path), notes)
+        interactions = validate_interactions(frame, str(path))
+    except DataError as error:
+        if bad_rows == "error" and any(mask.any() for _, mask in _unreadable(frame).values()):
+            raise DataError(f"{error}; or drop every such row (counted in the load report) with "
+                            "--set data.bad_rows=drop") from None
+        raise
     name = (path.with_suffix("") if path.suffix.lower() in COMPRESSED else path).stem    # ratings.csv.gz: ratings
     return make_dataset(name, interactions, source=str(path), rows_read=len(raw) + blank,
-                        items=items, dropped={"blank line": blank}, warnings=notes)
+                        items=items, dropped=dropped, warnings=notes)
+
+
+def _unreadable(frame: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
+    """Per reason, (column, rows) of the contract-named raw ``frame`` that the conversions after it would
+    refuse: a missing (or blank) value in any column, a rating that is not a finite number, an item id
+    that is a negative or fractional number, a user id longer than ``MAX_USER_ID_BYTES``, a timestamp that
+    is neither an epoch number nor an ISO 8601 date-time. Timestamps are read the way most of the column's
+    values read (numbers or date-times), so a few stray words in a numeric column are the unreadable ones."""
+    reasons: dict[str, tuple[str, np.ndarray]] = {}
+    for column in INTERACTION_COLUMNS:
+        values = frame[column]
+        text = values.astype("str").str.strip() if values.dtype.kind in "OSUT" else None
+        missing = (values.isna() | (text == "")).to_numpy() if text is not None else values.isna().to_numpy()
+        reasons[f"missing {column}"] = (column, missing)
+        reasons[f"unreadable {column}"] = (column, ~missing & ~_readable(column, values, text))
+    return reasons
+
+
+def _readable(column: str, values: pd.Series, text: pd.Series | None) -> np.ndarray:
+    """Whether each present value of ``column`` converts (``_unreadable``); missing values may say either."""
+    numbers = pd.to_numeric(text if text is not None else values, errors="coerce").to_numpy(dtype=np.float64)
+    if column == "user_id":
+        return (values.astype("str").str.encode("utf-8").str.len() <= MAX_USER_ID_BYTES).to_numpy()
+    if column == "item_id":
+        if text is not None:
+            return np.ones(len(values), dtype=bool)       # text ids: plain integers, or coded as items
+        return np.isfinite(numbers) & (numbers >= 0) & (numbers == np.floor(numbers))
+    if column == "rating" or values.dtype.kind in "iufb":
+        return np.isfinite(numbers)
+    if values.dtype.kind == "M":
+        return values.notna().to_numpy()
+    dates = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce").notna().to_numpy()
+    as_numbers = np.isfinite(numbers)
+    return as_numbers if as_numbers.sum() >= dates.sum() else dates
+
+
+def _drop_unreadable(frame: pd.DataFrame, source: str, dropped: dict[str, int], notes: list[str]) -> pd.DataFrame:
+    """``frame`` without its unreadable rows (``_unreadable``); each row is counted once, under its first
+    reason, in ``dropped``, and each reason gets a note naming the first such row and its value."""
+    keep = np.ones(len(frame), dtype=bool)
+    for reason, (column, rows) in _unreadable(frame).items():
+        rows = rows & keep
+        if rows.any():
+            keep &= ~rows
+            dropped[reason] = int(rows.sum())
+            pos = int(np.argmax(rows))
+            value = frame[column].iloc[pos]
+            value = value.item() if isinstance(value, np.generic) else value
+            notes.append(f"dropped {dropped[reason]:,} row(s): {reason} (data.bad_rows=drop); the first at "
+                         f"{location(frame[column], pos, source, column)}: {value!r}")
+    if not keep.any():
+        raise DataError(f"{source}: no interactions left after dropping {dropped}")
+    return frame if keep.all() else frame[keep]
 
 
 def _normalised(name: object) -> str:
@@ -276,6 +350,8 @@ def _unix_seconds(values: pd.Series, source: str, notes: list[str]) -> pd.Series
             return _scaled_to_seconds(numbers, notes)
     parsed = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
     bad = (parsed.isna() & values.notna()).to_numpy()
+    if kind != "M" and numbers.notna().sum() > parsed.notna().sum():   # numbers, with a few stray words
+        bad = (numbers.isna() & values.notna()).to_numpy()
     if bad.any():
         pos = int(np.argmax(bad))
         raise DataError(f"{location(values, pos, source, 'timestamp')}: timestamp must be Unix seconds "
