@@ -79,13 +79,17 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
 
 
 def data_report(prep: Prepared, protocol: str, seed: int | None = None) -> dict[str, Any]:
-    """The report's ``data`` section: dataset, protocol (and split seed), sizes, time range."""
-    interactions = prep.dataset.interactions
+    """The report's ``data`` section: dataset, protocol (and split seed), sizes, time range, and what the
+    loader read, kept, dropped (by reason) and assumed (its warnings: column spellings, implicit feedback,
+    time units, ...)."""
+    interactions, loaded = prep.dataset.interactions, prep.dataset.report
     return {"dataset": prep.dataset.name, "protocol": protocol, **({"seed": seed} if seed is not None else {}),
             "n_users": prep.vocab.n_users, "n_items": prep.vocab.n_items,
             "train": len(prep.split.train), "val": len(prep.split.val), "test": len(prep.split.test),
             "test_users": int(prep.test.users.size),
-            "time_range": [int(interactions["timestamp"].min()), int(interactions["timestamp"].max())]}
+            "time_range": [int(interactions["timestamp"].min()), int(interactions["timestamp"].max())],
+            "load": {"source": loaded.source, "rows_read": loaded.rows_read, "rows_kept": loaded.rows_kept,
+                     "dropped": dict(loaded.dropped), "warnings": list(loaded.warnings)}}
 
 
 def _head_metrics(cfg, prep: Prepared, run: TrainedRun, cands: Candidates, device) -> dict[str, float]:

@@ -26,7 +26,7 @@ def markdown(report: dict[str, Any]) -> str:
     rows = comparison_rows(report)
     lines = [f"# Evaluation report: {report['data']['dataset']}, protocol {report['data']['protocol']}", "",
              f"Test split; {report['data']['test_users']} users with test items; "
-             f"{report['data']['n_items']} items.", "",
+             f"{report['data']['n_items']} items.", "", *_load_lines(report['data'].get('load')),
              "| model | " + " | ".join(TABLE_METRICS) + " |", "|---" * (len(TABLE_METRICS) + 1) + "|"]
     for name, values in rows.items():
         cells = [f"{values[m]:.4f}" if isinstance(values.get(m), float) else "-" for m in TABLE_METRICS]
@@ -42,6 +42,17 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("gate"):
         lines += [f"Quality gate: {report['gate']}", ""]
     return "\n".join(lines)
+
+
+def _load_lines(load: dict[str, Any] | None) -> list[str]:
+    """What the loader read and kept, the rows it dropped by reason and what it assumed, for the report."""
+    if not load:                     # a report written before the section existed
+        return []
+    dropped = "".join(f"; {reason} {count:,}" for reason, count in sorted(load["dropped"].items()) if count)
+    lines = [f"Loaded {load['source']}: {load['rows_read']:,} rows read, {load['rows_kept']:,} kept{dropped}.", ""]
+    if load["warnings"]:
+        lines += ["Load warnings:", *(f"- {warning}" for warning in load["warnings"]), ""]
+    return lines
 
 
 def _labelled(ax, xlabel: str, ylabel: str, title: str) -> None:

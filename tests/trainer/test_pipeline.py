@@ -93,6 +93,14 @@ def test_an_implicit_log_with_sku_ids_and_no_timestamps_trains_and_publishes(tmp
     assert sorted(title for title, _ in titles) == [title for title, _ in titles]     # codes in sorted order
     ranker = result.run.ranker
     assert ranker.rating_min == 1.0 and ranker.rating_range == 0.0
+    # What the loader assumed reaches the report (it was only in the notebook API's log before).
+    load = result.report["data"]["load"]
+    assert (load["rows_read"], load["rows_kept"], load["dropped"]) == (len(frame), len(frame), {})
+    assert any("implicit feedback" in w for w in load["warnings"])
+    assert any("the file's order is the time order" in w for w in load["warnings"])
+    written = (tmp_path / "run" / "report.md").read_text()
+    assert f"Loaded {path}: {len(frame):,} rows read, {len(frame):,} kept." in written
+    assert "Load warnings:\n- " in written and "implicit feedback" in written
     # Both services load the version (serving.json's rating range is one point).
     directory = artifacts.version_dir(root, 1)
     retrieval_state = load_retrieval(directory, 1, "cpu", open_backend=open_backend)
