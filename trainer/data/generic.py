@@ -151,12 +151,12 @@ def _unreadable(frame: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
 
 def _readable(column: str, values: pd.Series, text: pd.Series | None) -> np.ndarray:
     """Whether each present value of ``column`` converts (``_unreadable``); missing values may say either."""
-    numbers = pd.to_numeric(text if text is not None else values, errors="coerce").to_numpy(dtype=np.float64)
     if column == "user_id":
         return (values.astype("str").str.encode("utf-8").str.len() <= MAX_USER_ID_BYTES).to_numpy()
+    if column == "item_id" and text is not None:
+        return np.ones(len(values), dtype=bool)           # text ids: plain integers, or coded as items
+    numbers = pd.to_numeric(text if text is not None else values, errors="coerce").to_numpy(dtype=np.float64)
     if column == "item_id":
-        if text is not None:
-            return np.ones(len(values), dtype=bool)       # text ids: plain integers, or coded as items
         return np.isfinite(numbers) & (numbers >= 0) & (numbers == np.floor(numbers))
     if column == "rating" or values.dtype.kind in "iufb":
         return np.isfinite(numbers)
