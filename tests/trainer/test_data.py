@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import http.server
 import socket
@@ -528,6 +529,27 @@ def test_dropping_bad_rows_reads_a_date_column_as_dates_and_a_number_column_as_n
         load_interactions(everything, bad_rows="drop")
     with pytest.raises(ValueError, match=r"bad_rows must be one of \('error', 'drop'\), got 'skip'"):
         load_interactions(everything, bad_rows="skip")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".csv.gz"])
+def test_a_log_that_is_not_utf8_is_read_as_latin1_with_every_id_kept_distinct(tmp_path, suffix):
+    """A Windows export (cp1252) or a Cyrillic one (cp1251) stopped the load with "not valid utf-8 text".
+    Latin-1 maps each byte to one character, so ids that differ in their bytes stay different ids."""
+    lines = ["user,item,rating", "Zoë,Café,4", "Zoe,Cafe,3", "Анна,Café,5", "Zoë,Crème,2", "Анна,Чай,1"]
+    text = ("\n".join(lines) + "\n")
+    raw = text.replace("Анна", "\xc0\xed\xed\xe0").replace("Чай", "\xd7\xe0\xe9").encode("latin-1")  # cp1251 bytes
+    path = tmp_path / f"export{suffix}"
+    path.write_bytes(gzip.compress(raw) if suffix.endswith(".gz") else raw)
+    data = load_interactions(path)
+    assert data.report.warnings[0].startswith("not valid UTF-8 text (")
+    assert "read as Latin-1" in data.report.warnings[0]
+    assert data.report.n_users == 3 and data.report.n_items == 4 and len(data.interactions) == 5
+    assert sorted(data.items["title"]) == ["Cafe", "Café", "Crème", "×àé"]
+    assert sorted(data.interactions["user_id"].unique()) == sorted(["Zoe", "Zoë", "Àííà"])
+    plain = tmp_path / "plain.csv"
+    plain.write_text(text, encoding="utf-8")
+    assert not any("Latin-1" in w for w in load_interactions(plain).report.warnings)
+    assert sorted(load_interactions(plain).interactions["user_id"].unique()) == ["Zoe", "Zoë", "Анна"]
 
 
 def test_generic_epoch_seconds_with_fractions_are_floored_with_a_note(tmp_path):

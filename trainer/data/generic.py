@@ -312,30 +312,51 @@ def _read(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[s
     Without a ``mapping``, a CSV whose first line is data (3 or 4 fields, the third and fourth numbers, no
     ``user_id`` / ``item_id`` among them, e.g. the Amazon review dumps' ``user,item,rating,timestamp``)
     is read as user_id, item_id, rating[, timestamp]; with 3 fields the third is a timestamp when every
-    value is past 1e8 (epoch seconds after 1973), else a rating. ``notes`` gets what was assumed."""
+    value is past 1e8 (epoch seconds after 1973), else a rating. ``notes`` gets what was assumed.
+
+    A CSV that is not valid UTF-8 (a Windows or older export) is read as Latin-1, with a note: Latin-1 maps
+    every byte to one character, so each id stays itself and distinct whatever the file's real encoding;
+    only the spelling of non-ASCII titles may differ."""
     if path.suffix.lower() not in PARQUET_SUFFIXES:
         sep = detect_separator(path, sep)
-        # The first line alone decides between a header and data, so the file is read once either way.
-        header = read_table(path, sep=sep, quoted=True, nrows=0)[0]
-        first = [str(c) for c in header.columns]
-        if not (not mapping and 3 <= len(first) <= 4 and not {"user_id", "item_id"} & set(first)
-                and all(_is_number(c) for c in first[2:])):
-            _resolve_aliases(header, source_names, mapping, notes)
-            return read_table(path, sep=sep, str_columns=(source_names["user_id"], source_names["item_id"]),
-                              quoted=True)
-        names = list(INTERACTION_COLUMNS[:len(first)])
-        raw, blank = read_table(path, sep=sep, names=names, str_columns=("user_id", "item_id"), quoted=True)
-        if len(first) == 3 and (pd.to_numeric(raw["rating"], errors="coerce").abs() >= 1e8).all():
-            raw = raw.rename(columns={"rating": "timestamp"})
-        notes.append(f"no header line (the first line is data: {first}): the columns are read as "
-                     f"{list(raw.columns)}")
-        return raw, blank
+        names_before, notes_before = dict(source_names), len(notes)
+        try:
+            return _read_csv(path, sep, source_names, mapping, notes, "utf-8")
+        except DataError as error:
+            if not isinstance(error.__cause__, UnicodeDecodeError):
+                raise
+            source_names.update(names_before)
+            del notes[notes_before:]
+            notes.append(f"not valid UTF-8 text ({error.__cause__.reason}): read as Latin-1, which keeps every id "
+                         "distinct; non-ASCII titles may show other letters")
+            return _read_csv(path, sep, source_names, mapping, notes, "latin-1")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     raw = pd.read_parquet(path)
     raw.index = pd.RangeIndex(1, len(raw) + 1, name="row")
     _resolve_aliases(raw, source_names, mapping, notes)
     return raw, 0
+
+
+def _read_csv(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[str, str],
+              notes: list[str], encoding: str) -> tuple[pd.DataFrame, int]:
+    """``_read`` for a CSV in ``encoding``."""
+    # The first line alone decides between a header and data, so the file is read once either way.
+    header = read_table(path, sep=sep, quoted=True, nrows=0, encoding=encoding)[0]
+    first = [str(c) for c in header.columns]
+    if not (not mapping and 3 <= len(first) <= 4 and not {"user_id", "item_id"} & set(first)
+            and all(_is_number(c) for c in first[2:])):
+        _resolve_aliases(header, source_names, mapping, notes)
+        return read_table(path, sep=sep, str_columns=(source_names["user_id"], source_names["item_id"]),
+                          quoted=True, encoding=encoding)
+    names = list(INTERACTION_COLUMNS[:len(first)])
+    raw, blank = read_table(path, sep=sep, names=names, str_columns=("user_id", "item_id"), quoted=True,
+                            encoding=encoding)
+    if len(first) == 3 and (pd.to_numeric(raw["rating"], errors="coerce").abs() >= 1e8).all():
+        raw = raw.rename(columns={"rating": "timestamp"})
+    notes.append(f"no header line (the first line is data: {first}): the columns are read as "
+                 f"{list(raw.columns)}")
+    return raw, blank
 
 
 def _unix_seconds(values: pd.Series, source: str, notes: list[str]) -> pd.Series:
