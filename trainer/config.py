@@ -25,7 +25,7 @@ class DataConfig:
     protocol: str = "random"           # "random" (RecBole full ranking), "temporal" or "leave_one_out"
     seed: int = 2020                   # split seed
     column_map: dict[str, str] = field(default_factory=dict)  # generic logs: our name -> file column
-    sep: str = "auto"                  # generic CSV logs: auto (tab for .tsv, else sniffed), comma, tab, semicolon, pipe
+    sep: str = "auto"                  # generic CSV logs: auto (tab for .tsv, else sniffed), comma, tab, semicolon, pipe, space
     bad_rows: str = "error"            # generic logs: a missing/unreadable value stops the load (error) or its row is dropped, counted (drop)
 
 
@@ -290,7 +290,7 @@ class TrainConfig:
 
 _CHOICES = {
     "data.protocol": ("random", "temporal", "leave_one_out"),
-    "data.sep": ("auto", "comma", "tab", "semicolon", "pipe"),
+    "data.sep": ("auto", "comma", "tab", "semicolon", "pipe", "space"),
     "data.bad_rows": ("error", "drop"),
     "ranking.fold_order": ("auto", "random", "recent", "validated"),
     "retrieval.negative_sampling_strategy": ("random", "hard", "mixed"),

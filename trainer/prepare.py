@@ -41,7 +41,7 @@ HEADLINE_K = 10
 # Fewer validation or test users than this: the log is too small to stop training on or to evaluate
 # (the ranker splits the validation users' items in two halves).
 MIN_EVAL_USERS = 2
-SEPARATOR_NAMES = {"auto": "auto", "comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|"}
+SEPARATOR_NAMES = {"auto": "auto", "comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|", "space": " "}
 
 
 def load_dataset(cfg: TrainConfig) -> Dataset:

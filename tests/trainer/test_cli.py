@@ -81,7 +81,7 @@ def test_a_bad_log_is_a_one_line_data_error_not_a_traceback(tmp_path, capsys):
 
 def test_the_separator_setting_names_its_choices():
     assert config_from(parse_args(["--set", "data.sep=tab"]), environ={}).data.sep == "tab"
-    with pytest.raises(ValueError, match=r"data.sep must be one of \('auto', 'comma', 'tab', 'semicolon', 'pipe'\)"):
+    with pytest.raises(ValueError, match=r"data.sep must be one of \('auto', 'comma', 'tab', 'semicolon', 'pipe', 'space'\)"):
         config_from(parse_args(["--set", "data.sep=;"]), environ={})
 
 

@@ -566,6 +566,27 @@ def test_generic_epoch_seconds_with_fractions_are_floored_with_a_note(tmp_path):
     assert not [w for w in load_interactions(whole).report.warnings if "fractions" in w]
 
 
+def test_space_separated_logs_are_read_with_runs_of_spaces_as_one_separator(tmp_path):
+    """Research dumps such as FilmTrust's ``ratings.txt`` are ``user item rating`` separated by spaces, some
+    aligned with several; they were read as one column ("no user_id column")."""
+    dump = tmp_path / "ratings.txt"
+    dump.write_text("1 1 2\n1  2 4\n 2 1 3.5 \n2 3 4\n")
+    assert detect_separator(dump) == " "
+    data = load_interactions(dump)
+    assert data.interactions.sort_values(["user_id", "item_id"])[["user_id", "item_id", "rating"]].values.tolist() == [
+        ["1", 1, 2.0], ["1", 2, 4.0], ["2", 1, 3.5], ["2", 3, 4.0]]
+    assert data.report.warnings[0] == ("no header line (the first line is data: ['1', '1', '2.0']): the columns are "
+                                       "read as ['user_id', 'item_id', 'rating']")
+    headed = tmp_path / "log.txt"
+    headed.write_text("user item  rating timestamp\nu1 7 5 1600000000\n")
+    assert load_interactions(headed).interactions.values.tolist() == [["u1", 7, 5.0, 1600000000]]
+    spaced_names = tmp_path / "names.csv"
+    spaced_names.write_text("User ID,Item ID\nu1,7\n")                # spaces inside names: still a comma file
+    assert detect_separator(spaced_names) == ","
+    assert load_interactions(spaced_names).interactions["item_id"].tolist() == [7]
+    assert detect_separator(spaced_names, " ") == " "
+
+
 @pytest.mark.parametrize("name,sep", [("log.tsv", "\t"), ("log.txt", ";"), ("log.csv", "|"), ("log.csv", ",")])
 def test_generic_separator_is_detected_from_the_suffix_or_the_header(tmp_path, name, sep):
     path = tmp_path / name

@@ -108,7 +108,7 @@ def read_table(path: Path, *, sep: str, names: Sequence[str] | None = None, enco
         options["dtype"] = {(list(names).index(c) if names else c): "str" for c in str_columns}
     try:
         frame = pd.read_csv(
-            source, sep=_UNIT_SEPARATOR if len(sep) > 1 else sep, header=None if names else 0,
+            source, sep=r"\s+" if sep == " " else _UNIT_SEPARATOR if len(sep) > 1 else sep, header=None if names else 0,
             index_col=False, skip_blank_lines=False, encoding=encoding,
             quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE, nrows=nrows, **options)
     except (FileNotFoundError, UnicodeDecodeError, pd.errors.ParserError,

@@ -229,7 +229,8 @@ def _drop_unreadable_aliases(raw: pd.DataFrame, source_names: dict[str, str], ma
 
 def detect_separator(path: Path, sep: str = "auto") -> str:
     """``sep`` itself, or for "auto": a tab for .tsv/.tab files, else the most frequent of ``SEPARATORS``
-    in the first non-blank line (a comma when none is there)."""
+    in the first non-blank line, else a space when the line has one between fields (``1 31 2.5``:
+    FilmTrust, Epinions and other research dumps; runs of spaces count as one), else a comma."""
     if sep != "auto":
         return sep
     compressed = COMPRESSED.get(path.suffix.lower())
@@ -245,7 +246,9 @@ def detect_separator(path: Path, sep: str = "auto") -> str:
     except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as error:
         raise DataError(f"{path}: cannot be read as a {path.suffix} file: {error}") from None
     counts = [header.count(candidate) for candidate in SEPARATORS]
-    return SEPARATORS[int(np.argmax(counts))] if max(counts) else ","
+    if max(counts):
+        return SEPARATORS[int(np.argmax(counts))]
+    return " " if " " in header.strip() else ","
 
 
 def _is_number(text: str) -> bool:
@@ -354,7 +357,8 @@ def _read_csv(path: Path, sep: str, source_names: dict[str, str], mapping: Mappi
                             encoding=encoding)
     if len(first) == 3 and (pd.to_numeric(raw["rating"], errors="coerce").abs() >= 1e8).all():
         raw = raw.rename(columns={"rating": "timestamp"})
-    notes.append(f"no header line (the first line is data: {first}): the columns are read as "
+    shown = [str(v) for v in raw.iloc[0]] if len(raw) and raw.index[0] == 1 else first   # pandas renames repeats
+    notes.append(f"no header line (the first line is data: {shown}): the columns are read as "
                  f"{list(raw.columns)}")
     return raw, blank
 
