@@ -425,6 +425,26 @@ def test_a_header_with_other_names_is_not_taken_for_data(tmp_path):
         load_interactions(path, columns={"user_id": "uid"})
 
 
+def test_a_column_whose_name_ends_with_a_usual_spelling_is_taken_when_none_matches_exactly(tmp_path):
+    """Book-Crossing's ``"User-ID";"ISBN";"Book-Rating"`` lost its ratings ("ignored columns ['Book-Rating']"),
+    and Last.fm's ``userID artistID weight`` had no item column."""
+    books = tmp_path / "BX-Book-Ratings.csv"
+    books.write_text('"User-ID";"ISBN";"Book-Rating";"event_timestamp";"daytime_flag"\n'
+                     '"276725";"034545104X";"0";1600000000;1\n"276726";"0155061224";"5";1600000001;0\n')
+    data = load_interactions(books)
+    assert sorted(data.interactions["rating"].tolist()) == [0.0, 5.0]
+    assert sorted(data.interactions["timestamp"].tolist()) == [1600000000, 1600000001]
+    assert "column 'Book-Rating' read as rating (its name ends with a usual spelling; set data.column_map to choose)" \
+        in data.report.warnings
+    assert "ignored columns ['daytime_flag']" in data.report.warnings
+    plays = tmp_path / "user_artists.dat"
+    plays.write_text("userID\tartistID\tweight\n2\t51\t13883\n2\t52\t11690\n")
+    data = load_interactions(plays, sep="\t")
+    assert data.interactions["item_id"].tolist() == [51, 52]
+    assert data.interactions["rating"].tolist() == [1.0, 1.0]                    # a play count is not a rating
+    assert "ignored columns ['weight']" in data.report.warnings
+
+
 def test_usual_column_spellings_are_read_as_the_contract_names(tmp_path):
     """MovieLens' ratings.csv, Amazon's review columns, a retail export: each loads without a column map,
     and the load report says which column was read as what."""

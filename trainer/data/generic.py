@@ -60,10 +60,15 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "user_id": ("userid", "user", "uid", "customerid", "customer", "reviewerid", "visitorid", "memberid",
                 "clientid", "accountid"),
     "item_id": ("itemid", "item", "iid", "movieid", "movie", "productid", "product", "sku", "asin", "articleid",
-                "trackid", "songid", "bookid", "isbn", "businessid", "animeid", "contentid"),
+                "trackid", "songid", "bookid", "isbn", "businessid", "animeid", "contentid", "artistid", "artist"),
     "rating": ("rating", "ratings", "score", "stars", "overall", "rate", "preference"),
     "timestamp": ("timestamp", "unixreviewtime", "time", "ts", "datetime", "date", "eventtime", "createdat"),
 }
+# Second pass, for a name still missing: a column whose normalised name ends with one of these (Book-Crossing's
+# "Book-Rating", "event_timestamp", "customer_user_id"). Only spellings of six letters or more, so that
+# "time" or "item" inside longer words decide nothing.
+ALIAS_ENDINGS: dict[str, tuple[str, ...]] = {
+    name: tuple(alias for alias in aliases if len(alias) >= 6) for name, aliases in COLUMN_ALIASES.items()}
 # Epoch numbers from 1e11 on are not seconds (that is the year 5138): milliseconds from there.
 SECONDS_LIMIT = 10**11
 # A plain non-negative integer as text: no sign, no leading zero (so "007" and "7" stay two items).
@@ -200,10 +205,15 @@ def _resolve_aliases(raw: pd.DataFrame, source_names: dict[str, str], mapping: M
             continue
         free = {_normalised(c): c for c in raw.columns if c not in taken}
         found = next((free[alias] for alias in COLUMN_ALIASES[name] if alias in free), None)
+        how = "a usual spelling"
+        if found is None:
+            found = next((column for normalised, column in free.items()
+                          if any(normalised.endswith(ending) for ending in ALIAS_ENDINGS[name])), None)
+            how = "its name ends with a usual spelling"
         if found is not None:
             source_names[name] = found
             taken.add(found)
-            notes.append(f"column {str(found)!r} read as {name} (a usual spelling; set data.column_map to choose)")
+            notes.append(f"column {str(found)!r} read as {name} ({how}; set data.column_map to choose)")
 
 
 def _drop_unreadable_aliases(raw: pd.DataFrame, source_names: dict[str, str], mapping: Mapping[str, str],
