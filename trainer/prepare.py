@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from trainer.config import TrainConfig
-from trainer.data import DataError, Dataset, data_dir_from_env, ensure_movielens, load_interactions, load_movielens
+from trainer.data import (DataError, Dataset, data_dir_from_env, ensure_movielens, load_interactions, load_movielens,
+                          logs_in)
 from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab
 from trainer.full_ranking import EvalTarget, make_target, sample_users
 from trainer.retrieval_training import Interactions
@@ -41,6 +42,7 @@ HEADLINE_K = 10
 # Fewer validation or test users than this: the log is too small to stop training on or to evaluate
 # (the ranker splits the validation users' items in two halves).
 MIN_EVAL_USERS = 2
+MOVIELENS_RATINGS = ("u.data", "ratings.dat", "ratings.csv")     # what makes a folder a MovieLens one
 SEPARATOR_NAMES = {"auto": "auto", "comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|", "space": " "}
 
 
@@ -53,10 +55,19 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
         path = data_dir / name
         if not path.exists():
             path = ensure_movielens(name, data_dir)
+    notes = []
     if path.is_dir():
-        return load_movielens(path)
+        if any((path / name).is_file() for name in MOVIELENS_RATINGS):
+            return load_movielens(path)
+        found = logs_in(path)
+        if len(found) != 1:
+            raise DataError(f"{path}: not a MovieLens folder (no {' / '.join(MOVIELENS_RATINGS)}) and not a folder "
+                            f"with one log file: it holds {[p.name for p in found][:10]}; pass the log itself "
+                            "with --dataset FILE")
+        notes.append(f"the folder {path} holds one log file, {found[0].name}: read as a generic log")
+        path = found[0]
     return load_interactions(path, columns=cfg.data.column_map or None, sep=SEPARATOR_NAMES[cfg.data.sep],
-                             bad_rows=cfg.data.bad_rows)
+                             bad_rows=cfg.data.bad_rows, notes=notes)
 
 
 def interactions(vocab: IdVocab, frame: pd.DataFrame) -> Interactions:

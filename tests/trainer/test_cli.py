@@ -46,6 +46,24 @@ def test_data_bad_rows_reaches_the_generic_loader(tmp_path):
         config_from(parse_args(["--set", "data.bad_rows=skip"]), environ={})
 
 
+def test_a_folder_with_one_log_file_is_read_as_that_log_and_others_name_their_files(tmp_path):
+    from trainer.data.dataset import DataError
+    from trainer.prepare import load_dataset
+
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    (folder / "README.md").write_text("exported from the shop\n")
+    (folder / "events.csv.gz").write_bytes(__import__("gzip").compress(b"customer_id,sku\nc1,A\nc2,B\n"))
+    data = load_dataset(config_from(parse_args(["--dataset", str(folder)]), environ={}))
+    assert data.name == "events" and len(data.interactions) == 2
+    assert data.report.warnings[0] == f"the folder {folder} holds one log file, events.csv.gz: read as a generic log"
+    (folder / "other.parquet").write_bytes(b"")
+    with pytest.raises(DataError, match=r"not a MovieLens folder \(no u.data / ratings.dat / ratings.csv\) and not "
+                                        r"a folder with one log file: it holds \['events.csv.gz', 'other.parquet'\]; "
+                                        r"pass the log itself with --dataset FILE"):
+        load_dataset(config_from(parse_args(["--dataset", str(folder)]), environ={}))
+
+
 def test_the_baselines_command_runs_on_run_threads(tmp_path, capsys):
     """``run.threads`` bounds torch's threads for ``baselines`` as for training (it was ignored there:
     on a shared machine two MKL threads against a busy core made each EASE factorisation ~8x slower)."""

@@ -22,7 +22,7 @@ import gzip
 import io
 import lzma
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -79,13 +79,13 @@ BAD_ROWS = ("error", "drop")
 
 
 def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = None, sep: str = "auto",
-                      bad_rows: str = "error") -> Dataset:
+                      bad_rows: str = "error", notes: Sequence[str] = ()) -> Dataset:
     """Load a CSV (with a header line, or none for a user,item,rating[,timestamp] dump) or Parquet
     interaction log into a Dataset named after the file.
 
     ``bad_rows="error"`` stops at the first row with a missing or unreadable value (its line and column
     in the DataError); ``"drop"`` drops every such row instead, each counted by reason in the load report
-    with the first one's line (``_unreadable``)."""
+    with the first one's line (``_unreadable``). ``notes`` open the load report's warnings."""
     if bad_rows not in BAD_ROWS:
         raise ValueError(f"bad_rows must be one of {BAD_ROWS}, got {bad_rows!r}")
     path = Path(path)
@@ -94,7 +94,7 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
         if name not in INTERACTION_COLUMNS:
             raise ValueError(f"columns keys must be among {list(INTERACTION_COLUMNS)}, got {name!r}")
     source_names = {name: mapping.get(name, name) for name in INTERACTION_COLUMNS}
-    notes: list[str] = []
+    notes = list(notes)
     raw, blank = _read(path, sep, source_names, mapping, notes=notes)
     where = f"{path}, line 1" if raw.index.name == "line" else str(path)
     if source_names["user_id"] not in raw.columns or source_names["item_id"] not in raw.columns:
@@ -136,6 +136,21 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
     name = (path.with_suffix("") if path.suffix.lower() in COMPRESSED else path).stem    # ratings.csv.gz: ratings
     return make_dataset(name, interactions, source=str(path), rows_read=len(raw) + blank,
                         items=items, dropped=dropped, warnings=notes)
+
+
+LOG_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".dat", *PARQUET_SUFFIXES)
+
+
+def logs_in(folder: Path) -> list[Path]:
+    """The files of ``folder`` (not its subfolders) that could be an interaction log: CSV-like or Parquet,
+    possibly compressed (``COMPRESSED``), hidden files and READMEs left out; sorted by name."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        base = path.with_suffix("") if path.suffix.lower() in COMPRESSED else path
+        if (path.is_file() and not path.name.startswith(".") and not base.stem.lower().startswith("readme")
+                and base.suffix.lower() in LOG_SUFFIXES):
+            found.append(path)
+    return found
 
 
 def _unreadable(frame: pd.DataFrame) -> dict[str, tuple[str, np.ndarray]]:
