@@ -149,6 +149,12 @@ class RankingConfig:
     # 0.1611/0.1642 (kept the start); batch 256 + folds 2 at learning rate 3e-4 best 0.1754 at
     # epoch 3 (test 1.021 x tower, twice the epochs).
     batch_size: int = 256
+    # Rows an epoch trains on at most (a fresh random subset of the fitting rows each epoch; 0 = all of
+    # them): an epoch is then followed by its stopping-half check after at most this many rows. ml-100k
+    # and the ~10k-item logs have ~80k rows, so nothing changes there; the ml-1m-shaped log has 569k, and
+    # its two trained epochs (neither beat the start) took 96 s of the job's 307 s (docs/RESULTS.md,
+    # "The ranker's epochs on larger logs").
+    max_rows_per_epoch: int = 200_000
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     # Epochs without a new best before stopping. 2 since the rating affinity channel: with 3, seed 0
@@ -314,7 +320,7 @@ _NON_NEGATIVE = {"retrieval.min_improvement", "retrieval.weight_decay", "ranking
                  "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",
                  "run.threads", "retrieval.num_negatives", "eval.max_users", "retrieval.lazy_adam_above",
                  "ranking.rating_refit_rows", "retrieval.distill_weight", "ranking.folds",
-                 "retrieval.full_softmax_below", "ranking.keep_min_t"}
+                 "retrieval.full_softmax_below", "ranking.keep_min_t", "ranking.max_rows_per_epoch"}
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

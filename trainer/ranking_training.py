@@ -509,6 +509,15 @@ def listwise_loss(logits: torch.Tensor, clicks: torch.Tensor, list_id: torch.Ten
     return (torch.logaddexp(neg_lse[list_id[pos]], s) - s).mean()
 
 
+def epoch_batches(batches: list[np.ndarray], max_rows: int, batch_size: int, world_size: int) -> list[np.ndarray]:
+    """The first of an epoch's (already shuffled) ``batches`` that this rank trains on: all of them when
+    ``max_rows`` is 0, else enough for its share of ``max_rows`` rows, counted in whole batches of
+    ``batch_size`` so that every rank takes as many steps (DDP)."""
+    if not max_rows:
+        return batches
+    return batches[:max(1, -(-max_rows // (world_size * batch_size)))]
+
+
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
                device: torch.device, ctx: Distributed,
@@ -587,8 +596,6 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     for epoch in progress_bar(range(epochs), "ranking", cfg.run.progress and ctx.is_main):
         ranker.train()
         order = ctx.shard(rng.permutation(fit_rows.users.size))
-        rating_order = rng.choice(rating_rows.users.size, size=order.size, replace=rating_rows.users.size < order.size)
-        fill_rating_scores(np.unique(rating_order))
         losses = []
         if listwise:
             # Whole candidate lists per batch, in a random order; each rank takes its share of the batches.
@@ -596,6 +603,10 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
             batches = [every[i] for i in ctx.shard(np.arange(len(every)))]
         else:
             batches = [order[start:start + rc.batch_size] for start in range(0, order.size, rc.batch_size)]
+        batches = epoch_batches(batches, rc.max_rows_per_epoch, rc.batch_size, ctx.world_size)
+        used = int(sum(index.size for index in batches))
+        rating_order = rng.choice(rating_rows.users.size, size=used, replace=rating_rows.users.size < used)
+        fill_rating_scores(np.unique(rating_order))
         offset = 0
         for index in batches:
             batch = fit_rows.take(index)

@@ -15,7 +15,7 @@ from trainer.progress import Timings
 from trainer.config import load_config
 from trainer.data.synthetic import generate
 from trainer.losses import grouped_sampled_softmax_loss, sampled_softmax_loss
-from trainer.ranking_training import Candidates, Rows, click_rows
+from trainer.ranking_training import Candidates, Rows, click_rows, epoch_batches
 from trainer.retrieval_training import SeenItems, UserItems, user_embeddings
 
 
@@ -847,3 +847,43 @@ def test_listwise_loss_by_hand_and_its_gradient_moves_positives_up():
     # A shift of every logit of a list changes nothing (softmax), unlike a pointwise loss.
     shifted = listwise_loss(logits.detach() + torch.tensor([3.0, 3.0, 3.0, -2.0, -2.0]), clicks, list_id)
     assert shifted.item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_an_epoch_trains_on_at_most_max_rows_in_whole_batches_as_many_on_every_rank():
+    batches = [np.arange(start, min(start + 256, 1000)) for start in range(0, 1000, 256)]   # 3 x 256 + 232
+    assert epoch_batches(batches, 0, 256, 1) is batches                                     # 0: every row
+    assert epoch_batches(batches, 10_000, 256, 1) == batches
+    assert [b.size for b in epoch_batches(batches, 512, 256, 1)] == [256, 256]
+    assert [b.size for b in epoch_batches(batches, 513, 256, 1)] == [256, 256, 256]         # whole batches, rounded up
+    assert [b.size for b in epoch_batches(batches, 512, 256, 2)] == [256]                   # a rank's share of the rows
+    assert [b.size for b in epoch_batches(batches, 1, 256, 4)] == [256]                      # at least one step
+
+
+def test_the_ranker_trains_on_capped_epochs_and_the_default_cap_leaves_small_logs_alone(prepared):
+    """Counted on the real ranker's training-mode forward passes (one per step): with a cap of one or two
+    batches every epoch takes one or two steps; the default cap (200k rows) is above what a small log
+    has, so training is exactly that of no cap."""
+    from trainer.distributed import Distributed
+    from trainer.models.dcn import DCNRanker
+
+    steps = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: steps.append(module.training) if isinstance(module, DCNRanker) else None)
+    runs = {}
+    try:
+        for cap in ("0", "256", "512", None):
+            settings = ["features.history_length=20", "run.threads=1", "retrieval.epochs=1", "ranking.epochs=3",
+                        "ranking.patience=5", "ranking.deep_dims=16", "ranking.candidates=50", "run.progress=false"]
+            cfg = load_config(None, settings + ([f"ranking.max_rows_per_epoch={cap}"] if cap else []))
+            steps.clear()
+            _run, histories = training.train_models(cfg, prepared, torch.device("cpu"), Distributed(), Timings())
+            runs[cap] = (sum(steps), len(histories["ranking"]) - 1, [e["val_ndcg@10"] for e in histories["ranking"]])
+    finally:
+        hook.remove()
+    (one, one_epochs, _), (two, two_epochs, _) = runs["256"], runs["512"]
+    assert one_epochs == two_epochs == 3
+    outside = one - one_epochs * 1                           # training-mode passes outside the epochs (refit)
+    assert two == two_epochs * 2 + outside
+    assert runs["0"][0] > two + 3                            # uncapped epochs take more than two steps here
+    assert runs[None] == runs["0"]                           # the default cap changes nothing on a small log
+    assert load_config(None, []).ranking.max_rows_per_epoch == 200_000
