@@ -10,6 +10,7 @@ The stages' code lives in those modules; this one only orders them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from trainer.progress import Timings
 from trainer.publish import TrainedRun, apply_gate, publish_evaluated
 from trainer.report import write_report
 from trainer.training import train_models
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,6 +77,8 @@ def run(cfg: TrainConfig, dataset: Dataset | None = None) -> RunResult:
     with session(cfg) as (ctx, device):
         with timings.stage("load"):
             dataset = dataset if dataset is not None else load_dataset(cfg)
+        if ctx.is_main:                  # what was read and assumed, before minutes of training (also in the report)
+            log.info("%s", dataset.report.summary())
         with timings.stage("features"):
             prep = prepare(cfg, dataset)
         trained, histories = train_models(cfg, prep, device, ctx, timings)

@@ -72,7 +72,7 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
     assert np.allclose(tower(**{k: v.numpy() for k, v in inputs.items()})[0], eager, atol=1e-5)
 
 
-def test_an_implicit_log_with_sku_ids_and_no_timestamps_trains_and_publishes(tmp_path, dataset):
+def test_an_implicit_log_with_sku_ids_and_no_timestamps_trains_and_publishes(tmp_path, dataset, caplog):
     """The commonest generic log (user, item pairs only; items named by SKU) runs the whole job: it
     used to stop at the ranker, whose rating range was empty with every rating 1.0. The served item
     titles are the original SKUs, and the rating head predicts the one rating there is."""
@@ -82,8 +82,12 @@ def test_an_implicit_log_with_sku_ids_and_no_timestamps_trains_and_publishes(tmp
     root = tmp_path / "artifacts"
     cfg = small_config(tmp_path, f"data.dataset={path}", "data.column_map=user_id:customer,item_id:sku",
                        f"publish.artifact_root={root}", "publish.gate=false")
-    result = job.run(cfg)
+    with caplog.at_level("INFO", logger="trainer.job"):
+        result = job.run(cfg)
     assert result.refused is None and result.version == 1
+    # The load report is logged before training starts, so its assumptions are seen at once.
+    logged = [r.getMessage() for r in caplog.records if r.name == "trainer.job"]
+    assert logged and logged[0].startswith(f"Dataset report: {path}") and "implicit feedback" in logged[0]
     artifacts.verify(root, 1, TRUST)
     assert result.report["pipeline"]["ndcg@10"] > result.report["baselines"]["popularity"]["ndcg@10"] * 0.8
     vocab = result.run.tables.vocab
