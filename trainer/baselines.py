@@ -302,13 +302,34 @@ class EaseSolution:
 
 
 def ease_fits(n_rows: int, n_items: int, use: str) -> bool:
-    """Whether EASE's dense matrices fit the limits above for an (n_rows, n_items) log; when not, logs
-    a warning that ``use`` (what needed EASE) is left out."""
-    fits = n_items <= MAX_EASE_ITEMS and n_rows * n_items <= MAX_DENSE_CELLS
+    """Whether EASE's help (``use``) is available for an (n_rows, n_items) log; when not, logs a warning
+    that it is left out. It is when the catalog fits EASE's dense item x item algebra
+    (``MAX_EASE_ITEMS``) and either the user x item scores fit in memory (``dense_scores_fit``) or the
+    solver works on the items side (items <= users), where any user's scores are one sparse row times
+    B (M, M), so they are computed by the batch instead (many users, a moderate catalog: a shop's log)."""
+    fits = n_items <= MAX_EASE_ITEMS and (dense_scores_fit(n_rows, n_items) or n_items <= n_rows)
     if not fits:
-        log.warning("%s left out: EASE needs at most %d items and %d user x item cells, got %d items and "
-                    "%d cells", use, MAX_EASE_ITEMS, MAX_DENSE_CELLS, n_items, n_rows * n_items)
+        log.warning("%s left out: EASE needs at most %d items, and at most %d user x item cells when there are "
+                    "fewer users than items; got %d items, %d users", use, MAX_EASE_ITEMS, MAX_DENSE_CELLS,
+                    n_items, n_rows)
     return fits
+
+
+def ease_scores_fit(n_rows: int, n_items: int, use: str) -> bool:
+    """``ease_fits`` for a ``use`` that needs every user's EASE scores at once, as one dense (n_rows, n_items)
+    matrix (``dense_scores_fit``); when not, logs a warning that it is left out."""
+    if not ease_fits(n_rows, n_items, use):
+        return False
+    if not dense_scores_fit(n_rows, n_items):
+        log.warning("%s left out: it needs every user's EASE scores at once, %d users x %d items, more than %d "
+                    "cells", use, n_rows, n_items, MAX_DENSE_CELLS)
+        return False
+    return True
+
+
+def dense_scores_fit(n_rows: int, n_items: int) -> bool:
+    """Whether every user's scores fit in one dense (n_rows, n_items) float32 matrix (``MAX_DENSE_CELLS``)."""
+    return n_rows * n_items <= MAX_DENSE_CELLS
 
 
 class EASE:
@@ -339,6 +360,35 @@ class EASE:
             raise RuntimeError("EASE.scores called before fit")
         user_idx = _check_index("user_idx", user_idx, self._solution.solver.train.shape[0])
         return self._solution.solver.scores(self._solution, user_idx)  # (B, M)
+
+
+def ease_score_factors(ease: EASE, rank: int, rng: np.random.Generator,
+                       iterations: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``rank`` factors (left (n, r) scaled by the singular values, right (m, r)) of a fitted items-side
+    EASE's scores S = X B on its training matrix, without forming S (n, m): the subspace iteration of
+    ``trainer.ranking_training.top_factors`` from the same seeded start, with S @ V as X (B V) and S.T @ U
+    as B.T (X.T U). For logs with more users than a dense (n, m) float32 matrix allows."""
+    solver = ease._solution.solver if ease._solution is not None else None
+    if solver is None or not solver.items_side:
+        raise ValueError("ease_score_factors needs an EASE fitted on the items side (items <= users)")
+    n, m = solver.train.shape
+    rank = min(rank, n, m)
+    xs = _torch_sparse(solver.train, torch.float32, "csr")
+    xt = xs.t().to_sparse_csr()
+    b = torch.as_tensor(ease.weights, dtype=torch.float32)
+
+    def times(v: torch.Tensor) -> torch.Tensor:                                       # S @ v, (n, k)
+        return _sparse_product(xs, b @ v)
+
+    def transposed_times(u: torch.Tensor) -> torch.Tensor:                            # S.T @ u, (m, k)
+        return b.T @ _sparse_product(xt, u)
+
+    basis = torch.as_tensor(rng.standard_normal((m, rank + 8)).astype(np.float32))    # (m, k)
+    for _ in range(iterations):
+        basis, _ = torch.linalg.qr(times(basis))
+        basis, _ = torch.linalg.qr(transposed_times(basis))
+    u, sigma, vt = torch.linalg.svd(times(basis), full_matrices=False)
+    return (u[:, :rank] * sigma[:rank]).numpy(), (basis @ vt[:rank].T).numpy()
 
 
 def rank_topk(scores: np.ndarray, exclude: Any, k: int) -> np.ndarray:

@@ -26,7 +26,8 @@ import torch
 
 from recsys_contracts.bundle import ScoreRule
 from trainer import metrics
-from trainer.baselines import EASE, SparseMatrix, ease_fits, rank_topk
+from trainer import baselines
+from trainer.baselines import EASE, SparseMatrix, dense_scores_fit, ease_fits, ease_score_factors, rank_topk
 from trainer.checkpoint import FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
@@ -89,6 +90,20 @@ class Rows:
         return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ROW_FIELDS), history=joined)
 
 
+def affinity_fits(tables: FeatureTables, width: int) -> bool:
+    """Whether the ranker gets EASE's affinity: EASE fits the log (``ease_fits``) and the factor tables the
+    program carries, (users + items) x ``width`` float32, stay within ``MAX_DENSE_CELLS`` (200 MB); a
+    warning says which limit left it out."""
+    n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
+    if not ease_fits(n_users, n_items, "ranker affinity"):
+        return False
+    if (n_users + n_items) * width > baselines.MAX_DENSE_CELLS:
+        log.warning("ranker affinity left out: its factor tables would hold (%d users + %d items) x %d floats, "
+                    "more than %d", n_users, n_items, width, baselines.MAX_DENSE_CELLS)
+        return False
+    return True
+
+
 def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
     rc = cfg.ranking
     return DCNConfig(
@@ -103,7 +118,8 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
         # retrieval_only serves retrieval's own order. Decided here, before the ranker exists, so a
         # catalog too large for EASE's dense algebra gets no (zero) factor tables in its program.
         affinity_rank=rc.affinity_rank if (rc.affinity == "ease" and cfg.multitask.mode == "separate"
-                                           and ease_fits(tables.vocab.n_users + 1, tables.vocab.n_items + 1, "ranker affinity")) else 0,
+                                           and affinity_fits(tables, rc.affinity_rank * (2 if rc.affinity_ratings else 1)))
+        else 0,
         affinity_channels=2 if rc.affinity_ratings else 1,
         n_genres=len(spec.item_genres) if rc.genre_cross else 0)
 
@@ -139,8 +155,8 @@ def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit
     training interactions ``train_rows``, standardised on ``fit_rows``: channel 0 EASE on the binary
     user x item matrix (``l2``); a second channel, where the ranker has one, EASE on the rating values
     (l2 scaled by the mean squared rating, so that it weighs the same against the Gram matrix). False
-    (the affinity left at zero) where the catalog or the user x item matrix is too large for EASE's
-    dense algebra."""
+    (the affinity left at zero) where the catalog is too large for EASE (``ease_fits``); past a dense
+    (users, items) matrix the factors come from ``ease_score_factors``."""
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
     if not ease_fits(n_users, n_items, "ranker affinity"):
         return False
@@ -155,7 +171,10 @@ def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit
     for channel, (values, channel_l2) in enumerate(inputs[:ranker.affinity_channels]):
         weighted = SparseMatrix.from_coo(users, items, (n_users, n_items), values.astype(np.float32))
         ease = EASE(channel_l2).fit(weighted)
-        left, right = top_factors(ease.scores(np.arange(n_users)), rank, rng)
+        if dense_scores_fit(n_users, n_items):
+            left, right = top_factors(ease.scores(np.arange(n_users)), rank, rng)
+        else:                               # many users: S = X B is never formed (ease_fits: items side)
+            left, right = ease_score_factors(ease, rank, rng)
         user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
         item_factors[:, channel * rank:channel * rank + right.shape[1]] = right
     ranker.set_affinity(torch.as_tensor(user_factors, device=device), torch.as_tensor(item_factors, device=device),

@@ -388,9 +388,11 @@ def test_a_catalog_too_large_for_ease_gets_no_affinity_tables(caplog):
 
     assert ease_fits(944, 1683, "ranker affinity")
     assert ease_fits(MAX_DENSE_CELLS // MAX_EASE_ITEMS, MAX_EASE_ITEMS, "ranker affinity")
+    # Many users and a moderate catalog: past a dense user x item matrix, but the items side needs none.
+    assert ease_fits(MAX_DENSE_CELLS // 1000 + 1, 1000, "ranker affinity")
     with caplog.at_level("WARNING", logger="trainer.baselines"):
-        assert not ease_fits(10, MAX_EASE_ITEMS + 1, "ranker affinity")
-        assert not ease_fits(MAX_DENSE_CELLS // 1000 + 1, 1000, "ranker affinity")
+        assert not ease_fits(10**6, MAX_EASE_ITEMS + 1, "ranker affinity")
+        assert not ease_fits(MAX_DENSE_CELLS // MAX_EASE_ITEMS + 1, MAX_EASE_ITEMS, "ranker affinity")  # users side
     assert "ranker affinity left out: EASE needs at most" in caplog.text
 
 
@@ -465,9 +467,50 @@ def test_distillation_is_left_out_with_a_warning_where_ease_does_not_fit(prepare
 
     with caplog.at_level("WARNING", logger="trainer.baselines"):
         assert distillation_teacher(prepared.train, 10, MAX_EASE_ITEMS, 50.0, 0.05, torch.device("cpu")) is None
+        assert distillation_teacher(prepared.train, MAX_DENSE_CELLS // MAX_EASE_ITEMS + 10, MAX_EASE_ITEMS - 1, 50.0, 0.05,
+                                    torch.device("cpu")) is None       # fewer users than items, too many cells
         assert distillation_teacher(prepared.train, MAX_DENSE_CELLS // 1000, 999, 50.0, 0.05,
-                                    torch.device("cpu")) is None
+                                    torch.device("cpu")) is None       # many users: every user's scores at once
     assert caplog.text.count("retrieval distillation left out: EASE needs at most") == 2
+    assert "retrieval distillation left out: it needs every user's EASE scores at once" in caplog.text
+
+
+def test_past_a_dense_user_x_item_matrix_the_teacher_and_the_affinity_are_computed_without_one(monkeypatch):
+    """A log with many users and a moderate catalog (a shop's) used to lose the ranker's EASE affinity: it
+    formed every user's scores densely. Past ``MAX_DENSE_CELLS`` (lowered here so that this log is past it)
+    the affinity's factors come from products with X and B: the same numbers as the dense path."""
+    from trainer import baselines
+    from trainer.models.dcn import DCNRanker
+    from trainer.ranking_training import Rows, dcn_config, fit_affinity
+
+    prepared = prepare.prepare(load_config(None, ["features.history_length=20", "run.threads=1"]),
+                               generate(300, 100, 6000, seed=5))         # more users than items
+    vocab, train = prepared.vocab, prepared.train
+    cfg = load_config(None, ["ranking.affinity_rank=16"])
+    train_rows = Rows(train.users, train.items, train.timestamps, np.zeros(train.users.size, np.float32),
+                      np.ones(train.users.size, np.float32), train.ratings)
+    rng = np.random.default_rng(0)
+    fit = Rows(rng.integers(1, vocab.n_users + 1, 300), rng.integers(1, vocab.n_items + 1, 300),
+               np.zeros(300, np.int64), np.zeros(300, np.float32), np.zeros(300, np.float32),
+               np.full(300, np.nan, np.float32))
+
+    def affinity() -> np.ndarray:
+        ranker = DCNRanker(dcn_config(cfg, prepared.spec, prepared.tables))
+        assert fit_affinity(ranker, prepared.tables, train_rows, fit, 50.0, np.random.default_rng(0),
+                            torch.device("cpu"))
+        return ranker.affinity(torch.as_tensor(fit.users), torch.as_tensor(fit.items)).detach().numpy()
+
+    dense_affinity = affinity()
+    assert vocab.n_items <= vocab.n_users                    # the items side: what makes the rows cheap
+    monkeypatch.setattr(baselines, "MAX_DENSE_CELLS", (vocab.n_users + 1) * (vocab.n_items + 1) - 1)
+    assert np.allclose(affinity(), dense_affinity, atol=1e-3)
+    # The program carries (users + items) x width factor floats: past MAX_DENSE_CELLS of them, no affinity.
+    from trainer.ranking_training import affinity_fits
+    width = (vocab.n_users + 1 + vocab.n_items + 1) * 32
+    assert affinity_fits(prepared.tables, 32)
+    monkeypatch.setattr(baselines, "MAX_DENSE_CELLS", width - 1)
+    assert not affinity_fits(prepared.tables, 32)
+    assert DCNRanker(dcn_config(cfg, prepared.spec, prepared.tables)).affinity_rank == 0
 
 
 def test_affinity_factors_reproduce_ease_scores_and_are_standardised(prepared):
@@ -887,3 +930,22 @@ def test_the_ranker_trains_on_capped_epochs_and_the_default_cap_leaves_small_log
     assert runs["0"][0] > two + 3                            # uncapped epochs take more than two steps here
     assert runs[None] == runs["0"]                           # the default cap changes nothing on a small log
     assert load_config(None, []).ranking.max_rows_per_epoch == 200_000
+
+
+def test_ease_score_factors_are_the_dense_factors_without_the_dense_scores():
+    from trainer.baselines import EASE, SparseMatrix, ease_score_factors
+    from trainer.ranking_training import top_factors
+
+    rng = np.random.default_rng(0)
+    dense = rng.random((300, 120)) < 0.08
+    users, items = np.nonzero(dense)
+    ease = EASE(50.0).fit(SparseMatrix.from_coo(users, items, dense.shape))
+    scores = ease.scores(np.arange(300))
+    left, right = top_factors(scores, 16, np.random.default_rng(3))
+    implicit_left, implicit_right = ease_score_factors(ease, 16, np.random.default_rng(3))
+    assert implicit_left.shape == (300, 16) and implicit_right.shape == (120, 16)
+    assert np.abs(left @ right.T - implicit_left @ implicit_right.T).max() < 1e-4
+    assert np.abs(scores - left @ right.T).max() > 1e-2                     # rank 16 is not exact: a real test
+    wide = EASE(50.0).fit(SparseMatrix.from_coo(items, users, dense.T.shape))   # 120 users x 300 items
+    with pytest.raises(ValueError, match="needs an EASE fitted on the items side"):
+        ease_score_factors(wide, 16, np.random.default_rng(3))
