@@ -303,15 +303,13 @@ class EaseSolution:
 
 def ease_fits(n_rows: int, n_items: int, use: str) -> bool:
     """Whether EASE's help (``use``) is available for an (n_rows, n_items) log; when not, logs a warning
-    that it is left out. It is when the catalog fits EASE's dense item x item algebra
-    (``MAX_EASE_ITEMS``) and either the user x item scores fit in memory (``dense_scores_fit``) or the
-    solver works on the items side (items <= users), where any user's scores are one sparse row times
-    B (M, M), so they are computed by the batch instead (many users, a moderate catalog: a shop's log)."""
-    fits = n_items <= MAX_EASE_ITEMS and (dense_scores_fit(n_rows, n_items) or n_items <= n_rows)
+    that it is left out. It is when the catalog fits EASE's dense algebra (``MAX_EASE_ITEMS``: the solver
+    inverts the smaller of the item x item and user x user Gram matrices). A ``use`` that needs every
+    user's scores at once checks ``ease_scores_fit`` instead; the ranker's affinity does not
+    (``ease_score_factors``)."""
+    fits = n_items <= MAX_EASE_ITEMS
     if not fits:
-        log.warning("%s left out: EASE needs at most %d items, and at most %d user x item cells when there are "
-                    "fewer users than items; got %d items, %d users", use, MAX_EASE_ITEMS, MAX_DENSE_CELLS,
-                    n_items, n_rows)
+        log.warning("%s left out: EASE needs at most %d items, got %d", use, MAX_EASE_ITEMS, n_items)
     return fits
 
 
@@ -364,24 +362,36 @@ class EASE:
 
 def ease_score_factors(ease: EASE, rank: int, rng: np.random.Generator,
                        iterations: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-``rank`` factors (left (n, r) scaled by the singular values, right (m, r)) of a fitted items-side
-    EASE's scores S = X B on its training matrix, without forming S (n, m): the subspace iteration of
-    ``trainer.ranking_training.top_factors`` from the same seeded start, with S @ V as X (B V) and S.T @ U
-    as B.T (X.T U). For logs with more users than a dense (n, m) float32 matrix allows."""
-    solver = ease._solution.solver if ease._solution is not None else None
-    if solver is None or not solver.items_side:
-        raise ValueError("ease_score_factors needs an EASE fitted on the items side (items <= users)")
+    """Rank-``rank`` factors (left (n, r) scaled by the singular values, right (m, r)) of a fitted EASE's
+    scores S on its training matrix X, without forming S (n, m): the subspace iteration of
+    ``trainer.ranking_training.top_factors`` from the same seeded start, with S @ V and S.T @ U as products
+    with the sparse X and the solver's inverse. Items side: S = X B, so S V = X (B V) and S.T U = B.T (X.T U).
+    Users side (``EaseSolver``): S = X - l2 C X D with D = diag(1 / normaliser), so S V = X V - l2 C (X (D V))
+    and S.T U = X.T U - l2 D (X.T (C U)), C symmetric. For logs whose scores would not fit one dense (n, m)
+    float32 matrix."""
+    if ease._solution is None:
+        raise RuntimeError("ease_score_factors called before EASE.fit")
+    solution = ease._solution
+    solver = solution.solver
     n, m = solver.train.shape
     rank = min(rank, n, m)
     xs = _torch_sparse(solver.train, torch.float32, "csr")
     xt = xs.t().to_sparse_csr()
-    b = torch.as_tensor(ease.weights, dtype=torch.float32)
+    inverse = solution.inverse.to(torch.float32)                                      # B (m, m) or C (n, n)
+    if solver.items_side:
+        def times(v: torch.Tensor) -> torch.Tensor:                                   # S @ v, (n, k)
+            return _sparse_product(xs, inverse @ v)
 
-    def times(v: torch.Tensor) -> torch.Tensor:                                       # S @ v, (n, k)
-        return _sparse_product(xs, b @ v)
+        def transposed_times(u: torch.Tensor) -> torch.Tensor:                        # S.T @ u, (m, k)
+            return inverse.T @ _sparse_product(xt, u)
+    else:
+        scale = (solution.l2 / solution.normaliser).to(torch.float32).unsqueeze(1)    # l2 D, (m, 1)
 
-    def transposed_times(u: torch.Tensor) -> torch.Tensor:                            # S.T @ u, (m, k)
-        return b.T @ _sparse_product(xt, u)
+        def times(v: torch.Tensor) -> torch.Tensor:
+            return _sparse_product(xs, v) - inverse @ _sparse_product(xs, scale * v)
+
+        def transposed_times(u: torch.Tensor) -> torch.Tensor:
+            return _sparse_product(xt, u) - scale * _sparse_product(xt, inverse @ u)
 
     basis = torch.as_tensor(rng.standard_normal((m, rank + 8)).astype(np.float32))    # (m, k)
     for _ in range(iterations):

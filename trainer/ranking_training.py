@@ -173,7 +173,7 @@ def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit
         ease = EASE(channel_l2).fit(weighted)
         if dense_scores_fit(n_users, n_items):
             left, right = top_factors(ease.scores(np.arange(n_users)), rank, rng)
-        else:                               # many users: S = X B is never formed (ease_fits: items side)
+        else:                               # past a dense (users, items) matrix: S is never formed
             left, right = ease_score_factors(ease, rank, rng)
         user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
         item_factors[:, channel * rank:channel * rank + right.shape[1]] = right

@@ -388,11 +388,12 @@ def test_a_catalog_too_large_for_ease_gets_no_affinity_tables(caplog):
 
     assert ease_fits(944, 1683, "ranker affinity")
     assert ease_fits(MAX_DENSE_CELLS // MAX_EASE_ITEMS, MAX_EASE_ITEMS, "ranker affinity")
-    # Many users and a moderate catalog: past a dense user x item matrix, but the items side needs none.
+    # Past a dense user x item matrix the affinity needs none (ease_score_factors), on either side.
     assert ease_fits(MAX_DENSE_CELLS // 1000 + 1, 1000, "ranker affinity")
+    assert ease_fits(MAX_DENSE_CELLS // MAX_EASE_ITEMS + 1, MAX_EASE_ITEMS, "ranker affinity")
     with caplog.at_level("WARNING", logger="trainer.baselines"):
         assert not ease_fits(10**6, MAX_EASE_ITEMS + 1, "ranker affinity")
-        assert not ease_fits(MAX_DENSE_CELLS // MAX_EASE_ITEMS + 1, MAX_EASE_ITEMS, "ranker affinity")  # users side
+        assert not ease_fits(10, MAX_EASE_ITEMS + 1, "ranker affinity")
     assert "ranker affinity left out: EASE needs at most" in caplog.text
 
 
@@ -471,8 +472,8 @@ def test_distillation_is_left_out_with_a_warning_where_ease_does_not_fit(prepare
                                     torch.device("cpu")) is None       # fewer users than items, too many cells
         assert distillation_teacher(prepared.train, MAX_DENSE_CELLS // 1000, 999, 50.0, 0.05,
                                     torch.device("cpu")) is None       # many users: every user's scores at once
-    assert caplog.text.count("retrieval distillation left out: EASE needs at most") == 2
-    assert "retrieval distillation left out: it needs every user's EASE scores at once" in caplog.text
+    assert caplog.text.count("retrieval distillation left out: EASE needs at most") == 1
+    assert caplog.text.count("retrieval distillation left out: it needs every user's EASE scores at once") == 2
 
 
 def test_past_a_dense_user_x_item_matrix_the_teacher_and_the_affinity_are_computed_without_one(monkeypatch):
@@ -501,7 +502,7 @@ def test_past_a_dense_user_x_item_matrix_the_teacher_and_the_affinity_are_comput
         return ranker.affinity(torch.as_tensor(fit.users), torch.as_tensor(fit.items)).detach().numpy()
 
     dense_affinity = affinity()
-    assert vocab.n_items <= vocab.n_users                    # the items side: what makes the rows cheap
+    assert vocab.n_items <= vocab.n_users                    # the items side (the users side: the test below)
     monkeypatch.setattr(baselines, "MAX_DENSE_CELLS", (vocab.n_users + 1) * (vocab.n_items + 1) - 1)
     assert np.allclose(affinity(), dense_affinity, atol=1e-3)
     # The program carries (users + items) x width factor floats: past MAX_DENSE_CELLS of them, no affinity.
@@ -946,6 +947,11 @@ def test_ease_score_factors_are_the_dense_factors_without_the_dense_scores():
     assert implicit_left.shape == (300, 16) and implicit_right.shape == (120, 16)
     assert np.abs(left @ right.T - implicit_left @ implicit_right.T).max() < 1e-4
     assert np.abs(scores - left @ right.T).max() > 1e-2                     # rank 16 is not exact: a real test
-    wide = EASE(50.0).fit(SparseMatrix.from_coo(items, users, dense.T.shape))   # 120 users x 300 items
-    with pytest.raises(ValueError, match="needs an EASE fitted on the items side"):
-        ease_score_factors(wide, 16, np.random.default_rng(3))
+    # The users side (120 users x 300 items): S = X - l2 C X D through C (120, 120), the same factors.
+    wide = EASE(50.0).fit(SparseMatrix.from_coo(items, users, dense.T.shape))
+    assert not wide._solution.solver.items_side
+    wide_left, wide_right = top_factors(wide.scores(np.arange(120)), 16, np.random.default_rng(3))
+    implicit_left, implicit_right = ease_score_factors(wide, 16, np.random.default_rng(3))
+    assert np.abs(wide_left @ wide_right.T - implicit_left @ implicit_right.T).max() < 1e-4
+    with pytest.raises(RuntimeError, match="called before EASE.fit"):
+        ease_score_factors(EASE(50.0), 16, np.random.default_rng(3))
