@@ -572,6 +572,29 @@ def test_a_log_that_is_not_utf8_is_read_as_latin1_with_every_id_kept_distinct(tm
     assert sorted(load_interactions(plain).interactions["user_id"].unique()) == ["Zoe", "Zoë", "Анна"]
 
 
+@pytest.mark.parametrize("name", ["events.jsonl", "events.ndjson.gz"])
+def test_json_lines_logs_are_read_with_the_usual_spellings(tmp_path, name):
+    """Event exports are often JSON Lines; they were read as CSV and failed on the first brace."""
+    text = ('{"user": "u1", "item_id": "007", "rating": 4, "ts": "2024-01-01T10:00:00Z"}\n'
+            '{"user": "u2", "item_id": "7", "rating": 3.5, "ts": "2024-01-02T10:00:00Z"}\n\n'
+            '{"user": "u1", "item_id": "8", "rating": 5, "ts": "2024-01-03T10:00:00Z"}\n')
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    data = load_interactions(path)
+    assert data.name == "events" and len(data.interactions) == 3
+    assert sorted(data.items["title"]) == ["007", "7", "8"]                  # ids as written: leading zeros kept
+    assert sorted(data.interactions["timestamp"].tolist()) == [1704103200, 1704189600, 1704276000]
+    assert "column 'ts' read as timestamp (a usual spelling; set data.column_map to choose)" in data.report.warnings
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"user": "u1", "item_id": 1}\n{"user": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl: not JSON Lines \(one object per line\)"):
+        load_interactions(broken)
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"user": "u1", "item_id": 1, "rating": 4}\n{"user": "u2", "item_id": 2}\n')
+    with pytest.raises(DataError, match=r"missing.jsonl, row 2, column 'rating': rating is missing"):
+        load_interactions(missing)
+
+
 def test_generic_epoch_seconds_with_fractions_are_floored_with_a_note(tmp_path):
     """Unix seconds with a fraction (``time.time()`` dumps, event exports) were refused: "timestamp must be
     an integer, got 1600000037.25". They are floored to whole seconds, as milliseconds and ISO times are."""

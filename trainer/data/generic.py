@@ -34,6 +34,7 @@ from trainer.data.dataset import (
 )
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 TAB_SUFFIXES = (".tsv", ".tab")
 
 
@@ -138,7 +139,7 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
                         items=items, dropped=dropped, warnings=notes)
 
 
-LOG_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".dat", *PARQUET_SUFFIXES)
+LOG_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".dat", *PARQUET_SUFFIXES, ".jsonl", ".ndjson")
 
 
 def logs_in(folder: Path) -> list[Path]:
@@ -345,6 +346,8 @@ def _read(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[s
     A CSV that is not valid UTF-8 (a Windows or older export) is read as Latin-1, with a note: Latin-1 maps
     every byte to one character, so each id stays itself and distinct whatever the file's real encoding;
     only the spelling of non-ASCII titles may differ."""
+    if _base_suffix(path) in JSON_LINES_SUFFIXES:
+        return _read_json_lines(path, source_names, mapping, notes)
     if path.suffix.lower() not in PARQUET_SUFFIXES:
         sep = detect_separator(path, sep)
         names_before, notes_before = dict(source_names), len(notes)
@@ -362,6 +365,28 @@ def _read(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[s
         raise DataError(f"{path}: file not found")
     raw = pd.read_parquet(path)
     raw.index = pd.RangeIndex(1, len(raw) + 1, name="row")
+    _resolve_aliases(raw, source_names, mapping, notes)
+    return raw, 0
+
+
+def _base_suffix(path: Path) -> str:
+    """The suffix under any compression suffix: ``events.jsonl.gz`` -> ``.jsonl``."""
+    return (path.with_suffix("") if path.suffix.lower() in COMPRESSED else path).suffix.lower()
+
+
+def _read_json_lines(path: Path, source_names: dict[str, str], mapping: Mapping[str, str],
+                     notes: list[str]) -> tuple[pd.DataFrame, int]:
+    """``_read`` for JSON Lines (one object per line, e.g. an event export; compressed too): indexed by
+    object, ids kept as written (numbers or strings); blank lines are skipped."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        raw = pd.read_json(path, lines=True, dtype=False)
+    except ValueError as error:
+        raise DataError(f"{path}: not JSON Lines (one object per line): {error}") from None
+    if raw.empty:
+        raise DataError(f"{path}: no interactions (the file is empty)")
+    raw.index = pd.RangeIndex(1, len(raw) + 1, name="row")         # the n-th object (blank lines skipped)
     _resolve_aliases(raw, source_names, mapping, notes)
     return raw, 0
 
