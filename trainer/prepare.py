@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 
 from trainer.config import TrainConfig
-from trainer.data import (DataError, Dataset, data_dir_from_env, ensure_movielens, load_interactions, load_movielens,
-                          logs_in)
+from trainer.data import (DataError, Dataset, data_dir_from_env, ensure_movielens, is_movielens_folder,
+                          load_interactions, load_movielens, logs_in)
 from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab
 from trainer.full_ranking import EvalTarget, make_target, sample_users
 from trainer.retrieval_training import Interactions
@@ -42,7 +42,6 @@ HEADLINE_K = 10
 # Fewer validation or test users than this: the log is too small to stop training on or to evaluate
 # (the ranker splits the validation users' items in two halves).
 MIN_EVAL_USERS = 2
-MOVIELENS_RATINGS = ("u.data", "ratings.dat", "ratings.csv")     # what makes a folder a MovieLens one
 SEPARATOR_NAMES = {"auto": "auto", "comma": ",", "tab": "\t", "semicolon": ";", "pipe": "|", "space": " "}
 
 
@@ -57,11 +56,11 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
             path = ensure_movielens(name, data_dir)
     notes = []
     if path.is_dir():
-        if any((path / name).is_file() for name in MOVIELENS_RATINGS):
+        if is_movielens_folder(path):
             return load_movielens(path)
         found = logs_in(path)
         if len(found) != 1:
-            raise DataError(f"{path}: not a MovieLens folder (no {' / '.join(MOVIELENS_RATINGS)}) and not a folder "
+            raise DataError(f"{path}: not a MovieLens folder (no u.data / ratings.dat / ratings.csv) and not a folder "
                             f"with one log file: it holds {[p.name for p in found][:10]}; pass the log itself "
                             "with --dataset FILE")
         notes.append(f"the folder {path} holds one log file, {found[0].name}: read as a generic log")

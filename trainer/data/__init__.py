@@ -10,10 +10,10 @@ Nothing here knows about features, models or the services.
 from trainer.data.dataset import DataError, Dataset, LoadReport, validate_interactions
 from trainer.data.download import data_dir_from_env, ensure_movielens
 from trainer.data.generic import load_interactions, logs_in
-from trainer.data.movielens import load_movielens
+from trainer.data.movielens import is_movielens_folder, load_movielens
 from trainer.data.synthetic import generate, write_movielens_like
 
 __all__ = [
     "DataError", "Dataset", "LoadReport", "data_dir_from_env", "ensure_movielens", "generate",
-    "load_interactions", "load_movielens", "logs_in", "validate_interactions", "write_movielens_like",
+    "is_movielens_folder", "load_interactions", "load_movielens", "logs_in", "validate_interactions", "write_movielens_like",
 ]

@@ -134,7 +134,7 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
             raise DataError(f"{error}; or drop every such row (counted in the load report) with "
                             "--set data.bad_rows=drop") from None
         raise
-    name = (path.with_suffix("") if path.suffix.lower() in COMPRESSED else path).stem    # ratings.csv.gz: ratings
+    name = _uncompressed(path).stem                                      # ratings.csv.gz: ratings
     return make_dataset(name, interactions, source=str(path), rows_read=len(raw) + blank,
                         items=items, dropped=dropped, warnings=notes)
 
@@ -147,7 +147,7 @@ def logs_in(folder: Path) -> list[Path]:
     possibly compressed (``COMPRESSED``), hidden files and READMEs left out; sorted by name."""
     found = []
     for path in sorted(folder.iterdir()):
-        base = path.with_suffix("") if path.suffix.lower() in COMPRESSED else path
+        base = _uncompressed(path)
         if (path.is_file() and not path.name.startswith(".") and not base.stem.lower().startswith("readme")
                 and base.suffix.lower() in LOG_SUFFIXES):
             found.append(path)
@@ -260,7 +260,7 @@ def detect_separator(path: Path, sep: str = "auto") -> str:
     if sep != "auto":
         return sep
     compressed = COMPRESSED.get(path.suffix.lower())
-    if (path.with_suffix("") if compressed else path).suffix.lower() in TAB_SUFFIXES:
+    if _uncompressed(path).suffix.lower() in TAB_SUFFIXES:
         return "\t"
     try:
         # A compressed log (.gz, .bz2, .xz, a one-file .zip: pandas reads them as such) is sniffed through
@@ -346,7 +346,7 @@ def _read(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[s
     A CSV that is not valid UTF-8 (a Windows or older export) is read as Latin-1, with a note: Latin-1 maps
     every byte to one character, so each id stays itself and distinct whatever the file's real encoding;
     only the spelling of non-ASCII titles may differ."""
-    if _base_suffix(path) in JSON_LINES_SUFFIXES:
+    if _uncompressed(path).suffix.lower() in JSON_LINES_SUFFIXES:
         return _read_json_lines(path, source_names, mapping, notes)
     if path.suffix.lower() not in PARQUET_SUFFIXES:
         sep = detect_separator(path, sep)
@@ -363,15 +363,20 @@ def _read(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[s
             return _read_csv(path, sep, source_names, mapping, notes, "latin-1")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    raw = pd.read_parquet(path)
+    return _by_row(pd.read_parquet(path), source_names, mapping, notes)
+
+
+def _by_row(raw: pd.DataFrame, source_names: dict[str, str], mapping: Mapping[str, str],
+            notes: list[str]) -> tuple[pd.DataFrame, int]:
+    """A table read whole (Parquet, JSON Lines) indexed by row from 1, its aliases resolved; no blank lines."""
     raw.index = pd.RangeIndex(1, len(raw) + 1, name="row")
     _resolve_aliases(raw, source_names, mapping, notes)
     return raw, 0
 
 
-def _base_suffix(path: Path) -> str:
-    """The suffix under any compression suffix: ``events.jsonl.gz`` -> ``.jsonl``."""
-    return (path.with_suffix("") if path.suffix.lower() in COMPRESSED else path).suffix.lower()
+def _uncompressed(path: Path) -> Path:
+    """The name under any compression suffix: ``events.jsonl.gz`` -> ``events.jsonl``."""
+    return path.with_suffix("") if path.suffix.lower() in COMPRESSED else path
 
 
 def _read_json_lines(path: Path, source_names: dict[str, str], mapping: Mapping[str, str],
@@ -386,9 +391,7 @@ def _read_json_lines(path: Path, source_names: dict[str, str], mapping: Mapping[
         raise DataError(f"{path}: not JSON Lines (one object per line): {error}") from None
     if raw.empty:
         raise DataError(f"{path}: no interactions (the file is empty)")
-    raw.index = pd.RangeIndex(1, len(raw) + 1, name="row")         # the n-th object (blank lines skipped)
-    _resolve_aliases(raw, source_names, mapping, notes)
-    return raw, 0
+    return _by_row(raw, source_names, mapping, notes)                  # row n: the n-th object
 
 
 def _read_csv(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[str, str],

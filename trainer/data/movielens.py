@@ -38,6 +38,11 @@ _BLANK = "blank line"
 _NO_MOVIES = "no {name}: the items have no titles or genres"
 
 
+def is_movielens_folder(path: Path) -> bool:
+    """Whether ``path`` holds one of the MovieLens ratings files ``load_movielens`` reads."""
+    return any((path / name).is_file() for name in ("u.data", "ratings.dat", "ratings.csv"))
+
+
 def load_movielens(path: Path | str) -> Dataset:
     """Load a MovieLens folder (100K, 1M/10M or latest/20M/25M layout) into a Dataset."""
     path = Path(path)
