@@ -37,7 +37,7 @@ from trainer.inputs import item_inputs, user_inputs
 from trainer.losses import optimizer_step, ranking_losses
 from trainer.models.dcn import DCNConfig, DCNRanker
 from trainer.progress import progress_bar
-from trainer.retrieval_training import item_embeddings
+from trainer.retrieval_training import EarlyStop, item_embeddings
 
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ ROW_FIELDS = ("users", "items", "timestamps", "scores", "clicks", "ratings")
 class Rows:
     """Row-aligned ranker examples (all (R,)): user, item, timestamp, retrieval score, labels; and,
     where the example's history is not the user's training history (training-log folds), that
-    history's most recent items (R, W) (oldest first, 0-padded)."""
+    history's most recent items (R, W) (oldest first, 0-padded); and, where the example's affinity is
+    not the ranker's tables' (training-log folds, ``fold_affinities``), its raw affinities (R, C)."""
 
     users: np.ndarray
     items: np.ndarray
@@ -71,23 +72,41 @@ class Rows:
     clicks: np.ndarray          # 1 = interacted, 0 = retrieved but not taken
     ratings: np.ndarray         # observed rating, NaN where none
     history: np.ndarray | None = None
+    affinity: np.ndarray | None = None
 
     def take(self, index: np.ndarray) -> "Rows":
         return Rows(*(getattr(self, f)[index] for f in ROW_FIELDS),
-                    history=None if self.history is None else self.history[index])
+                    history=None if self.history is None else self.history[index],
+                    affinity=None if self.affinity is None else self.affinity[index])
 
     def with_history(self, tables: FeatureTables, width: int) -> "Rows":
         """These rows with an explicit (R, width) history: their own, else the users' training history."""
         # Sliced before the gather: only the last ``width`` of the H stored columns are copied.
         history = self.history if self.history is not None else tables.history[:, -width:][self.users]
-        return Rows(*(getattr(self, f) for f in ROW_FIELDS), history=history[:, -width:])
+        return Rows(*(getattr(self, f) for f in ROW_FIELDS), history=history[:, -width:], affinity=self.affinity)
+
+    def with_affinity(self, affinity: np.ndarray) -> "Rows":
+        return Rows(*(getattr(self, f) for f in ROW_FIELDS), history=self.history, affinity=affinity)
 
     @staticmethod
     def concat(parts: list["Rows"]) -> "Rows":
-        """The rows of ``parts`` one after the other; all with a history of one width, or none."""
-        histories = [p.history for p in parts]
-        joined = None if any(h is None for h in histories) else np.concatenate(histories)
-        return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ROW_FIELDS), history=joined)
+        """The rows of ``parts`` one after the other; all with a history of one width, or none (and the
+        same for the affinities)."""
+        def joined(field: str) -> np.ndarray | None:
+            arrays = [getattr(p, field) for p in parts]
+            return None if any(a is None for a in arrays) else np.concatenate(arrays)
+        return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ROW_FIELDS),
+                    history=joined("history"), affinity=joined("affinity"))
+
+
+@dataclass(frozen=True, eq=False)
+class Folds:
+    """Ranker examples from training-log folds (``fold_rows``): the rows of every fold one after the
+    other, each row's fold (R,), and each fold's hidden training entries as (user, item) pairs."""
+
+    rows: Rows
+    fold: np.ndarray
+    hidden: tuple[tuple[np.ndarray, np.ndarray], ...]
 
 
 def affinity_fits(tables: FeatureTables, width: int) -> bool:
@@ -149,26 +168,21 @@ def top_factors(scores: np.ndarray, rank: int, rng: np.random.Generator,
     return (u[:, :rank] * sigma[:rank]).numpy(), (basis @ vt[:rank].T).numpy()
 
 
-def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit_rows: Rows, l2: float,
-                 rng: np.random.Generator, device: torch.device) -> bool:
-    """Fills the ranker's affinity factors with low-rank factorisations of EASE's scores on the
-    training interactions ``train_rows``, standardised on ``fit_rows``: channel 0 EASE on the binary
-    user x item matrix (``l2``); a second channel, where the ranker has one, EASE on the rating values
-    (l2 scaled by the mean squared rating, so that it weighs the same against the Gram matrix). False
-    (the affinity left at zero) where the catalog is too large for EASE (``ease_fits``); past a dense
-    (users, items) matrix the factors come from ``ease_score_factors``."""
-    n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
-    if not ease_fits(n_users, n_items, "ranker affinity"):
-        return False
+def affinity_factors(train_rows: Rows, n_users: int, n_items: int, rank: int, channels: int, l2: float,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """User and item factor tables ((n_users, channels * rank), (n_items, channels * rank), channel blocks
+    of ``rank`` columns) of low-rank factorisations of EASE's scores on the training interactions
+    ``train_rows``: channel 0 EASE on the binary user x item matrix (``l2``); channel 1 EASE on the rating
+    values (l2 scaled by the mean squared rating, so that it weighs the same against the Gram matrix).
+    Past a dense (users, items) matrix the factors come from ``ease_score_factors``."""
     # Each (user, item) pair once, with its last rating (non-finite ratings count as 1).
     _, last = last_per_pair(train_rows.users, train_rows.items, n_items)
     users, items = train_rows.users[last], train_rows.items[last]
     ratings = np.nan_to_num(np.asarray(train_rows.ratings, np.float64)[last], nan=1.0, posinf=1.0, neginf=1.0)
     inputs = [(np.ones(last.size), l2), (ratings, l2 * max(float(np.mean(ratings ** 2)), 1e-12) if last.size else l2)]
-    rank = ranker.affinity_rank
-    user_factors = np.zeros((n_users, ranker.affinity_channels * rank), np.float32)
-    item_factors = np.zeros((n_items, ranker.affinity_channels * rank), np.float32)
-    for channel, (values, channel_l2) in enumerate(inputs[:ranker.affinity_channels]):
+    user_factors = np.zeros((n_users, channels * rank), np.float32)
+    item_factors = np.zeros((n_items, channels * rank), np.float32)
+    for channel, (values, channel_l2) in enumerate(inputs[:channels]):
         weighted = SparseMatrix.from_coo(users, items, (n_users, n_items), values.astype(np.float32))
         ease = EASE(channel_l2).fit(weighted)
         if dense_scores_fit(n_users, n_items):
@@ -177,9 +191,43 @@ def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit
             left, right = ease_score_factors(ease, rank, rng)
         user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
         item_factors[:, channel * rank:channel * rank + right.shape[1]] = right
+    return user_factors, item_factors
+
+
+def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit_rows: Rows, l2: float,
+                 rng: np.random.Generator, device: torch.device) -> bool:
+    """Fills the ranker's affinity factors with ``affinity_factors`` of the training interactions
+    ``train_rows``, standardised on ``fit_rows``. False (the affinity left at zero) where the catalog is
+    too large for EASE (``ease_fits``)."""
+    n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
+    if not ease_fits(n_users, n_items, "ranker affinity"):
+        return False
+    user_factors, item_factors = affinity_factors(train_rows, n_users, n_items, ranker.affinity_rank,
+                                                  ranker.affinity_channels, l2, rng)
     ranker.set_affinity(torch.as_tensor(user_factors, device=device), torch.as_tensor(item_factors, device=device),
                         torch.as_tensor(fit_rows.users, device=device), torch.as_tensor(fit_rows.items, device=device))
     return True
+
+
+def fold_affinities(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, folds: Folds, l2: float,
+                    seed: int) -> np.ndarray:
+    """The raw affinities (R, C) of the fold rows, each fold's from ``affinity_factors`` refitted on the
+    training interactions without the entries that fold hid. With the ranker's own tables, fitted on every
+    training interaction, a fold's hidden positives carry the affinity of a pair EASE has learnt to
+    reproduce, not that of an unseen one, and the ranker learns to trust the affinity more than a served
+    candidate deserves."""
+    n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
+    keys = train_rows.users.astype(np.int64) * n_items + train_rows.items
+    raw = np.zeros((folds.rows.users.size, ranker.affinity_channels), np.float32)
+    for fold, (users, items) in enumerate(folds.hidden):
+        kept = ~np.isin(keys, users.astype(np.int64) * n_items + items)
+        user_factors, item_factors = affinity_factors(train_rows.take(np.flatnonzero(kept)), n_users, n_items,
+                                                      ranker.affinity_rank, ranker.affinity_channels, l2,
+                                                      np.random.default_rng(seed))
+        rows = np.flatnonzero(folds.fold == fold)
+        product = user_factors[folds.rows.users[rows]] * item_factors[folds.rows.items[rows]]
+        raw[rows] = product.reshape(rows.size, ranker.affinity_channels, ranker.affinity_rank).sum(axis=2)
+    return raw
 
 
 def minimise(parameters: list[torch.Tensor], loss: Callable[[], torch.Tensor], iterations: int) -> None:
@@ -308,7 +356,7 @@ def _recent_fold(user_items, entry_user: np.ndarray, fold: int, share: float | N
 
 @torch.no_grad()
 def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarray, rc, width: int,
-              rng: np.random.Generator, device: torch.device, recent_share: float | None | bool = False) -> Rows | None:
+              rng: np.random.Generator, device: torch.device, recent_share: float | None | bool = False) -> Folds | None:
     """Ranker examples from ``rc.folds`` folds of the training log (``ranking.folds``): each hides part
     of the training items of up to ``rc.fold_users`` users, retrieves for them with the history that
     remains (every item not hidden excluded, as seen items are when serving), and turns the hidden
@@ -318,7 +366,8 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
     ``recent_share`` False: each fold hides a random ``rc.fold_share`` of the items. Otherwise fold f
     hides each user's f-th most recent window (``_recent_fold``: one item when ``recent_share`` is
     None, as leave-one-out tests, else that share, as the temporal protocol does) with the items
-    before it as the history: the next-item task."""
+    before it as the history: the next-item task. The folds also name the entries they hid, so that the
+    ranker can refit EASE's affinity without them (``fold_affinities``)."""
     item_emb = item_embeddings(two_tower, tables, device)                                      # (m+1, D)
     temperature = float(two_tower.temperature.detach())
     n_entries = user_items.items.size
@@ -328,7 +377,7 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
         return None
     length = tables.history.shape[1]
     width = min(width, length)           # as ``Rows.with_history`` slices the training history
-    parts = []
+    parts, fold_of, hidden_pairs = [], [], []
     for fold in range(rc.folds):
         if recent_share is False:
             hidden = rng.random(n_entries) < rc.fold_share
@@ -362,7 +411,9 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
                      np.full(int(take.sum()), np.nan, np.float32))
         rows = click_rows(positives, candidates, rc.negatives_per_positive, rng, rc.negative_pool)
         parts.append(Rows(*(getattr(rows, f) for f in ROW_FIELDS), history=histories[rows.users]))
-    return Rows.concat(parts)
+        fold_of.append(np.full(rows.users.size, fold, dtype=np.int64))
+        hidden_pairs.append((entry_user[take], user_items.items[take]))
+    return Folds(Rows.concat(parts), np.concatenate(fold_of), tuple(hidden_pairs))
 
 
 @torch.no_grad()
@@ -541,7 +592,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
                device: torch.device, ctx: Distributed,
                rating_scores: Callable[[np.ndarray], np.ndarray] | None = None,
-               folds: Rows | None = None) -> tuple[DCNRanker, FitHistory]:
+               folds: Folds | None = None) -> tuple[DCNRanker, FitHistory]:
     """Trains the DCN; returns the best epoch's ranker by the pipeline's NDCG@10 on the stopping half.
 
     ``folds`` (rows from training-log folds, ``fold_rows``) join the CTR examples, but the fixed parts fitted
@@ -561,7 +612,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                                                device=device))
     width = ranker.recent_items
     held_out = fit_rows.with_history(tables, width)
-    fit_rows = held_out if folds is None else Rows.concat([held_out, folds])
+    fit_rows = held_out if folds is None else Rows.concat([held_out, folds.rows])
     calibrate_start(ranker, fit_rows)
     start_users = None          # the stopping-half NDCG@10 of the start per user, where already measured
     stop_ts = eval_timestamps[stop_candidates.users]
@@ -587,19 +638,27 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         start_users = mixed_users if mixed >= alone else alone_users
         log.info("ranker start: stopping-half NDCG@10 %.4f with the affinity's logistic fit, %.4f by retrieval "
                  "alone; kept the %s", mixed, alone, "logistic fit" if mixed >= alone else "retrieval order")
+        if folds is not None and rc.fold_affinity == "refit":
+            with torch.no_grad():
+                own = ranker.raw_affinity(torch.as_tensor(held_out.users, device=device),
+                                          torch.as_tensor(held_out.items, device=device)).cpu().numpy()
+            fit_rows = Rows.concat([held_out.with_affinity(own), folds.rows.with_affinity(
+                fold_affinities(ranker, tables, rating_rows, folds, rc.affinity_l2, cfg.run.seed + 3))])
     ddp_ranker = ctx.wrap(ranker, device)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
     rng = np.random.default_rng(cfg.run.seed + 1)
-    history, stale = FitHistory(), 0
+    history = FitHistory()
     epochs = 0 if cfg.multitask.mode == "retrieval_only" else rc.epochs
     # Epoch -1 is the untrained ranker, which keeps retrieval's order: training must beat it. Its
     # score is the one measured when the start was chosen (eval mode: the same weights, the same
     # number), else measured now.
     if start_users is None:
         start_users = stopping_half()
-    # Patience follows the best score seen; the ranker kept is the best epoch whose per-user gain over
-    # the start is at least ranking.keep_min_t standard errors (config.py says why).
-    history.best_score = seen_best = float(start_users.mean())
+    # Patience follows the best score seen (a gain of ranking.min_improvement restarts it); the ranker kept
+    # is the best epoch whose per-user gain over the start is at least ranking.keep_min_t standard errors
+    # (config.py says why).
+    history.best_score = float(start_users.mean())
+    stopper = EarlyStop(rc.patience, rc.min_improvement, reference=history.best_score)
     history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score})
     best_state = copy.deepcopy(ranker.state_dict())
     scored = np.zeros(rating_rows.users.size, dtype=bool)
@@ -632,7 +691,13 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
             rated = rating_rows.take(rating_order[offset:offset + index.size]).with_history(tables, width)
             offset += index.size
             both = Rows.concat([batch, rated])
-            ctr_logit, rating_pred = ddp_ranker(**ranker_inputs(tables, both, device))  # one pass (DDP)
+            inputs = ranker_inputs(tables, both, device)
+            if batch.affinity is not None:             # refitted fold affinities: the rating rows keep the tables'
+                with torch.no_grad():
+                    rated_raw = ranker.raw_affinity(torch.as_tensor(rated.users, device=device),
+                                                    torch.as_tensor(rated.items, device=device))
+                inputs["affinity_raw"] = torch.cat([torch.as_tensor(batch.affinity, device=device), rated_raw])
+            ctr_logit, rating_pred = ddp_ranker(**inputs)  # one pass (DDP)
             n = batch.users.size
             l_ctr, _ = ranking_losses(ctr_logit[:n], torch.as_tensor(batch.clicks, device=device), rating_pred[:n],
                                       torch.zeros_like(rating_pred[:n]), torch.zeros(n, dtype=torch.bool, device=device))
@@ -656,12 +721,8 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         if ndcg > history.best_score and t >= rc.keep_min_t:
             history.best_score, history.best_epoch = ndcg, epoch
             best_state = copy.deepcopy(ranker.state_dict())
-        if ndcg > seen_best:
-            seen_best, stale = ndcg, 0
-        else:
-            stale += 1
-            if stale >= rc.patience:
-                break
+        if stopper.update(ndcg):
+            break
     if best_state is not None:
         ranker.load_state_dict(best_state)
     if rc.rating_refit_rows and rc.score_mode == "ctr" and rating_rows.users.size:

@@ -111,7 +111,7 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                                   prep.eval_timestamps, cfg.ranking, DCNConfig.recent_items, order_rng, device,
                                   recent_share=recent_share)
                 log.info("ranker examples: %d from the validation fitting half, %d from %d training-log folds "
-                         "(%s)", fit_rows.users.size, 0 if folds is None else folds.users.size, cfg.ranking.folds,
+                         "(%s)", fit_rows.users.size, 0 if folds is None else folds.rows.users.size, cfg.ranking.folds,
                          "random" if recent_share is False else "recent")
             ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
                                                  stop_candidates, stop_target, prep.eval_timestamps, device, ctx,

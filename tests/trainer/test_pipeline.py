@@ -133,6 +133,22 @@ def test_the_ranker_replaces_its_start_only_by_a_gain_of_keep_min_t_standard_err
         assert any_gain["pipeline"]["ndcg@10"] != never["pipeline"]["ndcg@10"]
 
 
+def test_ranker_patience_restarts_only_on_a_gain_of_min_improvement(tmp_path, dataset):
+    """ranking.min_improvement decides when training stops, never what an epoch computes: the epochs both
+    runs trained score the same; a gain no epoch reaches stops training after ranking.patience epochs."""
+    def run(fraction):
+        out = tmp_path / f"m{fraction}"
+        job.run(small_config(tmp_path, "ranking.epochs=5", "ranking.patience=1", f"ranking.min_improvement={fraction}",
+                             f"run.output_dir={out}"), dataset)
+        return [e["val_ndcg@10"] for e in json.loads((out / "report.json").read_text())["histories"]["ranking"]]
+
+    unreachable, any_gain = run(1e9), run(0)
+    assert len(unreachable) == 2                      # the start and one epoch: patience 1 without a restart
+    assert any_gain[:2] == unreachable
+    with pytest.raises(ValueError, match="ranking.min_improvement"):
+        load_config(None, ["ranking.min_improvement=-0.1"])
+
+
 def test_models_learn_the_planted_preferences(tmp_path, dataset):
     result = job.run(small_config(tmp_path, "retrieval.epochs=6"), dataset)
     report = result.report

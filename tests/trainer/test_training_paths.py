@@ -552,6 +552,62 @@ def test_affinity_factors_reproduce_ease_scores_and_are_standardised(prepared):
     assert one.affinity_channels == 1 and one.affinity_user.shape[1] == rank
 
 
+def test_fold_rows_affinity_is_ease_refitted_without_the_entries_the_fold_hid(prepared):
+    """A fold's hidden positive is a training item, so EASE fitted on every training interaction has learnt
+    to reproduce it: its affinity is higher than an unseen pair's. ``fold_affinities`` refits EASE per fold
+    without the hidden entries; at full rank the fold rows carry exactly those scores."""
+    from trainer.baselines import EASE, SparseMatrix
+    from trainer.models import build_two_tower
+    from trainer.models.dcn import DCNRanker
+    from trainer.ranking_training import dcn_config, fit_affinity, fold_affinities, fold_rows
+    from trainer.retrieval_training import tower_config
+
+    vocab, train = prepared.vocab, prepared.train
+    cfg = load_config(None, ["features.history_length=20", "ranking.folds=2", "ranking.fold_share=0.3",
+                             "ranking.negative_pool=40", f"ranking.affinity_rank={vocab.n_users + 1}",
+                             "ranking.affinity_ratings=false"])
+    torch.manual_seed(0)
+    tower = build_two_tower(tower_config(cfg, prepared.spec, prepared.tables)).eval()
+    user_items = UserItems.from_interactions(train, vocab.n_users)
+    folds = fold_rows(tower, prepared.tables, user_items, prepared.eval_timestamps, cfg.ranking, 5,
+                      np.random.default_rng(0), torch.device("cpu"))
+    assert len(folds.hidden) == 2 and folds.fold.size == folds.rows.users.size
+    assert set(np.unique(folds.fold).tolist()) == {0, 1}
+    train_rows = Rows(train.users, train.items, train.timestamps, np.zeros(train.users.size, np.float32),
+                      np.ones(train.users.size, np.float32), train.ratings)
+    ranker = DCNRanker(dcn_config(cfg, prepared.spec, prepared.tables))
+    assert fit_affinity(ranker, prepared.tables, train_rows, folds.rows, 50.0, np.random.default_rng(0),
+                        torch.device("cpu"))
+    raw = fold_affinities(ranker, prepared.tables, train_rows, folds, 50.0, seed=0)
+    shared = ranker.raw_affinity(torch.as_tensor(folds.rows.users), torch.as_tensor(folds.rows.items)).numpy()
+    shape = (vocab.n_users + 1, vocab.n_items + 1)
+    for fold, (users, items) in enumerate(folds.hidden):
+        # The hidden entries are training entries of the fold's users, and its positives are among them.
+        hidden_keys = set((users.astype(np.int64) * shape[1] + items).tolist())
+        rows = np.flatnonzero(folds.fold == fold)
+        positives = rows[folds.rows.clicks[rows] == 1]
+        assert positives.size and {int(u) * shape[1] + int(i) for u, i in
+                                   zip(folds.rows.users[positives], folds.rows.items[positives])} <= hidden_keys
+        kept = ~np.isin(train.users.astype(np.int64) * shape[1] + train.items, list(hidden_keys))
+        matrix = SparseMatrix.from_coo(train.users[kept], train.items[kept], shape)
+        matrix = SparseMatrix(matrix.indptr, matrix.indices, np.ones_like(matrix.values), matrix.shape)
+        expected = EASE(50.0).fit(matrix).scores(folds.rows.users[rows])[np.arange(rows.size), folds.rows.items[rows]]
+        assert np.allclose(raw[rows, 0], expected, atol=1e-3 * max(1.0, np.abs(expected).max()))
+        # The tables' affinity overstates the hidden positives against the refit; not the negatives as much.
+        assert (shared[positives, 0] - raw[positives, 0]).mean() > 0.05
+    negatives = folds.rows.clicks == 0
+    assert (shared[negatives, 0] - raw[negatives, 0]).mean() < (shared[~negatives, 0] - raw[~negatives, 0]).mean()
+    # The ranker scores the rows with the refitted affinities when they are given, the tables' otherwise.
+    from trainer.ranking_training import ranker_inputs
+    inputs = ranker_inputs(prepared.tables, folds.rows.with_history(prepared.tables, 5), torch.device("cpu"))
+    with torch.no_grad():
+        ranker.affinity_wide.weight.fill_(1.0)
+        own, _ = ranker(**inputs)
+        same, _ = ranker(**inputs, affinity_raw=torch.as_tensor(shared))
+        refitted, _ = ranker(**inputs, affinity_raw=torch.as_tensor(raw))
+    assert torch.allclose(own, same, atol=1e-5) and not torch.allclose(own, refitted, atol=1e-3)
+
+
 def test_fit_wide_weights_each_affinity_channel_by_its_information():
     from trainer.models.dcn import DCNConfig, DCNRanker
     from trainer.ranking_training import Rows, fit_wide
@@ -685,7 +741,7 @@ def test_fold_rows_rank_hidden_training_items_against_candidates_with_the_rest_a
     tower = build_two_tower(tower_config(cfg, prepared.spec, prepared.tables)).eval()
     user_items = UserItems.from_interactions(prepared.train, prepared.vocab.n_users)
     rows = fold_rows(tower, prepared.tables, user_items, prepared.eval_timestamps, cfg.ranking, 5,
-                     np.random.default_rng(0), torch.device("cpu"))
+                     np.random.default_rng(0), torch.device("cpu")).rows
     assert rows.history.shape == (rows.users.size, 5)
     assert (rows.clicks == 1).sum() > 0 and (rows.clicks == 0).sum() > 0
     for row in np.flatnonzero(rows.clicks == 1)[:50]:
@@ -698,7 +754,7 @@ def test_fold_rows_rank_hidden_training_items_against_candidates_with_the_rest_a
     assert (rows.items > 0).all() and np.isfinite(rows.scores).all()
     # Asked for more recent items than the history holds (20), the rows carry the whole history.
     wide = fold_rows(tower, prepared.tables, user_items, prepared.eval_timestamps, cfg.ranking, 30,
-                     np.random.default_rng(0), torch.device("cpu"))
+                     np.random.default_rng(0), torch.device("cpu")).rows
     assert wide.history.shape == (wide.users.size, 20)
 
 
@@ -728,7 +784,7 @@ def test_recent_folds_hide_each_users_latest_items_with_only_earlier_items_as_hi
     torch.manual_seed(0)
     tower = build_two_tower(tower_config(cfg, prepared.spec, prepared.tables)).eval()
     rows = fold_rows(tower, prepared.tables, user_items, prepared.eval_timestamps, cfg.ranking, 20,
-                     np.random.default_rng(0), torch.device("cpu"), recent_share=None)
+                     np.random.default_rng(0), torch.device("cpu"), recent_share=None).rows
     positives = np.flatnonzero(rows.clicks == 1)
     assert positives.size > 0
     for row in positives[:50]:

@@ -158,10 +158,16 @@ class DCNRanker(nn.Module):
         nn.init.zeros_(self.ctr_head.weight)
         nn.init.zeros_(self.ctr_head.bias)
 
-    def affinity(self, user_idx: Tensor, item_idx: Tensor) -> Tensor:
-        """(N,), (N,) -> (N, C) standardised affinities of each row's user and candidate."""
+    def raw_affinity(self, user_idx: Tensor, item_idx: Tensor) -> Tensor:
+        """(N,), (N,) -> (N, C) affinities of each row's user and candidate from the factor tables, before
+        the standardisation."""
         product = self.affinity_user[user_idx] * self.affinity_item[item_idx]  # (N, C * r)
-        raw = product.reshape(-1, self.affinity_channels, self.affinity_rank).sum(dim=2)  # (N, C)
+        return product.reshape(-1, self.affinity_channels, self.affinity_rank).sum(dim=2)  # (N, C)
+
+    def affinity(self, user_idx: Tensor, item_idx: Tensor, raw: Tensor | None = None) -> Tensor:
+        """(N,), (N,) -> (N, C) standardised affinities of each row's user and candidate; ``raw`` (N, C), when
+        given, replaces the tables' values (training rows whose affinity comes from another fit)."""
+        raw = self.raw_affinity(user_idx, item_idx) if raw is None else raw
         return (raw - self.affinity_shift) / self.affinity_scale
 
     @torch.no_grad()
@@ -207,10 +213,11 @@ class DCNRanker(nn.Module):
 
     def forward(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor, timestamp: Tensor,
                 item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
-                retrieval_score: Tensor) -> tuple[Tensor, Tensor]:
-        """Aligned rows: row n holds candidate n and its user's inputs (training's layout)."""
+                retrieval_score: Tensor, affinity_raw: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Aligned rows: row n holds candidate n and its user's inputs (training's layout). ``affinity_raw``
+        (N, C), training only, replaces the factor tables' affinities (``affinity``)."""
         user, profile = self.user_side(user_idx, user_cat, user_num, history, timestamp)
-        return self.rows(user, profile, user_idx, item_idx, item_cat, item_num, retrieval_score)
+        return self.rows(user, profile, user_idx, item_idx, item_cat, item_num, retrieval_score, affinity_raw)
 
     def forward_grouped(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor,
                         timestamp: Tensor, row_user: Tensor, item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
@@ -223,7 +230,7 @@ class DCNRanker(nn.Module):
                          item_idx, item_cat, item_num, retrieval_score)
 
     def rows(self, user: Tensor, profile: Tensor | None, user_idx: Tensor, item_idx: Tensor, item_cat: Tensor,
-             item_num: Tensor, retrieval_score: Tensor) -> tuple[Tensor, Tensor]:
+             item_num: Tensor, retrieval_score: Tensor, affinity_raw: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The scores of N candidate rows from their users' ``user_side`` rows (N, du), (N, G)."""
         x0 = torch.cat([
             user,  # (N, du)
@@ -236,7 +243,7 @@ class DCNRanker(nn.Module):
             x0 = torch.cat([x0, self.genre_cross(profile, item_num)], dim=1)
         wide = self.retrieval_skip(retrieval_score.unsqueeze(1))  # (N, 1)
         if self.affinity_rank:
-            affinity = self.affinity(user_idx, item_idx)  # (N, C)
+            affinity = self.affinity(user_idx, item_idx, affinity_raw)  # (N, C)
             x0 = torch.cat([x0, affinity], dim=1)  # (N, d + C)
             wide = wide + self.affinity_wide(affinity)
         if self.structure == "stacked":
