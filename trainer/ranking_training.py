@@ -597,7 +597,9 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
 
     ``folds`` (rows from training-log folds, ``fold_rows``) join the CTR examples, but the fixed parts fitted
     before training (the affinities' standardisation and the wide logistic fit) see the validation
-    fitting rows only: on a hidden training item EASE's affinity is not what it is on an unseen one.
+    fitting rows only: on a hidden training item EASE's affinity is not what it is on an unseen one. For
+    the same reason, with ``ranking.fold_affinity`` "refit" the fold rows train with the affinities of
+    EASE refitted without what each fold hid (``fold_affinities``), not with the ranker's tables.
 
     Each epoch pairs every fitting row with one rating row drawn at random. ``rating_scores(index)``,
     when given, returns the retrieval scores of ``rating_rows`` rows ``index``: they are then filled
