@@ -139,7 +139,7 @@ def load_interactions(path: Path | str, *, columns: Mapping[str, str] | None = N
                         items=items, dropped=dropped, warnings=notes)
 
 
-LOG_SUFFIXES = (".csv", ".tsv", ".tab", ".txt", ".dat", *PARQUET_SUFFIXES, ".jsonl", ".ndjson")
+LOG_SUFFIXES = (".csv", ".txt", ".dat", *TAB_SUFFIXES, *PARQUET_SUFFIXES, *JSON_LINES_SUFFIXES)
 
 
 def logs_in(folder: Path) -> list[Path]:

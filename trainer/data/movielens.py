@@ -40,18 +40,15 @@ _NO_MOVIES = "no {name}: the items have no titles or genres"
 
 def is_movielens_folder(path: Path) -> bool:
     """Whether ``path`` holds one of the MovieLens ratings files ``load_movielens`` reads."""
-    return any((path / name).is_file() for name in ("u.data", "ratings.dat", "ratings.csv"))
+    return any((path / name).is_file() for name in _LAYOUTS)
 
 
 def load_movielens(path: Path | str) -> Dataset:
     """Load a MovieLens folder (100K, 1M/10M or latest/20M/25M layout) into a Dataset."""
     path = Path(path)
-    if (path / "u.data").is_file():
-        return _load_100k(path)
-    if (path / "ratings.dat").is_file():
-        return _load_dat(path)
-    if (path / "ratings.csv").is_file():
-        return _load_csv(path)
+    for name, load in _LAYOUTS.items():
+        if (path / name).is_file():
+            return load(path)
     raise DataError(f"{path}: not a MovieLens folder; expected u.data (100K), ratings.dat (1M/10M) "
                     "or ratings.csv (latest/20M/25M)")
 
@@ -171,3 +168,7 @@ def _read_users(path: Path, sep: str, fields: tuple[str, ...]) -> pd.DataFrame:
         "occupation": occupation.to_numpy(),
         "zip_region": zips.str[:1].where(zips.str.match(r"\d"), "?").to_numpy(),
     }).astype({"user_id": "str", "gender": "str", "occupation": "str", "zip_region": "str"})
+
+
+# Each layout's ratings file and its reader, in the order a folder is tried (``load_movielens``).
+_LAYOUTS = {"u.data": _load_100k, "ratings.dat": _load_dat, "ratings.csv": _load_csv}
