@@ -498,6 +498,22 @@ def test_generic_epoch_numbers_in_smaller_units_are_read_as_seconds(tmp_path, sc
     assert "1970-01-02 .. 2024-01-01" in data.report.summary()
 
 
+def test_a_timestamp_column_half_numbers_half_dates_names_the_row_that_dropping_drops(tmp_path):
+    """As many Unix seconds as dates in one column: the load's error and ``data.bad_rows=drop`` agree on
+    which reading wins (numbers, as on a majority of numbers), so the row the error names is the row the
+    suggested setting drops."""
+    path = tmp_path / "tied.csv"
+    path.write_text("user_id,item_id,timestamp\n"
+                    "u1,1,1600000000\n"
+                    "u2,2,2020-09-13T12:26:40Z\n")
+    with pytest.raises(DataError, match=r"tied.csv, line 3, column 'timestamp': timestamp must be Unix seconds or "
+                                        r"an ISO 8601 date-time, got '2020-09-13T12:26:40Z'; or drop every such row"):
+        load_interactions(path)
+    data = load_interactions(path, bad_rows="drop")
+    assert data.interactions[["user_id", "item_id", "timestamp"]].values.tolist() == [["u1", 1, 1600000000]]
+    assert data.report.dropped == {"unreadable timestamp": 1}
+
+
 def test_unreadable_rows_stop_the_load_with_a_hint_or_are_dropped_and_counted(tmp_path):
     """``data.bad_rows``: by default the first row with a missing or unreadable value stops the load (its line
     and column, and the setting that drops such rows); with ``drop`` every such row is dropped, counted by

@@ -428,7 +428,9 @@ def _unix_seconds(values: pd.Series, source: str, notes: list[str]) -> pd.Series
             return _scaled_to_seconds(numbers, notes)
     parsed = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
     bad = (parsed.isna() & values.notna()).to_numpy()
-    if kind != "M" and numbers.notna().sum() > parsed.notna().sum():   # numbers, with a few stray words
+    # numbers, with a few stray words; a tie reads numbers, as ``_readable`` does (the row an error names is
+    # then the row data.bad_rows=drop drops)
+    if kind != "M" and numbers.notna().sum() >= parsed.notna().sum():
         bad = (numbers.isna() & values.notna()).to_numpy()
     if bad.any():
         pos = int(np.argmax(bad))
