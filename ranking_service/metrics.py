@@ -32,7 +32,12 @@ REDIS_BREAKER_STATE, REDIS_BREAKER_TRANSITIONS = breaker_metrics("ranking_redis"
 REDIS_REFILLS = Counter("ranking_redis_refills", "Times the service refilled an empty Redis from the artifact")
 RETRIEVAL_FAILURES = Counter("ranking_retrieval_failures", "Retrieve calls that failed, by gRPC status code "
                              "(CIRCUIT_OPEN: skipped, the retrieval breaker is open; THROTTLED: not sent, the "
-                             "adaptive throttle rejected it while retrieval refuses)", ["code"])
+                             "adaptive throttle rejected it while retrieval refuses; SLOW: still waiting past the "
+                             "adaptive cut, ranking_retrieval_timeout_seconds, when the breaker opened)", ["code"])
+RETRIEVAL_TIMEOUT = Gauge("ranking_retrieval_timeout_seconds", "The adaptive cut past which a waiting Retrieve "
+                          "call counts towards the breaker (max(floor, multiplier x retrieval's recent p99); "
+                          "0 = none yet or off)",
+                          multiprocess_mode="liveall")
 RETRIEVAL_BREAKER_STATE, RETRIEVAL_BREAKER_TRANSITIONS = breaker_metrics("ranking_retrieval", "Retrieval",
                                                                          "popular fallback")
 DCN_BATCH_JOBS = Histogram("ranking_dcn_batch_jobs", "Scoring jobs merged into one DCN forward pass",

@@ -16,7 +16,12 @@ Recommend, for one ``ServingState`` snapshot:
    goes straight to that fallback (failure code CIRCUIT_OPEN), then lets one probe through: a
    frozen retrieval would otherwise hold every Recommend for most of its deadline, and its
    admission slot with it. A refusal (RESOURCE_EXHAUSTED) is fast and does not count, nor does a
-   call the client's adaptive throttle did not send while retrieval refuses (THROTTLED);
+   call the client's adaptive throttle did not send while retrieval refuses (THROTTLED). A call still
+   waiting after ``RANKING_RETRIEVAL_TIMEOUT_MULTIPLIER`` x retrieval's recent p99 (at least
+   ``RANKING_RETRIEVAL_TIMEOUT_FLOOR_MS``; ``recsys_serving.latency``) becomes a suspect: it counts
+   towards the breaker at once and keeps waiting; when the breaker opens, every suspect stops waiting
+   and is answered from popular items (SLOW). A frozen retrieval thus opens the breaker within tens of
+   milliseconds, while one slow call (a version loading, a pause) still gets its answer;
 4. the best k come out in score order, or in MMR order over the item embeddings.
 
 Every answer comes from one version: the Retrieve call asks for the version this request started
@@ -52,11 +57,13 @@ from recsys_contracts.feature_store import FreshInteraction
 from recsys_contracts.ids import in_sorted
 from recsys_contracts.v1 import common_pb2
 from recsys_serving import wire
-from recsys_serving.breaker import CircuitBreaker
+from recsys_serving.breaker import CircuitBreaker, State as BreakerState
+from recsys_serving.latency import AdaptiveTimeout
 from recsys_serving.reload import VersionHolder
 
 log = logging.getLogger(__name__)
 CIRCUIT_OPEN = "CIRCUIT_OPEN"   # the failure code of a Recommend that skipped retrieval (breaker open)
+SLOW = "SLOW"                   # the failure code of a Retrieve cut at the adaptive timeout
 BREAKER_MIN_BUDGET_S = 0.05     # a retrieval timeout counts towards the breaker only with this much time given
 
 
@@ -80,6 +87,16 @@ class Answer:
 def fallback_reserve_s(remaining_s: float) -> float:
     """Time kept back from retrieval for the popular fallback: 20 % of what is left, in [5, 50] ms."""
     return min(max(0.2 * remaining_s, 0.005), 0.05)
+
+
+@dataclass(eq=False)
+class _Wait:
+    """One Retrieve call's wait: its timeout (rescheduled to now when it is cut), whether it ran past the
+    adaptive cut (a suspect, counted towards the breaker) and whether it was cut."""
+
+    timeout: asyncio.Timeout
+    suspected: bool = False
+    cut: bool = False
 
 
 class _Pool:
@@ -133,9 +150,12 @@ class _Pool:
 
 class Pipeline:
     def __init__(self, *, features: FeatureStore, batcher: MicroBatcher, candidates: CandidateSource,
-                 fallback: str, breaker: CircuitBreaker, holder: VersionHolder[ServingState]) -> None:
+                 fallback: str, breaker: CircuitBreaker, holder: VersionHolder[ServingState],
+                 retrieval_timeout: AdaptiveTimeout | None = None) -> None:
         self.features, self.batcher, self.candidates, self.fallback = features, batcher, candidates, fallback
         self.breaker = breaker
+        self.retrieval_timeout = retrieval_timeout   # None: a Retrieve may take the request's whole budget
+        self._suspects: set[_Wait] = set()           # Retrieve calls past the adaptive cut, still waiting
         self.holder = holder           # the versions this service holds (current, previous, candidate, retained)
 
     async def score(self, state: ServingState, view: UserView, timestamp: int, ids: np.ndarray,
@@ -199,6 +219,12 @@ class Pipeline:
         retrieval_version, flags = 0, set()
         if not self.breaker.allow():
             return retrieval_version, flags, CIRCUIT_OPEN
+        suspect_at = None                        # when this call becomes a suspect (the adaptive cut)
+        if self.retrieval_timeout is not None:
+            cut_s = self.retrieval_timeout.timeout_s()
+            metrics.RETRIEVAL_TIMEOUT.set(cut_s or 0.0)
+            if cut_s is not None and loop.time() + cut_s < retrieval_deadline:
+                suspect_at = loop.time() + cut_s
         budget_s = retrieval_deadline - loop.time()
         started = time.perf_counter()
         # this request's own message: answer from our version, else from another one we hold
@@ -206,21 +232,31 @@ class Pipeline:
         # (never the arms' candidate: only a canary request ranks with it, and asks for it)
         query.retrieve.fallback_versions[:] = [] if query.pinned_version else \
             [v for v in self.holder.held_versions if v not in (state.version, self.holder.candidate_version)]
+        wait: _Wait | None = None
         try:
-            async with asyncio.timeout_at(retrieval_deadline):
-                stream = self.candidates.stream(query.retrieve, max(retrieval_deadline - loop.time(), 0.001),
-                                                request_id)
-                async for chunk in stream:
-                    retrieval_version = chunk.model_version
-                    flags.update(chunk.degraded)
-                    if not pools:
-                        pools.append(await self._pool_for(state, retrieval_version, query, view))
-                    if len(chunk.item_ids) != len(chunk.scores):   # a broken peer: treat as a failed retrieval
-                        log.error("retrieval sent a chunk with %d item_ids but %d scores (expected equal "
-                                  "lengths)", len(chunk.item_ids), len(chunk.scores), extra={"request_id": request_id})
-                        self.breaker.record_failure()
-                        return retrieval_version, flags, "DATA_LOSS"
-                    pools[0].add(np.array(chunk.item_ids, dtype=np.int64), np.array(chunk.scores, dtype=np.float32))
+            async with asyncio.timeout_at(retrieval_deadline) as timeout:
+                wait = _Wait(timeout)
+                watch = None if suspect_at is None else loop.call_at(suspect_at, self._suspect, wait)
+                try:
+                    stream = self.candidates.stream(query.retrieve, max(retrieval_deadline - loop.time(), 0.001),
+                                                    request_id)
+                    async for chunk in stream:
+                        retrieval_version = chunk.model_version
+                        flags.update(chunk.degraded)
+                        if not pools:
+                            pools.append(await self._pool_for(state, retrieval_version, query, view))
+                        if len(chunk.item_ids) != len(chunk.scores):   # a broken peer: a failed retrieval
+                            log.error("retrieval sent a chunk with %d item_ids but %d scores (expected equal "
+                                      "lengths)", len(chunk.item_ids), len(chunk.scores),
+                                      extra={"request_id": request_id})
+                            self.breaker.record_failure()
+                            return retrieval_version, flags, "DATA_LOSS"
+                        pools[0].add(np.array(chunk.item_ids, dtype=np.int64),
+                                     np.array(chunk.scores, dtype=np.float32))
+                finally:
+                    if watch is not None:
+                        watch.cancel()
+                    self._suspects.discard(wait)
         except RetrievalRefused:
             self.breaker.record_success()          # retrieval answered: the request was bad
             raise
@@ -229,16 +265,42 @@ class Pipeline:
                 self.breaker.record_success()      # a fast, deliberate refusal: retrieval is alive
             elif error.code == THROTTLED:          # not sent: no evidence either way
                 self.breaker.release_probe()       # (if it was the half-open probe, the next call probes)
-            else:
+            elif wait is None or not wait.suspected:   # a suspect was counted at the cut already
                 self.breaker.record_failure(error)
+            if error.code == "DEADLINE_EXCEEDED":  # gRPC's timeout fired before ours: the same outcome
+                self._observe(started)
             return retrieval_version, flags, error.code
         except TimeoutError as error:
-            if budget_s >= BREAKER_MIN_BUDGET_S:   # a caller's tiny deadline is no evidence against retrieval
-                self.breaker.record_failure(error)
-            return retrieval_version, flags, "DEADLINE_EXCEEDED"
-        self.breaker.record_success()
-        metrics.STAGE_SECONDS.labels("retrieval_stream").observe(time.perf_counter() - started)
+            self._observe(started)
+            if not wait.suspected and budget_s >= BREAKER_MIN_BUDGET_S:   # a caller's tiny deadline is no
+                self.breaker.record_failure(error)                         # evidence against retrieval
+            return retrieval_version, flags, SLOW if wait.cut else "DEADLINE_EXCEEDED"
+        self.breaker.record_success()              # a suspect that answered after all clears the count too
+        metrics.STAGE_SECONDS.labels("retrieval_stream").observe(self._observe(started))
         return retrieval_version, flags, ""
+
+    def _observe(self, started: float) -> float:
+        """The call's wait so far, fed to the adaptive timeout (timed-out calls too: a retrieval that slows
+        down for good then raises the cut instead of being cut for ever)."""
+        elapsed = time.perf_counter() - started
+        if self.retrieval_timeout is not None:
+            self.retrieval_timeout.observe(elapsed)
+        return elapsed
+
+    def _suspect(self, wait: _Wait) -> None:
+        """A Retrieve ran past the adaptive cut: one failure towards the breaker, and the call keeps
+        waiting (a slow answer is still an answer). Once the breaker opens (enough calls stuck in a row,
+        or the half-open probe stuck), this call and every other one past its cut stop waiting: they are
+        answered from popular items at once (SLOW) instead of at the end of their budgets."""
+        wait.suspected = True
+        self._suspects.add(wait)
+        self.breaker.record_failure(None)
+        if self.breaker.state is BreakerState.OPEN:
+            now = asyncio.get_running_loop().time()
+            for stuck in self._suspects:
+                stuck.cut = True
+                stuck.timeout.reschedule(now)
+            self._suspects.clear()
 
     async def _pool_for(self, state: ServingState, version: int, query: RecommendQuery, view: UserView) -> _Pool:
         """The pool ranked by ``version``'s state: ours, else the held one retrieval answered from

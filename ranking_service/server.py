@@ -29,6 +29,7 @@ from recsys_contracts.v1 import ranking_pb2
 from recsys_serving import env, runtime
 from recsys_serving.admission import Admission
 from recsys_serving.breaker import CircuitBreaker
+from recsys_serving.latency import AdaptiveTimeout
 from recsys_serving.reload import VersionHolder
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,10 @@ class RankingApp:
                                      config.retrieval_breaker_cooldown_ms / 1000,
                                      state_gauge=metrics.RETRIEVAL_BREAKER_STATE,
                                      transitions=metrics.RETRIEVAL_BREAKER_TRANSITIONS),
-                                 holder=self.holder)
+                                 holder=self.holder,
+                                 retrieval_timeout=AdaptiveTimeout(config.retrieval_timeout_multiplier,
+                                                                   config.retrieval_timeout_floor_ms / 1000)
+                                 if config.retrieval_timeout_multiplier else None)
         self.admission = Admission.for_service(config, metrics.ADMISSION)
         # The shadow runs in its own process at idle CPU priority (ranking_service.shadow_worker);
         # this process only samples and enqueues.

@@ -232,6 +232,9 @@ BAD_RANKING = [
     ("RANKING_RETRIEVAL_CHANNELS", "0", "an integer in [1, 64]"),
     ("RANKING_RETRIEVAL_THROTTLE_K", "1", "0 (off) or a number > 1"),
     ("RANKING_RETRIEVAL_THROTTLE_K", "-1", "a number in [0.0, inf)"),
+    ("RANKING_RETRIEVAL_TIMEOUT_MULTIPLIER", "0.5", "0 (off) or a number in [1, 1000]"),
+    ("RANKING_RETRIEVAL_TIMEOUT_MULTIPLIER", "fast", "a number in [0.0, 1000.0]"),
+    ("RANKING_RETRIEVAL_TIMEOUT_FLOOR_MS", "0", "an integer in [1, 60000]"),
 ]
 CASES = ([("retrieval", *case) for case in BAD_SHARED + BAD_RETRIEVAL]
          + [("ranking", *case) for case in BAD_SHARED + BAD_RANKING])
@@ -385,6 +388,15 @@ def test_config_is_frozen(root, service):
     config = MODULES[service].from_env({"RECSYS_ARTIFACT_ROOT": str(root)})
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.port = 1  # type: ignore[misc]
+
+
+def test_the_adaptive_retrieval_timeout_is_off_by_default_and_takes_a_multiplier_and_floor(root):
+    ranking = MODULES["ranking"]
+    config = ranking.from_env({"RECSYS_ARTIFACT_ROOT": str(root)})
+    assert (config.retrieval_timeout_multiplier, config.retrieval_timeout_floor_ms) == (0.0, 20)
+    config = ranking.from_env({"RECSYS_ARTIFACT_ROOT": str(root), "RANKING_RETRIEVAL_TIMEOUT_MULTIPLIER": "2",
+                               "RANKING_RETRIEVAL_TIMEOUT_FLOOR_MS": "35"})
+    assert (config.retrieval_timeout_multiplier, config.retrieval_timeout_floor_ms) == (2.0, 35)
 
 
 def test_the_retrieval_throttle_defaults_to_2_and_0_turns_it_off(root):

@@ -265,7 +265,7 @@ def test_retrieval_frozen_opens_the_retrieval_breaker_and_it_closes_after_resume
 
     async def main():
         cfg = config(root, retrieval_target=retrieval_process.target, retrieval_breaker_failures=2,
-                     retrieval_breaker_cooldown_ms=300)
+                     retrieval_breaker_cooldown_ms=300, retrieval_timeout_multiplier=0.0)   # the whole budget
         async with serve(cfg, state=loaded) as (stub, _, _):
             assert (await _recommend(stub, timeout=10)).retrieval_version == version   # connected, warm
             before = counters()
@@ -291,6 +291,54 @@ def test_retrieval_frozen_opens_the_retrieval_breaker_and_it_closes_after_resume
     assert delta["timeouts"] == 2 + delta["half_open"] and delta["skipped"] > delta["timeouts"]
     assert last.retrieval_version == version and POPULAR not in last.degraded
     assert sample("ranking_retrieval_breaker_state") == 0
+
+
+def test_calls_stuck_past_the_adaptive_cut_open_the_breaker_and_stop_waiting_a_lone_slow_one_is_answered(
+        published, loaded, retrieval_process):
+    # Primed by 60 answered calls, a Retrieve still waiting after max(50 ms, 2 x their p99) is a suspect:
+    # one failure towards the breaker (2 in a row open it here), and it keeps waiting. A lone slow call
+    # (retrieval frozen, then resumed before the request's 3 s budget ends) is answered by retrieval as
+    # usual; four calls stuck at once open the breaker and all stop waiting at once: popular items,
+    # SLOW, long before their budgets (~2.95 s) end.
+    root, version = published
+    failures, opened = "ranking_retrieval_failures_total", "ranking_retrieval_breaker_transitions_total"
+
+    async def main():
+        cfg = config(root, retrieval_target=retrieval_process.target, retrieval_breaker_failures=2,
+                     retrieval_breaker_cooldown_ms=60_000, retrieval_timeout_multiplier=2.0,
+                     retrieval_timeout_floor_ms=50)
+        async with serve(cfg, state=loaded) as (stub, _, app):
+            for _ in range(60):
+                assert (await _recommend(stub, timeout=10)).retrieval_version == version
+            cut_s = app.pipeline.retrieval_timeout.timeout_s()
+            loop = asyncio.get_running_loop()
+            counts = lambda: (sample(failures, code="SLOW"), sample(opened, to="open"))   # noqa: E731
+            start = counts()
+            retrieval_process.freeze()
+            try:
+                lone = asyncio.ensure_future(_recommend(stub, timeout=3.0))
+                await asyncio.sleep(cut_s + 0.3)              # past its cut: a suspect, still waiting
+            finally:
+                retrieval_process.resume()
+            lone_reply = await lone
+            after_lone = counts()
+            retrieval_process.freeze()
+            try:
+                began = loop.time()
+                stuck = await asyncio.gather(*(_recommend(stub, timeout=3.0) for _ in range(4)))
+                waited = loop.time() - began
+                after_stuck = counts()
+            finally:
+                retrieval_process.resume()
+            return cut_s, start, lone_reply, after_lone, stuck, waited, after_stuck
+
+    cut_s, start, lone_reply, after_lone, stuck, waited, after_stuck = run(main())
+    assert 0.05 <= cut_s < 1.0                      # the floor or 2 x a loopback call's p99, far below 3 s
+    assert lone_reply.retrieval_version == version and POPULAR not in lone_reply.degraded
+    assert after_lone == start                      # no SLOW answer, the breaker stayed closed
+    assert all(POPULAR in reply.degraded and len(reply.items) == 5 for reply in stuck)
+    assert after_stuck[0] - start[0] == 4 and after_stuck[1] - start[1] == 1
+    assert waited < 1.5                             # cut near cut_s; the budgets would have held ~2.95 s
 
 
 def test_retrieval_killed_falls_back_or_is_unavailable(published, loaded, retrieval_process):
