@@ -63,7 +63,7 @@ from recsys_serving.reload import VersionHolder
 
 log = logging.getLogger(__name__)
 CIRCUIT_OPEN = "CIRCUIT_OPEN"   # the failure code of a Recommend that skipped retrieval (breaker open)
-SLOW = "SLOW"                   # the failure code of a Retrieve cut at the adaptive timeout
+SLOW = "SLOW"                   # the failure code of a Retrieve past the adaptive cut when the breaker opened
 BREAKER_MIN_BUDGET_S = 0.05     # a retrieval timeout counts towards the breaker only with this much time given
 
 
@@ -272,9 +272,10 @@ class Pipeline:
             return retrieval_version, flags, error.code
         except TimeoutError as error:
             self._observe(started)
-            if not wait.suspected and budget_s >= BREAKER_MIN_BUDGET_S:   # a caller's tiny deadline is no
-                self.breaker.record_failure(error)                         # evidence against retrieval
-            return retrieval_version, flags, SLOW if wait.cut else "DEADLINE_EXCEEDED"
+            suspected, cut = (False, False) if wait is None else (wait.suspected, wait.cut)
+            if not suspected and budget_s >= BREAKER_MIN_BUDGET_S:   # a caller's tiny deadline is no
+                self.breaker.record_failure(error)                    # evidence against retrieval
+            return retrieval_version, flags, SLOW if cut else "DEADLINE_EXCEEDED"
         self.breaker.record_success()              # a suspect that answered after all clears the count too
         metrics.STAGE_SECONDS.labels("retrieval_stream").observe(self._observe(started))
         return retrieval_version, flags, ""
