@@ -58,9 +58,10 @@ class RankingConfig(ServiceConfig):
     # Adaptive throttle on the calls to retrieval (recsys_serving.throttle): while retrieval refuses,
     # send at most ~K x what it accepts and answer the rest from popular items at once; 0 = off.
     retrieval_throttle_k: float = 2.0
-    # A Retrieve still waiting after max(floor, multiplier x p99 of the recent calls) is a suspect
-    # (recsys_serving.latency, ranking_service.pipeline): it counts towards the breaker at once, and
-    # when the breaker opens every suspect is answered from popular items; a frozen retrieval then
+    # A Retrieve still waiting after max(floor, multiplier x p99 of the recent calls) counts towards the
+    # breaker at once when retrieval answered no call since it began (recsys_serving.latency,
+    # ranking_service.pipeline); when the breaker opens every call past its cut is answered from
+    # popular items; a frozen retrieval then
     # opens it in tens of milliseconds instead of after whole budgets. 0 = off, the default: at 200 req/s
     # with retrieval frozen 5 s, 2 gave 0 / 0 failed during, p99 26 / 32 ms, against 12 / 19 and 133 / 139
     # ms off; but on the shared 2-core host a version load stalls retrieval past the cut too, and one of

@@ -18,10 +18,11 @@ Recommend, for one ``ServingState`` snapshot:
    admission slot with it. A refusal (RESOURCE_EXHAUSTED) is fast and does not count, nor does a
    call the client's adaptive throttle did not send while retrieval refuses (THROTTLED). A call still
    waiting after ``RANKING_RETRIEVAL_TIMEOUT_MULTIPLIER`` x retrieval's recent p99 (at least
-   ``RANKING_RETRIEVAL_TIMEOUT_FLOOR_MS``; ``recsys_serving.latency``) becomes a suspect: it counts
-   towards the breaker at once and keeps waiting; when the breaker opens, every suspect stops waiting
-   and is answered from popular items (SLOW). A frozen retrieval thus opens the breaker within tens of
-   milliseconds, while one slow call (a version loading, a pause) still gets its answer;
+   ``RANKING_RETRIEVAL_TIMEOUT_FLOOR_MS``; ``recsys_serving.latency``) keeps waiting, and counts
+   towards the breaker at once when retrieval has answered no call at all since it began; when the
+   breaker opens, every call past its cut stops waiting and is answered from popular items (SLOW). A
+   frozen retrieval thus opens the breaker within tens of milliseconds, while a slow call of a
+   retrieval that still answers others (a version loading) gets its answer;
 4. the best k come out in score order, or in MMR order over the item embeddings.
 
 Every answer comes from one version: the Retrieve call asks for the version this request started
@@ -91,10 +92,12 @@ def fallback_reserve_s(remaining_s: float) -> float:
 
 @dataclass(eq=False)
 class _Wait:
-    """One Retrieve call's wait: its timeout (rescheduled to now when it is cut), whether it ran past the
-    adaptive cut (a suspect, counted towards the breaker) and whether it was cut."""
+    """One Retrieve call's wait: its timeout (rescheduled to now when it is cut), when it began, whether
+    it was counted towards the breaker past the adaptive cut (a suspect of a silent retrieval) and
+    whether it was cut."""
 
     timeout: asyncio.Timeout
+    started: float                 # loop.time() when the call began
     suspected: bool = False
     cut: bool = False
 
@@ -156,6 +159,7 @@ class Pipeline:
         self.breaker = breaker
         self.retrieval_timeout = retrieval_timeout   # None: a Retrieve may take the request's whole budget
         self._suspects: set[_Wait] = set()           # Retrieve calls past the adaptive cut, still waiting
+        self._answered_at = -float("inf")            # loop.time() of retrieval's latest answer to any call
         self.holder = holder           # the versions this service holds (current, previous, candidate, retained)
 
     async def score(self, state: ServingState, view: UserView, timestamp: int, ids: np.ndarray,
@@ -235,7 +239,7 @@ class Pipeline:
         wait: _Wait | None = None
         try:
             async with asyncio.timeout_at(retrieval_deadline) as timeout:
-                wait = _Wait(timeout)
+                wait = _Wait(timeout, loop.time())
                 watch = None if suspect_at is None else loop.call_at(suspect_at, self._suspect, wait)
                 try:
                     stream = self.candidates.stream(query.retrieve, max(retrieval_deadline - loop.time(), 0.001),
@@ -258,10 +262,12 @@ class Pipeline:
                         watch.cancel()
                     self._suspects.discard(wait)
         except RetrievalRefused:
+            self._answered_at = loop.time()
             self.breaker.record_success()          # retrieval answered: the request was bad
             raise
         except RetrievalFailed as error:
             if error.code == "RESOURCE_EXHAUSTED":
+                self._answered_at = loop.time()
                 self.breaker.record_success()      # a fast, deliberate refusal: retrieval is alive
             elif error.code == THROTTLED:          # not sent: no evidence either way
                 self.breaker.release_probe()       # (if it was the half-open probe, the next call probes)
@@ -276,6 +282,7 @@ class Pipeline:
             if not suspected and budget_s >= BREAKER_MIN_BUDGET_S:   # a caller's tiny deadline is no
                 self.breaker.record_failure(error)                    # evidence against retrieval
             return retrieval_version, flags, SLOW if cut else "DEADLINE_EXCEEDED"
+        self._answered_at = loop.time()
         self.breaker.record_success()              # a suspect that answered after all clears the count too
         metrics.STAGE_SECONDS.labels("retrieval_stream").observe(self._observe(started))
         return retrieval_version, flags, ""
@@ -289,12 +296,16 @@ class Pipeline:
         return elapsed
 
     def _suspect(self, wait: _Wait) -> None:
-        """A Retrieve ran past the adaptive cut: one failure towards the breaker, and the call keeps
-        waiting (a slow answer is still an answer). Once the breaker opens (enough calls stuck in a row,
-        or the half-open probe stuck), this call and every other one past its cut stop waiting: they are
-        answered from popular items at once (SLOW) instead of at the end of their budgets."""
-        wait.suspected = True
+        """A Retrieve ran past the adaptive cut and keeps waiting (a slow answer is still an answer). When
+        retrieval has answered no call at all since this one began (silent, as in a freeze), the call
+        counts once towards the breaker; a retrieval that answers others, only slower (a version
+        loading), gets no count. Once the breaker opens (enough silent calls in a row, or the half-open
+        probe stuck), every call past its cut stops waiting: answered from popular items at once (SLOW)
+        instead of at the end of its budget."""
         self._suspects.add(wait)
+        if self._answered_at > wait.started:
+            return
+        wait.suspected = True
         self.breaker.record_failure(None)
         if self.breaker.state is BreakerState.OPEN:
             now = asyncio.get_running_loop().time()

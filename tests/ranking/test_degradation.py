@@ -341,6 +341,62 @@ def test_calls_stuck_past_the_adaptive_cut_open_the_breaker_and_stop_waiting_a_l
     assert waited < 1.5                             # cut near cut_s; the budgets would have held ~2.95 s
 
 
+class _SlowForSome(retrieval_pb2_grpc.RetrievalServiceServicer):
+    """A real gRPC retrieval stand-in: answers every RetrieveAll with the same candidates of version 1,
+    after ``slow_s`` for the users in ``slow_users`` and at once for the others (alive, only slower for
+    some calls, as while a version loads)."""
+
+    def __init__(self, ids: list[int], slow_users: set[str], slow_s: float) -> None:
+        self.ids, self.slow_users, self.slow_s = ids, slow_users, slow_s
+
+    async def RetrieveAll(self, request, context):
+        if request.user_id in self.slow_users:
+            await asyncio.sleep(self.slow_s)
+        return retrieval_pb2.RetrieveResponse(item_ids=self.ids, scores=[1.0 - i / 100 for i in range(len(self.ids))],
+                                              model_version=1)
+
+
+def test_calls_past_the_adaptive_cut_while_retrieval_answers_others_are_not_counted_and_get_their_answer(
+        published, loaded):
+    # Slow calls (0.6 s, far past the ~50 ms cut) while other calls keep being answered: retrieval is
+    # alive, so they count nothing towards the breaker (2 in a row would open it), and each gets its
+    # own answer from retrieval, not popular items.
+    root, _ = published
+    ids = [int(i) for i in loaded.tables.item_ids[1:31]]
+    failures, opened = "ranking_retrieval_failures_total", "ranking_retrieval_breaker_transitions_total"
+
+    async def main():
+        server = grpc.aio.server()
+        retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(_SlowForSome(ids, {"2"}, 0.6), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            cfg = config(root, retrieval_target=f"127.0.0.1:{port}", retrieval_breaker_failures=2,
+                         retrieval_breaker_cooldown_ms=60_000, retrieval_timeout_multiplier=2.0,
+                         retrieval_timeout_floor_ms=50)
+            async with serve(cfg, state=loaded) as (stub, _, app):
+                for _ in range(60):
+                    assert POPULAR not in (await _recommend(stub, timeout=10)).degraded
+                cut_s = app.pipeline.retrieval_timeout.timeout_s()
+                before = sample(failures, code="SLOW"), sample(opened, to="open")
+                slow = [asyncio.ensure_future(stub.Recommend(ranking_pb2.RecommendRequest(user_id="2", k=5),
+                                                             timeout=3.0)) for _ in range(3)]
+                fast = []
+                while not all(call.done() for call in slow):
+                    fast.append(await _recommend(stub, timeout=3.0))
+                    await asyncio.sleep(0.02)
+                after = sample(failures, code="SLOW"), sample(opened, to="open")
+                return cut_s, before, after, [call.result() for call in slow], fast
+        finally:
+            await server.stop(0)
+
+    cut_s, before, after, slow, fast = run(main())
+    assert cut_s < 0.6                              # the slow calls ran past their cut
+    assert after == before                          # nothing counted, the breaker stayed closed
+    assert len(fast) >= 5 and all(POPULAR not in reply.degraded for reply in fast)
+    assert all(POPULAR not in reply.degraded and reply.retrieval_version == 1 for reply in slow)
+
+
 def test_retrieval_killed_falls_back_or_is_unavailable(published, loaded, retrieval_process):
     root, version = published
 
