@@ -86,6 +86,7 @@ def main() -> int:
               "ndcg@10": {"pipeline": report["pipeline"]["ndcg@10"], "two_tower": report["two_tower"]["ndcg@10"],
                           **{name: values["ndcg@10"] for name, values in report["baselines"].items()}},
               "validation": validation_figures(report.get("histories", {})),
+              "user_tower": report.get("user_tower"),
               "overrides": args.overrides, "cpus": os.cpu_count(), "generate_s": generate_s,
               "device": report.get("device", {"name": "cpu"})}
     return _write(result, Path(args.out))
@@ -100,6 +101,7 @@ def validation_figures(histories: dict) -> dict:
     if retrieval:
         out["two_tower"] = round(max(retrieval), 4)
         out["two_tower_epochs"] = len(retrieval)
+        out["two_tower_by_epoch"] = [round(value, 4) for value in retrieval]
     ranking = histories.get("ranking", [])
     if ranking:
         out["pipeline_start"] = round(ranking[0]["val_ndcg@10"], 4)

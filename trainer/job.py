@@ -67,6 +67,8 @@ def evaluate(cfg: TrainConfig, prep: Prepared, trained: TrainedRun, timings: Tim
     """The evaluation report on ``prep.test`` (on CPU), with its ``data`` section."""
     report = evaluate_test_split(cfg, prep, trained, torch.device("cpu"), timings)
     report["data"] = data_report(prep, protocol, seed)
+    if trained.tower_choice is not None:
+        report["user_tower"] = trained.tower_choice
     return report
 
 

@@ -48,6 +48,7 @@ class TrainedRun:
     score_mode: str = "ctr"             # how the served score combines the heads
     rating_weight: float = 0.0          # ctr_x_rating: score = ctr * (rating / rating_max) ** weight
     display: DisplaySource | None = None  # titles, genres, recent interactions (None: empty metadata)
+    tower_choice: dict | None = None      # retrieval.user_tower's choice (trainer.training._fit_towers)
 
 
 def choose_index_params(kind: str, n_items: int, exact_below: int) -> IndexParams:

@@ -38,6 +38,10 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["MMR diversity re-rank (strength: NDCG@10 / intra-list diversity@10): " +
                   ", ".join(f"{s}: {v['ndcg@10']:.4f} / {v['diversity@10']:.4f}"
                             for s, v in report["diversity_tradeoff"].items()), ""]
+    if report.get("user_tower"):
+        choice = report["user_tower"]
+        lines += [f"User tower ({choice['setting']}): {choice['kept']}; validation NDCG@10 " +
+                  ", ".join(f"{name} {score:.4f}" for name, score in choice["validation_ndcg@10"].items()), ""]
     lines += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()), ""]
     if report.get("gate"):
         lines += [f"Quality gate: {report['gate']}", ""]

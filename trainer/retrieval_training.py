@@ -46,6 +46,15 @@ class Interactions:
     ratings: np.ndarray
 
 
+def user_towers(cfg: TrainConfig) -> tuple[str, ...]:
+    """The user towers a run trains, the first the one ``tower_config`` builds: ``retrieval.user_tower``,
+    or for "validated" the pooled one and, under the temporal and leave-one-out protocols, the
+    sequential one after it (config.py says why)."""
+    if cfg.retrieval.user_tower != "validated":
+        return (cfg.retrieval.user_tower,)
+    return ("pooled",) if cfg.data.protocol == "random" else ("pooled", "sequential")
+
+
 def tower_config(cfg: TrainConfig, spec, tables: FeatureTables) -> TowerConfig:
     return TowerConfig(
         n_users=tables.vocab.n_users, n_items=tables.vocab.n_items,
@@ -55,7 +64,7 @@ def tower_config(cfg: TrainConfig, spec, tables: FeatureTables) -> TowerConfig:
         n_item_num=spec.item_num_dim, embedding_dim=cfg.retrieval.embedding_dim,
         user_hidden_dims=cfg.retrieval.user_tower_dims, item_hidden_dims=cfg.retrieval.item_tower_dims,
         dropout=cfg.retrieval.dropout, history_table=cfg.retrieval.history_table,
-        history_pooling=cfg.retrieval.history_pooling, user_tower=cfg.retrieval.user_tower,
+        history_pooling=cfg.retrieval.history_pooling, user_tower=user_towers(cfg)[0],
         sequence_length=cfg.retrieval.sequence_length, sequence_blocks=cfg.retrieval.sequence_blocks,
         sequence_heads=cfg.retrieval.sequence_heads)
 
@@ -465,8 +474,10 @@ class EarlyStop:
 
 def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions,
                   val: EvalTarget, eval_timestamps: np.ndarray, device: torch.device,
-                  ctx: Distributed, checkpointer: Checkpointer | None = None) -> tuple[TwoTower, FitHistory]:
-    """Trains the two-tower model; returns the best epoch's model (by validation NDCG@10)."""
+                  ctx: Distributed, checkpointer: Checkpointer | None = None,
+                  stage: str = "retrieval") -> tuple[TwoTower, FitHistory]:
+    """Trains the two-tower model with ``user_towers(cfg)[0]``; returns the best epoch's model (by
+    validation NDCG@10). ``stage`` names its checkpoint and progress bar."""
     rc = cfg.retrieval
     torch.manual_seed(cfg.run.seed)
     model = build_two_tower(tower_config(cfg, spec, tables), init_temperature=rc.temperature,
@@ -481,7 +492,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     rng = np.random.default_rng(cfg.run.seed)
     history, best_state, start_epoch = FitHistory(), None, 0
     if checkpointer is not None and cfg.run.resume:
-        restored = checkpointer.restore("retrieval", model, optimizer)
+        restored = checkpointer.restore(stage, model, optimizer)
         if restored is not None:
             start_epoch, history, best_state = restored
     stopper = EarlyStop(rc.patience, rc.min_improvement, reference=history.best_score)
@@ -491,7 +502,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     use_average = 0.0 < rc.weight_average < 1.0 and not isinstance(optimizer, LazyAdam)
     averaged = copy.deepcopy(model) if use_average else None
     steps = 0
-    bar = progress_bar(range(start_epoch, rc.epochs), "retrieval", cfg.run.progress and ctx.is_main)
+    bar = progress_bar(range(start_epoch, rc.epochs), stage, cfg.run.progress and ctx.is_main)
     for epoch in bar:
         order = setup.epoch_order(rng, ctx)
         losses = []
@@ -500,7 +511,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
         for start in range(0, order.size, rc.batch_size):
             users = order[start:start + rc.batch_size]
             history_override = None
-            if rc.user_tower == "sequential":
+            if user_towers(cfg)[0] == "sequential":
                 history_override, positives, timestamps = setup.user_items.next_items(
                     users, rc.positives_per_user, tables.history.shape[1], rng)
             else:
@@ -525,7 +536,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
             history.best_score, history.best_epoch = ndcg, epoch
             best_state = copy.deepcopy(scored.state_dict())
         if checkpointer is not None and ctx.is_main:
-            checkpointer.save("retrieval", epoch + 1, model, optimizer, history, best_state)
+            checkpointer.save(stage, epoch + 1, model, optimizer, history, best_state)
         if stop:
             break
     if best_state is not None:
@@ -537,4 +548,4 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
 
 
 __all__ = ["Interactions", "FitHistory", "fit_retrieval", "make_score_fn",
-           "item_embeddings", "user_embeddings", "tower_config"]
+           "item_embeddings", "user_embeddings", "tower_config", "user_towers"]

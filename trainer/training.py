@@ -22,6 +22,7 @@ import torch
 
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig
+from trainer.config import replace as replace_config
 from trainer.data import DataError
 from trainer.distributed import Distributed
 from trainer.evaluation import retrieve
@@ -34,7 +35,7 @@ from trainer.prepare import Prepared, held_out
 from trainer.progress import Timings
 from trainer.publish import TrainedRun
 from trainer.ranking_training import Candidates, Rows, click_rows, fit_ranker, fold_rows
-from trainer.retrieval_training import UserItems, fit_retrieval, item_embeddings, user_embeddings
+from trainer.retrieval_training import UserItems, fit_retrieval, item_embeddings, user_embeddings, user_towers
 from trainer.splits import DEFAULT_RATIOS
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,8 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
     if cfg.multitask.mode == "joint":
         return _train_jointly(cfg, prep, device, ctx, timings)
     with timings.stage("retrieval_training"):
-        two_tower, retrieval_history = fit_retrieval(cfg, prep.spec, prep.tables, prep.train, prep.val,
-                                                     prep.eval_timestamps, device, ctx, checkpointer)
-    histories = {"retrieval": retrieval_history.epochs}
+        two_tower, retrieval_history, tower_choice, others = _fit_towers(cfg, prep, device, ctx, checkpointer)
+    histories = {"retrieval": retrieval_history.epochs, **others}
     with timings.stage("ranking_training"):
         fit_frame, stop_frame = _halves(prep.vocab, prep.split.val, cfg.run.seed)
         stop_target = sample_users(make_target(prep.vocab, stop_frame, [prep.split.train, fit_frame]),
@@ -125,7 +125,32 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                 kept = (ranker, ranking_history)
         ranker, ranking_history = kept
     histories["ranking"] = ranking_history.epochs
-    return _trained_run(cfg, prep, two_tower, ranker), histories
+    return replace(_trained_run(cfg, prep, two_tower, ranker), tower_choice=tower_choice), histories
+
+
+def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
+                checkpointer: Checkpointer | None):
+    """The two-tower of each of ``user_towers(cfg)``, each trained as that setting alone trains it; the one
+    with the highest validation NDCG@10 is kept (the first on a tie). Returns it, its history, the choice
+    (setting, kept tower, each tower's best validation NDCG@10) and the other towers' histories by
+    "retrieval_<tower>"."""
+    names = user_towers(cfg)
+    fits = []
+    for name in names:
+        tower_cfg = cfg if name == names[0] else replace_config(cfg, retrieval={"user_tower": name})
+        stage = "retrieval" if name == names[0] else f"retrieval_{name}"
+        model, history = fit_retrieval(tower_cfg, prep.spec, prep.tables, prep.train, prep.val,
+                                       prep.eval_timestamps, device, ctx, checkpointer, stage=stage)
+        fits.append((name, model, history))
+    kept = max(range(len(fits)), key=lambda i: (fits[i][2].best_score, -i))
+    name, model, history = fits[kept]
+    scores = {n: round(float(h.best_score), 6) for n, _, h in fits}
+    if len(fits) > 1:
+        log.info("user tower by validation: NDCG@10 %s; kept %s",
+                 ", ".join(f"{n} {score:.4f}" for n, score in scores.items()), name)
+    choice = {"setting": cfg.retrieval.user_tower, "kept": name, "validation_ndcg@10": scores}
+    others = {f"retrieval_{n}": h.epochs for i, (n, _, h) in enumerate(fits) if i != kept}
+    return model, history, choice, others
 
 
 def _fold_recent_share(cfg: TrainConfig) -> float | None | bool:

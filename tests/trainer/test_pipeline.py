@@ -23,6 +23,7 @@ from trainer.config import load_config
 from trainer.data.synthetic import generate
 from trainer.inputs import user_inputs
 from trainer.losses import NonFiniteLossError
+from trainer.models.sequential import SequentialUserTower
 
 SMALL = ["retrieval.epochs=3", "retrieval.embedding_dim=16", "retrieval.user_tower_dims=32",
          "retrieval.item_tower_dims=32", "retrieval.num_negatives=32", "ranking.epochs=2",
@@ -249,6 +250,42 @@ def test_listwise_ranker_loss_trains_on_whole_candidate_lists(tmp_path, dataset)
 def test_an_unknown_ranker_loss_is_refused_by_name():
     with pytest.raises(ValueError, match=r"ranking.loss must be one of \('pointwise', 'listwise'\), got 'pairwise'"):
         load_config(None, ["ranking.loss=pairwise"])
+
+
+def test_validated_user_tower_keeps_the_tower_with_the_better_validation_score(tmp_path, dataset, caplog):
+    """retrieval.user_tower=validated under temporal: the pooled and the sequential tower, each exactly as
+    its own setting trains it, and the run keeps, ranks with and reports the one with the higher
+    validation NDCG@10, the other's curve beside it. Under random: the pooled tower alone."""
+    def run(tower, protocol="temporal"):
+        out = tmp_path / f"{tower}-{protocol}"
+        result = job.run(small_config(tmp_path, f"data.protocol={protocol}", f"retrieval.user_tower={tower}",
+                                      f"run.output_dir={out}"), dataset)
+        return result, json.loads((out / "report.json").read_text())
+
+    alone = {tower: run(tower)[1] for tower in ("pooled", "sequential")}
+    curves = {tower: report["histories"]["retrieval"] for tower, report in alone.items()}
+    assert curves["pooled"] != curves["sequential"]                     # two different towers to choose from
+    best = {tower: max(e["val_ndcg@10"] for e in curve) for tower, curve in curves.items()}
+    kept = "sequential" if best["sequential"] > best["pooled"] else "pooled"
+    other = "pooled" if kept == "sequential" else "sequential"
+    with caplog.at_level("INFO", logger="trainer.training"):
+        result, validated = run("validated")
+    assert caplog.text.count("user tower by validation") == 1
+    assert validated["histories"]["retrieval"] == curves[kept]
+    assert validated["histories"][f"retrieval_{other}"] == curves[other]
+    assert validated["user_tower"]["setting"] == "validated" and validated["user_tower"]["kept"] == kept
+    assert validated["user_tower"]["validation_ndcg@10"] == pytest.approx(best, abs=1e-6)
+    assert isinstance(result.run.two_tower.user_tower, SequentialUserTower) == (kept == "sequential")
+    # The kept tower is the one evaluated, and the ranker is trained on its candidates.
+    assert validated["two_tower"]["ndcg@10"] == pytest.approx(alone[kept]["two_tower"]["ndcg@10"])
+    assert validated["histories"]["ranking"] == alone[kept]["histories"]["ranking"]
+    assert f"User tower (validated): {kept}" in (tmp_path / "validated-temporal" / "report.md").read_text()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="trainer.training"):
+        _, random = run("validated", "random")
+    assert "user tower by validation" not in caplog.text
+    assert random["user_tower"]["kept"] == "pooled" and list(random["user_tower"]["validation_ndcg@10"]) == ["pooled"]
+    assert not [name for name in random["histories"] if name.startswith("retrieval_")]
 
 
 def test_validated_fold_order_keeps_the_ranker_with_the_better_stopping_half_score(tmp_path, dataset, caplog):
