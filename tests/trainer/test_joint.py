@@ -65,3 +65,14 @@ def test_the_ranking_losses_reach_the_towers_only_when_weighted(tmp_path, datase
         assert torch.equal(off[name], again[name]), name                          # deterministic
     assert any(not torch.allclose(off[name], on[name]) for name in off)
     assert ranker_off.ctr_head.weight.abs().sum().item() == pytest.approx(0.0)    # zero-init head got no gradient
+
+
+def test_joint_mode_trains_the_pooled_tower_when_the_tower_is_validated(tmp_path, dataset):
+    """retrieval.user_tower=validated (the default) under temporal: the joint loss trains one tower, the
+    pooled one, and the report has no tower choice to show."""
+    from trainer.models.two_tower import UserTower
+    cfg = small_config(tmp_path, "multitask.mode=joint", "data.protocol=temporal", "retrieval.epochs=1")
+    assert cfg.retrieval.user_tower == "validated"
+    result = job.run(cfg, dataset)
+    assert type(result.run.two_tower.user_tower) is UserTower
+    assert "user_tower" not in result.report
