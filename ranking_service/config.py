@@ -62,13 +62,14 @@ class RankingConfig(ServiceConfig):
     # breaker at once when retrieval answered no call since it began (recsys_serving.latency,
     # ranking_service.pipeline); when the breaker opens every call past its cut is answered from
     # popular items; a frozen retrieval then
-    # opens it in tens of milliseconds instead of after whole budgets. 0 = off, the default: at 200 req/s
-    # with retrieval frozen 5 s, 2 gave 0 / 0 failed during, p99 26 / 32 ms, against 12 / 19 and 133 / 139
-    # ms off; but on the shared 2-core host a version load stalls retrieval past the cut too, and one of
-    # two hot-reload runs answered 208 of 5,000 from popular items (0 off). Turn it on where a version
-    # load does not stall retrieval (its own cores) and freezes matter (docs/RESULTS.md, "A stuck
-    # Retrieve is suspected at retrieval's own p99").
-    retrieval_timeout_multiplier: float = 0.0
+    # opens it in tens of milliseconds instead of after whole budgets. 2, the default since the sixth
+    # session of 2026-12-06 (0 = off): at 200 req/s with retrieval frozen 5 s, 0 / 0 failed during the
+    # freeze and p99 12 / 9 ms, against 10 / 10 failed and 126 / 121 ms off; 10 hot reloads, 0 / 0
+    # failed and no answer from popular items, against 20 / 1 failed off. Before the "answered no call"
+    # condition (380ba13) a version load that stalled retrieval past the cut tripped it (208 of 5,000
+    # answers from popular items in one hot-reload run); with it, five hot-reload runs in two sessions
+    # answered none so (docs/RESULTS.md, "The adaptive Retrieve cut on by default").
+    retrieval_timeout_multiplier: float = 2.0
     retrieval_timeout_floor_ms: int = 20
 
 

@@ -390,13 +390,15 @@ def test_config_is_frozen(root, service):
         config.port = 1  # type: ignore[misc]
 
 
-def test_the_adaptive_retrieval_timeout_is_off_by_default_and_takes_a_multiplier_and_floor(root):
+def test_the_adaptive_retrieval_timeout_is_on_by_default_and_takes_a_multiplier_and_floor(root):
     ranking = MODULES["ranking"]
     config = ranking.from_env({"RECSYS_ARTIFACT_ROOT": str(root)})
-    assert (config.retrieval_timeout_multiplier, config.retrieval_timeout_floor_ms) == (0.0, 20)
-    config = ranking.from_env({"RECSYS_ARTIFACT_ROOT": str(root), "RANKING_RETRIEVAL_TIMEOUT_MULTIPLIER": "2",
+    assert (config.retrieval_timeout_multiplier, config.retrieval_timeout_floor_ms) == (2.0, 20)
+    config = ranking.from_env({"RECSYS_ARTIFACT_ROOT": str(root), "RANKING_RETRIEVAL_TIMEOUT_MULTIPLIER": "3",
                                "RANKING_RETRIEVAL_TIMEOUT_FLOOR_MS": "35"})
-    assert (config.retrieval_timeout_multiplier, config.retrieval_timeout_floor_ms) == (2.0, 35)
+    assert (config.retrieval_timeout_multiplier, config.retrieval_timeout_floor_ms) == (3.0, 35)
+    config = ranking.from_env({"RECSYS_ARTIFACT_ROOT": str(root), "RANKING_RETRIEVAL_TIMEOUT_MULTIPLIER": "0"})
+    assert config.retrieval_timeout_multiplier == 0.0                          # off
 
 
 def test_the_retrieval_throttle_defaults_to_2_and_0_turns_it_off(root):
