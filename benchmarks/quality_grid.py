@@ -27,7 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = ("random", "temporal", "leave_one_out")
-TOWERS = ("pooled", "sequential")
+TOWERS = ("pooled", "sequential")    # the default grid; "validated" (the trainer's default) may be asked for too
+TOWER_CHOICES = (*TOWERS, "validated")
 EASE_OFF = ("retrieval.distill_weight=0", "ranking.affinity=none")
 SYNTHETIC = "synthetic"          # the --datasets name of the generated ~10k-item MovieLens-1M-layout log
 # What the results record for the generated log instead of its temporary folder.
@@ -68,7 +69,9 @@ def table(cells: list[dict]) -> str:
     lines = ["| data, protocol | tower | EASE help | popularity | EASE | tower (x EASE) | pipeline (x tower, x EASE) "
              "| wall / peak RSS |", "|---|---|---|---|---|---|---|---|"]
     for c in cells:
-        head = f"| {c['dataset']}, {c['protocol'].replace('_', '-')} | {c['tower']} | {'on' if c['ease_help'] else 'off'} |"
+        kept = (c.get("user_tower") or {}).get("kept")
+        tower_cell = f"{c['tower']} ({kept})" if c["tower"] == "validated" and kept else c["tower"]
+        head = f"| {c['dataset']}, {c['protocol'].replace('_', '-')} | {tower_cell} | {'on' if c['ease_help'] else 'off'} |"
         if "error" in c:
             lines.append(f"{head} {c['error']} | | | | |")
             continue
@@ -85,14 +88,14 @@ def main() -> int:
     parser.add_argument("--datasets", default=f"ml-100k,{SYNTHETIC}",
                         help=f"comma-separated: data.dataset values, or {SYNTHETIC!r} (10k items, 100k ratings)")
     parser.add_argument("--protocols", default=",".join(PROTOCOLS))
-    parser.add_argument("--towers", default=",".join(TOWERS))
+    parser.add_argument("--towers", default=",".join(TOWERS), help=f"comma-separated, among {list(TOWER_CHOICES)}")
     parser.add_argument("--ease-help", default="on,off", help="on, off or on,off")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (each trainer on --threads)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "quality_grid.json"))
     args = parser.parse_args()
     protocols, towers = args.protocols.split(","), args.towers.split(",")
-    for value, allowed, flag in ((protocols, PROTOCOLS, "--protocols"), (towers, TOWERS, "--towers")):
+    for value, allowed, flag in ((protocols, PROTOCOLS, "--protocols"), (towers, TOWER_CHOICES, "--towers")):
         if bad := [v for v in value if v not in allowed]:
             parser.error(f"{flag}: {bad} not among {list(allowed)}")
     ease_options = {"on": True, "off": False}

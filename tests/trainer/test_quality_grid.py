@@ -24,3 +24,13 @@ def test_the_table_gives_each_model_against_ease_and_the_pipeline_against_its_to
     assert rows[2] == ("| ml-100k, leave-one-out | pooled | off | 0.1000 | 0.3200 | 0.3000 (0.938) "
                        "| 0.3300 (1.100, 1.031) | 61 s / 0.85 GB |")
     assert rows[3].startswith("| synthetic, random | sequential | on | exit 1, see x.log |")
+
+
+def test_a_validated_cell_names_the_tower_its_run_kept():
+    cell = {"dataset": "ml-100k", "protocol": "temporal", "tower": "validated", "ease_help": True,
+            "user_tower": {"setting": "validated", "kept": "sequential",
+                           "validation_ndcg@10": {"pooled": 0.137, "sequential": 0.196}},
+            "ndcg@10": {"pipeline": 0.137, "two_tower": 0.133, "ease": 0.111, "popularity": 0.074},
+            "wall_s": 157.0, "peak_rss_mb": 860.0}
+    assert table([cell]).splitlines()[2].startswith("| ml-100k, temporal | validated (sequential) | on | 0.0740 |")
+    assert cell_overrides("temporal", "validated", True) == ["data.protocol=temporal", "retrieval.user_tower=validated"]
