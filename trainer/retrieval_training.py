@@ -502,6 +502,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     use_average = 0.0 < rc.weight_average < 1.0 and not isinstance(optimizer, LazyAdam)
     averaged = copy.deepcopy(model) if use_average else None
     steps = 0
+    sequential = user_towers(cfg)[0] == "sequential"   # next-item examples instead of held-out ones
     bar = progress_bar(range(start_epoch, rc.epochs), stage, cfg.run.progress and ctx.is_main)
     for epoch in bar:
         order = setup.epoch_order(rng, ctx)
@@ -511,7 +512,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
         for start in range(0, order.size, rc.batch_size):
             users = order[start:start + rc.batch_size]
             history_override = None
-            if user_towers(cfg)[0] == "sequential":
+            if sequential:
                 history_override, positives, timestamps = setup.user_items.next_items(
                     users, rc.positives_per_user, tables.history.shape[1], rng)
             else:
