@@ -2,7 +2,11 @@
 
 - ``grpc``: one Retrieve-sized answer (500 candidates) as a unary call (``RetrieveAll``) against a
   server-streaming call of one message (``Retrieve`` with one chunk): client CPU, server CPU (the
-  server runs in its own process), wall time per call, 8 calls in flight, on loopback;
+  server runs in its own process), wall time per call, 8 calls in flight, on loopback. Two ways to
+  pay less than one call per answer, measured beside them (2026-12-06, seventh session; neither is
+  served): ``batch_of_8``, one unary call carrying 8 requests and their 8 answers (the figures per
+  answer), and ``bidi_stream``, one long-lived bidirectional stream carrying every request and
+  answer as a message (8 in flight), the floor of any transport that keeps gRPC;
 - ``redis``: one user's read as one EVALSHA (``recsys_contracts.feature_store.USER_READ_SCRIPT``, what
   both services run) against the 4-command pipeline (``queue_user_read``): redis-py asyncio client
   CPU per read ($RECSYS_TEST_REDIS_URL or the local default, a private namespace deleted afterwards).
@@ -39,6 +43,7 @@ from recsys_serving.features import UserReader  # noqa: E402
 
 SERVICE = "bench.Wire"
 CANDIDATES = 500
+BATCH = 8
 
 
 def _answer() -> bytes:
@@ -58,10 +63,19 @@ async def _serve(port_file: str) -> None:
     async def stream(request, context):
         await context.write(answer)
 
+    async def batch(request, context):            # BATCH requests in, BATCH answers out
+        return answer * BATCH
+
+    async def bidi(requests, context):
+        async for _ in requests:
+            await context.write(answer)
+
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {
         "Unary": grpc.unary_unary_rpc_method_handler(unary),
-        "Stream": grpc.unary_stream_rpc_method_handler(stream)}),))
+        "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        "Batch": grpc.unary_unary_rpc_method_handler(batch),
+        "Bidi": grpc.stream_stream_rpc_method_handler(bidi)}),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     Path(port_file).write_text(str(port))
@@ -77,6 +91,7 @@ async def _grpc_round(port: int, server_pid: int, calls: int, flip: bool) -> dic
     request = retrieval_pb2.RetrieveRequest(user_id="1", num_candidates=CANDIDATES).SerializeToString()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         unary, stream = channel.unary_unary(f"/{SERVICE}/Unary"), channel.unary_stream(f"/{SERVICE}/Stream")
+        batch, bidi = channel.unary_unary(f"/{SERVICE}/Batch"), channel.stream_stream(f"/{SERVICE}/Bidi")
 
         async def one_unary() -> None:
             retrieval_pb2.RetrieveResponse.FromString(await unary(request, timeout=5))
@@ -85,18 +100,42 @@ async def _grpc_round(port: int, server_pid: int, calls: int, flip: bool) -> dic
             async for chunk in stream(request, timeout=5):
                 retrieval_pb2.RetrieveResponse.FromString(chunk)
 
-        figures = {}
-        variants = (("unary", one_unary), ("stream_of_one", one_stream))
-        for name, one in variants[::-1] if flip else variants:     # alternate which goes first
-            for _ in range(100):
-                await one()
-
+        async def eight_in_flight(one) -> None:
             async def worker() -> None:
                 for _ in range(calls // 8):
                     await one()
-
-            client, server, wall = time.process_time(), _cpu_s(server_pid), time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(8)))
+
+        async def batches(n: int) -> None:            # one call of BATCH items at a time: 8 answers in flight
+            size = len(_answer())
+            for _ in range(n // BATCH):
+                answers = await batch(request * BATCH, timeout=5)
+                for i in range(BATCH):
+                    retrieval_pb2.RetrieveResponse.FromString(answers[i * size:(i + 1) * size])
+
+        async def bidi_stream(n: int) -> None:       # one call for all n: 8 requests in flight
+            call, window = bidi(), asyncio.Semaphore(8)
+
+            async def write() -> None:
+                for _ in range(n):
+                    await window.acquire()
+                    await call.write(request)
+                await call.done_writing()
+
+            writer = asyncio.ensure_future(write())
+            async for answer in call:
+                retrieval_pb2.RetrieveResponse.FromString(answer)
+                window.release()
+            await writer
+
+        figures = {}
+        variants = (("unary", lambda n: eight_in_flight(one_unary)),
+                    ("stream_of_one", lambda n: eight_in_flight(one_stream)),
+                    ("batch_of_8", batches), ("bidi_stream", bidi_stream))
+        for name, run in variants[::-1] if flip else variants:     # alternate which goes first
+            await run(200)
+            client, server, wall = time.process_time(), _cpu_s(server_pid), time.perf_counter()
+            await run(calls)
             figures[name] = {"client_cpu_us": (time.process_time() - client) / calls * 1e6,
                              "server_cpu_us": (_cpu_s(server_pid) - server) / calls * 1e6,
                              "wall_us": (time.perf_counter() - wall) / calls * 1e6}
