@@ -100,9 +100,9 @@ async def _grpc_round(port: int, server_pid: int, calls: int, flip: bool) -> dic
             async for chunk in stream(request, timeout=5):
                 retrieval_pb2.RetrieveResponse.FromString(chunk)
 
-        async def eight_in_flight(one) -> None:
+        async def eight_in_flight(one, n: int) -> None:
             async def worker() -> None:
-                for _ in range(calls // 8):
+                for _ in range(n // 8):
                     await one()
             await asyncio.gather(*(worker() for _ in range(8)))
 
@@ -129,8 +129,8 @@ async def _grpc_round(port: int, server_pid: int, calls: int, flip: bool) -> dic
             await writer
 
         figures = {}
-        variants = (("unary", lambda n: eight_in_flight(one_unary)),
-                    ("stream_of_one", lambda n: eight_in_flight(one_stream)),
+        variants = (("unary", lambda n: eight_in_flight(one_unary, n)),
+                    ("stream_of_one", lambda n: eight_in_flight(one_stream, n)),
                     ("batch_of_8", batches), ("bidi_stream", bidi_stream))
         for name, run in variants[::-1] if flip else variants:     # alternate which goes first
             await run(200)
