@@ -95,7 +95,7 @@ class RetrievalConfig:
     batch_size: int = 128              # users per step (each with positives_per_user rows)
     # 1e-3 was tried on 2026-12-06 (seventh session) and not adopted: on validation over four logs and
     # two seeds it led by 1-4 % on the ordered protocols' tower, but tied on ml-100k random at the
-    # default two threads and cost 0-30 % more training time there (docs/RESULTS.md, "The tower's
+    # default two threads and took up to 32 % more training time there (docs/RESULTS.md, "The tower's
     # learning rate").
     learning_rate: float = 2e-3
     lr_decay: float = 1.0              # epoch e trains at learning_rate * lr_decay ** e
