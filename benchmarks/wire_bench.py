@@ -106,10 +106,11 @@ async def _grpc_round(port: int, server_pid: int, calls: int, flip: bool) -> dic
                     await one()
             await asyncio.gather(*(worker() for _ in range(8)))
 
+        size, batched = len(_answer()), request * BATCH
+
         async def batches(n: int) -> None:            # one call of BATCH items at a time: 8 answers in flight
-            size = len(_answer())
             for _ in range(n // BATCH):
-                answers = await batch(request * BATCH, timeout=5)
+                answers = await batch(batched, timeout=5)
                 for i in range(BATCH):
                     retrieval_pb2.RetrieveResponse.FromString(answers[i * size:(i + 1) * size])
 

@@ -21,8 +21,7 @@ import pandas as pd
 import torch
 
 from trainer.checkpoint import Checkpointer
-from trainer.config import TrainConfig
-from trainer.config import replace as replace_config
+from trainer.config import TrainConfig, replace as replace_config
 from trainer.data import DataError
 from trainer.distributed import Distributed
 from trainer.evaluation import retrieve
