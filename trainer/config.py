@@ -78,6 +78,19 @@ class RetrievalConfig:
     # random 0.2436 -> 0.2488, ml-100k temporal 0.1371 -> 0.1313, synthetic 10k-item log random
     # 0.1319 -> 0.1294 (and its retrieval training 45 -> 109 s).
     full_softmax_below: int = 0
+    # The autoencoder tower (user_tower "autoencoder"; trainer/models/autoencoder.py): Mult-DAE (Liang et
+    # al. 2018) served as a two-tower model, the user vector tanh of the normalised history's rows,
+    # the item vector a row and a bias per item, trained to rebuild each user's training items
+    # (softmax over the whole catalog) from their history with autoencoder_dropout of it hidden. The
+    # paper's settings (one hidden layer of 600, dropout 0.5, Adam 1e-3, 100 users a step), not tuned; epochs
+    # and early stopping as the other towers' (epochs, patience, min_improvement below).
+    # It trains only on catalogs of at most autoencoder_below items (a step's cost grows with the
+    # catalog; the pooled tower's sampled softmax does not).
+    autoencoder_hidden: int = 600
+    autoencoder_dropout: float = 0.5
+    autoencoder_learning_rate: float = 1e-3
+    autoencoder_batch_size: int = 100
+    autoencoder_below: int = 100_000
     negative_sampling_strategy: str = "mixed"   # random | hard | mixed
     num_negatives: int = 256           # sampler negatives per batch (shared by its rows)
     # Held-out items predicted per user per step (denoising). ml-100k validation NDCG@10, seeds 0-2:
@@ -332,7 +345,7 @@ _CHOICES = {
     "retrieval.negative_sampling_strategy": ("random", "hard", "mixed"),
     "retrieval.history_table": ("shared", "separate"),
     "retrieval.history_pooling": ("mean", "attention"),
-    "retrieval.user_tower": ("validated", "pooled", "sequential"),
+    "retrieval.user_tower": ("validated", "pooled", "sequential", "autoencoder"),
     "retrieval.distill_items": ("all", "candidates"),
     "ranking.structure": ("stacked", "parallel"),
     "ranking.score_mode": ("ctr", "ctr_x_rating"),
@@ -344,13 +357,13 @@ _CHOICES = {
     "eval.ease_search": ("climb", "grid"),
 }
 _UNIT_INTERVAL = {"ranking.fold_share", "retrieval.dropout", "retrieval.hard_fraction", "retrieval.id_dropout",
-                  "retrieval.history_dropout", "retrieval.weight_average",
+                  "retrieval.history_dropout", "retrieval.weight_average", "retrieval.autoencoder_dropout",
                   "ranking.dropout", "publish.gate_margin"}
 _NON_NEGATIVE = {"retrieval.min_improvement", "ranking.min_improvement", "retrieval.weight_decay", "ranking.weight_decay", "multitask.rating_weight",
                  "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",
                  "run.threads", "retrieval.num_negatives", "eval.max_users", "retrieval.lazy_adam_above",
                  "ranking.rating_refit_rows", "retrieval.distill_weight", "ranking.folds",
-                 "retrieval.full_softmax_below", "ranking.keep_min_t", "ranking.max_rows_per_epoch"}
+                 "retrieval.full_softmax_below", "retrieval.autoencoder_below", "ranking.keep_min_t", "ranking.max_rows_per_epoch"}
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:
@@ -397,7 +410,7 @@ def _check(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be one of {_CHOICES[name]}, got {value!r}")
     if name in _UNIT_INTERVAL and not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-    if name == "retrieval.weight_average" and value >= 1.0:
+    if name in ("retrieval.weight_average", "retrieval.autoencoder_dropout") and value >= 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     if name in _NON_NEGATIVE and value < 0:
         raise ValueError(f"{name} must be >= 0, got {value!r}")

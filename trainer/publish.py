@@ -29,6 +29,7 @@ from recsys_contracts.feature_spec import FeatureSpec
 from recsys_contracts.signing import Signer
 from trainer.config import TrainConfig
 from trainer.export import export_ranker, export_user_tower
+from trainer.models.autoencoder import AutoencoderUserTower
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
 from trainer.item_metadata import DisplaySource, write_item_metadata
@@ -107,7 +108,10 @@ def write_version_files(directory: Path, run: TrainedRun, index_params: IndexPar
     write_item_metadata(directory, run.tables.vocab, run.display)
     ranker_history = min(run.ranker.recent_items, run.spec.history_length)
     user_example, ranker_example = _export_examples(run.tables, ranker_history)
-    export_user_tower(run.two_tower.user_tower.eval(), user_example, directory / bundle.USER_TOWER_FILE)
+    user_tower = run.two_tower.user_tower.eval()
+    if isinstance(user_tower, AutoencoderUserTower):
+        user_tower = user_tower.for_serving()
+    export_user_tower(user_tower, user_example, directory / bundle.USER_TOWER_FILE)
     export_ranker(run.ranker.eval(), ranker_example, directory / bundle.RANKER_FILE)
     embeddings = all_item_embeddings(run.two_tower.eval(), run.tables)
     np.save(directory / bundle.ITEM_EMBEDDINGS_FILE, embeddings, allow_pickle=False)

@@ -31,7 +31,7 @@ from trainer.full_ranking import EvalTarget, rank_users
 from trainer.features import FeatureTables
 from trainer.inputs import item_inputs, user_inputs
 from trainer.losses import distillation_loss, full_softmax_loss, grouped_sampled_softmax_loss, optimizer_step
-from trainer.models.two_tower import TowerConfig, TwoTower, build_two_tower
+from trainer.models.two_tower import USER_TOWERS, TowerConfig, TwoTower, build_two_tower
 from trainer.negatives import make_sampler
 from trainer.progress import progress_bar
 
@@ -46,13 +46,19 @@ class Interactions:
     ratings: np.ndarray
 
 
-def user_towers(cfg: TrainConfig) -> tuple[str, ...]:
+def autoencoder_fits(cfg: TrainConfig, n_items: int) -> bool:
+    """Whether the autoencoder tower trains on a catalog of ``n_items`` (its softmax spans the catalog)."""
+    return n_items <= cfg.retrieval.autoencoder_below
+
+
+def user_towers(cfg: TrainConfig, n_items: int | None = None) -> tuple[str, ...]:
     """The user towers a run trains, the first the one ``tower_config`` builds: ``retrieval.user_tower``,
-    or for "validated" the pooled one and, under the temporal and leave-one-out protocols, the
-    sequential one after it (config.py says why)."""
+    or for "validated" the pooled one, the autoencoder where the catalog (``n_items``, when given) fits
+    it, and under the temporal and leave-one-out protocols the sequential one (config.py says why)."""
     if cfg.retrieval.user_tower != "validated":
         return (cfg.retrieval.user_tower,)
-    return ("pooled",) if cfg.data.protocol == "random" else ("pooled", "sequential")
+    autoencoder = ("autoencoder",) if n_items is None or autoencoder_fits(cfg, n_items) else ()
+    return ("pooled", *autoencoder) + (() if cfg.data.protocol == "random" else ("sequential",))
 
 
 def tower_config(cfg: TrainConfig, spec, tables: FeatureTables) -> TowerConfig:
@@ -64,7 +70,8 @@ def tower_config(cfg: TrainConfig, spec, tables: FeatureTables) -> TowerConfig:
         n_item_num=spec.item_num_dim, embedding_dim=cfg.retrieval.embedding_dim,
         user_hidden_dims=cfg.retrieval.user_tower_dims, item_hidden_dims=cfg.retrieval.item_tower_dims,
         dropout=cfg.retrieval.dropout, history_table=cfg.retrieval.history_table,
-        history_pooling=cfg.retrieval.history_pooling, user_tower=user_towers(cfg)[0],
+        history_pooling=cfg.retrieval.history_pooling,
+        user_tower=next((name for name in user_towers(cfg) if name in USER_TOWERS), "pooled"),
         sequence_length=cfg.retrieval.sequence_length, sequence_blocks=cfg.retrieval.sequence_blocks,
         sequence_heads=cfg.retrieval.sequence_heads)
 
@@ -77,7 +84,7 @@ def item_embeddings(model: TwoTower, tables: FeatureTables, device: torch.device
     rows = []
     for start in range(0, items.size, batch_size):
         rows.append(model.item_tower(**item_inputs(tables, items[start:start + batch_size], device)))
-    return torch.cat(rows) if rows else torch.zeros((0, model.item_tower.projection.out_features), device=device)
+    return torch.cat(rows) if rows else torch.zeros((0, model.item_tower.out_features), device=device)
 
 
 @torch.no_grad()
@@ -548,5 +555,5 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     return model, history
 
 
-__all__ = ["Interactions", "FitHistory", "fit_retrieval", "make_score_fn",
+__all__ = ["Interactions", "autoencoder_fits", "FitHistory", "fit_retrieval", "make_score_fn",
            "item_embeddings", "user_embeddings", "tower_config", "user_towers"]

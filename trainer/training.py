@@ -14,12 +14,14 @@ import copy
 import logging
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from trainer.autoencoder_training import fit_autoencoder
 from trainer.checkpoint import Checkpointer
 from trainer.config import TrainConfig, replace as replace_config
 from trainer.data import DataError
@@ -34,7 +36,7 @@ from trainer.prepare import Prepared, held_out
 from trainer.progress import Timings
 from trainer.publish import TrainedRun
 from trainer.ranking_training import Candidates, Rows, click_rows, fit_ranker, fold_rows
-from trainer.retrieval_training import UserItems, fit_retrieval, item_embeddings, user_embeddings, user_towers
+from trainer.retrieval_training import UserItems, autoencoder_fits, fit_retrieval, item_embeddings, user_embeddings, user_towers
 from trainer.splits import DEFAULT_RATIOS
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,9 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                   timings: Timings) -> tuple[TrainedRun, dict[str, Any]]:
     checkpointer = Checkpointer(cfg.run.checkpoint_dir) if cfg.run.checkpoint_dir else None
     if cfg.multitask.mode == "joint":
+        if cfg.retrieval.user_tower == "autoencoder":
+            raise ValueError("retrieval.user_tower=autoencoder trains on its own loss (the separate mode); "
+                             "multitask.mode=joint trains the pooled or sequential tower with the DCN")
         return _train_jointly(cfg, prep, device, ctx, timings)
     with timings.stage("retrieval_training"):
         two_tower, retrieval_history, tower_choice, others = _fit_towers(cfg, prep, device, ctx, checkpointer)
@@ -133,13 +138,18 @@ def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Dis
     with the highest validation NDCG@10 is kept (the first on a tie). Returns it, its history, the choice
     (setting, kept tower, each tower's best validation NDCG@10) and the other towers' histories by
     "retrieval_<tower>"."""
-    names = user_towers(cfg)
+    names = user_towers(cfg, prep.vocab.n_items)
+    if names == ("autoencoder",) and not autoencoder_fits(cfg, prep.vocab.n_items):
+        raise ValueError(f"retrieval.user_tower=autoencoder: the catalog has {prep.vocab.n_items:,} items, over "
+                         f"retrieval.autoencoder_below={cfg.retrieval.autoencoder_below:,} (its softmax spans the "
+                         "catalog); raise that bound or choose the pooled or validated tower")
     fits = []
     for name in names:
         tower_cfg = cfg if name == names[0] else replace_config(cfg, retrieval={"user_tower": name})
         stage = "retrieval" if name == names[0] else f"retrieval_{name}"
-        model, history = fit_retrieval(tower_cfg, prep.spec, prep.tables, prep.train, prep.val,
-                                       prep.eval_timestamps, device, ctx, checkpointer, stage=stage)
+        fit = partial(fit_autoencoder, tower_cfg) if name == "autoencoder" else partial(fit_retrieval, tower_cfg, prep.spec)
+        model, history = fit(prep.tables, prep.train, prep.val, prep.eval_timestamps, device, ctx, checkpointer,
+                             stage=stage)
         fits.append((name, model, history))
     kept = max(range(len(fits)), key=lambda i: (fits[i][2].best_score, -i))
     name, model, history = fits[kept]

@@ -28,7 +28,8 @@ from trainer.models.sequential import SequentialUserTower
 SMALL = ["retrieval.epochs=3", "retrieval.embedding_dim=16", "retrieval.user_tower_dims=32",
          "retrieval.item_tower_dims=32", "retrieval.num_negatives=32", "ranking.epochs=2",
          "ranking.deep_dims=32", "ranking.candidates=50", "features.history_length=20",
-         "eval.retrieval_ks=10,20,50", "eval.ease_grid=10,100", "run.progress=false", "run.threads=1"]
+         "eval.retrieval_ks=10,20,50", "eval.ease_grid=10,100", "run.progress=false", "run.threads=1",
+         "retrieval.autoencoder_hidden=32"]
 
 
 @pytest.fixture(scope="module")
@@ -252,40 +253,42 @@ def test_an_unknown_ranker_loss_is_refused_by_name():
         load_config(None, ["ranking.loss=pairwise"])
 
 
-def test_validated_user_tower_keeps_the_tower_with_the_better_validation_score(tmp_path, dataset, caplog):
-    """retrieval.user_tower=validated under temporal: the pooled and the sequential tower, each exactly as
-    its own setting trains it, and the run keeps, ranks with and reports the one with the higher
-    validation NDCG@10, the other's curve beside it. Under random: the pooled tower alone."""
-    def run(tower, protocol="temporal"):
-        out = tmp_path / f"{tower}-{protocol}"
+def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp_path, dataset, caplog):
+    """retrieval.user_tower=validated under temporal: the pooled, the autoencoder and the sequential tower,
+    each exactly as its own setting trains it, and the run keeps, ranks with and reports the one with the
+    highest validation NDCG@10, the others' curves beside it. Under random: the pooled tower and the
+    autoencoder (no sequential tower); over retrieval.autoencoder_below items, no autoencoder."""
+    towers = ("pooled", "autoencoder", "sequential")
+
+    def run(tower, protocol="temporal", *extra):
+        out = tmp_path / f"{tower}-{protocol}{len(extra)}"
         result = job.run(small_config(tmp_path, f"data.protocol={protocol}", f"retrieval.user_tower={tower}",
-                                      f"run.output_dir={out}"), dataset)
+                                      f"run.output_dir={out}", *extra), dataset)
         return result, json.loads((out / "report.json").read_text())
 
-    alone = {tower: run(tower)[1] for tower in ("pooled", "sequential")}
+    alone = {tower: run(tower)[1] for tower in towers}
     curves = {tower: report["histories"]["retrieval"] for tower, report in alone.items()}
-    assert curves["pooled"] != curves["sequential"]                     # two different towers to choose from
+    assert len({json.dumps(curve) for curve in curves.values()}) == 3    # three different towers to choose from
     best = {tower: max(e["val_ndcg@10"] for e in curve) for tower, curve in curves.items()}
-    kept = "sequential" if best["sequential"] > best["pooled"] else "pooled"
-    other = "pooled" if kept == "sequential" else "sequential"
+    kept = max(towers, key=lambda tower: (best[tower], -towers.index(tower)))
     with caplog.at_level("INFO", logger="trainer.training"):
         result, validated = run("validated")
     assert caplog.text.count("user tower by validation") == 1
     assert validated["histories"]["retrieval"] == curves[kept]
-    assert validated["histories"][f"retrieval_{other}"] == curves[other]
+    for other in set(towers) - {kept}:
+        assert validated["histories"][f"retrieval_{other}"] == curves[other]
     assert validated["user_tower"]["setting"] == "validated" and validated["user_tower"]["kept"] == kept
     assert validated["user_tower"]["validation_ndcg@10"] == pytest.approx(best, abs=1e-6)
     assert isinstance(result.run.two_tower.user_tower, SequentialUserTower) == (kept == "sequential")
     # The kept tower is the one evaluated, and the ranker is trained on its candidates.
     assert validated["two_tower"]["ndcg@10"] == pytest.approx(alone[kept]["two_tower"]["ndcg@10"])
     assert validated["histories"]["ranking"] == alone[kept]["histories"]["ranking"]
-    assert f"User tower (validated): {kept}" in (tmp_path / "validated-temporal" / "report.md").read_text()
-    caplog.clear()
-    with caplog.at_level("INFO", logger="trainer.training"):
-        _, random = run("validated", "random")
-    assert "user tower by validation" not in caplog.text
-    assert random["user_tower"]["kept"] == "pooled" and list(random["user_tower"]["validation_ndcg@10"]) == ["pooled"]
-    assert not [name for name in random["histories"] if name.startswith("retrieval_")]
+    assert f"User tower (validated): {kept}" in (tmp_path / "validated-temporal0" / "report.md").read_text()
+    _, random = run("validated", "random")
+    assert set(random["user_tower"]["validation_ndcg@10"]) == {"pooled", "autoencoder"}
+    _, over = run("validated", "random", "retrieval.autoencoder_below=10")
+    assert over["user_tower"]["kept"] == "pooled" and list(over["user_tower"]["validation_ndcg@10"]) == ["pooled"]
+    assert not [name for name in over["histories"] if name.startswith("retrieval_")]
 
 
 def test_validated_fold_order_keeps_the_ranker_with_the_better_stopping_half_score(tmp_path, dataset, caplog):

@@ -171,6 +171,10 @@ class ItemTower(nn.Module):
         self.mlp = mlp(input_dim, config.item_hidden_dims, config.dropout)
         self.projection = nn.Linear(config.item_hidden_dims[-1], dim)
 
+    @property
+    def out_features(self) -> int:
+        return self.projection.out_features
+
     def forward(self, item_idx: Tensor, item_cat: Tensor, item_num: Tensor) -> Tensor:
         features = torch.cat([self.item_embedding(item_idx), self.categorical(item_cat), item_num],
                              dim=1)  # (N, D + Ci * D + Ni)
