@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = ("random", "temporal", "leave_one_out")
 TOWERS = ("pooled", "sequential")    # the default grid; "validated" (the trainer's default) may be asked for too
-TOWER_CHOICES = (*TOWERS, "validated")
+TOWER_CHOICES = (*TOWERS, "autoencoder", "validated")
 EASE_OFF = ("retrieval.distill_weight=0", "ranking.affinity=none")
 SYNTHETIC = "synthetic"          # the --datasets name of the generated ~10k-item MovieLens-1M-layout log
 # What the results record for the generated log instead of its temporary folder.

@@ -33,7 +33,7 @@ class ServingState:
     tables: VersionTables
     user_index: dict[str, int]              # external user id -> user index (absent = unknown)
     items: ItemLookup
-    item_embeddings: np.ndarray             # (m+1, D) float32, L2-normalised, row 0 zero (for MMR)
+    item_embeddings: np.ndarray             # (m+1, D) float32, row 0 zero (retrieval scores, MMR)
     popular_scores: np.ndarray              # (m+1,) float32 log(1 + training count): fallback retrieval score
     score_rule: ScoreRule
     ranker_history: int                     # the ranker's history input holds the last this-many items

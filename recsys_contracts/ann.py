@@ -2,8 +2,9 @@
 
 Format: ``index.faiss`` in FAISS's own binary format (``faiss.write_index``; read back with
 ``faiss.read_index``, which parses a binary layout and runs no code from the file). The index holds
-the L2-normalised item embeddings of item indices 1..m under their item index as the FAISS id, and
-scores by inner product (= cosine similarity). Index parameters (kind, nlist/nprobe, M/efSearch) and
+the item embeddings of item indices 1..m under their item index as the FAISS id, and scores by
+inner product (= cosine similarity for the pooled and sequential towers' unit vectors; the autoencoder
+tower's [w_i, b_i] give its decoder's logit). Index parameters (kind, nlist/nprobe, M/efSearch) and
 the recall@100 measured against exact search at build time go into the manifest.
 
 Every index sits behind one small interface, ``search(queries (B, D), k) -> (scores (B, k), ids (B, k))``

@@ -224,7 +224,7 @@ class Bundle:
 
     version: int
     tables: VersionTables
-    user_tower: Program                 # user rows -> (B, D) L2-normalised embeddings
+    user_tower: Program                 # user rows -> (B, D) user vectors (retrieval score = inner product)
     ranker: Program                     # user rows + candidate rows -> (ctr_logit (N,), rating (N,)) (RANKER, or RANKER_ROWS)
     item_embeddings: np.ndarray         # (m+1, D) float32, row 0 = padding
     index: Index                        # ANN over item indices 1..m, inner product, dimension D

@@ -86,8 +86,8 @@ class Signature:
 _I64, _F32 = np.dtype(np.int64), np.dtype(np.float32)
 _USER_INPUTS = (("user_idx", _I64), ("user_cat", _I64), ("user_num", _F32), ("history", _I64),
                 ("timestamp", _I64))
-# docs/ARCHITECTURE.md, "Model inputs": the user tower maps user rows to (B, D) L2-normalised
-# embeddings; the ranker maps aligned user + item rows and the retrieval score to (B,) CTR logits
+# docs/ARCHITECTURE.md, "Model inputs": the user tower maps user rows to (B, D) user vectors (unit
+# vectors for the pooled and sequential towers, [h, 1] for the autoencoder); the ranker maps aligned user + item rows and the retrieval score to (B,) CTR logits
 # and (B,) predicted ratings.
 USER_TOWER = Signature("user tower", _USER_INPUTS, ("user_vector",))
 _ITEM_INPUTS = (("item_idx", _I64), ("item_cat", _I64), ("item_num", _F32), ("retrieval_score", _F32))

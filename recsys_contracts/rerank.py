@@ -4,7 +4,9 @@
 ``(1 - strength) * relevance_i - strength * max_{j chosen} cos(e_i, e_j)``; with nothing chosen the
 penalty is 0, so the first pick is always the most relevant item; ties go to the earlier (more
 relevant) candidate. strength 0 = the relevance order, 1 = each next item as far as possible from
-the chosen ones. Embeddings are the version's L2-normalised item embeddings (cosine = dot product).
+the chosen ones. Embeddings are the version's item embeddings; cos is taken on them here (the pooled
+and sequential towers' are unit vectors already, the autoencoder's [w_i, b_i] are not), and a zero
+row is as far from every item as an orthogonal one.
 It lives here because the trainer's report of its effect on NDCG and diversity is only true if
 the service runs the very same function.
 """
@@ -24,6 +26,8 @@ def mmr_order(relevance: np.ndarray, embeddings: np.ndarray, k: int, strength: f
     k = min(k, n)
     relevance = relevance.astype(np.float64)
     embeddings = embeddings.astype(np.float64)
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    embeddings = embeddings / np.where(norms > 0.0, norms, 1.0)     # rows of unit length (or zero)
     max_sim = np.zeros(n)                      # (N,) penalty of each row; 0 while nothing is chosen
     available = np.ones(n, dtype=bool)
     chosen: list[int] = []

@@ -39,7 +39,7 @@ class ServingState:
 
     version: int
     tables: VersionTables
-    tower: Program                       # (B,) user inputs -> (B, D) L2-normalised embeddings
+    tower: Program                       # (B,) user inputs -> (B, D) user vectors (score = inner product)
     index: Index                         # item indices 1..m, inner product
     backend: str                         # which backend ``index`` is (retrieval_service.backends)
     device: str                          # "cpu" or "cuda": where the tower and the index run

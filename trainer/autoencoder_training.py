@@ -25,7 +25,7 @@ from trainer.config import TrainConfig
 from trainer.distributed import Distributed
 from trainer.features import FeatureTables
 from trainer.full_ranking import EvalTarget
-from trainer.inputs import item_inputs, user_inputs
+from trainer.inputs import user_inputs
 from trainer.losses import optimizer_step
 from trainer.models.autoencoder import AutoencoderTwoTower
 from trainer.progress import progress_bar
@@ -65,7 +65,6 @@ def fit_autoencoder(cfg: TrainConfig, tables: FeatureTables, train: Interactions
     user_items = UserItems.from_interactions(train, tables.vocab.n_users)
     active = user_items.users_with_items()
     rng = np.random.default_rng(cfg.run.seed)
-    catalog = item_inputs(tables, np.arange(n_items + 1), device)   # the decoder scores every item each step
     history, best_state, start_epoch = FitHistory(), None, 0
     if checkpointer is not None and cfg.run.resume:
         restored = checkpointer.restore(stage, model, optimizer)
@@ -80,8 +79,8 @@ def fit_autoencoder(cfg: TrainConfig, tables: FeatureTables, train: Interactions
         for start in range(0, order.size, rc.autoencoder_batch_size):
             users = order[start:start + rc.autoencoder_batch_size]
             inputs = user_inputs(tables, users, np.zeros(users.size, dtype=np.int64), device)
-            user_vectors, item_vectors = ddp_model(**inputs, **catalog)     # (U, H+1), (m+1, H+1)
-            loss = multinomial_loss(user_vectors @ item_vectors.T, target_rows(user_items, users, n_items, device))
+            _user_vectors, logits = ddp_model(**inputs)                        # (U, H+1), (U, m+1)
+            loss = multinomial_loss(logits, target_rows(user_items, users, n_items, device))
             optimizer_step(optimizer, loss, lambda value: (
                 f"autoencoder loss became {value} at epoch {epoch}; lower retrieval.autoencoder_learning_rate "
                 f"(now {rc.autoencoder_learning_rate})"))

@@ -42,6 +42,17 @@ def test_mmr_trades_relevance_for_novelty_as_computed_by_hand():
     assert mmr_order(relevance, embeddings, 10, 1.0).tolist() == [0, 2, 1]
 
 
+def test_mmr_measures_cosine_whatever_the_embeddings_lengths():
+    """The autoencoder tower's item vectors are not unit vectors: lengths must not change the order."""
+    relevance = np.array([1.0, 0.9, 0.5])
+    unit = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    scaled = unit * np.array([[7.0], [0.2], [3.0]])
+    for strength in (0.1, 0.5, 1.0):
+        assert mmr_order(relevance, scaled, 3, strength).tolist() == mmr_order(relevance, unit, 3, strength).tolist()
+    # A zero row (an unknown item) is no item's neighbour, not a division by zero.
+    assert mmr_order(relevance, np.array([[1.0, 0.0], [0.0, 0.0], [1.0, 0.0]]), 3, 0.5).tolist() == [0, 1, 2]
+
+
 @pytest.mark.parametrize("strength, rows, message", [(1.5, 3, "strength must be in"), (0.5, 2, "embeddings must have 3")])
 def test_mmr_rejects_bad_arguments(strength, rows, message):
     with pytest.raises(ValueError, match=message):

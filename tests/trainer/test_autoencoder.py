@@ -57,6 +57,20 @@ def test_the_inner_product_is_the_decoders_logit_of_the_normalised_history():
     assert torch.allclose(users[0, :-1], torch.tanh(model.user_tower.bias), atol=1e-6)   # no history: the bias
 
 
+def test_the_training_call_gives_every_items_logit():
+    """Without item inputs the model returns the logits of the whole catalog: the same numbers as the
+    user vectors against every item vector (what the index searches)."""
+    model = _model(2)
+    inputs = user_inputs(5, seed=6)
+    every = torch.arange(N_ITEMS + 1)
+    with torch.no_grad():
+        users, logits = model(**inputs)
+        _, items = model(**inputs, item_idx=every, item_cat=torch.zeros(N_ITEMS + 1, 1, dtype=torch.long),
+                         item_num=torch.zeros(N_ITEMS + 1, 0))
+    assert logits.shape == (5, N_ITEMS + 1)
+    assert torch.allclose(logits, users @ items.T, atol=1e-5)
+
+
 def test_history_dropout_applies_in_training_only_and_padding_is_ignored():
     model = _model(1)
     inputs = user_inputs(6, seed=2)
