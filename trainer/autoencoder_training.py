@@ -15,8 +15,6 @@ caps the catalogs it trains on (``trainer.retrieval_training.autoencoder_fits``)
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 
@@ -29,7 +27,7 @@ from trainer.inputs import user_inputs
 from trainer.losses import optimizer_step
 from trainer.models.autoencoder import AutoencoderTwoTower
 from trainer.progress import progress_bar
-from trainer.retrieval_training import EarlyStop, Interactions, UserItems, validate
+from trainer.retrieval_training import Interactions, UserItems, record_epoch, start_or_resume, validate
 
 
 def target_rows(user_items: UserItems, users: np.ndarray, n_items: int, device: torch.device) -> torch.Tensor:
@@ -67,12 +65,7 @@ def fit_autoencoder(cfg: TrainConfig, tables: FeatureTables, train: Interactions
     user_items = UserItems.from_interactions(train, tables.vocab.n_users)
     active = user_items.users_with_items()
     rng = np.random.default_rng(cfg.run.seed)
-    history, best_state, start_epoch = FitHistory(), None, 0
-    if checkpointer is not None and cfg.run.resume:
-        restored = checkpointer.restore(stage, model, optimizer)
-        if restored is not None:
-            start_epoch, history, best_state = restored
-    stopper = EarlyStop(rc.patience, rc.min_improvement, reference=history.best_score)
+    start_epoch, history, best_state, stopper = start_or_resume(cfg, checkpointer, stage, model, optimizer)
     bar = progress_bar(range(start_epoch, rc.epochs), stage, cfg.run.progress and ctx.is_main)
     for epoch in bar:
         order = ctx.shard(rng.permutation(active))
@@ -88,14 +81,8 @@ def fit_autoencoder(cfg: TrainConfig, tables: FeatureTables, train: Interactions
                 f"(now {rc.autoencoder_learning_rate})"))
             losses.append(loss.item())
         ndcg = validate(model, tables, val, eval_timestamps, device)
-        record = {"epoch": epoch, "loss": ctx.all_reduce_mean(float(np.mean(losses))), "val_ndcg@10": ndcg,
-                  "temperature": 1.0}
-        history.epochs.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", val_ndcg=f"{ndcg:.4f}")
-        stop = stopper.update(ndcg)
-        if ndcg > history.best_score:
-            history.best_score, history.best_epoch = ndcg, epoch
-            best_state = copy.deepcopy(model.state_dict())
+        best_state, stop = record_epoch(history, stopper, bar, epoch, ctx.all_reduce_mean(float(np.mean(losses))),
+                                        ndcg, 1.0, model, best_state)
         if checkpointer is not None and ctx.is_main:
             checkpointer.save(stage, epoch + 1, model, optimizer, history, best_state)
         if stop:

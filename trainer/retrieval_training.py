@@ -479,6 +479,32 @@ class EarlyStop:
         return self.stale >= self.patience
 
 
+def start_or_resume(cfg: TrainConfig, checkpointer: Checkpointer | None, stage: str, model: torch.nn.Module,
+                    optimizer) -> tuple[int, FitHistory, dict | None, EarlyStop]:
+    """A tower's training state before its first epoch: (first epoch, history, best weights, stopper),
+    restored from ``stage``'s checkpoint when ``run.resume`` finds one, else a fresh start."""
+    history, best_state, start_epoch = FitHistory(), None, 0
+    if checkpointer is not None and cfg.run.resume:
+        restored = checkpointer.restore(stage, model, optimizer)
+        if restored is not None:
+            start_epoch, history, best_state = restored
+    stopper = EarlyStop(cfg.retrieval.patience, cfg.retrieval.min_improvement, reference=history.best_score)
+    return start_epoch, history, best_state, stopper
+
+
+def record_epoch(history: FitHistory, stopper: EarlyStop, bar, epoch: int, loss: float, ndcg: float,
+                 temperature: float, scored: torch.nn.Module, best_state: dict | None) -> tuple[dict | None, bool]:
+    """One validated epoch of a tower's training: its record in ``history`` and on the progress bar, a copy
+    of ``scored``'s weights when ``ndcg`` is a new best. Returns (the best weights so far, whether to stop)."""
+    history.epochs.append({"epoch": epoch, "loss": loss, "val_ndcg@10": ndcg, "temperature": temperature})
+    bar.set_postfix(loss=f"{loss:.4f}", val_ndcg=f"{ndcg:.4f}", T=f"{temperature:.3f}")
+    stop = stopper.update(ndcg)
+    if ndcg > history.best_score:
+        history.best_score, history.best_epoch = ndcg, epoch
+        best_state = copy.deepcopy(scored.state_dict())
+    return best_state, stop
+
+
 def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions,
                   val: EvalTarget, eval_timestamps: np.ndarray, device: torch.device,
                   ctx: Distributed, checkpointer: Checkpointer | None = None,
@@ -497,12 +523,7 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
                if rc.distill_weight > 0 else None)
     generator = torch.Generator().manual_seed(cfg.run.seed)
     rng = np.random.default_rng(cfg.run.seed)
-    history, best_state, start_epoch = FitHistory(), None, 0
-    if checkpointer is not None and cfg.run.resume:
-        restored = checkpointer.restore(stage, model, optimizer)
-        if restored is not None:
-            start_epoch, history, best_state = restored
-    stopper = EarlyStop(rc.patience, rc.min_improvement, reference=history.best_score)
+    start_epoch, history, best_state, stopper = start_or_resume(cfg, checkpointer, stage, model, optimizer)
     # An exponential moving average of the weights, validated (and kept) instead of the raw ones;
     # a resumed run restarts it from the restored weights. Not with lazy Adam: averaging every row
     # of the id tables each step would make a step's cost follow the catalog again.
@@ -535,14 +556,8 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
             losses.append(loss.item())
         scored = model if averaged is None else averaged
         ndcg = validate(scored, tables, val, eval_timestamps, device)
-        record = {"epoch": epoch, "loss": ctx.all_reduce_mean(float(np.mean(losses))), "val_ndcg@10": ndcg,
-                  "temperature": float(model.temperature.detach())}
-        history.epochs.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", val_ndcg=f"{ndcg:.4f}", T=f"{record['temperature']:.3f}")
-        stop = stopper.update(ndcg)
-        if ndcg > history.best_score:
-            history.best_score, history.best_epoch = ndcg, epoch
-            best_state = copy.deepcopy(scored.state_dict())
+        best_state, stop = record_epoch(history, stopper, bar, epoch, ctx.all_reduce_mean(float(np.mean(losses))),
+                                        ndcg, float(model.temperature.detach()), scored, best_state)
         if checkpointer is not None and ctx.is_main:
             checkpointer.save(stage, epoch + 1, model, optimizer, history, best_state)
         if stop:
@@ -555,5 +570,5 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     return model, history
 
 
-__all__ = ["Interactions", "autoencoder_fits", "FitHistory", "fit_retrieval", "make_score_fn",
+__all__ = ["Interactions", "autoencoder_fits", "FitHistory", "fit_retrieval", "record_epoch", "start_or_resume", "make_score_fn",
            "item_embeddings", "user_embeddings", "tower_config", "user_towers"]
