@@ -35,7 +35,7 @@ def target_rows(user_items: UserItems, users: np.ndarray, n_items: int, device: 
     users = np.asarray(users, dtype=np.int64)
     starts, ends = user_items.indptr[users], user_items.indptr[users + 1]
     rows = np.repeat(np.arange(users.size), ends - starts)
-    cols = np.concatenate([user_items.items[s:e] for s, e in zip(starts, ends)]) if users.size else np.zeros(0, np.int64)
+    cols = np.concatenate([user_items.items[start:end] for start, end in zip(starts, ends)] or [np.zeros(0, np.int64)])
     target = torch.zeros((users.size, n_items + 1), device=device)
     target[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)] = 1.0
     target[:, 0] = 0.0

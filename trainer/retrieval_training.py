@@ -570,5 +570,5 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     return model, history
 
 
-__all__ = ["Interactions", "autoencoder_fits", "FitHistory", "fit_retrieval", "record_epoch", "start_or_resume", "make_score_fn",
-           "item_embeddings", "user_embeddings", "tower_config", "user_towers"]
+__all__ = ["Interactions", "autoencoder_fits", "FitHistory", "fit_retrieval", "record_epoch", "start_or_resume",
+           "make_score_fn", "item_embeddings", "user_embeddings", "tower_config", "user_towers"]

@@ -36,7 +36,8 @@ from trainer.prepare import Prepared, held_out
 from trainer.progress import Timings
 from trainer.publish import TrainedRun
 from trainer.ranking_training import Candidates, Rows, click_rows, fit_ranker, fold_rows
-from trainer.retrieval_training import UserItems, autoencoder_fits, fit_retrieval, item_embeddings, user_embeddings, user_towers
+from trainer.retrieval_training import (UserItems, autoencoder_fits, fit_retrieval, item_embeddings, user_embeddings,
+                                       user_towers)
 from trainer.splits import DEFAULT_RATIOS
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,8 @@ def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Dis
     for name in names:
         tower_cfg = cfg if name == names[0] else replace_config(cfg, retrieval={"user_tower": name})
         stage = "retrieval" if name == names[0] else f"retrieval_{name}"
-        fit = partial(fit_autoencoder, tower_cfg) if name == "autoencoder" else partial(fit_retrieval, tower_cfg, prep.spec)
+        fit = (partial(fit_autoencoder, tower_cfg) if name == "autoencoder"
+               else partial(fit_retrieval, tower_cfg, prep.spec))
         model, history = fit(prep.tables, prep.train, prep.val, prep.eval_timestamps, device, ctx, checkpointer,
                              stage=stage)
         fits.append((name, model, history))
