@@ -7,7 +7,8 @@ loss is the multinomial log-likelihood of those items under a softmax over the w
 (-sum over the user's items of log softmax(logits)), averaged over the users: the model learns to
 rebuild a user's whole row from a damaged part of it. After each epoch it ranks every item for the
 validation users; the best epoch's weights are kept, and training stops as the pooled tower's does
-(``retrieval.epochs`` as a ceiling, ``retrieval.patience``, ``retrieval.min_improvement``).
+(``retrieval.epochs`` as a ceiling, ``retrieval.patience``, ``retrieval.min_improvement``). An epoch
+takes at most ``retrieval.autoencoder_users_per_epoch`` users, drawn afresh each epoch.
 
 The softmax covers the catalog, so a step costs (users x items x hidden): ``retrieval.autoencoder_below``
 caps the catalogs it trains on (``trainer.retrieval_training.autoencoder_fits``).
@@ -68,7 +69,10 @@ def fit_autoencoder(cfg: TrainConfig, tables: FeatureTables, train: Interactions
     start_epoch, history, best_state, stopper = start_or_resume(cfg, checkpointer, stage, model, optimizer)
     bar = progress_bar(range(start_epoch, rc.epochs), stage, cfg.run.progress and ctx.is_main)
     for epoch in bar:
-        order = ctx.shard(rng.permutation(active))
+        order = rng.permutation(active)
+        if rc.autoencoder_users_per_epoch:
+            order = order[:rc.autoencoder_users_per_epoch]
+        order = ctx.shard(order)
         losses = []
         model.train()
         for start in range(0, order.size, rc.autoencoder_batch_size):

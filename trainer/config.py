@@ -99,6 +99,11 @@ class RetrievalConfig:
     autoencoder_dropout: float = 0.5
     autoencoder_learning_rate: float = 1e-3
     autoencoder_batch_size: int = 100
+    # Users an epoch trains on at most (a fresh random subset each epoch; 0 = all): a step costs
+    # (users x items x hidden) whatever the users' history lengths, so a log of many light users (the
+    # shop-like log of docs/RESULTS.md: 83,868 users, 5,000 items) would take ~15 s an epoch without it.
+    # ml-100k, the ~10k-item log and the ml-1m shape have fewer users: nothing changes there.
+    autoencoder_users_per_epoch: int = 20_000
     autoencoder_below: int = 100_000
     negative_sampling_strategy: str = "mixed"   # random | hard | mixed
     num_negatives: int = 256           # sampler negatives per batch (shared by its rows)
@@ -372,7 +377,8 @@ _NON_NEGATIVE = {"retrieval.min_improvement", "ranking.min_improvement", "retrie
                  "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",
                  "run.threads", "retrieval.num_negatives", "eval.max_users", "retrieval.lazy_adam_above",
                  "ranking.rating_refit_rows", "retrieval.distill_weight", "ranking.folds",
-                 "retrieval.full_softmax_below", "retrieval.autoencoder_below", "ranking.keep_min_t", "ranking.max_rows_per_epoch"}
+                 "retrieval.full_softmax_below", "retrieval.autoencoder_below", "retrieval.autoencoder_users_per_epoch",
+                 "ranking.keep_min_t", "ranking.max_rows_per_epoch"}
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

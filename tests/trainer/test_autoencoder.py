@@ -22,6 +22,8 @@ from trainer.data.synthetic import generate
 from trainer.export import export_user_tower
 from trainer.inputs import item_inputs as item_table_inputs, user_inputs as table_inputs
 from trainer.models.autoencoder import AutoencoderTwoTower
+from trainer.distributed import Distributed
+from trainer.prepare import prepare
 from trainer.retrieval_training import Interactions, UserItems, user_towers
 
 HIDDEN = 12
@@ -184,3 +186,20 @@ def test_the_joint_mode_refuses_the_autoencoder(tmp_path, dataset):
     cfg = small_config(tmp_path, "retrieval.user_tower=autoencoder", "multitask.mode=joint")
     with pytest.raises(ValueError, match="retrieval.user_tower=autoencoder trains on its own loss"):
         job.run(cfg, dataset)
+
+
+def test_an_epoch_trains_on_at_most_autoencoder_users_per_epoch(tmp_path, dataset, monkeypatch):
+    """The users a step learns from add up to the cap each epoch (a fresh draw), not to the log's users."""
+    import trainer.autoencoder_training as training_module
+
+    cfg = small_config(tmp_path, "retrieval.epochs=2", "retrieval.patience=5", "retrieval.autoencoder_batch_size=10",
+                       "retrieval.autoencoder_users_per_epoch=25")
+    prep = prepare(cfg, dataset)
+    assert np.unique(prep.train.users).size > 100
+    rows, loss = [], training_module.multinomial_loss
+    monkeypatch.setattr(training_module, "multinomial_loss", lambda logits, target: rows.append(len(logits)) or
+                        loss(logits, target))
+    _, history = training_module.fit_autoencoder(cfg, prep.tables, prep.train, prep.val, prep.eval_timestamps,
+                                                 torch.device("cpu"), Distributed())
+    assert len(history.epochs) == 2
+    assert rows == [10, 10, 5, 10, 10, 5]                          # 25 users an epoch, 10 a step
