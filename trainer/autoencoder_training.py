@@ -34,12 +34,9 @@ from trainer.retrieval_training import Interactions, UserItems, record_epoch, st
 def target_rows(user_items: UserItems, users: np.ndarray, n_items: int, device: torch.device) -> torch.Tensor:
     """Each user's training items as a multi-hot row (U, m+1) (repeats count once; column 0 stays 0)."""
     users = np.asarray(users, dtype=np.int64)
-    starts, ends = user_items.indptr[users], user_items.indptr[users + 1]
-    rows = np.repeat(np.arange(users.size), ends - starts)
-    cols = np.concatenate([user_items.items[start:end] for start, end in zip(starts, ends)] or [np.zeros(0, np.int64)])
+    rows, position, _ = user_items.entries(users)
     target = torch.zeros((users.size, n_items + 1), device=device)
-    target[torch.as_tensor(rows, device=device), torch.as_tensor(cols, device=device)] = 1.0
-    target[:, 0] = 0.0
+    target[torch.as_tensor(rows, device=device), torch.as_tensor(user_items.items[position], device=device)] = 1.0
     return target
 
 

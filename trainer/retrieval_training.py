@@ -131,6 +131,15 @@ class UserItems:
     def users_with_items(self) -> np.ndarray:
         return np.flatnonzero(np.diff(self.indptr) > 0).astype(np.int64)
 
+    def entries(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every training entry of ``users`` (U,), user after user: each entry's row in ``users`` (T,), its
+        index into ``items`` (T,), and each user's first slot among the T (U,)."""
+        starts = self.indptr[users]
+        counts = self.indptr[users + 1] - starts                                # (U,)
+        offsets = np.cumsum(counts) - counts                                    # each user's first slot
+        local = np.repeat(np.arange(users.size), counts)                        # (T,) row of each slot
+        return local, np.arange(local.size) + np.repeat(starts - offsets, counts), offsets
+
     def sample(self, users: np.ndarray, per_user: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """Up to ``per_user`` random items per user, 0-padded (U, P), and one of their timestamps (U,).
 
@@ -139,11 +148,7 @@ class UserItems:
         order; the timestamp is the first pick's. One vectorised pass for the whole batch.
         """
         users = np.asarray(users, dtype=np.int64)
-        starts = self.indptr[users]
-        counts = self.indptr[users + 1] - starts                                # (U,)
-        offsets = np.cumsum(counts) - counts                                    # each user's first slot
-        local = np.repeat(np.arange(users.size), counts)                        # (T,) row of each slot
-        position = np.arange(local.size) + np.repeat(starts - offsets, counts)  # (T,) index into items
+        local, position, offsets = self.entries(users)
         # Random order within a row: one sort of row + a uniform key in [0, 1). The keys are distinct
         # (almost surely), so this is lexsort((key, row))'s order at about a tenth of its cost.
         order = np.argsort(local + rng.random(local.size))

@@ -104,7 +104,6 @@ class AutoencoderItemTower(nn.Module):
         return user[:, :-1] @ self.weight.T + self.bias
 
 
-
 class AutoencoderTwoTower(nn.Module):
     """Both halves, shaped like ``TwoTower`` for everything downstream (candidate retrieval, the ranker's
     folds and its retrieval-score input, export, the index): scores are inner products over a
@@ -129,7 +128,3 @@ class AutoencoderTwoTower(nn.Module):
         if item_idx is None:
             return user, self.item_tower.catalog_logits(user)
         return user, self.item_tower(item_idx, item_cat, item_num)
-
-    @staticmethod
-    def score(user_emb: Tensor, item_emb: Tensor) -> Tensor:
-        return user_emb @ item_emb.T
