@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -360,24 +360,45 @@ class EASE:
         return self._solution.solver.scores(self._solution, user_idx)  # (B, M)
 
 
+def subspace_factors(times: Callable[[torch.Tensor], torch.Tensor],
+                     transposed_times: Callable[[torch.Tensor], torch.Tensor], m: int, rank: int,
+                     rng: np.random.Generator, dtype: torch.dtype = torch.float32,
+                     iterations: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Rank-``rank`` factors (left (n, r) scaled by the singular values, right (m, r)) of a matrix S (n, m)
+    known only through its products ``times(V)`` = S @ V and ``transposed_times(U)`` = S.T @ U: subspace
+    iteration from a seeded random start, then the SVD of S @ basis. S ~ left @ right.T. ``rank`` is
+    capped by the caller at min(n, m).
+
+    The algebra runs in torch, which keeps to the trainer's thread count: numpy's multi-threaded
+    OpenBLAS QR spun against torch's threads (~0.1-0.3 s per QR instead of ~1 ms on ml-100k)."""
+    basis = torch.as_tensor(rng.standard_normal((m, rank + 8))).to(dtype)           # (m, k)
+    for _ in range(iterations):
+        basis, _ = torch.linalg.qr(times(basis))                                    # (n, k)
+        basis, _ = torch.linalg.qr(transposed_times(basis))                         # (m, k)
+    u, sigma, vt = torch.linalg.svd(times(basis), full_matrices=False)              # (n, k), (k,), (k, k)
+    left, right = u[:, :rank] * sigma[:rank], basis @ vt[:rank].T
+    return left.to(torch.float32).numpy(), right.to(torch.float32).numpy()
+
+
 def ease_score_factors(ease: EASE, rank: int, rng: np.random.Generator,
                        iterations: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Rank-``rank`` factors (left (n, r) scaled by the singular values, right (m, r)) of a fitted EASE's
-    scores S on its training matrix X, without forming S (n, m): the subspace iteration of
-    ``trainer.ranking_training.top_factors`` from the same seeded start, with S @ V and S.T @ U as products
-    with the sparse X and the solver's inverse. Items side: S = X B, so S V = X (B V) and S.T U = B.T (X.T U).
-    Users side (``EaseSolver``): S = X - l2 C X D with D = diag(1 / normaliser), so S V = X V - l2 C (X (D V))
-    and S.T U = X.T U - l2 D (X.T (C U)), C symmetric. For logs whose scores would not fit one dense (n, m)
-    float32 matrix."""
+    scores S on its training matrix X, without forming S (n, m): ``subspace_factors`` with S @ V and S.T @ U
+    as products with the sparse X and the solver's inverse, in the solver's precision. Items side: S = X B,
+    so S V = X (B V) and S.T U = B.T (X.T U). Users side (``EaseSolver``): S = X - l2 C X D with
+    D = diag(1 / normaliser), so S V = X V - l2 C (X (D V)) and S.T U = X.T U - l2 D (X.T (C U)), C symmetric.
+
+    Cheaper than forming S and factorising it at every size: on a 4,936-user x 8,962-item log (users side,
+    float32, two threads) 0.2-0.3 s against 2.7-3.2 s for the dense scores and their factors, the same
+    factors to 1e-5."""
     if ease._solution is None:
         raise RuntimeError("ease_score_factors called before EASE.fit")
     solution = ease._solution
     solver = solution.solver
     n, m = solver.train.shape
-    rank = min(rank, n, m)
-    xs = _torch_sparse(solver.train, torch.float32, "csr")
+    inverse = solution.inverse                                                        # B (m, m) or C (n, n)
+    xs = _torch_sparse(solver.train, inverse.dtype, "csr")
     xt = xs.t().to_sparse_csr()
-    inverse = solution.inverse.to(torch.float32)                                      # B (m, m) or C (n, n)
     if solver.items_side:
         def times(v: torch.Tensor) -> torch.Tensor:                                   # S @ v, (n, k)
             return _sparse_product(xs, inverse @ v)
@@ -385,7 +406,7 @@ def ease_score_factors(ease: EASE, rank: int, rng: np.random.Generator,
         def transposed_times(u: torch.Tensor) -> torch.Tensor:                        # S.T @ u, (m, k)
             return inverse.T @ _sparse_product(xt, u)
     else:
-        scale = (solution.l2 / solution.normaliser).to(torch.float32).unsqueeze(1)    # l2 D, (m, 1)
+        scale = (solution.l2 / solution.normaliser).unsqueeze(1)                      # l2 D, (m, 1)
 
         def times(v: torch.Tensor) -> torch.Tensor:
             return _sparse_product(xs, v) - inverse @ _sparse_product(xs, scale * v)
@@ -393,12 +414,7 @@ def ease_score_factors(ease: EASE, rank: int, rng: np.random.Generator,
         def transposed_times(u: torch.Tensor) -> torch.Tensor:
             return _sparse_product(xt, u) - scale * _sparse_product(xt, inverse @ u)
 
-    basis = torch.as_tensor(rng.standard_normal((m, rank + 8)).astype(np.float32))    # (m, k)
-    for _ in range(iterations):
-        basis, _ = torch.linalg.qr(times(basis))
-        basis, _ = torch.linalg.qr(transposed_times(basis))
-    u, sigma, vt = torch.linalg.svd(times(basis), full_matrices=False)
-    return (u[:, :rank] * sigma[:rank]).numpy(), (basis @ vt[:rank].T).numpy()
+    return subspace_factors(times, transposed_times, m, min(rank, n, m), rng, inverse.dtype, iterations)
 
 
 def rank_topk(scores: np.ndarray, exclude: Any, k: int) -> np.ndarray:

@@ -27,7 +27,7 @@ import torch
 from recsys_contracts.bundle import ScoreRule
 from trainer import metrics
 from trainer import baselines
-from trainer.baselines import EASE, SparseMatrix, dense_scores_fit, ease_fits, ease_score_factors, rank_topk
+from trainer.baselines import EASE, SparseMatrix, ease_fits, ease_score_factors, rank_topk
 from trainer.checkpoint import FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
@@ -151,30 +151,13 @@ def last_per_pair(users: np.ndarray, items: np.ndarray, width: int) -> tuple[np.
     return unique, keys.size - 1 - first_from_end
 
 
-def top_factors(scores: np.ndarray, rank: int, rng: np.random.Generator,
-                iterations: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Rank-``rank`` factors (left (n, r) scaled by the singular values, right (m, r)) of ``scores``
-    (n, m) by subspace iteration from a seeded random start: scores ~ left @ right.T.
-
-    The algebra runs in torch, which keeps to the trainer's thread count: numpy's multi-threaded
-    OpenBLAS QR spun against torch's threads (~0.1-0.3 s per QR instead of ~1 ms on ml-100k)."""
-    rank = min(rank, *scores.shape)
-    matrix = torch.as_tensor(scores)                                                 # (n, m)
-    basis = torch.as_tensor(rng.standard_normal((scores.shape[1], rank + 8)).astype(scores.dtype))  # (m, k)
-    for _ in range(iterations):
-        basis, _ = torch.linalg.qr(matrix @ basis)                                   # (n, k)
-        basis, _ = torch.linalg.qr(matrix.T @ basis)                                 # (m, k)
-    u, sigma, vt = torch.linalg.svd(matrix @ basis, full_matrices=False)             # (n, k), (k,), (k, k)
-    return (u[:, :rank] * sigma[:rank]).numpy(), (basis @ vt[:rank].T).numpy()
-
-
 def affinity_factors(train_rows: Rows, n_users: int, n_items: int, rank: int, channels: int, l2: float,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """User and item factor tables ((n_users, channels * rank), (n_items, channels * rank), channel blocks
     of ``rank`` columns) of low-rank factorisations of EASE's scores on the training interactions
     ``train_rows``: channel 0 EASE on the binary user x item matrix (``l2``); channel 1 EASE on the rating
     values (l2 scaled by the mean squared rating, so that it weighs the same against the Gram matrix).
-    Past a dense (users, items) matrix the factors come from ``ease_score_factors``."""
+    The factors come from ``ease_score_factors``, which never forms the dense (users, items) scores."""
     # Each (user, item) pair once, with its last rating (non-finite ratings count as 1).
     _, last = last_per_pair(train_rows.users, train_rows.items, n_items)
     users, items = train_rows.users[last], train_rows.items[last]
@@ -185,10 +168,7 @@ def affinity_factors(train_rows: Rows, n_users: int, n_items: int, rank: int, ch
     for channel, (values, channel_l2) in enumerate(inputs[:channels]):
         weighted = SparseMatrix.from_coo(users, items, (n_users, n_items), values.astype(np.float32))
         ease = EASE(channel_l2).fit(weighted)
-        if dense_scores_fit(n_users, n_items):
-            left, right = top_factors(ease.scores(np.arange(n_users)), rank, rng)
-        else:                               # past a dense (users, items) matrix: S is never formed
-            left, right = ease_score_factors(ease, rank, rng)
+        left, right = ease_score_factors(ease, rank, rng)
         user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
         item_factors[:, channel * rank:channel * rank + right.shape[1]] = right
     return user_factors, item_factors
@@ -420,18 +400,20 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
 def score_candidates(ranker: DCNRanker, tables: FeatureTables, candidates: Candidates,
                      timestamps: np.ndarray, score_mode: str, rating_weight: float, rating_max: float,
                      device: torch.device, rows_per_batch: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(final score, ctr, rating) for every candidate, each (U, N)."""
+    """(final score, ctr, rating) for every candidate, each (U, N). The ranker's grouped layout (the served
+    program's, ``DCNRanker.forward_grouped``): a user's side runs once for all its candidates."""
     n_users, n = candidates.items.shape
     out = np.zeros((3, n_users, n), dtype=np.float32)
     users_per_batch = max(1, rows_per_batch // max(n, 1))
     recent = tables.history[:, -ranker.recent_items:]            # (n+1, R): all the ranker reads of a history
     for start in range(0, n_users, users_per_batch):
         sl = slice(start, start + users_per_batch)
-        users = np.repeat(candidates.users[sl], n)
-        rows = Rows(users, candidates.items[sl].reshape(-1), np.repeat(timestamps[sl], n),
-                    candidates.scores[sl].reshape(-1), np.zeros(users.size, np.float32),
-                    np.zeros(users.size, np.float32), history=np.repeat(recent[candidates.users[sl]], n, axis=0))
-        ctr_logit, rating = ranker(**ranker_inputs(tables, rows, device))
+        users = candidates.users[sl]
+        row_user = torch.arange(users.size, device=device).repeat_interleave(n)
+        ctr_logit, rating = ranker.forward_grouped(
+            **user_inputs(tables, users, timestamps[sl], device, history=recent[users]), row_user=row_user,
+            **item_inputs(tables, candidates.items[sl].reshape(-1), device),
+            retrieval_score=torch.as_tensor(candidates.scores[sl].reshape(-1), dtype=torch.float32, device=device))
         score = final_score(ctr_logit, rating, score_mode, rating_weight, rating_max)
         for k, values in enumerate((score, torch.sigmoid(ctr_logit), rating)):
             out[k, sl] = values.reshape(-1, n).cpu().numpy()

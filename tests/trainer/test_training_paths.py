@@ -355,18 +355,28 @@ def test_training_with_two_threads_repeats_bit_for_bit_and_restores_the_torch_se
         assert all(torch.equal(value, second[name]) for name, value in first.items()), model
 
 
-def test_top_factors_recover_a_low_rank_matrix_and_repeat_with_the_seed():
-    from trainer.ranking_training import top_factors
+def dense_factors(matrix: np.ndarray, rank: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``subspace_factors`` of a dense matrix, through its products."""
+    from trainer.baselines import subspace_factors
 
+    dense = torch.as_tensor(matrix)
+    return subspace_factors(lambda v: dense @ v, lambda u: dense.T @ u, matrix.shape[1], min(rank, *matrix.shape),
+                            np.random.default_rng(seed), dense.dtype)
+
+
+def test_subspace_factors_recover_a_low_rank_matrix_and_repeat_with_the_seed():
     rng = np.random.default_rng(0)
     matrix = (rng.standard_normal((40, 4)) @ rng.standard_normal((4, 70))).astype(np.float32)
-    left, right = top_factors(matrix, 4, np.random.default_rng(1))
-    assert left.shape == (40, 4) and right.shape == (70, 4)
+    left, right = dense_factors(matrix, 4, 1)
+    assert left.shape == (40, 4) and right.shape == (70, 4) and left.dtype == right.dtype == np.float32
     assert np.allclose(left @ right.T, matrix, atol=1e-3)
-    again = top_factors(matrix, 4, np.random.default_rng(1))
+    again = dense_factors(matrix, 4, 1)
     assert np.array_equal(again[0], left) and np.array_equal(again[1], right)
-    wide, _ = top_factors(matrix, 100, np.random.default_rng(1))   # capped at min(n, m)
+    wide, _ = dense_factors(matrix, 100, 1)   # capped at min(n, m)
     assert wide.shape == (40, 40)
+    noisy = matrix + 0.1 * rng.standard_normal(matrix.shape).astype(np.float32)
+    rank2, _ = dense_factors(noisy, 2, 1)      # the two leading singular values, in order
+    assert np.allclose(np.linalg.norm(rank2, axis=0), np.linalg.svd(noisy, compute_uv=False)[:2], rtol=1e-3)
 
 
 def test_ranker_config_takes_the_affinity_only_in_separate_mode(prepared):
@@ -991,14 +1001,13 @@ def test_the_ranker_trains_on_capped_epochs_and_the_default_cap_leaves_small_log
 
 def test_ease_score_factors_are_the_dense_factors_without_the_dense_scores():
     from trainer.baselines import EASE, SparseMatrix, ease_score_factors
-    from trainer.ranking_training import top_factors
 
     rng = np.random.default_rng(0)
     dense = rng.random((300, 120)) < 0.08
     users, items = np.nonzero(dense)
     ease = EASE(50.0).fit(SparseMatrix.from_coo(users, items, dense.shape))
     scores = ease.scores(np.arange(300))
-    left, right = top_factors(scores, 16, np.random.default_rng(3))
+    left, right = dense_factors(scores, 16, 3)
     implicit_left, implicit_right = ease_score_factors(ease, 16, np.random.default_rng(3))
     assert implicit_left.shape == (300, 16) and implicit_right.shape == (120, 16)
     assert np.abs(left @ right.T - implicit_left @ implicit_right.T).max() < 1e-4
@@ -1006,7 +1015,7 @@ def test_ease_score_factors_are_the_dense_factors_without_the_dense_scores():
     # The users side (120 users x 300 items): S = X - l2 C X D through C (120, 120), the same factors.
     wide = EASE(50.0).fit(SparseMatrix.from_coo(items, users, dense.T.shape))
     assert not wide._solution.solver.items_side
-    wide_left, wide_right = top_factors(wide.scores(np.arange(120)), 16, np.random.default_rng(3))
+    wide_left, wide_right = dense_factors(wide.scores(np.arange(120)), 16, 3)
     implicit_left, implicit_right = ease_score_factors(wide, 16, np.random.default_rng(3))
     assert np.abs(wide_left @ wide_right.T - implicit_left @ implicit_right.T).max() < 1e-4
     with pytest.raises(RuntimeError, match="called before EASE.fit"):
