@@ -1,7 +1,9 @@
 """Trainer speed: the whole job (load -> features -> both models -> evaluation -> export -> index ->
 publish) on MovieLens 100K, and optionally on synthetic data at scale; prints the time per stage,
 the peak RSS and the index build time, writes bench_results/trainer_bench.json. The wall time and
-peak RSS are the trainer process's (synthetic data is generated beforehand, outside them).
+peak RSS are the trainer process's (synthetic data is generated beforehand, outside them); the peak
+RSS is that of its largest process, and ``peak_tree_pss_mb`` the sampled peak of the whole process tree
+(the trainer and the workers that train user towers beside it), shared pages counted once.
 
     .venv/bin/python benchmarks/trainer_bench.py                       # ml-100k
     .venv/bin/python benchmarks/trainer_bench.py --synthetic 1000000 10000000 --set retrieval.epochs=1
@@ -28,13 +30,55 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_trainer(args: list[str], env: dict[str, str], stdout=None) -> tuple[float, int]:
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parent = int(stat[stat.rindex(")") + 2:].split()[1])
+            children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo.extend(children.get(tree[-1], []))
+    return tree
+
+
+def tree_pss(pid: int) -> int:
+    """Bytes of proportional set size of ``pid``'s process tree: the trainer and the workers that train
+    towers beside it (``trainer/tower_processes.py``), shared pages counted once."""
+    total = 0
+    for member in descendants(pid):
+        try:
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
+
+
+def run_trainer(args: list[str], env: dict[str, str], stdout=None) -> tuple[float, int, int]:
+    """(wall seconds, peak RSS of the largest process, peak PSS of the whole process tree sampled every
+    0.2 s; 0 where /proc has no smaps_rollup)."""
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "trainer", *args], env=env, cwd=ROOT, stdout=stdout, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], env=env, cwd=ROOT, stdout=stdout, text=True)
+    peak_tree = 0
+    while True:
+        try:
+            proc.wait(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            peak_tree = max(peak_tree, tree_pss(proc.pid))
     if proc.returncode not in (0, 3):
         raise SystemExit(f"trainer failed with exit code {proc.returncode}")
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss   # Linux: KiB
-    return time.perf_counter() - start, peak_kib * 1024
+    return time.perf_counter() - start, peak_kib * 1024, peak_tree
 
 
 def main() -> int:
@@ -70,16 +114,18 @@ def main() -> int:
             overrides.append(f"data.dataset={path}")
         if args.baselines:
             baseline_overrides = [o for o in overrides if o.startswith(("data.", "eval.", "run.threads"))]
-            seconds, peak = run_trainer(["baselines", *sum((["--set", o] for o in baseline_overrides), [])], env,
-                                        stdout=subprocess.PIPE)
+            seconds, peak, peak_tree = run_trainer(["baselines", *sum((["--set", o] for o in baseline_overrides), [])],
+                                                   env, stdout=subprocess.DEVNULL)
             result = {"command": "baselines", "dataset": name, "wall_s": round(seconds, 2),
-                      "peak_rss_mb": round(peak / 2**20, 1), "overrides": args.overrides, "cpus": os.cpu_count()}
+                      "peak_rss_mb": round(peak / 2**20, 1), "peak_tree_pss_mb": round(peak_tree / 2**20, 1),
+                      "overrides": args.overrides, "cpus": os.cpu_count()}
             return _write(result, Path(args.out))
-        seconds, peak = run_trainer(sum((["--set", o] for o in overrides), []), env)
+        seconds, peak, peak_tree = run_trainer(sum((["--set", o] for o in overrides), []), env)
         report = json.loads((Path(tmp) / "run" / "report.json").read_text())
         manifest_dirs = sorted((Path(tmp) / "artifacts" / "versions").iterdir())
         manifest = json.loads((manifest_dirs[-1] / "manifest.json").read_text()) if manifest_dirs else {}
     result = {"dataset": name, "wall_s": round(seconds, 2), "peak_rss_mb": round(peak / 2**20, 1),
+              "peak_tree_pss_mb": round(peak_tree / 2**20, 1),
               "stages_s": report["timings"], "index": manifest.get("extra", {}).get("index"),
               "index_seconds": manifest.get("extra", {}).get("index_seconds"),
               "protocol": report["data"]["protocol"], "n_items": report["data"]["n_items"],

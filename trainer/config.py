@@ -329,6 +329,9 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"                # cpu | cuda | auto
     threads: int = 0                   # torch intra-op threads, 0 = torch default
+    tower_workers: int = 0             # user towers trained at once under retrieval.user_tower=validated, each
+                                       # in its own process on a share of the threads; 0 = one per thread up to
+                                       # the towers compared, 1 = one after another (trainer/tower_processes.py)
     checkpoint_dir: str = ""           # "" = no checkpoints
     resume: bool = False
     progress: bool = True
@@ -375,7 +378,7 @@ _UNIT_INTERVAL = {"ranking.fold_share", "retrieval.dropout", "retrieval.hard_fra
                   "ranking.dropout", "publish.gate_margin"}
 _NON_NEGATIVE = {"retrieval.min_improvement", "ranking.min_improvement", "retrieval.weight_decay", "ranking.weight_decay", "multitask.rating_weight",
                  "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",
-                 "run.threads", "retrieval.num_negatives", "eval.max_users", "retrieval.lazy_adam_above",
+                 "run.threads", "run.tower_workers", "retrieval.num_negatives", "eval.max_users", "retrieval.lazy_adam_above",
                  "ranking.rating_refit_rows", "retrieval.distill_weight", "ranking.folds",
                  "retrieval.full_softmax_below", "retrieval.autoencoder_below", "retrieval.autoencoder_users_per_epoch",
                  "ranking.keep_min_t", "ranking.max_rows_per_epoch"}

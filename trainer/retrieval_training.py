@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from trainer import metrics
-from trainer.baselines import EASE, SparseMatrix, ease_scores_fit
+from trainer.baselines import SparseMatrix, ease_all_scores, ease_scores_fit
 from trainer.checkpoint import Checkpointer, FitHistory
 from trainer.config import TrainConfig
 from trainer.distributed import Distributed
@@ -243,7 +243,8 @@ def distillation_teacher(train: Interactions, n_users: int, n_items: int, l2: fl
     counted = SparseMatrix.from_coo(train.users, train.items, (n_rows, n_cols))
     # Binary, as the EASE baseline's matrix (trainer.full_ranking.interaction_matrix): a repeated pair counts once.
     matrix = SparseMatrix(counted.indptr, counted.indices, np.ones_like(counted.values), counted.shape)
-    logits = EASE(l2).fit(matrix).scores(np.arange(n_rows)) / np.float32(temperature)  # (n+1, m+1)
+    logits = ease_all_scores(matrix, l2)                                               # (n+1, m+1)
+    logits /= np.float32(temperature)
     # The training items straight from the CSR, in place: no second dense user x item copy.
     logits[np.repeat(np.arange(n_rows), np.diff(matrix.indptr)), matrix.indices] = -np.inf
     logits[:, 0] = -np.inf

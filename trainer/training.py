@@ -39,6 +39,7 @@ from trainer.ranking_training import Candidates, Rows, click_rows, fit_ranker, f
 from trainer.retrieval_training import (UserItems, autoencoder_fits, fit_retrieval, item_embeddings, user_embeddings,
                                        user_towers)
 from trainer.splits import DEFAULT_RATIOS
+from trainer.tower_processes import fit_side_by_side, tower_workers
 
 log = logging.getLogger(__name__)
 
@@ -144,15 +145,18 @@ def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Dis
         raise ValueError(f"retrieval.user_tower=autoencoder: the catalog has {prep.vocab.n_items:,} items, over "
                          f"retrieval.autoencoder_below={cfg.retrieval.autoencoder_below:,} (its softmax spans the "
                          "catalog); raise that bound or choose the pooled or validated tower")
-    fits = []
+    calls = []
     for name in names:
         tower_cfg = cfg if name == names[0] else replace_config(cfg, retrieval={"user_tower": name})
         stage = "retrieval" if name == names[0] else f"retrieval_{name}"
         fit = (partial(fit_autoencoder, tower_cfg) if name == "autoencoder"
                else partial(fit_retrieval, tower_cfg, prep.spec))
-        model, history = fit(prep.tables, prep.train, prep.val, prep.eval_timestamps, device, ctx, checkpointer,
-                             stage=stage)
-        fits.append((name, model, history))
+        calls.append((fit, (prep.tables, prep.train, prep.val, prep.eval_timestamps, device, ctx, checkpointer),
+                      {"stage": stage}))
+    workers = tower_workers(cfg, len(names), device, ctx)
+    if workers > 1:
+        log.info("user towers %s trained side by side in %d processes", ", ".join(names), workers)
+    fits = [(name, *fitted) for name, fitted in zip(names, fit_side_by_side(calls, workers))]
     kept = max(range(len(fits)), key=lambda i: (fits[i][2].best_score, -i))
     name, model, history = fits[kept]
     scores = {n: round(float(h.best_score), 6) for n, _, h in fits}

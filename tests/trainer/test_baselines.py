@@ -173,6 +173,25 @@ def test_ease_items_and_users_sides_match_the_dense_inverse(n_users, n_items):
     np.testing.assert_allclose(model.scores(users), dense[users] @ expected, atol=1e-5)
 
 
+@pytest.mark.parametrize(("n_users", "n_items"), [(40, 25), (25, 40), (2100, 2200)])
+def test_ease_all_scores_are_every_rows_scores_on_both_sides(n_users, n_items):
+    """Items side, users side in float64, users side past FLOAT64_SIDE (float32, the teacher's usual case):
+    the dense definition X B with B from the dense inverse, and the same as ``EASE.scores`` of every row."""
+    from trainer.baselines import ease_all_scores
+
+    rng = np.random.default_rng(5)
+    dense = (rng.random((n_users, n_items)) < (0.3 if n_items < 100 else 0.01)).astype(np.float64)
+    train = _matrix([np.flatnonzero(row).tolist() for row in dense], n_items)
+    scores = ease_all_scores(train, 7.0)
+    assert scores.shape == (n_users, n_items) and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, EASE(l2=7.0).fit(train).scores(np.arange(n_users)), atol=1e-5)
+    if n_items < 100:
+        p = np.linalg.inv(dense.T @ dense + 7.0 * np.eye(n_items))
+        expected = -p / np.diag(p)[None, :]
+        np.fill_diagonal(expected, 0.0)
+        np.testing.assert_allclose(scores, dense @ expected, atol=1e-5)
+
+
 @pytest.mark.parametrize("l2", [0, -1.0, float("nan"), float("inf"), True, "10"])
 def test_ease_rejects_bad_l2(l2):
     with pytest.raises(ValueError, match="l2 must be a finite number > 0"):

@@ -291,6 +291,40 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
     assert not [name for name in over["histories"] if name.startswith("retrieval_")]
 
 
+def test_validated_towers_trained_side_by_side_are_those_trained_one_after_another(tmp_path, dataset, caplog):
+    """Two intra-op threads under temporal: the pooled tower here and the autoencoder and the sequential
+    tower in a worker process, one thread each (trainer/tower_processes.py); the same curves, choice and
+    kept tower as one thread training them one after another here. run.tower_workers=1 keeps them here."""
+    def run(tag, *extra):
+        out = tmp_path / tag
+        with caplog.at_level("INFO", logger="trainer.training"):
+            caplog.clear()
+            result = job.run(small_config(tmp_path, "data.protocol=temporal", "retrieval.user_tower=validated",
+                                          f"run.output_dir={out}", *extra), dataset)
+            side_by_side = "trained side by side in 2 processes" in caplog.text
+        return result, json.loads((out / "report.json").read_text()), side_by_side
+
+    _, alone, side = run("one-thread")
+    assert not side
+    result, paired, side = run("two-threads", "run.threads=2")
+    assert side
+    assert paired["user_tower"] == alone["user_tower"] and len(paired["user_tower"]["validation_ndcg@10"]) == 3
+    for name in ("retrieval", "retrieval_pooled", "retrieval_autoencoder", "retrieval_sequential"):
+        assert paired["histories"].get(name) == alone["histories"].get(name), name
+    assert paired["two_tower"]["ndcg@10"] == alone["two_tower"]["ndcg@10"]
+    assert torch.get_num_threads() == 2                # the run's threads are back once the towers are trained
+    _, kept_here, side = run("one-worker", "run.threads=2", "run.tower_workers=1")
+    assert not side and kept_here["user_tower"]["kept"] == alone["user_tower"]["kept"]
+
+
+def test_a_tower_that_fails_in_a_worker_fails_the_run_with_its_error():
+    from trainer.tower_processes import fit_side_by_side
+
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        fit_side_by_side([(divmod, (7, 2), {}), (int, ("not a number",), {})], workers=2)
+    assert fit_side_by_side([(divmod, (7, 2), {}), (divmod, (9, 4), {})], workers=1) == [(3, 1), (2, 1)]
+
+
 def test_validated_fold_order_keeps_the_ranker_with_the_better_stopping_half_score(tmp_path, dataset, caplog):
     """ranking.fold_order=validated under temporal: the ranker trained with random folds and the one
     trained with recent folds, each exactly as its own fold order trains it, and the run keeps the
