@@ -124,12 +124,18 @@ class ProductionTrainer:
     """Fits, evaluates, recommends and publishes through the command line's job (``trainer.job``).
 
     ``base``: every setting ``ModelConfig`` does not name (evaluation cut-offs, device, progress
-    bars, index kind, ...); ``config`` overrides its model fields.
+    bars, index kind, ...); ``config`` overrides its model fields. Without one, the command line's
+    defaults except ``run.tower_workers`` = 1 (the user towers train in this process, one after another).
     """
 
     def __init__(self, config: ModelConfig, *, base: TrainConfig | None = None) -> None:
         if not isinstance(config, ModelConfig):
             raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+        if base is None:
+            # The towers one after another in the caller's process: a worker process (spawned) would
+            # import the caller's script again, and one without a main guard would run again in it.
+            # A ``base`` with run.tower_workers 0 or more than 1 asks for them side by side.
+            base = replace(TrainConfig(), run={"tower_workers": 1})
         self._cfg = config.to_train_config(base)
         self._timings = Timings()
         self._fitted: _Fitted | None = None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import pickle
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
@@ -56,12 +57,15 @@ def _start_worker(threads: int, log_level: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _fit_in_worker(fit: Callable[..., tuple[Any, Any]], args: tuple, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+def _fit_in_worker(fit: Callable[..., tuple[Any, Any]], args: tuple, kwargs: dict[str, Any]) -> bytes:
+    """The fit, in a worker; its (model, history) pickled here into plain bytes. Handed over as they are,
+    torch's multiprocessing would share the weights through /dev/shm, which containers keep small (64 MB
+    by default in Docker; an autoencoder on 100,000 items is ~0.5 GB)."""
     from trainer.training import deterministic_kernels
 
     with deterministic_kernels(torch.device("cpu")):
         model, history = fit(*args, **kwargs)
-    return model.cpu().eval(), history
+    return pickle.dumps((model.cpu().eval(), history), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def fit_side_by_side(fits: Sequence[tuple[Callable[..., tuple[Any, Any]], tuple, dict[str, Any]]],
@@ -81,7 +85,8 @@ def fit_side_by_side(fits: Sequence[tuple[Callable[..., tuple[Any, Any]], tuple,
             with intra_op_threads(threads):
                 fit, args, kwargs = fits[0]
                 here = fit(*args, **kwargs)
-            return [here, *(future.result() for future in pending)]
+            # Bytes this run's own worker wrote into the pipe a moment ago: nothing here reads the artifact volume.
+            return [here, *(pickle.loads(future.result()) for future in pending)]
         except BaseException:
             for future in pending:
                 future.cancel()

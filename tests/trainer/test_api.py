@@ -108,6 +108,10 @@ def test_model_config_defaults_are_the_command_lines_and_a_base_keeps_other_sett
     base = replace(defaults, eval={"ks": [5, 10]}, run={"device": "auto"})
     merged = ModelConfig(epochs=2).to_train_config(base)
     assert (merged.eval.ks, merged.run.device, merged.retrieval.epochs) == ((5, 10), "auto", 2)
+    # Without a base the towers train in the caller's process (no worker to import its script again);
+    # a base decides for itself.
+    assert ProductionTrainer(ModelConfig()).train_config == replace(defaults, run={"tower_workers": 1})
+    assert ProductionTrainer(ModelConfig(), base=defaults).train_config.run.tower_workers == 0
 
 
 def test_unknown_negative_sampling_strategy_names_it_and_the_allowed_ones():
