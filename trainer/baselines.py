@@ -93,6 +93,10 @@ class SparseMatrix:
     def nnz(self) -> int:
         return int(self.indices.shape[0])
 
+    def entry_rows(self) -> np.ndarray:
+        """(nnz,) the row of every stored entry, in storage order (the COO row index)."""
+        return np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+
     def select_rows(self, rows: np.ndarray) -> SparseMatrix:
         """The rows ``rows`` (in that order) as a new matrix."""
         rows = _check_index("rows", rows, self.shape[0])
@@ -112,7 +116,7 @@ class SparseMatrix:
                 f"baselines need a smaller catalog), got {self.shape}"
             )
         dense = np.zeros(self.shape, dtype=np.float32)
-        dense[np.repeat(np.arange(n_rows), np.diff(self.indptr)), self.indices] = self.values
+        dense[self.entry_rows(), self.indices] = self.values
         return dense
 
 
@@ -171,8 +175,7 @@ def _torch_sparse(matrix: SparseMatrix, dtype: torch.dtype, layout: str = "coo")
     if layout == "csr":
         return torch.sparse_csr_tensor(torch.as_tensor(matrix.indptr), torch.as_tensor(matrix.indices), values,
                                        matrix.shape, check_invariants=True)
-    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
-    index = torch.as_tensor(np.stack([rows, matrix.indices]))
+    index = torch.as_tensor(np.stack([matrix.entry_rows(), matrix.indices]))
     return torch.sparse_coo_tensor(index, values, matrix.shape, is_coalesced=True, check_invariants=True)
 
 
@@ -194,6 +197,13 @@ def _shifted_inverse(gram: torch.Tensor, l2: float) -> torch.Tensor:
     factor = torch.linalg.cholesky(shifted)
     del shifted
     return torch.cholesky_inverse(factor)
+
+
+def _add_entries(dense: torch.Tensor, matrix: SparseMatrix, sign: float) -> torch.Tensor:
+    """``dense`` (n, M) plus ``sign`` times ``matrix``'s stored entries (n rows of M columns), in place."""
+    values = torch.as_tensor(matrix.values, dtype=dense.dtype)
+    return dense.index_put_((torch.as_tensor(matrix.entry_rows()), torch.as_tensor(matrix.indices)),
+                            -values if sign < 0 else values, accumulate=True)
 
 
 class EaseSolver:
@@ -246,7 +256,7 @@ class EaseSolver:
             return EaseSolution(self, l2, inverse, None), None
         # diag(X^T C X)_j = sum_u X_uj (C X)_uj over the stored entries of X: (X^T (C X)) without the M x M.
         cx = _sparse_product(inverse, self._x_csr)             # (n, M) = C X
-        rows = torch.as_tensor(np.repeat(np.arange(self.train.shape[0]), np.diff(self.train.indptr)))
+        rows = torch.as_tensor(self.train.entry_rows())
         values = torch.as_tensor(self.train.values, dtype=self.dtype)
         items = torch.as_tensor(self.train.indices)
         quad = torch.zeros(self.train.shape[1], dtype=self.dtype)
@@ -263,10 +273,7 @@ class EaseSolver:
             cost = _sparse_product(_torch_sparse(x_rows, self.dtype, "csr"), solution.inverse)  # (B, M) = X_rows B
             return np.negative(cost.numpy(), dtype=np.float32)
         cost = scaled_cx.index_select(0, torch.as_tensor(rows))                                 # (B, M)
-        local = torch.as_tensor(np.repeat(np.arange(rows.shape[0]), np.diff(x_rows.indptr)))
-        cost.index_put_((local, torch.as_tensor(x_rows.indices)),
-                        -torch.as_tensor(x_rows.values, dtype=self.dtype), accumulate=True)
-        return cost.to(torch.float32).numpy()
+        return _add_entries(cost, x_rows, -1.0).to(torch.float32).numpy()
 
     def scores(self, solution: EaseSolution, rows: np.ndarray) -> np.ndarray:
         """(B, M) float32 EASE scores of the training matrix's rows ``rows`` (B,)."""
@@ -311,11 +318,7 @@ def ease_all_scores(train: SparseMatrix, l2: float) -> np.ndarray:
     if scaled_cx is None:
         return solver.scores(solution, np.arange(train.shape[0]))
     del solution
-    rows = torch.as_tensor(np.repeat(np.arange(train.shape[0]), np.diff(train.indptr)))
-    scores = scaled_cx.neg_()
-    scores.index_put_((rows, torch.as_tensor(train.indices)), torch.as_tensor(train.values, dtype=scores.dtype),
-                      accumulate=True)
-    return scores.to(torch.float32).numpy()
+    return _add_entries(scaled_cx.neg_(), train, 1.0).to(torch.float32).numpy()
 
 
 def ease_fits(n_rows: int, n_items: int, use: str) -> bool:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def tower_workers(cfg: TrainConfig, n_towers: int, device: torch.device, ctx: Distributed) -> int:
-    """How many towers train at once: ``run.tower_workers``, 0 = one per core up to the towers compared
+    """How many towers train at once: ``run.tower_workers``, 0 = one per intra-op thread up to the towers compared
     (the intra-op threads ``run.threads``, 0 = torch's default, are shared out between them); 1 on a GPU
     or under torch.distributed."""
     if n_towers < 2 or device.type != "cpu" or ctx.enabled:
