@@ -37,7 +37,7 @@ from loadtest.config import LoadConfig, validate
 from loadtest.output import save_run
 from loadtest.publish import publish_copy
 from loadtest.results import Outcome, elapsed_s, latency_stats, summarize, window
-from loadtest.stack import Stack
+from loadtest.stack import Stack, thread_cpu_delta
 from loadtest.users import load_population
 from recsys_contracts import artifacts
 from recsys_contracts.arms import Arms, write_arms
@@ -81,14 +81,33 @@ def _cpu_s(stack: Stack) -> dict[str, float]:
             "redis": redis_cpu["self"]}
 
 
-def service_cpu_figures(cpu_s: dict[str, float], outcomes: Sequence[Outcome]) -> dict:
+def _thread_cpu_s(stack: Stack) -> dict[str, dict[int, tuple[str, float]]]:
+    """Per-thread CPU snapshots of the two services' own processes (``Process.thread_cpu_s``)."""
+    return {"ranking": stack.ranking.thread_cpu_s(), "retrieval": stack.retrieval.thread_cpu_s()}
+
+
+def _thread_delta(after: dict[str, dict], before: dict[str, dict]) -> dict[str, dict[str, float]]:
+    return {name: thread_cpu_delta(after[name], before.get(name, {})) for name in after}
+
+
+def service_cpu_figures(cpu_s: dict[str, float], outcomes: Sequence[Outcome],
+                        threads_s: dict[str, dict[str, float]] | None = None) -> dict:
     """Each process's CPU seconds over the load window and its CPU milliseconds per answered (OK)
-    request: the cost a capacity plan needs (a refusal costs little, so per OK answer, not per call)."""
+    request: the cost a capacity plan needs (a refusal costs little, so per OK answer, not per call).
+    ``threads_s`` (service -> thread group -> CPU seconds, ``loadtest.stack.thread_cpu_delta``) adds
+    the same per thread group: where a service's CPU goes (its event loop, its compute thread, gRPC's
+    threads). With ``<PREFIX>WORKERS`` > 1 the serving runs in worker processes that these leave out."""
     ok = sum(1 for o in outcomes if o.code == "OK")
     per_ok = {name: (1000 * seconds / ok if ok else None) for name, seconds in cpu_s.items()}
     services = ("ranking", "shadow_worker", "retrieval")
-    return {"cpu_s": cpu_s, "ok": ok, "cpu_ms_per_ok": per_ok,
-            "services_cpu_ms_per_ok": (1000 * sum(cpu_s[n] for n in services) / ok) if ok else None}
+    figures = {"cpu_s": cpu_s, "ok": ok, "cpu_ms_per_ok": per_ok,
+               "services_cpu_ms_per_ok": (1000 * sum(cpu_s[n] for n in services) / ok) if ok else None}
+    if threads_s is not None:
+        figures["threads_cpu_s"] = threads_s
+        figures["threads_cpu_ms_per_ok"] = {
+            service: {group: (1000 * seconds / ok if ok else None) for group, seconds in sorted(groups.items())}
+            for service, groups in threads_s.items()}
+    return figures
 
 
 async def _window_usage(stack: Stack) -> tuple[dict[str, float], dict[str, float]]:
@@ -319,17 +338,18 @@ async def run_scenario(scenario: Scenario, config: LoadConfig, data_dir: Path | 
             with measured_window() as collector:
                 loop = asyncio.get_running_loop()
                 origin = loop.time()
-                service_cpu_before = _cpu_s(stack)
+                service_cpu_before, threads_before = _cpu_s(stack), _thread_cpu_s(stack)
                 injecting = loop.create_task(_inject(scenario, stack, origin)) if scenario.fault else None
                 outcomes, extra = await drive(channel, config, population, origin, throttle)
                 fault = await injecting if injecting is not None else None
                 service_cpu = _delta(_cpu_s(stack), service_cpu_before)
+                threads_cpu = _thread_delta(_thread_cpu_s(stack), threads_before)
     total_s = elapsed_s(outcomes, scenario.duration_s if scenario.mode == "open" else 1e-9)
     document = {"scenario": scenario.name, "description": scenario.description,
                 "config": dataclasses.asdict(config), "service_env": service_env or {},
                 "loadavg_before": loadavg_before,
                 "client_cpu_s": time.process_time() - cpu_before, "client_gc": collector.as_dict(),
-                "summary": summarize(outcomes, total_s), "service_cpu": service_cpu_figures(service_cpu, outcomes),
+                "summary": summarize(outcomes, total_s), "service_cpu": service_cpu_figures(service_cpu, outcomes, threads_cpu),
                 **extra}
     if fault is not None:
         document["fault"] = fault

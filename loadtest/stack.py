@@ -57,6 +57,38 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """Each live thread of a process: thread id -> (its group, user + system CPU seconds so far). The
+    group is ``main`` for the process's first thread (where both services run their event loop), the
+    thread's OS-level name otherwise (``dcn``, ``tower``: the compute threads, ``recsys_serving.batching``;
+    ``event_engine``: gRPC's), and ``other`` for threads named as the process itself (gRPC's poller
+    thread, the metrics server). {} once the process is gone or elsewhere than Linux."""
+    try:
+        process_name = Path(f"/proc/{pid}/comm").read_text().strip()
+        tids = [int(entry.name) for entry in Path(f"/proc/{pid}/task").iterdir()]
+    except (OSError, ValueError):
+        return {}
+    threads = {}
+    for tid in tids:
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            seconds = stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
+        except (OSError, IndexError):      # the thread ended between the listing and the read
+            continue
+        threads[tid] = ("main" if tid == pid else "other" if name == process_name else name, seconds)
+    return threads
+
+
+def thread_cpu_delta(after: dict[int, tuple[str, float]], before: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds by thread group between two ``thread_cpu_seconds`` snapshots of one process. A thread
+    born in between counts from zero; one that ended in between is missing (its CPU stays in the
+    process's total, which is why callers report the process's total beside these)."""
+    groups: dict[str, float] = {}
+    for tid, (group, seconds) in after.items():
+        groups[group] = groups.get(group, 0.0) + seconds - before.get(tid, (group, 0.0))[1]
+    return groups
+
+
 def child_pids(pid: int) -> list[int]:
     """The live child processes of ``pid`` (Linux ``/proc``; [] elsewhere)."""
     children = []
@@ -159,6 +191,10 @@ class Process:
             return {"self": 0.0, "children": 0.0}
         return {"self": cpu_seconds(self.proc.pid),
                 "children": sum(cpu_seconds(child) for child in descendant_pids(self.proc.pid))}
+
+    def thread_cpu_s(self) -> dict[int, tuple[str, float]]:
+        """The process's own threads' CPU seconds so far (``thread_cpu_seconds``; not its children's)."""
+        return thread_cpu_seconds(self.proc.pid) if self.alive() else {}
 
     def log_tail(self, lines: int = 20) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

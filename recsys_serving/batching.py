@@ -7,6 +7,8 @@ per job, in order) in a dedicated thread, so the event loop keeps serving meanwh
 default ``max_wait_s`` of 0 a job never waits for company: an idle worker starts at once, and the
 jobs that arrive while a batch runs form the next one (batches grow with load, latency does not).
 
+The worker thread carries the batcher's ``name`` as its OS-level thread name too (``/proc/PID/task/TID/comm``,
+``top -H``, the load harness's CPU by thread), so its CPU can be told apart from the event loop's and gRPC's.
 ``thread_nice`` > 0 lowers the worker thread's CPU priority (its nice value; Linux, per thread) so
 that, when the cores are short, the event loop (admission, refusals, I/O) runs before the model: a
 refusal then waits for no forward pass. A thread already at a lower priority (the shadow worker's
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import logging
 import os
 import sys
@@ -40,6 +43,26 @@ J = TypeVar("J")
 R = TypeVar("R")
 log = logging.getLogger(__name__)
 MAX_NICE = 19
+PR_SET_NAME = 15          # prctl(2): the calling thread's name, at most 15 bytes and a NUL
+
+
+def name_native_thread(name: str) -> None:
+    """Gives the calling thread ``name`` (its first 15 bytes) as its OS-level name. Python before 3.14
+    names only its ``threading`` object, so every thread of a service reads "python" in ``/proc``. Linux
+    only; elsewhere, or where the call fails, the thread keeps its name (a label, never a reason to fail)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError) as error:
+        log.debug("could not name the %s thread: %s", name, error)
+
+
+def start_compute_thread(name: str, nice: int) -> None:
+    """The compute thread's initializer: its OS-level name, then its nice value (0 = left as it is)."""
+    name_native_thread(name)
+    if nice:
+        lower_thread_priority(nice)
 
 
 def lower_thread_priority(nice: int) -> None:
@@ -82,8 +105,7 @@ class MicroBatcher(Generic[J, R]):
         self._queue: collections.deque[_Pending[J]] = collections.deque()
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name,
-                                            initializer=lower_thread_priority if thread_nice else None,
-                                            initargs=(thread_nice,) if thread_nice else ())
+                                            initializer=start_compute_thread, initargs=(name, thread_nice))
         self._worker: asyncio.Task | None = None
 
     async def submit(self, job: J) -> R:

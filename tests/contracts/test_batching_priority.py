@@ -1,5 +1,6 @@
 """The micro-batcher's compute thread runs at a lower CPU priority than the event loop when asked
-(``thread_nice``, the services' ``*_COMPUTE_NICE``), and never at a higher one than it already had."""
+(``thread_nice``, the services' ``*_COMPUTE_NICE``), and never at a higher one than it already had; it
+carries the batcher's name as its OS-level thread name."""
 
 from __future__ import annotations
 
@@ -59,3 +60,23 @@ def test_a_thread_already_at_a_lower_priority_is_left_there():
 def test_a_bad_nice_value_is_refused_by_name(value):
     with pytest.raises(ValueError, match=r"thread_nice must be an int in \[0, 19\], got"):
         MicroBatcher(_own_nice, max_jobs=1, max_wait_s=0, name="bad", thread_nice=value)
+
+
+def _own_os_name(jobs: list[object]) -> list[str]:
+    tid = threading.get_native_id()
+    with open(f"/proc/self/task/{tid}/comm") as comm:
+        return [comm.read().strip()] * len(jobs)
+
+
+@pytest.mark.parametrize("name, expected", [("dcn", "dcn"), ("a-very-long-batcher-name", "a-very-long-bat")])
+def test_the_compute_thread_carries_the_batchers_name_in_the_os(name, expected):
+    """/proc shows the batcher's name (cut to the kernel's 15 bytes), so CPU by thread can tell it apart."""
+    async def seen() -> str:
+        batcher = MicroBatcher(_own_os_name, max_jobs=1, max_wait_s=0, name=name)
+        try:
+            return await batcher.submit("job")
+        finally:
+            await batcher.close()
+    assert asyncio.run(seen()) == expected
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm") as comm:
+        assert comm.read().strip() != expected           # the caller's own thread keeps its name

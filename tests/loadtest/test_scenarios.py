@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtest.__main__ import service_cpu_line
 from loadtest.config import LoadConfig
 from loadtest.results import Outcome
 from loadtest.scenarios import (SCENARIOS, arm_windows, fault_row, phases, recovery, run_and_save, run_scenario,
@@ -46,6 +47,14 @@ def test_redis_freeze_scaled_down(published, ml100k_dir, tmp_path):
     assert cpu["ok"] == document["summary"]["ok"] > 0
     assert cpu["cpu_s"]["ranking"] > 0 and cpu["cpu_s"]["retrieval"] > 0
     assert cpu["services_cpu_ms_per_ok"] >= cpu["cpu_ms_per_ok"]["ranking"] > 0
+    # ... and by thread: each service's event loop (its main thread) served, beside its named compute
+    # thread and gRPC's threads; the groups never add up to more than the process spent.
+    threads = cpu["threads_cpu_s"]
+    assert {"main", "dcn", "event_engine"} <= set(threads["ranking"])
+    assert {"main", "tower", "event_engine"} <= set(threads["retrieval"])
+    assert threads["ranking"]["main"] > 0 and threads["retrieval"]["main"] > 0
+    for service in ("ranking", "retrieval"):
+        assert sum(threads[service].values()) <= cpu["cpu_s"][service] + 0.02      # two reads, 10 ms ticks
 
 
 def test_shadow_scaled_down_alternates_the_arm_and_changes_no_answer(published, ml100k_dir, tmp_path):
@@ -108,6 +117,25 @@ def test_service_cpu_figures_are_per_answered_request():
     nothing = service_cpu_figures({"ranking": 0.02, "shadow_worker": 0.0, "retrieval": 0.0, "redis": 0.0},
                                   outcomes[4:])
     assert nothing["services_cpu_ms_per_ok"] is None and nothing["cpu_ms_per_ok"]["ranking"] is None
+    assert "threads_cpu_ms_per_ok" not in figures                    # not recorded: not reported
+
+
+def test_service_cpu_figures_by_thread_are_per_answered_request_too():
+    outcomes = [Outcome(0.0, 0.01, "OK")] * 4 + [Outcome(0.0, 0.001, "RESOURCE_EXHAUSTED")] * 6
+    threads = {"ranking": {"main": 0.012, "dcn": 0.006}, "retrieval": {"main": 0.004, "tower": 0.002}}
+    figures = service_cpu_figures({"ranking": 0.02, "shadow_worker": 0.0, "retrieval": 0.008, "redis": 0.0},
+                                  outcomes, threads)
+    assert figures["threads_cpu_s"] == threads
+    assert figures["threads_cpu_ms_per_ok"] == {"ranking": pytest.approx({"dcn": 1.5, "main": 3.0}),
+                                                "retrieval": pytest.approx({"main": 1.0, "tower": 0.5})}
+    assert list(figures["threads_cpu_ms_per_ok"]["ranking"]) == ["dcn", "main"]     # groups in name order
+    line = service_cpu_line(figures)
+    assert line.splitlines()[1:] == ["  ranking by thread: dcn 1.50, main 3.00",
+                                     "  retrieval by thread: main 1.00, tower 0.50"]
+    none_answered = service_cpu_figures({"ranking": 0.02, "shadow_worker": 0.0, "retrieval": 0.0, "redis": 0.0},
+                                        outcomes[4:], threads)
+    assert none_answered["threads_cpu_ms_per_ok"]["ranking"] == {"dcn": None, "main": None}
+    assert len(service_cpu_line(none_answered).splitlines()) == 1      # nothing per answer to show
 
 
 def test_run_and_save_rejects_an_unknown_scenario(tmp_path):
