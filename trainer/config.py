@@ -330,8 +330,10 @@ class RunConfig:
     device: str = "cpu"                # cpu | cuda | auto
     threads: int = 0                   # torch intra-op threads, 0 = torch default
     tower_workers: int = 0             # user towers trained at once under retrieval.user_tower=validated, each
-                                       # in its own process on a share of the threads; 0 = one per thread up to
-                                       # the towers compared, 1 = one after another (trainer/tower_processes.py)
+                                       # in its own process on a share of the threads; 1 = one after another;
+                                       # 0 = auto: one per thread up to the towers compared, but one after
+                                       # another for the pooled tower and an autoencoder whose epoch spans
+                                       # < 10M users x items (trainer/tower_processes.py)
     checkpoint_dir: str = ""           # "" = no checkpoints
     resume: bool = False
     progress: bool = True

@@ -4,7 +4,10 @@ side: the first in this process, each other one in a worker process, the cores s
 Why: the pooled tower's training is many small steps, whose Python work does not spread over two cores
 (on a ~10k-item log, 42 s with one intra-op thread against 38.5 s with two), while the autoencoder's
 large products do (50 s against 31 s). One after another, with every core each, they took ~70 s there;
-side by side, one core each, the longer of the two.
+side by side, one core each, the longer of the two. On a small catalog the autoencoder is quick and the
+pooled tower's steps do spread (ml-100k: 18.8 s on two threads, 26.9 s on one), so there one after
+another is faster, and ``run.tower_workers`` 0 (auto) pairs those two only where the autoencoder's
+epoch is large (``SIDE_BY_SIDE_MIN_CELLS``); the sequential tower, the longest, pairs at any size.
 
 Each fit seeds itself and runs with deterministic kernels, as in this process, so a tower trained in a
 worker is the one this process would train with the same number of threads (tested). Workers start
@@ -30,14 +33,31 @@ from trainer.distributed import Distributed
 log = logging.getLogger(__name__)
 
 
-def tower_workers(cfg: TrainConfig, n_towers: int, device: torch.device, ctx: Distributed) -> int:
-    """How many towers train at once: ``run.tower_workers``, 0 = one per intra-op thread up to the towers compared
-    (the intra-op threads ``run.threads``, 0 = torch's default, are shared out between them); 1 on a GPU
-    or under torch.distributed."""
-    if n_towers < 2 or device.type != "cpu" or ctx.enabled:
+# run.tower_workers 0 (auto) pairs the pooled tower with the autoencoder alone only where the autoencoder's
+# catalog-wide products are a large share of their work: its softmax output per epoch, users x items, at
+# least this many cells. Measured one after another against side by side (docs/RESULTS.md, "Towers side by
+# side only where they pay"), random protocol: ml-100k (943 x 1,682 = 1.6M cells) 51.2 against 61.9 s, the
+# pooled tower's steps there spreading over two cores (18.8 s on two threads, 26.9 s on one); the ~10k-item
+# log (4,936 x 8,517 = 42M cells) 110.9 against 92.0 s. With the sequential tower (temporal, leave-one-out)
+# they pair at any size: ml-100k temporal 142.5 against 130.9 s.
+SIDE_BY_SIDE_MIN_CELLS = 10_000_000
+
+
+def tower_workers(cfg: TrainConfig, towers: Sequence[str], n_users: int, n_items: int, device: torch.device,
+                  ctx: Distributed) -> int:
+    """How many of ``towers`` train at once: ``run.tower_workers``, up to the towers compared; 0 = auto:
+    one per intra-op thread (``run.threads``, 0 = torch's default; shared out between them), except 1
+    where the towers are the pooled one and an autoencoder whose epoch spans fewer than
+    ``SIDE_BY_SIDE_MIN_CELLS`` users x items. Always 1 on a GPU or under torch.distributed."""
+    if len(towers) < 2 or device.type != "cpu" or ctx.enabled:
         return 1
-    wanted = cfg.run.tower_workers or (cfg.run.threads or torch.get_num_threads())
-    return max(1, min(wanted, n_towers))
+    if cfg.run.tower_workers:
+        return max(1, min(cfg.run.tower_workers, len(towers)))
+    if "autoencoder" in towers and "sequential" not in towers:
+        users = min(n_users, cfg.retrieval.autoencoder_users_per_epoch or n_users)
+        if users * n_items < SIDE_BY_SIDE_MIN_CELLS:
+            return 1
+    return max(1, min(cfg.run.threads or torch.get_num_threads(), len(towers)))
 
 
 @contextmanager

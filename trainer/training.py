@@ -153,7 +153,7 @@ def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Dis
                else partial(fit_retrieval, tower_cfg, prep.spec))
         calls.append((fit, (prep.tables, prep.train, prep.val, prep.eval_timestamps, device, ctx, checkpointer),
                       {"stage": stage}))
-    workers = tower_workers(cfg, len(names), device, ctx)
+    workers = tower_workers(cfg, names, prep.vocab.n_users, prep.vocab.n_items, device, ctx)
     if workers > 1:
         log.info("user towers %s trained side by side in %d processes", ", ".join(names), workers)
     fits = [(name, *fitted) for name, fitted in zip(names, fit_side_by_side(calls, workers))]

@@ -19,7 +19,7 @@ from retrieval_service.state import load_state as load_retrieval
 from tests.signing_keys import SIGNER, TRUST
 from recsys_contracts.programs import USER_TOWER, load_program
 from trainer import job
-from trainer.config import load_config
+from trainer.config import TrainConfig, load_config, replace
 from trainer.data.synthetic import generate
 from trainer.inputs import user_inputs
 from trainer.losses import NonFiniteLossError
@@ -294,7 +294,8 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
 def test_validated_towers_trained_side_by_side_are_those_trained_one_after_another(tmp_path, dataset, caplog):
     """Two intra-op threads under temporal: the pooled tower here and the autoencoder and the sequential
     tower in a worker process, one thread each (trainer/tower_processes.py); the same curves, choice and
-    kept tower as one thread training them one after another here. run.tower_workers=1 keeps them here."""
+    kept tower as one thread training them one after another here. run.tower_workers=1 keeps them here,
+    and so does auto (0) under the random protocol on a log this small (pooled and autoencoder only)."""
     def run(tag, *extra):
         out = tmp_path / tag
         with caplog.at_level("INFO", logger="trainer.training"):
@@ -315,6 +316,34 @@ def test_validated_towers_trained_side_by_side_are_those_trained_one_after_anoth
     assert torch.get_num_threads() == 2                # the run's threads are back once the towers are trained
     _, kept_here, side = run("one-worker", "run.threads=2", "run.tower_workers=1")
     assert not side and kept_here["user_tower"]["kept"] == alone["user_tower"]["kept"]
+    _, auto, side = run("auto-random", "run.threads=2", "data.protocol=random")
+    assert not side and set(auto["user_tower"]["validation_ndcg@10"]) == {"pooled", "autoencoder"}
+    _, asked, side = run("asked-random", "run.threads=2", "data.protocol=random", "run.tower_workers=2")
+    assert side and asked["user_tower"]["validation_ndcg@10"].keys() == auto["user_tower"]["validation_ndcg@10"].keys()
+
+
+@pytest.mark.parametrize("towers, n_users, n_items, tower_workers, threads, expected", [
+    (("pooled", "autoencoder"), 943, 1_682, 0, 2, 1),          # ml-100k: 1.6M cells, one after another
+    (("pooled", "autoencoder"), 4_936, 8_517, 0, 2, 2),        # the ~10k-item log: 42M cells, side by side
+    (("pooled", "autoencoder", "sequential"), 4_936, 8_517, 0, 2, 2),
+    (("pooled", "autoencoder", "sequential"), 4_936, 8_517, 0, 4, 3),   # never more than the towers
+    (("pooled", "autoencoder"), 200_000, 100, 0, 2, 1),       # an epoch samples 20,000 users: 2M cells
+    (("pooled", "sequential"), 943, 1_682, 0, 2, 2),          # no autoencoder: side by side as before
+    (("pooled", "autoencoder", "sequential"), 943, 1_682, 0, 2, 2),     # the sequential tower: at any size
+    (("pooled", "autoencoder"), 943, 1_682, 2, 2, 2),          # asked for: as asked
+    (("pooled", "autoencoder"), 4_936, 8_517, 1, 2, 1),
+    (("pooled", "autoencoder"), 4_936, 8_517, 0, 1, 1),        # one thread: one after another
+    (("pooled",), 4_936, 8_517, 2, 2, 1),                      # nothing to pair
+])
+def test_tower_workers_auto_pairs_pooled_and_autoencoder_only_where_the_autoencoders_epoch_is_large(
+        towers, n_users, n_items, tower_workers, threads, expected):
+    from trainer.distributed import Distributed
+    from trainer.tower_processes import SIDE_BY_SIDE_MIN_CELLS, tower_workers as workers_for
+
+    assert SIDE_BY_SIDE_MIN_CELLS == 10_000_000
+    cfg = replace(TrainConfig(), run={"tower_workers": tower_workers, "threads": threads})
+    assert workers_for(cfg, towers, n_users, n_items, torch.device("cpu"), Distributed()) == expected
+    assert workers_for(cfg, towers, n_users, n_items, torch.device("cpu"), Distributed(world_size=2)) == 1
 
 
 def test_a_tower_that_fails_in_a_worker_fails_the_run_with_its_error():
