@@ -122,19 +122,19 @@ def test_service_cpu_figures_are_per_answered_request():
 
 def test_service_cpu_figures_by_thread_are_per_answered_request_too():
     outcomes = [Outcome(0.0, 0.01, "OK")] * 4 + [Outcome(0.0, 0.001, "RESOURCE_EXHAUSTED")] * 6
-    threads = {"ranking": {"main": 0.012, "dcn": 0.006}, "retrieval": {"main": 0.004, "tower": 0.002}}
+    threads = {"ranking": {"main": 0.012, "dcn": 0.006, "lifeguard": 0.0}, "retrieval": {"main": 0.004, "tower": 0.002}}
     figures = service_cpu_figures({"ranking": 0.02, "shadow_worker": 0.0, "retrieval": 0.008, "redis": 0.0},
                                   outcomes, threads)
     assert figures["threads_cpu_s"] == threads
-    assert figures["threads_cpu_ms_per_ok"] == {"ranking": pytest.approx({"dcn": 1.5, "main": 3.0}),
+    assert figures["threads_cpu_ms_per_ok"] == {"ranking": pytest.approx({"dcn": 1.5, "lifeguard": 0.0, "main": 3.0}),
                                                 "retrieval": pytest.approx({"main": 1.0, "tower": 0.5})}
-    assert list(figures["threads_cpu_ms_per_ok"]["ranking"]) == ["dcn", "main"]     # groups in name order
-    line = service_cpu_line(figures)
+    assert list(figures["threads_cpu_ms_per_ok"]["ranking"]) == ["dcn", "lifeguard", "main"]    # name order
+    line = service_cpu_line(figures)                 # a group that spent nothing stays out of the line
     assert line.splitlines()[1:] == ["  ranking by thread: dcn 1.50, main 3.00",
                                      "  retrieval by thread: main 1.00, tower 0.50"]
     none_answered = service_cpu_figures({"ranking": 0.02, "shadow_worker": 0.0, "retrieval": 0.0, "redis": 0.0},
                                         outcomes[4:], threads)
-    assert none_answered["threads_cpu_ms_per_ok"]["ranking"] == {"dcn": None, "main": None}
+    assert none_answered["threads_cpu_ms_per_ok"]["ranking"] == {"dcn": None, "lifeguard": None, "main": None}
     assert len(service_cpu_line(none_answered).splitlines()) == 1      # nothing per answer to show
 
 
