@@ -4,9 +4,11 @@ Reads saved runs (each a ``results.json`` of ``run`` or ``scenario``), groups th
 (``--run LABEL=DIR``, repeatable: e.g. ``before=runs/a-300`` and ``after=runs/b-300`` for several
 rates each), and for each label and offered rate takes the **median over its runs** of: answered
 p50 and p99 latency, goodput (OK answers per second), refusal p99 (RESOURCE_EXHAUSTED) and the
-services' CPU milliseconds per answer when the run recorded them. Writes a table (JSON) and a PNG
-with three panels (latency, goodput, refusal latency) so a person can see where each variant
-stops holding its p99 and what it serves past that point.
+services' CPU milliseconds per answer when the run recorded them, and the same by thread (each
+service's event loop, its compute thread and gRPC's threads). Writes a table (JSON) and a PNG with
+three panels (latency, goodput, refusal latency), and a fourth with the CPU per answer by thread as
+stacked bars when the runs recorded it, so a person can see where each variant stops holding its p99,
+what it serves past that point, and where its CPU goes.
 
     python -m loadtest curve --run before=runs/ab/old-* --run after=runs/ab/new-* --out docs/img/load_curve.png
 """
@@ -42,6 +44,36 @@ class Point:
     refused_p99_ms: float | None
     services_cpu_ms_per_ok: float | None
     throttled_share: float = 0.0            # rejected by the client's own throttle (never sent)
+    # CPU ms per answer by "service loop|compute|grpc" (THREAD_PARTS), None for runs without it
+    threads_cpu_ms_per_ok: dict[str, float] | None = None
+
+
+# The thread groups the harness records (loadtest.stack.thread_cpu_seconds), folded into three parts per
+# service: the event loop (the main thread), the compute thread (the micro-batcher's: the DCN, the user
+# tower and the index) and the rest (gRPC's event-engine and poller threads, the metrics server).
+COMPUTE_THREADS = {"ranking": "dcn", "retrieval": "tower"}
+THREAD_PARTS = tuple(f"{service} {part}" for service in ("ranking", "retrieval") for part in ("loop", "compute", "grpc"))
+
+
+def thread_parts(per_ok: dict[str, dict[str, float | None]]) -> dict[str, float] | None:
+    """A run's ``threads_cpu_ms_per_ok`` (service -> group -> ms) as THREAD_PARTS -> ms; None without answers."""
+    parts = {}
+    for service, groups in per_ok.items():
+        if any(ms is None for ms in groups.values()):
+            return None
+        for group, ms in groups.items():
+            part = "loop" if group == "main" else "compute" if group == COMPUTE_THREADS.get(service) else "grpc"
+            parts[f"{service} {part}"] = parts.get(f"{service} {part}", 0.0) + ms
+    return parts
+
+
+def _median_parts(documents: Sequence[dict]) -> dict[str, float] | None:
+    runs = [thread_parts(d["service_cpu"]["threads_cpu_ms_per_ok"]) for d in documents
+            if "threads_cpu_ms_per_ok" in d.get("service_cpu", {})]
+    runs = [r for r in runs if r is not None]
+    if not runs:
+        return None
+    return {part: statistics.median(r.get(part, 0.0) for r in runs) for part in THREAD_PARTS if any(part in r for r in runs)}
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -69,7 +101,8 @@ def points(runs: Sequence[tuple[str, dict]]) -> list[Point]:
             refused_p99_ms=_median(s["refused_latency_ms"].get("p99") for s in summaries),
             services_cpu_ms_per_ok=_median(d.get("service_cpu", {}).get("services_cpu_ms_per_ok")
                                            for d in documents),
-            throttled_share=_median(s["codes"].get(THROTTLED, 0) / max(s["requests"], 1) for s in summaries)))
+            throttled_share=_median(s["codes"].get(THROTTLED, 0) / max(s["requests"], 1) for s in summaries),
+            threads_cpu_ms_per_ok=_median_parts(documents)))
     return out
 
 
@@ -87,9 +120,32 @@ def parse_run_arguments(pairs: Sequence[str]) -> list[tuple[str, Path]]:
     return out
 
 
+def _plot_threads(axis, curve: Sequence[Point], labels: Sequence[str]) -> None:
+    """Stacked bars of CPU per answer by thread part at each offered rate, the variants side by side."""
+    rates = sorted({p.offered_rps for p in curve})
+    gap = min((b - a for a, b in zip(rates, rates[1:])), default=rates[0] or 1.0)
+    width = 0.8 * gap / len(labels)
+    colors = {part: f"C{index}" for index, part in enumerate(THREAD_PARTS)}
+    for index, label in enumerate(labels):
+        mine = [p for p in curve if p.label == label and p.threads_cpu_ms_per_ok]
+        xs = [p.offered_rps + (index - (len(labels) - 1) / 2) * width for p in mine]
+        bottom = [0.0] * len(mine)
+        for part in THREAD_PARTS:
+            heights = [p.threads_cpu_ms_per_ok.get(part, 0.0) for p in mine]
+            axis.bar(xs, heights, width=width, bottom=bottom, color=colors[part], edgecolor="white", linewidth=0.3,
+                     label=part if index == 0 else None)
+            bottom = [b + h for b, h in zip(bottom, heights)]
+    axis.set(xlabel="offered req/s", ylabel="CPU ms per OK answer")
+    axis.set_title("services' CPU by thread" + (f"\nbars left to right: {', '.join(labels)}" if len(labels) > 1 else ""),
+                   fontsize=9 if len(labels) > 1 else None)
+
+
 def plot(curve: Sequence[Point], out: Path, title: str = "") -> None:
-    """Three panels against offered req/s: answered p50/p99 (log ms), goodput, refusal p99."""
-    figure, (latency, goodput, refusal) = plt.subplots(1, 3, figsize=(15, 4.5))
+    """Three panels against offered req/s: answered p50/p99 (log ms), goodput, refusal p99; a fourth,
+    CPU per answer by thread, when any run recorded it."""
+    by_thread = any(p.threads_cpu_ms_per_ok for p in curve)
+    figure, axes = plt.subplots(1, 4 if by_thread else 3, figsize=(20 if by_thread else 15, 4.5))
+    latency, goodput, refusal = axes[:3]
     labels = sorted({p.label for p in curve})
     highest = max(p.offered_rps for p in curve)
     for index, label in enumerate(labels):
@@ -104,7 +160,9 @@ def plot(curve: Sequence[Point], out: Path, title: str = "") -> None:
     latency.set(yscale="log", xlabel="offered req/s", ylabel="answered latency, ms", title="latency (OK answers)")
     goodput.set(xlabel="offered req/s", ylabel="OK answers per s", title="goodput")
     refusal.set(xlabel="offered req/s", ylabel="ms", title="refusal (RESOURCE_EXHAUSTED) p99")
-    for axis in (latency, goodput, refusal):
+    if by_thread:
+        _plot_threads(axes[3], curve, labels)
+    for axis in axes:
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize=8)
     if title:

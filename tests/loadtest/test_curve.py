@@ -7,13 +7,13 @@ import json
 import pytest
 
 from loadtest.__main__ import main
-from loadtest.curve import format_points, parse_run_arguments, points
+from loadtest.curve import THREAD_PARTS, format_points, parse_run_arguments, points, thread_parts
 from loadtest.output import save_run
 from loadtest.results import THROTTLED, Outcome, summarize
 
 
 def _run(tmp_path, name: str, rate: float, ok_ms: float, refused: int, cpu_ms: float | None = None,
-         throttled: int = 0):
+         throttled: int = 0, threads: dict | None = None):
     """A saved open-loop run: 10 answers taking ``ok_ms``, ``refused`` refusals of 2 ms and ``throttled``
     requests the client kept (0.1 ms), over 1 s."""
     outcomes = [Outcome(i / 10, ok_ms / 1000, "OK") for i in range(10)]
@@ -22,6 +22,8 @@ def _run(tmp_path, name: str, rate: float, ok_ms: float, refused: int, cpu_ms: f
     document = {"config": {"rate": rate}, "summary": summarize(outcomes, 1.0)}
     if cpu_ms is not None:
         document["service_cpu"] = {"services_cpu_ms_per_ok": cpu_ms}
+    if threads is not None:
+        document.setdefault("service_cpu", {})["threads_cpu_ms_per_ok"] = threads
     save_run(tmp_path / name, document, outcomes, name)
     return tmp_path / name
 
@@ -62,3 +64,30 @@ def test_a_bad_run_argument_is_named(pair, message):
 def test_the_command_exits_2_on_a_bad_run(tmp_path, capsys):
     assert main(["curve", "--run", "x=" + str(tmp_path), "--out", str(tmp_path / "c.png")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def _png_width(path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")      # the IHDR chunk's width
+
+
+def test_cpu_by_thread_is_folded_into_loop_compute_and_grpc_and_takes_medians(tmp_path, capsys):
+    def threads(loop: float) -> dict:
+        return {"ranking": {"main": loop, "dcn": 0.8, "event_engine": 0.2, "other": 0.1, "lifeguard": 0.0},
+                "retrieval": {"main": 0.9, "tower": 0.4, "event_engine": 0.1}}
+    assert thread_parts(threads(1.5)) == pytest.approx({"ranking loop": 1.5, "ranking compute": 0.8,
+                                                         "ranking grpc": 0.3, "retrieval loop": 0.9,
+                                                         "retrieval compute": 0.4, "retrieval grpc": 0.1})
+    assert thread_parts({"ranking": {"main": None}}) is None          # a run without answers
+    dirs = [_run(tmp_path, f"t{i}", 300, 10, 0, 4.0, threads=threads(loop)) for i, loop in enumerate((1.0, 2.0, 1.4))]
+    plain = _run(tmp_path, "plain", 300, 10, 0, 4.0)                # an older run: no thread figures
+    curve = points([("x", json.loads((d / "results.json").read_text())) for d in [*dirs, plain]])
+    assert curve[0].threads_cpu_ms_per_ok["ranking loop"] == pytest.approx(1.4)     # the median of three
+    assert list(curve[0].threads_cpu_ms_per_ok) == list(THREAD_PARTS)
+    out = tmp_path / "with.png"
+    assert main(["curve", "--run", f"x={dirs[0]}", "--run", f"x={plain}", "--out", str(out)]) == 0
+    without = tmp_path / "without.png"
+    assert main(["curve", "--run", f"x={plain}", "--out", str(without)]) == 0
+    assert _png_width(out) > _png_width(without)                     # the fourth panel is drawn only with them
+    table = json.loads(out.with_suffix(".json").read_text())
+    assert table[0]["threads_cpu_ms_per_ok"]["retrieval compute"] == pytest.approx(0.4)
+    assert json.loads(without.with_suffix(".json").read_text())[0]["threads_cpu_ms_per_ok"] is None
