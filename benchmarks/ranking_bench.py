@@ -278,32 +278,24 @@ async def _open_loop(target: str, users: list[str], rate: float, duration_s: flo
             "degraded_answers": degraded, "client_gc": collector.as_dict(), **percentiles(latencies)}
 
 
-def thread_cpu_ms(pid: int) -> dict[str, float]:
-    """CPU ms (user + system) each thread of ``pid`` has used so far, by thread id; {} off Linux."""
-    from loadtest.stack import stat_cpu_seconds
+def thread_cpu_ms(pid: int) -> dict[int, tuple[str, float]]:
+    """Each thread of ``pid``: thread id -> (its group, CPU seconds so far); {} off Linux
+    (``loadtest.stack.thread_cpu_seconds``: ``main`` is the event loop)."""
+    from loadtest.stack import thread_cpu_seconds
 
-    out: dict[str, float] = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            out[tid] = 1000.0 * stat_cpu_seconds(f"/proc/{pid}/task/{tid}/stat")
-        except OSError:
-            continue                                                 # the thread ended meanwhile
-    return out
+    return thread_cpu_seconds(pid)
 
 
-def cpu_per_request(pid: int, before: dict[str, float], after: dict[str, float], requests: int) -> dict[str, float]:
+def cpu_per_request(pid: int, before: dict, after: dict, requests: int) -> dict:
     """CPU ms per request of one service between two ``thread_cpu_ms`` readings: its event loop (the
-    main thread) and all its other threads (DCN / tower workers, gRPC core)."""
-    used = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
-    loop = used.get(str(pid), 0.0)
-    total = sum(used.values())
-    n = max(requests, 1)
-    return {"total_ms": round(total / n, 2), "event_loop_ms": round(loop / n, 2),
-            "other_threads_ms": round((total - loop) / n, 2)}
+    main thread), all its other threads (DCN / tower workers, gRPC core), and each thread group."""
+    from loadtest.stack import thread_cpu_delta
+
+    groups = thread_cpu_delta(after, before)
+    loop, total, n = groups.get("main", 0.0), sum(groups.values()), max(requests, 1)
+    return {"total_ms": round(1000 * total / n, 2), "event_loop_ms": round(1000 * loop / n, 2),
+            "other_threads_ms": round(1000 * (total - loop) / n, 2),
+            "by_thread_ms": {group: round(1000 * seconds / n, 2) for group, seconds in sorted(groups.items())}}
 
 
 def _sweep(target: str, users: list[str], loads: list[float], ramp: list[float], duration_s: float,
