@@ -246,7 +246,7 @@ def distillation_teacher(train: Interactions, n_users: int, n_items: int, l2: fl
     logits = ease_all_scores(matrix, l2)                                               # (n+1, m+1)
     logits /= np.float32(temperature)
     # The training items straight from the CSR, in place: no second dense user x item copy.
-    logits[np.repeat(np.arange(n_rows), np.diff(matrix.indptr)), matrix.indices] = -np.inf
+    logits[matrix.entry_rows(), matrix.indices] = -np.inf
     logits[:, 0] = -np.inf
     return torch.as_tensor(logits).to(device)
 
