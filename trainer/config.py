@@ -251,6 +251,11 @@ class RankingConfig:
     # 1000, RP3beta, item / user kNN, EASE on the last 20 items; nor a listwise (per-user softmax)
     # fit of the wide weights or of the DCN.
     affinity_ratings: bool = True
+    # The user towers retrieval.user_tower "validated" trained and did not keep join the ranker as affinity
+    # channels of their own (trainer/tower_affinity.py: each tower's training-log scores as rank
+    # affinity_rank factors, beside EASE's or alone), so the ranker can blend what they know; false = the
+    # ranker sees the kept tower's score only. Separate mode only.
+    tower_affinity: bool = True
     # The user x item genre cross inside the ranker (trainer/models/dcn.py), derived from the inputs it
     # already takes (history, item_num) and a fixed table of each item's genre flags.
     genre_cross: bool = True

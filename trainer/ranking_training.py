@@ -12,6 +12,8 @@ training log, binary and, with ``ranking.affinity_ratings``, on the rating value
 ranker as rank-r factors) and its wide logit starts from a logistic regression of the clicks on the
 retrieval score and those affinities (``fit_affinity``, ``fit_wide``):
 the id embeddings the DCN learns from a few thousand held-out clicks cannot add that signal.
+With ``ranking.tower_affinity`` the user towers validation trained and did not keep join those
+affinities as channels of their own (``trainer.tower_affinity``), with EASE's or without them.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from trainer.losses import optimizer_step, ranking_losses
 from trainer.models.dcn import DCNConfig, DCNRanker
 from trainer.progress import progress_bar
 from trainer.retrieval_training import EarlyStop, item_embeddings
+from trainer.tower_affinity import TowerChannels
 
 
 log = logging.getLogger(__name__)
@@ -107,14 +110,15 @@ class Folds:
     rows: Rows
     fold: np.ndarray
     hidden: tuple[tuple[np.ndarray, np.ndarray], ...]
+    tower_raw: np.ndarray | None = None   # (R, C) the tower channels' affinities from each fold's visible history
 
 
-def affinity_fits(tables: FeatureTables, width: int) -> bool:
-    """Whether the ranker gets EASE's affinity: EASE fits the log (``ease_fits``) and the factor tables the
-    program carries, (users + items) x ``width`` float32, stay within ``MAX_DENSE_CELLS`` (200 MB); a
-    warning says which limit left it out."""
+def affinity_fits(tables: FeatureTables, width: int, ease: bool = True) -> bool:
+    """Whether the ranker gets its affinity tables: EASE fits the log (``ease_fits``; only with ``ease``)
+    and the factor tables the program carries, (users + items) x ``width`` float32, stay within
+    ``MAX_DENSE_CELLS`` (200 MB); a warning says which limit left it out."""
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
-    if not ease_fits(n_users, n_items, "ranker affinity"):
+    if ease and not ease_fits(n_users, n_items, "ranker affinity"):
         return False
     if (n_users + n_items) * width > baselines.MAX_DENSE_CELLS:
         log.warning("ranker affinity left out: its factor tables would hold (%d users + %d items) x %d floats, "
@@ -123,8 +127,27 @@ def affinity_fits(tables: FeatureTables, width: int) -> bool:
     return True
 
 
-def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
+def affinity_channels(cfg: TrainConfig, tables: FeatureTables, towers: int = 0) -> tuple[int, int]:
+    """(EASE's channels, the towers' channels) the ranker holds: EASE's 1 or 2 (``ranking.affinity_ratings``)
+    with ``ranking.affinity`` "ease" where it fits, and ``towers`` tower channels (``trainer.tower_affinity``)
+    where their tables fit; both only in the separate mode (joint training has no fitting half to fit the
+    wide logit on, and retrieval_only serves retrieval's own order). Decided before the ranker exists, so
+    a catalog too large for them gets no (zero) factor tables in its program."""
     rc = cfg.ranking
+    if cfg.multitask.mode != "separate":
+        return 0, 0
+    ease = (2 if rc.affinity_ratings else 1) if rc.affinity == "ease" else 0
+    if ease and not affinity_fits(tables, rc.affinity_rank * (ease + towers)):
+        ease = 0
+    if towers and not affinity_fits(tables, rc.affinity_rank * (ease + towers), ease=False):
+        towers = 0
+    return ease, towers
+
+
+def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables, towers: int = 0) -> DCNConfig:
+    """The ranker's shape; ``towers`` tower channels join its affinity where they fit (``affinity_channels``)."""
+    rc = cfg.ranking
+    channels = sum(affinity_channels(cfg, tables, towers))
     return DCNConfig(
         n_users=tables.vocab.n_users, n_items=tables.vocab.n_items,
         user_cat_cardinalities=tuple(len(c.vocabulary) + 1 for c in spec.user_categorical),
@@ -133,13 +156,8 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables) -> DCNConfig:
         n_item_num=spec.item_num_dim, embedding_dim=rc.embedding_dim, n_cross_layers=rc.cross_layers,
         low_rank=rc.low_rank or None, deep_dims=rc.deep_dims, dropout=rc.dropout, structure=rc.structure,
         rating_min=spec.rating_min, rating_max=spec.rating_max,
-        # Separate mode only: joint training has no fitting half to fit the wide logit on, and
-        # retrieval_only serves retrieval's own order. Decided here, before the ranker exists, so a
-        # catalog too large for EASE's dense algebra gets no (zero) factor tables in its program.
-        affinity_rank=rc.affinity_rank if (rc.affinity == "ease" and cfg.multitask.mode == "separate"
-                                           and affinity_fits(tables, rc.affinity_rank * (2 if rc.affinity_ratings else 1)))
-        else 0,
-        affinity_channels=2 if rc.affinity_ratings else 1,
+        affinity_rank=rc.affinity_rank if channels else 0,
+        affinity_channels=channels or (2 if rc.affinity_ratings else 1),
         n_genres=len(spec.item_genres) if rc.genre_cross else 0)
 
 
@@ -175,39 +193,81 @@ def affinity_factors(train_rows: Rows, n_users: int, n_items: int, rank: int, ch
 
 
 def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit_rows: Rows, l2: float,
-                 rng: np.random.Generator, device: torch.device) -> bool:
-    """Fills the ranker's affinity factors with ``affinity_factors`` of the training interactions
-    ``train_rows``, standardised on ``fit_rows``. False (the affinity left at zero) where the catalog is
-    too large for EASE (``ease_fits``)."""
+                 rng: np.random.Generator, device: torch.device,
+                 towers: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+    """Fills the ranker's affinity factors, standardised on ``fit_rows``: first EASE's channels
+    (``affinity_factors`` of the training interactions ``train_rows``), then the tower channels' tables
+    ``towers`` (user factors, item factors; ``TowerChannels.tables``), as many as the ranker holds beyond
+    EASE's. False (the affinity left at zero) where EASE's channels are wanted and the catalog is too
+    large for EASE (``ease_fits``)."""
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
-    if not ease_fits(n_users, n_items, "ranker affinity"):
-        return False
-    user_factors, item_factors = affinity_factors(train_rows, n_users, n_items, ranker.affinity_rank,
-                                                  ranker.affinity_channels, l2, rng)
-    ranker.set_affinity(torch.as_tensor(user_factors, device=device), torch.as_tensor(item_factors, device=device),
+    ease = ease_channel_count(ranker, towers)
+    blocks_user, blocks_item = [], []
+    if ease:
+        if not ease_fits(n_users, n_items, "ranker affinity"):
+            return False
+        user_factors, item_factors = affinity_factors(train_rows, n_users, n_items, ranker.affinity_rank, ease, l2, rng)
+        blocks_user.append(user_factors)
+        blocks_item.append(item_factors)
+    if towers is not None:
+        blocks_user.append(towers[0])
+        blocks_item.append(towers[1])
+    ranker.set_affinity(torch.as_tensor(np.concatenate(blocks_user, axis=1), device=device),
+                        torch.as_tensor(np.concatenate(blocks_item, axis=1), device=device),
                         torch.as_tensor(fit_rows.users, device=device), torch.as_tensor(fit_rows.items, device=device))
     return True
 
 
+def ease_channel_count(ranker: DCNRanker, towers: tuple[np.ndarray, np.ndarray] | None) -> int:
+    """EASE's channels among the ranker's: those its tower channels' tables ``towers`` leave."""
+    tower = 0 if towers is None else towers[1].shape[1] // ranker.affinity_rank
+    return ranker.affinity_channels - tower
+
+
 def fold_affinities(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, folds: Folds, l2: float,
-                    seed: int) -> np.ndarray:
-    """The raw affinities (R, C) of the fold rows, each fold's from ``affinity_factors`` refitted on the
-    training interactions without the entries that fold hid. With the ranker's own tables, fitted on every
-    training interaction, a fold's hidden positives carry the affinity of a pair EASE has learnt to
-    reproduce, not that of an unseen one, and the ranker learns to trust the affinity more than a served
-    candidate deserves."""
+                    seed: int, channels: int | None = None) -> np.ndarray:
+    """The raw EASE affinities (R, ``channels``, by default all the ranker's) of the fold rows, each fold's
+    from ``affinity_factors`` refitted on the training interactions without the entries that fold hid.
+    With the ranker's own tables, fitted on every training interaction, a fold's hidden positives carry
+    the affinity of a pair EASE has learnt to reproduce, not that of an unseen one, and the ranker learns
+    to trust the affinity more than a served candidate deserves."""
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
+    channels = ranker.affinity_channels if channels is None else channels
     keys = train_rows.users.astype(np.int64) * n_items + train_rows.items
-    raw = np.zeros((folds.rows.users.size, ranker.affinity_channels), np.float32)
+    raw = np.zeros((folds.rows.users.size, channels), np.float32)
     for fold, (users, items) in enumerate(folds.hidden):
         kept = ~np.isin(keys, users.astype(np.int64) * n_items + items)
         user_factors, item_factors = affinity_factors(train_rows.take(np.flatnonzero(kept)), n_users, n_items,
-                                                      ranker.affinity_rank, ranker.affinity_channels, l2,
+                                                      ranker.affinity_rank, channels, l2,
                                                       np.random.default_rng(seed))
         rows = np.flatnonzero(folds.fold == fold)
         product = user_factors[folds.rows.users[rows]] * item_factors[folds.rows.items[rows]]
-        raw[rows] = product.reshape(rows.size, ranker.affinity_channels, ranker.affinity_rank).sum(axis=2)
+        raw[rows] = product.reshape(rows.size, channels, ranker.affinity_rank).sum(axis=2)
     return raw
+
+
+@torch.no_grad()
+def _table_affinity(ranker: DCNRanker, rows: Rows, device: torch.device) -> np.ndarray:
+    """(R, C) the raw affinities of ``rows`` from the ranker's own factor tables."""
+    return ranker.raw_affinity(torch.as_tensor(rows.users, device=device),
+                               torch.as_tensor(rows.items, device=device)).cpu().numpy()
+
+
+def _fold_affinity(ranker: DCNRanker, tables: FeatureTables, rating_rows: Rows, folds: Folds,
+                   tower_tables: tuple[np.ndarray, np.ndarray] | None, cfg: TrainConfig,
+                   device: torch.device) -> np.ndarray:
+    """(R, C) the fold rows' raw affinities: EASE's refitted without each fold's hidden entries
+    (``ranking.fold_affinity`` "refit") or from the ranker's tables ("shared"), then the tower channels'
+    from each fold's visible history."""
+    ease = ease_channel_count(ranker, tower_tables)
+    parts = []
+    if ease:
+        parts.append(fold_affinities(ranker, tables, rating_rows, folds, cfg.ranking.affinity_l2, cfg.run.seed + 3,
+                                     channels=ease) if cfg.ranking.fold_affinity == "refit"
+                     else _table_affinity(ranker, folds.rows, device)[:, :ease])
+    if tower_tables is not None:
+        parts.append(folds.tower_raw)
+    return np.concatenate(parts, axis=1).astype(np.float32)
 
 
 def minimise(parameters: list[torch.Tensor], loss: Callable[[], torch.Tensor], iterations: int) -> None:
@@ -223,10 +283,18 @@ def minimise(parameters: list[torch.Tensor], loss: Callable[[], torch.Tensor], i
     optimizer.step(closure)
 
 
-def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: int = 100) -> None:
+def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: int = 100,
+             listwise: bool = False) -> None:
     """Sets the wide CTR logit (retrieval skip weight, affinity weights, bias) to the logistic regression
     of ``rows.clicks`` on the retrieval score and the affinities, the deep head staying at zero: the
-    untrained ranker then ranks by the best linear mix of them instead of by retrieval alone."""
+    untrained ranker then ranks by the best linear mix of them instead of by retrieval alone.
+
+    ``listwise``: the mix's direction is fitted as the candidate lists rank (each positive's softmax
+    against its own list's negatives, ``listwise_loss``), then only its scale and the bias pointwise, so
+    the clicks stay calibrated and the order is the listwise one. The pointwise fit also learns from
+    differences between users, which the served order never sees: with the tower channels on ml-100k it
+    weighted the pooled tower's channel ~3x what its lists' order asks for (docs/RESULTS.md, "The towers
+    not kept as ranker channels")."""
     users, items = (torch.as_tensor(a, device=device) for a in (rows.users, rows.items))
     scores = torch.as_tensor(rows.scores, dtype=torch.float32, device=device).unsqueeze(1)   # (R, 1)
     center = scores.mean()
@@ -235,8 +303,18 @@ def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: in
     labels = torch.as_tensor(rows.clicks, device=device)
     weight = torch.tensor([1.0] + [0.0] * ranker.affinity_channels, device=device, requires_grad=True)
     bias = torch.zeros(1, device=device, requires_grad=True)
-    minimise([weight, bias], lambda: torch.nn.functional.binary_cross_entropy_with_logits(
-        features @ weight + bias, labels), iterations)
+    if listwise:
+        starts = list_starts(rows)
+        list_id = torch.as_tensor(np.repeat(np.arange(starts.size - 1), np.diff(starts)), device=device)
+        minimise([weight], lambda: listwise_loss(features @ weight, labels, list_id), iterations)
+        direction = weight.detach()
+        scale = torch.ones(1, device=device, requires_grad=True)
+        minimise([scale, bias], lambda: torch.nn.functional.binary_cross_entropy_with_logits(
+            scale * (features @ direction) + bias, labels), iterations)
+        weight = (scale.detach() * direction)
+    else:
+        minimise([weight, bias], lambda: torch.nn.functional.binary_cross_entropy_with_logits(
+            features @ weight + bias, labels), iterations)
     with torch.no_grad():
         ranker.retrieval_skip.weight.fill_(float(weight[0]))
         ranker.retrieval_skip.bias.zero_()
@@ -336,7 +414,8 @@ def _recent_fold(user_items, entry_user: np.ndarray, fold: int, share: float | N
 
 @torch.no_grad()
 def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarray, rc, width: int,
-              rng: np.random.Generator, device: torch.device, recent_share: float | None | bool = False) -> Folds | None:
+              rng: np.random.Generator, device: torch.device, recent_share: float | None | bool = False,
+              channels: TowerChannels | None = None) -> Folds | None:
     """Ranker examples from ``rc.folds`` folds of the training log (``ranking.folds``): each hides part
     of the training items of up to ``rc.fold_users`` users, retrieves for them with the history that
     remains (every item not hidden excluded, as seen items are when serving), and turns the hidden
@@ -347,7 +426,9 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
     hides each user's f-th most recent window (``_recent_fold``: one item when ``recent_share`` is
     None, as leave-one-out tests, else that share, as the temporal protocol does) with the items
     before it as the history: the next-item task. The folds also name the entries they hid, so that the
-    ranker can refit EASE's affinity without them (``fold_affinities``)."""
+    ranker can refit EASE's affinity without them (``fold_affinities``). With tower ``channels``, each row
+    also carries their affinities with the fold's visible history (``Folds.tower_raw``), as the kept tower
+    retrieves with it."""
     item_emb = item_embeddings(two_tower, tables, device)                                      # (m+1, D)
     temperature = float(two_tower.temperature.detach())
     n_entries = user_items.items.size
@@ -357,7 +438,8 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
         return None
     length = tables.history.shape[1]
     width = min(width, length)           # as ``Rows.with_history`` slices the training history
-    parts, fold_of, hidden_pairs = [], [], []
+    parts, fold_of, hidden_pairs, tower_raw = [], [], [], []
+    item_factors = None if channels is None else channels.item_factors()
     for fold in range(rc.folds):
         if recent_share is False:
             hidden = rng.random(n_entries) < rc.fold_share
@@ -369,12 +451,15 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
         kept_after = cum[last][entry_user] - cum                                             # kept entries after e
         users = np.sort(rng.choice(eligible, size=min(rc.fold_users, eligible.size), replace=False))
         histories = np.zeros((tables.vocab.n_users + 1, width), dtype=np.int64)
+        factors = None if channels is None else np.zeros((tables.vocab.n_users + 1, item_factors.shape[1]), np.float32)
         cand_items, cand_scores = [], []
         batch_size = max(1, min(256, 20_000_000 // max(tables.vocab.n_items, 1)))
         for start in range(0, users.size, batch_size):
             batch = users[start:start + batch_size]
             history = _fold_histories(user_items, batch, kept, kept_after, length)          # (B, H)
             histories[batch] = history[:, -width:]
+            if channels is not None:
+                factors[batch] = channels.user_factors(tables, batch, timestamps[batch], device, history=history)
             inputs = user_inputs(tables, batch, timestamps[batch], device)
             inputs["history"] = torch.as_tensor(history, device=device)
             sims = (two_tower.user_tower(**inputs) @ item_emb.T).cpu().numpy()               # (B, m+1)
@@ -393,7 +478,10 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
         parts.append(Rows(*(getattr(rows, f) for f in ROW_FIELDS), history=histories[rows.users]))
         fold_of.append(np.full(rows.users.size, fold, dtype=np.int64))
         hidden_pairs.append((entry_user[take], user_items.items[take]))
-    return Folds(Rows.concat(parts), np.concatenate(fold_of), tuple(hidden_pairs))
+        if channels is not None:
+            tower_raw.append(TowerChannels.raw(factors[rows.users], item_factors[rows.items], channels.rank))
+    return Folds(Rows.concat(parts), np.concatenate(fold_of), tuple(hidden_pairs),
+                 None if channels is None else np.concatenate(tower_raw).astype(np.float32))
 
 
 @torch.no_grad()
@@ -574,7 +662,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
                device: torch.device, ctx: Distributed,
                rating_scores: Callable[[np.ndarray], np.ndarray] | None = None,
-               folds: Folds | None = None) -> tuple[DCNRanker, FitHistory]:
+               folds: Folds | None = None, channels: TowerChannels | None = None) -> tuple[DCNRanker, FitHistory]:
     """Trains the DCN; returns the best epoch's ranker by the pipeline's NDCG@10 on the stopping half.
 
     ``folds`` (rows from training-log folds, ``fold_rows``) join the CTR examples, but the fixed parts fitted
@@ -582,6 +670,9 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     fitting rows only: on a hidden training item EASE's affinity is not what it is on an unseen one. For
     the same reason, with ``ranking.fold_affinity`` "refit" the fold rows train with the affinities of
     EASE refitted without what each fold hid (``fold_affinities``), not with the ranker's tables.
+    Tower ``channels`` (``trainer.tower_affinity``; built with ``affinity_channels``' tower count, as
+    ``folds`` were) join the affinity after EASE's; the fold rows carry theirs from each fold's visible
+    history (``Folds.tower_raw``).
 
     Each epoch pairs every fitting row with one rating row drawn at random. ``rating_scores(index)``,
     when given, returns the retrieval scores of ``rating_rows`` rows ``index``: they are then filled
@@ -590,7 +681,8 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     """
     rc, mt = cfg.ranking, cfg.multitask
     torch.manual_seed(cfg.run.seed + 1)
-    ranker = DCNRanker(dcn_config(cfg, spec, tables)).to(device)
+    ranker = DCNRanker(dcn_config(cfg, spec, tables, towers=len(channels) if channels else 0)).to(device)
+    tower_tables = channels.tables(tables, eval_timestamps, device) if channels else None
     if ranker.n_genres:
         ranker.set_item_genres(torch.as_tensor(tables.item_num[:, :ranker.n_genres], dtype=torch.float32,
                                                device=device))
@@ -607,27 +699,28 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                                       device)
 
     if ranker.affinity_rank and held_out.users.size and fit_affinity(
-            ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device):
+            ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device,
+            towers=tower_tables):
+        # Three starts, the best on the stopping half kept (the first of equals): the affinities' logistic
+        # fit, their listwise fit (``fit_wide``) and retrieval's order alone (ml-100k leave-one-out with the
+        # sequential tower: EASE is far weaker there).
+        starts = {}
         retrieval_order = copy.deepcopy(ranker.state_dict())       # affinity weights still 0
-        fit_wide(ranker, held_out, device)
-        # The logistic start mixes in EASE's affinity; where retrieval alone ranks better on the stopping
-        # half (ml-100k leave-one-out with the sequential tower: EASE is far weaker there), start from it.
-        mixed_users = stopping_half()
-        wide = copy.deepcopy(ranker.state_dict())
+        for name, listwise in (("logistic fit", False), ("listwise fit", True)):
+            ranker.load_state_dict(retrieval_order)
+            fit_wide(ranker, held_out, device, listwise=listwise)
+            starts[name] = (stopping_half(), copy.deepcopy(ranker.state_dict()))
         ranker.load_state_dict(retrieval_order)
-        alone_users = stopping_half()
-        mixed, alone = float(mixed_users.mean()), float(alone_users.mean())
-        if mixed >= alone:
-            ranker.load_state_dict(wide)
-        start_users = mixed_users if mixed >= alone else alone_users
-        log.info("ranker start: stopping-half NDCG@10 %.4f with the affinity's logistic fit, %.4f by retrieval "
-                 "alone; kept the %s", mixed, alone, "logistic fit" if mixed >= alone else "retrieval order")
-        if folds is not None and rc.fold_affinity == "refit":
-            with torch.no_grad():
-                own = ranker.raw_affinity(torch.as_tensor(held_out.users, device=device),
-                                          torch.as_tensor(held_out.items, device=device)).cpu().numpy()
-            fit_rows = Rows.concat([held_out.with_affinity(own), folds.rows.with_affinity(
-                fold_affinities(ranker, tables, rating_rows, folds, rc.affinity_l2, cfg.run.seed + 3))])
+        starts["retrieval order"] = (stopping_half(), retrieval_order)
+        kept_start = max(starts, key=lambda name: float(starts[name][0].mean()))
+        start_users = starts[kept_start][0]
+        ranker.load_state_dict(starts[kept_start][1])
+        log.info("ranker start: stopping-half NDCG@10 %s; kept the %s",
+                 ", ".join(f"{float(u.mean()):.4f} by the {name}" for name, (u, _) in starts.items()), kept_start)
+        if folds is not None and (rc.fold_affinity == "refit" or tower_tables is not None):
+            fit_rows = Rows.concat([held_out.with_affinity(_table_affinity(ranker, held_out, device)),
+                                    folds.rows.with_affinity(_fold_affinity(ranker, tables, rating_rows, folds,
+                                                                            tower_tables, cfg, device))])
     ddp_ranker = ctx.wrap(ranker, device)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
     rng = np.random.default_rng(cfg.run.seed + 1)

@@ -41,7 +41,9 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("user_tower"):
         choice = report["user_tower"]
         lines += [f"User tower ({choice['setting']}): {choice['kept']}; validation NDCG@10 " +
-                  ", ".join(f"{name} {score:.4f}" for name, score in choice["validation_ndcg@10"].items()), ""]
+                  ", ".join(f"{name} {score:.4f}" for name, score in choice["validation_ndcg@10"].items()) +
+                  (f"; the ranker's tower channels: {', '.join(choice['ranker_channels'])}"
+                   if choice.get("ranker_channels") else ""), ""]
     lines += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()), ""]
     if report.get("gate"):
         lines += [f"Quality gate: {report['gate']}", ""]

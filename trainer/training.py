@@ -35,7 +35,8 @@ from trainer.models.dcn import DCNConfig
 from trainer.prepare import Prepared, held_out
 from trainer.progress import Timings
 from trainer.publish import TrainedRun
-from trainer.ranking_training import Candidates, Rows, click_rows, fit_ranker, fold_rows
+from trainer.ranking_training import Candidates, Rows, affinity_channels, click_rows, fit_ranker, fold_rows
+from trainer.tower_affinity import TowerChannels, tower_channels
 from trainer.retrieval_training import (UserItems, autoencoder_fits, fit_retrieval, item_embeddings, user_embeddings,
                                        user_towers)
 from trainer.splits import DEFAULT_RATIOS
@@ -85,7 +86,7 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                              "multitask.mode=joint trains the pooled or sequential tower with the DCN")
         return _train_jointly(cfg, prep, device, ctx, timings)
     with timings.stage("retrieval_training"):
-        two_tower, retrieval_history, tower_choice, others = _fit_towers(cfg, prep, device, ctx, checkpointer)
+        two_tower, retrieval_history, tower_choice, others, not_kept = _fit_towers(cfg, prep, device, ctx, checkpointer)
     histories = {"retrieval": retrieval_history.epochs, **others}
     with timings.stage("ranking_training"):
         fit_frame, stop_frame = _halves(prep.vocab, prep.split.val, cfg.run.seed)
@@ -106,6 +107,9 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                               cfg.ranking.negative_pool)
         stop_candidates = retrieve(two_tower, prep.tables, stop_target.users, stop_target,
                                    cfg.ranking.candidates, prep.eval_timestamps, device)
+        channels = _tower_channels(cfg, prep, not_kept, device)
+        if channels is not None:
+            tower_choice = {**tower_choice, "ranker_channels": list(channels.names)}
         kept = None
         # One ranker per fold order tried (one unless ranking.fold_order is "validated"), each from the
         # same random state; the first of the best stopping-half NDCG@10 is kept.
@@ -115,14 +119,14 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
             if cfg.ranking.folds:
                 folds = fold_rows(two_tower, prep.tables, UserItems.from_interactions(prep.train, prep.vocab.n_users),
                                   prep.eval_timestamps, cfg.ranking, DCNConfig.recent_items, order_rng, device,
-                                  recent_share=recent_share)
+                                  recent_share=recent_share, channels=channels)
                 log.info("ranker examples: %d from the validation fitting half, %d from %d training-log folds "
                          "(%s)", fit_rows.users.size, 0 if folds is None else folds.rows.users.size, cfg.ranking.folds,
                          "random" if recent_share is False else "recent")
             ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
                                                  stop_candidates, stop_target, prep.eval_timestamps, device, ctx,
                                                  rating_scores=_retrieval_scorer(two_tower, prep, device),
-                                                 folds=folds)
+                                                 folds=folds, channels=channels)
             if kept is not None:
                 log.info("fold order by validation: stopping-half NDCG@10 %.4f random, %.4f recent; kept %s",
                          kept[1].best_score, ranking_history.best_score,
@@ -138,8 +142,8 @@ def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Dis
                 checkpointer: Checkpointer | None):
     """The two-tower of each of ``user_towers(cfg)``, each trained as that setting alone trains it; the one
     with the highest validation NDCG@10 is kept (the first on a tie). Returns it, its history, the choice
-    (setting, kept tower, each tower's best validation NDCG@10) and the other towers' histories by
-    "retrieval_<tower>"."""
+    (setting, kept tower, each tower's best validation NDCG@10), the other towers' histories by
+    "retrieval_<tower>" and the other towers as (name, model)."""
     names = user_towers(cfg, prep.vocab.n_items)
     if names == ("autoencoder",) and not autoencoder_fits(cfg, prep.vocab.n_items):
         raise ValueError(f"retrieval.user_tower=autoencoder: the catalog has {prep.vocab.n_items:,} items, over "
@@ -165,7 +169,16 @@ def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Dis
                  ", ".join(f"{n} {score:.4f}" for n, score in scores.items()), name)
     choice = {"setting": cfg.retrieval.user_tower, "kept": name, "validation_ndcg@10": scores}
     others = {f"retrieval_{n}": h.epochs for i, (n, _, h) in enumerate(fits) if i != kept}
-    return model, history, choice, others
+    return model, history, choice, others, [(n, m) for i, (n, m, _) in enumerate(fits) if i != kept]
+
+
+def _tower_channels(cfg: TrainConfig, prep: Prepared, towers: list[tuple[str, Any]],
+                    device: torch.device) -> TowerChannels | None:
+    """The towers not kept as the ranker's affinity channels (``ranking.tower_affinity``), where there are
+    some and their tables fit (``affinity_channels``)."""
+    if not (cfg.ranking.tower_affinity and towers and affinity_channels(cfg, prep.tables, len(towers))[1]):
+        return None
+    return tower_channels(towers, prep.tables, prep.eval_timestamps, cfg.ranking.affinity_rank, device)
 
 
 def _fold_recent_share(cfg: TrainConfig) -> float | None | bool:

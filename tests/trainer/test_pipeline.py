@@ -117,10 +117,11 @@ def test_an_implicit_log_with_sku_ids_and_no_timestamps_trains_and_publishes(tmp
 def test_the_ranker_replaces_its_start_only_by_a_gain_of_keep_min_t_standard_errors(tmp_path, dataset):
     """ranking.keep_min_t decides what is kept, never how training runs: the same epochs with the same
     stopping-half scores either way; a threshold no epoch reaches serves the start, here retrieval's
-    own order (EASE help off), so the pipeline scores exactly as the tower."""
+    own order (EASE help off, no tower channels), so the pipeline scores exactly as the tower."""
     def run(threshold):
         out = tmp_path / f"t{threshold}"
         result = job.run(small_config(tmp_path, "retrieval.distill_weight=0", "ranking.affinity=none",
+                                      "ranking.tower_affinity=false",
                                       "ranking.epochs=4", f"ranking.keep_min_t={threshold}",
                                       f"run.output_dir={out}"), dataset)
         return result.report, json.loads((out / "report.json").read_text())["histories"]["ranking"]
@@ -272,8 +273,9 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
     best = {tower: max(e["val_ndcg@10"] for e in curve) for tower, curve in curves.items()}
     kept = max(towers, key=lambda tower: (best[tower], -towers.index(tower)))
     with caplog.at_level("INFO", logger="trainer.training"):
-        result, validated = run("validated")
+        result, validated = run("validated", "temporal", "ranking.tower_affinity=false")
     assert caplog.text.count("user tower by validation") == 1
+    assert "ranker_channels" not in validated["user_tower"]
     assert validated["histories"]["retrieval"] == curves[kept]
     for other in set(towers) - {kept}:
         assert validated["histories"][f"retrieval_{other}"] == curves[other]
@@ -283,11 +285,17 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
     # The kept tower is the one evaluated, and the ranker is trained on its candidates.
     assert validated["two_tower"]["ndcg@10"] == pytest.approx(alone[kept]["two_tower"]["ndcg@10"])
     assert validated["histories"]["ranking"] == alone[kept]["histories"]["ranking"]
-    assert f"User tower (validated): {kept}" in (tmp_path / "validated-temporal0" / "report.md").read_text()
-    _, random = run("validated", "random")
+    assert f"User tower (validated): {kept}" in (tmp_path / "validated-temporal1" / "report.md").read_text()
+    # The default (ranking.tower_affinity): the tower not kept is the ranker's channel beside EASE's two.
+    result, random = run("validated", "random")
     assert set(random["user_tower"]["validation_ndcg@10"]) == {"pooled", "autoencoder"}
+    assert random["user_tower"]["ranker_channels"] == [({"pooled", "autoencoder"} - {random["user_tower"]["kept"]}).pop()]
+    assert result.run.ranker.affinity_channels == 3 and result.run.ranker.affinity_user[:, 128:].abs().sum() > 0
+    assert (f"the ranker's tower channels: {random['user_tower']['ranker_channels'][0]}"
+            in (tmp_path / "validated-random0" / "report.md").read_text())
     _, over = run("validated", "random", "retrieval.autoencoder_below=10")
     assert over["user_tower"]["kept"] == "pooled" and list(over["user_tower"]["validation_ndcg@10"]) == ["pooled"]
+    assert "ranker_channels" not in over["user_tower"]
     assert not [name for name in over["histories"] if name.startswith("retrieval_")]
 
 

@@ -1,0 +1,122 @@
+"""The user towers validation did not keep, as affinity channels of the ranker.
+
+``retrieval.user_tower = "validated"`` trains two or three user towers and keeps one for retrieval. The
+others are good models of the same users too, and they err differently: on ml-100k (random protocol,
+EASE help off) a fixed blend of the autoencoder and the pooled tower's scores ranks validation users
+at NDCG@10 0.268 against the kept autoencoder's 0.263. With ``ranking.tower_affinity`` each tower not
+kept joins the ranker as one more affinity channel beside EASE's (``DCNRanker``'s factor tables): its
+user x item scores on the training log as rank-r factors, so the served ranker program needs nothing
+new, and the ranker's logistic start and training learn how much to trust it, as they do for EASE.
+
+The factors are the scores' best rank-r approximation, exactly: a tower's scores are U V^T (users' and
+items' vectors), so with V = Q R and the SVD of U R^T = A S B^T the item factors are Q B_r and the user
+factors U R^T B_r. A user vector computed from another history (a fold's visible one) then maps to its
+factor through the same R^T B_r (``TowerChannels.user_factors``), so the fold rows' affinities are
+those of the same approximation. Towers whose vectors are at most r wide are kept whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from trainer.features import FeatureTables
+from trainer.inputs import user_inputs
+from trainer.retrieval_training import item_embeddings
+
+
+@dataclass(frozen=True, eq=False)
+class TowerChannel:
+    """One tower's channel: the model, the (d, r) map from its user vectors to user factors, and its
+    item factors (m+1, r) (row 0, the padding item, zero)."""
+
+    name: str
+    model: torch.nn.Module
+    projection: np.ndarray
+    item_factors: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class TowerChannels:
+    """The channels of the towers not kept, in the order they join the ranker's tables."""
+
+    channels: tuple[TowerChannel, ...]
+    rank: int
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.channels)
+
+    def __len__(self) -> int:
+        return len(self.channels)
+
+    @torch.no_grad()
+    def user_factors(self, tables: FeatureTables, users: np.ndarray, timestamps: np.ndarray, device: torch.device,
+                     history: np.ndarray | None = None) -> np.ndarray:
+        """(B, C * rank) the users' factors, each channel's from its tower's user vector of the users' stored
+        history, or of ``history`` (B, H) when given."""
+        inputs = user_inputs(tables, users, timestamps, device)
+        if history is not None:
+            inputs["history"] = torch.as_tensor(history, device=device)
+        return np.concatenate([channel.model.user_tower(**inputs).cpu().numpy().astype(np.float64) @ channel.projection
+                               for channel in self.channels], axis=1).astype(np.float32)
+
+    def item_factors(self) -> np.ndarray:
+        """(m+1, C * rank) every item's factors, channel blocks side by side."""
+        return np.concatenate([c.item_factors for c in self.channels], axis=1)
+
+    def tables(self, tables: FeatureTables, timestamps: np.ndarray, device: torch.device,
+               batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+        """The ranker's factor tables of these channels: every user's factors from the stored (training)
+        history at ``timestamps`` (n+1, C * rank), and the items' (m+1, C * rank)."""
+        users = np.arange(tables.vocab.n_users + 1)
+        parts = [self.user_factors(tables, users[s:s + batch_size], timestamps[s:s + batch_size], device)
+                 for s in range(0, users.size, batch_size)]
+        return np.concatenate(parts), self.item_factors()
+
+    @staticmethod
+    def raw(user_factors: np.ndarray, item_factors: np.ndarray, rank: int) -> np.ndarray:
+        """(R, C) each row's affinity per channel from aligned factor rows (R, C * rank)."""
+        product = user_factors * item_factors
+        return product.reshape(product.shape[0], -1, rank).sum(axis=2)
+
+
+def low_rank_map(user_vectors: np.ndarray, item_vectors: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """(projection (d, rank), item factors (m, rank)) of the best rank-``rank`` approximation of the scores
+    ``user_vectors @ item_vectors.T``; user factors = user vectors @ projection. Columns past the
+    scores' own rank are zero."""
+    users, items = np.asarray(user_vectors, np.float64), np.asarray(item_vectors, np.float64)
+    q, r = np.linalg.qr(items)                                    # items = q r, q (m, d') orthonormal
+    _, _, bt = np.linalg.svd(users @ r.T, full_matrices=False)     # users r^T = a s b^T
+    keep = bt[:rank].T                                             # (d', k), k <= rank
+    projection = np.zeros((users.shape[1], rank))
+    item_factors = np.zeros((items.shape[0], rank))
+    projection[:, :keep.shape[1]] = r.T @ keep
+    item_factors[:, :keep.shape[1]] = q @ keep
+    return projection, item_factors
+
+
+@torch.no_grad()
+def tower_channels(towers: Sequence[tuple[str, torch.nn.Module]], tables: FeatureTables, timestamps: np.ndarray,
+                   rank: int, device: torch.device, batch_size: int = 4096) -> TowerChannels:
+    """A channel per tower of ``towers`` (name, two-tower model): the rank-``rank`` map of its scores on the
+    training log's users (stored histories at ``timestamps``) and items."""
+    channels = []
+    users = np.arange(1, tables.vocab.n_users + 1)
+    for name, model in towers:
+        model.eval()
+        vectors = np.concatenate([
+            model.user_tower(**user_inputs(tables, users[s:s + batch_size], timestamps[users[s:s + batch_size]],
+                                           device)).cpu().numpy()
+            for s in range(0, users.size, batch_size)])
+        items = item_embeddings(model, tables, device).cpu().numpy()            # (m+1, D), row 0 padding
+        projection, factors = low_rank_map(vectors, items[1:], rank)
+        channels.append(TowerChannel(name, model, projection,
+                                     np.concatenate([np.zeros((1, rank)), factors]).astype(np.float32)))
+    return TowerChannels(tuple(channels), rank)
+
+
+__all__ = ["TowerChannel", "TowerChannels", "low_rank_map", "tower_channels"]
