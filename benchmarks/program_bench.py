@@ -45,7 +45,7 @@ from trainer.retrieval_training import tower_config  # noqa: E402
 from trainer.splits import random_split  # noqa: E402
 
 
-def models():
+def models(tower_channels: int = 0):
     dataset = generate(943, 1682, 100_000, seed=0)
     split = random_split(dataset.interactions, seed=0)
     vocab = fit_id_vocab(split.train)
@@ -54,7 +54,7 @@ def models():
     tables = build_tables(spec, vocab, split.train, dataset.users, dataset.items)
     torch.manual_seed(0)
     tower = build_two_tower(tower_config(cfg, spec, tables)).user_tower.eval()
-    ranker = DCNRanker(dcn_config(cfg, spec, tables)).eval()
+    ranker = DCNRanker(dcn_config(cfg, spec, tables, towers=tower_channels)).eval()
     return spec, tables, tower, ranker
 
 
@@ -138,9 +138,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=300)
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "program_bench.json"))
+    parser.add_argument("--tower-channels", type=int, default=0,
+                        help="the ranker's tower affinity channels beside EASE's two (ranking.tower_affinity: 1 under "
+                             "the random protocol, 2 under the ordered ones)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    spec, tables, tower, ranker = models()
+    spec, tables, tower, ranker = models(args.tower_channels)
     history = min(ranker.recent_items, spec.history_length)
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure("user tower", tower, inputs(tables, 64, None), USER_TOWER, Path(tmp) / "t.onnx", args.repeats)
@@ -154,7 +157,8 @@ def main() -> int:
               f"{r['onnxruntime']:>15.4f} {r['speedup_vs_torchscript']:>10.2f} {r['speedup_vs_export']:>11.2f}{grouped}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"threads": 1, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"threads": 1, "repeats": args.repeats, "tower_channels": args.tower_channels,
+                               "affinity_channels": ranker.affinity_channels, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -207,8 +207,8 @@ class RankingConfig:
     # below) the curve creeps instead of falling: on the ~10k-item synthetic log 0.1281 (start), 0.1285,
     # 0.1287, 0.1293, 0.1268 took the ranking stage from 30 to 65 s for a ranker the keep rule did not keep.
     min_improvement: float = 0.005
-    # The trained ranker replaces its start (retrieval's order, or the logistic fit with the EASE
-    # affinity) only when its per-user NDCG@10 gain on the stopping half is at least this many standard
+    # The trained ranker replaces its start (the best on the stopping half of retrieval's order and the
+    # affinities' logistic and listwise fits, ranking_training.fit_wide) only when its per-user NDCG@10 gain on the stopping half is at least this many standard
     # errors of that gain (a paired t); 0 = any gain, the rule before. Chosen by validation across
     # datasets (docs/RESULTS.md, "The ranker's keep rule"): splitting each run's stopping users into
     # halves, choosing on one and scoring on the other (500 draws), the mean gain over eight runs
