@@ -172,3 +172,36 @@ def test_the_listwise_wide_start_orders_each_list_as_its_clicks_and_stays_calibr
     assert pointwise_w[0] > 0.1 and abs(listwise_w[0]) < 1e-4
     assert listwise_w[1] > 0
     assert mean_click == pytest.approx(float(clicks.mean()), abs=1e-3)
+
+
+def test_the_starts_wide_order_scores_the_stopping_half_as_the_whole_ranker_does(prepared):
+    """``wide_ndcg_per_user``: an untrained ranker (deep CTR head zero) served by its CTR scores each
+    user as ``pipeline_ndcg_per_user`` does, from the wide logit alone; None once the head has weights or
+    the served score reads the rating head."""
+    from trainer.evaluation import retrieve
+    from trainer.ranking_training import click_rows, pipeline_ndcg_per_user, wide_ndcg_per_user
+    from trainer.prepare import held_out
+
+    tables, target = prepared.tables, prepared.val
+    cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8"])
+    tower = _tower(prepared, 0)
+    candidates = retrieve(tower, tables, target.users, target, 50, prepared.eval_timestamps, CPU)
+    channels = tower_channels([("other", _tower(prepared, 1))], tables, prepared.eval_timestamps, 8, CPU)
+    ranker = DCNRanker(dcn_config(cfg, prepared.spec, tables, towers=1)).eval()
+    train = prepared.train
+    rows = Rows(train.users, train.items, train.timestamps, np.zeros(train.users.size, np.float32),
+                np.ones(train.users.size, np.float32), train.ratings)
+    fit_rows = click_rows(held_out(prepared.vocab, prepared.split.val), candidates, 4, np.random.default_rng(0), 50)
+    assert fit_affinity(ranker, tables, rows, fit_rows, 50.0, np.random.default_rng(0), CPU,
+                        towers=channels.tables(tables, prepared.eval_timestamps, CPU))
+    fit_wide(ranker, fit_rows, CPU, listwise=True)
+    assert ranker.affinity_wide.weight.abs().sum() > 0
+    whole = pipeline_ndcg_per_user(ranker, tables, candidates, target, prepared.eval_timestamps[candidates.users], cfg,
+                                   prepared.spec.rating_max, CPU)
+    wide = wide_ndcg_per_user(ranker, candidates, target, "ctr", CPU, rows_per_batch=70)
+    np.testing.assert_array_equal(wide, whole)
+    assert whole.mean() > 0
+    assert wide_ndcg_per_user(ranker, candidates, target, "ctr_x_rating", CPU) is None
+    with torch.no_grad():
+        ranker.ctr_head.weight.fill_(0.01)
+    assert wide_ndcg_per_user(ranker, candidates, target, "ctr", CPU) is None
