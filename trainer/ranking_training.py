@@ -529,6 +529,11 @@ def pipeline_ndcg_per_user(ranker, tables, candidates: Candidates, target: EvalT
     scores, _, _ = score_candidates(ranker, tables, candidates, timestamps, cfg.ranking.score_mode,
                                     cfg.multitask.rating_weight, rating_max, device)
     ranker.train()
+    return reranked_ndcg_per_user(candidates, scores, target, k)
+
+
+def reranked_ndcg_per_user(candidates: Candidates, scores: np.ndarray, target: EvalTarget, k: int = 10) -> np.ndarray:
+    """NDCG@k of each of ``target``'s users (U,) with ``candidates`` reordered by ``scores`` (U, N)."""
     row_of = candidates.row_of()
     rows = np.array([row_of[u] for u in target.users])
     ranked = rerank(Candidates(candidates.users[rows], candidates.items[rows], candidates.scores[rows]),
@@ -559,11 +564,7 @@ def wide_ndcg_per_user(ranker: DCNRanker, candidates: Candidates, target: EvalTa
             wide = wide + ranker.affinity_wide(ranker.affinity(users, items))
         # As the served score: the CTR (sigmoid of the logit: float32 ties where it saturates, as served).
         scores[sl] = torch.sigmoid((ranker.ctr_head.bias + wide).squeeze(1)).reshape(-1, n).cpu().numpy()
-    row_of = candidates.row_of()
-    rows = np.array([row_of[u] for u in target.users])
-    ranked = rerank(Candidates(candidates.users[rows], candidates.items[rows], candidates.scores[rows]),
-                    scores[rows], k)
-    return metrics.per_user("ndcg", ranked, target.truth_rows(), k)
+    return reranked_ndcg_per_user(candidates, scores, target, k)
 
 
 def paired_t(scores: np.ndarray, start: np.ndarray) -> float:
