@@ -174,9 +174,10 @@ def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Dis
 
 def _tower_channels(cfg: TrainConfig, prep: Prepared, towers: list[tuple[str, Any]],
                     device: torch.device) -> TowerChannels | None:
-    """The towers not kept as the ranker's affinity channels (``ranking.tower_affinity``), where there are
-    some and their tables fit (``affinity_channels``)."""
-    if not (cfg.ranking.tower_affinity and towers and affinity_channels(cfg, prep.tables, len(towers))[1]):
+    """The towers not kept as the ranker's affinity channels (``ranking.tower_affinity``: "on", or "auto" under
+    the random protocol), where there are some and their tables fit (``affinity_channels``)."""
+    wanted = cfg.ranking.tower_affinity == "on" or (cfg.ranking.tower_affinity == "auto" and cfg.data.protocol == "random")
+    if not (wanted and towers and affinity_channels(cfg, prep.tables, len(towers))[1]):
         return None
     return tower_channels(towers, prep.tables, prep.eval_timestamps, cfg.ranking.affinity_rank, device)
 

@@ -121,7 +121,7 @@ def test_the_ranker_replaces_its_start_only_by_a_gain_of_keep_min_t_standard_err
     def run(threshold):
         out = tmp_path / f"t{threshold}"
         result = job.run(small_config(tmp_path, "retrieval.distill_weight=0", "ranking.affinity=none",
-                                      "ranking.tower_affinity=false",
+                                      "ranking.tower_affinity=off",
                                       "ranking.epochs=4", f"ranking.keep_min_t={threshold}",
                                       f"run.output_dir={out}"), dataset)
         return result.report, json.loads((out / "report.json").read_text())["histories"]["ranking"]
@@ -273,9 +273,9 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
     best = {tower: max(e["val_ndcg@10"] for e in curve) for tower, curve in curves.items()}
     kept = max(towers, key=lambda tower: (best[tower], -towers.index(tower)))
     with caplog.at_level("INFO", logger="trainer.training"):
-        result, validated = run("validated", "temporal", "ranking.tower_affinity=false")
+        result, validated = run("validated")
     assert caplog.text.count("user tower by validation") == 1
-    assert "ranker_channels" not in validated["user_tower"]
+    assert "ranker_channels" not in validated["user_tower"]     # ranking.tower_affinity=auto: random protocol only
     assert validated["histories"]["retrieval"] == curves[kept]
     for other in set(towers) - {kept}:
         assert validated["histories"][f"retrieval_{other}"] == curves[other]
@@ -285,7 +285,7 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
     # The kept tower is the one evaluated, and the ranker is trained on its candidates.
     assert validated["two_tower"]["ndcg@10"] == pytest.approx(alone[kept]["two_tower"]["ndcg@10"])
     assert validated["histories"]["ranking"] == alone[kept]["histories"]["ranking"]
-    assert f"User tower (validated): {kept}" in (tmp_path / "validated-temporal1" / "report.md").read_text()
+    assert f"User tower (validated): {kept}" in (tmp_path / "validated-temporal0" / "report.md").read_text()
     # The default (ranking.tower_affinity): the tower not kept is the ranker's channel beside EASE's two.
     result, random = run("validated", "random")
     assert set(random["user_tower"]["validation_ndcg@10"]) == {"pooled", "autoencoder"}
@@ -293,6 +293,8 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
     assert result.run.ranker.affinity_channels == 3 and result.run.ranker.affinity_user[:, 128:].abs().sum() > 0
     assert (f"the ranker's tower channels: {random['user_tower']['ranker_channels'][0]}"
             in (tmp_path / "validated-random0" / "report.md").read_text())
+    _, forced = run("validated", "temporal", "ranking.tower_affinity=on")
+    assert set(forced["user_tower"]["ranker_channels"]) == set(towers) - {kept}
     _, over = run("validated", "random", "retrieval.autoencoder_below=10")
     assert over["user_tower"]["kept"] == "pooled" and list(over["user_tower"]["validation_ndcg@10"]) == ["pooled"]
     assert "ranker_channels" not in over["user_tower"]
