@@ -713,7 +713,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     rc, mt = cfg.ranking, cfg.multitask
     torch.manual_seed(cfg.run.seed + 1)
     ranker = DCNRanker(dcn_config(cfg, spec, tables, towers=len(channels) if channels else 0)).to(device)
-    tower_tables = channels.tables(tables, eval_timestamps, device) if channels else None
+    tower_tables = channels.tables() if channels else None
     if ranker.n_genres:
         ranker.set_item_genres(torch.as_tensor(tables.item_num[:, :ranker.n_genres], dtype=torch.float32,
                                                device=device))

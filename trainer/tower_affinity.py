@@ -25,17 +25,19 @@ import torch
 
 from trainer.features import FeatureTables
 from trainer.inputs import user_inputs
-from trainer.retrieval_training import item_embeddings
+from trainer.retrieval_training import item_embeddings, user_embeddings
 
 
 @dataclass(frozen=True, eq=False)
 class TowerChannel:
-    """One tower's channel: the model, the (d, r) map from its user vectors to user factors, and its
-    item factors (m+1, r) (row 0, the padding item, zero)."""
+    """One tower's channel: the model, the (d, r) map from its user vectors to user factors, every user's
+    factors from the stored (training) history (n+1, r), and its item factors (m+1, r) (row 0, the
+    padding item, zero)."""
 
     name: str
     model: torch.nn.Module
     projection: np.ndarray
+    user_factors: np.ndarray
     item_factors: np.ndarray
 
 
@@ -58,9 +60,7 @@ class TowerChannels:
                      history: np.ndarray | None = None) -> np.ndarray:
         """(B, C * rank) the users' factors, each channel's from its tower's user vector of the users' stored
         history, or of ``history`` (B, H) when given."""
-        inputs = user_inputs(tables, users, timestamps, device)
-        if history is not None:
-            inputs["history"] = torch.as_tensor(history, device=device)
+        inputs = user_inputs(tables, users, timestamps, device, history=history)
         return np.concatenate([channel.model.user_tower(**inputs).cpu().numpy().astype(np.float64) @ channel.projection
                                for channel in self.channels], axis=1).astype(np.float32)
 
@@ -68,14 +68,10 @@ class TowerChannels:
         """(m+1, C * rank) every item's factors, channel blocks side by side."""
         return np.concatenate([c.item_factors for c in self.channels], axis=1)
 
-    def tables(self, tables: FeatureTables, timestamps: np.ndarray, device: torch.device,
-               batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    def tables(self) -> tuple[np.ndarray, np.ndarray]:
         """The ranker's factor tables of these channels: every user's factors from the stored (training)
-        history at ``timestamps`` (n+1, C * rank), and the items' (m+1, C * rank)."""
-        users = np.arange(tables.vocab.n_users + 1)
-        parts = [self.user_factors(tables, users[s:s + batch_size], timestamps[s:s + batch_size], device)
-                 for s in range(0, users.size, batch_size)]
-        return np.concatenate(parts), self.item_factors()
+        history (n+1, C * rank), and the items' (m+1, C * rank)."""
+        return (np.concatenate([c.user_factors for c in self.channels], axis=1), self.item_factors())
 
     @staticmethod
     def raw(user_factors: np.ndarray, item_factors: np.ndarray, rank: int) -> np.ndarray:
@@ -103,18 +99,18 @@ def low_rank_map(user_vectors: np.ndarray, item_vectors: np.ndarray, rank: int) 
 def tower_channels(towers: Sequence[tuple[str, torch.nn.Module]], tables: FeatureTables, timestamps: np.ndarray,
                    rank: int, device: torch.device, batch_size: int = 4096) -> TowerChannels:
     """A channel per tower of ``towers`` (name, two-tower model): the rank-``rank`` map of its scores on the
-    training log's users (stored histories at ``timestamps``) and items."""
+    training log's users (stored histories at ``timestamps``, (n+1,) by user index) and items, and every
+    user's factors through it."""
     channels = []
-    users = np.arange(1, tables.vocab.n_users + 1)
+    users = np.arange(tables.vocab.n_users + 1)                 # row 0, the unknown user, is not fitted on
     for name, model in towers:
         model.eval()
-        vectors = np.concatenate([
-            model.user_tower(**user_inputs(tables, users[s:s + batch_size], timestamps[users[s:s + batch_size]],
-                                           device)).cpu().numpy()
-            for s in range(0, users.size, batch_size)])
+        vectors = np.concatenate([user_embeddings(model, tables, users[s:s + batch_size],
+                                                  timestamps[s:s + batch_size], device).cpu().numpy()
+                                  for s in range(0, users.size, batch_size)]).astype(np.float64)
         items = item_embeddings(model, tables, device).cpu().numpy()            # (m+1, D), row 0 padding
-        projection, factors = low_rank_map(vectors, items[1:], rank)
-        channels.append(TowerChannel(name, model, projection,
+        projection, factors = low_rank_map(vectors[1:], items[1:], rank)
+        channels.append(TowerChannel(name, model, projection, (vectors @ projection).astype(np.float32),
                                      np.concatenate([np.zeros((1, rank)), factors]).astype(np.float32)))
     return TowerChannels(tuple(channels), rank)
 

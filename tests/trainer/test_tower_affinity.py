@@ -50,9 +50,9 @@ def test_low_rank_map_keeps_narrow_scores_whole_and_truncates_wide_ones_to_their
 def test_channels_hold_each_towers_scores_and_map_any_history_through_the_same_approximation(prepared):
     tables, vocab = prepared.tables, prepared.vocab
     towers = [("a", _tower(prepared, 0)), ("b", _tower(prepared, 1, "retrieval.embedding_dim=12"))]
-    channels = tower_channels(towers, tables, prepared.eval_timestamps, 16, CPU)
+    channels = tower_channels(towers, tables, prepared.eval_timestamps, 16, CPU, batch_size=7)
     assert channels.names == ("a", "b") and len(channels) == 2
-    user_factors, item_factors = channels.tables(tables, prepared.eval_timestamps, CPU, batch_size=7)
+    user_factors, item_factors = channels.tables()
     assert user_factors.shape == (vocab.n_users + 1, 32) and item_factors.shape == (vocab.n_items + 1, 32)
     assert not item_factors[0].any()                                        # the padding item
     users = np.arange(1, vocab.n_users + 1)
@@ -105,7 +105,7 @@ def test_fold_rows_carry_the_tower_channels_of_their_visible_history(prepared):
             assert folds.tower_raw[r, 0] == pytest.approx(expected, abs=1e-5)
             checked += 1
     assert checked == 50
-    full = TowerChannels.raw(channels.tables(tables, prepared.eval_timestamps, CPU)[0][folds.rows.users],
+    full = TowerChannels.raw(channels.tables()[0][folds.rows.users],
                              item_factors[folds.rows.items], 8)
     assert not np.allclose(folds.tower_raw, full, atol=1e-4)               # not the whole history's
 
@@ -119,7 +119,7 @@ def test_the_ranker_holds_eases_channels_then_the_towers_and_fits_both(prepared)
     ranker = DCNRanker(dcn_config(cfg, prepared.spec, tables, towers=1))
     assert ranker.affinity_channels == 3 and ranker.affinity_rank == 8
     channels = tower_channels([("other", _tower(prepared, 1))], tables, prepared.eval_timestamps, 8, CPU)
-    tower_tables = channels.tables(tables, prepared.eval_timestamps, CPU)
+    tower_tables = channels.tables()
     train = prepared.train
     rows = Rows(train.users, train.items, train.timestamps, np.zeros(train.users.size, np.float32),
                 np.ones(train.users.size, np.float32), train.ratings)
@@ -193,7 +193,7 @@ def test_the_starts_wide_order_scores_the_stopping_half_as_the_whole_ranker_does
                 np.ones(train.users.size, np.float32), train.ratings)
     fit_rows = click_rows(held_out(prepared.vocab, prepared.split.val), candidates, 4, np.random.default_rng(0), 50)
     assert fit_affinity(ranker, tables, rows, fit_rows, 50.0, np.random.default_rng(0), CPU,
-                        towers=channels.tables(tables, prepared.eval_timestamps, CPU))
+                        towers=channels.tables())
     fit_wide(ranker, fit_rows, CPU, listwise=True)
     assert ranker.affinity_wide.weight.abs().sum() > 0
     whole = pipeline_ndcg_per_user(ranker, tables, candidates, target, prepared.eval_timestamps[candidates.users], cfg,
