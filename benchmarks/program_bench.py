@@ -45,11 +45,11 @@ from trainer.retrieval_training import tower_config  # noqa: E402
 from trainer.splits import random_split  # noqa: E402
 
 
-def models(tower_channels: int = 0):
+def models(tower_channels: int = 0, affinity_rank: int | None = None):
     dataset = generate(943, 1682, 100_000, seed=0)
     split = random_split(dataset.interactions, seed=0)
     vocab = fit_id_vocab(split.train)
-    cfg = load_config(None, [])
+    cfg = load_config(None, [] if affinity_rank is None else [f"ranking.affinity_rank={affinity_rank}"])
     spec = fit_feature_spec(split.train, dataset.users, dataset.items, history_length=cfg.features.history_length)
     tables = build_tables(spec, vocab, split.train, dataset.users, dataset.items)
     torch.manual_seed(0)
@@ -141,9 +141,12 @@ def main() -> int:
     parser.add_argument("--tower-channels", type=int, default=0,
                         help="the ranker's tower affinity channels beside EASE's two (ranking.tower_affinity: 1 under "
                              "the random protocol, 2 under the ordered ones)")
+    parser.add_argument("--affinity-rank", type=int, default=None,
+                        help="the width of each affinity channel's factors (ranking.affinity_rank, 64; 256 where the "
+                             "stopping half keeps ranking.affinity_rank_up)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    spec, tables, tower, ranker = models(args.tower_channels)
+    spec, tables, tower, ranker = models(args.tower_channels, args.affinity_rank)
     history = min(ranker.recent_items, spec.history_length)
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure("user tower", tower, inputs(tables, 64, None), USER_TOWER, Path(tmp) / "t.onnx", args.repeats)
@@ -158,7 +161,8 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"threads": 1, "repeats": args.repeats, "tower_channels": args.tower_channels,
-                               "affinity_channels": ranker.affinity_channels, "rows": rows}, indent=2) + "\n")
+                               "affinity_channels": ranker.affinity_channels,
+                               "affinity_rank": ranker.affinity_rank, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -9,6 +9,7 @@ RSS is that of its largest process, and ``peak_tree_pss_mb`` the sampled peak of
     .venv/bin/python benchmarks/trainer_bench.py --synthetic 1000000 10000000 --set retrieval.epochs=1
     .venv/bin/python benchmarks/trainer_bench.py --synthetic 10000 100000 --synthetic-format 1m \
         --set data.protocol=leave_one_out                              # a MovieLens-1M-layout log, side tables too
+    .venv/bin/python benchmarks/trainer_bench.py --item-copies 5       # ml-100k, each item split into 5 copies
 
 The JSON holds NDCG@10 on the test split of the pipeline, the tower, popularity and EASE.
 ``--baselines`` times ``python -m trainer baselines`` instead (popularity and the EASE l2 grid under
@@ -87,10 +88,15 @@ def main() -> int:
     parser.add_argument("--synthetic-format", choices=("parquet", "1m", "latest"), default="parquet",
                         help="how the synthetic log is written: interactions only (parquet) or a MovieLens "
                              "folder with its side tables (users, genres)")
+    parser.add_argument("--item-copies", type=int, metavar="N",
+                        help="MovieLens 100K with each item split at random into N copies (a catalog of rarer "
+                             "items, written to a temporary folder: benchmarks/item_copies.py)")
     parser.add_argument("--baselines", action="store_true", help="time `python -m trainer baselines` instead")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "trainer_bench.json"))
     args = parser.parse_args()
+    if args.synthetic and args.item_copies:
+        parser.error("--synthetic and --item-copies each choose the log: give one of them")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"publish.artifact_root={tmp}/artifacts", f"run.output_dir={tmp}/run", "run.progress=false",
@@ -111,6 +117,13 @@ def main() -> int:
             name = f"synthetic {n_items} items / {n_inter} interactions"
             generate_s = round(time.perf_counter() - t0, 2)
             print(f"generated {name} in {generate_s:.1f} s")
+            overrides.append(f"data.dataset={path}")
+        if args.item_copies:
+            from benchmarks.item_copies import write_item_copies
+            from trainer.data import data_dir_from_env
+
+            path = write_item_copies(data_dir_from_env() / "ml-100k", Path(tmp) / "item-copies", args.item_copies)
+            name = f"ml-100k, each item split into {args.item_copies} copies"
             overrides.append(f"data.dataset={path}")
         if args.baselines:
             baseline_overrides = [o for o in overrides if o.startswith(("data.", "eval.", "run.threads"))]
@@ -133,6 +146,7 @@ def main() -> int:
                           **{name: values["ndcg@10"] for name, values in report["baselines"].items()}},
               "validation": validation_figures(report.get("histories", {})),
               "user_tower": report.get("user_tower"),
+              "ranker": report.get("ranker"),
               "overrides": args.overrides, "cpus": os.cpu_count(), "generate_s": generate_s,
               "device": report.get("device", {"name": "cpu"})}
     return _write(result, Path(args.out))

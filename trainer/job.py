@@ -69,6 +69,8 @@ def evaluate(cfg: TrainConfig, prep: Prepared, trained: TrainedRun, timings: Tim
     report["data"] = data_report(prep, protocol, seed)
     if trained.tower_choice is not None:
         report["user_tower"] = trained.tower_choice
+    if trained.ranker_choice is not None:
+        report["ranker"] = trained.ranker_choice
     return report
 
 

@@ -22,6 +22,7 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from trainer import metrics
 from trainer import baselines
 from trainer.baselines import EASE, SparseMatrix, ease_fits, ease_score_factors, rank_topk
 from trainer.checkpoint import FitHistory
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, replace as replace_config
 from trainer.distributed import Distributed
 from trainer.full_ranking import EvalTarget
 from trainer.features import FeatureTables
@@ -176,37 +177,49 @@ def affinity_factors(train_rows: Rows, n_users: int, n_items: int, rank: int, ch
     ``train_rows``: channel 0 EASE on the binary user x item matrix (``l2``); channel 1 EASE on the rating
     values (l2 scaled by the mean squared rating, so that it weighs the same against the Gram matrix).
     The factors come from ``ease_score_factors``, which never forms the dense (users, items) scores."""
+    return affinity_factors_by_rank(train_rows, n_users, n_items, {rank: rng}, channels, l2)[rank]
+
+
+def affinity_factors_by_rank(train_rows: Rows, n_users: int, n_items: int, rngs: dict[int, np.random.Generator],
+                             channels: int, l2: float) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """``affinity_factors`` at each rank of ``rngs`` (rank -> its random state, drawn from channel by channel as
+    ``affinity_factors`` draws from its own), from one EASE fit per channel: the same tables as separate calls."""
     # Each (user, item) pair once, with its last rating (non-finite ratings count as 1).
     _, last = last_per_pair(train_rows.users, train_rows.items, n_items)
     users, items = train_rows.users[last], train_rows.items[last]
     ratings = np.nan_to_num(np.asarray(train_rows.ratings, np.float64)[last], nan=1.0, posinf=1.0, neginf=1.0)
     inputs = [(np.ones(last.size), l2), (ratings, l2 * max(float(np.mean(ratings ** 2)), 1e-12) if last.size else l2)]
-    user_factors = np.zeros((n_users, channels * rank), np.float32)
-    item_factors = np.zeros((n_items, channels * rank), np.float32)
+    tables = {rank: (np.zeros((n_users, channels * rank), np.float32), np.zeros((n_items, channels * rank), np.float32))
+              for rank in rngs}
     for channel, (values, channel_l2) in enumerate(inputs[:channels]):
         weighted = SparseMatrix.from_coo(users, items, (n_users, n_items), values.astype(np.float32))
         ease = EASE(channel_l2).fit(weighted)
-        left, right = ease_score_factors(ease, rank, rng)
-        user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
-        item_factors[:, channel * rank:channel * rank + right.shape[1]] = right
-    return user_factors, item_factors
+        for rank, rng in rngs.items():
+            left, right = ease_score_factors(ease, rank, rng)
+            user_factors, item_factors = tables[rank]
+            user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
+            item_factors[:, channel * rank:channel * rank + right.shape[1]] = right
+    return tables
 
 
 def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit_rows: Rows, l2: float,
                  rng: np.random.Generator, device: torch.device,
-                 towers: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
+                 towers: tuple[np.ndarray, np.ndarray] | None = None,
+                 ease_factors: tuple[np.ndarray, np.ndarray] | None = None) -> bool:
     """Fills the ranker's affinity factors, standardised on ``fit_rows``: first EASE's channels
-    (``affinity_factors`` of the training interactions ``train_rows``), then the tower channels' tables
-    ``towers`` (user factors, item factors; ``TowerChannels.tables``), as many as the ranker holds beyond
-    EASE's. False (the affinity left at zero) where EASE's channels are wanted and the catalog is too
-    large for EASE (``ease_fits``)."""
+    (``affinity_factors`` of the training interactions ``train_rows``, or ``ease_factors`` where they were
+    computed already at the ranker's rank, ``affinity_rank``), then the tower channels' tables ``towers``
+    (user factors, item factors; ``TowerChannels.tables``), as many as the ranker holds beyond EASE's.
+    False (the affinity left at zero) where EASE's channels are wanted and the catalog is too large for
+    EASE (``ease_fits``)."""
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
     ease = ease_channel_count(ranker, towers)
     blocks_user, blocks_item = [], []
     if ease:
         if not ease_fits(n_users, n_items, "ranker affinity"):
             return False
-        user_factors, item_factors = affinity_factors(train_rows, n_users, n_items, ranker.affinity_rank, ease, l2, rng)
+        user_factors, item_factors = ease_factors or affinity_factors(train_rows, n_users, n_items,
+                                                                      ranker.affinity_rank, ease, l2, rng)
         blocks_user.append(user_factors)
         blocks_item.append(item_factors)
     if towers is not None:
@@ -543,7 +556,7 @@ def reranked_ndcg_per_user(candidates: Candidates, scores: np.ndarray, target: E
 
 @torch.no_grad()
 def wide_ndcg_per_user(ranker: DCNRanker, candidates: Candidates, target: EvalTarget, score_mode: str,
-                       device: torch.device, k: int = 10, rows_per_batch: int = 65_536) -> np.ndarray | None:
+                       device: torch.device, k: int = 10, cells_per_batch: int = 1 << 23) -> np.ndarray | None:
     """``pipeline_ndcg_per_user`` of a ranker whose deep CTR head is still zero, served by the CTR alone: its
     logit is then its wide part (the retrieval skip, the affinities' weights, the bias), so the order needs
     no pass through the cross and deep layers. The same numbers, a fraction of the time (the start's
@@ -553,7 +566,10 @@ def wide_ndcg_per_user(ranker: DCNRanker, candidates: Candidates, target: EvalTa
         return None
     n_users, n = candidates.items.shape
     scores = np.zeros((n_users, n), np.float32)
-    users_per_batch = max(1, rows_per_batch // max(n, 1))
+    # A batch gathers a user and an item factor row (channels x rank floats each) per candidate row: at most
+    # ``cells_per_batch`` of them (65,536 rows at EASE's two channels of rank 64; fewer at a larger rank).
+    width = ranker.affinity_channels * ranker.affinity_rank if ranker.affinity_rank else 1
+    users_per_batch = max(1, cells_per_batch // max(width, 128) // max(n, 1))
     for start in range(0, n_users, users_per_batch):
         sl = slice(start, start + users_per_batch)
         items = torch.as_tensor(candidates.items[sl].reshape(-1), device=device)
@@ -689,11 +705,79 @@ def epoch_batches(batches: list[np.ndarray], max_rows: int, batch_size: int, wor
     return batches[:max(1, -(-max_rows // (world_size * batch_size)))]
 
 
+def fitted_starts(ranker: DCNRanker, rows: Rows, device: torch.device,
+                  score: Callable[[], np.ndarray]) -> dict[str, tuple[np.ndarray, dict]]:
+    """The untrained ranker's three starts, by name: the affinities' logistic and listwise fits of the wide
+    logit on ``rows`` (``fit_wide``) and retrieval's order alone, each as (``score()`` per stopping-half user,
+    the ranker's weights). The ranker is left at retrieval's order (the affinity weights at 0, as given)."""
+    starts = {}
+    retrieval_order = copy.deepcopy(ranker.state_dict())
+    for name, listwise in (("logistic fit", False), ("listwise fit", True)):
+        ranker.load_state_dict(retrieval_order)
+        fit_wide(ranker, rows, device, listwise=listwise)
+        starts[name] = (score(), copy.deepcopy(ranker.state_dict()))
+    ranker.load_state_dict(retrieval_order)
+    starts["retrieval order"] = (score(), retrieval_order)
+    return starts
+
+
+def affinity_rank(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
+                  stop_candidates: Candidates, stop_target: EvalTarget, device: torch.device,
+                  towers: int = 0) -> tuple[int, tuple[np.ndarray, np.ndarray] | None, dict[str, Any] | None]:
+    """The rank of EASE's affinity factors in the ranker: ``ranking.affinity_rank``, or ``ranking.affinity_rank_up``
+    where its fitted start (the better of the logistic and listwise fits of ``fitted_starts``, EASE's channels
+    alone) beats the smaller rank's on the stopping half by at least ``ranking.keep_min_t`` standard errors of
+    the per-user gain (``paired_t``) and by at least ``ranking.affinity_rank_min_gain`` of its NDCG@10, and its
+    tables fit (``affinity_channels``, with ``towers`` tower channels).
+    Returns (the rank, EASE's factor tables at that rank for ``fit_ranker``, the choice for the report); the
+    rank alone, with None twice, where there is nothing to choose (no larger rank, no EASE channels).
+
+    A rank-r factorisation keeps the top r directions of EASE's user x item scores. On ml-100k rank 64
+    orders candidates as well as larger ranks; on a catalog of rarer items (each ml-100k item split into five
+    copies) the scores spread over many more directions and rank 64 loses most of what EASE knows
+    (docs/RESULTS.md, "The ranker's affinity rank by validation")."""
+    rc = cfg.ranking
+    if rc.affinity_rank_up <= rc.affinity_rank or rc.affinity != "ease" or not fit_rows.users.size:
+        return rc.affinity_rank, None, None
+    n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
+    configs = {rank: replace_config(cfg, ranking={"affinity_rank": rank}) for rank in (rc.affinity_rank, rc.affinity_rank_up)}
+    channels = {rank: affinity_channels(ranked, tables, towers)[0] for rank, ranked in configs.items()}
+    ranks = [rank for rank in configs if channels[rank] == channels[rc.affinity_rank] > 0]
+    if len(ranks) < 2:                     # no EASE channels, or the larger rank's tables do not fit
+        return rc.affinity_rank, None, None
+    # One EASE fit per channel for both ranks; each rank's factors as fit_affinity would compute them.
+    by_rank = affinity_factors_by_rank(rating_rows, n_users, n_items,
+                                       {rank: np.random.default_rng(cfg.run.seed + 3) for rank in ranks},
+                                       channels[rc.affinity_rank], rc.affinity_l2)
+    tried: dict[int, tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]] = {}
+    for rank in ranks:
+        ranked, factors = configs[rank], by_rank[rank]
+        ranker = DCNRanker(dcn_config(ranked, spec, tables)).to(device)
+        fit_affinity(ranker, tables, rating_rows, fit_rows, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3),
+                     device, ease_factors=factors)
+        ranker.eval()
+        starts = fitted_starts(ranker, fit_rows, device,
+                               lambda: wide_ndcg_per_user(ranker, stop_candidates, stop_target, "ctr", device))
+        best = max((starts[name][0] for name in ("logistic fit", "listwise fit")), key=lambda u: float(u.mean()))
+        tried[rank] = (best, factors)
+    small, large = (tried[rank][0] for rank in (rc.affinity_rank, rc.affinity_rank_up))
+    t = paired_t(large, small)
+    gain = float(large.mean()) / max(float(small.mean()), 1e-12) - 1.0
+    rank = rc.affinity_rank_up if t >= rc.keep_min_t and gain >= rc.affinity_rank_min_gain else rc.affinity_rank
+    log.info("ranker affinity rank by validation: the fitted start's stopping-half NDCG@10 %.4f at rank %d, %.4f at "
+             "rank %d (%+.1f %%, paired t %.2f); kept %d", float(small.mean()), rc.affinity_rank, float(large.mean()),
+             rc.affinity_rank_up, 100 * gain, t, rank)
+    choice = {"rank": rank, "paired_t": round(float(t), 3), "gain": round(gain, 4),
+              "stopping_half_ndcg@10": {str(r): round(float(tried[r][0].mean()), 6) for r in tried}}
+    return rank, tried[rank][1], choice
+
+
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
                device: torch.device, ctx: Distributed,
                rating_scores: Callable[[np.ndarray], np.ndarray] | None = None,
-               folds: Folds | None = None, channels: TowerChannels | None = None) -> tuple[DCNRanker, FitHistory]:
+               folds: Folds | None = None, channels: TowerChannels | None = None,
+               ease_factors: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[DCNRanker, FitHistory]:
     """Trains the DCN; returns the best epoch's ranker by the pipeline's NDCG@10 on the stopping half.
 
     ``folds`` (rows from training-log folds, ``fold_rows``) join the CTR examples, but the fixed parts fitted
@@ -703,7 +787,8 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     EASE refitted without what each fold hid (``fold_affinities``), not with the ranker's tables.
     Tower ``channels`` (``trainer.tower_affinity``; built with ``affinity_channels``' tower count, as
     ``folds`` were) join the affinity after EASE's; the fold rows carry theirs from each fold's visible
-    history (``Folds.tower_raw``).
+    history (``Folds.tower_raw``). ``ease_factors``: EASE's factor tables at ``ranking.affinity_rank`` where
+    ``affinity_rank`` computed them already (the same that ``fit_affinity`` would compute).
 
     Each epoch pairs every fitting row with one rating row drawn at random. ``rating_scores(index)``,
     when given, returns the retrieval scores of ``rating_rows`` rows ``index``: they are then filled
@@ -738,18 +823,11 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
 
     if ranker.affinity_rank and held_out.users.size and fit_affinity(
             ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device,
-            towers=tower_tables):
+            towers=tower_tables, ease_factors=ease_factors):
         # Three starts, the best on the stopping half kept (the first of equals): the affinities' logistic
         # fit, their listwise fit (``fit_wide``) and retrieval's order alone (ml-100k leave-one-out with the
         # sequential tower: EASE is far weaker there).
-        starts = {}
-        retrieval_order = copy.deepcopy(ranker.state_dict())       # affinity weights still 0
-        for name, listwise in (("logistic fit", False), ("listwise fit", True)):
-            ranker.load_state_dict(retrieval_order)
-            fit_wide(ranker, held_out, device, listwise=listwise)
-            starts[name] = (start_half(), copy.deepcopy(ranker.state_dict()))
-        ranker.load_state_dict(retrieval_order)
-        starts["retrieval order"] = (start_half(), retrieval_order)
+        starts = fitted_starts(ranker, held_out, device, start_half)
         kept_start = max(starts, key=lambda name: float(starts[name][0].mean()))
         start_users = starts[kept_start][0]
         ranker.load_state_dict(starts[kept_start][1])

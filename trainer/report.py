@@ -44,6 +44,11 @@ def markdown(report: dict[str, Any]) -> str:
                   ", ".join(f"{name} {score:.4f}" for name, score in choice["validation_ndcg@10"].items()) +
                   (f"; the ranker's tower channels: {', '.join(choice['ranker_channels'])}"
                    if choice.get("ranker_channels") else ""), ""]
+    if (report.get("ranker") or {}).get("affinity_rank"):
+        choice = report["ranker"]["affinity_rank"]
+        lines += [f"Ranker affinity rank (by the stopping half): {choice['rank']}; fitted start NDCG@10 " +
+                  ", ".join(f"rank {r} {v:.4f}" for r, v in choice["stopping_half_ndcg@10"].items()) +
+                  f" (paired t {choice['paired_t']:.2f})", ""]
     lines += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()), ""]
     if report.get("gate"):
         lines += [f"Quality gate: {report['gate']}", ""]

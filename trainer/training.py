@@ -35,7 +35,8 @@ from trainer.models.dcn import DCNConfig
 from trainer.prepare import Prepared, held_out
 from trainer.progress import Timings
 from trainer.publish import TrainedRun
-from trainer.ranking_training import Candidates, Rows, affinity_channels, click_rows, fit_ranker, fold_rows
+from trainer.ranking_training import (Candidates, Rows, affinity_channels, affinity_rank, click_rows, fit_ranker,
+                                      fold_rows)
 from trainer.tower_affinity import TowerChannels, tower_channels
 from trainer.retrieval_training import (UserItems, autoencoder_fits, fit_retrieval, item_embeddings, user_embeddings,
                                        user_towers)
@@ -107,6 +108,10 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                               cfg.ranking.negative_pool)
         stop_candidates = retrieve(two_tower, prep.tables, stop_target.users, stop_target,
                                    cfg.ranking.candidates, prep.eval_timestamps, device)
+        rank, ease_factors, rank_choice = affinity_rank(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
+                                                        stop_candidates, stop_target, device,
+                                                        towers=len(not_kept) if _towers_wanted(cfg) else 0)
+        cfg = replace_config(cfg, ranking={"affinity_rank": rank})
         channels = _tower_channels(cfg, prep, not_kept, device)
         if channels is not None:
             tower_choice = {**tower_choice, "ranker_channels": list(channels.names)}
@@ -126,7 +131,7 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
             ranker, ranking_history = fit_ranker(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
                                                  stop_candidates, stop_target, prep.eval_timestamps, device, ctx,
                                                  rating_scores=_retrieval_scorer(two_tower, prep, device),
-                                                 folds=folds, channels=channels)
+                                                 folds=folds, channels=channels, ease_factors=ease_factors)
             if kept is not None:
                 log.info("fold order by validation: stopping-half NDCG@10 %.4f random, %.4f recent; kept %s",
                          kept[1].best_score, ranking_history.best_score,
@@ -135,7 +140,8 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                 kept = (ranker, ranking_history)
         ranker, ranking_history = kept
     histories["ranking"] = ranking_history.epochs
-    return replace(_trained_run(cfg, prep, two_tower, ranker), tower_choice=tower_choice), histories
+    return (replace(_trained_run(cfg, prep, two_tower, ranker), tower_choice=tower_choice,
+                    ranker_choice=None if rank_choice is None else {"affinity_rank": rank_choice}), histories)
 
 
 def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,
@@ -172,12 +178,16 @@ def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Dis
     return model, history, choice, others, [(n, m) for i, (n, m, _) in enumerate(fits) if i != kept]
 
 
+def _towers_wanted(cfg: TrainConfig) -> bool:
+    """Whether ``ranking.tower_affinity`` asks for the tower channels under this run's protocol."""
+    return cfg.ranking.tower_affinity == "on" or (cfg.ranking.tower_affinity == "auto" and cfg.data.protocol == "random")
+
+
 def _tower_channels(cfg: TrainConfig, prep: Prepared, towers: list[tuple[str, Any]],
                     device: torch.device) -> TowerChannels | None:
     """The towers not kept as the ranker's affinity channels (``ranking.tower_affinity``: "on", or "auto" under
     the random protocol), where there are some and their tables fit (``affinity_channels``)."""
-    wanted = cfg.ranking.tower_affinity == "on" or (cfg.ranking.tower_affinity == "auto" and cfg.data.protocol == "random")
-    if not (wanted and towers and affinity_channels(cfg, prep.tables, len(towers))[1]):
+    if not (_towers_wanted(cfg) and towers and affinity_channels(cfg, prep.tables, len(towers))[1]):
         return None
     return tower_channels(towers, prep.tables, prep.eval_timestamps, cfg.ranking.affinity_rank, device)
 

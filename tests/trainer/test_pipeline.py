@@ -290,9 +290,14 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
     result, random = run("validated", "random")
     assert set(random["user_tower"]["validation_ndcg@10"]) == {"pooled", "autoencoder"}
     assert random["user_tower"]["ranker_channels"] == [({"pooled", "autoencoder"} - {random["user_tower"]["kept"]}).pop()]
-    assert result.run.ranker.affinity_channels == 3 and result.run.ranker.affinity_user[:, 128:].abs().sum() > 0
-    assert (f"the ranker's tower channels: {random['user_tower']['ranker_channels'][0]}"
-            in (tmp_path / "validated-random0" / "report.md").read_text())
+    # EASE's factors at the rank the stopping half chose (ranking.affinity_rank_up), then the tower channel.
+    rank = random["ranker"]["affinity_rank"]["rank"]
+    assert rank in (64, 256) and set(random["ranker"]["affinity_rank"]["stopping_half_ndcg@10"]) == {"64", "256"}
+    assert result.run.ranker.affinity_rank == rank
+    assert result.run.ranker.affinity_channels == 3 and result.run.ranker.affinity_user[:, 2 * rank:].abs().sum() > 0
+    markdown = (tmp_path / "validated-random0" / "report.md").read_text()
+    assert f"the ranker's tower channels: {random['user_tower']['ranker_channels'][0]}" in markdown
+    assert f"Ranker affinity rank (by the stopping half): {rank};" in markdown
     _, forced = run("validated", "temporal", "ranking.tower_affinity=on")
     assert set(forced["user_tower"]["ranker_channels"]) == set(towers) - {kept}
     _, over = run("validated", "random", "retrieval.autoencoder_below=10")

@@ -198,7 +198,7 @@ def test_the_starts_wide_order_scores_the_stopping_half_as_the_whole_ranker_does
     assert ranker.affinity_wide.weight.abs().sum() > 0
     whole = pipeline_ndcg_per_user(ranker, tables, candidates, target, prepared.eval_timestamps[candidates.users], cfg,
                                    prepared.spec.rating_max, CPU)
-    wide = wide_ndcg_per_user(ranker, candidates, target, "ctr", CPU, rows_per_batch=70)
+    wide = wide_ndcg_per_user(ranker, candidates, target, "ctr", CPU, cells_per_batch=70 * 128)   # a few users a batch
     np.testing.assert_array_equal(wide, whole)
     assert whole.mean() > 0
     assert wide_ndcg_per_user(ranker, candidates, target, "ctr_x_rating", CPU) is None
