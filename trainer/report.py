@@ -48,7 +48,7 @@ def markdown(report: dict[str, Any]) -> str:
         choice = report["ranker"]["affinity_rank"]
         lines += [f"Ranker affinity rank (by the stopping half): {choice['rank']}; fitted start NDCG@10 " +
                   ", ".join(f"rank {r} {v:.4f}" for r, v in choice["stopping_half_ndcg@10"].items()) +
-                  f" (paired t {choice['paired_t']:.2f})", ""]
+                  f" ({100 * choice['gain']:+.1f} %, paired t {choice['paired_t']:.2f})", ""]
     lines += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()), ""]
     if report.get("gate"):
         lines += [f"Quality gate: {report['gate']}", ""]

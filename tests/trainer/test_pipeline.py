@@ -297,7 +297,10 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
     assert result.run.ranker.affinity_channels == 3 and result.run.ranker.affinity_user[:, 2 * rank:].abs().sum() > 0
     markdown = (tmp_path / "validated-random0" / "report.md").read_text()
     assert f"the ranker's tower channels: {random['user_tower']['ranker_channels'][0]}" in markdown
-    assert f"Ranker affinity rank (by the stopping half): {rank};" in markdown
+    choice = random["ranker"]["affinity_rank"]
+    assert (f"Ranker affinity rank (by the stopping half): {rank}; fitted start NDCG@10 rank 64 "
+            f"{choice['stopping_half_ndcg@10']['64']:.4f}, rank 256 {choice['stopping_half_ndcg@10']['256']:.4f} "
+            f"({100 * choice['gain']:+.1f} %, paired t {choice['paired_t']:.2f})") in markdown
     _, forced = run("validated", "temporal", "ranking.tower_affinity=on")
     assert set(forced["user_tower"]["ranker_channels"]) == set(towers) - {kept}
     _, over = run("validated", "random", "retrieval.autoencoder_below=10")
