@@ -410,12 +410,19 @@ def ease_score_factors(ease: EASE, rank: int, rng: np.random.Generator,
 
     Cheaper than forming S and factorising it at every size: on a 4,936-user x 8,962-item log (users side,
     float32, two threads) 0.2-0.3 s against 2.7-3.2 s for the dense scores and their factors, the same
-    factors to 1e-5."""
+    factors to 1e-5. At full rank (``rank`` >= min(n, m)), where S fits ``MAX_DENSE_CELLS``, the other way round:
+    the SVD of S formed densely, exact, and no random draws."""
     if ease._solution is None:
         raise RuntimeError("ease_score_factors called before EASE.fit")
     solution = ease._solution
     solver = solution.solver
     n, m = solver.train.shape
+    if rank >= min(n, m) and n * m <= MAX_DENSE_CELLS:
+        # Full rank: the SVD of the dense scores, exact and far cheaper than a subspace iteration as wide as the
+        # matrix (the five-copies catalog of docs/RESULTS.md: 944 x 7,054).
+        dense = torch.as_tensor(solver.scores(solution, np.arange(n)), dtype=torch.float64)
+        u, sigma, vt = torch.linalg.svd(dense, full_matrices=False)
+        return (u * sigma).to(torch.float32).numpy(), vt.T.to(torch.float32).numpy()
     inverse = solution.inverse                                                        # B (m, m) or C (n, n)
     xs = _torch_sparse(solver.train, inverse.dtype, "csr")
     xt = xs.t().to_sparse_csr()

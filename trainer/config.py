@@ -242,21 +242,17 @@ class RankingConfig:
     affinity: str = "ease"
     affinity_l2: float = 200.0
     affinity_rank: int = 64
-    # A larger rank of EASE's factors, tried beside affinity_rank on the stopping half and kept where the
-    # wide logit's fitted start beats affinity_rank's by keep_min_t standard errors of the per-user gain
-    # (ranking_training.affinity_rank); 0 (or not above affinity_rank) = affinity_rank alone. Test NDCG@10
-    # of the pipeline, rank 64 -> 256 forced (seeds 0, 1, 2; docs/RESULTS.md, "The ranker's affinity rank by
-    # validation"): a catalog of rare items (each ml-100k item split into five copies, 7k items)
-    # 0.0185 -> 0.0272, 0.0212 -> 0.0240, 0.0259 -> 0.0289 (EASE 0.0310), the fitted start's stopping half
-    # up in all three; ml-100k random 0.3466 -> 0.3441 and the ~10k-item log 0.1463 -> 0.1459 (seed 0),
-    # their stopping halves level (0.2030 -> 0.2028, 0.1313 -> 0.1318).
-    affinity_rank_up: int = 256
-    # ... and only where that start's stopping-half NDCG@10 is at least this fraction above the smaller rank's:
-    # the larger rank costs its tables' width and EASE's refits at that rank (the ~10k-item log: ranking stage
-    # 49 -> 84 s, peak PSS 1.66 -> 2.0 GB), so a gain within the stopping half's noise must not buy it. The
-    # fitted starts' gains at 256 over 64: the five-copies catalog +12 / +14 / +24 % (seeds 0-2; test
-    # +47 / +13 / +12 %), the ~10k-item log +0.8 % (t 1.5; test -0.3 %), ml-100k random +0.4 %.
-    affinity_rank_min_gain: float = 0.05
+    # The rank grows (affinity_rank, x4, x16 ... up to affinity_rank_max and EASE's full rank) until the binary
+    # channel's factors keep affinity_fidelity of exact EASE's top 10 over each user's unseen items (500
+    # users; ranking_training.affinity_rank); affinity_rank_max <= affinity_rank = affinity_rank alone. Share
+    # of the top 10 kept at ranks 64 / 256 / 512 / full (docs/RESULTS.md, "The ranker's affinity rank"):
+    # ml-100k 0.77 / 0.91 / 0.98 / 1 (temporal 0.79, leave-one-out 0.78 at 64), the ~10k-item log 0.85 /
+    # 0.94 / 0.97 / 1, a catalog of rarer items (each ml-100k item split into five copies) 0.32 / 0.61 /
+    # 0.87 / 1. Validation agrees where it can tell: forcing rank 256 left ml-100k's and the ~10k-item log's
+    # stopping halves level (0.2030 -> 0.2028, 0.1313 -> 0.1318), and raised the five-copies catalog's in all
+    # three seeds (+12 / +14 / +24 %); 512 over 256 there +5 % on the mean of three seeds.
+    affinity_rank_max: int = 1024
+    affinity_fidelity: float = 0.7
     # A second affinity channel: EASE on the rating values (l2 = affinity_l2 x mean squared rating),
     # joining x0 and the wide logit beside the binary one; false = the binary channel only. ml-100k
     # validation pipeline NDCG@10 (stopping half), seeds 0-2, untrained start (wide logistic fit):
@@ -405,14 +401,13 @@ _CHOICES = {
 }
 _UNIT_INTERVAL = {"ranking.fold_share", "retrieval.dropout", "retrieval.hard_fraction", "retrieval.id_dropout",
                   "retrieval.history_dropout", "retrieval.weight_average", "retrieval.autoencoder_dropout",
-                  "ranking.dropout", "publish.gate_margin"}
+                  "ranking.dropout", "publish.gate_margin", "ranking.affinity_fidelity"}
 _NON_NEGATIVE = {"retrieval.min_improvement", "ranking.min_improvement", "retrieval.weight_decay", "ranking.weight_decay", "multitask.rating_weight",
                  "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",
                  "run.threads", "run.tower_workers", "retrieval.num_negatives", "eval.max_users", "retrieval.lazy_adam_above",
                  "ranking.rating_refit_rows", "retrieval.distill_weight", "ranking.folds",
                  "retrieval.full_softmax_below", "retrieval.autoencoder_below", "retrieval.autoencoder_users_per_epoch",
-                 "ranking.keep_min_t", "ranking.max_rows_per_epoch", "ranking.affinity_rank_up",
-                 "ranking.affinity_rank_min_gain"}
+                 "ranking.keep_min_t", "ranking.max_rows_per_epoch", "ranking.affinity_rank_max"}
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

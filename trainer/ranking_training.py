@@ -177,29 +177,51 @@ def affinity_factors(train_rows: Rows, n_users: int, n_items: int, rank: int, ch
     ``train_rows``: channel 0 EASE on the binary user x item matrix (``l2``); channel 1 EASE on the rating
     values (l2 scaled by the mean squared rating, so that it weighs the same against the Gram matrix).
     The factors come from ``ease_score_factors``, which never forms the dense (users, items) scores."""
-    return affinity_factors_by_rank(train_rows, n_users, n_items, {rank: rng}, channels, l2)[rank]
+    return ease_factor_tables(affinity_eases(train_rows, n_users, n_items, channels, l2), rank, rng)
 
 
-def affinity_factors_by_rank(train_rows: Rows, n_users: int, n_items: int, rngs: dict[int, np.random.Generator],
-                             channels: int, l2: float) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """``affinity_factors`` at each rank of ``rngs`` (rank -> its random state, drawn from channel by channel as
-    ``affinity_factors`` draws from its own), from one EASE fit per channel: the same tables as separate calls."""
+def affinity_eases(train_rows: Rows, n_users: int, n_items: int, channels: int,
+                   l2: float) -> list[tuple[EASE, SparseMatrix]]:
+    """EASE fitted for each of ``channels`` affinity channels (``affinity_factors`` says which), with the
+    user x item matrix it was fitted on."""
     # Each (user, item) pair once, with its last rating (non-finite ratings count as 1).
     _, last = last_per_pair(train_rows.users, train_rows.items, n_items)
     users, items = train_rows.users[last], train_rows.items[last]
     ratings = np.nan_to_num(np.asarray(train_rows.ratings, np.float64)[last], nan=1.0, posinf=1.0, neginf=1.0)
     inputs = [(np.ones(last.size), l2), (ratings, l2 * max(float(np.mean(ratings ** 2)), 1e-12) if last.size else l2)]
-    tables = {rank: (np.zeros((n_users, channels * rank), np.float32), np.zeros((n_items, channels * rank), np.float32))
-              for rank in rngs}
-    for channel, (values, channel_l2) in enumerate(inputs[:channels]):
+    fitted = []
+    for values, channel_l2 in inputs[:channels]:
         weighted = SparseMatrix.from_coo(users, items, (n_users, n_items), values.astype(np.float32))
-        ease = EASE(channel_l2).fit(weighted)
-        for rank, rng in rngs.items():
-            left, right = ease_score_factors(ease, rank, rng)
-            user_factors, item_factors = tables[rank]
-            user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
-            item_factors[:, channel * rank:channel * rank + right.shape[1]] = right
-    return tables
+        fitted.append((EASE(channel_l2).fit(weighted), weighted))
+    return fitted
+
+
+def ease_factor_tables(eases: list[tuple[EASE, SparseMatrix]], rank: int,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``affinity_factors``' tables from channels already fitted (``affinity_eases``), drawing from ``rng``
+    channel by channel as ``affinity_factors`` does."""
+    n_users, n_items = eases[0][1].shape
+    user_factors = np.zeros((n_users, len(eases) * rank), np.float32)
+    item_factors = np.zeros((n_items, len(eases) * rank), np.float32)
+    for channel, (ease, _) in enumerate(eases):
+        left, right = ease_score_factors(ease, rank, rng)
+        user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
+        item_factors[:, channel * rank:channel * rank + right.shape[1]] = right
+    return user_factors, item_factors
+
+
+def top_k_kept(exact: np.ndarray, approx: np.ndarray, seen: list[np.ndarray], k: int = 10) -> float:
+    """The mean share of each row's top ``k`` of ``exact`` (B, M) scores that ``approx``'s top ``k`` holds, the
+    row's ``seen`` items and column 0 (the padding item) left out of both."""
+    tops = []
+    for scores in (exact, approx):
+        scores = np.array(scores, np.float32)
+        scores[:, 0] = -np.inf
+        for row, items in enumerate(seen):
+            scores[row, items] = -np.inf
+        k_eff = min(k, scores.shape[1] - 1)
+        tops.append(np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff])
+    return float(np.mean([np.intersect1d(a, b).size / a.size for a, b in zip(*tops)])) if seen else 1.0
 
 
 def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit_rows: Rows, l2: float,
@@ -721,55 +743,48 @@ def fitted_starts(ranker: DCNRanker, rows: Rows, device: torch.device,
     return starts
 
 
-def affinity_rank(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
-                  stop_candidates: Candidates, stop_target: EvalTarget, device: torch.device,
-                  towers: int = 0) -> tuple[int, tuple[np.ndarray, np.ndarray] | None, dict[str, Any] | None]:
-    """The rank of EASE's affinity factors in the ranker: ``ranking.affinity_rank``, or ``ranking.affinity_rank_up``
-    where its fitted start (the better of the logistic and listwise fits of ``fitted_starts``, EASE's channels
-    alone) beats the smaller rank's on the stopping half by at least ``ranking.keep_min_t`` standard errors of
-    the per-user gain (``paired_t``) and by at least ``ranking.affinity_rank_min_gain`` of its NDCG@10, and its
-    tables fit (``affinity_channels``, with ``towers`` tower channels).
-    Returns (the rank, EASE's factor tables at that rank for ``fit_ranker``, the choice for the report); the
-    rank alone, with None twice, where there is nothing to choose (no larger rank, no EASE channels).
+def affinity_rank(cfg: TrainConfig, tables: FeatureTables, rating_rows: Rows, towers: int = 0,
+                  sample_users: int = 500) -> tuple[int, tuple[np.ndarray, np.ndarray] | None, dict[str, Any] | None]:
+    """The rank of EASE's affinity factors in the ranker: the first of ``ranking.affinity_rank``, 4 times it, 16
+    times it ... (at most ``ranking.affinity_rank_max``, and EASE's full rank, the smaller side of the log) whose
+    binary channel keeps ``ranking.affinity_fidelity`` of exact EASE's top 10 over each user's unseen items, on
+    up to ``sample_users`` users drawn at random (``top_k_kept``); a rank whose tables would not fit
+    (``affinity_channels``, with ``towers`` tower channels) is not tried. Returns (the rank, EASE's factor tables
+    at that rank for ``fit_ranker``, the choice for the report); the rank alone, with None twice, where there is
+    nothing to choose (no EASE channels, no larger rank allowed).
 
-    A rank-r factorisation keeps the top r directions of EASE's user x item scores. On ml-100k rank 64
-    orders candidates as well as larger ranks; on a catalog of rarer items (each ml-100k item split into five
-    copies) the scores spread over many more directions and rank 64 loses most of what EASE knows
-    (docs/RESULTS.md, "The ranker's affinity rank by validation")."""
+    The ranker sees EASE through a rank-r factorisation of its scores, so r decides how much of EASE it can use.
+    A measure without labels: the validation split's ~900 users cannot tell rank 256 from 512 one seed at a time
+    where a whole test split can (docs/RESULTS.md, "The ranker's affinity rank")."""
     rc = cfg.ranking
-    if rc.affinity_rank_up <= rc.affinity_rank or rc.affinity != "ease" or not fit_rows.users.size:
+    ease_channels = affinity_channels(cfg, tables, towers)[0] if rc.affinity == "ease" else 0
+    if rc.affinity_rank_max <= rc.affinity_rank or not ease_channels or not rating_rows.users.size:
         return rc.affinity_rank, None, None
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
-    configs = {rank: replace_config(cfg, ranking={"affinity_rank": rank}) for rank in (rc.affinity_rank, rc.affinity_rank_up)}
-    channels = {rank: affinity_channels(ranked, tables, towers)[0] for rank, ranked in configs.items()}
-    ranks = [rank for rank in configs if channels[rank] == channels[rc.affinity_rank] > 0]
-    if len(ranks) < 2:                     # no EASE channels, or the larger rank's tables do not fit
-        return rc.affinity_rank, None, None
-    # One EASE fit per channel for both ranks; each rank's factors as fit_affinity would compute them.
-    by_rank = affinity_factors_by_rank(rating_rows, n_users, n_items,
-                                       {rank: np.random.default_rng(cfg.run.seed + 3) for rank in ranks},
-                                       channels[rc.affinity_rank], rc.affinity_l2)
-    tried: dict[int, tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]] = {}
-    for rank in ranks:
-        ranked, factors = configs[rank], by_rank[rank]
-        ranker = DCNRanker(dcn_config(ranked, spec, tables)).to(device)
-        fit_affinity(ranker, tables, rating_rows, fit_rows, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3),
-                     device, ease_factors=factors)
-        ranker.eval()
-        starts = fitted_starts(ranker, fit_rows, device,
-                               lambda: wide_ndcg_per_user(ranker, stop_candidates, stop_target, "ctr", device))
-        best = max((starts[name][0] for name in ("logistic fit", "listwise fit")), key=lambda u: float(u.mean()))
-        tried[rank] = (best, factors)
-    small, large = (tried[rank][0] for rank in (rc.affinity_rank, rc.affinity_rank_up))
-    t = paired_t(large, small)
-    gain = float(large.mean()) / max(float(small.mean()), 1e-12) - 1.0
-    rank = rc.affinity_rank_up if t >= rc.keep_min_t and gain >= rc.affinity_rank_min_gain else rc.affinity_rank
-    log.info("ranker affinity rank by validation: the fitted start's stopping-half NDCG@10 %.4f at rank %d, %.4f at "
-             "rank %d (%+.1f %%, paired t %.2f); kept %d", float(small.mean()), rc.affinity_rank, float(large.mean()),
-             rc.affinity_rank_up, 100 * gain, t, rank)
-    choice = {"rank": rank, "paired_t": round(float(t), 3), "gain": round(gain, 4),
-              "stopping_half_ndcg@10": {str(r): round(float(tried[r][0].mean()), 6) for r in tried}}
-    return rank, tried[rank][1], choice
+    full = min(n_users, n_items)
+    eases = affinity_eases(rating_rows, n_users, n_items, ease_channels, rc.affinity_l2)
+    binary = eases[0][1]
+    active = np.flatnonzero(np.diff(binary.indptr) > 0)
+    rng = np.random.default_rng(cfg.run.seed + 4)
+    sample = np.sort(rng.choice(active, size=min(sample_users, active.size), replace=False))
+    exact = eases[0][0].scores(sample)
+    seen = [binary.indices[binary.indptr[u]:binary.indptr[u + 1]] for u in sample]
+    kept: dict[str, float] = {}
+    rank, factors = rc.affinity_rank, None
+    while True:
+        # Each rank's factors exactly as fit_affinity would draw them (its random state, channel by channel).
+        candidate = ease_factor_tables(eases, rank, np.random.default_rng(cfg.run.seed + 3))
+        user_factors, item_factors = candidate
+        kept[str(rank)] = round(top_k_kept(exact, user_factors[sample, :rank] @ item_factors[:, :rank].T, seen), 4)
+        factors = candidate
+        larger = min(4 * rank, rc.affinity_rank_max, full)
+        if kept[str(rank)] >= rc.affinity_fidelity or larger <= rank or \
+                affinity_channels(replace_config(cfg, ranking={"affinity_rank": larger}), tables, towers)[0] != ease_channels:
+            break
+        rank = larger
+    log.info("ranker affinity rank: EASE's top 10 kept by its rank-r factors %s (wanted %.2f); rank %d",
+             ", ".join(f"{r} {v:.3f}" for r, v in kept.items()), rc.affinity_fidelity, rank)
+    return rank, factors, {"rank": rank, "ease_top10_kept": kept}
 
 
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,

@@ -46,9 +46,8 @@ def markdown(report: dict[str, Any]) -> str:
                    if choice.get("ranker_channels") else ""), ""]
     if (report.get("ranker") or {}).get("affinity_rank"):
         choice = report["ranker"]["affinity_rank"]
-        lines += [f"Ranker affinity rank (by the stopping half): {choice['rank']}; fitted start NDCG@10 " +
-                  ", ".join(f"rank {r} {v:.4f}" for r, v in choice["stopping_half_ndcg@10"].items()) +
-                  f" ({100 * choice['gain']:+.1f} %, paired t {choice['paired_t']:.2f})", ""]
+        lines += [f"Ranker affinity rank: {choice['rank']}; share of EASE's top 10 its factors keep, by rank: " +
+                  ", ".join(f"{r} {v:.3f}" for r, v in choice["ease_top10_kept"].items()), ""]
     lines += ["Stage times (s): " + ", ".join(f"{k} {v}" for k, v in report["timings"].items()), ""]
     if report.get("gate"):
         lines += [f"Quality gate: {report['gate']}", ""]

@@ -108,8 +108,7 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                               cfg.ranking.negative_pool)
         stop_candidates = retrieve(two_tower, prep.tables, stop_target.users, stop_target,
                                    cfg.ranking.candidates, prep.eval_timestamps, device)
-        rank, ease_factors, rank_choice = affinity_rank(cfg, prep.spec, prep.tables, fit_rows, _rating_rows(prep),
-                                                        stop_candidates, stop_target, device,
+        rank, ease_factors, rank_choice = affinity_rank(cfg, prep.tables, _rating_rows(prep),
                                                         towers=len(not_kept) if _towers_wanted(cfg) else 0)
         cfg = replace_config(cfg, ranking={"affinity_rank": rank})
         channels = _tower_channels(cfg, prep, not_kept, device)

@@ -290,17 +290,16 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
     result, random = run("validated", "random")
     assert set(random["user_tower"]["validation_ndcg@10"]) == {"pooled", "autoencoder"}
     assert random["user_tower"]["ranker_channels"] == [({"pooled", "autoencoder"} - {random["user_tower"]["kept"]}).pop()]
-    # EASE's factors at the rank the stopping half chose (ranking.affinity_rank_up), then the tower channel.
-    rank = random["ranker"]["affinity_rank"]["rank"]
-    assert rank in (64, 256) and set(random["ranker"]["affinity_rank"]["stopping_half_ndcg@10"]) == {"64", "256"}
+    # EASE's factors at the rank that keeps enough of its top 10 (ranking.affinity_fidelity), then the tower channel.
+    choice = random["ranker"]["affinity_rank"]
+    rank = choice["rank"]
+    assert list(choice["ease_top10_kept"])[-1] == str(rank) and choice["ease_top10_kept"]["64"] > 0
     assert result.run.ranker.affinity_rank == rank
     assert result.run.ranker.affinity_channels == 3 and result.run.ranker.affinity_user[:, 2 * rank:].abs().sum() > 0
     markdown = (tmp_path / "validated-random0" / "report.md").read_text()
     assert f"the ranker's tower channels: {random['user_tower']['ranker_channels'][0]}" in markdown
-    choice = random["ranker"]["affinity_rank"]
-    assert (f"Ranker affinity rank (by the stopping half): {rank}; fitted start NDCG@10 rank 64 "
-            f"{choice['stopping_half_ndcg@10']['64']:.4f}, rank 256 {choice['stopping_half_ndcg@10']['256']:.4f} "
-            f"({100 * choice['gain']:+.1f} %, paired t {choice['paired_t']:.2f})") in markdown
+    assert (f"Ranker affinity rank: {rank}; share of EASE's top 10 its factors keep, by rank: " +
+            ", ".join(f"{r} {v:.3f}" for r, v in choice["ease_top10_kept"].items())) in markdown
     _, forced = run("validated", "temporal", "ranking.tower_affinity=on")
     assert set(forced["user_tower"]["ranker_channels"]) == set(towers) - {kept}
     _, over = run("validated", "random", "retrieval.autoencoder_below=10")

@@ -1022,84 +1022,49 @@ def test_ease_score_factors_are_the_dense_factors_without_the_dense_scores():
         ease_score_factors(EASE(50.0), 16, np.random.default_rng(3))
 
 
-def _ease_top_case(prepared, l2: float, n_candidates: int = 20, seed: int = 0):
-    """Every user's candidate list (random unseen items, random retrieval scores) and, as its one target,
-    the candidate exact EASE (binary, ``l2``) scores highest: the users' first half as fitting rows (that
-    item clicked, four others not), the second as the stopping half's target and candidates."""
-    from trainer.baselines import EASE, SparseMatrix
-    from trainer.full_ranking import EvalTarget
-    from trainer.ranking_training import Candidates, Rows
+def test_top_k_kept_counts_the_exact_top_k_the_approximation_holds_leaving_out_seen_items():
+    from trainer.ranking_training import top_k_kept
 
-    vocab, train = prepared.vocab, prepared.train
-    shape = (vocab.n_users + 1, vocab.n_items + 1)
-    binary = SparseMatrix.from_coo(train.users, train.items, shape)
-    binary = SparseMatrix(binary.indptr, binary.indices, np.ones_like(binary.values), binary.shape)
-    users = np.arange(1, vocab.n_users + 1)
-    scores = EASE(l2).fit(binary).scores(users)
-    rng = np.random.default_rng(seed)
-    items, top = [], []
-    for row, user in enumerate(users):
-        seen = binary.indices[binary.indptr[user]:binary.indptr[user + 1]]
-        unseen = np.setdiff1d(np.arange(1, vocab.n_items + 1), seen)
-        pick = rng.choice(unseen, n_candidates, replace=False)
-        items.append(pick)
-        top.append(pick[np.argmax(scores[row, pick])])
-    items, top = np.array(items), np.array(top)
-    retrieval = rng.normal(size=items.shape).astype(np.float32)
-    half = users.size // 2
-    fit_users, stop_users = users[:half], users[half:]
-    rows = []
-    for k, user in enumerate(fit_users):
-        others = [i for i in range(n_candidates) if items[k, i] != top[k]][:4]
-        order = [int(np.flatnonzero(items[k] == top[k])[0]), *others]            # the positive first
-        rows.append((np.full(5, user), items[k, order], retrieval[k, order], np.r_[1.0, np.zeros(4)]))
-    u, i, s, c = (np.concatenate(parts) for parts in zip(*rows))
-    fit_rows = Rows(u, i, np.zeros(u.size, np.int64), s.astype(np.float32), c.astype(np.float32),
-                    np.full(u.size, np.nan, np.float32))
-    stop = Candidates(stop_users, items[half:], retrieval[half:])
-    truth_indptr = np.zeros(shape[0] + 1, np.int64)
-    truth_indptr[stop_users + 1] = 1
-    target = EvalTarget(users=stop_users, truth=(np.cumsum(truth_indptr), top[half:]),
-                        exclude=(binary.indptr, binary.indices), n_items=vocab.n_items)
-    return fit_rows, stop, target
+    exact = np.array([[0, 5, 4, 3, 2, 1], [0, 1, 2, 3, 4, 5]], np.float32)        # column 0: the padding item
+    approx = np.array([[9, 5, 1, 3, 2, 4], [0, 5, 4, 3, 2, 1]], np.float32)
+    # Row 0, top 2 over items 1-5: exact {1, 2}, approx {1, 5}: half kept. Row 1 has seen item 5: exact {4, 3},
+    # approx {1, 2}: none kept.
+    assert top_k_kept(exact, approx, [np.array([], np.int64), np.array([5])], k=2) == pytest.approx(0.25)
+    assert top_k_kept(exact, exact, [np.array([], np.int64), np.array([5])], k=2) == 1.0
 
 
-def test_affinity_rank_keeps_the_larger_rank_only_where_the_stopping_half_says_so(prepared):
-    """``affinity_rank`` tries ``ranking.affinity_rank_up`` beside ``ranking.affinity_rank``: where the target
-    is what exact EASE ranks first, the full-rank factors' fitted start orders it (nearly) perfectly and rank 1
-    cannot, so the larger rank is kept, with the factors ``fit_affinity`` would have computed at that rank; a
-    threshold out of reach (the paired t, or the relative gain) keeps the smaller one; without a larger rank
-    there is nothing to choose."""
+def test_affinity_rank_grows_until_the_factors_keep_enough_of_eases_top_10(prepared):
+    """``affinity_rank`` starts at ``ranking.affinity_rank`` and multiplies it by 4 (up to
+    ``ranking.affinity_rank_max`` and EASE's full rank) until the binary channel's factors keep
+    ``ranking.affinity_fidelity`` of exact EASE's top 10; the factors it returns are those ``affinity_factors``
+    computes at that rank; with nothing to choose it returns the rank alone."""
     from trainer.ranking_training import affinity_factors, affinity_rank
 
     vocab, train = prepared.vocab, prepared.train
-    full = vocab.n_users + 1
+    full = min(vocab.n_users, vocab.n_items) + 1
     train_rows = Rows(train.users, train.items, train.timestamps, np.zeros(train.users.size, np.float32),
                       np.ones(train.users.size, np.float32), train.ratings)
-    fit_rows, stop, target = _ease_top_case(prepared, 200.0)
-    cpu = torch.device("cpu")
 
     def choose(*overrides):
-        cfg = load_config(None, ["features.history_length=20", "ranking.affinity_l2=200", "ranking.affinity_rank=1",
-                                 f"ranking.affinity_rank_up={full}", *overrides])
-        return affinity_rank(cfg, prepared.spec, prepared.tables, fit_rows, train_rows, stop, target, cpu)
+        cfg = load_config(None, ["ranking.affinity_l2=50", "ranking.affinity_rank=1", "ranking.affinity_rank_max=4096",
+                                 *overrides])
+        return cfg, affinity_rank(cfg, prepared.tables, train_rows)
 
-    rank, factors, choice = choose()
-    assert rank == full and choice["rank"] == full and choice["paired_t"] >= 1.0
-    ndcg = choice["stopping_half_ndcg@10"]
-    assert ndcg[str(full)] > 0.95 and ndcg[str(full)] > ndcg["1"]
-    expected = affinity_factors(train_rows, vocab.n_users + 1, vocab.n_items + 1, full, 2, 200.0,
-                                np.random.default_rng(load_config(None, []).run.seed + 3))
+    cfg, (rank, factors, choice) = choose("ranking.affinity_fidelity=1")
+    kept = choice["ease_top10_kept"]
+    assert rank == choice["rank"] == full and list(kept) == ["1", "4", "16", "64", str(full)]
+    assert kept[str(full)] == 1.0 and kept["1"] < 0.7 and all(kept[r] < 1.0 for r in ("1", "4", "16", "64"))
+    expected = affinity_factors(train_rows, vocab.n_users + 1, vocab.n_items + 1, full, 2, 50.0,
+                                np.random.default_rng(cfg.run.seed + 3))
     assert all(np.array_equal(a, b) for a, b in zip(factors, expected))
-
-    assert choice["gain"] == pytest.approx(ndcg[str(full)] / ndcg["1"] - 1, abs=1e-3)
-    for out_of_reach in ("ranking.keep_min_t=1000", f"ranking.affinity_rank_min_gain={choice['gain'] + 0.01}"):
-        rank, factors, other = choose(out_of_reach)
-        assert rank == 1 and other["rank"] == 1 and factors[0].shape[1] == 2 * 1
-        small = affinity_factors(train_rows, vocab.n_users + 1, vocab.n_items + 1, 1, 2, 200.0,
-                                 np.random.default_rng(load_config(None, []).run.seed + 3))
-        assert all(np.array_equal(a, b) for a, b in zip(factors, small))   # one EASE fit, each rank's own factors
-        assert other["stopping_half_ndcg@10"] == ndcg            # the same two starts, the other verdict
-
-    assert choose("ranking.affinity_rank_up=0") == (1, None, None)
-    assert choose("ranking.affinity=none") == (1, None, None)
+    # The first rank that keeps enough stops the climb; its factors are affinity_factors' at that rank.
+    threshold = kept["16"]
+    cfg, (rank, factors, choice) = choose(f"ranking.affinity_fidelity={threshold}")
+    assert rank == 16 and list(choice["ease_top10_kept"]) == ["1", "4", "16"]
+    expected = affinity_factors(train_rows, vocab.n_users + 1, vocab.n_items + 1, 16, 2, 50.0,
+                                np.random.default_rng(cfg.run.seed + 3))
+    assert all(np.array_equal(a, b) for a, b in zip(factors, expected))
+    # A ceiling stops it too; nothing to choose without a larger rank allowed or without EASE's channels.
+    assert choose("ranking.affinity_fidelity=1", "ranking.affinity_rank_max=4")[1][0] == 4
+    assert choose("ranking.affinity_rank_max=1")[1] == (1, None, None)
+    assert choose("ranking.affinity=none")[1] == (1, None, None)
