@@ -142,8 +142,8 @@ def main() -> int:
                         help="the ranker's tower affinity channels beside EASE's two (ranking.tower_affinity: 1 under "
                              "the random protocol, 2 under the ordered ones)")
     parser.add_argument("--affinity-rank", type=int, default=None,
-                        help="the width of each affinity channel's factors (ranking.affinity_rank, 64; 256 where the "
-                             "stopping half keeps ranking.affinity_rank_up)")
+                        help="the width of each affinity channel's factors (ranking.affinity_rank, 64, or the larger "
+                             "rank the trainer keeps where 64 holds too little of EASE's top 10)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     spec, tables, tower, ranker = models(args.tower_channels, args.affinity_rank)
