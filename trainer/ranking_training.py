@@ -177,34 +177,31 @@ def affinity_factors(train_rows: Rows, n_users: int, n_items: int, rank: int, ch
     ``train_rows``: channel 0 EASE on the binary user x item matrix (``l2``); channel 1 EASE on the rating
     values (l2 scaled by the mean squared rating, so that it weighs the same against the Gram matrix).
     The factors come from ``ease_score_factors``, which never forms the dense (users, items) scores."""
-    return ease_factor_tables(affinity_eases(train_rows, n_users, n_items, channels, l2), rank, rng)
+    return channel_tables([ease_score_factors(EASE(channel_l2).fit(matrix), rank, rng)
+                           for matrix, channel_l2 in affinity_matrices(train_rows, n_users, n_items, channels, l2)],
+                          rank)
 
 
-def affinity_eases(train_rows: Rows, n_users: int, n_items: int, channels: int,
-                   l2: float) -> list[tuple[EASE, SparseMatrix]]:
-    """EASE fitted for each of ``channels`` affinity channels (``affinity_factors`` says which), with the
-    user x item matrix it was fitted on."""
+def affinity_matrices(train_rows: Rows, n_users: int, n_items: int, channels: int,
+                      l2: float) -> list[tuple[SparseMatrix, float]]:
+    """The user x item matrix and the l2 of each of ``channels`` affinity channels (``affinity_factors`` says
+    which), not fitted yet."""
     # Each (user, item) pair once, with its last rating (non-finite ratings count as 1).
     _, last = last_per_pair(train_rows.users, train_rows.items, n_items)
     users, items = train_rows.users[last], train_rows.items[last]
     ratings = np.nan_to_num(np.asarray(train_rows.ratings, np.float64)[last], nan=1.0, posinf=1.0, neginf=1.0)
     inputs = [(np.ones(last.size), l2), (ratings, l2 * max(float(np.mean(ratings ** 2)), 1e-12) if last.size else l2)]
-    fitted = []
-    for values, channel_l2 in inputs[:channels]:
-        weighted = SparseMatrix.from_coo(users, items, (n_users, n_items), values.astype(np.float32))
-        fitted.append((EASE(channel_l2).fit(weighted), weighted))
-    return fitted
+    return [(SparseMatrix.from_coo(users, items, (n_users, n_items), values.astype(np.float32)), channel_l2)
+            for values, channel_l2 in inputs[:channels]]
 
 
-def ease_factor_tables(eases: list[tuple[EASE, SparseMatrix]], rank: int,
-                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """``affinity_factors``' tables from channels already fitted (``affinity_eases``), drawing from ``rng``
-    channel by channel as ``affinity_factors`` does."""
-    n_users, n_items = eases[0][1].shape
-    user_factors = np.zeros((n_users, len(eases) * rank), np.float32)
-    item_factors = np.zeros((n_items, len(eases) * rank), np.float32)
-    for channel, (ease, _) in enumerate(eases):
-        left, right = ease_score_factors(ease, rank, rng)
+def channel_tables(factors: list[tuple[np.ndarray, np.ndarray]], rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """User and item factor tables, one block of ``rank`` columns per channel's (left, right) factors (a block's
+    columns past the factors' own width left at zero)."""
+    (n_users, _), (n_items, _) = factors[0][0].shape, factors[0][1].shape
+    user_factors = np.zeros((n_users, len(factors) * rank), np.float32)
+    item_factors = np.zeros((n_items, len(factors) * rank), np.float32)
+    for channel, (left, right) in enumerate(factors):
         user_factors[:, channel * rank:channel * rank + left.shape[1]] = left
         item_factors[:, channel * rank:channel * rank + right.shape[1]] = right
     return user_factors, item_factors
@@ -762,29 +759,33 @@ def affinity_rank(cfg: TrainConfig, tables: FeatureTables, rating_rows: Rows, to
         return rc.affinity_rank, None, None
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
     full = min(n_users, n_items)
-    eases = affinity_eases(rating_rows, n_users, n_items, ease_channels, rc.affinity_l2)
-    binary = eases[0][1]
+    matrices = affinity_matrices(rating_rows, n_users, n_items, ease_channels, rc.affinity_l2)
+    binary = matrices[0][0]
+    binary_ease = EASE(matrices[0][1]).fit(binary)
     active = np.flatnonzero(np.diff(binary.indptr) > 0)
     rng = np.random.default_rng(cfg.run.seed + 4)
     sample = np.sort(rng.choice(active, size=min(sample_users, active.size), replace=False))
-    exact = eases[0][0].scores(sample)
+    exact = binary_ease.scores(sample)
     seen = [binary.indices[binary.indptr[u]:binary.indptr[u + 1]] for u in sample]
     kept: dict[str, float] = {}
-    rank, factors = rc.affinity_rank, None
+    rank = rc.affinity_rank
     while True:
-        # Each rank's factors exactly as fit_affinity would draw them (its random state, channel by channel).
-        candidate = ease_factor_tables(eases, rank, np.random.default_rng(cfg.run.seed + 3))
-        user_factors, item_factors = candidate
-        kept[str(rank)] = round(top_k_kept(exact, user_factors[sample, :rank] @ item_factors[:, :rank].T, seen), 4)
-        factors = candidate
+        # The binary channel at this rank, drawn as fit_affinity would draw it (its random state, this channel
+        # first); the rating channel is factorised once, at the rank kept, from where that state then stands.
+        draws = np.random.default_rng(cfg.run.seed + 3)
+        left, right = ease_score_factors(binary_ease, rank, draws)
+        kept[str(rank)] = round(top_k_kept(exact, left[sample] @ right.T, seen), 4)
         larger = min(4 * rank, rc.affinity_rank_max, full)
         if kept[str(rank)] >= rc.affinity_fidelity or larger <= rank or \
                 affinity_channels(replace_config(cfg, ranking={"affinity_rank": larger}), tables, towers)[0] != ease_channels:
             break
         rank = larger
+    del binary_ease, exact                  # one EASE (and its inverse) alive at a time
+    factors = [(left, right)] + [ease_score_factors(EASE(channel_l2).fit(matrix), rank, draws)
+                                 for matrix, channel_l2 in matrices[1:]]
     log.info("ranker affinity rank: EASE's top 10 kept by its rank-r factors %s (wanted %.2f); rank %d",
              ", ".join(f"{r} {v:.3f}" for r, v in kept.items()), rc.affinity_fidelity, rank)
-    return rank, factors, {"rank": rank, "ease_top10_kept": kept}
+    return rank, channel_tables(factors, rank), {"rank": rank, "ease_top10_kept": kept}
 
 
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
