@@ -29,31 +29,16 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parent = int(stat[stat.rindex(")") + 2:].split()[1])
-            children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        tree.append(todo.pop())
-        todo.extend(children.get(tree[-1], []))
-    return tree
+from loadtest.stack import descendant_pids  # noqa: E402
 
 
 def tree_pss(pid: int) -> int:
     """Bytes of proportional set size of ``pid``'s process tree: the trainer and the workers that train
     towers beside it (``trainer/tower_processes.py``), shared pages counted once."""
     total = 0
-    for member in descendants(pid):
+    for member in [pid, *descendant_pids(pid)]:
         try:
             for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):

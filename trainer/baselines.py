@@ -321,14 +321,14 @@ def ease_all_scores(train: SparseMatrix, l2: float) -> np.ndarray:
     return _add_entries(scaled_cx.neg_(), train, 1.0).to(torch.float32).numpy()
 
 
-def ease_fits(n_rows: int, n_items: int, use: str) -> bool:
-    """Whether EASE's help (``use``) is available for an (n_rows, n_items) log; when not, logs a warning
-    that it is left out. It is when the catalog fits EASE's dense algebra (``MAX_EASE_ITEMS``: the solver
+def ease_fits(n_items: int, use: str, warn: bool = True) -> bool:
+    """Whether EASE's help (``use``) is available for a log of ``n_items`` items; when not, logs a warning
+    that it is left out (unless not ``warn``). It is when the catalog fits EASE's dense algebra (``MAX_EASE_ITEMS``: the solver
     inverts the smaller of the item x item and user x user Gram matrices). A ``use`` that needs every
     user's scores at once checks ``ease_scores_fit`` instead; the ranker's affinity does not
     (``ease_score_factors``)."""
     fits = n_items <= MAX_EASE_ITEMS
-    if not fits:
+    if not fits and warn:
         log.warning("%s left out: EASE needs at most %d items, got %d", use, MAX_EASE_ITEMS, n_items)
     return fits
 
@@ -336,7 +336,7 @@ def ease_fits(n_rows: int, n_items: int, use: str) -> bool:
 def ease_scores_fit(n_rows: int, n_items: int, use: str) -> bool:
     """``ease_fits`` for a ``use`` that needs every user's EASE scores at once, as one dense (n_rows, n_items)
     matrix (``dense_scores_fit``); when not, logs a warning that it is left out."""
-    if not ease_fits(n_rows, n_items, use):
+    if not ease_fits(n_items, use):
         return False
     if not dense_scores_fit(n_rows, n_items):
         log.warning("%s left out: it needs every user's EASE scores at once, %d users x %d items, more than %d "

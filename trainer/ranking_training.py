@@ -114,33 +114,37 @@ class Folds:
     tower_raw: np.ndarray | None = None   # (R, C) the tower channels' affinities from each fold's visible history
 
 
-def affinity_fits(tables: FeatureTables, width: int, ease: bool = True) -> bool:
+def affinity_fits(tables: FeatureTables, width: int, ease: bool = True, warn: bool = True) -> bool:
     """Whether the ranker gets its affinity tables: EASE fits the log (``ease_fits``; only with ``ease``)
     and the factor tables the program carries, (users + items) x ``width`` float32, stay within
-    ``MAX_DENSE_CELLS`` (200 MB); a warning says which limit left it out."""
+    ``MAX_DENSE_CELLS`` (200 MB); with ``warn``, a warning says which limit left it out."""
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
-    if ease and not ease_fits(n_users, n_items, "ranker affinity"):
+    if ease and not ease_fits(n_items, "ranker affinity", warn):
         return False
     if (n_users + n_items) * width > baselines.MAX_DENSE_CELLS:
-        log.warning("ranker affinity left out: its factor tables would hold (%d users + %d items) x %d floats, "
-                    "more than %d", n_users, n_items, width, baselines.MAX_DENSE_CELLS)
+        if warn:
+            log.warning("ranker affinity left out: its factor tables would hold (%d users + %d items) x %d floats, "
+                        "more than %d", n_users, n_items, width, baselines.MAX_DENSE_CELLS)
         return False
     return True
 
 
-def affinity_channels(cfg: TrainConfig, tables: FeatureTables, towers: int = 0) -> tuple[int, int]:
+def affinity_channels(cfg: TrainConfig, tables: FeatureTables, towers: int = 0,
+                      warn: bool = True) -> tuple[int, int]:
     """(EASE's channels, the towers' channels) the ranker holds: EASE's 1 or 2 (``ranking.affinity_ratings``)
     with ``ranking.affinity`` "ease" where it fits, and ``towers`` tower channels (``trainer.tower_affinity``)
     where their tables fit; both only in the separate mode (joint training has no fitting half to fit the
     wide logit on, and retrieval_only serves retrieval's own order). Decided before the ranker exists, so
-    a catalog too large for them gets no (zero) factor tables in its program."""
+    a catalog too large for them gets no (zero) factor tables in its program. ``warn``: the warnings of
+    ``affinity_fits``, given once, by the call that shapes the ranker (``dcn_config``); other calls ask
+    quietly (a larger rank that ``affinity_rank`` does not try leaves no affinity out)."""
     rc = cfg.ranking
     if cfg.multitask.mode != "separate":
         return 0, 0
     ease = (2 if rc.affinity_ratings else 1) if rc.affinity == "ease" else 0
-    if ease and not affinity_fits(tables, rc.affinity_rank * (ease + towers)):
+    if ease and not affinity_fits(tables, rc.affinity_rank * (ease + towers), warn=warn):
         ease = 0
-    if towers and not affinity_fits(tables, rc.affinity_rank * (ease + towers), ease=False):
+    if towers and not affinity_fits(tables, rc.affinity_rank * (ease + towers), ease=False, warn=warn):
         towers = 0
     return ease, towers
 
@@ -235,7 +239,7 @@ def fit_affinity(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, fit
     ease = ease_channel_count(ranker, towers)
     blocks_user, blocks_item = [], []
     if ease:
-        if not ease_fits(n_users, n_items, "ranker affinity"):
+        if not ease_fits(n_items, "ranker affinity"):
             return False
         user_factors, item_factors = ease_factors or affinity_factors(train_rows, n_users, n_items,
                                                                       ranker.affinity_rank, ease, l2, rng)
@@ -754,7 +758,7 @@ def affinity_rank(cfg: TrainConfig, tables: FeatureTables, rating_rows: Rows, to
     A measure without labels: the validation split's ~900 users cannot tell rank 256 from 512 one seed at a time
     where a whole test split can (docs/RESULTS.md, "The ranker's affinity rank")."""
     rc = cfg.ranking
-    ease_channels = affinity_channels(cfg, tables, towers)[0] if rc.affinity == "ease" else 0
+    ease_channels = affinity_channels(cfg, tables, towers, warn=False)[0] if rc.affinity == "ease" else 0
     if rc.affinity_rank_max <= rc.affinity_rank or not ease_channels or not rating_rows.users.size:
         return rc.affinity_rank, None, None
     n_users, n_items = tables.vocab.n_users + 1, tables.vocab.n_items + 1
@@ -777,7 +781,8 @@ def affinity_rank(cfg: TrainConfig, tables: FeatureTables, rating_rows: Rows, to
         kept[str(rank)] = round(top_k_kept(exact, left[sample] @ right.T, seen), 4)
         larger = min(4 * rank, rc.affinity_rank_max, full)
         if kept[str(rank)] >= rc.affinity_fidelity or larger <= rank or \
-                affinity_channels(replace_config(cfg, ranking={"affinity_rank": larger}), tables, towers)[0] != ease_channels:
+                affinity_channels(replace_config(cfg, ranking={"affinity_rank": larger}), tables, towers,
+                                  warn=False)[0] != ease_channels:
             break
         rank = larger
     del binary_ease, exact                  # one EASE (and its inverse) alive at a time

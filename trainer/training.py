@@ -185,8 +185,13 @@ def _towers_wanted(cfg: TrainConfig) -> bool:
 def _tower_channels(cfg: TrainConfig, prep: Prepared, towers: list[tuple[str, Any]],
                     device: torch.device) -> TowerChannels | None:
     """The towers not kept as the ranker's affinity channels (``ranking.tower_affinity``: "on", or "auto" under
-    the random protocol), where there are some and their tables fit (``affinity_channels``)."""
-    if not (_towers_wanted(cfg) and towers and affinity_channels(cfg, prep.tables, len(towers))[1]):
+    the random protocol), where there are some and their tables fit (``affinity_channels``; a warning where
+    they do not; EASE's channels are warned about once, where the ranker is shaped)."""
+    if not (_towers_wanted(cfg) and towers):
+        return None
+    if not affinity_channels(cfg, prep.tables, len(towers), warn=False)[1]:
+        log.warning("the towers not kept (%s) left out as ranker channels: their factor tables would not fit",
+                    ", ".join(name for name, _ in towers))
         return None
     return tower_channels(towers, prep.tables, prep.eval_timestamps, cfg.ranking.affinity_rank, device)
 

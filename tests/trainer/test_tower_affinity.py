@@ -205,3 +205,24 @@ def test_the_starts_wide_order_scores_the_stopping_half_as_the_whole_ranker_does
     with torch.no_grad():
         ranker.ctr_head.weight.fill_(0.01)
     assert wide_ndcg_per_user(ranker, candidates, target, "ctr", CPU) is None
+
+
+def test_towers_whose_tables_would_not_fit_are_left_out_with_one_warning(prepared, monkeypatch, caplog):
+    """``_tower_channels`` asks ``affinity_channels`` quietly and says itself, once, that the towers not kept
+    are left out; where they fit it builds their channels and warns nothing."""
+    from trainer import baselines
+    from trainer.training import _tower_channels
+
+    tables = prepared.tables
+    cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8", "ranking.tower_affinity=on"])
+    towers = [("autoencoder", _tower(prepared, 1))]
+    with caplog.at_level("WARNING"):
+        channels = _tower_channels(cfg, prepared, towers, CPU)
+    assert channels is not None and list(channels.names) == ["autoencoder"] and "left out" not in caplog.text
+    # The tower's channel alone at rank 8 would hold 8 floats per user and item: one too many. (EASE's channels
+    # are left out too; the ranker's shaping says so, not this.)
+    monkeypatch.setattr(baselines, "MAX_DENSE_CELLS", (tables.vocab.n_users + 1 + tables.vocab.n_items + 1) * 8 - 1)
+    with caplog.at_level("WARNING"):
+        assert _tower_channels(cfg, prepared, towers, CPU) is None
+    assert caplog.text.count("left out") == 1
+    assert "the towers not kept (autoencoder) left out as ranker channels" in caplog.text
