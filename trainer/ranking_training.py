@@ -496,8 +496,7 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
             histories[batch] = history[:, -width:]
             if channels is not None:
                 factors[batch] = channels.user_factors(tables, batch, timestamps[batch], device, history=history)
-            inputs = user_inputs(tables, batch, timestamps[batch], device)
-            inputs["history"] = torch.as_tensor(history, device=device)
+            inputs = user_inputs(tables, batch, timestamps[batch], device, history=history)
             sims = (two_tower.user_tower(**inputs) @ item_emb.T).cpu().numpy()               # (B, m+1)
             sims[:, 0] = -np.inf
             spans = [slice(user_items.indptr[u], user_items.indptr[u + 1]) for u in batch]

@@ -259,10 +259,8 @@ def denoised_user_inputs(tables: FeatureTables, users: np.ndarray, positives: np
     share of the user ids replaced by the unknown id (cold start). A given ``history`` (U, H) (the
     sequential examples of ``UserItems.next_items``, which already hold no positive) replaces the
     training history and is kept whole: holes would break the order the sequential tower reads."""
-    inputs = user_inputs(tables, users, timestamps, device)
-    if history is not None:
-        inputs["history"] = torch.as_tensor(history, device=device)
-    else:
+    inputs = user_inputs(tables, users, timestamps, device, history=history)
+    if history is None:
         pos = torch.as_tensor(positives, device=device)                               # (U, P)
         full = inputs["history"]                                                      # (U, H)
         held_out = (full.unsqueeze(2) == pos.unsqueeze(1)).any(dim=2)                 # (U, H, P) -> (U, H)
