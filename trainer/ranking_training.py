@@ -41,7 +41,7 @@ from trainer.losses import optimizer_step, ranking_losses
 from trainer.models.dcn import DCNConfig, DCNRanker
 from trainer.progress import progress_bar
 from trainer.retrieval_training import EarlyStop, item_embeddings
-from trainer.tower_affinity import TowerChannels
+from trainer.tower_affinity import FACTOR_CELLS_PER_BATCH, TowerChannels, factor_dots
 
 
 log = logging.getLogger(__name__)
@@ -277,16 +277,23 @@ def fold_affinities(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, 
                                                       ranker.affinity_rank, channels, l2,
                                                       np.random.default_rng(seed))
         rows = np.flatnonzero(folds.fold == fold)
-        product = user_factors[folds.rows.users[rows]] * item_factors[folds.rows.items[rows]]
-        raw[rows] = product.reshape(rows.size, channels, ranker.affinity_rank).sum(axis=2)
+        raw[rows] = factor_dots(user_factors, item_factors, folds.rows.users[rows], folds.rows.items[rows],
+                                ranker.affinity_rank)
     return raw
 
 
 @torch.no_grad()
-def _table_affinity(ranker: DCNRanker, rows: Rows, device: torch.device) -> np.ndarray:
-    """(R, C) the raw affinities of ``rows`` from the ranker's own factor tables."""
-    return ranker.raw_affinity(torch.as_tensor(rows.users, device=device),
-                               torch.as_tensor(rows.items, device=device)).cpu().numpy()
+def _table_affinity(ranker: DCNRanker, rows: Rows, device: torch.device,
+                    cells_per_batch: int = FACTOR_CELLS_PER_BATCH) -> np.ndarray:
+    """(R, C) the raw affinities of ``rows`` from the ranker's own factor tables, gathered in batches as
+    ``factor_dots`` gathers them."""
+    step = max(1, cells_per_batch // max(ranker.affinity_channels * ranker.affinity_rank, 1))
+    parts = []
+    for start in range(0, max(rows.users.size, 1), step):
+        sl = slice(start, start + step)
+        parts.append(ranker.raw_affinity(torch.as_tensor(rows.users[sl], device=device),
+                                         torch.as_tensor(rows.items[sl], device=device)).cpu().numpy())
+    return np.concatenate(parts)
 
 
 def _fold_affinity(ranker: DCNRanker, tables: FeatureTables, rating_rows: Rows, folds: Folds,
@@ -514,7 +521,7 @@ def fold_rows(two_tower, tables: FeatureTables, user_items, timestamps: np.ndarr
         fold_of.append(np.full(rows.users.size, fold, dtype=np.int64))
         hidden_pairs.append((entry_user[take], user_items.items[take]))
         if channels is not None:
-            tower_raw.append(TowerChannels.raw(factors[rows.users], item_factors[rows.items], channels.rank))
+            tower_raw.append(factor_dots(factors, item_factors, rows.users, rows.items, channels.rank))
     return Folds(Rows.concat(parts), np.concatenate(fold_of), tuple(hidden_pairs),
                  None if channels is None else np.concatenate(tower_raw).astype(np.float32))
 
@@ -578,7 +585,8 @@ def reranked_ndcg_per_user(candidates: Candidates, scores: np.ndarray, target: E
 
 @torch.no_grad()
 def wide_ndcg_per_user(ranker: DCNRanker, candidates: Candidates, target: EvalTarget, score_mode: str,
-                       device: torch.device, k: int = 10, cells_per_batch: int = 1 << 23) -> np.ndarray | None:
+                       device: torch.device, k: int = 10,
+                       cells_per_batch: int = FACTOR_CELLS_PER_BATCH) -> np.ndarray | None:
     """``pipeline_ndcg_per_user`` of a ranker whose deep CTR head is still zero, served by the CTR alone: its
     logit is then its wide part (the retrieval skip, the affinities' weights, the bias), so the order needs
     no pass through the cross and deep layers. The same numbers, a fraction of the time (the start's

@@ -226,3 +226,33 @@ def test_towers_whose_tables_would_not_fit_are_left_out_with_one_warning(prepare
         assert _tower_channels(cfg, prepared, towers, CPU) is None
     assert caplog.text.count("left out") == 1
     assert "the towers not kept (autoencoder) left out as ranker channels" in caplog.text
+
+
+def test_factor_dots_gather_in_batches_and_give_each_rows_sums_as_one_batch_does(prepared):
+    """``factor_dots`` and the ranker's ``_table_affinity`` hold at most ``cells_per_batch`` gathered floats at a
+    time; every row's affinity is the one the whole gather gives, to the bit."""
+    from trainer.ranking_training import _table_affinity
+    from trainer.tower_affinity import factor_dots
+
+    rng = np.random.default_rng(3)
+    user_factors = rng.normal(size=(30, 3 * 8)).astype(np.float32)
+    item_factors = rng.normal(size=(40, 3 * 8)).astype(np.float32)
+    users, items = rng.integers(0, 30, 101), rng.integers(0, 40, 101)
+    whole = TowerChannels.raw(user_factors[users], item_factors[items], 8)
+    assert whole.shape == (101, 3)
+    for cells in (1, 24, 24 * 7, 10**6):                    # one row, one row, 7 rows, all rows per batch
+        np.testing.assert_array_equal(factor_dots(user_factors, item_factors, users, items, 8, cells), whole)
+    assert factor_dots(user_factors, item_factors, users[:0], items[:0], 8).shape == (0, 3)
+
+    cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8"])
+    ranker = DCNRanker(dcn_config(cfg, prepared.spec, prepared.tables))
+    with torch.no_grad():
+        ranker.affinity_user.normal_()
+        ranker.affinity_item.normal_()
+    train = prepared.train
+    rows = Rows(train.users, train.items, train.timestamps, np.zeros(train.users.size, np.float32),
+                np.ones(train.users.size, np.float32), train.ratings)
+    whole = ranker.raw_affinity(torch.as_tensor(rows.users), torch.as_tensor(rows.items)).detach().numpy()
+    for cells in (16 * 13, 16 * 500, 10**9):        # 13 rows, 500 rows, all rows per batch
+        np.testing.assert_array_equal(_table_affinity(ranker, rows, CPU, cells), whole)
+    assert _table_affinity(ranker, rows.take(np.arange(0)), CPU).shape == (0, 2)
