@@ -3,6 +3,7 @@ seen-item lookup, positive sampling, the ranker's click rows and the lazily scor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -689,7 +690,12 @@ def test_rating_head_refit_lowers_the_error_and_changes_nothing_else(prepared):
     with torch.no_grad():
         ctr_before, rating_before = ranker(**ranker_inputs(prepared.tables, rows, device))
     others = {k: v.clone() for k, v in ranker.state_dict().items() if not k.startswith("rating_head.")}
-    before, after = fit_rating_head(ranker, prepared.tables, rows, device)
+    whole = copy.deepcopy(ranker)
+    before, after = fit_rating_head(ranker, prepared.tables, rows, device)      # ~2,700 rated rows: 2 batches
+    # The trunk runs in batches of rows; one batch fits the same head.
+    assert fit_rating_head(whole, prepared.tables, rows, device, rows_per_batch=10**6) == pytest.approx((before, after),
+                                                                                                       rel=1e-4)
+    assert torch.allclose(whole.rating_head.weight, ranker.rating_head.weight, atol=1e-4)
     with torch.no_grad():
         ctr_after, rating_after = ranker(**ranker_inputs(prepared.tables, rows, device))
     rated = torch.as_tensor(np.isfinite(ratings))
