@@ -322,9 +322,9 @@ def ease_all_scores(train: SparseMatrix, l2: float) -> np.ndarray:
 
 
 def ease_fits(n_items: int, use: str, warn: bool = True) -> bool:
-    """Whether EASE's help (``use``) is available for a log of ``n_items`` items; when not, logs a warning
-    that it is left out (unless not ``warn``). It is when the catalog fits EASE's dense algebra (``MAX_EASE_ITEMS``: the solver
-    inverts the smaller of the item x item and user x user Gram matrices). A ``use`` that needs every
+    """Whether EASE's help (``use``) is available for a log of ``n_items`` items; when not, and with ``warn``,
+    logs a warning that it is left out. It is when the catalog fits EASE's dense algebra (``MAX_EASE_ITEMS``:
+    the solver inverts the smaller of the item x item and user x user Gram matrices). A ``use`` that needs every
     user's scores at once checks ``ease_scores_fit`` instead; the ranker's affinity does not
     (``ease_score_factors``)."""
     fits = n_items <= MAX_EASE_ITEMS
