@@ -25,7 +25,7 @@ from trainer.full_ranking import (EvalTarget, baseline_reports, diversity_vector
 from trainer.prepare import Prepared, held_out
 from trainer.progress import Timings
 from trainer.publish import TrainedRun, all_item_embeddings
-from trainer.ranking_training import Candidates, click_rows, ranker_inputs, rerank, score_candidates
+from trainer.ranking_training import Candidates, click_rows, rerank, row_scores, score_candidates
 from trainer.retrieval_training import item_embeddings, user_embeddings
 
 
@@ -96,12 +96,11 @@ def _head_metrics(cfg, prep: Prepared, run: TrainedRun, cands: Candidates, devic
     """CTR AUC / log loss on test positives vs retrieved-not-taken negatives; rating RMSE on test ratings."""
     rows = click_rows(held_out(prep.vocab, prep.split.test), cands, cfg.ranking.negatives_per_positive,
                       np.random.default_rng(cfg.run.seed + 7), cfg.ranking.negative_pool)
-    with torch.no_grad():
-        ctr_logit, rating = run.ranker(**ranker_inputs(prep.tables, rows, device))
-    probs = torch.sigmoid(ctr_logit).cpu().numpy()
+    ctr_logit, rating = row_scores(run.ranker, prep.tables, rows, device)
+    probs = torch.sigmoid(torch.as_tensor(ctr_logit)).numpy()
     rated = rows.clicks == 1
     return {"ctr_auc": metrics.auc(rows.clicks, probs), "ctr_logloss": metrics.log_loss(rows.clicks, probs),
-            "rating_rmse": metrics.rmse(rows.ratings[rated], rating.cpu().numpy()[rated])}
+            "rating_rmse": metrics.rmse(rows.ratings[rated], rating[rated])}
 
 
 def _diversity_tradeoff(cfg: TrainConfig, prep: Prepared, run: TrainedRun, cands: Candidates,

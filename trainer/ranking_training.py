@@ -365,6 +365,21 @@ def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: in
         ranker.ctr_head.bias.fill_(float(bias) - float(weight[0]) * float(center))
 
 
+@torch.no_grad()
+def row_scores(ranker: DCNRanker, tables: FeatureTables, rows: Rows, device: torch.device,
+               rows_per_batch: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """(CTR logit (R,), rating (R,)) of aligned ``rows``, the ranker run over ``rows_per_batch`` of them at a
+    time (as ``score_candidates`` runs): each row's activations and gathered affinity factors (channels x rank
+    floats per table) are held for one batch only. All of a ~1M-row test split at once held GBs (the ml-1m-shaped
+    log's head metrics at rank 256: RSS 2.3 -> 3.6 GB)."""
+    ctr, rating = np.zeros(rows.users.size, np.float32), np.zeros(rows.users.size, np.float32)
+    for start in range(0, rows.users.size, rows_per_batch):
+        sl = slice(start, min(start + rows_per_batch, rows.users.size))
+        logit, predicted = ranker(**ranker_inputs(tables, rows.take(np.arange(sl.start, sl.stop)), device))
+        ctr[sl], rating[sl] = logit.cpu().numpy(), predicted.cpu().numpy()
+    return ctr, rating
+
+
 def ranker_inputs(tables: FeatureTables, rows: Rows, device: torch.device) -> dict[str, torch.Tensor]:
     """The ranker's inputs for ``rows``: their own history where they carry one, else the users' stored one."""
     return {**user_inputs(tables, rows.users, rows.timestamps, device, history=rows.history),

@@ -671,6 +671,34 @@ def test_fit_wide_weights_an_informative_affinity_and_keeps_the_calibration():
     assert abs(float(torch.sigmoid(ctr_logit).mean()) - clicks.mean()) < 1e-3
 
 
+def test_row_scores_run_the_ranker_in_batches_and_match_one_pass(prepared):
+    """``row_scores`` (the evaluation's head metrics) runs aligned rows through the ranker a batch at a time;
+    each row's CTR logit and rating are the one pass's."""
+    from trainer.models.dcn import DCNRanker
+    from trainer.ranking_training import Rows, dcn_config, ranker_inputs, row_scores
+
+    torch.manual_seed(0)
+    cfg = load_config(None, ["ranking.affinity_rank=8"])
+    ranker = DCNRanker(dcn_config(cfg, prepared.spec, prepared.tables)).eval()
+    with torch.no_grad():
+        ranker.affinity_user.normal_()
+        ranker.affinity_item.normal_()
+        ranker.ctr_head.weight.normal_()          # a trained head: the logit reads the deep layers too
+    train, n = prepared.train, 1000
+    rows = Rows(train.users[:n], train.items[:n], train.timestamps[:n],
+                np.random.default_rng(0).standard_normal(n).astype(np.float32), np.zeros(n, np.float32),
+                train.ratings[:n].astype(np.float32))
+    with torch.no_grad():
+        ctr, rating = (t.numpy() for t in ranker(**ranker_inputs(prepared.tables, rows, torch.device("cpu"))))
+    assert np.ptp(ctr) > 0
+    for batch in (1000, 300, 7):
+        got_ctr, got_rating = row_scores(ranker, prepared.tables, rows, torch.device("cpu"), rows_per_batch=batch)
+        np.testing.assert_allclose(got_ctr, ctr, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_rating, rating, rtol=1e-5, atol=1e-5)
+    assert [a.shape for a in row_scores(ranker, prepared.tables, rows.take(np.arange(0)), torch.device("cpu"))] == \
+        [(0,), (0,)]
+
+
 def test_rating_head_refit_lowers_the_error_and_changes_nothing_else(prepared):
     """The kept ranker is often the untrained start: its rating head is refitted alone, trunk frozen,
     so the CTRs (the served order) stay bit-identical."""
