@@ -667,12 +667,9 @@ def fit_rating_head(ranker: DCNRanker, tables: FeatureTables, rows: Rows, device
     was_training = ranker.training
     ranker.eval()
     try:
-        with torch.no_grad():
-            # In batches, as score_candidates runs: a row gathers its user's and item's affinity factors
-            # (channels x rank floats each), and 20k rows at once held ~0.45 GB at a full rank of 944.
-            for start in range(0, rows.users.size, rows_per_batch):
-                ranker(**ranker_inputs(tables, rows.take(np.arange(start, min(start + rows_per_batch,
-                                                                               rows.users.size))), device))
+        # In batches (row_scores): a row gathers its user's and item's affinity factors (channels x rank
+        # floats each), and 20k rows at once held ~0.45 GB at a full rank of 944.
+        row_scores(ranker, tables, rows, device, rows_per_batch)
     finally:
         hook.remove()
         ranker.train(was_training)
@@ -752,22 +749,6 @@ def epoch_batches(batches: list[np.ndarray], max_rows: int, batch_size: int, wor
     if not max_rows:
         return batches
     return batches[:max(1, -(-max_rows // (world_size * batch_size)))]
-
-
-def fitted_starts(ranker: DCNRanker, rows: Rows, device: torch.device,
-                  score: Callable[[], np.ndarray]) -> dict[str, tuple[np.ndarray, dict]]:
-    """The untrained ranker's three starts, by name: the affinities' logistic and listwise fits of the wide
-    logit on ``rows`` (``fit_wide``) and retrieval's order alone, each as (``score()`` per stopping-half user,
-    the ranker's weights). The ranker is left at retrieval's order (the affinity weights at 0, as given)."""
-    starts = {}
-    retrieval_order = copy.deepcopy(ranker.state_dict())
-    for name, listwise in (("logistic fit", False), ("listwise fit", True)):
-        ranker.load_state_dict(retrieval_order)
-        fit_wide(ranker, rows, device, listwise=listwise)
-        starts[name] = (score(), copy.deepcopy(ranker.state_dict()))
-    ranker.load_state_dict(retrieval_order)
-    starts["retrieval order"] = (score(), retrieval_order)
-    return starts
 
 
 def affinity_rank(cfg: TrainConfig, tables: FeatureTables, rating_rows: Rows, towers: int = 0,
@@ -874,7 +855,14 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         # Three starts, the best on the stopping half kept (the first of equals): the affinities' logistic
         # fit, their listwise fit (``fit_wide``) and retrieval's order alone (ml-100k leave-one-out with the
         # sequential tower: EASE is far weaker there).
-        starts = fitted_starts(ranker, held_out, device, start_half)
+        starts = {}
+        retrieval_order = copy.deepcopy(ranker.state_dict())       # affinity weights still 0
+        for name, listwise in (("logistic fit", False), ("listwise fit", True)):
+            ranker.load_state_dict(retrieval_order)
+            fit_wide(ranker, held_out, device, listwise=listwise)
+            starts[name] = (start_half(), copy.deepcopy(ranker.state_dict()))
+        ranker.load_state_dict(retrieval_order)
+        starts["retrieval order"] = (start_half(), retrieval_order)
         kept_start = max(starts, key=lambda name: float(starts[name][0].mean()))
         start_users = starts[kept_start][0]
         ranker.load_state_dict(starts[kept_start][1])
