@@ -73,6 +73,9 @@ def main() -> int:
     parser.add_argument("--synthetic-format", choices=("parquet", "1m", "latest"), default="parquet",
                         help="how the synthetic log is written: interactions only (parquet) or a MovieLens "
                              "folder with its side tables (users, genres)")
+    parser.add_argument("--synthetic-order", type=float, default=0.0, metavar="X",
+                        help="plant a time order in the synthetic users' histories (trainer.data.synthetic."
+                             "generate's order; 0, the default, leaves them in none)")
     parser.add_argument("--item-copies", type=int, metavar="N",
                         help="MovieLens 100K with each item split at random into N copies (a catalog of rarer "
                              "items, written to a temporary folder: benchmarks/item_copies.py)")
@@ -93,13 +96,14 @@ def main() -> int:
 
             n_items, n_inter = args.synthetic
             t0 = time.perf_counter()
-            dataset = generate(max(1000, n_inter // 20), n_items, n_inter, seed=0)
+            dataset = generate(max(1000, n_inter // 20), n_items, n_inter, seed=0, order=args.synthetic_order)
             if args.synthetic_format == "parquet":
                 path = Path(tmp) / "synthetic.parquet"
                 dataset.interactions.to_parquet(path)
             else:
                 path = write_movielens_like(dataset, Path(tmp) / "synthetic", args.synthetic_format)
-            name = f"synthetic {n_items} items / {n_inter} interactions"
+            name = f"synthetic {n_items} items / {n_inter} interactions" + (
+                f", order {args.synthetic_order:g}" if args.synthetic_order else "")
             generate_s = round(time.perf_counter() - t0, 2)
             print(f"generated {name} in {generate_s:.1f} s")
             overrides.append(f"data.dataset={path}")

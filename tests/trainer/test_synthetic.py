@@ -120,6 +120,46 @@ def test_generate_refuses_bad_arguments(kwargs, message):
         generate(**arguments)
 
 
+def test_a_planted_order_hands_each_users_times_out_along_a_hidden_direction(world):
+    plain = generate(N_USERS, N_ITEMS, N_INTERACTIONS, seed=SEED)
+    assert generate(N_USERS, N_ITEMS, N_INTERACTIONS, seed=SEED, order=0).interactions.equals(plain.interactions)
+
+    def by_user_and_time(dataset) -> pd.DataFrame:
+        return dataset.interactions.sort_values(["user_id", "timestamp", "item_id"], kind="stable",
+                                                ignore_index=True)
+
+    def neighbours_cosine(frame: pd.DataFrame) -> float:
+        """Mean cosine of the planted vectors of each user's consecutive items in time."""
+        vectors = world.item_vectors[frame["item_id"].to_numpy() - 1]
+        same_user = (frame["user_id"].to_numpy()[1:] == frame["user_id"].to_numpy()[:-1])
+        return float(np.einsum("bd,bd->b", vectors[1:], vectors[:-1])[same_user].mean())
+
+    before = by_user_and_time(plain)
+    cosines = [neighbours_cosine(before)]
+    for order in (4.0, 8.0):
+        ordered = generate(N_USERS, N_ITEMS, N_INTERACTIONS, seed=SEED, order=order)
+        assert ordered.name.endswith(f"-order{order:g}")
+        frame = ordered.interactions
+        assert frame["timestamp"].is_monotonic_increasing                 # still sorted by time
+        # The same pairs with the same ratings, and each user keeps the same set of times.
+        pairs = frame.sort_values(["user_id", "item_id"], ignore_index=True)
+        expected = plain.interactions.sort_values(["user_id", "item_id"], ignore_index=True)
+        pd.testing.assert_frame_equal(pairs[["user_id", "item_id", "rating"]],
+                                      expected[["user_id", "item_id", "rating"]])
+        times = frame.sort_values(["user_id", "timestamp"], ignore_index=True)
+        pd.testing.assert_series_equal(times["timestamp"], before["timestamp"])
+        assert not np.array_equal(pairs["timestamp"].to_numpy(), expected["timestamp"].to_numpy())
+        cosines.append(neighbours_cosine(by_user_and_time(ordered)))
+    # Neighbours in time lie closer in the planted space the stricter the order (0.15 -> 0.18 -> 0.21 here).
+    assert cosines[0] + 0.02 < cosines[1] < cosines[2] - 0.02, cosines
+
+
+@pytest.mark.parametrize("order", [-1.0, float("nan"), float("inf"), "8"])
+def test_generate_refuses_a_bad_order(order):
+    with pytest.raises(ValueError, match=f"order must be a finite number >= 0, got {order!r}"):
+        generate(10, 10, 20, seed=0, order=order)
+
+
 def test_writers_use_the_movielens_formats(tmp_path):
     data = generate(5, 8, 12, seed=0)
     write_movielens_like(data, tmp_path / "1m", "1m")

@@ -9,6 +9,11 @@ probability ~ popularity_i * exp(u . v_i / TEMPERATURE), by sampling-importance-
 N_CANDIDATES popularity-drawn candidates (Gumbel-max, one candidate column at a time), chunk by
 chunk: sampling takes O(chunk_size * latent_dim) memory and deduplication O(n_interactions), never
 users x items (1M items and 10M interactions peak near 1.3 GB). Ratings 1..5 rise with u . v.
+``order`` > 0 plants a time order in each user's history: the user's timestamps (drawn as above) are
+handed out along a hidden direction w_u, the items most aligned with it last (sorted by
+order * v_i . w_u + N(0, 1) noise), so a user's recent items say where the next ones lie. The pairs and
+ratings stay those of ``order`` 0, which leaves the items in no order within a user's active period
+(nothing for a sequential model to find there).
 ``write_movielens_like`` writes a Dataset in the 1M (``::``) or latest (CSV) layout for loader tests.
 """
 
@@ -161,20 +166,26 @@ def _text(strings: pa.Array) -> pd.Series:
 
 
 def generate(n_users: int, n_items: int, n_interactions: int, *, seed: int, n_genres: int = 18,
-             latent_dim: int = 16, chunk_size: int = 1_000_000) -> Dataset:
-    """A MovieLens-shaped Dataset of ``n_interactions`` unique (user, item) pairs; deterministic for a seed."""
+             latent_dim: int = 16, chunk_size: int = 1_000_000, order: float = 0.0) -> Dataset:
+    """A MovieLens-shaped Dataset of ``n_interactions`` unique (user, item) pairs; deterministic for a seed.
+    ``order``: how strictly each user's items follow a hidden direction in time (the module's docstring);
+    0 = not at all."""
     _require_positive(n_users=n_users, n_items=n_items, chunk_size=chunk_size)
+    if not (isinstance(order, (int, float)) and np.isfinite(order) and order >= 0):
+        raise ValueError(f"order must be a finite number >= 0, got {order!r}")
     if not 1 <= n_interactions <= n_users * n_items // 2:
         raise ValueError(f"n_interactions must be in [1, n_users * n_items // 2 = {n_users * n_items // 2}] "
                          f"so that pairs stay unique, got {n_interactions!r}")
     world = planted_world(n_users, n_items, seed=seed, n_genres=n_genres, latent_dim=latent_dim)
-    interactions = _interactions(world, n_interactions, chunk_size, _streams(seed)[4])
-    name = f"synthetic-{n_users}u-{n_items}i-{n_interactions}r-seed{seed}"
+    interactions = _interactions(world, n_interactions, chunk_size, _streams(seed)[4], order,
+                                 np.random.default_rng(np.random.SeedSequence(seed).spawn(6)[5]))
+    name = f"synthetic-{n_users}u-{n_items}i-{n_interactions}r-seed{seed}" + (f"-order{order:g}" if order else "")
     return make_dataset(name, interactions, source=name, rows_read=n_interactions,
                         users=world.users, items=world.items)
 
 
-def _interactions(world: PlantedWorld, n: int, chunk_size: int, rng: np.random.Generator) -> pd.DataFrame:
+def _interactions(world: PlantedWorld, n: int, chunk_size: int, rng: np.random.Generator, order: float = 0.0,
+                  order_rng: np.random.Generator | None = None) -> pd.DataFrame:
     """n unique interactions with ratings and timestamps, sorted by (timestamp, user_id, item_id)."""
     users, items = _unique_pairs(world, n, chunk_size, rng)
     ratings = np.empty(n, dtype=np.float32)
@@ -182,6 +193,8 @@ def _interactions(world: PlantedWorld, n: int, chunk_size: int, rng: np.random.G
     for start in range(0, n, chunk_size):
         part = slice(start, start + chunk_size)
         ratings[part], times[part] = _rate(world, users[part], items[part], rng)
+    if order:
+        times = _ordered_times(world, users, items, times, order, order_rng, chunk_size)
     # Sort here, on integers, so make_dataset finds the log in order and copies nothing.
     user_rank = pd.factorize(world.users["user_id"], sort=True)[0]  # (U,) position in string order
     order = np.lexsort((items, user_rank[users], times))
@@ -237,6 +250,23 @@ def _prefer(world: PlantedWorld, size: int, user_cdf: np.ndarray,
         np.copyto(best_item, candidate, where=score > best_score)
         np.maximum(best_score, score, out=best_score)
     return users, best_item
+
+
+def _ordered_times(world: PlantedWorld, users: np.ndarray, items: np.ndarray, times: np.ndarray, order: float,
+                   rng: np.random.Generator, chunk_size: int) -> np.ndarray:
+    """``times`` handed out again within each user: the user's earliest time to the item with the lowest
+    ``order * v_i . w_u + N(0, 1)``, and so on (w_u: a unit direction per user, from ``rng``)."""
+    n_users, latent_dim = world.user_vectors.shape
+    direction = _unit(rng.standard_normal((n_users, latent_dim), dtype=np.float32))     # (U, D)
+    key = np.empty(users.size, dtype=np.float64)
+    for start in range(0, users.size, chunk_size):
+        part = slice(start, start + chunk_size)
+        key[part] = order * np.einsum("bd,bd->b", world.item_vectors[items[part]], direction[users[part]])
+    key += rng.standard_normal(users.size)
+    by_key, by_time = np.lexsort((key, users)), np.lexsort((times, users))   # both grouped by user alike
+    out = np.empty_like(times)
+    out[by_key] = times[by_time]
+    return out
 
 
 def _zipf_ranks(rng: np.random.Generator, size: int, n_items: int) -> np.ndarray:
