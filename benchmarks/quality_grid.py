@@ -4,6 +4,7 @@ from one code version and each row carries its own baselines (popularity, EASE) 
 
     .venv/bin/python benchmarks/quality_grid.py                       # ml-100k + a ~10k-item synthetic log
     .venv/bin/python benchmarks/quality_grid.py --datasets ml-100k --protocols random --jobs 1
+    .venv/bin/python benchmarks/quality_grid.py --datasets synthetic --synthetic-order 8   # a log with an order
 
 Writes bench_results/quality_grid.json (every cell's trainer_bench result) and quality_grid.md (the
 table); prints each cell in grid order as the runs finish. ``--jobs 2`` runs two cells at once, each trainer on one
@@ -31,8 +32,12 @@ TOWERS = ("pooled", "sequential")    # the default grid; "validated" (the traine
 TOWER_CHOICES = (*TOWERS, "autoencoder", "validated")
 EASE_OFF = ("retrieval.distill_weight=0", "ranking.affinity=none")
 SYNTHETIC = "synthetic"          # the --datasets name of the generated ~10k-item MovieLens-1M-layout log
-# What the results record for the generated log instead of its temporary folder.
-SYNTHETIC_RECIPE = "trainer.data.synthetic.generate(5000, 10000, 100000, seed=0), MovieLens-1M layout"
+
+
+def synthetic_recipe(order: float = 0.0) -> str:
+    """What the results record for the generated log instead of its temporary folder."""
+    extra = f", order={order:g}" if order else ""
+    return f"trainer.data.synthetic.generate(5000, 10000, 100000, seed=0{extra}), MovieLens-1M layout"
 
 
 def cell_overrides(protocol: str, tower: str, ease_help: bool) -> list[str]:
@@ -40,7 +45,7 @@ def cell_overrides(protocol: str, tower: str, ease_help: bool) -> list[str]:
 
 
 def run_cell(dataset: str, dataset_path: str | None, protocol: str, tower: str, ease_help: bool,
-             out_dir: Path, threads: int) -> dict:
+             out_dir: Path, threads: int, synthetic_order: float = 0.0) -> dict:
     """One trainer_bench run; returns its JSON result with the cell's coordinates added."""
     name = f"{dataset}-{protocol}-{tower}-{'ease' if ease_help else 'noease'}"
     out = out_dir / f"{name}.json"
@@ -58,7 +63,7 @@ def run_cell(dataset: str, dataset_path: str | None, protocol: str, tower: str, 
     result = json.loads(out.read_text())
     # trainer_bench's "dataset" is the path it was given; the grid's name for it comes last and wins,
     # and a generated log is recorded by its recipe, not by the temporary folder it lived in.
-    recorded = SYNTHETIC_RECIPE if dataset == SYNTHETIC else dataset_path
+    recorded = synthetic_recipe(synthetic_order) if dataset == SYNTHETIC else dataset_path
     return {**{k: v for k, v in result.items() if k != "overrides"}, "dataset_path": recorded,
             "cell": name, "dataset": dataset, "protocol": protocol, "tower": tower, "ease_help": ease_help,
             "overrides": [f"data.dataset={recorded}" if o.startswith("data.dataset=") else o for o in overrides]}
@@ -92,6 +97,9 @@ def main() -> int:
     parser.add_argument("--ease-help", default="on,off", help="on, off or on,off")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (each trainer on --threads)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--synthetic-order", type=float, default=0.0, metavar="X",
+                        help="plant a time order in the synthetic log (trainer.data.synthetic.generate's order; "
+                             "0, the default, leaves its users' items in none)")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "quality_grid.json"))
     args = parser.parse_args()
     protocols, towers = args.protocols.split(","), args.towers.split(",")
@@ -113,13 +121,14 @@ def main() -> int:
                 sys.path.insert(0, str(ROOT))
                 from trainer.data.synthetic import generate, write_movielens_like
 
-                paths[dataset] = str(write_movielens_like(generate(5000, 10000, 100000, seed=0),
-                                                          Path(tmp) / "synthetic", "1m"))
+                paths[dataset] = str(write_movielens_like(
+                    generate(5000, 10000, 100000, seed=0, order=args.synthetic_order), Path(tmp) / "synthetic", "1m"))
             else:
                 paths[dataset] = None if dataset == "ml-100k" else dataset
         grid = list(itertools.product(paths, protocols, towers, ease))
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [pool.submit(run_cell, d, paths[d], p, t, e, cells_dir, args.threads) for d, p, t, e in grid]
+            futures = [pool.submit(run_cell, d, paths[d], p, t, e, cells_dir, args.threads, args.synthetic_order)
+                       for d, p, t, e in grid]
             cells = []
             for future in futures:
                 cells.append(future.result())

@@ -3,7 +3,7 @@ the grid's runs are the trainer's own, tested in test_pipeline)."""
 
 from __future__ import annotations
 
-from benchmarks.quality_grid import EASE_OFF, cell_overrides, table
+from benchmarks.quality_grid import EASE_OFF, cell_overrides, synthetic_recipe, table
 
 
 def test_a_cell_names_its_protocol_and_tower_and_switches_both_ease_helps_off():
@@ -34,3 +34,10 @@ def test_a_validated_cell_names_the_tower_its_run_kept():
             "wall_s": 157.0, "peak_rss_mb": 860.0}
     assert table([cell]).splitlines()[2].startswith("| ml-100k, temporal | validated (sequential) | on | 0.0740 |")
     assert cell_overrides("temporal", "validated", True) == ["data.protocol=temporal", "retrieval.user_tower=validated"]
+
+
+def test_the_synthetic_logs_recipe_names_a_planted_order_only_where_there_is_one():
+    assert synthetic_recipe() == ("trainer.data.synthetic.generate(5000, 10000, 100000, seed=0), "
+                                  "MovieLens-1M layout")
+    assert synthetic_recipe(8.0) == ("trainer.data.synthetic.generate(5000, 10000, 100000, seed=0, order=8), "
+                                     "MovieLens-1M layout")
