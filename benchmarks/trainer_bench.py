@@ -132,6 +132,8 @@ def main() -> int:
               "index_seconds": manifest.get("extra", {}).get("index_seconds"),
               "protocol": report["data"]["protocol"], "n_items": report["data"]["n_items"],
               "ndcg@10": {"pipeline": report["pipeline"]["ndcg@10"], "two_tower": report["two_tower"]["ndcg@10"],
+                          **({"pipeline_start": report["pipeline_start"]["ndcg@10"]}
+                             if report.get("pipeline_start") else {}),
                           **{name: values["ndcg@10"] for name, values in report["baselines"].items()}},
               "validation": validation_figures(report.get("histories", {})),
               "user_tower": report.get("user_tower"),

@@ -23,6 +23,9 @@ class FitHistory:
     epochs: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
     best_score: float = -math.inf
+    # The ranker's: the weights of its start (parameters by name) where a trained epoch replaced it, so that
+    # the evaluation can score the start beside it; None where the start was kept. Not checkpointed.
+    start_parameters: dict | None = None
 
 
 class Checkpointer:

@@ -2,7 +2,8 @@
 
 ``retrieve`` gives each user's exact top-n two-tower candidates (what the flat index serves; the
 ranker's training and the sample recommendations use it too); ``evaluate`` measures retrieval
-alone, the full pipeline (retrieve N -> rank -> top K), the ranking heads, the MMR diversity
+alone, the full pipeline (retrieve N -> rank -> top K; and with the ranker's start where a trained epoch
+replaced it), the ranking heads, the MMR diversity
 trade-off, the reference baselines and the recommendations' popularity profile; ``data_report`` is
 the report's ``data`` section. The protocol itself (targets, masks, list metrics) is
 ``trainer.full_ranking``. Nothing here trains, gates or publishes.
@@ -68,6 +69,12 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
                                                run.score_mode, run.rating_weight, prep.spec.rating_max, device)
         ranked = rerank(top_n, scores, max(ks))
         report["pipeline"] = list_report(ranked, prep.test, ks, vectors)
+        if run.ranker_start is not None:
+            # Where a trained epoch replaced the ranker's fitted start: the start on the same candidates, so that
+            # the report shows what the DCN's epochs did on test (a side-by-side baseline of the same run).
+            start_scores = score_candidates(run.ranker_start, prep.tables, top_n, prep.eval_timestamps[top_n.users],
+                                            run.score_mode, run.rating_weight, prep.spec.rating_max, device)[0]
+            report["pipeline_start"] = list_report(rerank(top_n, start_scores, max(ks)), prep.test, ks, vectors)
         report["ranking_heads"] = _head_metrics(cfg, prep, run, top_n, device)
         report["diversity_tradeoff"] = _diversity_tradeoff(cfg, prep, run, top_n, scores, vectors)
     with timings.stage("baselines"):

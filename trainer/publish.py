@@ -50,7 +50,8 @@ class TrainedRun:
     rating_weight: float = 0.0          # ctr_x_rating: score = ctr * (rating / rating_max) ** weight
     display: DisplaySource | None = None  # titles, genres, recent interactions (None: empty metadata)
     tower_choice: dict | None = None      # retrieval.user_tower's choice (trainer.training._fit_towers)
-    ranker_choice: dict | None = None     # the ranker's choices (its EASE affinity rank, ranking.affinity_rank_max)
+    ranker_choice: dict | None = None     # the ranker's choices (start or epoch kept, its EASE affinity rank)
+    ranker_start: torch.nn.Module | None = None  # the ranker's start where a trained epoch replaced it (not published)
 
 
 def choose_index_params(kind: str, n_items: int, exact_below: int) -> IndexParams:

@@ -806,7 +806,8 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                rating_scores: Callable[[np.ndarray], np.ndarray] | None = None,
                folds: Folds | None = None, channels: TowerChannels | None = None,
                ease_factors: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[DCNRanker, FitHistory]:
-    """Trains the DCN; returns the best epoch's ranker by the pipeline's NDCG@10 on the stopping half.
+    """Trains the DCN; returns the best epoch's ranker by the pipeline's NDCG@10 on the stopping half, and its
+    history (with the start's parameters where an epoch replaced the start: ``FitHistory.start_parameters``).
 
     ``folds`` (rows from training-log folds, ``fold_rows``) join the CTR examples, but the fixed parts fitted
     before training (the affinities' standardisation and the wide logistic fit) see the validation
@@ -889,6 +890,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     stopper = EarlyStop(rc.patience, rc.min_improvement, reference=history.best_score)
     history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score})
     best_state = copy.deepcopy(ranker.state_dict())
+    start_parameters = {name: value.detach().clone() for name, value in ranker.named_parameters()}
     scored = np.zeros(rating_rows.users.size, dtype=bool)
     listwise = rc.loss == "listwise"
     starts = list_starts(fit_rows)
@@ -953,6 +955,8 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
             break
     if best_state is not None:
         ranker.load_state_dict(best_state)
+    if history.best_epoch >= 0:
+        history.start_parameters = start_parameters
     if rc.rating_refit_rows and rc.score_mode == "ctr" and rating_rows.users.size:
         # The served order (CTR only) is not affected, so the stopping-half selection stays exact.
         sample = np.sort(np.random.default_rng(cfg.run.seed + 5).choice(

@@ -17,7 +17,10 @@ TABLE_METRICS = ("recall@10", "precision@10", "ndcg@10", "map@10", "mrr@10", "hi
 
 def comparison_rows(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Model name -> metrics, for the table: the pipeline, the two-tower alone and the baselines."""
-    rows = {"pipeline (two-tower -> DCN)": report["pipeline"], "two-tower alone": report["two_tower"]}
+    rows = {"pipeline (two-tower -> DCN)": report["pipeline"]}
+    if report.get("pipeline_start"):
+        rows["pipeline, the ranker's start (before its epochs)"] = report["pipeline_start"]
+    rows["two-tower alone"] = report["two_tower"]
     rows.update({name: values for name, values in report["baselines"].items()})
     return rows
 
@@ -44,6 +47,10 @@ def markdown(report: dict[str, Any]) -> str:
                   ", ".join(f"{name} {score:.4f}" for name, score in choice["validation_ndcg@10"].items()) +
                   (f"; the ranker's tower channels: {', '.join(choice['ranker_channels'])}"
                    if choice.get("ranker_channels") else ""), ""]
+    if (report.get("ranker") or {}).get("kept"):
+        kept = report["ranker"]["kept"]
+        lines += ["Ranker kept: " + ("its fitted start (no epoch passed the keep rule on the stopping half)"
+                                     if kept == "start" else f"{kept} (its start scored beside it in the table)"), ""]
     if (report.get("ranker") or {}).get("affinity_rank"):
         choice = report["ranker"]["affinity_rank"]
         lines += [f"Ranker affinity rank: {choice['rank']}; share of EASE's top 10 its factors keep, by rank: " +

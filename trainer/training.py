@@ -139,8 +139,23 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
                 kept = (ranker, ranking_history)
         ranker, ranking_history = kept
     histories["ranking"] = ranking_history.epochs
-    return (replace(_trained_run(cfg, prep, two_tower, ranker), tower_choice=tower_choice,
-                    ranker_choice=None if rank_choice is None else {"affinity_rank": rank_choice}), histories)
+    ranker_choice = {"kept": "start" if ranking_history.best_epoch < 0 else f"epoch {ranking_history.best_epoch}"}
+    if rank_choice is not None:
+        ranker_choice["affinity_rank"] = rank_choice
+    return (replace(_trained_run(cfg, prep, two_tower, ranker), tower_choice=tower_choice, ranker_choice=ranker_choice,
+                    ranker_start=_ranker_start(ranker, ranking_history.start_parameters)), histories)
+
+
+def _ranker_start(ranker, start_parameters: dict | None):
+    """The kept ranker with its start's parameters (eval mode, on the CPU), for the report to score beside it;
+    None where the start is the kept ranker."""
+    if start_parameters is None:
+        return None
+    start = copy.deepcopy(ranker).cpu().eval()
+    with torch.no_grad():
+        for name, value in start.named_parameters():
+            value.copy_(start_parameters[name])
+    return start
 
 
 def _fit_towers(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Distributed,

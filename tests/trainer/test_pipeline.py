@@ -131,9 +131,18 @@ def test_the_ranker_replaces_its_start_only_by_a_gain_of_keep_min_t_standard_err
     assert [e["val_ndcg@10"] for e in never_history] == [e["val_ndcg@10"] for e in any_gain_history]
     assert len(never_history) >= 2 and all(not np.isnan(e["t_vs_start"]) for e in never_history[1:])
     assert never["pipeline"]["ndcg@10"] == pytest.approx(never["two_tower"]["ndcg@10"], abs=1e-12)
+    assert never["ranker"]["kept"] == "start" and "pipeline_start" not in never
     start, trained = never_history[0]["val_ndcg@10"], [e["val_ndcg@10"] for e in never_history[1:]]
-    if max(trained) > start:         # with 0, an epoch above the start is served instead of the start
-        assert any_gain["pipeline"]["ndcg@10"] != never["pipeline"]["ndcg@10"]
+    best = int(np.argmax(trained))
+    assert max(trained) > start      # this log: with 0, an epoch above the start is served instead of the start
+    assert any_gain["ranker"]["kept"] == f"epoch {best}"
+    assert any_gain["pipeline"]["ndcg@10"] != never["pipeline"]["ndcg@10"]
+    # The report scores the replaced start beside it: on the same candidates, the very start the other run served.
+    assert any_gain["pipeline_start"] == never["pipeline"]
+    text = (tmp_path / "t0" / "report.md").read_text()
+    assert f"| pipeline, the ranker's start (before its epochs) | {never['pipeline']['recall@10']:.4f} |" in text
+    assert f"Ranker kept: epoch {best} (its start scored beside it in the table)" in text
+    assert "Ranker kept: its fitted start" in (tmp_path / "t1000000000.0" / "report.md").read_text()
 
 
 def test_ranker_patience_restarts_only_on_a_gain_of_min_improvement(tmp_path, dataset):
