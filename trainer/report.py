@@ -16,7 +16,8 @@ TABLE_METRICS = ("recall@10", "precision@10", "ndcg@10", "map@10", "mrr@10", "hi
 
 
 def comparison_rows(report: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """Model name -> metrics, for the table: the pipeline, the two-tower alone and the baselines."""
+    """Model name -> metrics, for the table: the pipeline (and with the ranker's start, where a trained epoch
+    replaced it), the two-tower alone and the baselines."""
     rows = {"pipeline (two-tower -> DCN)": report["pipeline"]}
     if report.get("pipeline_start"):
         rows["pipeline, the ranker's start (before its epochs)"] = report["pipeline_start"]

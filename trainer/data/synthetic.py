@@ -184,7 +184,7 @@ def generate(n_users: int, n_items: int, n_interactions: int, *, seed: int, n_ge
                         users=world.users, items=world.items)
 
 
-def _interactions(world: PlantedWorld, n: int, chunk_size: int, rng: np.random.Generator, order: float = 0.0,
+def _interactions(world: PlantedWorld, n: int, chunk_size: int, rng: np.random.Generator, strength: float = 0.0,
                   order_rng: np.random.Generator | None = None) -> pd.DataFrame:
     """n unique interactions with ratings and timestamps, sorted by (timestamp, user_id, item_id)."""
     users, items = _unique_pairs(world, n, chunk_size, rng)
@@ -193,8 +193,8 @@ def _interactions(world: PlantedWorld, n: int, chunk_size: int, rng: np.random.G
     for start in range(0, n, chunk_size):
         part = slice(start, start + chunk_size)
         ratings[part], times[part] = _rate(world, users[part], items[part], rng)
-    if order:
-        times = _ordered_times(world, users, items, times, order, order_rng, chunk_size)
+    if strength:                     # generate's order: a planted time order in each user's history
+        times = _ordered_times(world, users, items, times, strength, order_rng, chunk_size)
     # Sort here, on integers, so make_dataset finds the log in order and copies nothing.
     user_rank = pd.factorize(world.users["user_id"], sort=True)[0]  # (U,) position in string order
     order = np.lexsort((items, user_rank[users], times))
