@@ -836,6 +836,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     fit_rows = held_out if folds is None else Rows.concat([held_out, folds.rows])
     calibrate_start(ranker, fit_rows)
     start_users = None          # the stopping-half NDCG@10 of the start per user, where already measured
+    start_choice = None         # the fitted starts' scores and the one kept, where there were starts to choose
     stop_ts = eval_timestamps[stop_candidates.users]
 
     def stopping_half() -> np.ndarray:
@@ -869,6 +870,12 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         ranker.load_state_dict(starts[kept_start][1])
         log.info("ranker start: stopping-half NDCG@10 %s; kept the %s",
                  ", ".join(f"{float(u.mean()):.4f} by the {name}" for name, (u, _) in starts.items()), kept_start)
+        # For the report: each start's stopping-half score and its per-user gain over retrieval's order in
+        # standard errors (the keep rule's t; the start is chosen by the score alone).
+        start_choice = {"kept": kept_start, "stopping_half": {
+            name: {"ndcg@10": round(float(u.mean()), 4),
+                   "t_vs_retrieval_order": round(paired_t(u, starts["retrieval order"][0]), 2)}
+            for name, (u, _) in starts.items()}}
         if folds is not None and (rc.fold_affinity == "refit" or tower_tables is not None):
             fit_rows = Rows.concat([held_out.with_affinity(_table_affinity(ranker, held_out, device)),
                                     folds.rows.with_affinity(_fold_affinity(ranker, tables, rating_rows, folds,
@@ -888,7 +895,8 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     # (config.py says why).
     history.best_score = float(start_users.mean())
     stopper = EarlyStop(rc.patience, rc.min_improvement, reference=history.best_score)
-    history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score})
+    history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score,
+                           **({"starts": start_choice} if start_choice else {})})
     best_state = copy.deepcopy(ranker.state_dict())
     start_parameters = {name: value.detach().clone() for name, value in ranker.named_parameters()}
     scored = np.zeros(rating_rows.users.size, dtype=bool)

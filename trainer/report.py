@@ -52,6 +52,12 @@ def markdown(report: dict[str, Any]) -> str:
         kept = report["ranker"]["kept"]
         lines += ["Ranker kept: " + ("its fitted start (no epoch passed the keep rule on the stopping half)"
                                      if kept == "start" else f"{kept} (its start scored beside it in the table)"), ""]
+        if report["ranker"].get("start"):
+            start = report["ranker"]["start"]
+            lines += [f"Ranker start: the {start['kept']}; stopping-half NDCG@10 " + ", ".join(
+                f"{name} {v['ndcg@10']:.4f}" + ("" if name == "retrieval order" else
+                                                f" (t {v['t_vs_retrieval_order']:.2f} against retrieval's order)")
+                for name, v in start["stopping_half"].items()), ""]
     if (report.get("ranker") or {}).get("affinity_rank"):
         choice = report["ranker"]["affinity_rank"]
         lines += [f"Ranker affinity rank: {choice['rank']}; share of EASE's top 10 its factors keep, by rank: " +

@@ -140,6 +140,8 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
         ranker, ranking_history = kept
     histories["ranking"] = ranking_history.epochs
     ranker_choice = {"kept": "start" if ranking_history.best_epoch < 0 else f"epoch {ranking_history.best_epoch}"}
+    if ranking_history.epochs and ranking_history.epochs[0].get("starts"):
+        ranker_choice["start"] = ranking_history.epochs[0]["starts"]
     if rank_choice is not None:
         ranker_choice["affinity_rank"] = rank_choice
     return (replace(_trained_run(cfg, prep, two_tower, ranker), tower_choice=tower_choice, ranker_choice=ranker_choice,

@@ -309,6 +309,18 @@ def test_validated_user_tower_keeps_the_tower_with_the_best_validation_score(tmp
     assert f"the ranker's tower channels: {random['user_tower']['ranker_channels'][0]}" in markdown
     assert (f"Ranker affinity rank: {rank}; share of EASE's top 10 its factors keep, by rank: " +
             ", ".join(f"{r} {v:.3f}" for r, v in choice["ease_top10_kept"].items())) in markdown
+    # The three starts on the stopping half: the best kept, each fitted one's t against retrieval's order.
+    start = random["ranker"]["start"]
+    halves = start["stopping_half"]
+    assert set(halves) == {"logistic fit", "listwise fit", "retrieval order"}
+    assert halves[start["kept"]]["ndcg@10"] == max(v["ndcg@10"] for v in halves.values())
+    assert halves["retrieval order"]["t_vs_retrieval_order"] == 0.0
+    assert random["histories"]["ranking"][0]["starts"] == start
+    assert random["histories"]["ranking"][0]["val_ndcg@10"] == pytest.approx(halves[start["kept"]]["ndcg@10"],
+                                                                             abs=5e-5)
+    t = halves["logistic fit"]["t_vs_retrieval_order"]
+    assert (f"Ranker start: the {start['kept']}; stopping-half NDCG@10 logistic fit "
+            f"{halves['logistic fit']['ndcg@10']:.4f} (t {t:.2f} against retrieval's order)") in markdown
     _, forced = run("validated", "temporal", "ranking.tower_affinity=on")
     assert set(forced["user_tower"]["ranker_channels"]) == set(towers) - {kept}
     _, over = run("validated", "random", "retrieval.autoencoder_below=10")
