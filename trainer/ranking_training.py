@@ -898,7 +898,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score,
                            **({"starts": start_choice} if start_choice else {})})
     best_state = copy.deepcopy(ranker.state_dict())
-    start_parameters = {name: value.detach().clone() for name, value in ranker.named_parameters()}
+    start_parameters = {name: best_state[name] for name, _ in ranker.named_parameters()}   # the start's, no copy
     scored = np.zeros(rating_rows.users.size, dtype=bool)
     listwise = rc.loss == "listwise"
     starts = list_starts(fit_rows)

@@ -93,8 +93,9 @@ def _require_positive(**fields: int) -> None:
 
 
 def _streams(seed: int) -> list[np.random.Generator]:
-    """Independent generators: genres, users, items, hidden truth, interactions."""
-    return [np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(5)]
+    """Independent generators: genres, users, items, hidden truth, interactions, the planted time order (a
+    SeedSequence's k-th child does not depend on how many are spawned, so adding one moved none)."""
+    return [np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(6)]
 
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
@@ -177,15 +178,14 @@ def generate(n_users: int, n_items: int, n_interactions: int, *, seed: int, n_ge
         raise ValueError(f"n_interactions must be in [1, n_users * n_items // 2 = {n_users * n_items // 2}] "
                          f"so that pairs stay unique, got {n_interactions!r}")
     world = planted_world(n_users, n_items, seed=seed, n_genres=n_genres, latent_dim=latent_dim)
-    interactions = _interactions(world, n_interactions, chunk_size, _streams(seed)[4], order,
-                                 np.random.default_rng(np.random.SeedSequence(seed).spawn(6)[5]))
+    interactions = _interactions(world, n_interactions, chunk_size, *_streams(seed)[4:], order)
     name = f"synthetic-{n_users}u-{n_items}i-{n_interactions}r-seed{seed}" + (f"-order{order:g}" if order else "")
     return make_dataset(name, interactions, source=name, rows_read=n_interactions,
                         users=world.users, items=world.items)
 
 
-def _interactions(world: PlantedWorld, n: int, chunk_size: int, rng: np.random.Generator, strength: float = 0.0,
-                  order_rng: np.random.Generator | None = None) -> pd.DataFrame:
+def _interactions(world: PlantedWorld, n: int, chunk_size: int, rng: np.random.Generator,
+                  order_rng: np.random.Generator, strength: float = 0.0) -> pd.DataFrame:
     """n unique interactions with ratings and timestamps, sorted by (timestamp, user_id, item_id)."""
     users, items = _unique_pairs(world, n, chunk_size, rng)
     ratings = np.empty(n, dtype=np.float32)
