@@ -135,6 +135,7 @@ def main() -> int:
                           **({"pipeline_start": report["pipeline_start"]["ndcg@10"]}
                              if report.get("pipeline_start") else {}),
                           **{name: values["ndcg@10"] for name, values in report["baselines"].items()}},
+              "paired": report.get("paired"),
               "validation": validation_figures(report.get("histories", {})),
               "user_tower": report.get("user_tower"),
               "ranker": report.get("ranker"),

@@ -21,9 +21,9 @@ from trainer import metrics
 from trainer.baselines import rank_topk
 from trainer.config import TrainConfig
 from trainer.features import FeatureTables
-from trainer.full_ranking import (EvalTarget, baseline_reports, diversity_vectors, interaction_matrix,
-                                  list_report, users_per_batch)
-from trainer.prepare import Prepared, held_out
+from trainer.full_ranking import (PAIRS, EvalTarget, baseline_reports, diversity_vectors, interaction_matrix,
+                                  list_report, paired_ratio, users_per_batch)
+from trainer.prepare import HEADLINE_K, Prepared, held_out
 from trainer.progress import Timings
 from trainer.publish import TrainedRun, all_item_embeddings
 from trainer.ranking_training import Candidates, click_rows, rerank, row_scores, score_candidates
@@ -77,12 +77,24 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
             report["pipeline_start"] = list_report(rerank(top_n, start_scores, max(ks)), prep.test, ks, vectors)
         report["ranking_heads"] = _head_metrics(cfg, prep, run, top_n, device)
         report["diversity_tradeoff"] = _diversity_tradeoff(cfg, prep, run, top_n, scores, vectors)
+    lists = {"pipeline": ranked, "two_tower": retrieved[:, :max(ks)]}
     with timings.stage("baselines"):
         report["baselines"] = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val,
                                                prep.test, ks, cfg.eval.ease_grid, vectors,
-                                               cfg.eval.ease_search)
+                                               cfg.eval.ease_search, ranked_lists=lists)
+    report["paired"] = paired_report(lists, truth, cfg.run.seed)
     report["recommended_popularity"] = _popularity_profile(ranked, prep.tables)
     return report
+
+
+def paired_report(lists: dict[str, np.ndarray], truth: list[np.ndarray], seed: int,
+                  k: int = HEADLINE_K) -> dict[str, dict[str, float]]:
+    """The report's ``paired`` section: for each (model, reference) of ``PAIRS`` whose lists are there (EASE
+    is not run on the largest catalogs), the NDCG@k ratio with its bootstrap interval and t over the test
+    users (``paired_ratio``), keyed "model / reference"."""
+    per_user = {name: metrics.per_user("ndcg", ranked, truth, k) for name, ranked in lists.items()}
+    return {f"{model} / {reference}": paired_ratio(per_user[model], per_user[reference], seed=seed)
+            for model, reference in PAIRS if model in per_user and reference in per_user}
 
 
 def data_report(prep: Prepared, protocol: str, seed: int | None = None) -> dict[str, Any]:

@@ -105,15 +105,54 @@ def list_report(ranked: np.ndarray, target: EvalTarget, ks: tuple[int, ...],
 
 def baseline_reports(train_matrix: SparseMatrix, val: EvalTarget, test: EvalTarget,
                      ks: tuple[int, ...], grid: tuple[float, ...],
-                     item_vectors: np.ndarray, search: str = "climb") -> dict[str, dict[str, float]]:
+                     item_vectors: np.ndarray, search: str = "climb",
+                     ranked_lists: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
     """Popularity and EASE (l2 tuned on validation NDCG@10, ``search`` as in ``tune_ease``) evaluated on the
-    test target."""
+    test target; ``ranked_lists``, when given, receives each baseline's ranked test lists (U, max(ks))."""
     reports = {}
+    lists = {} if ranked_lists is None else ranked_lists
     popularity = Popularity().fit(train_matrix)
-    reports["popularity"] = list_report(rank_users(popularity.scores, test, max(ks)), test, ks, item_vectors)
+    lists["popularity"] = rank_users(popularity.scores, test, max(ks))
+    reports["popularity"] = list_report(lists["popularity"], test, ks, item_vectors)
     if train_matrix.shape[1] <= MAX_EASE_ITEMS:
         best, _table = tune_ease_solution(train_matrix, val.truth, val.exclude, grid, search=search)
         ease = EASE.from_solution(best)
-        reports["ease"] = list_report(rank_users(ease.scores, test, max(ks)), test, ks, item_vectors)
+        lists["ease"] = rank_users(ease.scores, test, max(ks))
+        reports["ease"] = list_report(lists["ease"], test, ks, item_vectors)
         reports["ease"]["l2"] = float(best.l2)
     return reports
+
+
+# Paired test comparisons of the report (model, reference): the ratios the project's aims are stated in.
+PAIRS = (("pipeline", "ease"), ("pipeline", "two_tower"), ("two_tower", "ease"))
+
+
+def paired_ratio(model: np.ndarray, reference: np.ndarray, resamples: int = 1000,
+                 seed: int = 0) -> dict[str, float | int | list[float] | None]:
+    """How two models' per-user scores on the same users compare: the ratio of their means, its 95 % interval
+    by a paired bootstrap over users (``resamples`` draws of the users with replacement, seeded), and the mean
+    per-user difference in standard errors of that mean (t). A ratio whose interval holds 1 is within the
+    noise of the test users. None where a figure has no value (a reference that scores nothing: no ratio; a
+    difference without spread: no t); no interval for fewer than two users."""
+    model, reference = np.asarray(model, np.float64), np.asarray(reference, np.float64)
+    if model.shape != reference.shape or model.ndim != 1:
+        raise ValueError(f"paired scores must be two 1-d arrays of one length, got {model.shape} and {reference.shape}")
+    n = model.size
+    diff = model - reference
+    mean_diff = float(diff.mean()) if n else 0.0
+    se = float(diff.std(ddof=1)) / np.sqrt(n) if n > 1 else 0.0
+    out: dict[str, float | int | list[float] | None] = {
+        "users": int(n), "ratio": float(model.sum() / reference.sum()) if reference.sum() > 0 else None,
+        "difference": mean_diff, "t": mean_diff / se if se > 0 else (0.0 if mean_diff == 0 else None)}
+    if n > 1:
+        rng = np.random.default_rng(seed)
+        ratios = np.empty(resamples)
+        for start in range(0, resamples, 100):     # 100 draws of the users at a time: (100, n) indices
+            draw = rng.integers(0, n, size=(min(100, resamples - start), n))
+            with np.errstate(divide="ignore", invalid="ignore"):   # a draw where the reference scores nothing
+                ratios[start:start + draw.shape[0]] = model[draw].sum(axis=1) / reference[draw].sum(axis=1)
+        finite = ratios[np.isfinite(ratios)]
+        if finite.size:
+            low, high = np.percentile(finite, [2.5, 97.5])
+            out["ratio_95"] = [float(low), float(high)]
+    return out

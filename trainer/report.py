@@ -35,6 +35,10 @@ def markdown(report: dict[str, Any]) -> str:
     for name, values in rows.items():
         cells = [f"{values[m]:.4f}" if isinstance(values.get(m), float) else "-" for m in TABLE_METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("paired"):
+        lines += ["", f"Paired over the {next(iter(report['paired'].values()))['users']} test users (NDCG@10 ratio, "
+                  "its 95 % bootstrap interval over users, t of the per-user difference): " + "; ".join(
+                      f"{name} {_paired(v)}" for name, v in report["paired"].items())]
     lines += ["", "Retrieval alone (candidate recall bounds the ranker): " +
               ", ".join(f"{k} {v:.4f}" for k, v in report["retrieval"].items()), "",
               "Ranking heads: " + ", ".join(f"{k} {v:.4f}" for k, v in report["ranking_heads"].items()), ""]
@@ -66,6 +70,16 @@ def markdown(report: dict[str, Any]) -> str:
     if report.get("gate"):
         lines += [f"Quality gate: {report['gate']}", ""]
     return "\n".join(lines)
+
+
+def _figure(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _paired(values: dict[str, Any]) -> str:
+    """"1.031 (0.990-1.072, t 1.52)": a paired comparison's ratio, interval (where there is one) and t."""
+    interval = [f"{values['ratio_95'][0]:.3f}-{values['ratio_95'][1]:.3f}"] if "ratio_95" in values else []
+    return f"{_figure(values['ratio'], 3)} ({', '.join([*interval, 't ' + _figure(values['t'], 2)])})"
 
 
 def _load_lines(load: dict[str, Any] | None) -> list[str]:

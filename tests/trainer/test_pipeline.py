@@ -61,6 +61,15 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
     assert set(manifest.extra["index_seconds"]) == {"build", "recall"}
     assert set(result.report["retrieval"]) == {"recall@10", "recall@20", "recall@50"}
     assert {"popularity", "ease"} <= set(result.report["baselines"])
+    # Every ratio of the report's aims comes with its noise: paired over the same test users.
+    paired = result.report["paired"]
+    assert set(paired) == {"pipeline / ease", "pipeline / two_tower", "two_tower / ease"}
+    assert paired["pipeline / ease"]["ratio"] == pytest.approx(
+        result.report["pipeline"]["ndcg@10"] / result.report["baselines"]["ease"]["ndcg@10"])
+    assert paired["two_tower / ease"]["users"] == result.report["data"]["test_users"]
+    low, high = paired["pipeline / two_tower"]["ratio_95"]
+    assert low <= paired["pipeline / two_tower"]["ratio"] <= high
+    assert "Paired over the" in (tmp_path / "run" / "report.md").read_text()
     client = redis.Redis.from_url(redis_url)
     pipe = client.pipeline(transaction=False)
     feature_store.queue_is_complete(pipe, feature_store.KeyFormat(redis_namespace), 1)
