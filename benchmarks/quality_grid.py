@@ -70,22 +70,30 @@ def run_cell(dataset: str, dataset_path: str | None, protocol: str, tower: str, 
 
 
 def table(cells: list[dict]) -> str:
-    """A markdown table, one row per cell: baselines, tower, pipeline (x tower, x EASE), wall, peak RSS."""
+    """A markdown table, one row per cell: baselines, tower, pipeline (x tower, x EASE), the 95 % intervals of
+    the pipeline's two ratios over the test users (the run's ``paired`` section), wall, peak RSS."""
     lines = ["| data, protocol | tower | EASE help | popularity | EASE | tower (x EASE) | pipeline (x tower, x EASE) "
-             "| wall / peak RSS |", "|---|---|---|---|---|---|---|---|"]
+             "| 95 % intervals (x tower; x EASE) | wall / peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
     for c in cells:
         kept = (c.get("user_tower") or {}).get("kept")
         tower_cell = f"{c['tower']} ({kept})" if c["tower"] == "validated" and kept else c["tower"]
         head = f"| {c['dataset']}, {c['protocol'].replace('_', '-')} | {tower_cell} | {'on' if c['ease_help'] else 'off'} |"
         if "error" in c:
-            lines.append(f"{head} {c['error']} | | | | |")
+            lines.append(f"{head} {c['error']} | | | | | |")
             continue
         ndcg = c["ndcg@10"]
         ease, tower, pipe = ndcg.get("ease", float("nan")), ndcg["two_tower"], ndcg["pipeline"]
         lines.append(f"{head} {ndcg.get('popularity', float('nan')):.4f} | {ease:.4f} | {tower:.4f} ({tower / ease:.3f}) "
                      f"| {pipe:.4f} ({pipe / tower:.3f}, {pipe / ease:.3f}) "
+                     f"| {_interval(c, 'pipeline / two_tower')}; {_interval(c, 'pipeline / ease')} "
                      f"| {c['wall_s']:.0f} s / {c['peak_rss_mb'] / 1024:.2f} GB |")
     return "\n".join(lines) + "\n"
+
+
+def _interval(cell: dict, pair: str) -> str:
+    """"0.990-1.072": a cell's 95 % interval of one paired ratio; "-" where its run has none."""
+    interval = ((cell.get("paired") or {}).get(pair) or {}).get("ratio_95")
+    return f"{interval[0]:.3f}-{interval[1]:.3f}" if interval else "-"
 
 
 def main() -> int:

@@ -22,7 +22,7 @@ def test_the_table_gives_each_model_against_ease_and_the_pipeline_against_its_to
               "error": "exit 1, see x.log"}
     rows = table([cell, failed]).splitlines()
     assert rows[2] == ("| ml-100k, leave-one-out | pooled | off | 0.1000 | 0.3200 | 0.3000 (0.938) "
-                       "| 0.3300 (1.100, 1.031) | 61 s / 0.85 GB |")
+                       "| 0.3300 (1.100, 1.031) | -; - | 61 s / 0.85 GB |")
     assert rows[3].startswith("| synthetic, random | sequential | on | exit 1, see x.log |")
 
 
@@ -41,3 +41,12 @@ def test_the_synthetic_logs_recipe_names_a_planted_order_only_where_there_is_one
                                   "MovieLens-1M layout")
     assert synthetic_recipe(8.0) == ("trainer.data.synthetic.generate(5000, 10000, 100000, seed=0, order=8), "
                                      "MovieLens-1M layout")
+
+
+def test_the_table_gives_the_pipelines_ratios_with_their_intervals_over_the_test_users():
+    cell = {"dataset": "synthetic", "protocol": "random", "tower": "pooled", "ease_help": True,
+            "ndcg@10": {"pipeline": 0.146, "two_tower": 0.140, "ease": 0.135, "popularity": 0.115},
+            "paired": {"pipeline / two_tower": {"ratio": 1.043, "ratio_95": [1.0112, 1.0768], "t": 2.6},
+                       "pipeline / ease": {"ratio": 1.081, "ratio_95": [1.0301, 1.1333], "t": 3.1}},
+            "wall_s": 150.0, "peak_rss_mb": 1700.0}
+    assert "| 1.011-1.077; 1.030-1.133 |" in table([cell]).splitlines()[2]
