@@ -69,15 +69,16 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
                                                run.score_mode, run.rating_weight, prep.spec.rating_max, device)
         ranked = rerank(top_n, scores, max(ks))
         report["pipeline"] = list_report(ranked, prep.test, ks, vectors)
+        lists = {"pipeline": ranked, "two_tower": retrieved[:, :max(ks)]}
         if run.ranker_start is not None:
             # Where a trained epoch replaced the ranker's fitted start: the start on the same candidates, so that
             # the report shows what the DCN's epochs did on test (a side-by-side baseline of the same run).
             start_scores = score_candidates(run.ranker_start, prep.tables, top_n, prep.eval_timestamps[top_n.users],
                                             run.score_mode, run.rating_weight, prep.spec.rating_max, device)[0]
-            report["pipeline_start"] = list_report(rerank(top_n, start_scores, max(ks)), prep.test, ks, vectors)
+            lists["pipeline_start"] = rerank(top_n, start_scores, max(ks))
+            report["pipeline_start"] = list_report(lists["pipeline_start"], prep.test, ks, vectors)
         report["ranking_heads"] = _head_metrics(cfg, prep, run, top_n, device)
         report["diversity_tradeoff"] = _diversity_tradeoff(cfg, prep, run, top_n, scores, vectors)
-    lists = {"pipeline": ranked, "two_tower": retrieved[:, :max(ks)]}
     with timings.stage("baselines"):
         report["baselines"] = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val,
                                                prep.test, ks, cfg.eval.ease_grid, vectors,
@@ -90,7 +91,8 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
 def paired_report(lists: dict[str, np.ndarray], truth: list[np.ndarray], seed: int,
                   k: int = HEADLINE_K) -> dict[str, dict[str, float]]:
     """The report's ``paired`` section: for each (model, reference) of ``PAIRS`` whose lists are there (EASE
-    is not run on the largest catalogs), the NDCG@k ratio with its bootstrap interval and t over the test
+    is not run on the largest catalogs; the ranker's start is there only where a trained epoch replaced it),
+    the NDCG@k ratio with its bootstrap interval and t over the test
     users (``paired_ratio``), keyed "model / reference"."""
     per_user = {name: metrics.per_user("ndcg", ranked, truth, k) for name, ranked in lists.items()}
     return {f"{model} / {reference}": paired_ratio(per_user[model], per_user[reference], seed=seed)

@@ -73,4 +73,8 @@ def test_the_report_section_pairs_the_models_present_and_its_line_reads_them():
     assert "ratio_95" in section["pipeline / two_tower"]
     without_ease = paired_report({k: v for k, v in lists.items() if k != "ease"}, truth, seed=0)
     assert list(without_ease) == ["pipeline / two_tower"]       # EASE is not run on the largest catalogs
+    # Where a trained epoch replaced the ranker's start, the kept ranker is paired with that start too.
+    with_start = paired_report({**lists, "pipeline_start": lists["two_tower"]}, truth, seed=0)
+    assert list(with_start)[-1] == "pipeline / pipeline_start"
+    assert with_start["pipeline / pipeline_start"]["ratio"] == section["pipeline / two_tower"]["ratio"]
     assert _paired({"ratio": 1.0312, "ratio_95": [0.99, 1.0721], "t": 1.5234}) == "1.031 (0.990-1.072, t 1.52)"

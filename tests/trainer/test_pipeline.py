@@ -63,7 +63,8 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
     assert {"popularity", "ease"} <= set(result.report["baselines"])
     # Every ratio of the report's aims comes with its noise: paired over the same test users.
     paired = result.report["paired"]
-    assert set(paired) == {"pipeline / ease", "pipeline / two_tower", "two_tower / ease"}
+    assert {"pipeline / ease", "pipeline / two_tower", "two_tower / ease"} <= set(paired)
+    assert ("pipeline / pipeline_start" in paired) == ("pipeline_start" in result.report)
     assert paired["pipeline / ease"]["ratio"] == pytest.approx(
         result.report["pipeline"]["ndcg@10"] / result.report["baselines"]["ease"]["ndcg@10"])
     assert paired["two_tower / ease"]["users"] == result.report["data"]["test_users"]
@@ -148,6 +149,10 @@ def test_the_ranker_replaces_its_start_only_by_a_gain_of_keep_min_t_standard_err
     assert any_gain["pipeline"]["ndcg@10"] != never["pipeline"]["ndcg@10"]
     # The report scores the replaced start beside it: on the same candidates, the very start the other run served.
     assert any_gain["pipeline_start"] == never["pipeline"]
+    # ... and pairs the kept epoch with it over the test users: what the epochs did on test, with its noise.
+    epochs = any_gain["paired"]["pipeline / pipeline_start"]
+    assert epochs["ratio"] == pytest.approx(any_gain["pipeline"]["ndcg@10"] / never["pipeline"]["ndcg@10"])
+    assert "pipeline / pipeline_start" not in never["paired"]
     text = (tmp_path / "t0" / "report.md").read_text()
     assert f"| pipeline, the ranker's start (before its epochs) | {never['pipeline']['recall@10']:.4f} |" in text
     assert f"Ranker kept: epoch {best} (its start scored beside it in the table)" in text
