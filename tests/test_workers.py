@@ -171,8 +171,12 @@ def test_two_workers_share_the_port_both_answer_and_sigterm_stops_them_all(root)
     try:
         workers = service.wait_all_serving("retrieval_model_version")
         assert len(workers) == 2 and service.proc.pid not in workers
-        # Each worker holds its own listening socket on the port; the supervisor holds none.
-        assert _listening_pids(service.port) == {pid: 1 for pid in workers}
+        # Each worker holds its own listening socket on the port; the supervisor holds none. A worker binds
+        # only after its first version loaded (and its gauge said so), so the second bind may lag a moment.
+        expected = {pid: 1 for pid in workers}
+        _wait(lambda: _listening_pids(service.port) == expected, START_TIMEOUT_S,
+              f"each worker {sorted(workers)} listening on the port once, the supervisor not")
+        assert _listening_pids(service.port) == expected
 
         _retrieve_on_new_connections(service.port, 24)        # all on one worker: odds 2 in 2**24
         metrics = service.metrics()
