@@ -106,8 +106,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=1, help="cells run at once (each trainer on --threads)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--synthetic-order", type=float, default=0.0, metavar="X",
-                        help="plant a time order in the synthetic log (trainer.data.synthetic.generate's order; "
-                             "0, the default, leaves its users' items in none)")
+                        help="trainer_bench.py's --synthetic-order for the synthetic cells (0: no order)")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "quality_grid.json"))
     args = parser.parse_args()
     protocols, towers = args.protocols.split(","), args.towers.split(",")

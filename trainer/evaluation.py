@@ -94,7 +94,8 @@ def paired_report(lists: dict[str, np.ndarray], truth: list[np.ndarray], seed: i
     is not run on the largest catalogs; the ranker's start is there only where a trained epoch replaced it),
     the NDCG@k ratio with its bootstrap interval and t over the test
     users (``paired_ratio``), keyed "model / reference"."""
-    per_user = {name: metrics.per_user("ndcg", ranked, truth, k) for name, ranked in lists.items()}
+    paired = {name for pair in PAIRS for name in pair}
+    per_user = {name: metrics.per_user("ndcg", ranked, truth, k) for name, ranked in lists.items() if name in paired}
     return {f"{model} / {reference}": paired_ratio(per_user[model], per_user[reference], seed=seed)
             for model, reference in PAIRS if model in per_user and reference in per_user}
 

@@ -135,16 +135,12 @@ def paired_ratio(model: np.ndarray, reference: np.ndarray, resamples: int = 1000
     per-user difference in standard errors of that mean (t). A ratio whose interval holds 1 is within the
     noise of the test users. None where a figure has no value (a reference that scores nothing: no ratio; a
     difference without spread: no t); no interval for fewer than two users."""
+    mean_diff, t = metrics.paired_difference(model, reference)
     model, reference = np.asarray(model, np.float64), np.asarray(reference, np.float64)
-    if model.shape != reference.shape or model.ndim != 1:
-        raise ValueError(f"paired scores must be two 1-d arrays of one length, got {model.shape} and {reference.shape}")
     n = model.size
-    diff = model - reference
-    mean_diff = float(diff.mean()) if n else 0.0
-    se = float(diff.std(ddof=1)) / np.sqrt(n) if n > 1 else 0.0
     out: dict[str, float | int | list[float] | None] = {
         "users": int(n), "ratio": float(model.sum() / reference.sum()) if reference.sum() > 0 else None,
-        "difference": mean_diff, "t": mean_diff / se if se > 0 else (0.0 if mean_diff == 0 else None)}
+        "difference": mean_diff, "t": t}
     if n > 1:
         rng = np.random.default_rng(seed)
         ratios = np.empty(resamples)

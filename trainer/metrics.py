@@ -258,6 +258,22 @@ def _check_pair(a_name: str, a: np.ndarray, b_name: str, b: np.ndarray) -> tuple
     return a, b
 
 
+def paired_difference(model: np.ndarray, reference: np.ndarray) -> tuple[float, float | None]:
+    """(mean, t) of the per-user differences ``model - reference`` on the same users: t is the mean in standard
+    errors of that mean; 0 for no difference and None for a difference without spread (or a single user), where
+    a t has no value. The report's ``paired_ratio`` and the ranker's keep rule (``ranking_training.paired_t``)
+    both read their t here."""
+    model, reference = np.asarray(model, np.float64), np.asarray(reference, np.float64)
+    if model.shape != reference.shape or model.ndim != 1:
+        raise ValueError(f"paired scores must be two 1-d arrays of one length, got {model.shape} and {reference.shape}")
+    diff = model - reference
+    if diff.size == 0:
+        return 0.0, 0.0
+    mean = float(diff.mean())
+    se = float(diff.std(ddof=1)) / np.sqrt(diff.size) if diff.size > 1 else 0.0
+    return mean, (mean / se if se > 0 else (0.0 if mean == 0 else None))
+
+
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC by the rank-sum (Mann-Whitney U) formula, tied scores sharing their average rank.
 

@@ -282,18 +282,11 @@ def fold_affinities(ranker: DCNRanker, tables: FeatureTables, train_rows: Rows, 
     return raw
 
 
-@torch.no_grad()
-def _table_affinity(ranker: DCNRanker, rows: Rows, device: torch.device,
-                    cells_per_batch: int = FACTOR_CELLS_PER_BATCH) -> np.ndarray:
-    """(R, C) the raw affinities of ``rows`` from the ranker's own factor tables, gathered in batches as
-    ``factor_dots`` gathers them."""
-    step = max(1, cells_per_batch // max(ranker.affinity_channels * ranker.affinity_rank, 1))
-    parts = []
-    for start in range(0, max(rows.users.size, 1), step):
-        sl = slice(start, start + step)
-        parts.append(ranker.raw_affinity(torch.as_tensor(rows.users[sl], device=device),
-                                         torch.as_tensor(rows.items[sl], device=device)).cpu().numpy())
-    return np.concatenate(parts)
+def _table_affinity(ranker: DCNRanker, rows: Rows, cells_per_batch: int = FACTOR_CELLS_PER_BATCH) -> np.ndarray:
+    """(R, C) the raw affinities of ``rows`` from the ranker's own factor tables (``DCNRanker.raw_affinity``),
+    gathered in batches by ``factor_dots``."""
+    return factor_dots(ranker.affinity_user.detach().cpu().numpy(), ranker.affinity_item.detach().cpu().numpy(),
+                       rows.users, rows.items, ranker.affinity_rank, cells_per_batch)
 
 
 def _fold_affinity(ranker: DCNRanker, tables: FeatureTables, rating_rows: Rows, folds: Folds,
@@ -307,7 +300,7 @@ def _fold_affinity(ranker: DCNRanker, tables: FeatureTables, rating_rows: Rows, 
     if ease:
         parts.append(fold_affinities(ranker, tables, rating_rows, folds, cfg.ranking.affinity_l2, cfg.run.seed + 3,
                                      channels=ease) if cfg.ranking.fold_affinity == "refit"
-                     else _table_affinity(ranker, folds.rows, device)[:, :ease])
+                     else _table_affinity(ranker, folds.rows)[:, :ease])
     if tower_tables is not None:
         parts.append(folds.tower_raw)
     return np.concatenate(parts, axis=1).astype(np.float32)
@@ -630,13 +623,12 @@ def wide_ndcg_per_user(ranker: DCNRanker, candidates: Candidates, target: EvalTa
 
 def paired_t(scores: np.ndarray, start: np.ndarray) -> float:
     """Mean per-user gain of ``scores`` over ``start`` in standard errors of that mean (0 when there is
-    no spread to judge by and no gain; +inf for a gain without spread)."""
-    diff = np.asarray(scores, np.float64) - np.asarray(start, np.float64)
-    if diff.size < 2:
+    no spread to judge by and no gain, or a single user; +inf for a gain without spread): the keep rule's
+    reading of ``metrics.paired_difference``."""
+    mean, t = metrics.paired_difference(scores, start)
+    if np.asarray(scores).size < 2:
         return 0.0
-    se = float(diff.std(ddof=1)) / np.sqrt(diff.size)
-    mean = float(diff.mean())
-    return mean / se if se > 0 else (np.inf if mean > 0 else 0.0)
+    return t if t is not None else (np.inf if mean > 0 else 0.0)
 
 
 @torch.no_grad()
@@ -877,7 +869,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                    "t_vs_retrieval_order": round(paired_t(u, starts["retrieval order"][0]), 2)}
             for name, (u, _) in starts.items()}}
         if folds is not None and (rc.fold_affinity == "refit" or tower_tables is not None):
-            fit_rows = Rows.concat([held_out.with_affinity(_table_affinity(ranker, held_out, device)),
+            fit_rows = Rows.concat([held_out.with_affinity(_table_affinity(ranker, held_out)),
                                     folds.rows.with_affinity(_fold_affinity(ranker, tables, rating_rows, folds,
                                                                             tower_tables, cfg, device))])
     ddp_ranker = ctx.wrap(ranker, device)

@@ -358,3 +358,18 @@ def test_paired_t_is_the_mean_gain_in_standard_errors():
     assert paired_t(start + 0.25, start) == np.inf                      # a gain with no spread
     assert paired_t(start, start) == 0.0 and paired_t(np.ones(1), np.zeros(1)) == 0.0
     assert paired_t(start - gain, start) < 0
+
+
+def test_paired_difference_gives_the_mean_and_its_t_or_none_where_a_t_has_no_value():
+    from trainer import metrics
+
+    start = np.array([0.0, 0.5, 1.0, 0.0])
+    gain = np.array([0.1, 0.3, 0.2, 0.2])
+    mean, t = metrics.paired_difference(start + gain, start)
+    assert mean == pytest.approx(0.2) and t == pytest.approx(gain.mean() / (gain.std(ddof=1) / 2))
+    assert metrics.paired_difference(start - gain, start)[1] == pytest.approx(-t)
+    assert metrics.paired_difference(start + 0.25, start) == (pytest.approx(0.25), None)   # no spread
+    assert metrics.paired_difference(start, start) == (0.0, 0.0)
+    assert metrics.paired_difference(np.ones(1), np.zeros(1)) == (1.0, None)              # one user
+    with pytest.raises(ValueError, match="two 1-d arrays of one length"):
+        metrics.paired_difference(start, start[:3])

@@ -111,7 +111,7 @@ def test_fold_rows_carry_the_tower_channels_of_their_visible_history(prepared):
 
 
 def test_the_ranker_holds_eases_channels_then_the_towers_and_fits_both(prepared):
-    tables, vocab = prepared.tables, prepared.vocab
+    tables = prepared.tables
     cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8"])
     assert affinity_channels(cfg, tables, 2) == (2, 2)
     assert affinity_channels(load_config(None, ["ranking.affinity=none"]), tables, 1) == (0, 1)
@@ -252,7 +252,11 @@ def test_factor_dots_gather_in_batches_and_give_each_rows_sums_as_one_batch_does
     train = prepared.train
     rows = Rows(train.users, train.items, train.timestamps, np.zeros(train.users.size, np.float32),
                 np.ones(train.users.size, np.float32), train.ratings)
-    whole = ranker.raw_affinity(torch.as_tensor(rows.users), torch.as_tensor(rows.items)).detach().numpy()
+    tables = ranker.affinity_user.detach().numpy(), ranker.affinity_item.detach().numpy()
+    whole = TowerChannels.raw(tables[0][rows.users], tables[1][rows.items], 8)
     for cells in (16 * 13, 16 * 500, 10**9):        # 13 rows, 500 rows, all rows per batch
-        np.testing.assert_array_equal(_table_affinity(ranker, rows, CPU, cells), whole)
-    assert _table_affinity(ranker, rows.take(np.arange(0)), CPU).shape == (0, 2)
+        np.testing.assert_array_equal(_table_affinity(ranker, rows, cells), whole)
+    # the ranker's own forward pass (torch) reads the same affinities from the same tables
+    served = ranker.raw_affinity(torch.as_tensor(rows.users), torch.as_tensor(rows.items)).detach().numpy()
+    np.testing.assert_allclose(_table_affinity(ranker, rows), served, rtol=1e-5, atol=1e-5)
+    assert _table_affinity(ranker, rows.take(np.arange(0))).shape == (0, 2)
