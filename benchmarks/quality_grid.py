@@ -5,12 +5,18 @@ from one code version and each row carries its own baselines (popularity, EASE) 
     .venv/bin/python benchmarks/quality_grid.py                       # ml-100k + a ~10k-item synthetic log
     .venv/bin/python benchmarks/quality_grid.py --datasets ml-100k --protocols random --jobs 1
     .venv/bin/python benchmarks/quality_grid.py --datasets synthetic --synthetic-order 8   # a log with an order
+    .venv/bin/python benchmarks/quality_grid.py --datasets ml-100k --protocols random --towers validated --seeds 0,1,2,3
 
 Writes bench_results/quality_grid.json (every cell's trainer_bench result) and quality_grid.md (the
 table); prints each cell in grid order as the runs finish. ``--jobs 2`` runs two cells at once, each trainer on one
 thread (``run.threads=1``): on a 2-core machine the wall times are then those of two jobs sharing it,
 comparable within the grid. "EASE help off" = ``retrieval.distill_weight=0`` and ``ranking.affinity=none``.
 NDCG@10 on the test split; validation figures (what defaults are chosen by) are in the JSON.
+
+``--seeds``: each cell once per ``run.seed`` (the models' initialisation and sampling; the split's seed,
+``data.seed``, stays, so popularity and EASE are the same in every run of a cell). The table then has a row per
+run and a second table the spread of each cell's ratios over its seeds (mean, lowest, highest): how far a
+ratio moves with the models' own randomness, beside the paired intervals, which give the test users' noise.
 """
 
 from __future__ import annotations
@@ -45,11 +51,13 @@ def cell_overrides(protocol: str, tower: str, ease_help: bool) -> list[str]:
 
 
 def run_cell(dataset: str, dataset_path: str | None, protocol: str, tower: str, ease_help: bool,
-             out_dir: Path, threads: int, synthetic_order: float = 0.0) -> dict:
-    """One trainer_bench run; returns its JSON result with the cell's coordinates added."""
-    name = f"{dataset}-{protocol}-{tower}-{'ease' if ease_help else 'noease'}"
+             out_dir: Path, threads: int, synthetic_order: float = 0.0, seed: int | None = None) -> dict:
+    """One trainer_bench run (``seed``: its ``run.seed``, None = the trainer's default); returns its JSON result
+    with the cell's coordinates added."""
+    name = f"{dataset}-{protocol}-{tower}-{'ease' if ease_help else 'noease'}" + ("" if seed is None else f"-seed{seed}")
     out = out_dir / f"{name}.json"
-    overrides = [f"run.threads={threads}", "publish.unsigned=true", *cell_overrides(protocol, tower, ease_help)]
+    overrides = [f"run.threads={threads}", "publish.unsigned=true", *cell_overrides(protocol, tower, ease_help),
+                 *(() if seed is None else (f"run.seed={seed}",))]
     if dataset_path:
         overrides.append(f"data.dataset={dataset_path}")
     argv = [sys.executable, str(ROOT / "benchmarks" / "trainer_bench.py"), "--out", str(out),
@@ -59,14 +67,14 @@ def run_cell(dataset: str, dataset_path: str | None, protocol: str, tower: str, 
         proc = subprocess.run(argv, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         return {"cell": name, "dataset": dataset, "protocol": protocol, "tower": tower, "ease_help": ease_help,
-                "error": f"exit {proc.returncode}, see {log.name}"}
+                "seed": seed, "error": f"exit {proc.returncode}, see {log.name}"}
     result = json.loads(out.read_text())
     # trainer_bench's "dataset" is the path it was given; the grid's name for it comes last and wins,
     # and a generated log is recorded by its recipe, not by the temporary folder it lived in.
     recorded = synthetic_recipe(synthetic_order) if dataset == SYNTHETIC else dataset_path
     return {**{k: v for k, v in result.items() if k != "overrides"}, "dataset_path": recorded,
             "cell": name, "dataset": dataset, "protocol": protocol, "tower": tower, "ease_help": ease_help,
-            "overrides": [f"data.dataset={recorded}" if o.startswith("data.dataset=") else o for o in overrides]}
+            "seed": seed, "overrides": [f"data.dataset={recorded}" if o.startswith("data.dataset=") else o for o in overrides]}
 
 
 def table(cells: list[dict]) -> str:
@@ -77,7 +85,9 @@ def table(cells: list[dict]) -> str:
     for c in cells:
         kept = (c.get("user_tower") or {}).get("kept")
         tower_cell = f"{c['tower']} ({kept})" if c["tower"] == "validated" and kept else c["tower"]
-        head = f"| {c['dataset']}, {c['protocol'].replace('_', '-')} | {tower_cell} | {'on' if c['ease_help'] else 'off'} |"
+        seed = "" if c.get("seed") is None else f", seed {c['seed']}"
+        head = (f"| {c['dataset']}, {c['protocol'].replace('_', '-')}{seed} | {tower_cell} "
+                f"| {'on' if c['ease_help'] else 'off'} |")
         if "error" in c:
             lines.append(f"{head} {c['error']} | | | | | |")
             continue
@@ -88,6 +98,35 @@ def table(cells: list[dict]) -> str:
                      f"| {_interval(c, 'pipeline / two_tower')}; {_interval(c, 'pipeline / ease')} "
                      f"| {c['wall_s']:.0f} s / {c['peak_rss_mb'] / 1024:.2f} GB |")
     return "\n".join(lines) + "\n"
+
+
+# The ratios the seed table spreads: (label, numerator, denominator) of the runs' NDCG@10.
+SEED_RATIOS = (("pipeline / EASE", "pipeline", "ease"), ("pipeline / tower", "pipeline", "two_tower"),
+               ("tower / EASE", "two_tower", "ease"))
+
+
+def seed_table(cells: list[dict]) -> str:
+    """A markdown table, one row per cell run with more than one seed: the seeds, then each ratio of
+    ``SEED_RATIOS`` as "mean (lowest-highest)" over the seeds' runs (failed runs left out, and counted)."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in cells:
+        groups.setdefault((c["dataset"], c["protocol"], c["tower"], c["ease_help"]), []).append(c)
+    lines = ["| data, protocol | tower | EASE help | seeds | " + " | ".join(label for label, _, _ in SEED_RATIOS)
+             + " |", "|---|---|---|---|" + "---|" * len(SEED_RATIOS)]
+    for (dataset, protocol, tower, ease_help), runs in groups.items():
+        if len(runs) < 2:
+            continue
+        done = [c for c in runs if "error" not in c]
+        failed = len(runs) - len(done)
+        seeds = ", ".join(str(c["seed"]) for c in done) + (f" ({failed} failed)" if failed else "")
+        spreads = []
+        for _, num, den in SEED_RATIOS:
+            values = [c["ndcg@10"][num] / c["ndcg@10"][den] for c in done
+                      if c["ndcg@10"].get(num) is not None and c["ndcg@10"].get(den)]
+            spreads.append(f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})" if values else "-")
+        lines.append(f"| {dataset}, {protocol.replace('_', '-')} | {tower} | {'on' if ease_help else 'off'} "
+                     f"| {seeds} | " + " | ".join(spreads) + " |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def _interval(cell: dict, pair: str) -> str:
@@ -107,8 +146,17 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--synthetic-order", type=float, default=0.0, metavar="X",
                         help="trainer_bench.py's --synthetic-order for the synthetic cells (0: no order)")
+    parser.add_argument("--seeds", default="", metavar="S,S,...",
+                        help="run.seed values: each cell once per seed, and a table of each ratio's spread over "
+                             "them (default: one run at the trainer's own seed)")
     parser.add_argument("--out", default=str(ROOT / "bench_results" / "quality_grid.json"))
     args = parser.parse_args()
+    try:
+        seeds: list[int | None] = [int(v) for v in args.seeds.split(",")] if args.seeds else [None]
+    except ValueError:
+        parser.error(f"--seeds: comma-separated integers, got {args.seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds: each seed once, got {args.seeds!r}")
     protocols, towers = args.protocols.split(","), args.towers.split(",")
     for value, allowed, flag in ((protocols, PROTOCOLS, "--protocols"), (towers, TOWER_CHOICES, "--towers")):
         if bad := [v for v in value if v not in allowed]:
@@ -132,10 +180,10 @@ def main() -> int:
                     generate(5000, 10000, 100000, seed=0, order=args.synthetic_order), Path(tmp) / "synthetic", "1m"))
             else:
                 paths[dataset] = None if dataset == "ml-100k" else dataset
-        grid = list(itertools.product(paths, protocols, towers, ease))
+        grid = list(itertools.product(paths, protocols, towers, ease, seeds))
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = [pool.submit(run_cell, d, paths[d], p, t, e, cells_dir, args.threads, args.synthetic_order)
-                       for d, p, t, e in grid]
+            futures = [pool.submit(run_cell, d, paths[d], p, t, e, cells_dir, args.threads, args.synthetic_order, s)
+                       for d, p, t, e, s in grid]
             cells = []
             for future in futures:
                 cells.append(future.result())
@@ -143,8 +191,9 @@ def main() -> int:
     document = {"commit": _commit(), "cpus": os.cpu_count(), "jobs": args.jobs, "threads": args.threads,
                 "total_wall_s": round(time.perf_counter() - started, 1), "cells": cells}
     out.write_text(json.dumps(document, indent=1) + "\n")
-    out.with_suffix(".md").write_text(table(cells))
-    print(table(cells))
+    text = table(cells) + (f"\nOver the seeds:\n\n{spread}" if (spread := seed_table(cells)) else "")
+    out.with_suffix(".md").write_text(text)
+    print(text)
     return 0 if all("error" not in c for c in cells) else 1
 
 
