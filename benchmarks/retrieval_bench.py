@@ -152,9 +152,9 @@ def single_query_seconds(index, queries: np.ndarray, k: int) -> list[float]:
     return times
 
 
-def _timed_build(build) -> tuple[object, float]:
+def _timed_build(build, *args) -> tuple[object, float]:
     started = time.perf_counter()
-    index = build()
+    index = build(*args)
     return index, time.perf_counter() - started
 
 
@@ -177,9 +177,9 @@ def ann(n_items: int, dim: int, n_queries: int, nprobes: list[int], ef_searches:
     ids = np.arange(1, n_items + 1, dtype=np.int64)
     nlist = 512
     exact = build_index(items, ids, IndexParams(kind="flat"))   # FAISS flat = exact search, the reference
-    ivf, ivf_build_s = _timed_build(lambda: build_index(items, ids, IndexParams(kind="ivf", nlist=nlist)))
+    ivf, ivf_build_s = _timed_build(build_index, items, ids, IndexParams(kind="ivf", nlist=nlist))
     hnsw_params = IndexParams(kind="hnsw", hnsw_m=hnsw_m, ef_construction=ef_construction)
-    hnsw, hnsw_build_s = _timed_build(lambda: build_index(items, ids, hnsw_params))   # all cores (OpenMP)
+    hnsw, hnsw_build_s = _timed_build(build_index, items, ids, hnsw_params)   # all cores (OpenMP)
     del items
     # Settings share one built index each; FaissIndex applies nprobe / efSearch when it is made, so a
     # view is made right before each use.
