@@ -86,8 +86,7 @@ def table(cells: list[dict]) -> str:
         kept = (c.get("user_tower") or {}).get("kept")
         tower_cell = f"{c['tower']} ({kept})" if c["tower"] == "validated" and kept else c["tower"]
         seed = "" if c.get("seed") is None else f", seed {c['seed']}"
-        head = (f"| {c['dataset']}, {c['protocol'].replace('_', '-')}{seed} | {tower_cell} "
-                f"| {'on' if c['ease_help'] else 'off'} |")
+        head = _head(f"{c['dataset']}, {c['protocol'].replace('_', '-')}{seed}", tower_cell, c["ease_help"])
         if "error" in c:
             lines.append(f"{head} {c['error']} | | | | | |")
             continue
@@ -124,9 +123,14 @@ def seed_table(cells: list[dict]) -> str:
             values = [c["ndcg@10"][num] / c["ndcg@10"][den] for c in done
                       if c["ndcg@10"].get(num) is not None and c["ndcg@10"].get(den)]
             spreads.append(f"{sum(values) / len(values):.3f} ({min(values):.3f}-{max(values):.3f})" if values else "-")
-        lines.append(f"| {dataset}, {protocol.replace('_', '-')} | {tower} | {'on' if ease_help else 'off'} "
-                     f"| {seeds} | " + " | ".join(spreads) + " |")
+        where = f"{dataset}, {protocol.replace('_', '-')}"
+        lines.append(f"{_head(where, tower, ease_help)} {seeds} | " + " | ".join(spreads) + " |")
     return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
+def _head(data_protocol: str, tower: str, ease_help: bool) -> str:
+    """The first three columns both tables share: "| data, protocol | tower | on |"."""
+    return f"| {data_protocol} | {tower} | {'on' if ease_help else 'off'} |"
 
 
 def _interval(cell: dict, pair: str) -> str:
