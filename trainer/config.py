@@ -24,7 +24,9 @@ class DataConfig:
     data_dir: str = ""                 # "" = $RECSYS_DATA_DIR, else ../shared/data
     protocol: str = "random"           # "random" (RecBole full ranking), "temporal" or "leave_one_out"
     seed: int = 2020                   # split seed
-    column_map: dict[str, str] = field(default_factory=dict)  # generic logs: our name -> file column
+    # generic logs: our name -> the file's column; every value a number = 0-based field positions in a file
+    # without a header line (user_id:0,item_id:1,rating:3)
+    column_map: dict[str, str] = field(default_factory=dict)
     sep: str = "auto"                  # generic CSV logs: auto (tab for .tsv, else sniffed), comma, tab, semicolon, pipe, space
     bad_rows: str = "error"            # generic logs: a missing/unreadable value stops the load (error) or its row is dropped, counted (drop)
 

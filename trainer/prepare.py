@@ -59,11 +59,20 @@ def load_dataset(cfg: TrainConfig) -> Dataset:
         if is_movielens_folder(path):
             return load_movielens(path)
         found = logs_in(path)
-        if len(found) != 1:
+        ratings = [p for p in found if p.name == "ratings.csv"]
+        if len(found) == 1:
+            notes.append(f"the folder {path} holds one log file, {found[0].name}: read as a generic log")
+        elif ratings:
+            # A ratings.csv that is not MovieLens' (goodbooks' user_id,book_id,rating beside books.csv): the
+            # folder's log by its name, its side files unread.
+            others = [p.name for p in found if p != ratings[0]]
+            notes.append(f"the folder {path} is not a MovieLens folder (its ratings.csv names no userId and "
+                         f"movieId columns): ratings.csv read as a generic log, {others[:10]} not read")
+            found = ratings
+        else:
             raise DataError(f"{path}: not a MovieLens folder (no u.data / ratings.dat / ratings.csv) and not a folder "
                             f"with one log file: it holds {[p.name for p in found][:10]}; pass the log itself "
                             "with --dataset FILE")
-        notes.append(f"the folder {path} holds one log file, {found[0].name}: read as a generic log")
         path = found[0]
     return load_interactions(path, columns=cfg.data.column_map or None, sep=SEPARATOR_NAMES[cfg.data.sep],
                              bad_rows=cfg.data.bad_rows, notes=notes)

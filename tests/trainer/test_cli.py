@@ -64,6 +64,34 @@ def test_a_folder_with_one_log_file_is_read_as_that_log_and_others_name_their_fi
         load_dataset(config_from(parse_args(["--dataset", str(folder)]), environ={}))
 
 
+def test_a_folder_whose_ratings_csv_is_not_movielens_reads_it_as_a_generic_log(tmp_path):
+    """goodbooks-style folders (``ratings.csv`` of ``user_id,book_id,rating`` beside ``books.csv`` and others)
+    were taken for MovieLens' latest layout and refused ("missing column 'userId'")."""
+    from trainer.data.dataset import DataError
+    from trainer.data.movielens import is_movielens_folder
+    from trainer.data.synthetic import generate, write_movielens_like
+    from trainer.prepare import load_dataset
+
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "ratings.csv").write_text("\ufeffuser_id,book_id,rating\r\n1,258,5\r\n2,4081,4\r\n2,260,5\r\n")
+    (folder / "books.csv").write_text('book_id,title\n258,"Book, One"\n')
+    (folder / "to_read.csv").write_text("user_id,book_id\n1,4081\n")
+    assert not is_movielens_folder(folder)
+    data = load_dataset(config_from(parse_args(["--dataset", str(folder)]), environ={}))
+    assert data.interactions[["user_id", "item_id", "rating"]].values.tolist() == [["1", 258, 5.0], ["2", 4081, 4.0],
+                                                                                  ["2", 260, 5.0]]
+    assert data.report.warnings[0] == (f"the folder {folder} is not a MovieLens folder (its ratings.csv names no "
+                                       "userId and movieId columns): ratings.csv read as a generic log, "
+                                       "['books.csv', 'to_read.csv'] not read")
+    latest = write_movielens_like(generate(30, 40, 300, seed=3), tmp_path / "latest", "latest")
+    assert is_movielens_folder(latest)                              # MovieLens' own ratings.csv still is one
+    assert load_dataset(config_from(parse_args(["--dataset", str(latest)]), environ={})).items["genres"].any()
+    (folder / "ratings.csv").unlink()
+    with pytest.raises(DataError, match=r"not a MovieLens folder .* it holds \['books.csv', 'to_read.csv'\]"):
+        load_dataset(config_from(parse_args(["--dataset", str(folder)]), environ={}))
+
+
 def test_the_baselines_command_runs_on_run_threads(tmp_path, capsys):
     """``run.threads`` bounds torch's threads for ``baselines`` as for training (it was ignored there:
     on a shared machine two MKL threads against a busy core made each EASE factorisation ~8x slower)."""

@@ -763,3 +763,27 @@ def test_download_extracts_into_place_when_the_checksum_matches(tmp_path, zip_se
     monkeypatch.setitem(MOVIELENS_MD5, "ml-1m", hashlib.md5((served / "ml-1m.zip").read_bytes()).hexdigest())
     with pytest.raises(DataError, match=r"ml-1m.zip: the archive has no ml-1m/ratings.dat"):
         ensure_movielens("ml-1m", tmp_path / "data", base_url=url, timeout_s=5)
+
+
+def test_a_headerless_log_is_read_by_the_field_positions_column_map_names(tmp_path):
+    """Dumps such as Last.fm's ``user<TAB>artist id<TAB>artist name<TAB>plays`` have no header line and text in
+    their third field, so the first line cannot be told from a header: ``data.column_map`` then names fields by
+    their 0-based position."""
+    dump = tmp_path / "plays.tsv"
+    dump.write_text('u-1\tart-9\tThe "Band", Ltd\t12\nu-2\tart-9\tThe "Band", Ltd\t3\nu-1\tart-4\tSolo\t7\n')
+    with pytest.raises(DataError, match="no user_id column"):
+        load_interactions(dump)                                    # read as a header: no usual spellings there
+    data = load_interactions(dump, columns={"user_id": "0", "item_id": "1", "rating": "3"})
+    assert data.interactions[["user_id", "rating"]].values.tolist() == [["u-1", 12.0], ["u-2", 3.0], ["u-1", 7.0]]
+    assert sorted(data.items["title"]) == ["art-4", "art-9"]      # SKU-like ids: codes, the id as the title
+    assert data.report.rows_read == 3                              # the first line is data, not a header
+    assert data.report.warnings[0] == ("no header line (data.column_map names fields by position): "
+                                       "user_id = field 0, item_id = field 1, rating = field 3")
+    with pytest.raises(DataError, match=r"plays.tsv, line 1: data.column_map's item_id is field 4, but the line "
+                                        r"has 4 field\(s\) separated by '\\t' \(0 to 3\)"):
+        load_interactions(dump, columns={"user_id": "0", "item_id": "4"})
+    table = tmp_path / "plays.parquet"
+    pd.DataFrame({"user": ["u-1"], "item": [9]}).to_parquet(table)
+    with pytest.raises(DataError, match="names fields by position .* which only a delimited text log without a "
+                                        "header has"):
+        load_interactions(table, columns={"user_id": "0", "item_id": "1"})

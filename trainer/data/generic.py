@@ -1,7 +1,9 @@
 """Loading any interaction log: ``load_interactions(path, columns=..., sep=...)`` for CSV or Parquet.
 
 ``columns`` maps the contract names (user_id, item_id, rating, timestamp) to the file's column
-names, e.g. ``{"user_id": "uid", "item_id": "sku"}``; unmapped names are looked up as is.
+names, e.g. ``{"user_id": "uid", "item_id": "sku"}``; unmapped names are looked up as is. Values that are all
+0-based field numbers (``{"user_id": "0", "item_id": "2"}``) name fields by position in a delimited file
+without a header line (``positional``).
 Timestamps may be Unix seconds or ISO 8601 date-times (naive ones are taken as UTC); without a
 rating column every interaction is implicit feedback with rating 1.0; without a timestamp column the
 file's order is the time order (row i at i seconds after the epoch: the temporal and leave-one-out
@@ -346,6 +348,11 @@ def _read(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[s
     A CSV that is not valid UTF-8 (a Windows or older export) is read as Latin-1, with a note: Latin-1 maps
     every byte to one character, so each id stays itself and distinct whatever the file's real encoding;
     only the spelling of non-ASCII titles may differ."""
+    delimited = (_uncompressed(path).suffix.lower() not in JSON_LINES_SUFFIXES
+                 and path.suffix.lower() not in PARQUET_SUFFIXES)
+    if positional(mapping) and not delimited:
+        raise DataError(f"{path}: data.column_map names fields by position ({dict(mapping)}), which only a "
+                        "delimited text log without a header has; name this file's columns instead")
     if _uncompressed(path).suffix.lower() in JSON_LINES_SUFFIXES:
         return _read_json_lines(path, source_names, mapping, notes)
     if path.suffix.lower() not in PARQUET_SUFFIXES:
@@ -394,12 +401,32 @@ def _read_json_lines(path: Path, source_names: dict[str, str], mapping: Mapping[
     return _by_row(raw, source_names, mapping, notes)                  # row n: the n-th object
 
 
+def positional(mapping: Mapping[str, str]) -> bool:
+    """Whether ``data.column_map`` names fields by position (every value a 0-based field number, as in
+    ``user_id:0,item_id:2,rating:3``): the log then has no header line and is read by those positions."""
+    return bool(mapping) and all(str(value).isdigit() for value in mapping.values())
+
+
 def _read_csv(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[str, str],
               notes: list[str], encoding: str) -> tuple[pd.DataFrame, int]:
     """``_read`` for a CSV in ``encoding``."""
     # The first line alone decides between a header and data, so the file is read once either way.
     header = read_table(path, sep=sep, quoted=True, nrows=0, encoding=encoding)[0]
     first = [str(c) for c in header.columns]
+    if positional(mapping):
+        width = len(first)
+        for name, value in mapping.items():
+            if int(value) >= width:
+                raise DataError(f"{path}, line 1: data.column_map's {name} is field {value}, but the line has "
+                                f"{width} field(s) separated by {sep!r} (0 to {width - 1})")
+        fields = [str(i) for i in range(width)]
+        source_names.update({name: str(int(value)) for name, value in mapping.items()})
+        raw, blank = read_table(path, sep=sep, names=fields,
+                                str_columns=(source_names["user_id"], source_names["item_id"]), quoted=True,
+                                encoding=encoding)
+        notes.append("no header line (data.column_map names fields by position): "
+                     + ", ".join(f"{name} = field {source_names[name]}" for name in mapping))
+        return raw, blank
     if not (not mapping and 3 <= len(first) <= 4 and not {"user_id", "item_id"} & set(first)
             and all(_is_number(c) for c in first[2:])):
         _resolve_aliases(header, source_names, mapping, notes)

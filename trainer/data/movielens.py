@@ -39,8 +39,20 @@ _NO_MOVIES = "no {name}: the items have no titles or genres"
 
 
 def is_movielens_folder(path: Path) -> bool:
-    """Whether ``path`` holds one of the MovieLens ratings files ``load_movielens`` reads."""
-    return any((path / name).is_file() for name in _LAYOUTS)
+    """Whether ``path`` holds one of the MovieLens ratings files ``load_movielens`` reads: ``u.data``,
+    ``ratings.dat``, or a ``ratings.csv`` whose header names MovieLens' ``userId`` and ``movieId`` (other
+    releases of the form, goodbooks' ``user_id,book_id,rating`` for one, are generic logs)."""
+    if any((path / name).is_file() for name in _LAYOUTS if name != "ratings.csv"):
+        return True
+    ratings = path / "ratings.csv"
+    return ratings.is_file() and {"userId", "movieId"} <= set(_header_fields(ratings))
+
+
+def _header_fields(path: Path) -> list[str]:
+    """The comma-separated names on a CSV's first line, quotes and a byte-order mark stripped."""
+    with open(path, encoding="utf-8-sig", errors="replace") as handle:
+        line = handle.readline()
+    return [field.strip().strip('"').strip() for field in line.rstrip("\r\n").split(",")]
 
 
 def load_movielens(path: Path | str) -> Dataset:
