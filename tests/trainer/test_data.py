@@ -611,6 +611,36 @@ def test_json_lines_logs_are_read_with_the_usual_spellings(tmp_path, name):
         load_interactions(missing)
 
 
+@pytest.mark.parametrize("name", ["Books_5.json", "Books_5.json.gz"])
+def test_json_files_are_read_as_json_lines_or_as_one_array(tmp_path, name):
+    """Amazon's review dumps (``Books_5.json.gz``) and Yelp's reviews are JSON Lines named ``.json``; they were read
+    as CSV and refused with the first line's fragments for columns."""
+    text = ('{"overall": 5.0, "reviewerID": "A1", "asin": "0000013714", "reviewText": "Good, \\"really\\"", '
+            '"unixReviewTime": 1360000000}\n'
+            '{"overall": 3.0, "reviewerID": "A2", "asin": "B00001", "reviewText": "ok", "unixReviewTime": 1360000100}\n')
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    data = load_interactions(path)
+    assert data.name == "Books_5"
+    assert data.interactions[["user_id", "rating", "timestamp"]].values.tolist() == [["A1", 5.0, 1360000000],
+                                                                                    ["A2", 3.0, 1360000100]]
+    assert sorted(data.items["title"]) == ["0000013714", "B00001"]          # ids as written
+    assert data.report.warnings[0] == "a .json file of one object per line: read as JSON Lines"
+    assert "column 'asin' read as item_id (a usual spelling; set data.column_map to choose)" in data.report.warnings
+    array = tmp_path / "ratings.json"
+    array.write_text('[\n  {"user": "u1", "item": 3, "rating": 4},\n  {"user": "u2", "item": 4, "rating": 5}\n]\n')
+    data = load_interactions(array)
+    assert data.interactions[["user_id", "item_id", "rating"]].values.tolist() == [["u1", 3, 4.0], ["u2", 4, 5.0]]
+    assert data.report.warnings[0] == "a JSON array: one interaction per object"
+    nested = tmp_path / "export.json"
+    nested.write_text('{\n  "ratings": [{"user": "u1", "item": 3}]\n}\n')
+    with pytest.raises(DataError, match=r"export.json: not JSON Lines \(one object per line\)"):
+        load_interactions(nested)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(DataError, match=r"empty.json: no interactions \(the array is empty\)"):
+        load_interactions(tmp_path / "empty.json")
+
+
 def test_generic_epoch_seconds_with_fractions_are_floored_with_a_note(tmp_path):
     """Unix seconds with a fraction (``time.time()`` dumps, event exports) were refused: "timestamp must be
     an integer, got 1600000037.25". They are floored to whole seconds, as milliseconds and ISO times are."""

@@ -1,4 +1,4 @@
-"""Loading any interaction log: ``load_interactions(path, columns=..., sep=...)`` for CSV or Parquet.
+"""Loading any interaction log: ``load_interactions(path, columns=..., sep=...)`` for CSV, Parquet or JSON.
 
 ``columns`` maps the contract names (user_id, item_id, rating, timestamp) to the file's column
 names, e.g. ``{"user_id": "uid", "item_id": "sku"}``; unmapped names are looked up as is. Values that are all
@@ -37,6 +37,8 @@ from trainer.data.dataset import (
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+# ".json": JSON Lines under another name (Amazon's review dumps, Yelp's reviews) or one array of objects.
+JSON_SUFFIX = ".json"
 TAB_SUFFIXES = (".tsv", ".tab")
 
 
@@ -348,13 +350,15 @@ def _read(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[s
     A CSV that is not valid UTF-8 (a Windows or older export) is read as Latin-1, with a note: Latin-1 maps
     every byte to one character, so each id stays itself and distinct whatever the file's real encoding;
     only the spelling of non-ASCII titles may differ."""
-    delimited = (_uncompressed(path).suffix.lower() not in JSON_LINES_SUFFIXES
+    delimited = (_uncompressed(path).suffix.lower() not in (*JSON_LINES_SUFFIXES, JSON_SUFFIX)
                  and path.suffix.lower() not in PARQUET_SUFFIXES)
     if positional(mapping) and not delimited:
         raise DataError(f"{path}: data.column_map names fields by position ({dict(mapping)}), which only a "
                         "delimited text log without a header has; name this file's columns instead")
     if _uncompressed(path).suffix.lower() in JSON_LINES_SUFFIXES:
         return _read_json_lines(path, source_names, mapping, notes)
+    if _uncompressed(path).suffix.lower() == JSON_SUFFIX:
+        return _read_json(path, source_names, mapping, notes)
     if path.suffix.lower() not in PARQUET_SUFFIXES:
         sep = detect_separator(path, sep)
         names_before, notes_before = dict(source_names), len(notes)
@@ -405,6 +409,30 @@ def positional(mapping: Mapping[str, str]) -> bool:
     """Whether ``data.column_map`` names fields by position (every value a 0-based field number, as in
     ``user_id:0,item_id:2,rating:3``): the log then has no header line and is read by those positions."""
     return bool(mapping) and all(str(value).isdigit() for value in mapping.values())
+
+
+def _read_json(path: Path, source_names: dict[str, str], mapping: Mapping[str, str],
+               notes: list[str]) -> tuple[pd.DataFrame, int]:
+    """``_read`` for a ``.json`` log (compressed too): an array of objects when its first character is ``[``,
+    else JSON Lines, as Amazon's review dumps and Yelp's reviews are written under that name."""
+    try:
+        with (COMPRESSED.get(path.suffix.lower()) or open)(path, "rt", encoding="utf-8", errors="replace") as text:
+            start = text.read(1 << 12).lstrip()[:1]
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: cannot be read as a {path.suffix} file: {error}") from None
+    if start != "[":
+        notes.append("a .json file of one object per line: read as JSON Lines")
+        return _read_json_lines(path, source_names, mapping, notes)
+    try:
+        raw = pd.read_json(path, orient="records", dtype=False)
+    except ValueError as error:
+        raise DataError(f"{path}: not a JSON array of objects: {error}") from None
+    if raw.empty:
+        raise DataError(f"{path}: no interactions (the array is empty)")
+    notes.append("a JSON array: one interaction per object")
+    return _by_row(raw, source_names, mapping, notes)                  # row n: the n-th object
 
 
 def _read_csv(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[str, str],
