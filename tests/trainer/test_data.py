@@ -32,6 +32,12 @@ USERS_100K = "1|24|M|technician|85711\n2|53|F|other|T8H1N\n"
 DATA_100K = "1\t1\t5\t881250949\n2\t2\t3\t881250950\n1\t3\t4\t881250951\n"
 
 
+def write_log(path: Path, text: str) -> Path:
+    """``text`` written to ``path`` as UTF-8, gzip-compressed when the name ends in .gz."""
+    path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
+    return path
+
+
 def write_100k(folder: Path, *, data: str = DATA_100K, items: str = ITEMS_100K, users: str = USERS_100K) -> Path:
     """A tiny MovieLens-100K-layout folder (u.item and u.user Latin-1 encoded, as the real files)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -594,8 +600,7 @@ def test_json_lines_logs_are_read_with_the_usual_spellings(tmp_path, name):
     text = ('{"user": "u1", "item_id": "007", "rating": 4, "ts": "2024-01-01T10:00:00Z"}\n'
             '{"user": "u2", "item_id": "7", "rating": 3.5, "ts": "2024-01-02T10:00:00Z"}\n\n'
             '{"user": "u1", "item_id": "8", "rating": 5, "ts": "2024-01-03T10:00:00Z"}\n')
-    path = tmp_path / name
-    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    path = write_log(tmp_path / name, text)
     data = load_interactions(path)
     assert data.name == "events" and len(data.interactions) == 3
     assert sorted(data.items["title"]) == ["007", "7", "8"]                  # ids as written: leading zeros kept
@@ -618,8 +623,7 @@ def test_json_files_are_read_as_json_lines_or_as_one_array(tmp_path, name):
     text = ('{"overall": 5.0, "reviewerID": "A1", "asin": "0000013714", "reviewText": "Good, \\"really\\"", '
             '"unixReviewTime": 1360000000}\n'
             '{"overall": 3.0, "reviewerID": "A2", "asin": "B00001", "reviewText": "ok", "unixReviewTime": 1360000100}\n')
-    path = tmp_path / name
-    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    path = write_log(tmp_path / name, text)
     data = load_interactions(path)
     assert data.name == "Books_5"
     assert data.interactions[["user_id", "rating", "timestamp"]].values.tolist() == [["A1", 5.0, 1360000000],
