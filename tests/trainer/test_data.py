@@ -645,6 +645,26 @@ def test_json_files_are_read_as_json_lines_or_as_one_array(tmp_path, name):
         load_interactions(tmp_path / "empty.json")
 
 
+def test_goodreads_date_times_are_read_as_timestamps(tmp_path):
+    """Goodreads' interaction dumps time each shelving as ``date_added`` in "Mon Jul 24 02:48:17 -0700 2017" (not
+    ISO 8601, not a usual spelling): such logs took the file's order as their time."""
+    text = ('{"user_id": "8842281e1d1347389f2ab93d60773d4d", "book_id": "24375664", "rating": 5, '
+            '"date_added": "Mon Aug 01 13:41:57 -0700 2011", "read_at": ""}\n'
+            '{"user_id": "8842281e1d1347389f2ab93d60773d4d", "book_id": "18245960", "rating": 0, '
+            '"date_added": "Sun Jul 30 07:44:10 -0700 2017", "read_at": ""}\n')
+    data = load_interactions(write_log(tmp_path / "goodreads_interactions.json", text))
+    assert data.interactions["timestamp"].tolist() == [1312231317, 1501425850]     # 20:41:57 and 14:44:10 UTC
+    assert "column 'date_added' read as timestamp (a usual spelling; set data.column_map to choose)" in (
+        data.report.warnings)
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("user,item,timestamp\nu1,1,2017-07-30T14:44:10Z\nu1,2,Sun Jul 30 07:44:10 -0700 2017\n"
+                     "u2,1,yesterday\n")
+    assert load_interactions(mixed, bad_rows="drop").interactions["timestamp"].tolist() == [1501425850, 1501425850]
+    with pytest.raises(DataError, match=r"mixed.csv, line 4, column 'timestamp': timestamp must be Unix seconds "
+                                        r"or an ISO 8601 date-time, got 'yesterday'"):
+        load_interactions(mixed)
+
+
 def test_generic_epoch_seconds_with_fractions_are_floored_with_a_note(tmp_path):
     """Unix seconds with a fraction (``time.time()`` dumps, event exports) were refused: "timestamp must be
     an integer, got 1600000037.25". They are floored to whole seconds, as milliseconds and ISO times are."""

@@ -4,7 +4,8 @@
 names, e.g. ``{"user_id": "uid", "item_id": "sku"}``; unmapped names are looked up as is. Values that are all
 0-based field numbers (``{"user_id": "0", "item_id": "2"}``) name fields by position in a delimited file
 without a header line (``positional``).
-Timestamps may be Unix seconds or ISO 8601 date-times (naive ones are taken as UTC); without a
+Timestamps may be Unix seconds or ISO 8601 date-times (naive ones are taken as UTC; Goodreads' "Mon Jul 24
+02:48:17 -0700 2017" too, ``OTHER_TIME_FORMATS``); without a
 rating column every interaction is implicit feedback with rating 1.0; without a timestamp column the
 file's order is the time order (row i at i seconds after the epoch: the temporal and leave-one-out
 protocols follow the file, and the calendar features carry nothing). Item ids that are not all plain
@@ -67,8 +68,12 @@ COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "item_id": ("itemid", "item", "iid", "movieid", "movie", "productid", "product", "sku", "asin", "articleid",
                 "trackid", "songid", "bookid", "isbn", "businessid", "animeid", "contentid", "artistid", "artist"),
     "rating": ("rating", "ratings", "score", "stars", "overall", "rate", "preference"),
-    "timestamp": ("timestamp", "unixreviewtime", "time", "ts", "datetime", "date", "eventtime", "createdat"),
+    "timestamp": ("timestamp", "unixreviewtime", "time", "ts", "datetime", "date", "eventtime", "createdat",
+                  "dateadded", "ratedat"),
 }
+# Date-times in public logs that are not ISO 8601, tried after it: Goodreads' and Twitter's exports write
+# "Mon Jul 24 02:48:17 -0700 2017".
+OTHER_TIME_FORMATS = ("%a %b %d %H:%M:%S %z %Y",)
 # Second pass, for a name still missing: a column whose normalised name ends with one of these (Book-Crossing's
 # "Book-Rating", "event_timestamp", "customer_user_id"). Only spellings of six letters or more, so that
 # "time" or "item" inside longer words decide nothing.
@@ -187,7 +192,7 @@ def _readable(column: str, values: pd.Series, text: pd.Series | None) -> np.ndar
         return np.isfinite(numbers)
     if values.dtype.kind == "M":
         return values.notna().to_numpy()
-    dates = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce").notna().to_numpy()
+    dates = _parse_times(values).notna().to_numpy()
     as_numbers = np.isfinite(numbers)
     return as_numbers if as_numbers.sum() >= dates.sum() else dates
 
@@ -471,6 +476,18 @@ def _read_csv(path: Path, sep: str, source_names: dict[str, str], mapping: Mappi
     return raw, blank
 
 
+def _parse_times(values: pd.Series) -> pd.Series:
+    """Date-times as UTC timestamps: ISO 8601 (naive ones taken as UTC), else one of ``OTHER_TIME_FORMATS``;
+    NaT where none reads."""
+    parsed = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
+    for time_format in OTHER_TIME_FORMATS:
+        rest = (parsed.isna() & values.notna()).to_numpy()
+        if not rest.any():
+            break
+        parsed[rest] = pd.to_datetime(values[rest], utc=True, format=time_format, errors="coerce")
+    return parsed
+
+
 def _unix_seconds(values: pd.Series, source: str, notes: list[str]) -> pd.Series:
     """Timestamps as Unix seconds: numbers pass through (milli-, micro- or nanoseconds, told apart by their
     size, are scaled down), date-times and ISO strings are converted."""
@@ -481,7 +498,7 @@ def _unix_seconds(values: pd.Series, source: str, notes: list[str]) -> pd.Series
         numbers = pd.to_numeric(values, errors="coerce")
         if (numbers.notna() | values.isna()).all():  # numbers as text; gaps are reported later
             return _scaled_to_seconds(numbers, notes)
-    parsed = pd.to_datetime(values, utc=True, format="ISO8601", errors="coerce")
+    parsed = _parse_times(values)
     bad = (parsed.isna() & values.notna()).to_numpy()
     # numbers, with a few stray words; a tie reads numbers, as ``_readable`` does (the row an error names is
     # then the row data.bad_rows=drop drops)
