@@ -25,8 +25,9 @@ import gzip
 import io
 import lzma
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pandas as pd
@@ -268,22 +269,25 @@ def detect_separator(path: Path, sep: str = "auto") -> str:
     FilmTrust, Epinions and other research dumps; runs of spaces count as one), else a comma."""
     if sep != "auto":
         return sep
-    compressed = COMPRESSED.get(path.suffix.lower())
     if _uncompressed(path).suffix.lower() in TAB_SUFFIXES:
         return "\t"
-    try:
-        # A compressed log (.gz, .bz2, .xz, a one-file .zip: pandas reads them as such) is sniffed through
-        # its decompressor.
-        with (compressed or open)(path, "rt", encoding="utf-8", errors="replace") as lines:
-            header = next((line for line in lines if line.strip()), "")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as error:
-        raise DataError(f"{path}: cannot be read as a {path.suffix} file: {error}") from None
+    header = _sniff(path, lambda lines: next((line for line in lines if line.strip()), ""))
     counts = [header.count(candidate) for candidate in SEPARATORS]
     if max(counts):
         return SEPARATORS[int(np.argmax(counts))]
     return " " if " " in header.strip() else ","
+
+
+def _sniff(path: Path, read: Callable[[TextIO], str]) -> str:
+    """``read`` applied to the start of the log as text; a compressed log (.gz, .bz2, .xz, a one-file .zip:
+    pandas reads them as such) is sniffed through its decompressor. DataError when it cannot be opened."""
+    try:
+        with (COMPRESSED.get(path.suffix.lower()) or open)(path, "rt", encoding="utf-8", errors="replace") as text:
+            return read(text)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as error:
+        raise DataError(f"{path}: cannot be read as a {path.suffix} file: {error}") from None
 
 
 def _is_number(text: str) -> bool:
@@ -355,16 +359,16 @@ def _read(path: Path, sep: str, source_names: dict[str, str], mapping: Mapping[s
     A CSV that is not valid UTF-8 (a Windows or older export) is read as Latin-1, with a note: Latin-1 maps
     every byte to one character, so each id stays itself and distinct whatever the file's real encoding;
     only the spelling of non-ASCII titles may differ."""
-    delimited = (_uncompressed(path).suffix.lower() not in (*JSON_LINES_SUFFIXES, JSON_SUFFIX)
-                 and path.suffix.lower() not in PARQUET_SUFFIXES)
-    if positional(mapping) and not delimited:
+    suffix = _uncompressed(path).suffix.lower()
+    parquet = path.suffix.lower() in PARQUET_SUFFIXES
+    if positional(mapping) and (parquet or suffix in (*JSON_LINES_SUFFIXES, JSON_SUFFIX)):
         raise DataError(f"{path}: data.column_map names fields by position ({dict(mapping)}), which only a "
                         "delimited text log without a header has; name this file's columns instead")
-    if _uncompressed(path).suffix.lower() in JSON_LINES_SUFFIXES:
+    if suffix in JSON_LINES_SUFFIXES:
         return _read_json_lines(path, source_names, mapping, notes)
-    if _uncompressed(path).suffix.lower() == JSON_SUFFIX:
+    if suffix == JSON_SUFFIX:
         return _read_json(path, source_names, mapping, notes)
-    if path.suffix.lower() not in PARQUET_SUFFIXES:
+    if not parquet:
         sep = detect_separator(path, sep)
         names_before, notes_before = dict(source_names), len(notes)
         try:
@@ -420,14 +424,7 @@ def _read_json(path: Path, source_names: dict[str, str], mapping: Mapping[str, s
                notes: list[str]) -> tuple[pd.DataFrame, int]:
     """``_read`` for a ``.json`` log (compressed too): an array of objects when its first character is ``[``,
     else JSON Lines, as Amazon's review dumps and Yelp's reviews are written under that name."""
-    try:
-        with (COMPRESSED.get(path.suffix.lower()) or open)(path, "rt", encoding="utf-8", errors="replace") as text:
-            start = text.read(1 << 12).lstrip()[:1]
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, EOFError, lzma.LZMAError, zipfile.BadZipFile) as error:
-        raise DataError(f"{path}: cannot be read as a {path.suffix} file: {error}") from None
-    if start != "[":
+    if _sniff(path, lambda text: text.read(1 << 12).lstrip()[:1]) != "[":
         notes.append("a .json file of one object per line: read as JSON Lines")
         return _read_json_lines(path, source_names, mapping, notes)
     try:
