@@ -283,6 +283,19 @@ class RankingConfig:
     # The user x item genre cross inside the ranker (trainer/models/dcn.py), derived from the inputs it
     # already takes (history, item_num) and a fixed table of each item's genre flags.
     genre_cross: bool = True
+    # Transition channels (trainer/transitions.py, trainer/models/dcn.py): each item's `transitions` strongest
+    # successors in the training log (pairs up to transition_window places apart, weighted transition_decay **
+    # (gap - 1)), and for each of the user's transition_items latest history items the candidate's weight in
+    # its list; 0 = none. They join x0 and the wide logit, whose start is fitted with them. transition_mode
+    # "auto" (the default) uses them under the temporal and leave-one-out protocols, whose held-out items come
+    # after the history, as served requests do; "on" / "off" under every protocol. Side by side on ml-100k,
+    # seed 0 (docs/RESULTS.md, "Transition channels"): leave-one-out, sequential tower, EASE help off,
+    # stopping half 0.0997 -> 0.1252; temporal, defaults, 0.1503 -> 0.1720; random, defaults, 0.2030 -> 0.2015.
+    transitions: int = 32
+    transition_mode: str = "auto"
+    transition_items: int = 4
+    transition_window: int = 3
+    transition_decay: float = 0.5
     # Training-log folds: each fold hides a random fold_share of every user's training items, retrieves
     # with the rest (the tower sees the remaining history) and adds the hidden items found among the
     # top negative_pool candidates as positives, other candidates as negatives: many more examples
@@ -391,6 +404,7 @@ _CHOICES = {
     "ranking.fold_order": ("auto", "random", "recent", "validated"),
     "ranking.tower_affinity": ("auto", "on", "off"),
     "ranking.fold_affinity": ("refit", "shared"),
+    "ranking.transition_mode": ("auto", "on", "off"),
     "retrieval.negative_sampling_strategy": ("random", "hard", "mixed"),
     "retrieval.history_table": ("shared", "separate"),
     "retrieval.history_pooling": ("mean", "attention"),
@@ -407,13 +421,14 @@ _CHOICES = {
 }
 _UNIT_INTERVAL = {"ranking.fold_share", "retrieval.dropout", "retrieval.hard_fraction", "retrieval.id_dropout",
                   "retrieval.history_dropout", "retrieval.weight_average", "retrieval.autoencoder_dropout",
-                  "ranking.dropout", "publish.gate_margin", "ranking.affinity_fidelity"}
+                  "ranking.dropout", "publish.gate_margin", "ranking.affinity_fidelity", "ranking.transition_decay"}
 _NON_NEGATIVE = {"retrieval.min_improvement", "ranking.min_improvement", "retrieval.weight_decay", "ranking.weight_decay", "multitask.rating_weight",
                  "multitask.ctr_weight", "ranking.low_rank", "retrieval.model_hard_every",
                  "run.threads", "run.tower_workers", "retrieval.num_negatives", "eval.max_users", "retrieval.lazy_adam_above",
                  "ranking.rating_refit_rows", "retrieval.distill_weight", "ranking.folds",
                  "retrieval.full_softmax_below", "retrieval.autoencoder_below", "retrieval.autoencoder_users_per_epoch",
-                 "ranking.keep_min_t", "ranking.max_rows_per_epoch", "ranking.affinity_rank_max"}
+                 "ranking.keep_min_t", "ranking.max_rows_per_epoch", "ranking.affinity_rank_max",
+                 "ranking.transitions"}
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

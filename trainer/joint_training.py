@@ -145,7 +145,7 @@ def fit_joint(cfg: TrainConfig, spec, tables: FeatureTables, train: Interactions
     torch.manual_seed(cfg.run.seed)
     two_tower = build_two_tower(tower_config(cfg, spec, tables), init_temperature=rc.temperature,
                                 learn_temperature=rc.learn_temperature).to(device)
-    ranker = DCNRanker(dcn_config(cfg, spec, tables)).to(device)
+    ranker = DCNRanker(dcn_config(cfg, spec, tables, transitions=False)).to(device)
     ddp_tower = ddp_ranker = None      # wrapped after the calibration below (DDP then broadcasts rank 0's)
     optimizer = torch.optim.Adam([{"params": two_tower.parameters(), "lr": rc.learning_rate,
                                    "weight_decay": rc.weight_decay},

@@ -42,6 +42,7 @@ from trainer.models.dcn import DCNConfig, DCNRanker
 from trainer.progress import progress_bar
 from trainer.retrieval_training import EarlyStop, item_embeddings
 from trainer.tower_affinity import FACTOR_CELLS_PER_BATCH, TowerChannels, factor_dots
+from trainer.transitions import successor_table
 
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,9 @@ def affinity_channels(cfg: TrainConfig, tables: FeatureTables, towers: int = 0,
     return ease, towers
 
 
-def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables, towers: int = 0) -> DCNConfig:
-    """The ranker's shape; ``towers`` tower channels join its affinity where they fit (``affinity_channels``)."""
+def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables, towers: int = 0, transitions: bool = True) -> DCNConfig:
+    """The ranker's shape; ``towers`` tower channels join its affinity where they fit (``affinity_channels``);
+    ``transitions`` False leaves the transition channels out whatever the settings say (``transitions_used``)."""
     rc = cfg.ranking
     channels = sum(affinity_channels(cfg, tables, towers))
     return DCNConfig(
@@ -163,7 +165,17 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables, towers: int = 0) -
         rating_min=spec.rating_min, rating_max=spec.rating_max,
         affinity_rank=rc.affinity_rank if channels else 0,
         affinity_channels=channels or (2 if rc.affinity_ratings else 1),
-        n_genres=len(spec.item_genres) if rc.genre_cross else 0)
+        n_genres=len(spec.item_genres) if rc.genre_cross else 0,
+        transition_k=rc.transitions if transitions and transitions_used(cfg) else 0,
+        transition_items=rc.transition_items if transitions and transitions_used(cfg) else 0)
+
+
+def transitions_used(cfg: TrainConfig) -> bool:
+    """Whether the ranker takes transition channels (``ranking.transitions``, ``ranking.transition_mode``)."""
+    rc = cfg.ranking
+    if not rc.transitions or rc.transition_mode == "off":
+        return False
+    return rc.transition_mode == "on" or cfg.data.protocol in ("temporal", "leave_one_out")
 
 
 def last_per_pair(users: np.ndarray, items: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -319,6 +331,19 @@ def minimise(parameters: list[torch.Tensor], loss: Callable[[], torch.Tensor], i
     optimizer.step(closure)
 
 
+def wide_features(ranker: DCNRanker, users: torch.Tensor, items: torch.Tensor, retrieval: torch.Tensor,
+                  history: torch.Tensor | None) -> torch.Tensor:
+    """(R, 1 + C + L) the inputs of the ranker's wide logit for R rows: the retrieval score (R, 1) as given,
+    the affinities (where the ranker has them) and the transition channels (where it has them; ``history``
+    (R, >= L) the rows' histories, oldest first)."""
+    parts = [retrieval]
+    if ranker.affinity_rank:
+        parts.append(ranker.affinity(users, items))
+    if ranker.transition_items:
+        parts.append(ranker.transitions(ranker.latest(history), items))
+    return torch.cat(parts, dim=1)
+
+
 def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: int = 100,
              listwise: bool = False) -> None:
     """Sets the wide CTR logit (retrieval skip weight, affinity weights, bias) to the logistic regression
@@ -335,9 +360,12 @@ def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: in
     scores = torch.as_tensor(rows.scores, dtype=torch.float32, device=device).unsqueeze(1)   # (R, 1)
     center = scores.mean()
     with torch.no_grad():
-        features = torch.cat([scores - center, ranker.affinity(users, items)], dim=1)        # (R, 1 + C)
+        features = wide_features(ranker, users, items, scores - center,
+                                 None if rows.history is None else torch.as_tensor(rows.history, device=device))
     labels = torch.as_tensor(rows.clicks, device=device)
-    weight = torch.tensor([1.0] + [0.0] * ranker.affinity_channels, device=device, requires_grad=True)
+    weight = torch.zeros(features.shape[1], device=device)
+    weight[0] = 1.0
+    weight.requires_grad_(True)
     bias = torch.zeros(1, device=device, requires_grad=True)
     if listwise:
         starts = list_starts(rows)
@@ -354,7 +382,11 @@ def fit_wide(ranker: DCNRanker, rows: Rows, device: torch.device, iterations: in
     with torch.no_grad():
         ranker.retrieval_skip.weight.fill_(float(weight[0]))
         ranker.retrieval_skip.bias.zero_()
-        ranker.affinity_wide.weight.copy_(weight[1:].detach().reshape(1, -1))
+        channels = ranker.affinity_channels if ranker.affinity_rank else 0
+        if channels:
+            ranker.affinity_wide.weight.copy_(weight[1:1 + channels].detach().reshape(1, -1))
+        if ranker.transition_items:
+            ranker.transition_wide.weight.copy_(weight[1 + channels:].detach().reshape(1, -1))
         ranker.ctr_head.bias.fill_(float(bias) - float(weight[0]) * float(center))
 
 
@@ -592,7 +624,8 @@ def reranked_ndcg_per_user(candidates: Candidates, scores: np.ndarray, target: E
 
 
 @torch.no_grad()
-def wide_ndcg_per_user(ranker: DCNRanker, candidates: Candidates, target: EvalTarget, score_mode: str,
+def wide_ndcg_per_user(ranker: DCNRanker, tables: FeatureTables, candidates: Candidates, target: EvalTarget,
+                       score_mode: str,
                        device: torch.device, k: int = 10,
                        cells_per_batch: int = FACTOR_CELLS_PER_BATCH) -> np.ndarray | None:
     """``pipeline_ndcg_per_user`` of a ranker whose deep CTR head is still zero, served by the CTR alone: its
@@ -616,6 +649,9 @@ def wide_ndcg_per_user(ranker: DCNRanker, candidates: Candidates, target: EvalTa
         wide = ranker.retrieval_skip(retrieval.unsqueeze(1))
         if ranker.affinity_rank:
             wide = wide + ranker.affinity_wide(ranker.affinity(users, items))
+        if ranker.transition_items:
+            latest = ranker.latest(torch.as_tensor(tables.history[candidates.users[sl]], device=device))
+            wide = wide + ranker.transition_wide(ranker.transitions(latest.repeat_interleave(n, dim=0), items))
         # As the served score: the CTR (sigmoid of the logit: float32 ties where it saturates, as served).
         scores[sl] = torch.sigmoid((ranker.ctr_head.bias + wide).squeeze(1)).reshape(-1, n).cpu().numpy()
     return reranked_ndcg_per_user(candidates, scores, target, k)
@@ -825,6 +861,13 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                                                device=device))
     width = ranker.recent_items
     held_out = fit_rows.with_history(tables, width)
+    if ranker.transition_items:
+        ids, weights = successor_table(rating_rows.users, rating_rows.items, rating_rows.timestamps,
+                                       tables.vocab.n_items, rc.transitions, rc.transition_window,
+                                       rc.transition_decay)
+        ranker.set_transitions(torch.as_tensor(ids, device=device), torch.as_tensor(weights, device=device),
+                               torch.as_tensor(held_out.history, device=device),
+                               torch.as_tensor(held_out.items, device=device))
     fit_rows = held_out if folds is None else Rows.concat([held_out, folds.rows])
     calibrate_start(ranker, fit_rows)
     start_users = None          # the stopping-half NDCG@10 of the start per user, where already measured
@@ -839,16 +882,17 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     def start_half() -> np.ndarray:
         """``stopping_half`` of an untrained ranker, from its wide logit alone where that is all it serves."""
         ranker.eval()
-        wide = wide_ndcg_per_user(ranker, stop_candidates, stop_target, rc.score_mode, device)
+        wide = wide_ndcg_per_user(ranker, tables, stop_candidates, stop_target, rc.score_mode, device)
         ranker.train()
         return stopping_half() if wide is None else wide
 
-    if ranker.affinity_rank and held_out.users.size and fit_affinity(
-            ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device,
-            towers=tower_tables, ease_factors=ease_factors):
-        # Three starts, the best on the stopping half kept (the first of equals): the affinities' logistic
-        # fit, their listwise fit (``fit_wide``) and retrieval's order alone (ml-100k leave-one-out with the
-        # sequential tower: EASE is far weaker there).
+    affinities = bool(ranker.affinity_rank and held_out.users.size and fit_affinity(
+        ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device,
+        towers=tower_tables, ease_factors=ease_factors))
+    if held_out.users.size and (affinities or ranker.transition_items):
+        # Three starts, the best on the stopping half kept (the first of equals): the wide inputs' (affinities,
+        # transitions) logistic fit, their listwise fit (``fit_wide``) and retrieval's order alone (ml-100k
+        # leave-one-out with the sequential tower: EASE is far weaker there).
         starts = {}
         retrieval_order = copy.deepcopy(ranker.state_dict())       # affinity weights still 0
         for name, listwise in (("logistic fit", False), ("listwise fit", True)):
@@ -868,7 +912,7 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
             name: {"ndcg@10": round(float(u.mean()), 4),
                    "t_vs_retrieval_order": round(paired_t(u, starts["retrieval order"][0]), 2)}
             for name, (u, _) in starts.items()}}
-        if folds is not None and (rc.fold_affinity == "refit" or tower_tables is not None):
+        if affinities and folds is not None and (rc.fold_affinity == "refit" or tower_tables is not None):
             fit_rows = Rows.concat([held_out.with_affinity(_table_affinity(ranker, held_out)),
                                     folds.rows.with_affinity(_fold_affinity(ranker, tables, rating_rows, folds,
                                                                             tower_tables, cfg, device))])

@@ -19,9 +19,12 @@ from trainer.features import build_tables, fit_feature_spec, fit_id_vocab
 from trainer.item_metadata import DisplaySource
 from trainer.models.dcn import DCNConfig, DCNRanker
 from trainer.models.two_tower import build_two_tower
+from trainer.prepare import interactions
 from trainer.publish import TrainedRun, choose_index_params, publish_run
+from trainer.ranking_training import transitions_used
 from trainer.retrieval_training import tower_config
 from trainer.splits import random_split
+from trainer.transitions import successor_table
 
 
 def tiny_dataset(seed: int = 0, n_users: int = 80, n_items: int = 150, n_interactions: int = 4000):
@@ -41,11 +44,23 @@ def tiny_run(seed: int = 0, history_length: int = 10, dataset=None, overrides: t
     torch.manual_seed(seed)
     two_tower = build_two_tower(tower_config(cfg, spec, tables)).eval()
     tc = tower_config(cfg, spec, tables)
+    rc, transitions = cfg.ranking, transitions_used(cfg)
     ranker = DCNRanker(DCNConfig(
         n_users=tc.n_users, n_items=tc.n_items, user_cat_cardinalities=tc.user_cat_cardinalities,
         n_user_num=tc.n_user_num, item_cat_cardinalities=tc.item_cat_cardinalities,
         n_item_num=tc.n_item_num, deep_dims=(32,), rating_min=spec.rating_min,
-        rating_max=spec.rating_max)).eval()
+        rating_max=spec.rating_max, transition_k=rc.transitions if transitions else 0,
+        transition_items=rc.transition_items if transitions else 0)).eval()
+    if transitions:
+        # The training log's successor lists, standardised over the training rows, with wide weights of 1 (an
+        # untrained ranker's would be 0): the channels then move the order, as a fitted start's do.
+        train = interactions(vocab, split.train)
+        ids, weights = successor_table(train.users, train.items, train.timestamps, vocab.n_items, rc.transitions,
+                                       rc.transition_window, rc.transition_decay)
+        ranker.set_transitions(torch.as_tensor(ids), torch.as_tensor(weights),
+                               torch.as_tensor(tables.history[train.users]), torch.as_tensor(train.items))
+        with torch.no_grad():
+            ranker.transition_wide.weight.fill_(1.0)
     return TrainedRun(spec=spec, tables=tables, two_tower=two_tower, ranker=ranker,
                       display=DisplaySource(dataset.items, split.train))
 

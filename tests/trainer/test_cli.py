@@ -32,6 +32,24 @@ def test_the_ease_search_defaults_to_the_climb_and_refuses_other_names():
         config_from(parse_args(["--set", "eval.ease_search=golden"]), environ={})
 
 
+def test_the_rankers_transition_channels_follow_the_protocol_unless_forced():
+    """ranking.transition_mode auto: under temporal and leave-one-out only; on / off everywhere; transitions 0
+    turns them off; bad values are refused with the choices."""
+    from trainer.ranking_training import transitions_used
+
+    def used(*settings: str) -> bool:
+        return transitions_used(config_from(parse_args([a for s in settings for a in ("--set", s)]), environ={}))
+    assert not used() and used("data.protocol=temporal") and used("data.protocol=leave_one_out")
+    assert used("ranking.transition_mode=on") and not used("data.protocol=temporal", "ranking.transition_mode=off")
+    assert not used("data.protocol=temporal", "ranking.transitions=0")
+    with pytest.raises(ValueError, match=r"ranking.transition_mode must be one of \('auto', 'on', 'off'\), got 'yes'"):
+        used("ranking.transition_mode=yes")
+    with pytest.raises(ValueError, match=r"ranking.transitions must be >= 0, got -1"):
+        used("ranking.transitions=-1")
+    with pytest.raises(ValueError, match=r"ranking.transition_decay must be in \[0, 1\], got 1.5"):
+        used("ranking.transition_decay=1.5")
+
+
 def test_data_bad_rows_reaches_the_generic_loader(tmp_path):
     from trainer.data.dataset import DataError
     from trainer.prepare import load_dataset

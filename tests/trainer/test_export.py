@@ -10,7 +10,7 @@ import onnx
 import pytest
 import torch
 
-from tests.trainer.test_models import (HISTORY, _affinity_ranker, dcn_config, grouped_inputs, item_inputs,
+from tests.trainer.test_models import (HISTORY, N_ITEMS, _affinity_ranker, dcn_config, grouped_inputs, item_inputs,
                                        ranker_inputs, tower_config, user_inputs)
 from recsys_contracts.programs import RANKER, RANKER_ROWS, USER_TOWER, Program, aligned_rows, load_ranker
 from trainer.export import (RANKER_INPUTS, RANKER_ROWS_INPUTS, USER_TOWER_INPUTS, ProgramParityError, check_parity,
@@ -33,12 +33,31 @@ def user_tower_export(tmp_path_factory):
     return tower.eval(), path
 
 
-@pytest.fixture(scope="module", params=[("stacked", None, 0), ("parallel", 3, 0), ("stacked", None, 4)],
-                ids=["stacked", "parallel-low-rank", "stacked-affinity"])
+def _transition_ranker(seed: int) -> DCNRanker:
+    """A ranker whose transition channels read random successor lists (5 per item) of its 3 latest items,
+    with wide weights and a deep head that count."""
+    g = torch.Generator().manual_seed(seed)
+    ranker = DCNRanker(dcn_config(transition_k=5, transition_items=3, n_genres=2))
+    ranker.set_item_genres(torch.rand(N_ITEMS + 1, 2, generator=g).round())
+    ids = torch.randint(0, N_ITEMS + 1, (N_ITEMS + 1, 5), generator=g, dtype=torch.int32)
+    history = user_inputs(64, seed=seed)["history"]
+    ranker.set_transitions(ids, torch.rand(N_ITEMS + 1, 5, generator=g), history,
+                           torch.randint(1, N_ITEMS + 1, (64,), generator=g))
+    with torch.no_grad():
+        ranker.transition_wide.weight.normal_(generator=g)
+        ranker.ctr_head.weight.normal_(generator=g)
+    return ranker
+
+
+@pytest.fixture(scope="module", params=[("stacked", None, 0), ("parallel", 3, 0), ("stacked", None, 4),
+                                        ("stacked", None, "transitions")],
+                ids=["stacked", "parallel-low-rank", "stacked-affinity", "stacked-transitions"])
 def ranker_export(request, tmp_path_factory):
     torch.manual_seed(1)
     structure, low_rank, affinity_rank = request.param
-    if affinity_rank:
+    if affinity_rank == "transitions":
+        ranker = _transition_ranker(seed=1)
+    elif affinity_rank:
         ranker = _affinity_ranker(affinity_rank, seed=1)
         with torch.no_grad():
             ranker.affinity_wide.weight.fill_(0.7)

@@ -462,6 +462,74 @@ def test_ranker_genre_cross_is_the_history_profile_times_the_candidates_flags():
         dcn_config(n_genres=N_ITEM_NUM + 1)
 
 
+def _with_transitions(ranker: DCNRanker) -> DCNRanker:
+    """Item 1's successors 2 (weight 3) and 5 (weight 1); item 2's successor 1 (weight 2); the rest none."""
+    ids = torch.zeros(N_ITEMS + 1, 3, dtype=torch.int32)
+    weights = torch.zeros(N_ITEMS + 1, 3)
+    ids[1, :2], weights[1, :2] = torch.tensor([2, 5], dtype=torch.int32), torch.tensor([3.0, 1.0])
+    ids[2, 0], weights[2, 0] = 1, 2.0
+    history = torch.tensor([[0, 2, 1], [0, 1, 3]])
+    ranker.set_transitions(ids, weights, history, torch.tensor([2, 2]))
+    return ranker
+
+
+def test_ranker_transition_channels_read_the_latest_items_successor_lists():
+    """Channel l is the candidate's weight in the l-th most recent history item's successor list (0 where it
+    is absent or the slot is padding), standardised over the rows set_transitions was given; the channels
+    join the wide logit, so a history that ends on another item scores the same candidate otherwise."""
+    ranker = _with_transitions(DCNRanker(dcn_config(transition_k=3, transition_items=2)).eval())
+    latest = ranker.latest(torch.tensor([[0, 2, 1], [3, 1, 2], [0, 0, 1]]))
+    assert latest.tolist() == [[1, 2], [2, 1], [1, 0]]
+    raw = ranker.raw_transitions(latest, torch.tensor([2, 2, 5]))
+    assert raw.tolist() == [[3.0, 0.0], [0.0, 3.0], [1.0, 0.0]]
+    # The two fitting rows, candidate 2 after a history ending (2, 1) -> (3, 0), after (1, 3) -> (0, 3).
+    assert torch.allclose(ranker.transition_shift, torch.tensor([1.5, 1.5]))
+    assert torch.allclose(ranker.transition_scale, torch.tensor([3.0, 3.0]) / math.sqrt(2))
+    assert torch.allclose(ranker.transitions(latest[:1], torch.tensor([2])),
+                          (torch.tensor([[3.0, 0.0]]) - ranker.transition_shift) / ranker.transition_scale)
+    with torch.no_grad():
+        ranker.transition_wide.weight.fill_(1.0)
+    inputs = ranker_inputs(2)
+    inputs["item_idx"] = torch.tensor([2, 2])
+    inputs["history"] = torch.tensor([[0, 0, 0, 4, 3, 1], [0, 0, 0, 4, 1, 3]])   # latest item 1, then 3
+    with torch.no_grad():
+        inputs = inputs | {name: inputs[name][:1].expand(2, *inputs[name].shape[1:]) for name in
+                           ("user_idx", "user_cat", "user_num", "timestamp", "item_cat", "item_num",
+                            "retrieval_score")}
+        ctr, _ = ranker(**inputs)
+    assert ctr[0] - ctr[1] == pytest.approx(3.0 / float(ranker.transition_scale[0]) -
+                                            3.0 / float(ranker.transition_scale[1]), abs=1e-4)
+
+
+def test_the_grouped_ranker_with_transitions_scores_as_the_aligned_rows_do():
+    ranker = _with_transitions(DCNRanker(dcn_config(transition_k=3, transition_items=2, n_genres=2)).eval())
+    with torch.no_grad():
+        ranker.transition_wide.weight.fill_(0.7)
+    grouped, rows = grouped_inputs(9, 4)
+    with torch.no_grad():
+        want, got = ranker(**rows), ranker.forward_grouped(**grouped)
+    for w, g in zip(want, got):
+        assert torch.allclose(w, g, atol=1e-6)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"transition_k": 4}, "transition_k and transition_items must be both 0 or both >= 1, got 4 and 0"),
+    ({"transition_items": 2}, "transition_k and transition_items must be both 0 or both >= 1, got 0 and 2"),
+    ({"transition_k": 4, "transition_items": 21}, "transition_items must be <= recent_items=20, got 21"),
+    ({"transition_k": -1, "transition_items": 1}, "transition_k must be an int >= 0, got -1"),
+])
+def test_ranker_transition_sizes_are_checked(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        dcn_config(**overrides)
+    with pytest.raises(ValueError, match=r"successor ids must have shape \(41, 3\) \(n_items \+ 1, transition_k\), "
+                                         r"got \(41, 2\)"):
+        DCNRanker(dcn_config(transition_k=3, transition_items=1)).set_transitions(
+            torch.zeros(N_ITEMS + 1, 2), torch.zeros(N_ITEMS + 1, 3), torch.zeros(1, 1), torch.zeros(1))
+    with pytest.raises(RuntimeError, match="set_transitions on a ranker built with transition_items 0"):
+        DCNRanker(dcn_config()).set_transitions(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1, 1),
+                                                torch.zeros(1))
+
+
 def test_padded_mean_is_the_masked_mean_bit_for_bit_gradients_included():
     torch.manual_seed(0)
     table = nn.Embedding(50, 8, padding_idx=0)

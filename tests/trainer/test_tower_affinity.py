@@ -112,7 +112,7 @@ def test_fold_rows_carry_the_tower_channels_of_their_visible_history(prepared):
 
 def test_the_ranker_holds_eases_channels_then_the_towers_and_fits_both(prepared):
     tables = prepared.tables
-    cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8"])
+    cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8", "ranking.transition_mode=on"])
     assert affinity_channels(cfg, tables, 2) == (2, 2)
     assert affinity_channels(load_config(None, ["ranking.affinity=none"]), tables, 1) == (0, 1)
     assert affinity_channels(load_config(None, ["multitask.mode=joint"]), tables, 1) == (0, 0)
@@ -181,9 +181,10 @@ def test_the_starts_wide_order_scores_the_stopping_half_as_the_whole_ranker_does
     from trainer.evaluation import retrieve
     from trainer.ranking_training import click_rows, pipeline_ndcg_per_user, wide_ndcg_per_user
     from trainer.prepare import held_out
+    from trainer.transitions import successor_table
 
     tables, target = prepared.tables, prepared.val
-    cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8"])
+    cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8", "ranking.transition_mode=on"])
     tower = _tower(prepared, 0)
     candidates = retrieve(tower, tables, target.users, target, 50, prepared.eval_timestamps, CPU)
     channels = tower_channels([("other", _tower(prepared, 1))], tables, prepared.eval_timestamps, 8, CPU)
@@ -194,17 +195,23 @@ def test_the_starts_wide_order_scores_the_stopping_half_as_the_whole_ranker_does
     fit_rows = click_rows(held_out(prepared.vocab, prepared.split.val), candidates, 4, np.random.default_rng(0), 50)
     assert fit_affinity(ranker, tables, rows, fit_rows, 50.0, np.random.default_rng(0), CPU,
                         towers=channels.tables())
+    # The transition channels join the wide logit too (the wide order reads each user's stored history).
+    fit_rows = fit_rows.with_history(tables, ranker.recent_items)
+    ids, weights = successor_table(train.users, train.items, train.timestamps, tables.vocab.n_items,
+                                  cfg.ranking.transitions)
+    ranker.set_transitions(torch.as_tensor(ids), torch.as_tensor(weights), torch.as_tensor(fit_rows.history),
+                           torch.as_tensor(fit_rows.items))
     fit_wide(ranker, fit_rows, CPU, listwise=True)
-    assert ranker.affinity_wide.weight.abs().sum() > 0
+    assert ranker.affinity_wide.weight.abs().sum() > 0 and ranker.transition_wide.weight.abs().sum() > 0
     whole = pipeline_ndcg_per_user(ranker, tables, candidates, target, prepared.eval_timestamps[candidates.users], cfg,
                                    prepared.spec.rating_max, CPU)
-    wide = wide_ndcg_per_user(ranker, candidates, target, "ctr", CPU, cells_per_batch=70 * 128)   # a few users a batch
+    wide = wide_ndcg_per_user(ranker, tables, candidates, target, "ctr", CPU, cells_per_batch=70 * 128)   # a few users a batch
     np.testing.assert_array_equal(wide, whole)
     assert whole.mean() > 0
-    assert wide_ndcg_per_user(ranker, candidates, target, "ctr_x_rating", CPU) is None
+    assert wide_ndcg_per_user(ranker, tables, candidates, target, "ctr_x_rating", CPU) is None
     with torch.no_grad():
         ranker.ctr_head.weight.fill_(0.01)
-    assert wide_ndcg_per_user(ranker, candidates, target, "ctr", CPU) is None
+    assert wide_ndcg_per_user(ranker, tables, candidates, target, "ctr", CPU) is None
 
 
 def test_towers_whose_tables_would_not_fit_are_left_out_with_one_warning(prepared, monkeypatch, caplog):
@@ -244,7 +251,7 @@ def test_factor_dots_gather_in_batches_and_give_each_rows_sums_as_one_batch_does
         np.testing.assert_array_equal(factor_dots(user_factors, item_factors, users, items, 8, cells), whole)
     assert factor_dots(user_factors, item_factors, users[:0], items[:0], 8).shape == (0, 3)
 
-    cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8"])
+    cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8", "ranking.transition_mode=on"])
     ranker = DCNRanker(dcn_config(cfg, prepared.spec, prepared.tables))
     with torch.no_grad():
         ranker.affinity_user.normal_()

@@ -15,6 +15,13 @@ With ``n_genres`` G > 0 (the first G columns of ``item_num`` are the item's genr
 also holds each item's genre flags (a fixed buffer, set by the trainer) and derives, from the inputs
 it already takes, the user x item genre cross: the genre profile of the user's recent history
 (the mean of its items' flags) times the candidate's flags, per genre and summed.
+
+With ``transition_k`` K > 0 the ranker holds each item's K strongest successors in the training log
+(fixed buffers, set by the trainer, ``trainer/transitions.py``: which items users took soon after it, and
+how often) and, for each of the user's ``transition_items`` L most recent history items, reads the
+candidate's weight in that item's successor list (0 when absent): L standardised channels that join x0 and,
+through wide weights, the CTR logit. They come from the ``history`` input, the one the service reads from
+the feature store on every request, so an interaction recorded a moment ago moves them.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class DCNConfig:
     affinity_rank: int = 0            # width of the stored user / item affinity factors; 0 = none
     affinity_channels: int = 1        # affinities held side by side, each of width affinity_rank
     n_genres: int = 0                 # genre flags leading item_num, crossed with the history's profile; 0 = none
+    transition_k: int = 0             # successors held per item; 0 = no transition channels
+    transition_items: int = 0         # the most recent history items whose successor lists are read
 
     def __post_init__(self) -> None:
         check_feature_sizes(self.n_users, self.n_items, self.user_cat_cardinalities, self.n_user_num,
@@ -64,6 +73,14 @@ class DCNConfig:
         check_int("affinity_rank", self.affinity_rank, 0)
         check_int("affinity_channels", self.affinity_channels, 1)
         check_int("n_genres", self.n_genres, 0)
+        check_int("transition_k", self.transition_k, 0)
+        check_int("transition_items", self.transition_items, 0)
+        if bool(self.transition_k) != bool(self.transition_items):
+            raise ValueError(f"transition_k and transition_items must be both 0 or both >= 1, got "
+                             f"{self.transition_k} and {self.transition_items}")
+        if self.transition_items > self.recent_items:
+            raise ValueError(f"transition_items must be <= recent_items={self.recent_items}, got "
+                             f"{self.transition_items}")
         if self.n_genres > self.n_item_num:
             raise ValueError(f"n_genres must be <= n_item_num={self.n_item_num}, got {self.n_genres}")
         if self.low_rank is not None:
@@ -139,10 +156,22 @@ class DCNRanker(nn.Module):
         if self.n_genres:
             # Each item's genre flags (row 0, padding, has none); filled by set_item_genres.
             self.register_buffer("item_genres", torch.zeros(config.n_items + 1, self.n_genres))
+        self.transition_items = config.transition_items
+        if self.transition_items:
+            # Item i's successors (ids, row 0 and empty slots 0) and their weights; all zeros (no transition)
+            # until the trainer calls set_transitions. Channel l (the l-th most recent item, l = 0 the latest)
+            # is standardised by (transition_shift[l], transition_scale[l]).
+            self.register_buffer("successor_ids", torch.zeros(config.n_items + 1, config.transition_k,
+                                                              dtype=torch.int32))
+            self.register_buffer("successor_weights", torch.zeros(config.n_items + 1, config.transition_k))
+            self.register_buffer("transition_shift", torch.zeros(self.transition_items))
+            self.register_buffer("transition_scale", torch.ones(self.transition_items))
+            self.transition_wide = nn.Linear(self.transition_items, 1, bias=False)
+            nn.init.zeros_(self.transition_wide.weight)
         genre_dim = self.n_genres + 1 if self.n_genres else 0
         input_dim = (dim + self.user_categorical.output_dim + config.n_user_num + dim + self.calendar.output_dim
                      + dim + self.item_categorical.output_dim + config.n_item_num + 1 + self.affinity_channels
-                     + genre_dim)
+                     + genre_dim + self.transition_items)
         self.cross = CrossNetV2(input_dim, config.n_cross_layers, config.low_rank)
         self.deep = mlp(input_dim, config.deep_dims, config.dropout)
         head_dim = config.deep_dims[-1] + (input_dim if config.structure == "parallel" else 0)
@@ -191,6 +220,36 @@ class DCNRanker(nn.Module):
             raise RuntimeError("set_item_genres on a ranker built with n_genres 0")
         self.item_genres.copy_(flags)
 
+    @torch.no_grad()
+    def set_transitions(self, ids: Tensor, weights: Tensor, history: Tensor, item_idx: Tensor) -> None:
+        """Loads the successor lists ((n_items + 1, K) ids and weights, row = item index) and standardises each
+        channel over the rows (``history`` (R, >= L), ``item_idx`` (R,)) the CTR head learns from."""
+        if not self.transition_items:
+            raise RuntimeError("set_transitions on a ranker built with transition_items 0")
+        for name, table in (("ids", ids), ("weights", weights)):
+            if tuple(table.shape) != tuple(self.successor_ids.shape):
+                raise ValueError(f"successor {name} must have shape {tuple(self.successor_ids.shape)} "
+                                 f"(n_items + 1, transition_k), got {tuple(table.shape)}")
+        self.successor_ids.copy_(ids)
+        self.successor_weights.copy_(weights)
+        raw = self.raw_transitions(self.latest(history), item_idx)
+        self.transition_shift.copy_(raw.mean(dim=0))
+        self.transition_scale.copy_(raw.std(dim=0).nan_to_num(0.0).clamp(min=1e-6))
+
+    def latest(self, history: Tensor) -> Tensor:
+        """(U, H) history, oldest first -> (U, L) its L most recent items, the latest first (0 = none)."""
+        return history[:, -self.transition_items:].flip(1)
+
+    def raw_transitions(self, latest: Tensor, item_idx: Tensor) -> Tensor:
+        """(N, L) latest items of each row's user, (N,) candidates -> (N, L) the candidate's weight in each of
+        those items' successor lists, before the standardisation."""
+        match = self.successor_ids[latest] == item_idx.to(torch.int32)[:, None, None]     # (N, L, K)
+        return (match.to(self.successor_weights.dtype) * self.successor_weights[latest]).sum(dim=2)
+
+    def transitions(self, latest: Tensor, item_idx: Tensor) -> Tensor:
+        """(N, L) standardised transition channels."""
+        return (self.raw_transitions(latest, item_idx) - self.transition_shift) / self.transition_scale
+
     def genre_cross(self, profile: Tensor, item_num: Tensor) -> Tensor:
         """The history's genre profile (N, G) times the candidate's genre flags: (N, G) per genre and (N, 1) summed."""
         cross = profile * item_num[:, :self.n_genres]                          # (N, G)
@@ -217,7 +276,9 @@ class DCNRanker(nn.Module):
         """Aligned rows: row n holds candidate n and its user's inputs (training's layout). ``affinity_raw``
         (N, C), training only, replaces the factor tables' affinities (``affinity``)."""
         user, profile = self.user_side(user_idx, user_cat, user_num, history, timestamp)
-        return self.rows(user, profile, user_idx, item_idx, item_cat, item_num, retrieval_score, affinity_raw)
+        latest = self.latest(history) if self.transition_items else None
+        return self.rows(user, profile, user_idx, item_idx, item_cat, item_num, retrieval_score, affinity_raw,
+                         latest)
 
     def forward_grouped(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor,
                         timestamp: Tensor, row_user: Tensor, item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
@@ -226,12 +287,15 @@ class DCNRanker(nn.Module):
         user: the user side runs once per user, not once per candidate (the served program's layout,
         ``recsys_contracts.programs.RANKER``)."""
         user, profile = self.user_side(user_idx, user_cat, user_num, history, timestamp)
+        latest = self.latest(history)[row_user] if self.transition_items else None
         return self.rows(user[row_user], None if profile is None else profile[row_user], user_idx[row_user],
-                         item_idx, item_cat, item_num, retrieval_score)
+                         item_idx, item_cat, item_num, retrieval_score, latest=latest)
 
     def rows(self, user: Tensor, profile: Tensor | None, user_idx: Tensor, item_idx: Tensor, item_cat: Tensor,
-             item_num: Tensor, retrieval_score: Tensor, affinity_raw: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """The scores of N candidate rows from their users' ``user_side`` rows (N, du), (N, G)."""
+             item_num: Tensor, retrieval_score: Tensor, affinity_raw: Tensor | None = None,
+             latest: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The scores of N candidate rows from their users' ``user_side`` rows (N, du), (N, G) and latest
+        history items (N, L)."""
         x0 = torch.cat([
             user,  # (N, du)
             self.item_embedding(item_idx),  # (N, E)
@@ -246,6 +310,10 @@ class DCNRanker(nn.Module):
             affinity = self.affinity(user_idx, item_idx, affinity_raw)  # (N, C)
             x0 = torch.cat([x0, affinity], dim=1)  # (N, d + C)
             wide = wide + self.affinity_wide(affinity)
+        if self.transition_items:
+            transitions = self.transitions(latest, item_idx)  # (N, L)
+            x0 = torch.cat([x0, transitions], dim=1)
+            wide = wide + self.transition_wide(transitions)
         if self.structure == "stacked":
             hidden = self.deep(self.cross(x0))  # (N, d) -> (N, deep_dims[-1])
         else:

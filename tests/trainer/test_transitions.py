@@ -1,0 +1,45 @@
+"""The training log's successor lists (trainer/transitions.py) on hand-made sequences."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from trainer.transitions import successor_table
+
+
+def test_successor_weights_sum_decayed_pairs_within_the_window():
+    """User 1 takes 1, 2, 3 (in time order, given shuffled); user 2 takes 1, 3. Window 2, decay 0.5: the pair
+    (1, 2) counts 1, (1, 3) 0.5 + 1, (2, 3) 1; each list strongest first, weights log(1 + sum)."""
+    users = np.array([1, 2, 1, 2, 1])
+    items = np.array([3, 3, 1, 1, 2])
+    times = np.array([30, 9, 10, 5, 20])
+    ids, weights = successor_table(users, items, times, n_items=4, k=3, window=2, decay=0.5)
+    assert ids.shape == weights.shape == (5, 3) and ids.dtype == np.int32 and weights.dtype == np.float32
+    assert ids[1].tolist() == [3, 2, 0]
+    assert weights[1] == pytest.approx([math.log1p(1.5), math.log1p(1.0), 0.0])
+    assert ids[2].tolist() == [3, 0, 0] and weights[2] == pytest.approx([math.log1p(1.0), 0, 0])
+    assert not ids[[0, 3, 4]].any() and not weights[[0, 3, 4]].any()   # padding, a last item, an unseen one
+
+
+def test_successor_lists_keep_the_k_strongest_ties_by_item_and_time_ties_by_item():
+    """Equal timestamps order by item index, as the splits do; k = 1 keeps the strongest successor, the
+    smaller item index among equals; window 1 ignores pairs further apart."""
+    users = np.array([1, 1, 1, 2, 2])
+    items = np.array([4, 2, 1, 1, 3])
+    times = np.array([7, 7, 7, 1, 2])              # user 1: 1, 2, 4 (one second); user 2: 1, 3
+    ids, weights = successor_table(users, items, times, n_items=4, k=1, window=1)
+    assert ids[:, 0].tolist() == [0, 2, 4, 0, 0]   # item 1: successors 2 and 3 once each, 2 kept
+    assert weights[1, 0] == pytest.approx(math.log1p(1.0))
+
+
+def test_a_log_without_pairs_gives_empty_lists_and_bad_settings_are_refused():
+    ids, weights = successor_table(np.array([1, 2]), np.array([1, 2]), np.array([0, 0]), n_items=2, k=2)
+    assert not ids.any() and not weights.any()
+    for kwargs, message in (({"k": 0}, "k must be an int >= 1, got 0"),
+                            ({"window": 0}, "window must be an int >= 1, got 0"),
+                            ({"decay": 0.0}, r"decay must be in \(0, 1\], got 0.0")):
+        with pytest.raises(ValueError, match=message):
+            successor_table(np.array([1]), np.array([1]), np.array([0]), n_items=1, **({"k": 1} | kwargs))
