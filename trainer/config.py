@@ -287,10 +287,14 @@ class RankingConfig:
     # successors in the training log (pairs up to transition_window places apart, weighted transition_decay **
     # (gap - 1)), and for each of the user's transition_items latest history items the candidate's weight in
     # its list; 0 = none. They join x0 and the wide logit, whose start is fitted with them. transition_mode
-    # "auto" (the default) uses them under the temporal and leave-one-out protocols, whose held-out items come
-    # after the history, as served requests do; "on" / "off" under every protocol. Side by side on ml-100k,
-    # seed 0 (docs/RESULTS.md, "Transition channels"): leave-one-out, sequential tower, EASE help off,
-    # stopping half 0.0997 -> 0.1252; temporal, defaults, 0.1503 -> 0.1720; random, defaults, 0.2030 -> 0.2015.
+    # "auto" (the default): under the temporal and leave-one-out protocols, whose held-out items come after the
+    # history as served requests do, the channels are kept where the wide logit fitted with them beats
+    # retrieval's order on the stopping half by ranking.keep_min_t standard errors (the report's
+    # ranker.transitions), else the ranker is built without them; under random, none. "on" / "off": under
+    # every protocol, unchecked. Side by side on ml-100k, seed 0 (docs/RESULTS.md, "Transition channels"):
+    # leave-one-out, sequential tower, EASE help off, stopping half 0.0997 -> 0.1252; temporal, defaults, 0.1580
+    # -> 0.1720; random, defaults, 0.2030 -> 0.2015; on the ~10k-item synthetic log (no order in it),
+    # leave-one-out, EASE help off, 0.1194 -> 0.1155, which the check avoids.
     transitions: int = 32
     transition_mode: str = "auto"
     transition_items: int = 4

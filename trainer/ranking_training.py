@@ -828,6 +828,30 @@ def affinity_rank(cfg: TrainConfig, tables: FeatureTables, rating_rows: Rows, to
     return rank, channel_tables(factors, rank), {"rank": rank, "ease_top10_kept": kept}
 
 
+def check_transitions(ranker: DCNRanker, rows: Rows, start_half: Callable[[], np.ndarray], min_t: float,
+                      device: torch.device) -> dict:
+    """``ranking.transition_mode`` auto's check, before anything else is fitted: the wide logit fitted on
+    ``rows`` (logistically and listwise, ``fit_wide``) from the retrieval score and the transition channels
+    against retrieval's order alone, on the stopping half (``start_half``: per-user NDCG@10). The channels are
+    kept where the better fit's per-user gain is at least ``min_t`` standard errors (the keep rule's
+    ``ranking.keep_min_t``). The ranker's wide weights are left as they were. Returns the report's record."""
+    before = copy.deepcopy(ranker.state_dict())
+    plain = start_half()
+    fitted = {}
+    for name, listwise in (("logistic fit", False), ("listwise fit", True)):
+        fit_wide(ranker, rows, device, listwise=listwise)
+        fitted[name] = start_half()
+        ranker.load_state_dict(before)
+    best = max(fitted, key=lambda name: float(fitted[name].mean()))
+    t = paired_t(fitted[best], plain)
+    check = {"kept": bool(t >= min_t), "t_vs_retrieval_order": round(t, 2), "stopping_half": {
+        "retrieval order": round(float(plain.mean()), 4),
+        **{f"with transitions, {name}": round(float(u.mean()), 4) for name, u in fitted.items()}}}
+    log.info("transition channels: stopping-half NDCG@10 %.4f with them (%s), %.4f by retrieval's order, t %.2f; %s",
+             float(fitted[best].mean()), best, float(plain.mean()), t, "kept" if check["kept"] else "left out")
+    return check
+
+
 def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, rating_rows: Rows,
                stop_candidates: Candidates, stop_target: EvalTarget, eval_timestamps: np.ndarray,
                device: torch.device, ctx: Distributed,
@@ -853,26 +877,18 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     than what the ranker ever sees).
     """
     rc, mt = cfg.ranking, cfg.multitask
-    torch.manual_seed(cfg.run.seed + 1)
-    ranker = DCNRanker(dcn_config(cfg, spec, tables, towers=len(channels) if channels else 0)).to(device)
     tower_tables = channels.tables() if channels else None
-    if ranker.n_genres:
-        ranker.set_item_genres(torch.as_tensor(tables.item_num[:, :ranker.n_genres], dtype=torch.float32,
-                                               device=device))
-    width = ranker.recent_items
-    held_out = fit_rows.with_history(tables, width)
-    if ranker.transition_items:
-        ids, weights = successor_table(rating_rows.users, rating_rows.items, rating_rows.timestamps,
-                                       tables.vocab.n_items, rc.transitions, rc.transition_window,
-                                       rc.transition_decay)
-        ranker.set_transitions(torch.as_tensor(ids, device=device), torch.as_tensor(weights, device=device),
-                               torch.as_tensor(held_out.history, device=device),
-                               torch.as_tensor(held_out.items, device=device))
-    fit_rows = held_out if folds is None else Rows.concat([held_out, folds.rows])
-    calibrate_start(ranker, fit_rows)
-    start_users = None          # the stopping-half NDCG@10 of the start per user, where already measured
-    start_choice = None         # the fitted starts' scores and the one kept, where there were starts to choose
     stop_ts = eval_timestamps[stop_candidates.users]
+    ranker = None
+
+    def build(transitions: bool) -> DCNRanker:
+        torch.manual_seed(cfg.run.seed + 1)
+        built = DCNRanker(dcn_config(cfg, spec, tables, towers=len(channels) if channels else 0,
+                                     transitions=transitions)).to(device)
+        if built.n_genres:
+            built.set_item_genres(torch.as_tensor(tables.item_num[:, :built.n_genres], dtype=torch.float32,
+                                                  device=device))
+        return built
 
     def stopping_half() -> np.ndarray:
         """The ranker's current weights scored on the stopping half: NDCG@10 per user."""
@@ -885,6 +901,26 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
         wide = wide_ndcg_per_user(ranker, tables, stop_candidates, stop_target, rc.score_mode, device)
         ranker.train()
         return stopping_half() if wide is None else wide
+
+    ranker = build(transitions=True)
+    width = ranker.recent_items
+    held_out = fit_rows.with_history(tables, width)
+    transition_check = None
+    if ranker.transition_items:
+        ids, weights = successor_table(rating_rows.users, rating_rows.items, rating_rows.timestamps,
+                                       tables.vocab.n_items, rc.transitions, rc.transition_window,
+                                       rc.transition_decay)
+        ranker.set_transitions(torch.as_tensor(ids, device=device), torch.as_tensor(weights, device=device),
+                               torch.as_tensor(held_out.history, device=device),
+                               torch.as_tensor(held_out.items, device=device))
+        if rc.transition_mode == "auto" and held_out.users.size:
+            transition_check = check_transitions(ranker, held_out, start_half, rc.keep_min_t, device)
+            if not transition_check["kept"]:
+                ranker = build(transitions=False)
+    fit_rows = held_out if folds is None else Rows.concat([held_out, folds.rows])
+    calibrate_start(ranker, fit_rows)
+    start_users = None          # the stopping-half NDCG@10 of the start per user, where already measured
+    start_choice = None         # the fitted starts' scores and the one kept, where there were starts to choose
 
     affinities = bool(ranker.affinity_rank and held_out.users.size and fit_affinity(
         ranker, tables, rating_rows, held_out, rc.affinity_l2, np.random.default_rng(cfg.run.seed + 3), device,
@@ -932,7 +968,8 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     history.best_score = float(start_users.mean())
     stopper = EarlyStop(rc.patience, rc.min_improvement, reference=history.best_score)
     history.epochs.append({"epoch": -1, "loss": float("nan"), "val_ndcg@10": history.best_score,
-                           **({"starts": start_choice} if start_choice else {})})
+                           **({"starts": start_choice} if start_choice else {}),
+                           **({"transitions": transition_check} if transition_check else {})})
     best_state = copy.deepcopy(ranker.state_dict())
     start_parameters = {name: best_state[name] for name, _ in ranker.named_parameters()}   # the start's, no copy
     scored = np.zeros(rating_rows.users.size, dtype=bool)

@@ -62,6 +62,11 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{name} {v['ndcg@10']:.4f}" + ("" if name == "retrieval order" else
                                                 f" (t {v['t_vs_retrieval_order']:.2f} against retrieval's order)")
                 for name, v in start["stopping_half"].items()), ""]
+    if (report.get("ranker") or {}).get("transitions"):
+        check = report["ranker"]["transitions"]
+        lines += [f"Ranker transition channels: {'kept' if check['kept'] else 'left out'} (t "
+                  f"{check['t_vs_retrieval_order']:.2f} against retrieval's order); stopping-half NDCG@10 " +
+                  ", ".join(f"{name} {v:.4f}" for name, v in check["stopping_half"].items()), ""]
     if (report.get("ranker") or {}).get("affinity_rank"):
         choice = report["ranker"]["affinity_rank"]
         lines += [f"Ranker affinity rank: {choice['rank']}; share of EASE's top 10 its factors keep, by rank: " +

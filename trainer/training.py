@@ -142,6 +142,8 @@ def _train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: D
     ranker_choice = {"kept": "start" if ranking_history.best_epoch < 0 else f"epoch {ranking_history.best_epoch}"}
     if ranking_history.epochs and ranking_history.epochs[0].get("starts"):
         ranker_choice["start"] = ranking_history.epochs[0]["starts"]
+    if ranking_history.epochs and ranking_history.epochs[0].get("transitions"):
+        ranker_choice["transitions"] = ranking_history.epochs[0]["transitions"]
     if rank_choice is not None:
         ranker_choice["affinity_rank"] = rank_choice
     return (replace(_trained_run(cfg, prep, two_tower, ranker), tower_choice=tower_choice, ranker_choice=ranker_choice,

@@ -429,3 +429,28 @@ def test_validated_fold_order_keeps_the_ranker_with_the_better_stopping_half_sco
     with caplog.at_level("INFO", logger="trainer.training"):
         ranking_history("validated", "random")
     assert "fold order by validation" not in caplog.text
+
+
+def test_transition_channels_are_checked_on_the_stopping_half_under_temporal(tmp_path, dataset):
+    """ranking.transition_mode auto under temporal: the report records the check (the wide logit fitted with
+    the channels against retrieval's order on the stopping half) and the ranker has the channels exactly
+    when it kept them; a threshold no gain can pass leaves them out and the ranker is built without them;
+    "on" keeps them unchecked; under random there are none."""
+    def run(*settings):
+        out = tmp_path / "-".join(s.replace("=", "_") for s in settings)
+        result = job.run(small_config(tmp_path, *settings, f"run.output_dir={out}"), dataset)
+        return result.report.get("ranker", {}).get("transitions"), result.run.ranker
+
+    check, ranker = run("data.protocol=temporal")
+    assert set(check) == {"kept", "t_vs_retrieval_order", "stopping_half"}
+    assert set(check["stopping_half"]) == {"retrieval order", "with transitions, logistic fit",
+                                           "with transitions, listwise fit"}
+    assert check["kept"] == (check["t_vs_retrieval_order"] >= 1.0)
+    assert (ranker.transition_items == 4) == check["kept"]
+    strict, ranker = run("data.protocol=temporal", "ranking.keep_min_t=1000")
+    assert strict["kept"] is False and ranker.transition_items == 0
+    assert strict["stopping_half"] == check["stopping_half"]
+    forced, ranker = run("data.protocol=temporal", "ranking.transition_mode=on")
+    assert forced is None and ranker.transition_items == 4 and bool(ranker.successor_weights.any())
+    none, ranker = run("data.protocol=random")
+    assert none is None and ranker.transition_items == 0
