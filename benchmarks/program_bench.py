@@ -12,7 +12,7 @@ The models have the default trainer config over a catalog of MovieLens 100K's si
 items, synthetic log): call time does not depend on what the weights learned. Prints a table and
 writes bench_results/program_bench.json. Medians of ``--repeats`` calls after a warm-up, all in one run.
 
-    .venv/bin/python benchmarks/program_bench.py
+    .venv/bin/python benchmarks/program_bench.py [--transitions]
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ from trainer.retrieval_training import tower_config  # noqa: E402
 from trainer.splits import random_split  # noqa: E402
 
 
-def models(tower_channels: int = 0, affinity_rank: int | None = None):
+def models(tower_channels: int = 0, affinity_rank: int | None = None, transitions: bool = False):
     dataset = generate(943, 1682, 100_000, seed=0)
     split = random_split(dataset.interactions, seed=0)
     vocab = fit_id_vocab(split.train)
-    cfg = load_config(None, [] if affinity_rank is None else [f"ranking.affinity_rank={affinity_rank}"])
+    cfg = load_config(None, ([] if affinity_rank is None else [f"ranking.affinity_rank={affinity_rank}"])
+                      + (["ranking.transition_mode=on"] if transitions else []))
     spec = fit_feature_spec(split.train, dataset.users, dataset.items, history_length=cfg.features.history_length)
     tables = build_tables(spec, vocab, split.train, dataset.users, dataset.items)
     torch.manual_seed(0)
@@ -141,6 +142,10 @@ def main() -> int:
     parser.add_argument("--tower-channels", type=int, default=0,
                         help="the ranker's tower affinity channels beside EASE's two (ranking.tower_affinity: 1 under "
                              "the random protocol, 2 under the ordered ones)")
+    parser.add_argument("--transitions", action="store_true",
+                        help="also time a ranker with transition channels (ranking.transitions successors per item, "
+                             "the 4 latest history items; on by default under the ordered protocols where "
+                             "validation keeps them), same weights otherwise, in the same run")
     parser.add_argument("--affinity-rank", type=int, default=None,
                         help="the width of each affinity channel's factors (ranking.affinity_rank, 64, or the larger "
                              "rank the trainer keeps where 64 holds too little of EASE's top 10)")
@@ -151,6 +156,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rows = measure("user tower", tower, inputs(tables, 64, None), USER_TOWER, Path(tmp) / "t.onnx", args.repeats)
         rows += measure("ranker", ranker, inputs(tables, 64, history), RANKER_ROWS, Path(tmp) / "r.onnx", args.repeats)
+        if args.transitions:
+            with_transitions = models(args.tower_channels, args.affinity_rank, transitions=True)[3]
+            rows += measure("ranker+tr", with_transitions, inputs(tables, 64, history), RANKER_ROWS,
+                            Path(tmp) / "rt.onnx", args.repeats)
     print(f"{'program':<11} {'rows':>5} {'torch.export ms':>16} {'torchscript ms':>15} {'onnxruntime ms':>15} "
           f"{'x vs trace':>10} {'x vs export':>11} {'grouped ms':>11} {'x grouped':>10}")
     for r in rows:
