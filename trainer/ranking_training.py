@@ -871,6 +871,13 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     history (``Folds.tower_raw``). ``ease_factors``: EASE's factor tables at ``ranking.affinity_rank`` where
     ``affinity_rank`` computed them already (the same that ``fit_affinity`` would compute).
 
+    Transition channels (``transitions_used``): the successor lists come from the whole training log and are
+    standardised on the validation fitting rows; ``ranking.transition_mode`` auto first checks them
+    (``check_transitions``) and builds the ranker without them where they do not pay. The fold rows read them
+    from their visible history, through the same lists: a fold's hidden item is counted among the successors
+    of the items before it (not refitted per fold, as EASE is); the keep rule judges the result on the
+    stopping half.
+
     Each epoch pairs every fitting row with one rating row drawn at random. ``rating_scores(index)``,
     when given, returns the retrieval scores of ``rating_rows`` rows ``index``: they are then filled
     into ``rating_rows.scores`` only for the rows an epoch draws (the training log can be far larger
