@@ -43,3 +43,18 @@ def test_a_log_without_pairs_gives_empty_lists_and_bad_settings_are_refused():
                             ({"decay": 0.0}, r"decay must be in \(0, 1\], got 0.0")):
         with pytest.raises(ValueError, match=message):
             successor_table(np.array([1]), np.array([1]), np.array([0]), n_items=1, **({"k": 1} | kwargs))
+
+
+def test_blocks_of_sources_give_the_lists_of_one_pass(monkeypatch):
+    """The pairs are ranked in blocks of whole sources (bounded memory on large logs): blocks of a few pairs
+    give the same lists as one block."""
+    import trainer.transitions as transitions
+
+    rng = np.random.default_rng(0)
+    users, items, times = rng.integers(1, 40, 3000), rng.integers(1, 60, 3000), rng.integers(0, 500, 3000)
+    whole = successor_table(users, items, times, n_items=59, k=5)
+    assert (whole[0] > 0).sum() > 200                        # lists worth comparing
+    monkeypatch.setattr(transitions, "PAIRS_PER_BLOCK", 7)
+    blocks = successor_table(users, items, times, n_items=59, k=5)
+    np.testing.assert_array_equal(blocks[0], whole[0])
+    np.testing.assert_array_equal(blocks[1], whole[1])
