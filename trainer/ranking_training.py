@@ -155,6 +155,7 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables, towers: int = 0, t
     ``transitions`` False leaves the transition channels out whatever the settings say (``transitions_used``)."""
     rc = cfg.ranking
     channels = sum(affinity_channels(cfg, tables, towers))
+    transitions = transitions and transitions_used(cfg)
     return DCNConfig(
         n_users=tables.vocab.n_users, n_items=tables.vocab.n_items,
         user_cat_cardinalities=tuple(len(c.vocabulary) + 1 for c in spec.user_categorical),
@@ -166,8 +167,8 @@ def dcn_config(cfg: TrainConfig, spec, tables: FeatureTables, towers: int = 0, t
         affinity_rank=rc.affinity_rank if channels else 0,
         affinity_channels=channels or (2 if rc.affinity_ratings else 1),
         n_genres=len(spec.item_genres) if rc.genre_cross else 0,
-        transition_k=rc.transitions if transitions and transitions_used(cfg) else 0,
-        transition_items=rc.transition_items if transitions and transitions_used(cfg) else 0)
+        transition_k=rc.transitions if transitions else 0,
+        transition_items=rc.transition_items if transitions else 0)
 
 
 def transitions_used(cfg: TrainConfig) -> bool:
@@ -176,6 +177,15 @@ def transitions_used(cfg: TrainConfig) -> bool:
     if not rc.transitions or rc.transition_mode == "off":
         return False
     return rc.transition_mode == "on" or cfg.data.protocol in ("temporal", "leave_one_out")
+
+
+def load_transitions(ranker: DCNRanker, rc, log: tuple[np.ndarray, np.ndarray, np.ndarray], n_items: int,
+                     history: np.ndarray, items: np.ndarray, device: torch.device | str = "cpu") -> None:
+    """Fills ``ranker``'s transition channels: the successor lists (``trainer.transitions``, with ``rc``'s
+    ``transitions``, ``transition_window`` and ``transition_decay``) of the training ``log`` (users, items,
+    timestamps), standardised over the rows ``history`` (R, >= L) and ``items`` (R,)."""
+    ids, weights = successor_table(*log, n_items, rc.transitions, rc.transition_window, rc.transition_decay)
+    ranker.set_transitions(*(torch.as_tensor(a, device=device) for a in (ids, weights, history, items)))
 
 
 def last_per_pair(users: np.ndarray, items: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -914,12 +924,8 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     held_out = fit_rows.with_history(tables, width)
     transition_check = None
     if ranker.transition_items:
-        ids, weights = successor_table(rating_rows.users, rating_rows.items, rating_rows.timestamps,
-                                       tables.vocab.n_items, rc.transitions, rc.transition_window,
-                                       rc.transition_decay)
-        ranker.set_transitions(torch.as_tensor(ids, device=device), torch.as_tensor(weights, device=device),
-                               torch.as_tensor(held_out.history, device=device),
-                               torch.as_tensor(held_out.items, device=device))
+        load_transitions(ranker, rc, (rating_rows.users, rating_rows.items, rating_rows.timestamps),
+                         tables.vocab.n_items, held_out.history, held_out.items, device)
         if rc.transition_mode == "auto" and held_out.users.size:
             transition_check = check_transitions(ranker, held_out, start_half, rc.keep_min_t, device)
             if not transition_check["kept"]:

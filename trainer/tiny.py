@@ -21,10 +21,9 @@ from trainer.models.dcn import DCNConfig, DCNRanker
 from trainer.models.two_tower import build_two_tower
 from trainer.prepare import interactions
 from trainer.publish import TrainedRun, choose_index_params, publish_run
-from trainer.ranking_training import transitions_used
+from trainer.ranking_training import load_transitions, transitions_used
 from trainer.retrieval_training import tower_config
 from trainer.splits import random_split
-from trainer.transitions import successor_table
 
 
 def tiny_dataset(seed: int = 0, n_users: int = 80, n_items: int = 150, n_interactions: int = 4000):
@@ -55,10 +54,8 @@ def tiny_run(seed: int = 0, history_length: int = 10, dataset=None, overrides: t
         # The training log's successor lists, standardised over the training rows, with wide weights of 1 (an
         # untrained ranker's would be 0): the channels then move the order, as a fitted start's do.
         train = interactions(vocab, split.train)
-        ids, weights = successor_table(train.users, train.items, train.timestamps, vocab.n_items, rc.transitions,
-                                       rc.transition_window, rc.transition_decay)
-        ranker.set_transitions(torch.as_tensor(ids), torch.as_tensor(weights),
-                               torch.as_tensor(tables.history[train.users]), torch.as_tensor(train.items))
+        load_transitions(ranker, rc, (train.users, train.items, train.timestamps), vocab.n_items,
+                         tables.history[train.users], train.items)
         with torch.no_grad():
             ranker.transition_wide.weight.fill_(1.0)
     return TrainedRun(spec=spec, tables=tables, two_tower=two_tower, ranker=ranker,

@@ -179,9 +179,8 @@ def test_the_starts_wide_order_scores_the_stopping_half_as_the_whole_ranker_does
     user as ``pipeline_ndcg_per_user`` does, from the wide logit alone; None once the head has weights or
     the served score reads the rating head."""
     from trainer.evaluation import retrieve
-    from trainer.ranking_training import click_rows, pipeline_ndcg_per_user, wide_ndcg_per_user
+    from trainer.ranking_training import click_rows, load_transitions, pipeline_ndcg_per_user, wide_ndcg_per_user
     from trainer.prepare import held_out
-    from trainer.transitions import successor_table
 
     tables, target = prepared.tables, prepared.val
     cfg = load_config(None, ["features.history_length=20", "ranking.affinity_rank=8", "ranking.transition_mode=on"])
@@ -197,10 +196,8 @@ def test_the_starts_wide_order_scores_the_stopping_half_as_the_whole_ranker_does
                         towers=channels.tables())
     # The transition channels join the wide logit too (the wide order reads each user's stored history).
     fit_rows = fit_rows.with_history(tables, ranker.recent_items)
-    ids, weights = successor_table(train.users, train.items, train.timestamps, tables.vocab.n_items,
-                                  cfg.ranking.transitions)
-    ranker.set_transitions(torch.as_tensor(ids), torch.as_tensor(weights), torch.as_tensor(fit_rows.history),
-                           torch.as_tensor(fit_rows.items))
+    load_transitions(ranker, cfg.ranking, (train.users, train.items, train.timestamps), tables.vocab.n_items,
+                     fit_rows.history, fit_rows.items)
     fit_wide(ranker, fit_rows, CPU, listwise=True)
     assert ranker.affinity_wide.weight.abs().sum() > 0 and ranker.transition_wide.weight.abs().sum() > 0
     whole = pipeline_ndcg_per_user(ranker, tables, candidates, target, prepared.eval_timestamps[candidates.users], cfg,
