@@ -217,9 +217,10 @@ class ProductionTrainer:
             scores = np.log(np.maximum(prep.tables.item_counts[popular], 1))
             return [(int(prep.vocab.item_ids[i]), float(s)) for i, s in zip(popular, scores)]
         users = np.array([user], dtype=np.int64)
-        cands = retrieve(run.two_tower, prep.tables, users, fitted.seen if exclude_seen else fitted.nothing,
-                         max(k, self._cfg.ranking.candidates), prep.eval_timestamps, torch.device("cpu"))
-        scores, _ctr, _rating = score_candidates(run.ranker, prep.tables, cands, prep.eval_timestamps[users],
+        # The user as the test split sees them: train and (by default) validation interactions in the history.
+        cands = retrieve(run.two_tower, prep.test_tables, users, fitted.seen if exclude_seen else fitted.nothing,
+                         max(k, self._cfg.ranking.candidates), prep.test_timestamps, torch.device("cpu"))
+        scores, _ctr, _rating = score_candidates(run.ranker, prep.test_tables, cands, prep.test_timestamps[users],
                                                  run.score_mode, run.rating_weight, prep.spec.rating_max,
                                                  torch.device("cpu"))                # each (1, N)
         score_of = dict(zip(cands.items[0].tolist(), scores[0].tolist()))

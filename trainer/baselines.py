@@ -275,15 +275,27 @@ class EaseSolver:
         cost = scaled_cx.index_select(0, torch.as_tensor(rows))                                 # (B, M)
         return _add_entries(cost, x_rows, -1.0).to(torch.float32).numpy()
 
-    def scores(self, solution: EaseSolution, rows: np.ndarray) -> np.ndarray:
-        """(B, M) float32 EASE scores of the training matrix's rows ``rows`` (B,)."""
-        x_rows = self.train.select_rows(rows)
+    def scores(self, solution: EaseSolution, rows: np.ndarray, context: SparseMatrix | None = None) -> np.ndarray:
+        """(B, M) float32 EASE scores of the rows ``rows`` (B,) of the training matrix, or of ``context`` (a
+        matrix of the same shape: the users' rows with more items, e.g. train + validation for the test split)."""
+        if context is not None and context.shape != self.train.shape:
+            raise ValueError(f"context must have the training matrix's shape {self.train.shape}, got {context.shape}")
+        x_rows = (self.train if context is None else context).select_rows(rows)
         x_part = _torch_sparse(x_rows, self.dtype, "csr")
         if self.items_side:
             return _sparse_product(x_part, solution.inverse).to(torch.float32).numpy()  # (B, M) @ (M, M)
-        c_rows = solution.inverse[torch.as_tensor(rows)]                            # (B, n)
-        cx = _sparse_product(self._xt_csr, c_rows.T.contiguous()).T                 # (B, M) = C_rows X
-        scores = x_part.to_dense() - solution.l2 * cx / solution.normaliser.unsqueeze(0)
+        if context is None:
+            c_rows = solution.inverse[torch.as_tensor(rows)]                        # (B, n)
+            cx = _sparse_product(self._xt_csr, c_rows.T.contiguous()).T             # (B, M) = C_rows X
+            scores = x_part.to_dense() - solution.l2 * cx / solution.normaliser.unsqueeze(0)
+            return scores.to(torch.float32).numpy()
+        # Any row x: x B = x - x P / diag(P), with P = (I - X^T C X) / l2 and diag(P) = normaliser / l2, so
+        # x B = x - (x - (x X^T) C X) / normaliser (for a training row this is the branch above).
+        dense = x_part.to_dense()                                                   # (B, M)
+        xxt = _sparse_product(self._x_csr, dense.T.contiguous()).T                  # (B, n) = x X^T
+        t = xxt @ solution.inverse                                                  # (B, n) = x X^T C
+        tx = _sparse_product(self._xt_csr, t.T.contiguous()).T                      # (B, M) = x X^T C X
+        scores = dense - (dense - tx) / solution.normaliser.unsqueeze(0)
         return scores.to(torch.float32).numpy()
 
     def weights(self, solution: EaseSolution) -> np.ndarray:
@@ -373,11 +385,12 @@ class EASE:
         model._solution = solution
         return model
 
-    def scores(self, user_idx: np.ndarray) -> np.ndarray:
+    def scores(self, user_idx: np.ndarray, context: SparseMatrix | None = None) -> np.ndarray:
+        """(B, M) scores of the users' training rows, or of their rows of ``context`` (same shape)."""
         if self._solution is None:
             raise RuntimeError("EASE.scores called before fit")
         user_idx = _check_index("user_idx", user_idx, self._solution.solver.train.shape[0])
-        return self._solution.solver.scores(self._solution, user_idx)  # (B, M)
+        return self._solution.solver.scores(self._solution, user_idx, context)  # (B, M)
 
 
 def subspace_factors(times: Callable[[torch.Tensor], torch.Tensor],

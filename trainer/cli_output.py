@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from trainer.config import TrainConfig, replace
-from trainer.evaluation import retrieve
+from trainer.evaluation import retrieve, test_context_matrix
 from trainer.full_ranking import baseline_reports, diversity_vectors, interaction_matrix
 from trainer.prepare import load_dataset, prepare
 from trainer.ranking_training import rerank, score_candidates
@@ -25,9 +25,9 @@ def sample_recommendations(result, show_users: int, k: int = 5) -> str:
     users = prep.test.users[:show_users]
     if users.size == 0:
         return ""
-    cands = retrieve(run.two_tower, prep.tables, users, prep.test, 500, prep.eval_timestamps,
+    cands = retrieve(run.two_tower, prep.test_tables, users, prep.test, 500, prep.test_timestamps,
                      torch.device("cpu"))
-    scores, ctr, rating = score_candidates(run.ranker, prep.tables, cands, prep.eval_timestamps[users],
+    scores, ctr, rating = score_candidates(run.ranker, prep.test_tables, cands, prep.test_timestamps[users],
                                            run.score_mode, run.rating_weight, prep.spec.rating_max,
                                            torch.device("cpu"))
     ranked = rerank(cands, scores, k)
@@ -62,7 +62,8 @@ def baselines_table(cfg: TrainConfig) -> str:
         prep = prepare(replace(cfg, data={"protocol": protocol}), dataset)
         vectors = diversity_vectors(prep.tables, len(prep.spec.item_genres))
         reports = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val, prep.test,
-                                   cfg.eval.ks, cfg.eval.ease_grid, vectors, cfg.eval.ease_search)
+                                   cfg.eval.ks, cfg.eval.ease_grid, vectors, cfg.eval.ease_search,
+                                   test_context=test_context_matrix(prep))
         lines.append(f"Protocol {protocol} (seed {cfg.data.seed}), test split, {prep.test.users.size} users:")
         lines.append(f"  {'model':<12} {'recall@10':>10} {'ndcg@10':>10} {'precision@10':>13} "
                      f"{'map@10':>8} {'mrr@10':>8} {'hit@10':>8} {'recall@20':>10} {'ndcg@20':>9}")

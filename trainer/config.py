@@ -353,6 +353,13 @@ class EvalConfig:
     ease_search: str = "climb"         # "climb": a hill climb over the sorted grid (3 of 5 values, usually); "grid": all
     diversity_strengths: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)
     max_users: int = 0                 # evaluate (and fit the ranker) on at most this many users; 0 = all
+    test_context: str = "auto"         # what every model knows of a user when judged on test: "validation" = train
+                                       # + the validation interactions (histories, EASE's rows; as served, where a
+                                       # recorded interaction joins the history); "train" = train only (every
+                                       # figure before the nineteenth session); "auto" = validation under the
+                                       # temporal and leave-one-out protocols, whose validation interactions come
+                                       # before the test ones (SASRec's leave-one-out), train under random, whose
+                                       # may come after them (RecBole's full ranking)
 
 
 @dataclass(frozen=True)
@@ -422,6 +429,7 @@ _CHOICES = {
     "run.device": ("cpu", "cuda", "auto"),
     "publish.index": ("auto", "flat", "ivf", "hnsw"),
     "eval.ease_search": ("climb", "grid"),
+    "eval.test_context": ("auto", "validation", "train"),
 }
 _UNIT_INTERVAL = {"ranking.fold_share", "retrieval.dropout", "retrieval.hard_fraction", "retrieval.id_dropout",
                   "retrieval.history_dropout", "retrieval.weight_average", "retrieval.autoencoder_dropout",

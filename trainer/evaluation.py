@@ -1,7 +1,8 @@
 """Offline evaluation of a trained run on the test split: the evaluation report's numbers.
 
 ``retrieve`` gives each user's exact top-n two-tower candidates (what the flat index serves; the
-ranker's training and the sample recommendations use it too); ``evaluate`` measures retrieval
+ranker's training and the sample recommendations use it too); ``evaluate`` measures, in the test's context (``Prepared.test_tables``: by default
+each user's validation interactions join the history every model reads, EASE's rows too), retrieval
 alone, the full pipeline (retrieve N -> rank -> top K; and with the ranker's start where a trained epoch
 replaced it), the ranking heads, the MMR diversity
 trade-off, the reference baselines and the recommendations' popularity profile; ``data_report`` is
@@ -57,7 +58,8 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
     report: dict[str, Any] = {}
     with timings.stage("evaluation"):
         n = max(cfg.ranking.candidates, max(cfg.eval.retrieval_ks))
-        cands = retrieve(run.two_tower, prep.tables, prep.test.users, prep.test, n, prep.eval_timestamps, device)
+        tables, timestamps = prep.test_tables, prep.test_timestamps       # train + validation histories (by default)
+        cands = retrieve(run.two_tower, tables, prep.test.users, prep.test, n, timestamps, device)
         truth = prep.test.truth_rows()
         retrieved = np.where(cands.items > 0, cands.items, -1)   # -1: padding, where fewer items are left
         report["retrieval"] = {f"recall@{k}": metrics.recall_at_k(retrieved[:, :k], truth, k)
@@ -65,7 +67,7 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
         report["two_tower"] = list_report(retrieved[:, :max(ks)], prep.test, ks, vectors)
         top_n = Candidates(cands.users, cands.items[:, :cfg.ranking.candidates],
                            cands.scores[:, :cfg.ranking.candidates])
-        scores, ctr, rating = score_candidates(run.ranker, prep.tables, top_n, prep.eval_timestamps[top_n.users],
+        scores, ctr, rating = score_candidates(run.ranker, tables, top_n, timestamps[top_n.users],
                                                run.score_mode, run.rating_weight, prep.spec.rating_max, device)
         ranked = rerank(top_n, scores, max(ks))
         report["pipeline"] = list_report(ranked, prep.test, ks, vectors)
@@ -73,7 +75,7 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
         if run.ranker_start is not None:
             # Where a trained epoch replaced the ranker's fitted start: the start on the same candidates, so that
             # the report shows what the DCN's epochs did on test (a side-by-side baseline of the same run).
-            start_scores = score_candidates(run.ranker_start, prep.tables, top_n, prep.eval_timestamps[top_n.users],
+            start_scores = score_candidates(run.ranker_start, tables, top_n, timestamps[top_n.users],
                                             run.score_mode, run.rating_weight, prep.spec.rating_max, device)[0]
             lists["pipeline_start"] = rerank(top_n, start_scores, max(ks))
             report["pipeline_start"] = list_report(lists["pipeline_start"], prep.test, ks, vectors)
@@ -82,10 +84,17 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
     with timings.stage("baselines"):
         report["baselines"] = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val,
                                                prep.test, ks, cfg.eval.ease_grid, vectors,
-                                               cfg.eval.ease_search, ranked_lists=lists)
+                                               cfg.eval.ease_search, ranked_lists=lists,
+                                               test_context=test_context_matrix(prep))
     report["paired"] = paired_report(lists, truth, cfg.run.seed)
     report["recommended_popularity"] = _popularity_profile(ranked, prep.tables)
     return report
+
+
+def test_context_matrix(prep: Prepared):
+    """EASE's rows on test: the interactions the models know of each user then (``Prepared.test_known``), or
+    None where that is the training split alone."""
+    return interaction_matrix(prep.vocab, list(prep.test_known)) if len(prep.test_known) > 1 else None
 
 
 def paired_report(lists: dict[str, np.ndarray], truth: list[np.ndarray], seed: int,
@@ -101,7 +110,8 @@ def paired_report(lists: dict[str, np.ndarray], truth: list[np.ndarray], seed: i
 
 
 def data_report(prep: Prepared, protocol: str, seed: int | None = None) -> dict[str, Any]:
-    """The report's ``data`` section: dataset, protocol (and split seed), sizes, time range, and what the
+    """The report's ``data`` section: dataset, protocol (and split seed), sizes, the test's context (the
+    interactions every model knew of the test users), time range, and what the
     loader read, kept, dropped (by reason) and assumed (its warnings: column spellings, implicit feedback,
     time units, ...)."""
     interactions, loaded = prep.dataset.interactions, prep.dataset.report
@@ -109,6 +119,7 @@ def data_report(prep: Prepared, protocol: str, seed: int | None = None) -> dict[
             "n_users": prep.vocab.n_users, "n_items": prep.vocab.n_items,
             "train": len(prep.split.train), "val": len(prep.split.val), "test": len(prep.split.test),
             "test_users": int(prep.test.users.size),
+            "test_context": "train + validation" if len(prep.test_known) > 1 else "train",
             "time_range": [int(interactions["timestamp"].min()), int(interactions["timestamp"].max())],
             "load": {"source": loaded.source, "rows_read": loaded.rows_read, "rows_kept": loaded.rows_kept,
                      "dropped": dict(loaded.dropped), "warnings": list(loaded.warnings)}}
@@ -118,7 +129,7 @@ def _head_metrics(cfg, prep: Prepared, run: TrainedRun, cands: Candidates, devic
     """CTR AUC / log loss on test positives vs retrieved-not-taken negatives; rating RMSE on test ratings."""
     rows = click_rows(held_out(prep.vocab, prep.split.test), cands, cfg.ranking.negatives_per_positive,
                       np.random.default_rng(cfg.run.seed + 7), cfg.ranking.negative_pool)
-    ctr_logit, rating = row_scores(run.ranker, prep.tables, rows, device)
+    ctr_logit, rating = row_scores(run.ranker, prep.test_tables, rows, device)
     probs = torch.sigmoid(torch.as_tensor(ctr_logit)).numpy()
     rated = rows.clicks == 1
     return {"ctr_auc": metrics.auc(rows.clicks, probs), "ctr_logloss": metrics.log_loss(rows.clicks, probs),

@@ -10,11 +10,13 @@
   interaction count and the spec applies ``log1p``, so whoever holds a count encodes it the same way.
 - ``build_tables(spec, vocab, state, users, items) -> FeatureTables``: the numpy tables a version
   ships (ARCHITECTURE.md, "Files of a trainer version"), describing the interactions in ``state``.
+- ``with_history(tables, state)``: the same tables with the histories of another set of interactions.
 - ``temporal_features(timestamp)``: hour, day of week, weekend in numpy (the models do the same in torch).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -216,6 +218,18 @@ def build_tables(spec: FeatureSpec, vocab: IdVocab, state: pd.DataFrame,
         item_cat=np.vstack([item_cat_0, item_cat]), item_num=np.vstack([item_num_0, item_num]),
         seen_indptr=seen_indptr, seen_items=seen_items, popular_items=popular, item_counts=item_counts,
     )
+
+
+def with_history(tables: FeatureTables, state: pd.DataFrame) -> FeatureTables:
+    """The same tables with each user's history rebuilt from the interactions in ``state`` (the context a model
+    is judged in: train + validation for the test split). Every other table, fitted on train, is kept, as a
+    served version keeps its tables while recorded interactions join the histories."""
+    check_interactions(state, "state")
+    uidx, iidx, _ratings = _indexed(tables.vocab, state)
+    known = (uidx > 0) & (iidx > 0)
+    timestamps = state["timestamp"].to_numpy(dtype=np.int64)[known]
+    history = _history(uidx[known], iidx[known], timestamps, tables.vocab.n_users, tables.history.shape[1])
+    return dataclasses.replace(tables, history=history)
 
 
 def temporal_features(timestamp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

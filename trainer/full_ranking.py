@@ -2,7 +2,9 @@
 
 Protocol: for every user with at least one target item, rank all catalog items except the ones
 the protocol masks (train items for validation; train + validation items for test), and compare
-the top K with the targets. Lives here: the targets (``EvalTarget``, ``make_target``,
+the top K with the targets. What the models know of a user when judged on test (train, or train +
+validation under the ordered protocols) is the test's context, built in ``trainer.prepare``; EASE
+scores its rows (``baseline_reports``' ``test_context``). Lives here: the targets (``EvalTarget``, ``make_target``,
 ``sample_users``), ranking a score function over the catalog (``rank_users``), a ranked list's
 report (``list_report``) and the baselines' reports. Metrics come from ``trainer.metrics``;
 baselines from ``trainer.baselines``. May not import the training loops or models: they import
@@ -106,9 +108,12 @@ def list_report(ranked: np.ndarray, target: EvalTarget, ks: tuple[int, ...],
 def baseline_reports(train_matrix: SparseMatrix, val: EvalTarget, test: EvalTarget,
                      ks: tuple[int, ...], grid: tuple[float, ...],
                      item_vectors: np.ndarray, search: str = "climb",
-                     ranked_lists: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+                     ranked_lists: dict[str, np.ndarray] | None = None,
+                     test_context: SparseMatrix | None = None) -> dict[str, dict[str, float]]:
     """Popularity and EASE (l2 tuned on validation NDCG@10, ``search`` as in ``tune_ease``) evaluated on the
-    test target; ``ranked_lists``, when given, receives each baseline's ranked test lists (U, max(ks))."""
+    test target; ``ranked_lists``, when given, receives each baseline's ranked test lists (U, max(ks)).
+    ``test_context`` (the shape of ``train_matrix``): the users' rows EASE scores on test (train +
+    validation, as the other models' histories); None scores the training rows."""
     reports = {}
     lists = {} if ranked_lists is None else ranked_lists
     popularity = Popularity().fit(train_matrix)
@@ -117,7 +122,7 @@ def baseline_reports(train_matrix: SparseMatrix, val: EvalTarget, test: EvalTarg
     if train_matrix.shape[1] <= MAX_EASE_ITEMS:
         best, _table = tune_ease_solution(train_matrix, val.truth, val.exclude, grid, search=search)
         ease = EASE.from_solution(best)
-        lists["ease"] = rank_users(ease.scores, test, max(ks))
+        lists["ease"] = rank_users(lambda users: ease.scores(users, test_context), test, max(ks))
         reports["ease"] = list_report(lists["ease"], test, ks, item_vectors)
         reports["ease"]["l2"] = float(best.l2)
     return reports

@@ -3,7 +3,10 @@
 ``load_dataset`` resolves ``data.dataset`` (a path, or a name under the data dir, downloaded when
 missing); ``prepare`` splits it (or takes a given split, as the notebook API does), fits the id
 vocabulary and the feature spec on the training split only, and builds the validation and test
-targets. ``Prepared`` is what every later stage reads. Nothing here trains or evaluates a model.
+targets and the test's context: under the temporal and leave-one-out protocols each user's validation
+interactions, which come before the test ones, join the history the models read when judged on test
+(and EASE's rows), as a served user's recorded interactions do (``eval.test_context``: "auto";
+"validation" or "train" force one). ``Prepared`` is what every later stage reads. Nothing here trains or evaluates a model.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import pandas as pd
 from trainer.config import TrainConfig
 from trainer.data import (DataError, Dataset, data_dir_from_env, ensure_movielens, is_movielens_folder,
                           load_interactions, load_movielens, logs_in)
-from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab
+from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab, with_history
 from trainer.full_ranking import EvalTarget, make_target, sample_users
 from trainer.retrieval_training import Interactions
 from trainer.splits import Split, split_by_name
@@ -34,7 +37,12 @@ class Prepared:
     train: Interactions
     val: EvalTarget            # val items, train masked
     test: EvalTarget           # test items, train + val masked
-    eval_timestamps: np.ndarray  # (n+1,) each user's last training timestamp: the context at evaluation
+    eval_timestamps: np.ndarray  # (n+1,) each user's last training timestamp: the context at validation
+    # What the models know of each user when judged on test (``eval.test_context``): the splits' frames
+    # (train, and by default validation), the tables with those histories and each user's last timestamp in them.
+    test_known: tuple[pd.DataFrame, ...]
+    test_tables: FeatureTables
+    test_timestamps: np.ndarray  # (n+1,)
 
 
 # Every run is judged (and its ranker stopped) by NDCG@10, so a catalog needs at least 10 items.
@@ -93,6 +101,14 @@ def held_out(vocab: IdVocab, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
     return rows.users[keep], rows.items[keep], rows.timestamps[keep], rows.ratings[keep]
 
 
+def test_context(cfg: TrainConfig) -> str:
+    """``eval.test_context`` resolved: "auto" is "validation" under the protocols whose validation interactions
+    precede the test ones (temporal, leave-one-out), "train" under random, where they may follow them."""
+    if cfg.eval.test_context != "auto":
+        return cfg.eval.test_context
+    return "train" if cfg.data.protocol == "random" else "validation"
+
+
 def prepare(cfg: TrainConfig, dataset: Dataset, split: Split | None = None) -> Prepared:
     """Splits (unless a split is given), fits the features on train, builds the evaluation targets.
     DataError for a log too small to train and judge on, when the split is the run's own (the notebook
@@ -120,4 +136,11 @@ def prepare(cfg: TrainConfig, dataset: Dataset, split: Split | None = None) -> P
                             f"{name} item the training split knows, from {len(dataset.interactions):,} interactions of "
                             f"{dataset.interactions['user_id'].nunique():,} users; at least {MIN_EVAL_USERS} are needed "
                             "to train and evaluate (users need several interactions each)")
-    return Prepared(dataset, split, vocab, spec, tables, train, val, test, eval_ts)
+    test_known, test_tables, test_ts = (split.train,), tables, eval_ts
+    if test_context(cfg) == "validation" and len(split.val):
+        test_known = (split.train, split.val)
+        test_tables = with_history(tables, pd.concat(test_known, ignore_index=True))
+        known = held_out(vocab, split.val)
+        test_ts = eval_ts.copy()
+        np.maximum.at(test_ts, known[0], known[2])
+    return Prepared(dataset, split, vocab, spec, tables, train, val, test, eval_ts, test_known, test_tables, test_ts)

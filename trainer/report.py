@@ -26,11 +26,17 @@ def comparison_rows(report: dict[str, Any]) -> dict[str, dict[str, float]]:
     return rows
 
 
+def _context_words(data: dict[str, Any]) -> str:
+    """What every model knew of the test users (``eval.test_context``); reports from before it say nothing."""
+    context = data.get("test_context")
+    return f"; every model judged knowing each user's {context} interactions" if context else ""
+
+
 def markdown(report: dict[str, Any]) -> str:
     rows = comparison_rows(report)
     lines = [f"# Evaluation report: {report['data']['dataset']}, protocol {report['data']['protocol']}", "",
              f"Test split; {report['data']['test_users']} users with test items; "
-             f"{report['data']['n_items']} items.", "", *_load_lines(report['data'].get('load')),
+             f"{report['data']['n_items']} items" + _context_words(report['data']) + ".", "", *_load_lines(report['data'].get('load')),
              "| model | " + " | ".join(TABLE_METRICS) + " |", "|---" * (len(TABLE_METRICS) + 1) + "|"]
     for name, values in rows.items():
         cells = [f"{values[m]:.4f}" if isinstance(values.get(m), float) else "-" for m in TABLE_METRICS]

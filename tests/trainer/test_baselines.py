@@ -173,6 +173,27 @@ def test_ease_items_and_users_sides_match_the_dense_inverse(n_users, n_items):
     np.testing.assert_allclose(model.scores(users), dense[users] @ expected, atol=1e-5)
 
 
+@pytest.mark.parametrize(("n_users", "n_items"), [(40, 25), (25, 40)])
+def test_ease_scores_rows_of_another_matrix_with_the_training_weights(n_users, n_items):
+    """The test split's context: B fitted on X, scores of rows with more items (train + validation) are
+    those rows times B, on the items side and on the users side (where no (M, M) B is formed)."""
+    rng = np.random.default_rng(4)
+    dense = (rng.random((n_users, n_items)) < 0.3).astype(np.float64)
+    more = np.maximum(dense, rng.random((n_users, n_items)) < 0.1)
+    more[5] = dense[5]                                   # a user with nothing new scores as before
+    train = _matrix([np.flatnonzero(row).tolist() for row in dense], n_items)
+    context = _matrix([np.flatnonzero(row).tolist() for row in more], n_items)
+    model = EASE(l2=7.0).fit(train)
+    users = np.array([3, 0, 5, 7])
+    expected = more[users] @ model.weights
+    assert np.abs(expected - dense[users] @ model.weights).max() > 0.1    # the added items change the scores
+    np.testing.assert_allclose(model.scores(users, context), expected, atol=1e-5)
+    np.testing.assert_allclose(model.scores(users[2:3], context), model.scores(users[2:3]), atol=1e-6)
+    with pytest.raises(ValueError, match=r"context must have the training matrix's shape \(40, 25\)|"
+                                         r"context must have the training matrix's shape \(25, 40\)"):
+        model.scores(users, _matrix([[0]] * 3, n_items))
+
+
 @pytest.mark.parametrize(("n_users", "n_items"), [(40, 25), (25, 40), (2100, 2200)])
 def test_ease_all_scores_are_every_rows_scores_on_both_sides(n_users, n_items):
     """Items side, users side in float64, users side past FLOAT64_SIDE (float32, the teacher's usual case):

@@ -8,6 +8,7 @@ import dataclasses
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -1123,3 +1124,46 @@ def test_affinity_rank_stops_below_a_rank_whose_tables_would_not_fit_and_says_no
         assert dcn_config(load_config(None, ["ranking.affinity_rank=64"]), prepared.spec, prepared.tables)\
             .affinity_rank == 0
     assert caplog.text.count("ranker affinity left out: its factor tables would hold") == 1
+
+
+@pytest.mark.parametrize(("protocol", "context"), [("leave_one_out", "auto"), ("temporal", "auto"),
+                                                   ("random", "validation")])
+def test_the_test_split_is_judged_with_the_validation_interactions_known(protocol, context):
+    """``eval.test_context``: each user's validation interactions join the history every model reads on test
+    (the latest by time last) and EASE's rows, by default under temporal and leave-one-out (where they precede
+    the test ones), on request under random; ``train`` (and "auto" under random) judges on the training
+    histories alone."""
+    from trainer.evaluation import data_report, test_context_matrix
+    from trainer.full_ranking import baseline_reports, interaction_matrix
+
+    dataset = generate(60, 120, 3000, seed=6)
+    base = ["features.history_length=30", "run.threads=1", f"data.protocol={protocol}"]
+    prep = prepare.prepare(load_config(None, [*base, f"eval.test_context={context}"]), dataset)
+    old = prepare.prepare(load_config(None, [*base, "eval.test_context=train"]), dataset)
+    for train_only in (old, *([prepare.prepare(load_config(None, base), dataset)] if protocol == "random" else [])):
+        assert train_only.test_tables is train_only.tables and train_only.test_known == (train_only.split.train,)
+        np.testing.assert_array_equal(train_only.test_timestamps, train_only.eval_timestamps)
+        assert test_context_matrix(train_only) is None
+        assert data_report(train_only, protocol)["test_context"] == "train"
+    assert data_report(prep, protocol)["test_context"] == "train + validation"
+
+    both = pd.concat([prep.split.train, prep.split.val], ignore_index=True)
+    users, items, stamps, _ = prepare.held_out(prep.vocab, both)
+    moved = 0
+    for user in prep.test.users:
+        mine = np.lexsort((items[users == user], stamps[users == user]))
+        expected = items[users == user][mine][-30:]
+        history = prep.test_tables.history[user]
+        np.testing.assert_array_equal(history[history > 0], expected)
+        assert prep.test_timestamps[user] == stamps[users == user].max()
+        moved += not np.array_equal(history, prep.tables.history[user])
+    assert moved >= prep.test.users.size // 2               # most test users have a validation item
+    for field in ("user_cat", "user_num", "item_cat", "item_num", "seen_items", "item_counts"):
+        np.testing.assert_array_equal(getattr(prep.test_tables, field), getattr(prep.tables, field))
+
+    def ease_ndcg(p):
+        vectors = np.ones((p.vocab.n_items + 1, 1), np.float32)
+        report = baseline_reports(interaction_matrix(p.vocab, [p.split.train]), p.val, p.test, (10,), (50.0,),
+                                  vectors, test_context=test_context_matrix(p))
+        return report["ease"]["ndcg@10"]
+    assert ease_ndcg(prep) != ease_ndcg(old)                # EASE's test rows hold the validation items
