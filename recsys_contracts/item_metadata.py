@@ -7,7 +7,7 @@ titles (``RecommendOptions.include_item_metadata``) or history (``RecommendOptio
 ``item_metadata.parquet``, one row per catalog item, in index order (row i = item index i + 1):
     item_id int64, title string, genres string ("|"-separated names in the log's order; "" = none).
     A log without an items table gets empty titles and genres.
-``recent_interactions.parquet``, each user's last ``RECENT_PER_USER`` training interactions:
+``recent_interactions.parquet``, each user's last ``RECENT_PER_USER`` interactions the version knows (the whole log's):
     user_id string, item_id int64, timestamp int64 (seconds since the Unix epoch, UTC),
     sorted by (user_id, timestamp).
 

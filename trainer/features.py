@@ -10,7 +10,7 @@
   interaction count and the spec applies ``log1p``, so whoever holds a count encodes it the same way.
 - ``build_tables(spec, vocab, state, users, items) -> FeatureTables``: the numpy tables a version
   ships (ARCHITECTURE.md, "Files of a trainer version"), describing the interactions in ``state``.
-- ``with_history(tables, state)``: the same tables with the histories of another set of interactions.
+- ``with_known(tables, state)``: the same tables with the histories and seen items of other interactions.
 - ``temporal_features(timestamp)``: hour, day of week, weekend in numpy (the models do the same in torch).
 """
 
@@ -220,16 +220,20 @@ def build_tables(spec: FeatureSpec, vocab: IdVocab, state: pd.DataFrame,
     )
 
 
-def with_history(tables: FeatureTables, state: pd.DataFrame) -> FeatureTables:
-    """The same tables with each user's history rebuilt from the interactions in ``state`` (the context a model
-    is judged in: train + validation for the test split). Every other table, fitted on train, is kept, as a
-    served version keeps its tables while recorded interactions join the histories."""
+def with_known(tables: FeatureTables, state: pd.DataFrame) -> FeatureTables:
+    """The same tables with each user's history and seen items rebuilt from the interactions in ``state``: what
+    the models know of the users when judged on test (train + validation) or when served (the whole log). Every
+    other table, fitted on train, is kept, as the models were trained on it. Interactions of users or items
+    outside the vocabulary are ignored."""
     check_interactions(state, "state")
-    uidx, iidx, _ratings = _indexed(tables.vocab, state)
+    vocab = tables.vocab
+    uidx, iidx, _ratings = _indexed(vocab, state)
     known = (uidx > 0) & (iidx > 0)
+    uidx, iidx = uidx[known], iidx[known]
     timestamps = state["timestamp"].to_numpy(dtype=np.int64)[known]
-    history = _history(uidx[known], iidx[known], timestamps, tables.vocab.n_users, tables.history.shape[1])
-    return dataclasses.replace(tables, history=history)
+    seen_indptr, seen_items = _seen_csr(uidx, iidx, vocab.n_users, vocab.n_items)
+    return dataclasses.replace(tables, history=_history(uidx, iidx, timestamps, vocab.n_users, tables.history.shape[1]),
+                               seen_indptr=seen_indptr, seen_items=seen_items)
 
 
 def temporal_features(timestamp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

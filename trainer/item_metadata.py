@@ -19,10 +19,11 @@ from trainer.features import IdVocab
 
 @dataclass(frozen=True, eq=False)
 class DisplaySource:
-    """What the metadata files are made from: the log's items table and its training interactions."""
+    """What the metadata files are made from: the log's items table and the interactions the version knows
+    (the whole log's, of its users and items)."""
 
     items: pd.DataFrame | None      # item_id, title, genres ("|"-separated); None = the log has none
-    train: pd.DataFrame             # user_id, item_id, timestamp
+    interactions: pd.DataFrame      # user_id, item_id, timestamp
 
 
 def write_item_metadata(directory: Path, vocab: IdVocab, source: DisplaySource | None) -> None:
@@ -36,7 +37,7 @@ def write_item_metadata(directory: Path, vocab: IdVocab, source: DisplaySource |
     if source is None:
         recent = pd.DataFrame({"user_id": [], "item_id": np.zeros(0, np.int64), "timestamp": np.zeros(0, np.int64)})
     else:
-        ordered = source.train[["user_id", "item_id", "timestamp"]].sort_values("timestamp", kind="stable")
+        ordered = source.interactions[["user_id", "item_id", "timestamp"]].sort_values("timestamp", kind="stable")
         recent = ordered.groupby("user_id", sort=False).tail(item_metadata.RECENT_PER_USER)
     item_metadata.write_files(directory, item_ids=vocab.item_ids[1:], titles=titles, genres=genres,
                               recent_user_ids=recent["user_id"].astype(str).tolist(),

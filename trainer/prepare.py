@@ -21,7 +21,7 @@ import pandas as pd
 from trainer.config import TrainConfig
 from trainer.data import (DataError, Dataset, data_dir_from_env, ensure_movielens, is_movielens_folder,
                           load_interactions, load_movielens, logs_in)
-from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab, with_history
+from trainer.features import FeatureTables, IdVocab, build_tables, fit_feature_spec, fit_id_vocab, with_known
 from trainer.full_ranking import EvalTarget, make_target, sample_users
 from trainer.retrieval_training import Interactions
 from trainer.splits import Split, split_by_name
@@ -139,7 +139,7 @@ def prepare(cfg: TrainConfig, dataset: Dataset, split: Split | None = None) -> P
     test_known, test_tables, test_ts = (split.train,), tables, eval_ts
     if test_context(cfg) == "validation" and len(split.val):
         test_known = (split.train, split.val)
-        test_tables = with_history(tables, pd.concat(test_known, ignore_index=True))
+        test_tables = with_known(tables, pd.concat(test_known, ignore_index=True))
         known = held_out(vocab, split.val)
         test_ts = eval_ts.copy()
         np.maximum.at(test_ts, known[0], known[2])

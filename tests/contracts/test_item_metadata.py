@@ -17,7 +17,7 @@ VOCAB = IdVocab(user_ids=np.array(["", "a", "b"]), item_ids=np.array([-1, 30, 10
 def _source(items: pd.DataFrame | None) -> DisplaySource:
     train = pd.DataFrame({"user_id": ["a", "b", "a", "a"], "item_id": [10, 20, 30, 20],
                           "timestamp": [300, 100, 100, 200]})
-    return DisplaySource(items=items, train=train)
+    return DisplaySource(items=items, interactions=train)
 
 
 def test_round_trip_in_index_order_with_empty_strings_for_missing_items(tmp_path):

@@ -16,7 +16,7 @@ from trainer.features import (
     fit_feature_spec,
     fit_id_vocab,
     temporal_features,
-    with_history,
+    with_known,
 )
 from trainer.splits import Split, random_split
 
@@ -272,20 +272,24 @@ def test_val_and_test_do_not_leak_into_spec_or_tables(users, items):
     assert_tables_equal(tables2, tables)
 
 
-def test_with_history_rebuilds_the_histories_only(train, users, items):
+def test_with_known_rebuilds_the_histories_and_seen_items_only(train, users, items):
     spec = fit_feature_spec(train, users, items, history_length=3)
     tables = build_tables(spec, fit_id_vocab(train), train, users, items)
-    # u1's validation item (30, at 70) joins its history as the latest; u2's (20 again, at 50) lands by its time;
-    # an unknown user and an unknown item are ignored.
+    # u1's validation item (30, at 70) joins its history as the latest and its seen items; an unknown user and an
+    # unknown item are ignored.
     val = interactions([("u1", 30, 4.0, 70), ("u9", 10, 1.0, 1), ("u1", 99, 1.0, 80)])
-    both = with_history(tables, pd.concat([train, val], ignore_index=True))
+    both = with_known(tables, pd.concat([train, val], ignore_index=True))
     u1, u2 = tables.vocab.users_to_idx(["u1", "u2"])
     i10, i20, i30, i40 = tables.vocab.items_to_idx([10, 20, 30, 40])
     assert tables.history[u1].tolist() == [0, i10, i20]
     assert both.history[u1].tolist() == [i10, i20, i30]
+    seen = lambda t, u: t.seen_items[t.seen_indptr[u]:t.seen_indptr[u + 1]].tolist()  # noqa: E731
+    assert seen(tables, u1) == [i10, i20] and seen(both, u1) == [i10, i20, i30]
     np.testing.assert_array_equal(both.history[u2], tables.history[u2])
-    assert_tables_equal(replace(both, history=tables.history), tables)       # nothing else moves
-    assert_tables_equal(with_history(tables, train), tables)
+    assert seen(both, u2) == seen(tables, u2)
+    unchanged = replace(both, history=tables.history, seen_indptr=tables.seen_indptr, seen_items=tables.seen_items)
+    assert_tables_equal(unchanged, tables)                                   # nothing else moves
+    assert_tables_equal(with_known(tables, train), tables)
 
 
 # --- temporal features ---------------------------------------------------------------------------

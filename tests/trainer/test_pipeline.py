@@ -21,6 +21,7 @@ from recsys_contracts.programs import USER_TOWER, load_program
 from trainer import job
 from trainer.config import TrainConfig, load_config, replace
 from trainer.data.synthetic import generate
+from trainer.features import FeatureTables
 from trainer.inputs import user_inputs
 from trainer.losses import NonFiniteLossError
 from trainer.models.sequential import SequentialUserTower
@@ -82,6 +83,27 @@ def test_run_publishes_a_verified_version_with_report_and_redis_features(tmp_pat
     with torch.no_grad():
         eager = result.run.two_tower.user_tower(**inputs).numpy()
     assert np.allclose(tower(**{k: v.numpy() for k, v in inputs.items()})[0], eager, atol=1e-5)
+    # The models learnt from train, but the version serves users knowing the whole log: each user's latest
+    # interactions (validation and test ones) end the history, the seen items hold them, the page shows them.
+    published = FeatureTables.load(artifacts.version_dir(root, 1))
+    prep, log = result.prepared, dataset.interactions
+    users, items = prep.vocab.users_to_idx(log["user_id"].to_numpy()), prep.vocab.items_to_idx(log["item_id"].to_numpy())
+    held = prep.vocab.users_to_idx(prep.split.test["user_id"].to_numpy())
+    checked = 0
+    for user in np.unique(held[held > 0])[:20]:
+        mine = (users == user) & (items > 0)
+        order = np.lexsort((items[mine], log["timestamp"].to_numpy()[mine]))
+        latest = items[mine][order][-prep.spec.history_length:]
+        row = published.history[user]
+        np.testing.assert_array_equal(row[row > 0], latest)
+        seen = published.seen_items[published.seen_indptr[user]:published.seen_indptr[user + 1]]
+        assert set(np.unique(items[mine]).tolist()) == set(seen.tolist())
+        checked += not np.array_equal(row, prep.tables.history[user])   # the training history ended earlier
+    assert checked >= 15
+    for name in ("user_cat", "user_num", "item_cat", "item_num", "item_counts", "popular_items"):
+        np.testing.assert_array_equal(getattr(published, name), getattr(prep.tables, name))
+    recent = pd.read_parquet(artifacts.version_dir(root, 1) / "recent_interactions.parquet")
+    assert set(zip(recent["user_id"], recent["item_id"])) & set(zip(prep.split.test["user_id"], prep.split.test["item_id"]))
 
 
 def test_an_implicit_log_with_sku_ids_and_no_timestamps_trains_and_publishes(tmp_path, dataset, caplog):

@@ -1158,7 +1158,7 @@ def test_the_test_split_is_judged_with_the_validation_interactions_known(protoco
         assert prep.test_timestamps[user] == stamps[users == user].max()
         moved += not np.array_equal(history, prep.tables.history[user])
     assert moved >= prep.test.users.size // 2               # most test users have a validation item
-    for field in ("user_cat", "user_num", "item_cat", "item_num", "seen_items", "item_counts"):
+    for field in ("user_cat", "user_num", "item_cat", "item_num", "item_counts"):
         np.testing.assert_array_equal(getattr(prep.test_tables, field), getattr(prep.tables, field))
 
     def ease_ndcg(p):
