@@ -68,7 +68,8 @@ class Rows:
     """Row-aligned ranker examples (all (R,)): user, item, timestamp, retrieval score, labels; and,
     where the example's history is not the user's training history (training-log folds), that
     history's most recent items (R, W) (oldest first, 0-padded); and, where the example's affinity is
-    not the ranker's tables' (training-log folds, ``fold_affinities``), its raw affinities (R, C)."""
+    not the ranker's tables' (training-log folds, ``fold_affinities``), its raw affinities (R, C); and where
+    its transition channels are not the ranker's lists' (folds, ``fold_transitions``), their raw values (R, L)."""
 
     users: np.ndarray
     items: np.ndarray
@@ -78,30 +79,39 @@ class Rows:
     ratings: np.ndarray         # observed rating, NaN where none
     history: np.ndarray | None = None
     affinity: np.ndarray | None = None
+    transition: np.ndarray | None = None
+
+    def _with(self, **changes) -> "Rows":
+        extras = {"history": self.history, "affinity": self.affinity, "transition": self.transition, **changes}
+        return Rows(*(getattr(self, f) for f in ROW_FIELDS), **extras)
 
     def take(self, index: np.ndarray) -> "Rows":
         return Rows(*(getattr(self, f)[index] for f in ROW_FIELDS),
-                    history=None if self.history is None else self.history[index],
-                    affinity=None if self.affinity is None else self.affinity[index])
+                    **{name: None if value is None else value[index]
+                       for name, value in (("history", self.history), ("affinity", self.affinity),
+                                           ("transition", self.transition))})
 
     def with_history(self, tables: FeatureTables, width: int) -> "Rows":
         """These rows with an explicit (R, width) history: their own, else the users' training history."""
         # Sliced before the gather: only the last ``width`` of the H stored columns are copied.
         history = self.history if self.history is not None else tables.history[:, -width:][self.users]
-        return Rows(*(getattr(self, f) for f in ROW_FIELDS), history=history[:, -width:], affinity=self.affinity)
+        return self._with(history=history[:, -width:])
 
     def with_affinity(self, affinity: np.ndarray) -> "Rows":
-        return Rows(*(getattr(self, f) for f in ROW_FIELDS), history=self.history, affinity=affinity)
+        return self._with(affinity=affinity)
+
+    def with_transition(self, transition: np.ndarray) -> "Rows":
+        return self._with(transition=transition)
 
     @staticmethod
     def concat(parts: list["Rows"]) -> "Rows":
         """The rows of ``parts`` one after the other; all with a history of one width, or none (and the
-        same for the affinities)."""
+        same for the affinities and the transitions)."""
         def joined(field: str) -> np.ndarray | None:
             arrays = [getattr(p, field) for p in parts]
             return None if any(a is None for a in arrays) else np.concatenate(arrays)
         return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ROW_FIELDS),
-                    history=joined("history"), affinity=joined("affinity"))
+                    history=joined("history"), affinity=joined("affinity"), transition=joined("transition"))
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,6 +196,37 @@ def load_transitions(ranker: DCNRanker, rc, log: tuple[np.ndarray, np.ndarray, n
     timestamps), standardised over the rows ``history`` (R, >= L) and ``items`` (R,)."""
     ids, weights = successor_table(*log, n_items, rc.transitions, rc.transition_window, rc.transition_decay)
     ranker.set_transitions(*(torch.as_tensor(a, device=device) for a in (ids, weights, history, items)))
+
+
+@torch.no_grad()
+def table_transitions(ranker: DCNRanker, history: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """(R, L) float32 raw transition channels of rows (``history`` (R, >= L), ``items`` (R,)) from the
+    ranker's own successor lists."""
+    device = ranker.successor_ids.device
+    latest = ranker.latest(torch.as_tensor(history, device=device))
+    return ranker.raw_transitions(latest, torch.as_tensor(items, device=device)).cpu().numpy()
+
+
+def fold_transitions(ranker: DCNRanker, rc, log: tuple[np.ndarray, np.ndarray, np.ndarray], n_items: int,
+                     folds: "Folds", rows_per_block: int = 65536) -> np.ndarray:
+    """(R, L) float32 raw transition channels of the fold rows: each fold's successor lists built from the
+    training ``log`` (users, items, timestamps) without the entries that fold hid (``Folds.hidden``), read
+    at each row's visible history's latest items. The lists from the whole log count a hidden positive among
+    the successors of the user's own items before it, which no served candidate is."""
+    users, items, timestamps = log
+    keys = users.astype(np.int64) * (n_items + 1) + items
+    out = np.zeros((folds.rows.users.size, ranker.transition_items), np.float32)
+    for fold, (hidden_users, hidden_items) in enumerate(folds.hidden):
+        keep = ~np.isin(keys, hidden_users.astype(np.int64) * (n_items + 1) + hidden_items)
+        ids, weights = successor_table(users[keep], items[keep], timestamps[keep], n_items, rc.transitions,
+                                       rc.transition_window, rc.transition_decay)
+        rows = np.flatnonzero(folds.fold == fold)
+        for start in range(0, rows.size, rows_per_block):
+            block = rows[start:start + rows_per_block]
+            latest = folds.rows.history[block, -ranker.transition_items:][:, ::-1]             # (B, L) latest first
+            match = ids[latest] == folds.rows.items[block, None, None].astype(np.int32)         # (B, L, K)
+            out[block] = (match * weights[latest]).sum(axis=2)
+    return out
 
 
 def last_per_pair(users: np.ndarray, items: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -884,9 +925,9 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
     Transition channels (``transitions_used``): the successor lists come from the whole training log and are
     standardised on the validation fitting rows; ``ranking.transition_mode`` auto first checks them
     (``check_transitions``) and builds the ranker without them where they do not pay. The fold rows read them
-    from their visible history, through the same lists: a fold's hidden item is counted among the successors
-    of the items before it (not refitted per fold, as EASE is); the keep rule judges the result on the
-    stopping half.
+    from their visible history, with ``ranking.fold_transitions`` "refit" through each fold's lists built without
+    what it hid (``fold_transitions``), as EASE's affinity is refitted; "shared" reads the ranker's own lists, in
+    which a fold's hidden item is counted among the successors of the user's items before it.
 
     Each epoch pairs every fitting row with one rating row drawn at random. ``rating_scores(index)``,
     when given, returns the retrieval scores of ``rating_rows`` rows ``index``: they are then filled
@@ -965,6 +1006,12 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
             fit_rows = Rows.concat([held_out.with_affinity(_table_affinity(ranker, held_out)),
                                     folds.rows.with_affinity(_fold_affinity(ranker, tables, rating_rows, folds,
                                                                             tower_tables, cfg, device))])
+    if ranker.transition_items and folds is not None and rc.fold_transitions == "refit":
+        # fit_rows are the validation fitting rows, then the fold rows (with or without refitted affinities).
+        fit_rows = fit_rows.with_transition(np.concatenate([
+            table_transitions(ranker, held_out.history, held_out.items),
+            fold_transitions(ranker, rc, (rating_rows.users, rating_rows.items, rating_rows.timestamps),
+                             tables.vocab.n_items, folds)]))
     ddp_ranker = ctx.wrap(ranker, device)
     optimizer = torch.optim.Adam(ranker.parameters(), lr=rc.learning_rate, weight_decay=rc.weight_decay)
     rng = np.random.default_rng(cfg.run.seed + 1)
@@ -1021,6 +1068,10 @@ def fit_ranker(cfg: TrainConfig, spec, tables: FeatureTables, fit_rows: Rows, ra
                     rated_raw = ranker.raw_affinity(torch.as_tensor(rated.users, device=device),
                                                     torch.as_tensor(rated.items, device=device))
                 inputs["affinity_raw"] = torch.cat([torch.as_tensor(batch.affinity, device=device), rated_raw])
+            if batch.transition is not None:           # refitted fold transitions: the rating rows keep the lists'
+                rated_transition = table_transitions(ranker, rated.history, rated.items)
+                inputs["transition_raw"] = torch.as_tensor(np.concatenate([batch.transition, rated_transition]),
+                                                           device=device)
             ctr_logit, rating_pred = ddp_ranker(**inputs)  # one pass (DDP)
             n = batch.users.size
             l_ctr, _ = ranking_losses(ctr_logit[:n], torch.as_tensor(batch.clicks, device=device), rating_pred[:n],

@@ -499,6 +499,13 @@ def test_ranker_transition_channels_read_the_latest_items_successor_lists():
         ctr, _ = ranker(**inputs)
     assert ctr[0] - ctr[1] == pytest.approx(3.0 / float(ranker.transition_scale[0]) -
                                             3.0 / float(ranker.transition_scale[1]), abs=1e-4)
+    # Given raw values (a fold's lists) replace the lists' weights: the lists' own give the same scores, and
+    # swapping the two rows' values swaps their scores.
+    raw = ranker.raw_transitions(ranker.latest(inputs["history"]), inputs["item_idx"])
+    with torch.no_grad():
+        assert torch.allclose(ranker(**inputs, transition_raw=raw)[0], ctr)
+        swapped, _ = ranker(**inputs, transition_raw=raw.flip(0))
+    assert torch.allclose(swapped, ctr.flip(0), atol=1e-5)
 
 
 def test_the_grouped_ranker_with_transitions_scores_as_the_aligned_rows_do():

@@ -58,3 +58,35 @@ def test_blocks_of_sources_give_the_lists_of_one_pass(monkeypatch):
     blocks = successor_table(users, items, times, n_items=59, k=5)
     np.testing.assert_array_equal(blocks[0], whole[0])
     np.testing.assert_array_equal(blocks[1], whole[1])
+
+
+def test_fold_rows_read_lists_built_without_what_their_fold_hid():
+    """``fold_transitions``: user 1 takes 1 then 2 and nobody else takes 2 after 1. A fold hiding user 1's item 2
+    asks the ranker to rank 2 after the visible 1: the ranker's lists (the whole log) count that very pair, the
+    fold's lists do not (as no served candidate is counted among the successors of the user's own items).
+    User 2's 1 -> 3, not hidden, is read the same either way, and each fold uses its own hidden entries."""
+    from trainer.config import load_config
+    from trainer.models.dcn import DCNConfig, DCNRanker
+    from trainer.ranking_training import Folds, Rows, fold_transitions, table_transitions
+    import torch
+
+    rc = load_config(None, ["ranking.transitions=4", "ranking.transition_items=2"]).ranking
+    users = np.array([1, 1, 2, 2, 3, 3])
+    items = np.array([1, 2, 1, 3, 1, 3])
+    times = np.array([1, 2, 1, 2, 1, 2])
+    ranker = DCNRanker(DCNConfig(n_users=3, n_items=4, user_cat_cardinalities=(), n_user_num=0,
+                                 item_cat_cardinalities=(), n_item_num=0, deep_dims=(8,), transition_k=4,
+                                 transition_items=2))
+    ids, weights = successor_table(users, items, times, 4, 4, rc.transition_window, rc.transition_decay)
+    history = np.array([[0, 1], [0, 1], [0, 1]])           # each row's visible history: item 1, latest last
+    ranker.set_transitions(*(torch.as_tensor(a) for a in (ids, weights, history, np.array([2, 3, 3]))))
+    n = 3
+    rows = Rows(np.array([1, 2, 2]), np.array([2, 3, 3]), np.zeros(n, np.int64), np.zeros(n, np.float32),
+                np.ones(n, np.float32), np.full(n, np.nan, np.float32), history=history)
+    folds = Folds(rows, np.array([0, 0, 1]), ((np.array([1]), np.array([2])), (np.array([2]), np.array([3]))))
+    shared = table_transitions(ranker, history, rows.items)
+    refit = fold_transitions(ranker, rc, (users, items, times), 4, folds)
+    assert shared[0, 0] == pytest.approx(math.log1p(1.0)) and refit[0, 0] == 0.0      # the leak, and without it
+    assert refit[1, 0] == pytest.approx(shared[1, 0]) == pytest.approx(math.log1p(2.0))  # users 2 and 3 took 1 -> 3
+    assert refit[2, 0] == pytest.approx(math.log1p(1.0))                              # fold 1 hid user 2's 3
+    assert not refit[:, 1].any() and not shared[:, 1].any()                            # no second latest item

@@ -246,9 +246,11 @@ class DCNRanker(nn.Module):
         match = self.successor_ids[latest] == item_idx.to(torch.int32)[:, None, None]     # (N, L, K)
         return (match.to(self.successor_weights.dtype) * self.successor_weights[latest]).sum(dim=2)
 
-    def transitions(self, latest: Tensor, item_idx: Tensor) -> Tensor:
-        """(N, L) standardised transition channels."""
-        return (self.raw_transitions(latest, item_idx) - self.transition_shift) / self.transition_scale
+    def transitions(self, latest: Tensor, item_idx: Tensor, raw: Tensor | None = None) -> Tensor:
+        """(N, L) standardised transition channels; ``raw`` (N, L), where given, replaces the lists' weights
+        (training rows whose lists come from another log: a fold's, without what it hid)."""
+        raw = self.raw_transitions(latest, item_idx) if raw is None else raw
+        return (raw - self.transition_shift) / self.transition_scale
 
     def genre_cross(self, profile: Tensor, item_num: Tensor) -> Tensor:
         """The history's genre profile (N, G) times the candidate's genre flags: (N, G) per genre and (N, 1) summed."""
@@ -272,13 +274,15 @@ class DCNRanker(nn.Module):
 
     def forward(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor, timestamp: Tensor,
                 item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
-                retrieval_score: Tensor, affinity_raw: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                retrieval_score: Tensor, affinity_raw: Tensor | None = None,
+                transition_raw: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Aligned rows: row n holds candidate n and its user's inputs (training's layout). ``affinity_raw``
-        (N, C), training only, replaces the factor tables' affinities (``affinity``)."""
+        (N, C) and ``transition_raw`` (N, L), training only, replace the factor tables' affinities
+        (``affinity``) and the successor lists' weights (``transitions``)."""
         user, profile = self.user_side(user_idx, user_cat, user_num, history, timestamp)
         latest = self.latest(history) if self.transition_items else None
         return self.rows(user, profile, user_idx, item_idx, item_cat, item_num, retrieval_score, affinity_raw,
-                         latest)
+                         latest, transition_raw)
 
     def forward_grouped(self, user_idx: Tensor, user_cat: Tensor, user_num: Tensor, history: Tensor,
                         timestamp: Tensor, row_user: Tensor, item_idx: Tensor, item_cat: Tensor, item_num: Tensor,
@@ -293,7 +297,7 @@ class DCNRanker(nn.Module):
 
     def rows(self, user: Tensor, profile: Tensor | None, user_idx: Tensor, item_idx: Tensor, item_cat: Tensor,
              item_num: Tensor, retrieval_score: Tensor, affinity_raw: Tensor | None = None,
-             latest: Tensor | None = None) -> tuple[Tensor, Tensor]:
+             latest: Tensor | None = None, transition_raw: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The scores of N candidate rows from their users' ``user_side`` rows (N, du), (N, G) and latest
         history items (N, L)."""
         x0 = torch.cat([
@@ -311,7 +315,7 @@ class DCNRanker(nn.Module):
             x0 = torch.cat([x0, affinity], dim=1)  # (N, d + C)
             wide = wide + self.affinity_wide(affinity)
         if self.transition_items:
-            transitions = self.transitions(latest, item_idx)  # (N, L)
+            transitions = self.transitions(latest, item_idx, transition_raw)  # (N, L)
             x0 = torch.cat([x0, transitions], dim=1)
             wide = wide + self.transition_wide(transitions)
         if self.structure == "stacked":
