@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from trainer.config import TrainConfig, replace
-from trainer.evaluation import retrieve, test_context_matrix
+from trainer.evaluation import retrieve, context_rows_for_test
 from trainer.full_ranking import baseline_reports, diversity_vectors, interaction_matrix
 from trainer.prepare import load_dataset, prepare
 from trainer.ranking_training import rerank, score_candidates
@@ -63,7 +63,7 @@ def baselines_table(cfg: TrainConfig) -> str:
         vectors = diversity_vectors(prep.tables, len(prep.spec.item_genres))
         reports = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val, prep.test,
                                    cfg.eval.ks, cfg.eval.ease_grid, vectors, cfg.eval.ease_search,
-                                   test_context=test_context_matrix(prep))
+                                   test_context=context_rows_for_test(prep))
         lines.append(f"Protocol {protocol} (seed {cfg.data.seed}), test split, {prep.test.users.size} users:")
         lines.append(f"  {'model':<12} {'recall@10':>10} {'ndcg@10':>10} {'precision@10':>13} "
                      f"{'map@10':>8} {'mrr@10':>8} {'hit@10':>8} {'recall@20':>10} {'ndcg@20':>9}")

@@ -85,13 +85,13 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
         report["baselines"] = baseline_reports(interaction_matrix(prep.vocab, [prep.split.train]), prep.val,
                                                prep.test, ks, cfg.eval.ease_grid, vectors,
                                                cfg.eval.ease_search, ranked_lists=lists,
-                                               test_context=test_context_matrix(prep))
+                                               test_context=context_rows_for_test(prep))
     report["paired"] = paired_report(lists, truth, cfg.run.seed)
     report["recommended_popularity"] = _popularity_profile(ranked, prep.tables)
     return report
 
 
-def test_context_matrix(prep: Prepared):
+def context_rows_for_test(prep: Prepared):
     """EASE's rows on test: the interactions the models know of each user then (``Prepared.test_known``), or
     None where that is the training split alone."""
     return interaction_matrix(prep.vocab, list(prep.test_known)) if len(prep.test_known) > 1 else None

@@ -101,7 +101,7 @@ def held_out(vocab: IdVocab, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
     return rows.users[keep], rows.items[keep], rows.timestamps[keep], rows.ratings[keep]
 
 
-def test_context(cfg: TrainConfig) -> str:
+def resolved_test_context(cfg: TrainConfig) -> str:
     """``eval.test_context`` resolved: "auto" is "validation" under the protocols whose validation interactions
     precede the test ones (temporal, leave-one-out), "train" under random, where they may follow them."""
     if cfg.eval.test_context != "auto":
@@ -137,7 +137,7 @@ def prepare(cfg: TrainConfig, dataset: Dataset, split: Split | None = None) -> P
                             f"{dataset.interactions['user_id'].nunique():,} users; at least {MIN_EVAL_USERS} are needed "
                             "to train and evaluate (users need several interactions each)")
     test_known, test_tables, test_ts = (split.train,), tables, eval_ts
-    if test_context(cfg) == "validation" and len(split.val):
+    if resolved_test_context(cfg) == "validation" and len(split.val):
         test_known = (split.train, split.val)
         test_tables = with_known(tables, pd.concat(test_known, ignore_index=True))
         known = held_out(vocab, split.val)

@@ -1133,7 +1133,7 @@ def test_the_test_split_is_judged_with_the_validation_interactions_known(protoco
     (the latest by time last) and EASE's rows, by default under temporal and leave-one-out (where they precede
     the test ones), on request under random; ``train`` (and "auto" under random) judges on the training
     histories alone."""
-    from trainer.evaluation import data_report, test_context_matrix
+    from trainer.evaluation import data_report, context_rows_for_test
     from trainer.full_ranking import baseline_reports, interaction_matrix
 
     dataset = generate(60, 120, 3000, seed=6)
@@ -1143,7 +1143,7 @@ def test_the_test_split_is_judged_with_the_validation_interactions_known(protoco
     for train_only in (old, *([prepare.prepare(load_config(None, base), dataset)] if protocol == "random" else [])):
         assert train_only.test_tables is train_only.tables and train_only.test_known == (train_only.split.train,)
         np.testing.assert_array_equal(train_only.test_timestamps, train_only.eval_timestamps)
-        assert test_context_matrix(train_only) is None
+        assert context_rows_for_test(train_only) is None
         assert data_report(train_only, protocol)["test_context"] == "train"
     assert data_report(prep, protocol)["test_context"] == "train + validation"
 
@@ -1164,6 +1164,6 @@ def test_the_test_split_is_judged_with_the_validation_interactions_known(protoco
     def ease_ndcg(p):
         vectors = np.ones((p.vocab.n_items + 1, 1), np.float32)
         report = baseline_reports(interaction_matrix(p.vocab, [p.split.train]), p.val, p.test, (10,), (50.0,),
-                                  vectors, test_context=test_context_matrix(p))
+                                  vectors, test_context=context_rows_for_test(p))
         return report["ease"]["ndcg@10"]
     assert ease_ndcg(prep) != ease_ndcg(old)                # EASE's test rows hold the validation items

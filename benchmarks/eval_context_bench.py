@@ -8,11 +8,11 @@ evaluate the same towers and ranker (and EASE's l2 is tuned on validation in eac
 pipeline, the tower, popularity and EASE and the pipeline / tower and pipeline / EASE ratios in each
 context, and writes JSON.
 
-    .venv/bin/python benchmarks/test_context_bench.py --set data.protocol=leave_one_out
-    .venv/bin/python benchmarks/test_context_bench.py --set data.protocol=temporal \\
+    .venv/bin/python benchmarks/eval_context_bench.py --set data.protocol=leave_one_out
+    .venv/bin/python benchmarks/eval_context_bench.py --set data.protocol=temporal \\
         --set retrieval.distill_weight=0 --set ranking.affinity=none        # without EASE help
-    .venv/bin/python benchmarks/test_context_bench.py --synthetic 10000 100000 --synthetic-order 8  # 1M layout
-    .venv/bin/python benchmarks/test_context_bench.py --item-copies 3
+    .venv/bin/python benchmarks/eval_context_bench.py --synthetic 10000 100000 --synthetic-order 8  # 1M layout
+    .venv/bin/python benchmarks/eval_context_bench.py --item-copies 3
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> int:
     parser.add_argument("--item-copies", type=int, metavar="N",
                         help="ml-100k with each item split into N copies (benchmarks/item_copies.py): rarer items")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--out", default=str(ROOT / "bench_results" / "test_context_bench.json"))
+    parser.add_argument("--out", default=str(ROOT / "bench_results" / "eval_context_bench.json"))
     args = parser.parse_args()
 
     import torch
