@@ -181,14 +181,16 @@ def materialize_features(client, keys: feature_store.KeyFormat, version: int,
 
 def quality_gate(cfg: TrainConfig, report: dict[str, Any], root: Path | None) -> str | None:
     """Why this run must not be published, or None. Worse than popularity, or than the version
-    being served (same dataset and protocol) by more than ``publish.gate_margin``, is refused."""
+    being served (same dataset, protocol and test context: a version whose manifest names none was judged on
+    train alone) by more than ``publish.gate_margin``, is refused."""
     ndcg = report["pipeline"]["ndcg@10"]
     served = artifacts.current_version(root) if root is not None and (root / artifacts.CURRENT_FILE).exists() \
         else None
     if served is not None:
         manifest = artifacts.read_manifest(root, served)
         same_data = manifest.data.get("dataset") == report["data"]["dataset"] and \
-            manifest.data.get("protocol") == report["data"]["protocol"]
+            manifest.data.get("protocol") == report["data"]["protocol"] and \
+            manifest.data.get("test_context", "train") == report["data"].get("test_context", "train")
         served_ndcg = (manifest.metrics.get("pipeline") or {}).get("ndcg@10")
         if same_data and served_ndcg is not None and ndcg < served_ndcg * (1 - cfg.publish.gate_margin):
             return (f"pipeline NDCG@10 {ndcg:.4f} is more than {cfg.publish.gate_margin:.0%} below the served "

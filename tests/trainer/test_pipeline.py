@@ -223,6 +223,25 @@ def test_gate_refuses_a_run_far_below_the_served_version(tmp_path, dataset):
     assert artifacts.list_versions(root) == [served]
 
 
+def test_the_gate_compares_only_figures_judged_in_the_same_test_context(tmp_path):
+    """A version published before the test context existed (its manifest names none) was judged on train alone:
+    a leave-one-out run judged knowing the validation interactions too is not held to its figure, one judged on
+    train alone is."""
+    from trainer.publish import quality_gate
+
+    root = tmp_path / "artifacts"
+    artifacts.publish(root, lambda d: (d / "x").write_text("x"), signer=SIGNER,
+                      data={"dataset": "ml-100k", "protocol": "leave_one_out"}, config={},
+                      metrics={"pipeline": {"ndcg@10": 0.99}})
+    cfg = load_config(None, [])
+
+    def report(context: str) -> dict:
+        return {"pipeline": {"ndcg@10": 0.1}, "baselines": {"popularity": {"ndcg@10": 0.05}},
+                "data": {"dataset": "ml-100k", "protocol": "leave_one_out", "test_context": context}}
+    assert quality_gate(cfg, report("train + validation"), root) is None
+    assert "below the served version 1" in quality_gate(cfg, report("train"), root)
+
+
 def test_diverging_training_stops_with_a_clear_error_and_publishes_nothing(tmp_path, dataset):
     root = tmp_path / "artifacts"
     cfg = small_config(tmp_path, f"publish.artifact_root={root}", "retrieval.learning_rate=1e30",
