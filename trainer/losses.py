@@ -111,7 +111,8 @@ def sampled_softmax_loss(user_emb: Tensor, pos_emb: Tensor, neg_emb: Tensor | No
 
 def grouped_sampled_softmax_loss(user_emb: Tensor, row_user: Tensor, pos_emb: Tensor, neg_emb: Tensor | None,
                                  temperature: Tensor | float, pos_log_q: Tensor, neg_log_q: Tensor | None,
-                                 pos_idx: Tensor, neg_idx: Tensor | None, user_seen: Tensor | None = None) -> Tensor:
+                                 pos_idx: Tensor, neg_idx: Tensor | None, user_seen: Tensor | None = None,
+                                 row_weight: Tensor | None = None) -> Tensor:
     """``sampled_softmax_loss`` for rows grouped by user, negatives shared, each user's items masked.
 
     The same loss as ``sampled_softmax_loss(user_emb[row_user], ...)`` with shared negatives and a
@@ -168,11 +169,11 @@ def grouped_sampled_softmax_loss(user_emb: Tensor, row_user: Tensor, pos_emb: Te
     # A large finite fill instead of -inf keeps a user with every column masked finite (Z_u = 0).
     log_z = torch.logsumexp(logits.masked_fill(masked, torch.finfo(logits.dtype).min), dim=1)  # (U,)
     pos_logit = logits[row_user, torch.arange(batch, device=logits.device)]       # (B,) in-batch column r
-    return (torch.logaddexp(log_z[row_user], pos_logit) - pos_logit).mean()
+    return _row_mean(torch.logaddexp(log_z[row_user], pos_logit) - pos_logit, row_weight)
 
 
 def full_softmax_loss(user_emb: Tensor, row_user: Tensor, item_emb: Tensor, temperature: Tensor | float,
-                      pos_idx: Tensor, user_seen: Tensor) -> Tensor:
+                      pos_idx: Tensor, user_seen: Tensor, row_weight: Tensor | None = None) -> Tensor:
     """Mean over rows of -log softmax(positive) over the WHOLE catalog, rows grouped by user.
 
     user_emb (U, D); row_user (B,) each row's user; item_emb (M, D) every item in index order (row 0
@@ -199,7 +200,15 @@ def full_softmax_loss(user_emb: Tensor, row_user: Tensor, item_emb: Tensor, temp
     masked[:, 0] = True                                                             # the padding item
     log_z = torch.logsumexp(logits.masked_fill(masked, torch.finfo(logits.dtype).min), dim=1)  # (U,)
     pos_logit = logits[row_user, pos_idx]                                           # (B,)
-    return (torch.logaddexp(log_z[row_user], pos_logit) - pos_logit).mean()
+    return _row_mean(torch.logaddexp(log_z[row_user], pos_logit) - pos_logit, row_weight)
+
+
+def _row_mean(per_row: Tensor, row_weight: Tensor | None) -> Tensor:
+    """The rows' mean loss, or their ``row_weight``-weighted mean (B,)."""
+    if row_weight is None:
+        return per_row.mean()
+    _check_shape("row_weight", row_weight, per_row.shape)
+    return (per_row * row_weight).sum() / row_weight.sum().clamp(min=1e-12)
 
 
 def distillation_loss(logits: Tensor, teacher_logits: Tensor) -> Tensor:

@@ -323,21 +323,25 @@ class RetrievalStep:
 def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, positives: np.ndarray,
                    timestamps: np.ndarray, setup: SamplingSetup, tables: FeatureTables, cfg: TrainConfig,
                    device: torch.device, generator: torch.Generator, min_negatives: int = 0,
-                   teacher: torch.Tensor | None = None, history: np.ndarray | None = None) -> RetrievalStep:
+                   teacher: torch.Tensor | None = None, history: np.ndarray | None = None,
+                   slot_weight: np.ndarray | None = None) -> RetrievalStep:
     """The retrieval loss for users (U,) with held-out positives (U, P) (0 = padding), drawing at
     least ``min_negatives`` sampler negatives. With ``teacher`` ((n+1, m+1) logits, see
     ``distillation_teacher``) the loss adds ``retrieval.distill_weight`` x the distillation
     cross-entropy of these users, over the whole catalog (``retrieval.distill_items`` "all": the
     tower embeds every item) or over the step's candidate items ("candidates"). ``history`` (U, H)
-    replaces the users' training history (sequential examples, ``UserItems.next_items``)."""
+    replaces the users' training history (sequential examples, ``UserItems.next_items``); ``slot_weight`` (P,)
+    weighs each positive column in the loss's mean (the sequential tower's ``retrieval.next_item_decay``)."""
     rc = cfg.retrieval
     inputs = denoised_user_inputs(tables, users, positives, timestamps, rc, device, generator, history)
     pos = torch.as_tensor(positives, device=device)                                   # (U, P)
     row_user, row_slot = torch.nonzero(pos > 0, as_tuple=True)                        # R rows
     pos_idx = pos[row_user, row_slot]                                                 # (R,)
+    row_weight = None if slot_weight is None else torch.as_tensor(slot_weight, dtype=torch.float32,
+                                                                  device=device)[row_slot]  # (R,)
     if setup.full_catalog:
         return _full_catalog_step(ddp_model, temperature, users, inputs, row_user, pos_idx, setup, tables, cfg,
-                                  device, teacher)
+                                  device, teacher, row_weight)
     neg_idx = None
     n_negatives = max(rc.num_negatives, min_negatives)
     if n_negatives:
@@ -360,7 +364,8 @@ def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, posi
     user_seen = None if setup.seen is None else setup.seen.lookup(users, unique)      # (U, K)
     loss = grouped_sampled_softmax_loss(user_emb, row_user, pos_emb, neg_emb, temperature, pos_log_q,
                                         neg_log_q, pos_idx, neg_idx,
-                                        None if user_seen is None else user_seen[:, inverse])  # (U, C) mask
+                                        None if user_seen is None else user_seen[:, inverse],  # (U, C) mask
+                                        row_weight=row_weight)
     if teacher is not None:
         # unique_emb holds the candidate items, or the whole catalog in index order.
         logits = user_emb @ unique_emb.T / temperature                                # (U, K)
@@ -371,14 +376,15 @@ def retrieval_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, posi
 
 def _full_catalog_step(ddp_model, temperature: torch.Tensor, users: np.ndarray, inputs: dict[str, torch.Tensor],
                        row_user: torch.Tensor, pos_idx: torch.Tensor, setup: SamplingSetup, tables: FeatureTables,
-                       cfg: TrainConfig, device: torch.device, teacher: torch.Tensor | None) -> RetrievalStep:
+                       cfg: TrainConfig, device: torch.device, teacher: torch.Tensor | None,
+                       row_weight: torch.Tensor | None = None) -> RetrievalStep:
     """``retrieval_step`` with the whole catalog as candidates (``retrieval.full_softmax_below``): the
     item tower embeds every item, each positive competes with every item its user has not seen, and
     the distillation (if any) covers the whole catalog too."""
     unique = torch.arange(tables.vocab.n_items + 1, device=device)                    # every item, by index
     user_emb, unique_emb = ddp_model(**inputs, **item_inputs(tables, unique.cpu().numpy(), device))
     user_seen = setup.seen.lookup(users, unique)                                      # (U, m+1)
-    loss = full_softmax_loss(user_emb, row_user, unique_emb, temperature, pos_idx, user_seen)
+    loss = full_softmax_loss(user_emb, row_user, unique_emb, temperature, pos_idx, user_seen, row_weight)
     if teacher is not None:
         logits = user_emb @ unique_emb.T / temperature                                # (U, m+1)
         loss = loss + cfg.retrieval.distill_weight * distillation_loss(
@@ -535,6 +541,9 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
     averaged = copy.deepcopy(model) if use_average else None
     steps = 0
     sequential = user_towers(cfg)[0] == "sequential"   # next-item examples instead of held-out ones
+    # The sequential tower's k-th next item weighs next_item_decay ** k in the loss (1: all alike).
+    slot_weight = rc.next_item_decay ** np.arange(rc.positives_per_user) if sequential and \
+        rc.next_item_decay != 1.0 else None
     bar = progress_bar(range(start_epoch, rc.epochs), stage, cfg.run.progress and ctx.is_main)
     for epoch in bar:
         order = setup.epoch_order(rng, ctx)
@@ -550,7 +559,8 @@ def fit_retrieval(cfg: TrainConfig, spec, tables: FeatureTables, train: Interact
             else:
                 positives, timestamps = setup.user_items.sample(users, rc.positives_per_user, rng)
             loss = retrieval_step(ddp_model, model.temperature, users, positives, timestamps, setup, tables, cfg,
-                                  device, generator, teacher=teacher, history=history_override).loss
+                                  device, generator, teacher=teacher, history=history_override,
+                                  slot_weight=slot_weight).loss
             optimizer_step(optimizer, loss, lambda value: (
                 f"retrieval loss became {value} at epoch {epoch}; lower retrieval.learning_rate "
                 f"(now {rc.learning_rate}) or raise retrieval.temperature (now {rc.temperature})"))

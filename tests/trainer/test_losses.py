@@ -368,3 +368,30 @@ def test_shared_negatives_with_wrong_width_are_refused():
     with pytest.raises(ValueError, match="shared neg_emb"):
         sampled_softmax_loss(torch.randn(2, 4), torch.randn(2, 4), torch.randn(3, 5), 0.1, torch.zeros(2),
                              torch.zeros(3), torch.tensor([1, 2]), torch.tensor([3, 4, 5]))
+
+
+def test_row_weights_give_the_weighted_mean_of_the_rows_losses():
+    """``row_weight`` (the sequential tower's ``retrieval.next_item_decay``): ones give the plain mean, a zero
+    weight drops its row, and any weights give sum(w * loss_r) / sum(w) of the per-row losses."""
+    from trainer.losses import full_softmax_loss, grouped_sampled_softmax_loss
+
+    torch.manual_seed(0)
+    user_emb, item_emb = torch.randn(2, 4), torch.randn(6, 4)
+    row_user, pos_idx = torch.tensor([0, 0, 1]), torch.tensor([1, 2, 3])
+    seen = torch.zeros(2, 6, dtype=torch.bool)
+    neg_idx = torch.tensor([4, 5])
+
+    def grouped(weight=None, rows=slice(None)):
+        return grouped_sampled_softmax_loss(user_emb, row_user[rows], item_emb[pos_idx[rows]], item_emb[neg_idx], 0.5,
+                                            torch.zeros(pos_idx[rows].numel()), torch.zeros(2), pos_idx[rows],
+                                            neg_idx, row_weight=weight)
+
+    def full(weight=None, rows=slice(None)):
+        return full_softmax_loss(user_emb, row_user[rows], item_emb, 0.5, pos_idx[rows], seen, row_weight=weight)
+    for loss in (grouped, full):
+        assert torch.allclose(loss(torch.ones(3)), loss())
+        per_row = torch.stack([loss(torch.eye(3)[r]) for r in range(3)])
+        weights = torch.tensor([1.0, 0.5, 0.25])
+        assert torch.allclose(loss(weights), (per_row * weights).sum() / weights.sum())
+    with pytest.raises(ValueError, match="row_weight"):
+        full(torch.ones(2))
