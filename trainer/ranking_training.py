@@ -199,12 +199,17 @@ def load_transitions(ranker: DCNRanker, rc, log: tuple[np.ndarray, np.ndarray, n
 
 
 @torch.no_grad()
-def table_transitions(ranker: DCNRanker, history: np.ndarray, items: np.ndarray) -> np.ndarray:
+def table_transitions(ranker: DCNRanker, history: np.ndarray, items: np.ndarray,
+                      rows_per_block: int = 65536) -> np.ndarray:
     """(R, L) float32 raw transition channels of rows (``history`` (R, >= L), ``items`` (R,)) from the
-    ranker's own successor lists."""
+    ranker's own successor lists, ``rows_per_block`` rows at a time (each holds an (L, K) match)."""
     device = ranker.successor_ids.device
-    latest = ranker.latest(torch.as_tensor(history, device=device))
-    return ranker.raw_transitions(latest, torch.as_tensor(items, device=device)).cpu().numpy()
+    out = np.zeros((items.size, ranker.transition_items), np.float32)
+    for start in range(0, items.size, rows_per_block):
+        block = slice(start, start + rows_per_block)
+        latest = ranker.latest(torch.as_tensor(history[block], device=device))
+        out[block] = ranker.raw_transitions(latest, torch.as_tensor(items[block], device=device)).cpu().numpy()
+    return out
 
 
 def fold_transitions(ranker: DCNRanker, rc, log: tuple[np.ndarray, np.ndarray, np.ndarray], n_items: int,

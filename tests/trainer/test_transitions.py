@@ -90,3 +90,21 @@ def test_fold_rows_read_lists_built_without_what_their_fold_hid():
     assert refit[1, 0] == pytest.approx(shared[1, 0]) == pytest.approx(math.log1p(2.0))  # users 2 and 3 took 1 -> 3
     assert refit[2, 0] == pytest.approx(math.log1p(1.0))                              # fold 1 hid user 2's 3
     assert not refit[:, 1].any() and not shared[:, 1].any()                            # no second latest item
+
+
+def test_table_transitions_in_blocks_equal_one_pass():
+    from trainer.models.dcn import DCNConfig, DCNRanker
+    from trainer.ranking_training import table_transitions
+    import torch
+
+    rng = np.random.default_rng(2)
+    users, items, times = rng.integers(1, 20, 400), rng.integers(1, 30, 400), rng.integers(0, 1000, 400)
+    ids, weights = successor_table(users, items, times, 30, 8)
+    ranker = DCNRanker(DCNConfig(n_users=20, n_items=30, user_cat_cardinalities=(), n_user_num=0,
+                                 item_cat_cardinalities=(), n_item_num=0, deep_dims=(8,), transition_k=8,
+                                 transition_items=3))
+    history, candidates = rng.integers(0, 31, (50, 6)), rng.integers(1, 31, 50)
+    ranker.set_transitions(*(torch.as_tensor(a) for a in (ids, weights, history, candidates)))
+    whole = table_transitions(ranker, history, candidates)
+    assert whole.shape == (50, 3) and whole.any()
+    np.testing.assert_array_equal(table_transitions(ranker, history, candidates, rows_per_block=7), whole)
