@@ -1,6 +1,7 @@
 """The test split's context, side by side on the same trained models: each model judged on test with the
-training histories alone (``eval.test_context=train``, the protocol before the nineteenth session) and with
-each user's validation interactions known too (the default: the history every model reads and EASE's rows).
+training histories alone (``eval.test_context=train``: every figure before the nineteenth session, and the
+default under the random protocol) and with each user's validation interactions known too (the history every
+model reads and EASE's rows; the default under temporal and leave-one-out).
 
 Under leave-one-out the test item is the interaction right after the validation one; without it the models
 were asked to predict two steps ahead of what they were shown. One training run per line; both contexts

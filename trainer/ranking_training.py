@@ -200,20 +200,23 @@ def load_transitions(ranker: DCNRanker, rc, log: tuple[np.ndarray, np.ndarray, n
 
 @torch.no_grad()
 def table_transitions(ranker: DCNRanker, history: np.ndarray, items: np.ndarray,
-                      rows_per_block: int = 65536) -> np.ndarray:
+                      lists: tuple[np.ndarray, np.ndarray] | None = None, rows_per_block: int = 65536) -> np.ndarray:
     """(R, L) float32 raw transition channels of rows (``history`` (R, >= L), ``items`` (R,)) from the
-    ranker's own successor lists, ``rows_per_block`` rows at a time (each holds an (L, K) match)."""
+    ranker's own successor lists, or from ``lists`` (ids, weights) shaped as its, ``rows_per_block`` rows at a
+    time (each holds an (L, K) match)."""
     device = ranker.successor_ids.device
+    given = None if lists is None else tuple(torch.as_tensor(a, device=device) for a in lists)
     out = np.zeros((items.size, ranker.transition_items), np.float32)
     for start in range(0, items.size, rows_per_block):
         block = slice(start, start + rows_per_block)
         latest = ranker.latest(torch.as_tensor(history[block], device=device))
-        out[block] = ranker.raw_transitions(latest, torch.as_tensor(items[block], device=device)).cpu().numpy()
+        out[block] = ranker.raw_transitions(latest, torch.as_tensor(items[block], device=device),
+                                            given).cpu().numpy()
     return out
 
 
 def fold_transitions(ranker: DCNRanker, rc, log: tuple[np.ndarray, np.ndarray, np.ndarray], n_items: int,
-                     folds: "Folds", rows_per_block: int = 65536) -> np.ndarray:
+                     folds: "Folds") -> np.ndarray:
     """(R, L) float32 raw transition channels of the fold rows: each fold's successor lists built from the
     training ``log`` (users, items, timestamps) without the entries that fold hid (``Folds.hidden``), read
     at each row's visible history's latest items. The lists from the whole log count a hidden positive among
@@ -223,14 +226,10 @@ def fold_transitions(ranker: DCNRanker, rc, log: tuple[np.ndarray, np.ndarray, n
     out = np.zeros((folds.rows.users.size, ranker.transition_items), np.float32)
     for fold, (hidden_users, hidden_items) in enumerate(folds.hidden):
         keep = ~np.isin(keys, hidden_users.astype(np.int64) * (n_items + 1) + hidden_items)
-        ids, weights = successor_table(users[keep], items[keep], timestamps[keep], n_items, rc.transitions,
-                                       rc.transition_window, rc.transition_decay)
+        lists = successor_table(users[keep], items[keep], timestamps[keep], n_items, rc.transitions,
+                                rc.transition_window, rc.transition_decay)
         rows = np.flatnonzero(folds.fold == fold)
-        for start in range(0, rows.size, rows_per_block):
-            block = rows[start:start + rows_per_block]
-            latest = folds.rows.history[block, -ranker.transition_items:][:, ::-1]             # (B, L) latest first
-            match = ids[latest] == folds.rows.items[block, None, None].astype(np.int32)         # (B, L, K)
-            out[block] = (match * weights[latest]).sum(axis=2)
+        out[rows] = table_transitions(ranker, folds.rows.history[rows], folds.rows.items[rows], lists)
     return out
 
 

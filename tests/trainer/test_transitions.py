@@ -108,3 +108,6 @@ def test_table_transitions_in_blocks_equal_one_pass():
     whole = table_transitions(ranker, history, candidates)
     assert whole.shape == (50, 3) and whole.any()
     np.testing.assert_array_equal(table_transitions(ranker, history, candidates, rows_per_block=7), whole)
+    # Other lists of the same shape, read through the same lookup: its own, given, read the same.
+    np.testing.assert_array_equal(table_transitions(ranker, history, candidates, (ids, weights)), whole)
+    assert not table_transitions(ranker, history, candidates, (ids, np.zeros_like(weights))).any()

@@ -240,11 +240,14 @@ class DCNRanker(nn.Module):
         """(U, H) history, oldest first -> (U, L) its L most recent items, the latest first (0 = none)."""
         return history[:, -self.transition_items:].flip(1)
 
-    def raw_transitions(self, latest: Tensor, item_idx: Tensor) -> Tensor:
+    def raw_transitions(self, latest: Tensor, item_idx: Tensor,
+                        lists: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """(N, L) latest items of each row's user, (N,) candidates -> (N, L) the candidate's weight in each of
-        those items' successor lists, before the standardisation."""
-        match = self.successor_ids[latest] == item_idx.to(torch.int32)[:, None, None]     # (N, L, K)
-        return (match.to(self.successor_weights.dtype) * self.successor_weights[latest]).sum(dim=2)
+        those items' successor lists, before the standardisation. ``lists`` (ids, weights), shaped as the
+        ranker's, read instead of its own (a training fold's, built without what it hid)."""
+        ids, weights = (self.successor_ids, self.successor_weights) if lists is None else lists
+        match = ids[latest] == item_idx.to(torch.int32)[:, None, None]                     # (N, L, K)
+        return (match.to(weights.dtype) * weights[latest]).sum(dim=2)
 
     def transitions(self, latest: Tensor, item_idx: Tensor, raw: Tensor | None = None) -> Tensor:
         """(N, L) standardised transition channels; ``raw`` (N, L), where given, replaces the lists' weights
