@@ -94,7 +94,7 @@ def evaluate(cfg: TrainConfig, prep: Prepared, run: TrainedRun, device: torch.de
 def context_rows_for_test(prep: Prepared):
     """EASE's rows on test: the interactions the models know of each user then (``Prepared.test_known``), or
     None where that is the training split alone."""
-    return interaction_matrix(prep.vocab, list(prep.test_known)) if len(prep.test_known) > 1 else None
+    return interaction_matrix(prep.vocab, list(prep.test_known)) if prep.test_context != "train" else None
 
 
 def paired_report(lists: dict[str, np.ndarray], truth: list[np.ndarray], seed: int,
@@ -119,7 +119,7 @@ def data_report(prep: Prepared, protocol: str, seed: int | None = None) -> dict[
             "n_users": prep.vocab.n_users, "n_items": prep.vocab.n_items,
             "train": len(prep.split.train), "val": len(prep.split.val), "test": len(prep.split.test),
             "test_users": int(prep.test.users.size),
-            "test_context": "train + validation" if len(prep.test_known) > 1 else "train",
+            "test_context": prep.test_context,
             "time_range": [int(interactions["timestamp"].min()), int(interactions["timestamp"].max())],
             "load": {"source": loaded.source, "rows_read": loaded.rows_read, "rows_kept": loaded.rows_kept,
                      "dropped": dict(loaded.dropped), "warnings": list(loaded.warnings)}}

@@ -225,6 +225,12 @@ def with_known(tables: FeatureTables, state: pd.DataFrame) -> FeatureTables:
     the models know of the users when judged on test (train + validation) or when served (the whole log). Every
     other table, fitted on train, is kept, as the models were trained on it. Interactions of users or items
     outside the vocabulary are ignored."""
+    return with_known_rows(tables, state)[0]
+
+
+def with_known_rows(tables: FeatureTables, state: pd.DataFrame) -> tuple[FeatureTables, pd.DataFrame]:
+    """``with_known`` and the rows of ``state`` it used (users and items both in the vocabulary), from one
+    lookup of the ids."""
     check_interactions(state, "state")
     vocab = tables.vocab
     uidx, iidx, _ratings = _indexed(vocab, state)
@@ -232,8 +238,10 @@ def with_known(tables: FeatureTables, state: pd.DataFrame) -> FeatureTables:
     uidx, iidx = uidx[known], iidx[known]
     timestamps = state["timestamp"].to_numpy(dtype=np.int64)[known]
     seen_indptr, seen_items = _seen_csr(uidx, iidx, vocab.n_users, vocab.n_items)
-    return dataclasses.replace(tables, history=_history(uidx, iidx, timestamps, vocab.n_users, tables.history.shape[1]),
-                               seen_indptr=seen_indptr, seen_items=seen_items)
+    rebuilt = dataclasses.replace(tables, history=_history(uidx, iidx, timestamps, vocab.n_users,
+                                                           tables.history.shape[1]),
+                                  seen_indptr=seen_indptr, seen_items=seen_items)
+    return rebuilt, (state if known.all() else state[known])
 
 
 def temporal_features(timestamp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

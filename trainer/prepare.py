@@ -44,6 +44,11 @@ class Prepared:
     test_tables: FeatureTables
     test_timestamps: np.ndarray  # (n+1,)
 
+    @property
+    def test_context(self) -> str:
+        """The interactions every model knows of the test users, in words: "train" or "train + validation"."""
+        return "train + validation" if len(self.test_known) > 1 else "train"
+
 
 # Every run is judged (and its ranker stopped) by NDCG@10, so a catalog needs at least 10 items.
 HEADLINE_K = 10

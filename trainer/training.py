@@ -27,7 +27,7 @@ from trainer.config import TrainConfig, replace as replace_config
 from trainer.data import DataError
 from trainer.distributed import Distributed
 from trainer.evaluation import retrieve
-from trainer.features import IdVocab, temporal_features, with_known
+from trainer.features import IdVocab, temporal_features, with_known_rows
 from trainer.full_ranking import EvalTarget, make_target, sample_users
 from trainer.item_metadata import DisplaySource
 from trainer.joint_training import fit_joint
@@ -70,11 +70,8 @@ def train_models(cfg: TrainConfig, prep: Prepared, device: torch.device, ctx: Di
         run, histories = _train_models(cfg, prep, device, ctx, timings)
     # The models learnt from train; a published version serves users knowing every interaction of the log (their
     # histories, the seen items it leaves out, the recent history it displays), not the 80 % of it they trained on.
-    log = prep.dataset.interactions
-    known = log[(prep.vocab.users_to_idx(log["user_id"].to_numpy()) > 0)
-                & (prep.vocab.items_to_idx(log["item_id"].to_numpy()) > 0)]
-    return replace(run, tables=with_known(prep.tables, known),
-                   display=DisplaySource(prep.dataset.items, known)), histories
+    tables, known = with_known_rows(prep.tables, prep.dataset.interactions)
+    return replace(run, tables=tables, display=DisplaySource(prep.dataset.items, known)), histories
 
 
 def _trained_run(cfg: TrainConfig, prep: Prepared, two_tower, ranker) -> TrainedRun:

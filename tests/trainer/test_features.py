@@ -17,6 +17,7 @@ from trainer.features import (
     fit_id_vocab,
     temporal_features,
     with_known,
+    with_known_rows,
 )
 from trainer.splits import Split, random_split
 
@@ -290,6 +291,11 @@ def test_with_known_rebuilds_the_histories_and_seen_items_only(train, users, ite
     unchanged = replace(both, history=tables.history, seen_indptr=tables.seen_indptr, seen_items=tables.seen_items)
     assert_tables_equal(unchanged, tables)                                   # nothing else moves
     assert_tables_equal(with_known(tables, train), tables)
+    # with_known_rows: the same tables, and the rows it kept (the unknown user's and the unknown item's dropped).
+    rebuilt, kept = with_known_rows(tables, pd.concat([train, val], ignore_index=True))
+    assert_tables_equal(rebuilt, both)
+    assert kept.equals(pd.concat([train, val.iloc[:1]], ignore_index=True))
+    assert with_known_rows(tables, train)[1] is train                        # nothing to drop: no copy
 
 
 # --- temporal features ---------------------------------------------------------------------------
