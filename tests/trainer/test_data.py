@@ -489,6 +489,46 @@ def test_usual_column_spellings_are_read_as_the_contract_names(tmp_path):
     assert load_interactions(both).interactions["rating"].tolist() == [0.5]
 
 
+@pytest.mark.parametrize("name,text,ids,times", [
+    # Food.com's RAW_interactions.csv: the recipe is the item.
+    ("foodcom.csv", "user_id,recipe_id,date,rating,review\n38094,40893,2003-02-17,4,Great\n"
+                    "1293707,40893,2011-12-21,5,So simple\n",
+     [("38094", 40893), ("1293707", 40893)], [1_045_440_000, 1_324_425_600]),
+    # KuaiRec's small_matrix.csv: the video; its own "timestamp" wins over "time" and "date".
+    ("kuairec.csv", "user_id,video_id,play_duration,video_duration,time,date,timestamp,watch_ratio\n"
+                    "14,148,4381,6067,2020-07-05 05:27:48.378,20200705.0,1593898068,0.72\n"
+                    "14,183,11635,6100,2020-07-05 05:28:00.057,20200705.0,1593898080,1.90\n",
+     [("14", 148), ("14", 183)], [1_593_898_068, 1_593_898_080]),
+    # H&M's transactions_train.csv: t_dat is the purchase day.
+    ("hm.csv", "t_dat,customer_id,article_id,price,sales_channel_id\n"
+               "2018-09-20,000058a12d5b43e6,0663713001,0.0508,2\n2018-09-21,00007d2de826758b,0505221004,0.0305,2\n",
+     [("000058a12d5b43e6", "0663713001"), ("00007d2de826758b", "0505221004")], [1_537_401_600, 1_537_488_000]),
+    # The UCI Online Retail export: StockCode is the product; its InvoiceDate, month first, is left out (file order).
+    ("retail.csv", "InvoiceNo,StockCode,Description,Quantity,InvoiceDate,UnitPrice,CustomerID,Country\n"
+                   "536365,85123A,WHITE HANGING HEART,6,12/1/2010 8:26,2.55,17850,United Kingdom\n"
+                   "536366,22633,HAND WARMER,6,12/1/2010 8:28,1.85,17851,United Kingdom\n",
+     [("17850", "85123A"), ("17851", "22633")], [0, 1]),
+    # Ta-Feng: TRANSACTION_DT.
+    ("tafeng.csv", "TRANSACTION_DT,CUSTOMER_ID,AGE_GROUP,PRODUCT_ID,AMOUNT\n"
+                   "2000-11-01,1104905,45-49,4710199010372,2\n2000-11-02,418683,45-49,4710857472535,1\n",
+     [("1104905", 4710199010372), ("418683", 4710857472535)], [973_036_800, 973_123_200]),
+])
+def test_the_headers_of_other_domains_public_logs_load_without_a_column_map(tmp_path, name, text, ids, times):
+    """Logs of recipes, short videos, fashion and retail purchases name their columns their own way; each loads
+    without data.column_map, the report naming what was read as what."""
+    path = tmp_path / name
+    path.write_text(text)
+    data = load_interactions(path)
+    frame = data.interactions
+    # Integer item ids stay numbers; other ids become numbers with the original kept as the item's title.
+    numeric = isinstance(ids[0][1], int)
+    original = {} if numeric else dict(zip(data.items["item_id"], data.items["title"]))
+    read = [(str(u), i if numeric else original[i]) for u, i in zip(frame["user_id"], frame["item_id"])]
+    assert read == [(u, i) for u, i in ids]
+    assert frame["timestamp"].tolist() == times
+    assert any("read as item_id" in w for w in data.report.warnings)
+
+
 @pytest.mark.parametrize("scale,unit", [(1, None), (10**3, "milliseconds"), (10**6, "microseconds"),
                                         (10**9, "nanoseconds")])
 def test_generic_epoch_numbers_in_smaller_units_are_read_as_seconds(tmp_path, scale, unit):

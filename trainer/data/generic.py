@@ -63,14 +63,21 @@ IMPLICIT_RATING = 1.0
 # asin / overall / unixReviewTime, retail exports' customer_id / product_id, ...), compared in lower case
 # with everything but letters and digits dropped ("User ID" -> "userid"). A contract name missing from
 # the header and not in ``columns`` takes the first alias found among the columns not taken yet.
+# Also the logs of other domains: Food.com's recipe_id, KuaiRec's video_id, H&M's t_dat, the UCI Online Retail
+# export's StockCode / InvoiceDate, Ta-Feng's TRANSACTION_DT, Diginetica's eventdate, Foursquare's venueId.
 COLUMN_ALIASES: dict[str, tuple[str, ...]] = {
     "user_id": ("userid", "user", "uid", "customerid", "customer", "reviewerid", "visitorid", "memberid",
-                "clientid", "accountid"),
+                "clientid", "accountid", "buyerid", "shopperid", "profileid", "viewerid", "readerid",
+                "listenerid", "playerid"),
     "item_id": ("itemid", "item", "iid", "movieid", "movie", "productid", "product", "sku", "asin", "articleid",
-                "trackid", "songid", "bookid", "isbn", "businessid", "animeid", "contentid", "artistid", "artist"),
+                "trackid", "songid", "bookid", "isbn", "businessid", "animeid", "contentid", "artistid", "artist",
+                "recipeid", "videoid", "stockcode", "gameid", "appid", "newsid", "courseid", "venueid", "placeid",
+                "poiid", "jokeid", "beerid", "restaurantid", "hotelid", "listingid", "showid", "episodeid",
+                "podcastid", "albumid"),
     "rating": ("rating", "ratings", "score", "stars", "overall", "rate", "preference"),
     "timestamp": ("timestamp", "unixreviewtime", "time", "ts", "datetime", "date", "eventtime", "createdat",
-                  "dateadded", "ratedat"),
+                  "dateadded", "ratedat", "tdat", "eventdate", "invoicedate", "orderdate", "purchasedate",
+                  "transactiondate", "transactiondt"),
 }
 # Date-times in public logs that are not ISO 8601, tried after it: Goodreads' and Twitter's exports write
 # "Mon Jul 24 02:48:17 -0700 2017".
