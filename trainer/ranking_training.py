@@ -61,6 +61,8 @@ class Candidates:
 
 
 ROW_FIELDS = ("users", "items", "timestamps", "scores", "clicks", "ratings")
+# The optional (R, ...) fields of ``Rows``, None where the ranker's own tables give them.
+EXTRA_FIELDS = ("history", "affinity", "transition")
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,14 +84,13 @@ class Rows:
     transition: np.ndarray | None = None
 
     def _with(self, **changes) -> "Rows":
-        extras = {"history": self.history, "affinity": self.affinity, "transition": self.transition, **changes}
-        return Rows(*(getattr(self, f) for f in ROW_FIELDS), **extras)
+        extras = {name: getattr(self, name) for name in EXTRA_FIELDS}
+        return Rows(*(getattr(self, f) for f in ROW_FIELDS), **{**extras, **changes})
 
     def take(self, index: np.ndarray) -> "Rows":
+        extras = {name: getattr(self, name) for name in EXTRA_FIELDS}
         return Rows(*(getattr(self, f)[index] for f in ROW_FIELDS),
-                    **{name: None if value is None else value[index]
-                       for name, value in (("history", self.history), ("affinity", self.affinity),
-                                           ("transition", self.transition))})
+                    **{name: None if value is None else value[index] for name, value in extras.items()})
 
     def with_history(self, tables: FeatureTables, width: int) -> "Rows":
         """These rows with an explicit (R, width) history: their own, else the users' training history."""
@@ -111,7 +112,7 @@ class Rows:
             arrays = [getattr(p, field) for p in parts]
             return None if any(a is None for a in arrays) else np.concatenate(arrays)
         return Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in ROW_FIELDS),
-                    history=joined("history"), affinity=joined("affinity"), transition=joined("transition"))
+                    **{name: joined(name) for name in EXTRA_FIELDS})
 
 
 @dataclass(frozen=True, eq=False)
